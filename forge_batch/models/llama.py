@@ -1,0 +1,182 @@
+"""The Llama family (Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5) over a flat batch of tokens.
+
+All sequences' new tokens of a step are concatenated into one [T] vector (no padding); attention reads
+and writes the paged KV cache through the metadata in ``AttentionMetadata``. Q/K/V and gate/up
+projections are fused into one matmul each at load time, which matters on CPU where every kernel launch
+of a small matmul costs as much as the arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forge_batch import kernels
+from forge_batch.models.config import ModelConfig
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each new token's K/V goes and which cached K/V each sequence attends to (see kernels)."""
+
+    slot_mapping: torch.Tensor  # [T]
+    block_tables: torch.Tensor  # [B, max_blocks]
+    query_start_loc: torch.Tensor  # [B + 1]
+    context_lens: torch.Tensor  # [B]
+    max_query_len: int
+    max_context_len: int
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama 3 / linear scaling when configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return inv_freq.float()
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled).float()
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rope_cos_sin_cache(config: ModelConfig, max_positions: int) -> torch.Tensor:
+    """[max_positions, head_dim]: cos of each frequency, then sin (float32)."""
+    inv_freq = rope_inv_freq(config)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.eps = config.rms_norm_eps
+        self.scale = d**-0.5
+
+        def empty(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.qkv_weight = empty(self.q_size + 2 * self.kv_size, h)
+        self.qkv_bias = empty(self.q_size + 2 * self.kv_size) if config.attention_bias else None
+        self.o_weight = empty(h, self.q_size)
+        self.gate_up_weight = empty(2 * config.intermediate_size, h)
+        self.down_weight = empty(h, config.intermediate_size)
+        self.input_norm = empty(h)
+        self.post_attn_norm = empty(h)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMetadata,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = kernels.rms_norm(hidden, self.input_norm, self.eps, residual)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = kernels.rotary_embedding(positions, q, k, cos_sin_cache)
+        k_cache, v_cache = kv_cache
+        kernels.store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        o = kernels.paged_attention(
+            q, k_cache, v_cache, attn.block_tables, attn.query_start_loc, attn.context_lens, self.scale,
+            attn.max_query_len, attn.max_context_len,
+        )
+        hidden = F.linear(o.reshape(t, self.q_size), self.o_weight)
+        x, residual = kernels.rms_norm(hidden, self.post_attn_norm, self.eps, residual)
+        hidden = F.linear(kernels.silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
+        return hidden, residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer of the Llama family; ``config.attention_bias`` covers Qwen2's QKV bias."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        v, h = config.vocab_size, config.hidden_size
+        self.embed_tokens = nn.Parameter(torch.empty(v, h, dtype=dtype), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_hidden_layers))
+        self.norm = nn.Parameter(torch.empty(h, dtype=dtype), requires_grad=False)
+        self.lm_head = (
+            self.embed_tokens
+            if config.tie_word_embeddings
+            else nn.Parameter(torch.empty(v, h, dtype=dtype), requires_grad=False)
+        )
+        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(config, config.max_position_embeddings),
+                             persistent=False)
+
+    @torch.inference_mode()
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named weights in, fusing q/k/v and gate/up. Raises on a missing tensor."""
+
+        def get(name: str) -> torch.Tensor:
+            if name not in state_dict:
+                raise KeyError(f"weight {name!r} missing from the checkpoint")
+            return state_dict[name]
+
+        def put(dst: torch.Tensor, *srcs: torch.Tensor) -> None:
+            src = torch.cat(srcs, dim=0) if len(srcs) > 1 else srcs[0]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"shape mismatch: checkpoint {tuple(src.shape)} vs model {tuple(dst.shape)}")
+            dst.copy_(src.to(dst.dtype))
+
+        put(self.embed_tokens, get("model.embed_tokens.weight"))
+        put(self.norm, get("model.norm.weight"))
+        if not self.config.tie_word_embeddings:
+            put(self.lm_head, state_dict.get("lm_head.weight", get("model.embed_tokens.weight")))
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            put(layer.qkv_weight, get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight"))
+            if layer.qkv_bias is not None:
+                put(layer.qkv_bias, get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"))
+            put(layer.o_weight, get(a + "o_proj.weight"))
+            put(layer.gate_up_weight, get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
+            put(layer.down_weight, get(p + "mlp.down_proj.weight"))
+            put(layer.input_norm, get(p + "input_layernorm.weight"))
+            put(layer.post_attn_norm, get(p + "post_attention_layernorm.weight"))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] (normed) for the step's tokens."""
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        residual = None
+        for layer, kv in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv, attn, self.cos_sin_cache)
+        hidden, _ = kernels.rms_norm(hidden, self.norm, self.config.rms_norm_eps, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [S, vocab] in float32 for the rows that sample (only the last position of each)."""
+        return F.linear(hidden, self.lm_head).float()

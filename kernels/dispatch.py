@@ -1,0 +1,155 @@
+"""Choose, per call, between the Triton kernels and the torch reference (see package docstring).
+
+Under the default backend ("auto") a Triton kernel that cannot be used (Triton missing, a compile
+error, an unsupported shape, out of shared memory on this GPU ...) must not take a generation job
+down: the first failure logs one warning on the ``forge_batch.kernels`` logger and every later call,
+of every kernel, takes the reference for the rest of the process. A half-working mix of kernels would
+be harder to reason about (and to reproduce) than a clean switch. When Triton is requested explicitly
+(``set_backend("triton")`` / FORGE_BATCH_KERNELS=triton, as the kernel tests do) errors propagate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import reference
+
+logger = logging.getLogger("forge_batch.kernels")
+
+_VALID = ("auto", "reference", "triton")
+_backend = os.environ.get("FORGE_BATCH_KERNELS", "auto")
+
+_triton: ModuleType | None = None
+_triton_checked = False
+_triton_failed: str | None = None  # why "auto" stopped using Triton, once it has
+
+
+def set_backend(name: str) -> None:
+    """'auto' (Triton on CUDA, reference elsewhere), 'reference' (always) or 'triton' (always)."""
+    global _backend
+    if name not in _VALID:
+        raise ValueError(f"kernel backend must be one of {_VALID}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend in force: 'auto', 'reference' or 'triton'."""
+    return _backend
+
+
+def triton_disabled_reason() -> str | None:
+    """Why the auto backend fell back to the reference for good (None while Triton is still in use)."""
+    return _triton_failed
+
+
+def reset_fallback() -> None:
+    """Forget an earlier Triton failure (tests; a process that fixed its environment)."""
+    global _triton_failed, _triton_checked, _triton
+    _triton_failed = None
+    _triton_checked = False
+    _triton = None
+
+
+def _triton_ops() -> ModuleType | None:
+    """The Triton kernel module, or None when it cannot be imported (no triton, no GPU build)."""
+    global _triton, _triton_checked
+    if not _triton_checked:
+        _triton_checked = True
+        try:
+            from . import triton_ops
+
+            _triton = triton_ops
+        except Exception as exc:  # ImportError, or a Triton build without a usable backend
+            _triton = None
+            if _backend == "auto":
+                _disable(f"importing the Triton kernels failed: {exc!r}")
+    return _triton
+
+
+def _disable(reason: str) -> None:
+    global _triton_failed
+    if _triton_failed is None:
+        _triton_failed = reason
+        logger.warning("Triton kernels disabled, using the torch reference from now on: %s", reason)
+
+
+def _on_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives where the compiled Triton kernels run (CUDA; ROCm builds report CUDA too)."""
+    return t.is_cuda
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if _backend == "reference":
+        return False
+    if _backend == "triton":
+        if _triton_ops() is None:
+            raise RuntimeError("kernel backend 'triton' was requested but the Triton kernels cannot be imported")
+        return True
+    return _on_device(t) and _triton_failed is None and _triton_ops() is not None
+
+
+def _call(name: str, t: torch.Tensor, ref: Callable[..., Any], *args: Any) -> Any:
+    """Run kernel ``name`` through Triton when it applies to ``t``, else (or on failure) the reference."""
+    if not _use_triton(t):
+        return ref(*args)
+    if _backend == "triton":
+        return getattr(_triton, name)(*args)
+    try:
+        return getattr(_triton, name)(*args)
+    except Exception as exc:
+        _disable(f"{name} raised {exc!r}")
+        return ref(*args)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``reference.rms_norm``."""
+    return _call("rms_norm", x, reference.rms_norm, x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """See ``reference.silu_and_mul``."""
+    return _call("silu_and_mul", x, reference.silu_and_mul, x)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``reference.rotary_embedding``."""
+    return _call("rotary_embedding", q, reference.rotary_embedding, positions, q, k, cos_sin_cache)
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """See ``reference.store_kv`` (in place; a failed Triton attempt is simply redone by the reference)."""
+    return _call("store_kv", key, reference.store_kv, key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+    max_context_len: int | None = None,
+) -> torch.Tensor:
+    """See ``reference.paged_attention``."""
+    return _call(
+        "paged_attention", q, reference.paged_attention,
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, max_query_len, max_context_len,
+    )

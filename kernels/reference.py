@@ -1,0 +1,205 @@
+"""Plain torch implementations of every kernel: the specification the Triton kernels are tested against,
+and the CPU path (written with vectorised torch ops, never per-token Python loops).
+
+Shapes used throughout:
+  T tokens in the step (all sequences' new tokens concatenated), H query heads, Hkv key/value heads,
+  D head size, B sequences in the step.
+  KV cache of one layer: k_cache, v_cache of shape [num_blocks, block_size, Hkv, D].
+  slot_mapping [T]: flat slot (block_id * block_size + offset) each new token's K/V is written to; -1 skips.
+  block_tables [B, max_blocks_per_seq] int32/int64: physical block ids of each sequence (padding is ignored).
+  query_start_loc [B + 1]: cumulative query lengths; context_lens [B]: tokens in the cache for each
+  sequence once this step's K/V are stored (cached prefix + new tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm with the residual add fused in front: returns (norm(x + residual) * weight, x + residual).
+
+    Without a residual, the second value is x itself (the residual stream starts there).
+    Computed in float32 like Hugging Face's LlamaRMSNorm, cast back to x's dtype.
+    """
+    if residual is not None:
+        x = x + residual
+    residual_out = x
+    xf = x.float()
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    out = (xf * torch.rsqrt(variance + eps)).to(x.dtype)
+    return weight * out, residual_out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] on the last dim; returns silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply rotary position embedding (Hugging Face "rotate_half" layout) to q [T, H, D] and k [T, Hkv, D].
+
+    cos_sin_cache [max_positions, D]: first half cos, second half sin of each frequency (D/2 each), in
+    float32. Returns new tensors in q's dtype.
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions)
+    half = cos_sin.shape[-1] // 2
+    cos = cos_sin[:, None, :half]
+    sin = cos_sin[:, None, half:]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [T, Hkv, D] into the paged cache at slot_mapping [T] (in place; -1 skips)."""
+    num_blocks, block_size, hkv, d = k_cache.shape
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _gather_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, max_context_len: int
+) -> torch.Tensor:
+    """[B, max_context_len, Hkv, D] view of each sequence's cached K or V (padded past its length)."""
+    num_blocks, block_size, hkv, d = cache.shape
+    nblk = (max_context_len + block_size - 1) // block_size
+    # Padding entries (past a shorter sequence's last block) may hold any sentinel (-1, num_blocks ...):
+    # clamp them to a real block; the positions they cover are masked out by the callers.
+    ids = block_tables[:, :nblk].long().clamp(0, num_blocks - 1)
+    gathered = cache[ids]  # [B, nblk, block_size, Hkv, D]
+    return gathered.reshape(block_tables.shape[0], nblk * block_size, hkv, d)[:, :max_context_len]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+    max_context_len: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of q [T, H, D] over each sequence's paged K/V; returns [T, H, D].
+
+    Handles prefill, chunked prefill over a cached prefix and decode in one call: the i-th of a
+    sequence's q_len new tokens sits at position context_len - q_len + i and sees keys 0..that position.
+    GQA: H must be a multiple of Hkv. The current tokens' K/V must already be stored (store_kv).
+    """
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    if max_query_len is None:
+        max_query_len = int(q_lens.max())
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    if max_query_len == 1:
+        return _decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
+    decode = q_lens == 1
+    if bool(decode.any()):
+        # Mixed step: attend decode rows and prefill rows separately so the prefills' padding
+        # (max_query_len x max_context_len per sequence) is not paid by every decode row.
+        out = torch.empty_like(q)
+        starts = query_start_loc[:-1]
+        d_idx = decode.nonzero().squeeze(1)
+        p_idx = (~decode).nonzero().squeeze(1)
+        out[starts[d_idx]] = _decode_attention(
+            q[starts[d_idx]], k_cache, v_cache, block_tables[d_idx], context_lens[d_idx], scale, None
+        )
+        p_lens = q_lens[p_idx]
+        p_loc = torch.zeros(p_idx.numel() + 1, dtype=query_start_loc.dtype, device=q.device)
+        p_loc[1:] = torch.cumsum(p_lens, 0)
+        tok = torch.repeat_interleave(starts[p_idx], p_lens) + (
+            torch.arange(int(p_loc[-1]), device=q.device) - torch.repeat_interleave(p_loc[:-1], p_lens)
+        )
+        out[tok] = _prefill_attention(
+            q[tok], k_cache, v_cache, block_tables[p_idx], p_loc, context_lens[p_idx], scale, None, None
+        )
+        return out
+    return _prefill_attention(
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, max_query_len, max_context_len
+    )
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int | None,
+) -> torch.Tensor:
+    """One query token per sequence: q [B, H, D] -> [B, H, D]."""
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    b, h, d = q.shape
+    hkv = k_cache.shape[2]
+    k = _gather_kv(k_cache, block_tables, max_context_len)  # [B, L, Hkv, D]
+    v = _gather_kv(v_cache, block_tables, max_context_len)
+    group = h // hkv
+    # [B, Hkv, group, D] @ [B, Hkv, D, L] -> [B, Hkv, group, L]; no K/V repeat needed for GQA.
+    qg = q.view(b, hkv, group, d)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale
+    pos = torch.arange(max_context_len, device=q.device)
+    scores.masked_fill_((pos[None, :] >= context_lens[:, None])[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hkv, group, D]
+    return out.reshape(b, h, d)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int | None,
+    max_context_len: int | None,
+) -> torch.Tensor:
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    if max_query_len is None:
+        max_query_len = int(q_lens.max())
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    t, h, d = q.shape
+    dev = q.device
+    k = _gather_kv(k_cache, block_tables, max_context_len)
+    v = _gather_kv(v_cache, block_tables, max_context_len)
+    steps = torch.arange(max_query_len, device=dev)
+    valid_q = steps[None, :] < q_lens[:, None]  # [B, Q]
+    idx = (query_start_loc[:-1, None] + steps[None, :]).clamp(max=t - 1)
+    qp = q[idx]  # [B, Q, H, D]
+    q_pos = (context_lens - q_lens)[:, None] + steps[None, :]  # absolute position of each query
+    k_pos = torch.arange(max_context_len, device=dev)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < context_lens[:, None, None])
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=True,
+    )  # [B, H, Q, D]
+    return out.transpose(1, 2)[valid_q]

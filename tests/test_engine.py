@@ -1,0 +1,127 @@
+"""Engine behaviour on a tiny random-weight model: sampling options, seeds, errors, streaming."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge_batch import LLM, SamplingParams
+from forge_batch.engine.request import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir) -> LLM:
+    return LLM(str(tiny_model_dir), device="cpu", dtype="float32", max_num_seqs=8)
+
+
+PROMPTS = ["The quick brown fox", "Paged attention stores", "def add(a, b):", "Numbers: 1 2 3"]
+
+
+def test_results_in_input_order_with_prompt_ids(llm):
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    assert [o.index for o in outs] == [0, 1, 2, 3]
+    for prompt, o in zip(PROMPTS, outs):
+        assert o.prompt_token_ids == llm.tokenizer.encode(prompt)
+        assert len(o.token_ids) == 5 and o.finish_reason == "length" and o.error is None
+        assert o.text == llm.tokenizer.decode(o.token_ids)
+
+
+def test_chat_prompt_uses_the_chat_template(llm):
+    chat = [{"role": "user", "content": "hello"}]
+    out = llm.generate([chat], SamplingParams(max_tokens=2, temperature=0.0))[0]
+    rendered = llm.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert out.prompt_token_ids == llm.tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_model_dir):
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=42, ignore_eos=True)
+    alone = LLM(str(tiny_model_dir), device="cpu", dtype="float32").generate([PROMPTS[0]], p)[0]
+    other = SamplingParams(max_tokens=20, temperature=1.5, ignore_eos=True)
+    crowd = LLM(str(tiny_model_dir), device="cpu", dtype="float32", max_num_seqs=3, max_num_batched_tokens=8)
+    outs = crowd.generate(PROMPTS[1:3] + [PROMPTS[0]] + PROMPTS[2:], [other, other, p, other, other])
+    assert outs[2].token_ids == alone.token_ids
+    # And different seeds give different samples (with overwhelming probability at temperature 1).
+    p2 = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=43, ignore_eos=True)
+    assert crowd.generate([PROMPTS[0]], p2)[0].token_ids != alone.token_ids
+
+
+def test_n_samples_share_prompt_and_differ(llm):
+    out = llm.generate([PROMPTS[1]], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=3, ignore_eos=True))[0]
+    assert [s.index for s in out.samples] == [0, 1, 2, 3]
+    assert len({tuple(s.token_ids) for s in out.samples}) > 1
+    assert out.outputs is out.samples and out.text == out.samples[0].text
+
+
+def test_stop_string_is_cut_from_text(llm):
+    base = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
+    assert len(base.text) > 4
+    stop = base.text[2:4]
+    out = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.samples[0].stop_reason == stop
+    assert out.text == base.text[: base.text.find(stop)]
+    assert stop not in out.text
+
+
+def test_stop_token_ids_and_eos(llm):
+    base = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0]
+    target = base.token_ids[3]
+    out = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[target]))[0]
+    first = base.token_ids.index(target)
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
+    # min_tokens bans the stop token until then, so generation runs past it.
+    later = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[target],
+                                                      min_tokens=first + 2))[0]
+    assert len(later.token_ids) >= first + 2
+
+
+def test_eos_ends_generation_unless_ignored(llm):
+    eos = next(iter(llm.tokenizer.eos_token_ids))
+    forced = SamplingParams(max_tokens=10, temperature=0.0, logit_bias={eos: 100.0})
+    out = llm.generate([PROMPTS[0]], forced)[0]
+    assert out.token_ids == [eos] and out.finish_reason == "stop" and out.text == ""
+    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0.0, logit_bias={eos: 100.0},
+                                                     ignore_eos=True))[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_bad_requests_fail_alone(llm):
+    long_prompt = "word " * (llm.max_model_len + 10)
+    outs = llm.generate(["", long_prompt, PROMPTS[0], [{"role": "user"}]], SamplingParams(max_tokens=3))
+    assert outs[0].finish_reason == "error" and "empty" in outs[0].error
+    assert outs[1].finish_reason == "error" and "too long" in outs[1].error
+    assert outs[2].error is None and outs[2].finish_reason in ("stop", "length")
+    assert outs[3].finish_reason == "error" and "content" in outs[3].error
+
+
+def test_stream_yields_in_finish_order_and_pulls_lazily(llm):
+    pulled = []
+
+    def requests():
+        for i, n in enumerate([12, 2, 6, 1]):
+            pulled.append(i)
+            yield GenerationRequest(f"r{i}", PROMPTS[i], SamplingParams(max_tokens=n, temperature=0.0,
+                                                                         ignore_eos=True))
+
+    stream = llm.generate_stream(requests(), max_in_flight=2)
+    first = next(stream)
+    assert first.request_id == "r1"  # shortest of the first two admitted
+    assert len(pulled) <= 3
+    rest = [o.request_id for o in stream]
+    assert sorted(rest + [first.request_id]) == ["r0", "r1", "r2", "r3"]
+
+
+def test_request_with_error_passes_through(llm):
+    outs = list(llm.generate_stream([GenerationRequest("bad", error="malformed JSON on line 3")]))
+    assert outs[0].error == "malformed JSON on line 3" and outs[0].finish_reason == "error"
+
+
+def test_params_validation():
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        SamplingParams(json_schema={"type": "string"}, regex="a+")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_one_params_per_prompt_is_checked(llm):
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate(PROMPTS, [SamplingParams()] * 2)

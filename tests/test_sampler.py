@@ -1,0 +1,121 @@
+"""The vectorised sampler and logits processing, on hand-made logits."""
+
+from __future__ import annotations
+
+import torch
+
+from forge_batch.engine.sampler import (
+    LogitsProcessor,
+    SamplingBatch,
+    default_sampler,
+    filter_logits,
+    uniform_for,
+)
+from forge_batch.engine.sampling_params import SamplingParams
+
+
+def batch(params, outputs=None, prompts=None, uniforms=None, eos=frozenset({0})):
+    n = len(params)
+    return SamplingBatch(
+        params=params,
+        output_token_ids=outputs or [[] for _ in range(n)],
+        prompt_token_ids=prompts or [[] for _ in range(n)],
+        uniforms=uniforms if uniforms is not None else torch.full((n,), 0.5, dtype=torch.float64),
+        eos_token_ids=eos,
+    )
+
+
+def test_greedy_rows_take_argmax_and_others_sample():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=1),
+              SamplingParams(temperature=0.7, top_p=1e-6), SamplingParams(temperature=1.0, min_p=1.0)]
+    out = default_sampler(logits.clone(), batch(params))
+    assert out.tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_k_keeps_exactly_k_per_row():
+    logits = torch.arange(20, dtype=torch.float32).repeat(2, 1)
+    filtered = filter_logits(logits.clone(), [SamplingParams(top_k=3), SamplingParams(top_k=5)])
+    assert torch.isfinite(filtered[0]).sum() == 3 and torch.isfinite(filtered[1]).sum() == 5
+    assert torch.isfinite(filtered[0, -3:]).all()
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    f = filter_logits(probs.log(), [SamplingParams(top_p=0.8)])
+    assert torch.isfinite(f).tolist() == [[True, True, False, False]]
+    f = filter_logits(probs.log(), [SamplingParams(top_p=0.81)])
+    assert torch.isfinite(f).tolist() == [[True, True, True, False]]
+
+
+def test_min_p_drops_tokens_below_fraction_of_max():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    f = filter_logits(probs.log(), [SamplingParams(min_p=0.5)])  # threshold 0.25
+    assert torch.isfinite(f).tolist() == [[True, True, False, False]]
+
+
+def test_temperature_sampling_matches_the_distribution():
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
+    expected = torch.softmax(logits / 0.8, -1)
+    n = 4000
+    us = torch.tensor([uniform_for(1234, pos) for pos in range(n)], dtype=torch.float64)
+    params = [SamplingParams(temperature=0.8)] * n
+    out = default_sampler(logits.repeat(n, 1), batch(params, uniforms=us))
+    freq = torch.bincount(out, minlength=4).float() / n
+    assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
+
+
+def test_same_seed_same_token_whatever_the_batch():
+    torch.manual_seed(1)
+    row = torch.randn(1, 100)
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
+    u = uniform_for(7, 42)
+    alone = default_sampler(row.clone(), batch([p], uniforms=torch.tensor([u], dtype=torch.float64)))
+    others = torch.randn(5, 100)
+    mixed_logits = torch.cat([others[:3], row, others[3:]])
+    params = [SamplingParams(temperature=1.3, top_k=5)] * 3 + [p] + [SamplingParams(temperature=0.0)] * 2
+    us = torch.tensor([0.1, 0.9, 0.3, u, 0.5, 0.2], dtype=torch.float64)
+    mixed = default_sampler(mixed_logits, batch(params, uniforms=us))
+    assert mixed[3].item() == alone[0].item()
+
+
+def test_uniforms_are_in_range_and_differ_by_seed_and_position():
+    vals = {uniform_for(s, p) for s in range(20) for p in range(50)}
+    assert len(vals) == 1000 and all(0.0 < v < 1.0 for v in vals)
+
+
+def test_repetition_presence_frequency_penalties():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 1.0, 0.5]])
+    params = [SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)]
+    out = LogitsProcessor(frozenset())(logits.clone(), batch(params, outputs=[[2, 2, 3]], prompts=[[0, 1]]))
+    # repetition: seen tokens 0,1 (prompt) and 2,3 (output): positive / 2, negative * 2
+    # then output counts: token 2 twice, token 3 once -> minus 0.25*count + 0.5
+    expected = torch.tensor([[1.0, -4.0, 0.5 - 0.5 - 0.5, 0.5 - 0.25 - 0.5, 0.5]])
+    assert torch.allclose(out, expected)
+
+
+def test_logit_bias_and_min_tokens():
+    logits = torch.zeros(2, 6)
+    params = [SamplingParams(logit_bias={3: 5.0, 4: -1.0}), SamplingParams(min_tokens=3, stop_token_ids=[5])]
+    out = LogitsProcessor(frozenset({0}))(logits, batch(params, outputs=[[], [1, 1]]))
+    assert out[0].tolist() == [0, 0, 0, 5, -1, 0]
+    assert out[1, 0] == float("-inf") and out[1, 5] == float("-inf") and out[1, 1] == 0
+
+
+def test_ignore_eos_min_tokens_does_not_ban_eos():
+    out = LogitsProcessor(frozenset({0}))(
+        torch.zeros(1, 3), batch([SamplingParams(min_tokens=2, ignore_eos=True)], outputs=[[]])
+    )
+    assert torch.isfinite(out).all()
+
+
+def test_logits_processor_plugins_run_per_row():
+    def ban_one(tokens, row):
+        row[1] = float("-inf")
+        return row
+
+    out = LogitsProcessor(frozenset())(
+        torch.zeros(2, 3), batch([SamplingParams(logits_processors=[ban_one]), SamplingParams()])
+    )
+    assert out[0, 1] == float("-inf") and out[1, 1] == 0
