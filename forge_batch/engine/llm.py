@@ -8,11 +8,13 @@ with ``finish_reason == "error"`` and a message; it never raises for the batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 from forge_batch.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
+from .constraints import ConstraintError, ConstraintFactory, apply_bitmask, bitmask_words, fill_bitmasks
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .outputs import CompletionOutput, RequestOutput
 from .request import GenerationRequest
@@ -109,6 +112,8 @@ class EngineStats:
     prefix_cache_hit_rate: float = 0.0
     forward_seconds: float = 0.0
     step_seconds: float = 0.0
+    mask_seconds: float = 0.0  # computing structured-output masks (overlapped with forward)
+    mask_wait_seconds: float = 0.0  # of which the step had to wait for after the forward pass
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -134,6 +139,7 @@ class LLM:
         kv_cache: str = "paged",
         seed: int = 0,
         samplers: dict[str, Sampler] | None = None,
+        constraints: dict[str, ConstraintFactory] | None = None,
         kernel_backend: str | None = None,
     ) -> None:
         from forge_batch.models.registry import load_model_files
@@ -183,6 +189,11 @@ class LLM:
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
         self.logits_processor = LogitsProcessor(self.eos_token_ids)
         self.samplers: dict[str, Sampler] = {**BUILTIN_SAMPLERS, **(samplers or {})}
+        from forge_batch.plugins.constraints import BUILTIN_CONSTRAINTS
+
+        self.constraints: dict[str, ConstraintFactory] = {**BUILTIN_CONSTRAINTS, **(constraints or {})}
+        self._compiled: dict[str, Any] = {}
+        self._mask_pool: ThreadPoolExecutor | None = None
         self.seed = seed
         self._requests: dict[str, _RequestState] = {}
         self._num_requests = 0
@@ -321,6 +332,10 @@ class LLM:
             prompt_ids, prompt_text = self._tokenize(request)
         except Exception as exc:  # a bad request fails alone
             return self._failed(request, index, f"{type(exc).__name__}: {exc}")
+        try:
+            compiled = self._compile_constraint(params)
+        except Exception as exc:
+            return self._failed(request, index, f"constraint error: {exc}")
         if not prompt_ids:
             return self._failed(request, index, "empty prompt: it has no tokens")
         base_seed = params.seed if params.seed is not None else derive_seed(self.seed, index)
@@ -334,6 +349,9 @@ class LLM:
                 params=params,
                 seed=derive_seed(base_seed, i),
             )
+            if compiled is not None:
+                seq.constraint = compiled
+                seq.constraint_state = compiled.new_state()
             self._next_seq_id += 1
             state.seqs.append(seq)
             self.scheduler.add(seq)
@@ -341,6 +359,19 @@ class LLM:
         self._requests[request.request_id] = state
         self._stats.prompt_tokens += len(prompt_ids)
         return None
+
+    def compile_constraint(self, kind: str, spec: Any) -> Any:
+        """Compile (or fetch from the cache) a constraint; raises ConstraintError with the engine's message."""
+        if kind not in self.constraints:
+            raise ConstraintError(f"unknown constraint kind {kind!r}; known: {sorted(self.constraints)}")
+        key = kind + ":" + json.dumps(spec, sort_keys=True, default=str)
+        if key not in self._compiled:
+            self._compiled[key] = self.constraints[kind](spec, self.tokenizer, self.config.vocab_size)
+        return self._compiled[key]
+
+    def _compile_constraint(self, params: SamplingParams) -> Any:
+        spec = params.constraint_spec
+        return None if spec is None else self.compile_constraint(*spec)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -358,28 +389,69 @@ class LLM:
                 raise RuntimeError("scheduler made no progress (no blocks and nothing running)")
             return done
         sampling = [s.seq for s in plan.scheduled if s.samples]
+        masks = self._start_masks(sampling)
         t_fwd = time.monotonic()
         self.runner.zero_blocks(self.block_manager.pop_fresh())
         logits = self.runner.run(plan)
         self._stats.forward_seconds += time.monotonic() - t_fwd
+        if masks is not None:
+            t_wait = time.monotonic()
+            masks[2].result()
+            self._stats.mask_wait_seconds += time.monotonic() - t_wait
         for s in plan.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.commit_computed(s.seq)
         if logits is not None:
-            tokens = self._sample(logits, sampling)
+            tokens = self._sample(logits, sampling, masks)
             now = time.monotonic()
             for seq, tok in zip(sampling, tokens):
                 seq.output_token_ids.append(tok)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 self._stats.output_tokens += 1
-                if self._check_stop(seq, tok):
+                if (seq.constraint_state is not None and self._constraint_stop(seq, tok)) or self._check_stop(
+                    seq, tok
+                ):
                     self._finish(seq, done)
         self._stats.steps += 1
         self._stats.step_seconds += time.monotonic() - t_step
         return done
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _start_masks(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor, Future] | None:
+        """Begin filling the allowed-token bitmasks of constrained rows on a worker thread."""
+        rows = [i for i, s in enumerate(seqs) if s.constraint_state is not None]
+        if not rows:
+            return None
+        bitmask = torch.full((len(rows), bitmask_words(self.config.vocab_size)), -1, dtype=torch.int32)
+        states = [seqs[i].constraint_state for i in rows]
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forge-batch-masks")
+
+        def work() -> None:
+            t0 = time.monotonic()
+            fill_bitmasks(states, bitmask)  # type: ignore[arg-type]
+            self._stats.mask_seconds += time.monotonic() - t0
+
+        return rows, bitmask, self._mask_pool.submit(work)
+
+    def _constraint_stop(self, seq: Sequence, tok: int) -> bool:
+        """Advance the sample's grammar; True when the grammar ends (or broke) the sample here."""
+        state = seq.constraint_state
+        if tok in self.eos_token_ids and state.is_accepting():  # type: ignore[union-attr]
+            seq.finish_reason, seq.stop_reason = "stop", tok
+            return True
+        state.advance(tok)  # type: ignore[union-attr]
+        err = state.error()  # type: ignore[union-attr]
+        if err:
+            seq.finish_reason, seq.error = "error", f"constraint violated: {err}"
+            return True
+        if state.is_stopped():  # type: ignore[union-attr]
+            seq.finish_reason, seq.stop_reason = "stop", None
+            return True
+        return False
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
+                masks: tuple[list[int], torch.Tensor, Future] | None = None) -> list[int]:
         params = [s.params for s in seqs]
         if any(not p.greedy for p in params) or any(p.sampler for p in params):
             uniforms = torch.tensor([uniform_for(s.seed, s.num_tokens) for s in seqs], dtype=torch.float64)
@@ -393,6 +465,14 @@ class LLM:
             eos_token_ids=self.eos_token_ids,
         )
         logits = self.logits_processor(logits, batch)
+        if masks is not None:
+            rows, bitmask, _ = masks
+            if len(rows) == len(seqs):
+                apply_bitmask(logits, bitmask)
+            else:
+                sub = logits[rows]
+                apply_bitmask(sub, bitmask)
+                logits[rows] = sub
         names = {p.sampler or "default" for p in params}
         if len(names) == 1:
             return self.samplers[names.pop()](logits, batch).tolist()
@@ -439,6 +519,17 @@ class LLM:
             seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)
         ):
             seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        if seq.constraint is not None and seq.finish_reason in ("stop", "length"):
+            if seq.finish_reason == "stop":
+                seq.valid, reason = seq.constraint.validate(seq.text)  # type: ignore[attr-defined]
+                if not seq.valid:
+                    seq.error = f"invalid output: {reason}"
+            else:
+                seq.valid = False
+                seq.error = (
+                    f"incomplete: max_tokens reached before the {seq.constraint.kind} constraint "  # type: ignore[attr-defined]
+                    "was satisfied"
+                )
         if state.first_token_time is None or (
             seq.first_token_time is not None and seq.first_token_time < state.first_token_time
         ):
@@ -458,10 +549,11 @@ class LLM:
                 finish_reason=s.finish_reason or "error",
                 error=s.error,
                 stop_reason=s.stop_reason,
+                valid=s.valid,
             )
             for s in state.seqs
         ]
-        errors = [s.error for s in state.seqs if s.error]
+        errors = [s.error for s in state.seqs if s.error and s.finish_reason == "error"]
         return RequestOutput(
             request_id=state.request.request_id,
             index=state.index,

@@ -16,6 +16,9 @@ class CompletionOutput:
     error: str | None = None
     # Set when generation stopped on a stop string or stop token: which one.
     stop_reason: str | int | None = None
+    # Structured output only: whether the finished text passed the independent check (jsonschema for
+    # json_schema, a full regex match, membership for choice); None for unconstrained requests.
+    valid: bool | None = None
 
 
 @dataclass

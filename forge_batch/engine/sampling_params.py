@@ -32,10 +32,12 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
-    # Structured output: at most one of these (see forge_batch.plugins.constraints).
+    # Structured output: at most one of these (see forge_batch.plugins.constraints). ``constraint`` is the
+    # general form, {kind: spec}, for kinds registered by plugins (e.g. {"lark": "..."}).
     json_schema: dict[str, Any] | str | None = None
     regex: str | None = None
     choice: list[str] | None = None
+    constraint: dict[str, Any] | None = None
     # Name of a registered sampler plugin; None means the built-in vectorised sampler.
     sampler: str | None = None
     # Extra per-request logits processors: f(output_token_ids, logits[V]) -> logits[V] (plugins add these).
@@ -69,8 +71,13 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.json_schema is not None and self.regex is not None:
             raise ValueError("json_schema and regex are mutually exclusive: give one constraint per request")
-        if self.choice is not None and (self.json_schema is not None or self.regex is not None):
-            raise ValueError("choice cannot be combined with json_schema or regex")
+        given = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
+        if self.constraint is not None:
+            if not isinstance(self.constraint, dict) or len(self.constraint) != 1:
+                raise ValueError("constraint must be a mapping with exactly one kind, e.g. {'regex': '[0-9]+'}")
+            given += list(self.constraint)
+        if len(given) > 1:
+            raise ValueError(f"give one constraint per request, got {', '.join(given)}")
         if self.choice is not None and not self.choice:
             raise ValueError("choice needs at least one option")
 
@@ -85,7 +92,7 @@ class SamplingParams:
         )
 
     @property
-    def constraint(self) -> tuple[str, Any] | None:
+    def constraint_spec(self) -> tuple[str, Any] | None:
         """(kind, spec) of the structured-output constraint, or None."""
         if self.json_schema is not None:
             return ("json_schema", self.json_schema)
@@ -93,4 +100,6 @@ class SamplingParams:
             return ("regex", self.regex)
         if self.choice is not None:
             return ("choice", self.choice)
+        if self.constraint:
+            return next(iter(self.constraint.items()))
         return None

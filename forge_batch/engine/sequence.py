@@ -41,8 +41,10 @@ class Sequence:
     text: str = ""
     num_preemptions: int = 0
     first_token_time: float | None = None
-    # Per-request state of a structured-output constraint (owned by the constraint plugin).
+    # Structured output: the compiled constraint and this sample's position in it (None if unconstrained).
+    constraint: object | None = None
     constraint_state: object | None = None
+    valid: bool | None = None
 
     @property
     def num_tokens(self) -> int:

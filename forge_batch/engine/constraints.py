@@ -1,0 +1,84 @@
+"""Structured-output constraints as the engine sees them: a compiled constraint per spec, a state per sample.
+
+A constraint kind (``json_schema``, ``regex``, ``choice``, or a plugin's own) is a factory
+``f(spec, tokenizer, vocab_size) -> Constraint`` registered through the register-constraints hook.
+Compiling happens once per distinct spec (cached); an uncompilable spec raises ``ConstraintError`` and
+fails the request with the grammar engine's message, never generating unconstrained text.
+
+Each step the engine asks every constrained sample for its allowed-token bitmask (packed int32, 32 tokens
+a word, llguidance's layout), on a worker thread while the model's forward pass runs, then masks the
+logits before sampling. EOS is allowed only where the grammar may end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+
+class ConstraintError(ValueError):
+    """A constraint spec that cannot be compiled (bad schema, bad regex, ...)."""
+
+
+class ConstraintState(Protocol):
+    """The grammar position of one sample."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into ``bitmask[row]`` (int32, bit t%32 of word t//32)."""
+
+    def advance(self, token_id: int) -> None:
+        """Consume the sampled token."""
+
+    def is_accepting(self) -> bool:
+        """The output so far is a complete match (EOS is allowed here)."""
+
+    def is_stopped(self) -> bool:
+        """No further token can follow: the sample must end now."""
+
+    def error(self) -> str | None:
+        """Why the state broke (a token outside the grammar was forced), else None."""
+
+
+class Constraint(Protocol):
+    kind: str
+
+    def new_state(self) -> ConstraintState: ...
+
+    def validate(self, text: str) -> tuple[bool, str | None]:
+        """Independent check of a finished output: (valid, reason when not)."""
+
+
+ConstraintFactory = Callable[[Any, Any, int], Constraint]
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def fill_bitmasks(states: list[ConstraintState], bitmask: torch.Tensor) -> None:
+    """Fill ``bitmask[i]`` for each state; a state class may provide a faster batched ``fill_batch``."""
+    by_type: dict[type, list[int]] = {}
+    for i, s in enumerate(states):
+        by_type.setdefault(type(s), []).append(i)
+    for cls, rows in by_type.items():
+        batch_fill = getattr(cls, "fill_batch", None)
+        if batch_fill is not None:
+            batch_fill([states[i] for i in rows], rows, bitmask)
+        else:
+            for i in rows:
+                states[i].fill_bitmask(bitmask, i)
+
+
+_BIT = None
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set logits of disallowed tokens to -inf, in place. logits [S, V], bitmask [S, ceil(V/32)] int32."""
+    global _BIT
+    if _BIT is None or _BIT.device != bitmask.device:
+        _BIT = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    s, v = logits.shape
+    allowed = ((bitmask.unsqueeze(-1) >> _BIT) & 1).view(s, -1)[:, :v]
+    logits.masked_fill_(allowed == 0, float("-inf"))

@@ -1,0 +1,191 @@
+"""Built-in structured-output constraints (``json_schema``, ``regex``, ``choice``) on llguidance.
+
+llguidance runs on a plain ``tokenizers`` JSON (no transformers), computes a token mask in tens of
+microseconds, and releases the GIL while doing it, so the engine overlaps mask computation with the
+model's forward pass. Registered through ``register_constraints`` like any third-party kind; the engine
+also uses ``BUILTIN_CONSTRAINTS`` directly, so the Python API has them without a plugin manager.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+
+from forge_batch.engine.constraints import ConstraintError
+from forge_batch.hookspecs import hookimpl
+
+_TOKENIZERS: dict[int, Any] = {}
+_EXECUTOR = None
+
+
+def _ll():
+    try:
+        import llguidance
+    except ImportError as exc:  # pragma: no cover - llguidance is a hard dependency
+        raise ConstraintError("structured output needs the llguidance package (pip install llguidance)") from exc
+    return llguidance
+
+
+def ll_tokenizer(tokenizer: Any, vocab_size: int):
+    """The llguidance tokenizer for our Tokenizer (built once per tokenizer: it indexes the vocabulary)."""
+    key = id(tokenizer)
+    if key not in _TOKENIZERS:
+        ll = _ll()
+        _TOKENIZERS[key] = ll.LLTokenizer(
+            tokenizer.to_json_str(), n_vocab=vocab_size, eos_token=sorted(tokenizer.eos_token_ids)
+        )
+    return _TOKENIZERS[key]
+
+
+class LLGuidanceState:
+    """One sample's matcher."""
+
+    __slots__ = ("matcher",)
+
+    def __init__(self, matcher: Any) -> None:
+        self.matcher = matcher
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        v = bitmask[row]
+        self.matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
+
+    @staticmethod
+    def fill_batch(states: list[LLGuidanceState], rows: list[int], bitmask: torch.Tensor) -> None:
+        """All rows at once on llguidance's thread pool (it releases the GIL)."""
+        global _EXECUTOR
+        if len(states) == 1:
+            states[0].fill_bitmask(bitmask, rows[0])
+            return
+        if _EXECUTOR is None:
+            _EXECUTOR = _ll().LLExecutor()
+        _EXECUTOR.unsafe_compute_mask_ptr(
+            [(s.matcher, r) for s, r in zip(states, rows)], bitmask.data_ptr(), bitmask.shape[1] * 4,
+            bitmask.shape[0],
+        )
+
+    def advance(self, token_id: int) -> None:
+        self.matcher.consume_token(token_id)
+
+    def is_accepting(self) -> bool:
+        return self.matcher.is_accepting()
+
+    def is_stopped(self) -> bool:
+        return self.matcher.is_stopped()
+
+    def error(self) -> str | None:
+        return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+class LLGuidanceConstraint:
+    """A grammar compiled for one tokenizer; ``new_state`` gives each sample its own matcher."""
+
+    def __init__(self, kind: str, grammar: str, tokenizer: Any, vocab_size: int, validator) -> None:
+        ll = _ll()
+        self.kind = kind
+        self._validator = validator
+        self._lltok = ll_tokenizer(tokenizer, vocab_size)
+        problem = ll.LLMatcher.validate_grammar(grammar, self._lltok)
+        if problem and not problem.startswith("WARNING"):
+            raise ConstraintError(f"{kind} could not be compiled: {problem}")
+        self._grammar = grammar
+        self._template = ll.LLMatcher(self._lltok, grammar, log_level=0)
+        if self._template.is_error():
+            raise ConstraintError(f"{kind} could not be compiled: {self._template.get_error()}")
+
+    def new_state(self) -> LLGuidanceState:
+        return LLGuidanceState(self._template.deep_copy())
+
+    def validate(self, text: str) -> tuple[bool, str | None]:
+        return self._validator(text)
+
+
+def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+    import jsonschema
+
+    schema = json.loads(spec) if isinstance(spec, str) else spec
+    if not isinstance(schema, dict | bool):
+        raise ConstraintError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+    try:
+        validator_cls = jsonschema.validators.validator_for(schema)
+        validator_cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConstraintError(f"json_schema is not a valid JSON Schema: {exc.message}") from exc
+    checker = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
+
+    def validate(text: str) -> tuple[bool, str | None]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return False, f"output is not JSON: {exc}"
+        err = jsonschema.exceptions.best_match(checker.iter_errors(value))
+        return (True, None) if err is None else (False, f"output does not match the schema: {err.message}")
+
+    grammar = _ll().LLMatcher.grammar_from_json_schema(
+        schema, defaults={"whitespace_flexible": False}
+    )
+    return LLGuidanceConstraint("json_schema", grammar, tokenizer, vocab_size, validate)
+
+
+def ascii_digits(pattern: str) -> str:
+    """Rewrite ``\\d`` as ASCII digits. Rust's (llguidance's) ``\\d`` is Unicode-aware and lets a model
+    write e.g. "🯸" for a digit, which is never what a date or phone-number pattern means."""
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            out.append(("0-9" if in_class else "[0-9]") if nxt == "d" else c + nxt)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def regex_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+    if not isinstance(spec, str) or not spec:
+        raise ConstraintError("regex must be a non-empty string")
+    spec = ascii_digits(spec)
+    try:
+        compiled = re.compile(spec)
+    except re.error:
+        compiled = None  # a pattern Python's re cannot read (Rust syntax); llguidance is the judge
+
+    def validate(text: str) -> tuple[bool, str | None]:
+        if compiled is None or compiled.fullmatch(text):
+            return True, None
+        return False, "output does not fully match the regex"
+
+    return LLGuidanceConstraint("regex", _ll().LLMatcher.grammar_from_regex(spec), tokenizer, vocab_size, validate)
+
+
+def choice_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+    if not isinstance(spec, list | tuple) or not spec or not all(isinstance(c, str) and c for c in spec):
+        raise ConstraintError("choice must be a non-empty list of non-empty strings")
+    options = list(dict.fromkeys(spec))
+    lark = "start: " + " | ".join(json.dumps(o) for o in options) + "\n"
+
+    def validate(text: str) -> tuple[bool, str | None]:
+        return (True, None) if text in options else (False, "output is not one of the choices")
+
+    return LLGuidanceConstraint("choice", _ll().LLMatcher.grammar_from_lark(lark), tokenizer, vocab_size, validate)
+
+
+BUILTIN_CONSTRAINTS = {
+    "json_schema": json_schema_constraint,
+    "regex": regex_constraint,
+    "choice": choice_constraint,
+}
+
+
+@hookimpl
+def register_constraints() -> dict[str, Any]:
+    return dict(BUILTIN_CONSTRAINTS)

@@ -1,0 +1,109 @@
+"""Structured output through the engine on a tiny random model: whatever the weights, output is valid."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from forge_batch import LLM, SamplingParams
+from forge_batch.plugins.constraints import ascii_digits
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 2},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir) -> LLM:
+    return LLM(str(tiny_model_dir), device="cpu", dtype="float32", max_num_seqs=16)
+
+
+PROMPTS = ["Give me a record:", "JSON please", "The quick brown fox", "Numbers: 1 2 3"]
+
+
+def test_json_schema_outputs_validate_even_at_high_temperature(llm):
+    params = SamplingParams(max_tokens=120, temperature=1.2, seed=5, json_schema=SCHEMA, n=3)
+    outs = llm.generate(PROMPTS, params)
+    finished = [s for o in outs for s in o.samples if s.finish_reason == "stop"]
+    assert len(finished) >= 8
+    for s in finished:
+        jsonschema.validate(json.loads(s.text), SCHEMA)
+        assert s.valid is True and s.error is None
+
+
+def test_regex_outputs_fully_match(llm):
+    pattern = r"\d{4}-\d{2}-\d{2}"
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=1.0, seed=2, regex=pattern))
+    for o in outs:
+        assert o.finish_reason == "stop", o.samples[0]
+        assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", o.text), o.text
+        assert o.samples[0].valid
+
+
+def test_choice_output_is_an_option(llm):
+    options = ["positive", "negative", "neutral"]
+    outs = llm.generate(PROMPTS * 2, SamplingParams(max_tokens=10, temperature=1.0, choice=options))
+    assert all(o.text in options and o.finish_reason == "stop" for o in outs)
+
+
+def test_greedy_constrained_is_deterministic_and_mixes_with_unconstrained(llm):
+    c = SamplingParams(max_tokens=60, temperature=0.0, json_schema=SCHEMA)
+    free = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], c)[0]
+    mixed = llm.generate(PROMPTS, [c, free, c, free])
+    assert mixed[0].token_ids == alone.token_ids
+    assert mixed[1].samples[0].valid is None and len(mixed[1].token_ids) == 8
+
+
+def test_uncompilable_constraint_fails_the_request_with_the_engine_message(llm):
+    outs = llm.generate(["x", "y", "z"], [SamplingParams(regex="(unclosed"),
+                                          SamplingParams(json_schema={"type": "no-such-type"}),
+                                          SamplingParams(max_tokens=3)])
+    assert outs[0].finish_reason == "error" and "unclosed" in outs[0].error
+    assert outs[1].finish_reason == "error" and "JSON Schema" in outs[1].error
+    assert outs[2].error is None
+
+
+def test_max_tokens_before_completion_is_marked_incomplete(llm):
+    out = llm.generate(["x"], SamplingParams(max_tokens=3, temperature=0.0, json_schema=SCHEMA))[0]
+    s = out.samples[0]
+    assert s.finish_reason == "length" and s.valid is False and "incomplete" in s.error
+
+
+def test_both_json_schema_and_regex_is_an_error():
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        SamplingParams(json_schema=SCHEMA, regex="a")
+
+
+def test_plugin_constraint_kind(tiny_model_dir):
+    """A third party registers a kind (here a Lark grammar) the same way the built-ins are."""
+    from forge_batch.plugins.constraints import LLGuidanceConstraint, _ll
+
+    def lark(spec, tokenizer, vocab_size):
+        return LLGuidanceConstraint("lark", _ll().LLMatcher.grammar_from_lark(spec), tokenizer, vocab_size,
+                                    lambda text: (text in ("ping", "pong"), None))
+
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", constraints={"lark": lark})
+    out = llm.generate(["x"], SamplingParams(max_tokens=10, temperature=1.0, constraint={"lark": 'start: "ping" | "pong"'}))[0]
+    assert out.text in ("ping", "pong") and out.samples[0].valid
+
+
+def test_masks_are_computed_beside_the_forward(llm):
+    llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0.0, json_schema=SCHEMA))
+    stats = llm.stats()
+    assert stats["mask_seconds"] > 0 and stats["mask_wait_seconds"] <= stats["mask_seconds"] + 0.05
+
+
+def test_ascii_digits_rewrite():
+    assert ascii_digits(r"\d{2}[\d.]") == "[0-9]{2}[0-9.]"
+    assert ascii_digits(r"\\d") == r"\\d"
