@@ -30,7 +30,7 @@ def execute(s: Scheduler, plan: StepPlan, token: int = 1) -> None:
 
 def test_admits_fcfs_within_seq_limit():
     s = make(max_num_seqs=2, max_num_batched_tokens=100)
-    a, b, c = seq(5), seq(5), seq(5)
+    a, b, c = seq(5), seq(5, start=10), seq(5, start=20)
     for x in (a, b, c):
         s.add(x)
     plan = s.schedule()
@@ -158,3 +158,35 @@ def test_waiting_prompt_that_does_not_fit_waits_instead_of_failing():
     plan = s.schedule()
     assert b not in [i.seq for i in plan.scheduled] and not plan.rejected
     assert b.status == SequenceStatus.WAITING
+
+
+def test_prompt_sharing_a_prefix_in_flight_waits_one_step_then_hits():
+    s = make(block_size=4, max_num_batched_tokens=100)
+    system = list(range(100, 112))  # 3 full shared blocks
+    a = Sequence(next(_ids), "a", 0, system + [1, 2], SamplingParams(), seed=0)
+    b = Sequence(next(_ids), "b", 0, system + [3, 4], SamplingParams(), seed=0)
+    other = seq(5, start=500)
+    for x in (a, b, other):
+        s.add(x)
+    plan = s.schedule()
+    # b would recompute a's system prompt in the same step: it waits; `other` shares nothing and runs.
+    assert [i.seq for i in plan.scheduled] == [a, other]
+    assert list(s.waiting) == [b]
+    execute(s, plan)
+    plan = s.schedule()
+    item = [i for i in plan.scheduled if i.seq is b][0]
+    assert b.num_cached_tokens == 12 and item.num_new_tokens == 2
+
+
+def test_deferral_ends_when_the_owner_is_preempted_or_finishes():
+    s = make(block_size=4, max_num_batched_tokens=8)
+    system = list(range(100, 116))  # 4 blocks: a's prefill takes two chunked steps
+    a = Sequence(next(_ids), "a", 0, system + [1], SamplingParams(), seed=0)
+    b = Sequence(next(_ids), "b", 0, system + [2], SamplingParams(), seed=0)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert [i.seq for i in plan.scheduled] == [a]
+    s.finish(a)  # e.g. a failed: its pending blocks are released, b must not wait forever
+    plan = s.schedule()
+    assert [i.seq for i in plan.scheduled] == [b]

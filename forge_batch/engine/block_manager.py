@@ -44,6 +44,11 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}
         # Per sequence: hashes of its full blocks so far (parallel to the first entries of block_table).
         self._seq_hashes: dict[int, list[bytes]] = {}
+        # Hashes of prompt blocks some running sequence is computing right now (not yet published), and
+        # which sequence: a prompt that needs one of them next waits a step and then hits the cache,
+        # instead of computing the same KV a second time.
+        self.pending: dict[bytes, int] = {}
+        self._seq_pending: dict[int, list[bytes]] = {}
         self.prefix_hits = 0  # blocks served from the cache (for stats and tests)
         self.prefix_queries = 0
         # Blocks handed out for the first time since the last pop_fresh(): the cache memory behind them
@@ -88,6 +93,22 @@ class BlockManager:
             del self.free[block_id]
         block.ref_count += 1
 
+    def _prompt_hashes(self, seq: Sequence) -> list[bytes]:
+        """Chained hashes of the sequence's full blocks, last token excluded (memoised per length)."""
+        n = seq.num_tokens
+        memo = getattr(seq, "_hash_memo", None)
+        if memo is not None and memo[0] == n:
+            return memo[1]
+        bs = self.block_size
+        tokens = seq.token_ids
+        hashes: list[bytes] = []
+        parent = None
+        for i in range((n - 1) // bs):
+            parent = chain_hash(parent, tokens[i * bs : (i + 1) * bs])
+            hashes.append(parent)
+        seq._hash_memo = (n, hashes)  # type: ignore[attr-defined]
+        return hashes
+
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached block ids for the longest run of ``seq``'s full prompt blocks already in the cache.
 
@@ -95,18 +116,20 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
-        bs = self.block_size
-        tokens = seq.token_ids
-        max_full = (len(tokens) - 1) // bs
         hits: list[int] = []
-        parent = None
-        for i in range(max_full):
-            parent = chain_hash(parent, tokens[i * bs : (i + 1) * bs])
-            block_id = self.cached.get(parent)
+        for h in self._prompt_hashes(seq):
+            block_id = self.cached.get(h)
             if block_id is None:
                 break
             hits.append(block_id)
         return hits
+
+    def waits_for_pending(self, seq: Sequence, num_hits: int) -> bool:
+        """True when the first block ``seq`` would compute is being computed by another sequence."""
+        if not self.enable_prefix_caching or not self.pending:
+            return False
+        hashes = self._prompt_hashes(seq)
+        return num_hits < len(hashes) and hashes[num_hits] in self.pending
 
     def allocate_prefix(self, seq: Sequence, hits: list[int]) -> None:
         """Attach cached blocks ``hits`` (from match_prefix) to a sequence being admitted."""
@@ -120,6 +143,11 @@ class BlockManager:
         seq.num_cached_tokens = n
         self.prefix_queries += max(0, (seq.num_tokens - 1) // self.block_size)
         self.prefix_hits += len(hits)
+        if self.enable_prefix_caching:
+            mine = [h for h in self._prompt_hashes(seq)[len(hits):] if h not in self.pending]
+            for h in mine:
+                self.pending[h] = seq.seq_id
+            self._seq_pending[seq.seq_id] = mine
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
@@ -147,6 +175,8 @@ class BlockManager:
         for i in range(len(hashes), num_full):
             parent = chain_hash(parent, tokens[i * bs : (i + 1) * bs])
             hashes.append(parent)
+            if self.pending.get(parent) == seq.seq_id:
+                del self.pending[parent]
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and parent not in self.cached:
                 block.hash = parent
@@ -163,3 +193,6 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._seq_hashes.pop(seq.seq_id, None)
+        for h in self._seq_pending.pop(seq.seq_id, ()):
+            if self.pending.get(h) == seq.seq_id:
+                del self.pending[h]

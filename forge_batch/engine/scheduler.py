@@ -9,6 +9,8 @@ touches a model, so it is tested on its own. Policy, in order:
    front of the queue) — possibly the sequence itself.
 2. Then waiting sequences are admitted first-come first-served while there is budget, a free sequence
    slot and blocks, reusing cached prefix blocks; a prompt too long for the budget is chunked.
+   A prompt whose next block another running sequence is computing right now waits a step, so it
+   reuses that block instead of computing it again (prefix-aware admission).
    Nothing is admitted in a step that had to preempt (the cache is full; admitting would thrash).
 3. A prompt that can never fit (longer than the context, or needing more blocks than the cache has) is
    rejected with a message on its sequence, not raised.
@@ -134,6 +136,7 @@ class Scheduler:
         # 2. admissions
         if plan.preempted:
             return plan
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             reason = self._why_impossible(seq)
@@ -145,6 +148,11 @@ class Scheduler:
                 plan.rejected.append(seq)
                 continue
             hits = bm.match_prefix(seq)
+            if bm.waits_for_pending(seq, len(hits)):
+                # Its next prompt block is being computed by a running sequence: wait one step and
+                # reuse it rather than compute it twice (shared system prompts, n > 1 samples).
+                deferred.append(self.waiting.popleft())
+                continue
             # A cached block that is free right now leaves the free list when reused.
             free_hits = sum(1 for b in hits if bm.blocks[b].ref_count == 0)
             cached_tokens = len(hits) * bm.block_size
@@ -160,4 +168,5 @@ class Scheduler:
             self.running.append(seq)
             plan.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # back in front, in their original order
         return plan
