@@ -78,3 +78,27 @@ def test_same_tokens_with_prefix_caching_off_naive_cache_and_preemption(model_an
     tight, llm = run_engine(path, prompts, max_num_seqs=8, num_blocks=9, block_size=16)
     assert llm.stats()["preemptions"] > 0
     assert tight == expected
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small, so that the scaled frequencies matter at the test's positions.
+    "original_max_position_embeddings": 32,
+}
+
+
+@pytest.mark.parametrize("arch,kwargs", [("mistral", {}), ("llama", {"rope_scaling": LLAMA3_ROPE}),
+                                         ("llama", {"num_kv_heads": 1, "tie_word_embeddings": True})],
+                         ids=["mistral", "llama3-rope-scaling", "mqa-tied"])
+def test_other_llama_family_variants_match_transformers(tmp_path, arch, kwargs):
+    from tiny_models import make_tiny_model
+
+    path = make_tiny_model(tmp_path / arch, arch, **kwargs)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = ragged_prompts(hf.config.vocab_size, [3, 40, 90], seed=1)
+    expected = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
+    got, _ = run_engine(path, prompts, max_num_seqs=3)
+    assert got == expected
