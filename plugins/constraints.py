@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from forge_batch.engine.constraints import ConstraintError
 from forge_batch.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # no torch import at load: `forge-batch validate` / `plugins` load every built-in
+    import torch
 
 _TOKENIZERS: dict[int, Any] = {}
 _EXECUTOR = None
@@ -102,6 +103,54 @@ class LLGuidanceConstraint:
         return self._validator(text)
 
 
+# llguidance's own date/time formats are shape-only: they admit 2023-02-30, year 0000 and leap second :60,
+# all of which jsonschema's format checker (the ``valid`` column's judge) rejects. These exact patterns
+# encode month lengths and leap years, so every date the grammar admits is a real calendar date.
+_YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"  # 0001-9999: there is no year 0
+_LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (
+    rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    rf"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)"
+)
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+# Anchored: llguidance gives ``pattern`` JSON Schema's search semantics, so an unanchored one would admit
+# any string that merely contains a date.
+EXACT_FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[tT]{_TIME}$"}
+# Keywords whose values are data, not subschemas: never rewritten.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required"})
+# Keywords whose values map names to subschemas (the mapping itself is not a schema).
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def exact_formats(node: Any) -> Any:
+    """A copy of a JSON schema in which ``format: date / time / date-time`` become exact patterns.
+
+    Only the grammar sees the copy; validation still uses the user's schema. Where a subschema already
+    has a ``pattern``, the exact one is intersected through ``allOf`` (llguidance supports that).
+    """
+    if isinstance(node, list):
+        return [exact_formats(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DATA_KEYWORDS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: exact_formats(sub) for name, sub in value.items()}
+        else:
+            out[key] = exact_formats(value)
+    fmt = out.get("format")
+    if isinstance(fmt, str) and fmt in EXACT_FORMAT_PATTERNS:
+        exact = EXACT_FORMAT_PATTERNS[fmt]
+        del out["format"]
+        if "pattern" in out:
+            out["allOf"] = [*out.get("allOf", []), {"pattern": exact}]
+        else:
+            out["pattern"] = exact
+    return out
+
+
 def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
     import jsonschema
 
@@ -124,7 +173,7 @@ def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuid
         return (True, None) if err is None else (False, f"output does not match the schema: {err.message}")
 
     grammar = _ll().LLMatcher.grammar_from_json_schema(
-        schema, defaults={"whitespace_flexible": False}
+        exact_formats(schema), defaults={"whitespace_flexible": False}
     )
     return LLGuidanceConstraint("json_schema", grammar, tokenizer, vocab_size, validate)
 

@@ -13,9 +13,10 @@ logits before sampling. EOS is allowed only where the grammar may end.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: plugin listing and job validation stay light
+    import torch
 
 
 class ConstraintError(ValueError):
@@ -76,6 +77,8 @@ _BIT = None
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Set logits of disallowed tokens to -inf, in place. logits [S, V], bitmask [S, ceil(V/32)] int32."""
+    import torch
+
     global _BIT
     if _BIT is None or _BIT.device != bitmask.device:
         _BIT = torch.arange(32, dtype=torch.int32, device=bitmask.device)

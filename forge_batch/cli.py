@@ -1,0 +1,288 @@
+"""``forge-batch``: run, validate and inspect batch jobs; list plugins.
+
+    forge-batch run jobs/quickstart.yaml [--set sampling.temperature=0] [--quiet] [--overwrite]
+    forge-batch validate jobs/quickstart.yaml      # every problem at once; runs nothing
+    forge-batch inspect out/quickstart             # summary of a run from its output files
+    forge-batch plugins [--job job.yaml] [--json]  # every plugin, where it came from, its hooks
+
+Exit codes: 0 done, 1 the run failed (too many bad rows, engine error), 2 the job or command is invalid,
+130 / 143 interrupted by Ctrl-C / SIGTERM (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from forge_batch.job import JobError, Problem
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _print_problems(source: str, problems: list[Problem]) -> None:
+    _err(f"{source}: {len(problems)} problem(s):")
+    for p in problems:
+        _err(f"  - {p}")
+
+
+def _print_plugin_warnings(pm: Any) -> None:
+    for w in getattr(pm, "forge_warnings", []):
+        _err(f"forge-batch: warning: {w}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from forge_batch.io.output_dir import OutputDirError
+    from forge_batch.job import check_job, load_job
+    from forge_batch.plugin_manager import PluginLoadError, get_plugin_manager
+    from forge_batch.runner import JobRunner, format_summary
+
+    overrides = list(args.set or [])
+    if args.limit is not None:
+        overrides.append(f"input.limit={args.limit}")
+    try:
+        job = load_job(args.job, overrides)
+        pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
+        problems = check_job(job, pm, check_model=not os.environ.get("FORGE_BATCH_ENGINE_FACTORY"))
+        if problems:
+            raise JobError(problems, args.job)
+    except JobError as e:
+        _print_problems(e.source or args.job, e.problems)
+        return EXIT_USAGE
+    except PluginLoadError as e:
+        _print_problems(args.job, [Problem("plugins", f"{n}: {m}") for n, m in e.failures])
+        return EXIT_USAGE
+    _print_plugin_warnings(pm)
+    progress = "none" if args.quiet else args.progress
+    runner = JobRunner(
+        job, plugin_manager=pm, progress=progress, quiet=args.quiet, overwrite=args.overwrite, grace_seconds=args.grace,
+        log_interval=args.log_interval,
+    )
+    try:
+        result = runner.run()
+    except OutputDirError as e:
+        _err(f"forge-batch: {e}")
+        return EXIT_USAGE
+    except JobError as e:
+        _print_problems(e.source or args.job, e.problems)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("forge-batch: interrupted before the first row; nothing was written")
+        return 130
+    except Exception as e:
+        _err(f"forge-batch: {type(e).__name__}: {e}")
+        return EXIT_FAILED
+    if not args.quiet:
+        print(format_summary(result.summary), flush=True)
+        if result.summary_path is not None:
+            print(f"  summary:    {result.summary_path}", flush=True)
+    if result.status != "completed":
+        _err(f"forge-batch: {result.message}")
+    return result.exit_code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from forge_batch.job import validate_job_file
+
+    job, problems = validate_job_file(args.job, list(args.set or []))
+    if problems:
+        _print_problems(args.job, problems)
+        return EXIT_USAGE
+    assert job is not None
+    print(f"{args.job}: OK (model {job.model}, input {job.input.path}, output {job.output.path} as {job.output.format})")
+    return EXIT_OK
+
+
+def inspect_output(path: str | Path) -> dict[str, Any]:
+    """Summarise a run's output directory from its files (Parquet parts when there are, else the ledger)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from forge_batch.io.meta import META_JOB, META_VERSION
+    from forge_batch.io.output_dir import LEDGER_DIR, STATE_DIR, SUMMARY
+
+    out = Path(path)
+    if not out.is_dir():
+        raise FileNotFoundError(f"no output directory at {out}")
+    info: dict[str, Any] = {"output": str(out)}
+    summary_file = out / STATE_DIR / SUMMARY
+    if summary_file.exists():
+        saved = json.loads(summary_file.read_text())
+        info["status"] = saved.get("status")
+        info["message"] = saved.get("message")
+        info["wall_time_s"] = saved.get("wall_time_s")
+        info["throughput"] = saved.get("throughput")
+    parts = sorted(out.glob("part-*.parquet"))
+    info["parts"] = len(sorted(p for p in out.glob("part-*") if p.is_file()))
+    if parts:
+        dataset = ds.dataset([str(p) for p in parts], format="parquet")
+        table = dataset.to_table()
+        meta = pq.read_schema(parts[0]).metadata or {}
+        if META_JOB.encode() in meta:
+            job = json.loads(meta[META_JOB.encode()])
+            info["model"] = job.get("model")
+            info["job"] = job.get("name") or Path(job.get("output", {}).get("path", str(out))).name
+        info["tool_version"] = meta.get(META_VERSION.encode(), b"").decode() or None
+        samples = table.num_rows
+        errors = table.column("error")
+        failed_mask = pc.is_valid(errors)
+        rows_all = table.column("row_index")
+        info["samples"] = samples
+        info["rows"] = len(pc.unique(rows_all))
+        failed_rows = pc.unique(pc.filter(rows_all, failed_mask))
+        kinds = Counter(
+            k for k, s in zip(table.column("error_kind").to_pylist(), table.column("sample_index").to_pylist()) if k and s == 0
+        )
+        info["rows_skipped"] = kinds.pop("skipped", 0)
+        info["rows_failed"] = len(failed_rows) - info["rows_skipped"]
+        info["rows_ok"] = info["rows"] - len(failed_rows)
+        info["failed_by_kind"] = dict(sorted(kinds.items()))
+        info["finish_reasons"] = dict(Counter(table.column("finish_reason").to_pylist()).most_common())
+        info["prompt_tokens"] = int(pc.sum(pc.filter(table.column("prompt_tokens"), pc.equal(table.column("sample_index"), 0))).as_py() or 0)
+        info["completion_tokens"] = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
+        lat = table.column("latency_s").drop_null()
+        if len(lat):
+            q = pc.quantile(lat, q=[0.5, 0.95]).to_pylist()
+            info["latency_s"] = {"p50": round(q[0], 4), "p95": round(q[1], 4)}
+        ok = table.filter(pc.invert(failed_mask)).slice(0, 3)
+        info["examples"] = [t[:200] for t in ok.column("text").to_pylist()]
+    else:
+        from forge_batch.io.output_dir import Tally
+
+        ledgers = sorted((out / STATE_DIR / LEDGER_DIR).glob("part-*.parquet"))
+        tally = Tally()
+        for ledger in ledgers:
+            tally.add_ledger(pq.read_table(ledger).to_pylist())
+        info.update(tally.to_dict())
+    return info
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        info = inspect_output(args.output)
+    except FileNotFoundError as e:
+        _err(f"forge-batch: {e}")
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return EXIT_OK
+    kinds = info.get("failed_by_kind") or {}
+    kind_text = f" ({', '.join(f'{k} {v}' for k, v in kinds.items())})" if kinds else ""
+    print(f"{info['output']}: {info.get('status') or 'unknown status'}" + (f", model {info['model']}" if info.get("model") else ""))
+    print(
+        f"  rows:     {info.get('rows', 0):,} ({info.get('rows_ok', 0):,} ok, {info.get('rows_failed', 0):,} failed{kind_text}, "
+        f"{info.get('rows_skipped', 0):,} skipped) in {info.get('parts', 0)} part file(s)"
+    )
+    if "samples" in info:
+        print(f"  samples:  {info['samples']:,}; finish reasons {info.get('finish_reasons')}")
+    print(f"  tokens:   {info.get('prompt_tokens', 0):,} prompt, {info.get('completion_tokens', 0):,} completion")
+    if info.get("latency_s"):
+        print(f"  latency:  p50 {info['latency_s']['p50']} s, p95 {info['latency_s']['p95']} s")
+    if info.get("throughput"):
+        tp = info["throughput"]
+        print(f"  last run: {tp.get('rows_per_s', 0):,.2f} rows/s, {tp.get('output_tokens_per_s', 0):,.1f} output tok/s, wall {info.get('wall_time_s')} s")
+    for text in info.get("examples") or []:
+        print(f"  example:  {text!r}")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from forge_batch.job import load_job
+    from forge_batch.plugin_manager import PluginLoadError, get_plugin_manager, list_plugins
+
+    job_plugins: list[str] = []
+    search: list[str] = []
+    if args.job:
+        try:
+            job = load_job(args.job)
+        except JobError as e:
+            _print_problems(e.source or args.job, e.problems)
+            return EXIT_USAGE
+        job_plugins, search = job.plugins, job.plugin_search_paths()
+    try:
+        pm = get_plugin_manager(job_plugins, search_paths=search)
+    except PluginLoadError as e:
+        for name, msg in e.failures:
+            _err(f"forge-batch: plugin {name!r}: {msg}")
+        return EXIT_USAGE
+    _print_plugin_warnings(pm)
+    infos = list_plugins(pm)
+    if args.json:
+        print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return EXIT_OK
+    for info in infos:
+        print(f"{info.name}  [{info.source}]")
+        print(f"    module: {info.module}")
+        print(f"    hooks:  {', '.join(info.hooks) or '-'}")
+        for kind, names in info.provides.items():
+            print(f"    {kind}: {', '.join(names)}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forge-batch", description="Batch LLM generation: a job file in, a table of generations out."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a job")
+    run.add_argument("job", help="job file (YAML)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job option, e.g. sampling.temperature=0")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary (errors only)")
+    run.add_argument("--overwrite", action="store_true", help="discard committed parts instead of resuming")
+    run.add_argument("--limit", type=int, help="only the first N input rows (same as --set input.limit=N)")
+    run.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto", help="progress display (auto: bar on a terminal)")
+    run.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines when not on a terminal")
+    run.add_argument("--grace", type=float, default=30.0, help="seconds in-flight rows may finish after Ctrl-C / SIGTERM")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="check a job file and report every problem; runs nothing")
+    val.add_argument("job")
+    val.add_argument("--set", action="append", metavar="KEY=VALUE")
+    val.set_defaults(func=cmd_validate)
+
+    ins = sub.add_parser("inspect", help="summarise a run from its output directory")
+    ins.add_argument("output")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+
+    plg = sub.add_parser("plugins", help="list plugins, where they come from and their hooks")
+    plg.add_argument("--job", help="also load the plugins a job names")
+    plg.add_argument("--json", action="store_true")
+    plg.set_defaults(func=cmd_plugins)
+
+    # Parsed by forge_batch.bench itself (see main); declared here so it shows in --help.
+    sub.add_parser("bench", help="fixed workloads on the default model, optionally against transformers",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``forge-batch`` command."""
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    if args_list[:1] == ["bench"]:
+        from forge_batch.bench import main as bench_main
+
+        return bench_main(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `forge-batch plugins | head`: not an error
+        sys.stderr.close()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

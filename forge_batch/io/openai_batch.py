@@ -1,0 +1,202 @@
+"""The OpenAI Batch API JSONL format, as input and output (the shape vLLM's ``run-batch`` accepts).
+
+Input line::
+
+    {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "...", "messages": [...], "max_tokens": 64, "temperature": 0}}
+
+Output line::
+
+    {"id": "batch_req_...", "custom_id": "req-1",
+     "response": {"status_code": 200, "request_id": "req_...",
+                  "body": {"id": "chatcmpl-...", "object": "chat.completion", "created": 1700000000,
+                           "model": "...", "choices": [{"index": 0, "message": {"role": "assistant",
+                           "content": "..."}, "logprobs": null, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}}},
+     "error": null}
+
+A failed request gets ``status_code`` 400 with an OpenAI-style error body, and the same error in ``error``.
+The body's ``model`` is ignored on input: the job's model runs every line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
+
+# body key -> SamplingParams field
+_DIRECT = (
+    "n",
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+)
+_RENAMED = {
+    "max_completion_tokens": "max_tokens",
+    "guided_json": "json_schema",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+}
+# Accepted and ignored: they do not change what is generated here.
+_IGNORED = {
+    "model",
+    "messages",
+    "prompt",
+    "user",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "metadata",
+    "store",
+    "service_tier",
+    "echo",
+    "best_of",
+    "suffix",
+    "parallel_tool_calls",
+}
+_UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "audio", "modalities", "prediction"}
+
+
+class OpenAIRequestError(ValueError):
+    """A request line this tool cannot run; the message says why."""
+
+
+def sampling_from_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """SamplingParams overrides from a request body (OpenAI names plus vLLM's extras)."""
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        if value is None or key in _IGNORED:
+            continue
+        if key in _UNSUPPORTED:
+            raise OpenAIRequestError(f"body.{key} is not supported")
+        if key in _DIRECT:
+            out[key] = value
+        elif key in _RENAMED:
+            out[_RENAMED[key]] = value
+        elif key == "logit_bias":
+            out["logit_bias"] = {int(k): float(v) for k, v in dict(value).items()}
+        elif key == "response_format":
+            rf = dict(value)
+            kind = rf.get("type")
+            if kind == "json_schema":
+                js = rf.get("json_schema") or {}
+                schema = js.get("schema") if isinstance(js, Mapping) else None
+                if schema is None:
+                    raise OpenAIRequestError("response_format json_schema needs json_schema.schema")
+                out["json_schema"] = schema
+            elif kind == "json_object":
+                out["json_schema"] = {"type": "object"}
+            elif kind not in (None, "text"):
+                raise OpenAIRequestError(f"response_format type {kind!r} is not supported")
+        # anything else: unknown extension fields are ignored, as vLLM does
+    if "max_tokens" in out and "max_completion_tokens" in body and "max_tokens" in body:
+        out["max_tokens"] = body["max_tokens"]
+    return out
+
+
+def parse_request(obj: Any) -> dict[str, Any]:
+    """Turn one parsed input line into a row: custom_id, url, body, messages or prompt, sampling.
+
+    Raises OpenAIRequestError for a line that is JSON but not a runnable request."""
+    if not isinstance(obj, Mapping):
+        raise OpenAIRequestError(f"a batch line must be a JSON object, got {type(obj).__name__}")
+    url = obj.get("url", CHAT_URL)
+    body = obj.get("body")
+    row: dict[str, Any] = {"custom_id": obj.get("custom_id"), "method": obj.get("method", "POST"), "url": url}
+    if url not in SUPPORTED_URLS:
+        raise OpenAIRequestError(f"url {url!r} is not supported (use {' or '.join(SUPPORTED_URLS)})")
+    if not isinstance(body, Mapping):
+        raise OpenAIRequestError("the line has no body object")
+    row["body"] = dict(body)
+    if url == CHAT_URL:
+        row["messages"] = body.get("messages")
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
+                raise OpenAIRequestError("body.prompt must be a string (or a list of one string)")
+            prompt = prompt[0]
+        row["prompt"] = prompt
+        row["_forge_chat"] = False  # a completions prompt is used as is, never chat-templated
+    row["sampling"] = sampling_from_body(body)
+    return row
+
+
+def _short_hash(*parts: Any) -> str:
+    return hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+
+
+def response_line(records: list[Mapping[str, Any]], id_column: str, model: str) -> dict[str, Any]:
+    """One output line for all samples (records) of one request, in the Batch API's shape."""
+    first = records[0]
+    custom_id = first.get(id_column)
+    custom_id = None if custom_id is None else str(custom_id)
+    key = _short_hash(custom_id, first.get("row_index"))
+    extra = first.get("extra_obj") or {}
+    url = extra.get("openai_url") or CHAT_URL
+    finished = first.get("finished_at")
+    created = int(finished.timestamp()) if hasattr(finished, "timestamp") else 0
+    ok = [r for r in records if not r.get("error")]
+    if not ok:
+        kind = first.get("error_kind") or "error"
+        message = first.get("error") or "failed"
+        return {
+            "id": f"batch_req_{key}",
+            "custom_id": custom_id,
+            "response": {
+                "status_code": 400,
+                "request_id": f"req_{key}",
+                "body": {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": kind}},
+            },
+            "error": {"code": kind, "message": message},
+        }
+    choices = []
+    for r in sorted(records, key=lambda r: r.get("sample_index") or 0):
+        text = r.get("text") if not r.get("error") else None
+        choice: dict[str, Any] = {"index": r.get("sample_index") or 0}
+        if url == COMPLETIONS_URL:
+            choice["text"] = text
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        choice["logprobs"] = None
+        choice["finish_reason"] = r.get("finish_reason")
+        if r.get("error"):
+            choice["error"] = {"code": r.get("error_kind"), "message": r.get("error")}
+        choices.append(choice)
+    prompt_tokens = int(first.get("prompt_tokens") or 0)
+    completion_tokens = sum(int(r.get("completion_tokens") or 0) for r in records)
+    body = {
+        "id": f"{'cmpl' if url == COMPLETIONS_URL else 'chatcmpl'}-{key}",
+        "object": "text_completion" if url == COMPLETIONS_URL else "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+    return {
+        "id": f"batch_req_{key}",
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": f"req_{key}", "body": body},
+        "error": None,
+    }

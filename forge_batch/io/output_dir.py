@@ -1,0 +1,424 @@
+"""The output directory: atomic part files, the ledger that makes resume exact, the manifest, the lock.
+
+Layout of ``output.path``::
+
+    part-00000.parquet            committed parts (the only visible files: read the directory as a table)
+    .part-00001.parquet.tmp       a part being written (hidden: readers skip names starting with . or _)
+    _forge_batch/manifest.json    job, fingerprint, schema and the list of committed parts
+    _forge_batch/summary.json     the run summary
+    _forge_batch/ledger/part-00000.parquet   ids / row positions / status of every sample of that part
+    _forge_batch/lock             held (flock) while a run writes here
+
+Committing a part: write the part under a hidden temp name, write its ledger (temp + rename), then rename
+the part into place (the commit point), then update the manifest. A crash at any moment leaves either a
+committed part with its ledger, or nothing visible: resume deletes temp files and ledgers whose part never
+appeared, and skips every id in the remaining ledgers. Parts are never rewritten, so a directory that was
+readable stays readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from forge_batch.io.schema import ledger_schema, schema_from_str, schema_to_str
+
+STATE_DIR = "_forge_batch"
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+LEDGER_DIR = "ledger"
+PART_RE = re.compile(r"^part-(\d{5,})\.(.+)$")
+MANIFEST_VERSION = 1
+
+
+class OutputDirError(RuntimeError):
+    """The output directory cannot be used for this run (another job's output, locked, ...)."""
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename durable (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a small file atomically: hidden temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Tally:
+    """Counts over committed samples (from ledgers) or over this run's samples."""
+
+    rows: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    rows_skipped: int = 0
+    rows_dropped: int = 0
+    failed_by_kind: Counter[str] = field(default_factory=Counter)
+    samples: int = 0
+    samples_ok: int = 0
+    samples_failed: int = 0
+    samples_dropped: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add_ledger(self, entries: Iterable[dict[str, Any]]) -> None:
+        """Count ledger entries (one per sample; a row's sample 0 carries the row's status)."""
+        for e in entries:
+            status = e["status"]
+            if status != "dropped":
+                self.samples += 1
+            if status == "ok":
+                self.samples_ok += 1
+            elif status == "error":
+                self.samples_failed += 1
+            elif status == "dropped":
+                self.samples_dropped += 1
+            self.completion_tokens += e.get("completion_tokens") or 0
+            if e["sample_index"] == 0:
+                self.prompt_tokens += e.get("prompt_tokens") or 0
+                self.rows += 1
+                rs = e.get("row_status") or "ok"
+                if rs == "ok":
+                    self.rows_ok += 1
+                elif rs == "skipped":
+                    self.rows_skipped += 1
+                elif rs == "dropped":
+                    self.rows_dropped += 1
+                else:
+                    self.rows_failed += 1
+                    self.failed_by_kind[e.get("error_kind") or "error"] += 1
+
+    def merged(self, other: Tally) -> Tally:
+        t = Tally()
+        for f in self.__dataclass_fields__:
+            a, b = getattr(self, f), getattr(other, f)
+            setattr(t, f, a + b if not isinstance(a, Counter) else a + b)
+        return t
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "rows_ok": self.rows_ok,
+            "rows_failed": self.rows_failed,
+            "rows_skipped": self.rows_skipped,
+            "rows_dropped": self.rows_dropped,
+            "failed_by_kind": dict(sorted(self.failed_by_kind.items())),
+            "samples": self.samples,
+            "samples_ok": self.samples_ok,
+            "samples_failed": self.samples_failed,
+            "samples_dropped": self.samples_dropped,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+@dataclass
+class ResumeState:
+    """What earlier runs committed to this directory."""
+
+    schema: pa.Schema | None = None
+    id_type: pa.DataType | None = None
+    done_ids: set[Any] = field(default_factory=set)
+    done_positions: set[int] = field(default_factory=set)
+    tally: Tally = field(default_factory=Tally)
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    next_part: int = 0
+    cleaned: list[str] = field(default_factory=list)
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.parts)
+
+
+class OutputDir:
+    """One run's handle on its output directory (see the module docstring for the layout)."""
+
+    def __init__(self, path: str | os.PathLike[str], extension: str) -> None:
+        self.path = Path(path)
+        self.extension = extension if extension.startswith(".") or not extension else f".{extension}"
+        self.state_dir = self.path / STATE_DIR
+        self.ledger_dir = self.state_dir / LEDGER_DIR
+        self._lock_fd: int | None = None
+        self.fingerprint = ""
+        self.manifest: dict[str, Any] = {}
+
+    # ---- opening ------------------------------------------------------------------------------------
+    def part_name(self, index: int) -> str:
+        return f"part-{index:05d}{self.extension}"
+
+    def open(self, fingerprint: str, job_json: dict[str, Any], output_format: str, overwrite: bool = False) -> ResumeState:
+        """Lock the directory, clean up after a crash and load what earlier runs committed.
+
+        Raises OutputDirError when another run holds the lock, or when the committed parts were written by a
+        job whose output-affecting options differ (mixing them would be silently wrong)."""
+        self.fingerprint = fingerprint
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(exist_ok=True)
+        self._lock()
+        try:
+            return self._open_locked(fingerprint, job_json, output_format, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_locked(self, fingerprint: str, job_json: dict[str, Any], output_format: str, overwrite: bool) -> ResumeState:
+        if overwrite:
+            self._remove_outputs()
+        self.ledger_dir.mkdir(exist_ok=True)
+        state = ResumeState()
+        state.cleaned = self._cleanup_temps()
+        manifest_path = self.state_dir / MANIFEST
+        if manifest_path.exists():
+            try:
+                self.manifest = json.loads(manifest_path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise OutputDirError(f"{manifest_path} is unreadable ({e}); rerun with --overwrite to start over") from e
+        ledgers = sorted(self.ledger_dir.glob("part-*.parquet"))
+        visible = {p.name for p in self.path.iterdir() if PART_RE.match(p.name)}
+        if (ledgers or visible) and self.manifest:
+            old_fp = self.manifest.get("fingerprint")
+            if old_fp and old_fp != fingerprint:
+                raise OutputDirError(
+                    f"{self.path} holds parts of a job with different options ({_diff_jobs(self.manifest.get('job', {}), job_json)}); "
+                    "use a new output.path, or --overwrite to discard them"
+                )
+            if self.manifest.get("output_format", output_format) != output_format:
+                raise OutputDirError(
+                    f"{self.path} holds {self.manifest.get('output_format')} parts, this job writes {output_format}; "
+                    "use a new output.path, or --overwrite to discard them"
+                )
+        if visible and not ledgers:
+            raise OutputDirError(
+                f"{self.path} holds part files but no {STATE_DIR}/{LEDGER_DIR}: cannot tell what was committed; "
+                "use a new output.path, or --overwrite to discard them"
+            )
+        if self.manifest.get("schema"):
+            state.schema = schema_from_str(self.manifest["schema"])
+        max_index = -1
+        referenced: set[str] = set()
+        entries: dict[str, dict[str, Any]] = {p["file"]: p for p in self.manifest.get("parts", []) if p.get("file")}
+        for ledger in ledgers:
+            m = PART_RE.match(ledger.name)
+            index = int(m.group(1)) if m else -1
+            try:
+                lt = pq.read_table(ledger)
+            except Exception:
+                # An unreadable ledger can only be a torn write (ledgers are renamed into place complete).
+                ledger.unlink()
+                continue
+            meta = lt.schema.metadata or {}
+            part_file = meta.get(b"part_file", b"").decode() or None
+            old_fp = meta.get(b"fingerprint", b"").decode()
+            if old_fp and old_fp != fingerprint:
+                raise OutputDirError(
+                    f"{self.path} holds parts of a job with different options "
+                    f"({_diff_jobs(self.manifest.get('job', {}), job_json)}); "
+                    "use a new output.path, or --overwrite to discard them"
+                )
+            if part_file is not None and not (self.path / part_file).exists():
+                # Crash between the ledger rename and the part rename: the part never became visible.
+                ledger.unlink()
+                state.cleaned.append(str(ledger))
+                continue
+            max_index = max(max_index, index)
+            if part_file:
+                referenced.add(part_file)
+            if state.id_type is None:
+                state.id_type = lt.schema.field("id").type
+            rows = lt.to_pylist()
+            state.tally.add_ledger(rows)
+            for e in rows:
+                if e["id"] is None or e["error_kind"] == "duplicate_id":
+                    state.done_positions.add(e["row_index"])
+                else:
+                    state.done_ids.add(e["id"])
+            entry = entries.get(part_file or ledger.name) or {
+                "file": part_file,
+                "ledger": f"{LEDGER_DIR}/{ledger.name}",
+                "records": sum(1 for e in rows if e["status"] != "dropped"),
+            }
+            state.parts.append(entry)
+        for name in visible:
+            m = PART_RE.match(name)
+            if m:
+                max_index = max(max_index, int(m.group(1)))
+            if name not in referenced:
+                raise OutputDirError(
+                    f"{self.path / name} has no ledger in {STATE_DIR}/{LEDGER_DIR}: cannot tell what it holds; "
+                    "use a new output.path, or --overwrite to discard the old output"
+                )
+        state.next_part = max_index + 1
+        self.manifest.update(
+            {
+                "format_version": MANIFEST_VERSION,
+                "fingerprint": fingerprint,
+                "job": job_json,
+                "output_format": output_format,
+                "parts": state.parts,
+            }
+        )
+        return state
+
+    def _lock(self) -> None:
+        lock_path = self.state_dir / "lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: best effort
+            pass
+        except OSError:
+            os.close(fd)
+            holder = lock_path.read_text().strip() if lock_path.exists() else "?"
+            raise OutputDirError(f"another run (pid {holder or '?'}) is writing to {self.path}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _cleanup_temps(self) -> list[str]:
+        removed = []
+        for d in (self.path, self.state_dir, self.ledger_dir):
+            if not d.exists():
+                continue
+            for p in d.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                    p.unlink()
+                    removed.append(str(p))
+        return removed
+
+    def _remove_outputs(self) -> None:
+        """--overwrite: remove what runs wrote (parts, temps, state), nothing else in the folder."""
+        for p in self.path.iterdir():
+            if PART_RE.match(p.name) or (p.name.startswith(".part-") and p.name.endswith(".tmp")):
+                p.unlink()
+        for name in (MANIFEST, SUMMARY):
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / name).unlink()
+        shutil.rmtree(self.ledger_dir, ignore_errors=True)
+        self.manifest = {}
+
+    # ---- writing -------------------------------------------------------------------------------------
+    def set_schema(self, schema: pa.Schema) -> None:
+        self.manifest["schema"] = schema_to_str(schema)
+
+    def commit_part(
+        self,
+        index: int,
+        write: Any,
+        ledger_rows: list[dict[str, Any]],
+        id_type: pa.DataType,
+        stats: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Commit one part atomically.
+
+        ``write(tmp_path)`` writes the part file (None when the part holds no records, e.g. only dropped
+        samples: then only the ledger is committed). Order: part to a hidden temp, ledger (temp + rename),
+        part rename (the commit point), manifest."""
+        part_file = self.part_name(index) if write is not None else None
+        tmp_part = self.path / f".{part_file}.tmp" if part_file else None
+        if tmp_part is not None:
+            write(str(tmp_part))
+            fsync_file(tmp_part)
+        ledger_name = f"part-{index:05d}.parquet"
+        table = pa.Table.from_pylist(ledger_rows, schema=ledger_schema(id_type))
+        table = table.replace_schema_metadata({"part_file": part_file or "", "fingerprint": self.fingerprint})
+        tmp_ledger = self.ledger_dir / f".{ledger_name}.tmp"
+        pq.write_table(table, tmp_ledger)
+        fsync_file(tmp_ledger)
+        os.replace(tmp_ledger, self.ledger_dir / ledger_name)
+        fsync_dir(self.ledger_dir)
+        if tmp_part is not None and part_file is not None:
+            os.replace(tmp_part, self.path / part_file)
+            fsync_dir(self.path)
+        entry = {
+            "file": part_file,
+            "ledger": f"{LEDGER_DIR}/{ledger_name}",
+            "records": sum(1 for e in ledger_rows if e["status"] != "dropped"),
+            "committed_at": _now(),
+        }
+        if stats:
+            entry.update(stats)
+        self.manifest.setdefault("parts", []).append(entry)
+        self.write_manifest()
+        return entry
+
+    def write_manifest(self) -> None:
+        from forge_batch.io.meta import tool_version
+
+        self.manifest["tool_version"] = tool_version()
+        self.manifest["updated_at"] = _now()
+        atomic_write_json(self.state_dir / MANIFEST, self.manifest)
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.state_dir / SUMMARY
+        atomic_write_json(path, summary)
+        return path
+
+    def part_files(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if PART_RE.match(p.name))
+
+
+def _diff_jobs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """Name the first few options that differ between two job dicts."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            diffs.append(f"{path}: {a!r} -> {b!r}")
+
+    for section in ("model", "input", "output", "sampling"):
+        walk(old.get(section), new.get(section), section)
+    diffs = [d for d in diffs if not d.startswith(("input.path", "input.batch_size", "input.limit", "output.path", "output.rows_per_file", "output.flush_seconds", "output.compression"))]
+    return "; ".join(diffs[:5]) or "options changed"

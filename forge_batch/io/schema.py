@@ -1,0 +1,161 @@
+"""The output table's one fixed schema, and turning result records into Arrow tables that follow it.
+
+Every part of a run has exactly the same column names and types (an ``error`` column that is all null is
+still a string column), so pyarrow.dataset, pandas, polars and DuckDB read the directory as one table. The
+types of the id and kept columns come from the input's schema (Parquet) or the first rows (JSONL), and are
+stored in the run's manifest so that a resumed run writes the same types.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+# name -> type of the columns every output has, in order around the id and kept fields.
+HEAD_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("row_index", pa.int64()),
+    ("sample_index", pa.int64()),
+)
+TAIL_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("text", pa.string()),
+    ("finish_reason", pa.string()),
+    ("valid", pa.bool_()),  # constrained outputs: passed the independent check; null when unconstrained
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("error", pa.string()),
+    ("error_kind", pa.string()),
+    ("ttft_s", pa.float64()),
+    ("latency_s", pa.float64()),
+    ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("extra", pa.string()),
+)
+PROMPT_COLUMN = ("prompt", pa.string())
+
+# The run's ledger: one entry per sample (dropped ones included), the source of truth for resume.
+LEDGER_STATUS = ("ok", "error", "skipped", "dropped")
+
+
+def id_column_name(id_field: str | None) -> str:
+    """The output column holding the row id: the input's id field, or ``id`` (the row position) without one."""
+    return id_field or "id"
+
+
+def normalize_id_type(t: pa.DataType | None) -> pa.DataType:
+    """Ids are int64 when the input's are integers, else strings (anything else is written as its text)."""
+    if t is not None and pa.types.is_integer(t):
+        return pa.int64()
+    return pa.string()
+
+
+def normalize_keep_type(t: pa.DataType | None) -> pa.DataType:
+    """A kept column's type: as in the input, with null (all-missing) widened to string and dictionary /
+    large variants simplified so that every part agrees."""
+    if t is None or pa.types.is_null(t):
+        return pa.string()
+    if pa.types.is_dictionary(t):
+        return normalize_keep_type(t.value_type)
+    if pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_large_binary(t):
+        return pa.binary()
+    if pa.types.is_integer(t):
+        return pa.int64()
+    if pa.types.is_floating(t):
+        return pa.float64()
+    return t
+
+
+def infer_type(values: Iterable[Any]) -> pa.DataType | None:
+    """The Arrow type of Python values (None if they are all null or do not agree on one type)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    try:
+        return pa.array(vals).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        return pa.string() if all(isinstance(v, str) for v in vals) else None
+
+
+def output_schema(
+    id_field: str | None,
+    id_type: pa.DataType,
+    keep: Sequence[tuple[str, pa.DataType]],
+    include_prompt: bool,
+    metadata: Mapping[str, str] | None = None,
+) -> pa.Schema:
+    """Build the output schema: id, row_index, sample_index, kept fields, [prompt], results, timing, extra."""
+    id_name = id_column_name(id_field)
+    fields = [pa.field(id_name, id_type)]
+    fields += [pa.field(n, t) for n, t in HEAD_COLUMNS]
+    fields += [pa.field(n, normalize_keep_type(t)) for n, t in keep if n != id_name]
+    if include_prompt:
+        fields.append(pa.field(*PROMPT_COLUMN))
+    fields += [pa.field(n, t) for n, t in TAIL_COLUMNS]
+    return pa.schema(fields, metadata=dict(metadata or {}))
+
+
+def schema_to_str(schema: pa.Schema) -> str:
+    """Serialize a schema (without metadata) for the manifest."""
+    return base64.b64encode(schema.remove_metadata().serialize().to_pybytes()).decode()
+
+
+def schema_from_str(text: str) -> pa.Schema:
+    import pyarrow.ipc
+
+    return pyarrow.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+
+
+def _fits(value: Any, t: pa.DataType) -> bool:
+    try:
+        pa.array([value], type=t)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return False
+
+
+def records_to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Arrow table of ``records`` with exactly ``schema``.
+
+    A value that does not fit its column's type (a kept field that is a string in one row and a number in
+    the first rows) is set to null and the record gets an ``error`` saying so (``error_kind``
+    ``type_mismatch``), so one odd row never breaks a part. Records are modified in place in that case.
+    """
+    names = schema.names
+    try:
+        return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in records], schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        pass
+    for r in records:
+        bad = [f.name for f in schema if r.get(f.name) is not None and not _fits(r.get(f.name), f.type)]
+        for name in bad:
+            value = r[name]
+            r[name] = None
+            note = f"column {name!r}: value {json.dumps(value, default=str)[:80]} does not fit type {schema.field(name).type}"
+            if name in ("error", "error_kind"):
+                continue
+            if r.get("error"):
+                r["error"] = f"{r['error']}; {note}"
+            else:
+                r["error"] = note
+                r["error_kind"] = "type_mismatch"
+    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in records], schema=schema)
+
+
+def ledger_schema(id_type: pa.DataType, id_name: str = "id") -> pa.Schema:
+    """Schema of the per-part ledger files in ``_forge_batch/ledger/``."""
+    return pa.schema(
+        [
+            pa.field("id", id_type),
+            pa.field("row_index", pa.int64()),
+            pa.field("sample_index", pa.int64()),
+            pa.field("status", pa.string()),
+            pa.field("error_kind", pa.string()),
+            pa.field("row_status", pa.string()),
+            pa.field("prompt_tokens", pa.int64()),
+            pa.field("completion_tokens", pa.int64()),
+        ]
+    )

@@ -1,0 +1,595 @@
+"""The job file: the one place where every option of a batch job is defined.
+
+A job is YAML (or JSON) validated by the pydantic models below. Unknown keys are errors that name the
+key's path, so a typo never silently falls back to a default. Loading goes:
+
+1. parse the file (YAML),
+2. apply ``--set a.b=c`` overrides (values parsed as YAML scalars, so ``0`` is an int and ``[a, b]`` a list),
+3. interpolate ``${VAR}`` / ``${VAR:-default}`` from the environment (``$${`` escapes a literal ``${``),
+4. validate with pydantic, collecting *every* problem with its key path,
+5. resolve relative paths (input, output, model directory, plugin files) against the job file's folder.
+
+:func:`load_job` raises :class:`JobError` holding the list of problems; :func:`check_job` adds the checks that
+need the file system or the plugin registry (input files exist, formats and samplers are registered,
+templates compile) without running anything. ``forge-batch validate`` prints both.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from pluggy import PluginManager
+
+# Output columns the runner always writes; input fields copied with ``keep_fields`` must not collide.
+RESERVED_COLUMNS = (
+    "row_index",
+    "sample_index",
+    "prompt",
+    "text",
+    "finish_reason",
+    "valid",
+    "prompt_tokens",
+    "completion_tokens",
+    "error",
+    "error_kind",
+    "ttft_s",
+    "latency_s",
+    "finished_at",
+    "extra",
+)
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (with their path), never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputSpec(_Strict):
+    """Where rows come from and how a row becomes a prompt.
+
+    The prompt of a row is, in order of precedence: ``template`` rendered over the row's columns (sandboxed
+    jinja, undefined columns are row errors); the chat in ``messages_field`` when the row has it; the string
+    in ``prompt_field``. Plain prompts go through the model's chat template as one user message when
+    ``apply_chat_template`` is true (``null``: when the tokenizer has one), because that is what an instruct
+    model expects.
+    """
+
+    path: str = Field(description="A .jsonl / .parquet file, a directory of them, or a glob.")
+    format: str = Field("auto", description="auto (from the extension), jsonl, parquet, openai-batch or a plugin's.")
+    id_field: str | None = Field(
+        "id", description="Unique row id (needed for resume). null: the row's position in the input."
+    )
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+    template: str | None = None
+    system_prompt: str | None = Field(None, description="Prepended as a system message to chat prompts.")
+    apply_chat_template: bool | None = None
+    sampling_field: str | None = Field(
+        None, description="Optional column holding per-row sampling overrides (a mapping or a JSON string)."
+    )
+    batch_size: int = Field(1000, ge=1, description="Rows read at a time (memory stays bounded).")
+    limit: int | None = Field(None, ge=0, description="Read at most this many rows (for trials).")
+
+
+class OutputSpec(_Strict):
+    """Where and how results are written: a directory of part files plus ``_forge_batch/`` state."""
+
+    path: str
+    format: str = "parquet"
+    keep_fields: list[str] = Field(default_factory=list)
+    include_prompt: bool = Field(False, description="Also write the rendered prompt text.")
+    rows_per_file: int = Field(10_000, ge=1)
+    flush_seconds: float = Field(
+        60.0, gt=0, description="Commit a part at least this often while results are coming in."
+    )
+    compression: str = "zstd"
+
+    @field_validator("keep_fields")
+    @classmethod
+    def _no_reserved(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if f in RESERVED_COLUMNS]
+        if bad:
+            raise ValueError(f"{bad} clash with output columns the runner writes ({', '.join(RESERVED_COLUMNS)})")
+        if len(set(v)) != len(v):
+            raise ValueError("keep_fields lists a field twice")
+        return v
+
+
+class SamplingSpec(_Strict):
+    """Job-wide sampling options: the fields of :class:`forge_batch.SamplingParams` (vLLM names).
+
+    ``seed`` is the job seed: every row gets its own seed derived from it and the row id, so a resumed run
+    writes exactly what an uninterrupted one would.
+    """
+
+    n: int = Field(1, ge=1)
+    max_tokens: int = Field(256, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = 0
+    top_p: float = Field(1.0, gt=0, le=1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int = 0
+    skip_special_tokens: bool = True
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    constraint: dict[str, Any] | None = Field(
+        None, description="A plugin-registered constraint kind and its spec, e.g. {lark: '...'}."
+    )
+    sampler: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingSpec:
+        constraints = [k for k in ("json_schema", "regex", "choice", "constraint") if getattr(self, k) is not None]
+        if len(constraints) > 1:
+            raise ValueError(f"give at most one of json_schema, regex, choice, constraint (got {', '.join(constraints)})")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        return self
+
+
+class EngineSpec(_Strict):
+    """Engine options, passed to :class:`forge_batch.LLM` (``None`` means the engine's default)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int | None = Field(None, ge=1)
+    num_blocks: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    max_model_len: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool | None = None
+    kv_cache: Literal["paged", "naive"] | None = None
+    kernel_backend: str | None = None
+    max_in_flight: int | None = Field(
+        None, ge=1, description="Rows admitted but unfinished at once (default: 2 x max_num_seqs)."
+    )
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``LLM(...)``: only the options that were set."""
+        return {k: v for k, v in self.model_dump(exclude={"max_in_flight"}).items() if v is not None}
+
+
+class JobSpec(_Strict):
+    """A whole job. See ``jobs/`` for runnable examples and ``docs/plugins.md`` for plugin hooks."""
+
+    name: str | None = None
+    model: str = "smollm2-135m-instruct"
+    input: InputSpec
+    output: OutputSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    plugins: list[str] = Field(default_factory=list)
+    max_error_rate: float = Field(0.1, ge=0, le=1)
+
+    # Where the job file lives (relative paths were resolved against it); not a job option.
+    _base_dir: Path | None = None
+
+    def sampling_dict(self) -> dict[str, Any]:
+        """The job-wide sampling options as SamplingParams keyword arguments."""
+        return self.sampling.model_dump()
+
+    def fingerprint(self) -> str:
+        """Hash of the options that change what is written for a row.
+
+        A resumed run must have the same fingerprint as the run that wrote the committed parts, otherwise the
+        output would mix two different jobs. Engine options, part sizes and the error budget may change freely.
+        """
+        d = self.model_dump(mode="json")
+        relevant = {
+            "model": d["model"],
+            "input": {k: v for k, v in d["input"].items() if k not in ("path", "batch_size", "limit")},
+            "output": {k: d["output"][k] for k in ("format", "keep_fields", "include_prompt")},
+            "sampling": d["sampling"],
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def plugin_search_paths(self) -> list[str]:
+        """Where plugins named by module are looked for besides sys.path: the job's folder, the cwd."""
+        return [str(p) for p in (self._base_dir, Path.cwd()) if p is not None]
+
+    def display_name(self) -> str:
+        return self.name or Path(self.output.path).name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a job file: the dotted key path (``""`` for the whole file) and a message."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class JobError(ValueError):
+    """A job file that cannot run; ``problems`` lists every problem found, not just the first."""
+
+    def __init__(self, problems: Sequence[Problem], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: " if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{head}{len(self.problems)} problem(s) in the job:\n{lines}")
+
+
+_ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate_env(
+    value: Any, env: Mapping[str, str] | None = None, path: str = "", problems: list[Problem] | None = None
+) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed job; ``$${`` is a literal ``${``.
+
+    An unset variable without a default is a problem at that key's path (the value is left as written).
+    """
+    env = os.environ if env is None else env
+    problems = [] if problems is None else problems
+    if isinstance(value, str):
+        if "$" not in value:
+            return value
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$${":
+                return "${"
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(Problem(path, f"environment variable {name} is not set (write ${{{name}:-default}})"))
+            return m.group(0)
+
+        return _ENV_RE.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: interpolate_env(v, env, _join(path, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate_env(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"sampling.temperature=0"`` -> (["sampling", "temperature"], 0). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key.path=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"--set has an empty key in {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> list[Problem]:
+    """Apply ``--set`` overrides to a parsed job in place; returns the ones that could not be applied."""
+    problems: list[Problem] = []
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except ValueError as e:
+            problems.append(Problem("--set", str(e)))
+            continue
+        node: Any = data
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = {}
+                node[k] = nxt
+            if not isinstance(nxt, dict):
+                problems.append(Problem(".".join(keys[: i + 1]), f"--set {text!r}: not a mapping"))
+                break
+            node = nxt
+        else:
+            node[keys[-1]] = value
+    return problems
+
+
+def _format_loc(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out = _join(out, part)
+    return out
+
+
+def _pydantic_problems(err: ValidationError) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("str", "int")))]
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a job option)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        problems.append(Problem(_format_loc(loc), msg))
+    # Several union members can report the same location; keep the first message for each.
+    seen: set[str] = set()
+    unique = []
+    for p in problems:
+        if p.path not in seen:
+            seen.add(p.path)
+            unique.append(p)
+    return unique
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or os.sep in s or s.endswith((".gguf", ".py"))
+
+
+def _resolve(base: Path, p: str) -> str:
+    expanded = os.path.expanduser(p)
+    if os.path.isabs(expanded):
+        return expanded
+    return str((base / expanded).resolve()) if not glob.has_magic(expanded) else str(base.resolve() / expanded)
+
+
+def resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
+    """Make input/output/model/plugin paths absolute, relative to the job file's folder."""
+    job.input.path = _resolve(base_dir, job.input.path)
+    job.output.path = _resolve(base_dir, job.output.path)
+    if _looks_like_path(job.model) or (base_dir / job.model).exists():
+        job.model = _resolve(base_dir, job.model)
+    job.plugins = [_resolve(base_dir, p) if p.endswith(".py") else p for p in job.plugins]
+    job._base_dir = base_dir
+    return job
+
+
+def job_from_dict(
+    data: Mapping[str, Any],
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    source: str | None = None,
+) -> JobSpec:
+    """Validate a parsed job (after overrides and ``${ENV}``), raising :class:`JobError` with every problem."""
+    if not isinstance(data, Mapping):
+        raise JobError([Problem("", f"a job must be a mapping of options, got {type(data).__name__}")], source)
+    raw = json.loads(json.dumps(data, default=str)) if not isinstance(data, dict) else _deepcopy(data)
+    problems = apply_overrides(raw, overrides)
+    raw = interpolate_env(raw, env, "", problems)
+    job: JobSpec | None = None
+    try:
+        job = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        problems.extend(_pydantic_problems(e))
+    if problems or job is None:
+        raise JobError(problems, source)
+    return resolve_paths(job, Path(base_dir) if base_dir is not None else Path.cwd())
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def read_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a job file (YAML, which includes JSON) into a dict; raises JobError naming the line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise JobError([Problem("", f"cannot read job file: {e}")], str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise JobError([Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")], str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise JobError([Problem("", f"a job file must hold a mapping, got {type(data).__name__}")], str(path))
+    return data
+
+
+def load_job(
+    path: str | os.PathLike[str], overrides: Iterable[str] = (), env: Mapping[str, str] | None = None
+) -> JobSpec:
+    """Load, override, interpolate and validate a job file. Raises :class:`JobError` with every problem."""
+    data = read_job_file(path)
+    return job_from_dict(data, base_dir=Path(path).resolve().parent, overrides=overrides, env=env, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks that need the file system or the plugin registry (forge-batch validate runs them; run does too)
+
+
+def input_files(pattern: str) -> list[str]:
+    """The files an ``input.path`` names: a file, a directory (its .jsonl/.parquet files), or a glob. Sorted,
+    so row positions are stable between runs."""
+    if glob.has_magic(pattern):
+        return sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if os.path.isdir(pattern):
+        found = []
+        for root, dirs, files in os.walk(pattern):
+            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+            for f in sorted(files):
+                if not f.startswith((".", "_")) and f.endswith((".jsonl", ".json", ".ndjson", ".parquet", ".jsonl.gz")):
+                    found.append(os.path.join(root, f))
+        return found
+    return [pattern] if os.path.isfile(pattern) else []
+
+
+def compile_template(template: str) -> Any:
+    """Compile an input template in jinja's sandbox; undefined columns raise when rendered."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    env.filters.setdefault("tojson", lambda v: json.dumps(v, ensure_ascii=False))
+    return env.from_string(template)
+
+
+def check_job(job: JobSpec, pm: PluginManager | None = None, *, check_model: bool = True) -> list[Problem]:
+    """Every problem that stops ``job`` from running, found without running anything.
+
+    With a plugin manager, formats and samplers are checked against what plugins register; without one,
+    those checks are skipped. ``check_model=False`` skips resolving ``model`` (a custom engine factory
+    decides what the name means).
+    """
+    from forge_batch.engine.sampling_params import SamplingParams
+
+    problems: list[Problem] = []
+    files = input_files(job.input.path)
+    if not files:
+        problems.append(Problem("input.path", f"no input file matches {job.input.path}"))
+
+    if job.input.template is not None:
+        try:
+            compile_template(job.input.template)
+        except Exception as e:  # jinja2.TemplateSyntaxError and friends
+            line = getattr(e, "lineno", None)
+            problems.append(Problem("input.template", f"template does not compile{f' (line {line})' if line else ''}: {e}"))
+    if job.input.id_field is not None and job.input.id_field in job.output.keep_fields:
+        pass  # the id column is always written; keeping it again is harmless and ignored
+    if job.input.id_field in RESERVED_COLUMNS:
+        problems.append(Problem("input.id_field", f"{job.input.id_field!r} clashes with an output column"))
+
+    try:
+        s = job.sampling_dict()
+        s.pop("extra", None)
+        SamplingParams(**s)
+    except (TypeError, ValueError) as e:
+        problems.append(Problem("sampling", str(e)))
+
+    if check_model:
+        problems.extend(_check_model(job.model))
+
+    out = Path(job.output.path)
+    if out.exists() and not out.is_dir():
+        problems.append(Problem("output.path", f"{out} exists and is not a directory"))
+
+    if pm is not None:
+        from forge_batch.plugin_manager import collect_registry
+
+        readers = collect_registry(pm, "register_readers")
+        writers = collect_registry(pm, "register_writers")
+        # Only when a sampler is named: collecting samplers imports the engine (torch), which validate avoids.
+        samplers = collect_registry(pm, "register_samplers") if job.sampling.sampler is not None else {}
+        if job.input.format != "auto" and job.input.format not in readers:
+            problems.append(Problem("input.format", f"unknown input format {job.input.format!r}; known: auto, {', '.join(sorted(readers))}"))
+        elif job.input.format == "auto":
+            for f in files:
+                if _reader_for_extension(readers, f) is None:
+                    problems.append(Problem("input.path", f"cannot tell the format of {f} from its extension; set input.format"))
+                    break
+        if job.output.format not in writers:
+            problems.append(Problem("output.format", f"unknown output format {job.output.format!r}; known: {', '.join(sorted(writers))}"))
+        if job.sampling.constraint:
+            kinds = collect_registry(pm, "register_constraints")
+            for kind in job.sampling.constraint:
+                if kinds and kind not in kinds:
+                    problems.append(Problem(f"sampling.constraint.{kind}", f"unknown constraint kind {kind!r}; known: {', '.join(sorted(kinds))}"))
+        if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
+            problems.append(Problem("sampling.sampler", f"unknown sampler {job.sampling.sampler!r}; known: {', '.join(sorted(samplers))}"))
+        if job.input.format == "parquet" or (job.input.format == "auto" and files and files[0].endswith(".parquet")):
+            problems.extend(_check_parquet_columns(job, files))
+    return problems
+
+
+def _check_model(model: str) -> list[Problem]:
+    try:
+        from forge_batch.models.registry import resolve_model_path
+    except ImportError:  # no model registry: only check that a path exists
+        if _looks_like_path(model) and not os.path.exists(model):
+            return [Problem("model", f"no model file or directory at {model}")]
+        return []
+    try:
+        resolve_model_path(model)
+    except (FileNotFoundError, OSError) as e:
+        return [Problem("model", str(e))]
+    return []
+
+
+def _reader_for_extension(readers: Mapping[str, Any], filename: str) -> str | None:
+    name = filename.lower()
+    for fmt, reader in readers.items():
+        for ext in getattr(reader, "extensions", ()):
+            if name.endswith(ext):
+                return fmt
+    return None
+
+
+def _check_parquet_columns(job: JobSpec, files: list[str]) -> list[Problem]:
+    import pyarrow.parquet as pq
+
+    try:
+        names = set(pq.read_schema(files[0]).names)
+    except Exception as e:
+        return [Problem("input.path", f"cannot read Parquet schema of {files[0]}: {e}")]
+    problems = []
+    if job.input.id_field is not None and job.input.id_field not in names:
+        problems.append(Problem("input.id_field", f"column {job.input.id_field!r} is not in {files[0]} (columns: {', '.join(sorted(names))})"))
+    for i, f in enumerate(job.output.keep_fields):
+        if f not in names:
+            problems.append(Problem(f"output.keep_fields[{i}]", f"column {f!r} is not in {files[0]}"))
+    if job.input.sampling_field is not None and job.input.sampling_field not in names:
+        problems.append(Problem("input.sampling_field", f"column {job.input.sampling_field!r} is not in {files[0]}"))
+    if job.input.template is None and job.input.prompt_field not in names and job.input.messages_field not in names:
+        problems.append(
+            Problem("input.prompt_field", f"neither {job.input.prompt_field!r} nor {job.input.messages_field!r} is a column of {files[0]}; set input.prompt_field, input.messages_field or input.template")
+        )
+    return problems
+
+
+def validate_job_file(
+    path: str | os.PathLike[str], overrides: Iterable[str] = (), env: Mapping[str, str] | None = None
+) -> tuple[JobSpec | None, list[Problem]]:
+    """Everything ``forge-batch validate`` reports: schema problems, then (if it parses) file-system and
+    plugin checks, including plugin modules named in the job that cannot be imported."""
+    try:
+        job = load_job(path, overrides, env)
+    except JobError as e:
+        return None, e.problems
+    from forge_batch.plugin_manager import PluginLoadError, get_plugin_manager
+
+    problems: list[Problem] = []
+    try:
+        pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
+    except PluginLoadError as e:
+        problems.extend(Problem(f"plugins[{job.plugins.index(name)}]" if name in job.plugins else "plugins", msg) for name, msg in e.failures)
+        pm = get_plugin_manager([])
+    # A custom engine (FORGE_BATCH_ENGINE_FACTORY) decides what the model name means.
+    check_model = not os.environ.get("FORGE_BATCH_ENGINE_FACTORY")
+    problems.extend(check_job(job, pm, check_model=check_model))
+    return job, problems

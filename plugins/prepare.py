@@ -1,0 +1,78 @@
+"""Built-in prompt preparation: turns a row into ``request.prompt`` (a plain string or a chat).
+
+Runs first in the ``prepare_request`` chain (``tryfirst``), so other plugins see the prompt it built. In
+order of precedence: ``input.template`` rendered over the row (jinja sandbox; an undefined column is a
+``template_error`` on that row); the chat in ``input.messages_field``; the string in ``input.prompt_field``.
+Plain prompts become a one-message chat (with ``input.system_prompt``) when the chat template applies.
+Problems are the row's: ``missing_prompt``, ``empty_prompt``, ``bad_messages``, ``template_error``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from forge_batch.hookspecs import RowError, hookimpl
+
+if TYPE_CHECKING:
+    from forge_batch.engine.request import GenerationRequest
+    from forge_batch.runner import RunContext
+
+
+def _messages(value: Any, field: str) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError(f"messages field {field!r} is a string but not JSON: {e}", "bad_messages") from None
+    if not isinstance(value, (list, tuple)):
+        raise RowError(f"messages field {field!r} must be a list of {{role, content}}, got {type(value).__name__}", "bad_messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RowError(f"messages[{i}] in {field!r} needs 'role' and 'content'", "bad_messages")
+        if not isinstance(m["content"], str):
+            raise RowError(f"messages[{i}].content in {field!r} must be text", "bad_messages")
+        out.append({"role": str(m["role"]), "content": m["content"]})
+    if not out or not any(m["content"].strip() for m in out):
+        raise RowError(f"empty prompt: messages field {field!r} has no content", "empty_prompt")
+    return out
+
+
+@hookimpl(tryfirst=True)
+def prepare_request(request: GenerationRequest, row: dict[str, Any], context: RunContext) -> None:
+    spec = context.input
+    chat = context.chat and row.get("_forge_chat", True) is not False
+    if spec.template is not None:
+        try:
+            prompt: Any = context.template.render({**row, "row": row})
+        except Exception as e:
+            raise RowError(f"template error: {type(e).__name__}: {e}", "template_error") from None
+    elif row.get(spec.messages_field) is not None:
+        messages = _messages(row[spec.messages_field], spec.messages_field)
+        # A chat is always rendered with the chat template; apply_chat_template only concerns plain prompts.
+        if spec.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": spec.system_prompt})
+        request.prompt = messages
+        return
+    elif row.get(spec.prompt_field) is not None:
+        prompt = row[spec.prompt_field]
+        if isinstance(prompt, (dict, list)):
+            raise RowError(f"prompt field {spec.prompt_field!r} must be text, got {type(prompt).__name__}", "bad_prompt")
+        prompt = str(prompt)
+    else:
+        present = spec.prompt_field in row or spec.messages_field in row
+        what = "is null" if present else "is missing"
+        raise RowError(
+            f"missing prompt: field {spec.prompt_field!r} {what} (nor is there a {spec.messages_field!r} chat)",
+            "missing_prompt",
+        )
+    if not prompt.strip():
+        raise RowError("empty prompt", "empty_prompt")
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        if spec.system_prompt:
+            messages.insert(0, {"role": "system", "content": spec.system_prompt})
+        request.prompt = messages
+    else:
+        request.prompt = prompt

@@ -1,0 +1,98 @@
+"""`forge-batch run` as a real subprocess, killed with SIGKILL / SIGTERM / SIGINT mid-run, then rerun:
+every id exactly once per sample and the same texts as an uninterrupted run. On FakeLLM (selected with
+FORGE_BATCH_ENGINE_FACTORY) so the timing is controllable; the real-engine version is in
+test_runner_engine.py."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from runner_helpers import cli_env, make_job, popen, prompts, read_output, run, write_job_file, write_jsonl
+
+from forge_batch.job import load_job
+
+N_ROWS = 240
+
+
+def job_file(tmp_path: Path, out: str = "out") -> Path:
+    write_jsonl(tmp_path / "in.jsonl", prompts(N_ROWS))
+    return write_job_file(
+        tmp_path / "job.yaml",
+        {
+            "model": "fake",
+            "input": {"path": "in.jsonl"},
+            "output": {"path": out, "rows_per_file": 8, "flush_seconds": 0.2, "keep_fields": ["topic"]},
+            "sampling": {"n": 2, "temperature": 0.8, "seed": 5, "max_tokens": 6},
+            "engine": {"max_num_seqs": 4},
+        },
+    )
+
+
+def wait_for_parts(out: Path, n: int, proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(out.glob("part-*.parquet"))) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {n} parts: {proc.communicate()}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for parts")
+
+
+def reference(tmp_path: Path) -> dict:
+    job = make_job(tmp_path, {
+        "input": {"path": "in.jsonl"}, "output": {"path": "ref"},
+        "sampling": {"n": 2, "temperature": 0.8, "seed": 5, "max_tokens": 6},
+    })
+    run(job)
+    return {(r["id"], r["sample_index"]): r["text"] for r in read_output(tmp_path / "ref")}
+
+
+def assert_exactly_once_and_equal(tmp_path: Path, out: Path) -> None:
+    rows = read_output(out)
+    counts = Counter((r["id"], r["sample_index"]) for r in rows)
+    assert len(counts) == 2 * N_ROWS and set(counts.values()) == {1}
+    assert {(r["id"], r["sample_index"]): r["text"] for r in rows} == reference(tmp_path)
+
+
+def test_kill_9_mid_run_then_resume_exactly_once(tmp_path: Path) -> None:
+    path = job_file(tmp_path)
+    out = tmp_path / "out"
+    slow = cli_env(FAKE_STEP_DELAY="0.01")
+    for parts in (3, 9):  # kill twice, at different points
+        proc = popen(["run", str(path), "--quiet"], slow)
+        wait_for_parts(out, parts, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        # readable right after the kill, committed rows only
+        rows = read_output(out)
+        assert rows and len({(r["id"], r["sample_index"]) for r in rows}) == len(rows)
+    # the rerun resumes (in-process on the same fake engine: a third subprocess would only add import time)
+    done = run(load_job(path))
+    assert done.exit_code == 0 and done.summary["resumed_rows"] > 0
+    assert_exactly_once_and_equal(tmp_path, out)
+    assert not list(out.glob(".*"))  # no temp files left behind
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_commit_and_say_how_to_resume(tmp_path: Path, sig: int, code: int) -> None:
+    path = job_file(tmp_path)
+    out = tmp_path / "out"
+    proc = popen(["run", str(path), "--progress", "log", "--grace", "0.5"], cli_env(FAKE_STEP_DELAY="0.02"))
+    wait_for_parts(out, 2, proc)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "interrupted" in stderr and "resume" in stderr
+    partial = read_output(out)
+    assert 0 < len(partial) < 2 * N_ROWS
+    summary = (out / "_forge_batch" / "summary.json").read_text()
+    assert '"status": "interrupted"' in summary
+    done = run(load_job(path))
+    assert done.exit_code == 0 and done.summary["resumed_rows"] == len({r["row_index"] for r in partial})
+    assert_exactly_once_and_equal(tmp_path, out)
