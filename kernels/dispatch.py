@@ -4,8 +4,10 @@ Under the default backend ("auto") a Triton kernel that cannot be used (Triton m
 error, an unsupported shape, out of shared memory on this GPU ...) must not take a generation job
 down: the first failure logs one warning on the ``forge_batch.kernels`` logger and every later call,
 of every kernel, takes the reference for the rest of the process. A half-working mix of kernels would
-be harder to reason about (and to reproduce) than a clean switch. When Triton is requested explicitly
-(``set_backend("triton")`` / FORGE_BATCH_KERNELS=triton, as the kernel tests do) errors propagate.
+be harder to reason about (and to reproduce) than a clean switch. When the reference rejects the same
+arguments, the caller made the mistake: that error is raised and Triton stays in use. When Triton is
+requested explicitly (``set_backend("triton")`` / FORGE_BATCH_KERNELS=triton, as the kernel tests
+do) errors propagate.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ _backend = os.environ.get("FORGE_BATCH_KERNELS", "auto")
 _triton: ModuleType | None = None
 _triton_checked = False
 _triton_failed: str | None = None  # why "auto" stopped using Triton, once it has
+_triton_import_error: Exception | None = None
 
 
 def set_backend(name: str) -> None:
@@ -58,7 +61,7 @@ def reset_fallback() -> None:
 
 def _triton_ops() -> ModuleType | None:
     """The Triton kernel module, or None when it cannot be imported (no triton, no GPU build)."""
-    global _triton, _triton_checked
+    global _triton, _triton_checked, _triton_import_error
     if not _triton_checked:
         _triton_checked = True
         try:
@@ -67,6 +70,7 @@ def _triton_ops() -> ModuleType | None:
             _triton = triton_ops
         except Exception as exc:  # ImportError, or a Triton build without a usable backend
             _triton = None
+            _triton_import_error = exc
             if _backend == "auto":
                 _disable(f"importing the Triton kernels failed: {exc!r}")
     return _triton
@@ -89,7 +93,9 @@ def _use_triton(t: torch.Tensor) -> bool:
         return False
     if _backend == "triton":
         if _triton_ops() is None:
-            raise RuntimeError("kernel backend 'triton' was requested but the Triton kernels cannot be imported")
+            raise RuntimeError(
+                "kernel backend 'triton' was requested but the Triton kernels cannot be imported"
+            ) from _triton_import_error
         return True
     return _on_device(t) and _triton_failed is None and _triton_ops() is not None
 
@@ -103,8 +109,11 @@ def _call(name: str, t: torch.Tensor, ref: Callable[..., Any], *args: Any) -> An
     try:
         return getattr(_triton, name)(*args)
     except Exception as exc:
+        # If the reference rejects the arguments too, the caller is at fault, not Triton: its error
+        # propagates and Triton stays on. Otherwise Triton is, and is switched off for good.
+        result = ref(*args)
         _disable(f"{name} raised {exc!r}")
-        return ref(*args)
+        return result
 
 
 def rms_norm(
