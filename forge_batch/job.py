@@ -150,6 +150,72 @@ class SamplingSpec(_Strict):
         return self
 
 
+_BUILTIN_KINDS = ("json_schema", "regex", "choice")
+
+
+class ConstraintSpec(BaseModel):
+    """Structured output (issue: every written row parses, has its fields, picks from the set).
+
+    Job-wide: one kind with its spec, ``{json_schema: {...}}``, ``{regex: "..."}``, ``{choice: [...]}`` or a
+    plugin-registered kind (``{lark: "..."}``). Per row: ``<kind>_field: column`` names a column holding
+    the row's own spec (a schema as an object or JSON string, a pattern, a list of options), so one job
+    can mix schemas; a row whose column is empty falls back to the job-wide constraint, if any.
+    A job-wide constraint that cannot be compiled fails the job before any generation.
+    """
+
+    # Extra keys are plugin constraint kinds (or their ``*_field`` forms), checked against the registry.
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_schema_field: str | None = None
+    regex_field: str | None = None
+    choice_field: str | None = None
+
+    def _items(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+    def job_level(self) -> tuple[str, Any] | None:
+        """(kind, spec) applied to every row, or None."""
+        found = [(k, v) for k, v in self._items().items() if not k.endswith("_field")]
+        return found[0] if found else None
+
+    def row_field(self) -> tuple[str, str] | None:
+        """(kind, column) of the per-row constraint, or None."""
+        found = [(k[: -len("_field")], v) for k, v in self._items().items() if k.endswith("_field")]
+        return found[0] if found else None
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> ConstraintSpec:
+        items = self._items()
+        kinds = [k for k in items if not k.endswith("_field")]
+        fields = [k for k in items if k.endswith("_field")]
+        if "json_schema" in kinds and "regex" in kinds:
+            raise ValueError("json_schema and regex are mutually exclusive: give one constraint")
+        if len(kinds) > 1:
+            raise ValueError(f"give one job-wide constraint kind, got {', '.join(kinds)}")
+        if len(fields) > 1:
+            raise ValueError(f"give one per-row constraint column, got {', '.join(fields)}")
+        for k in fields:
+            if not isinstance(items[k], str) or not items[k]:
+                raise ValueError(f"{k} must name a column")
+        if isinstance(self.json_schema, str):
+            try:
+                json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is a string but not JSON: {e}") from e
+        schema = json.loads(self.json_schema) if isinstance(self.json_schema, str) else self.json_schema
+        if schema is not None:
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as e:
+                raise ValueError(f"json_schema is not a valid JSON Schema: {e.message}") from e
+        return self
+
+
 class EngineSpec(_Strict):
     """Engine options, passed to :class:`forge_batch.LLM` (``None`` means the engine's default)."""
 
@@ -180,6 +246,7 @@ class JobSpec(_Strict):
     input: InputSpec
     output: OutputSpec
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    constraint: ConstraintSpec | None = None
     engine: EngineSpec = Field(default_factory=EngineSpec)
     plugins: list[str] = Field(default_factory=list)
     max_error_rate: float = Field(0.1, ge=0, le=1)
@@ -188,8 +255,36 @@ class JobSpec(_Strict):
     _base_dir: Path | None = None
 
     def sampling_dict(self) -> dict[str, Any]:
-        """The job-wide sampling options as SamplingParams keyword arguments."""
-        return self.sampling.model_dump()
+        """The job-wide sampling options as SamplingParams keyword arguments (job-wide constraint folded in)."""
+        d = self.sampling.model_dump()
+        level = self.constraint.job_level() if self.constraint is not None else None
+        if level is not None:
+            kind, spec = level
+            if kind in _BUILTIN_KINDS:
+                d[kind] = spec
+            else:
+                d["constraint"] = {kind: spec}
+        return d
+
+    def job_constraint(self) -> tuple[str, Any] | None:
+        """The constraint every row gets, from ``constraint:`` or ``sampling.*``; None if none."""
+        d = self.sampling_dict()
+        for kind in _BUILTIN_KINDS:
+            if d.get(kind) is not None:
+                return kind, d[kind]
+        if d.get("constraint"):
+            return next(iter(d["constraint"].items()))
+        return None
+
+    @model_validator(mode="after")
+    def _constraint_given_once(self) -> JobSpec:
+        if self.constraint is not None and self.constraint.job_level() is not None:
+            in_sampling = [k for k in (*_BUILTIN_KINDS, "constraint") if getattr(self.sampling, k) is not None]
+            if in_sampling:
+                raise ValueError(
+                    f"constraint given twice: top-level constraint and sampling.{in_sampling[0]}; keep one"
+                )
+        return self
 
     def fingerprint(self) -> str:
         """Hash of the options that change what is written for a row.
@@ -520,6 +615,12 @@ def check_job(job: JobSpec, pm: PluginManager | None = None, *, check_model: boo
             for kind in job.sampling.constraint:
                 if kinds and kind not in kinds:
                     problems.append(Problem(f"sampling.constraint.{kind}", f"unknown constraint kind {kind!r}; known: {', '.join(sorted(kinds))}"))
+        if job.constraint is not None and job.constraint.model_extra:
+            kinds = collect_registry(pm, "register_constraints")
+            for key in job.constraint.model_extra:
+                kind = key[: -len("_field")] if key.endswith("_field") else key
+                if kinds and kind not in kinds:
+                    problems.append(Problem(f"constraint.{key}", f"unknown constraint kind {kind!r}; known: {', '.join(sorted(kinds))}"))
         if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
             problems.append(Problem("sampling.sampler", f"unknown sampler {job.sampling.sampler!r}; known: {', '.join(sorted(samplers))}"))
         if job.input.format == "parquet" or (job.input.format == "auto" and files and files[0].endswith(".parquet")):

@@ -195,6 +195,8 @@ def _classify_engine_error(message: str) -> str:
         return "prompt_too_long"
     if "empty" in m:
         return "empty_prompt"
+    if m.startswith("constraint"):
+        return "constraint_error"
     return "engine_error"
 
 
@@ -425,9 +427,16 @@ class JobRunner:
             if not own_seed:
                 key = f"id:{id_value}" if spec.id_field is not None else f"row:{row_index}"
                 params_kw["seed"] = row_seed(self.job.sampling.seed, key)
-            params = SamplingParams(**params_kw)
         except (TypeError, ValueError) as e:
             return self._error_request(row_index, id_value, data, f"bad sampling override in {spec.sampling_field!r}: {e}", "bad_sampling", n=max(1, n if isinstance(n, int) else 1))
+        try:
+            self._row_constraint(params_kw, data)
+        except (TypeError, ValueError) as e:
+            return self._error_request(row_index, id_value, data, str(e), "constraint_error", n=max(1, n if isinstance(n, int) else 1))
+        try:
+            params = SamplingParams(**params_kw)
+        except (TypeError, ValueError) as e:
+            return self._error_request(row_index, id_value, data, f"bad sampling options: {e}", "bad_sampling", n=max(1, n if isinstance(n, int) else 1))
         n = params.n
         meta = self._meta(row_index, id_value, data, n)
         constraint = getattr(params, "constraint_spec", None)
@@ -498,6 +507,27 @@ class JobRunner:
         raise RowError(f"the prompt must be text or chat messages, got {type(prompt).__name__}", "bad_prompt")
 
     # ---- results -> records -----------------------------------------------------------------------------
+    def _row_constraint(self, params_kw: dict[str, Any], data: dict[str, Any]) -> None:
+        """Apply the row's own constraint from ``constraint.<kind>_field`` (a column), if it has one."""
+        field = self.job.constraint.row_field() if self.job.constraint is not None else None
+        if field is None:
+            return
+        kind, column = field
+        value = data.get(column)
+        if value is None or (isinstance(value, float) and value != value):  # null / NaN: job-wide or none
+            return
+        if kind in ("json_schema", "choice") and isinstance(value, str):  # JSON text in a string column
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"column {column!r} holds no valid {kind} (not JSON: {e})") from e
+        for k in ("json_schema", "regex", "choice", "constraint"):
+            params_kw[k] = None
+        if kind in ("json_schema", "regex", "choice"):
+            params_kw[kind] = value
+        else:
+            params_kw["constraint"] = {kind: value}
+
     def _group_for(self, out: Any) -> _Group:
         meta = (out.metadata or {}).get("_forge") or {}
         row = meta.get("row") or {}
@@ -756,6 +786,15 @@ class JobRunner:
         t_load = time.monotonic()
         engine = self.engine_factory(job, samplers=samplers, constraints=constraints)
         load_s = time.monotonic() - t_load
+        job_constraint = job.job_constraint()
+        compile_constraint = getattr(engine, "compile_constraint", None)
+        if job_constraint is not None and compile_constraint is not None:
+            # A job-wide constraint that cannot compile would fail every row: fail the job before generating.
+            try:
+                compile_constraint(*job_constraint)
+            except Exception as e:
+                where = "constraint" if job.constraint is not None else f"sampling.{job_constraint[0]}"
+                raise JobError([Problem(where, f"cannot compile the {job_constraint[0]} constraint: {e}")]) from e
         tokenizer = getattr(engine, "tokenizer", None)
         chat = job.input.apply_chat_template if job.input.apply_chat_template is not None else _has_chat_template(tokenizer)
         self.context = RunContext(

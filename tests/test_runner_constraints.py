@@ -1,0 +1,90 @@
+"""Structured output from the job file: job-wide, per row from a column, and failures before generation."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from forge_batch.job import JobError, load_job
+from forge_batch.runner import JobRunner
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["n"], "additionalProperties": False}
+
+
+def write_job(tmp_path, tiny_model_dir, rows, **extra):
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = {
+        "model": str(tiny_model_dir),
+        "input": {"path": "in.jsonl", "id_field": "id", "prompt_field": "prompt"},
+        "output": {"path": "out"},
+        "sampling": {"temperature": 0.9, "max_tokens": 40, "seed": 3},
+        "engine": {"device": "cpu", "dtype": "float32"},
+        **extra,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def read(tmp_path):
+    return sorted(ds.dataset(tmp_path / "out", format="parquet").to_table().to_pylist(), key=lambda r: r["id"])
+
+
+def test_job_wide_json_schema(tmp_path, tiny_model_dir):
+    rows = [{"id": i, "prompt": f"record {i}"} for i in range(6)]
+    path = write_job(tmp_path, tiny_model_dir, rows, constraint={"json_schema": SCHEMA})
+    result = JobRunner(load_job(path), progress="none").run()
+    assert result.exit_code == 0, result.message
+    out = read(tmp_path)
+    assert len(out) == 6
+    for r in out:
+        if r["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(r["text"]), SCHEMA)
+            assert r["valid"] is True
+        else:
+            assert r["valid"] is False and "incomplete" in r["error"]
+
+
+def test_per_row_constraints_mix_kinds_in_one_job(tmp_path, tiny_model_dir):
+    rows = [
+        {"id": 0, "prompt": "a", "pattern": r"[0-9]{3}"},
+        {"id": 1, "prompt": "b", "pattern": r"(yes|no)"},
+        {"id": 2, "prompt": "c", "pattern": None},  # no row constraint: the job-wide one applies
+        {"id": 3, "prompt": "d", "pattern": "(unclosed"},  # cannot compile: this row fails alone
+    ]
+    path = write_job(tmp_path, tiny_model_dir, rows, max_error_rate=0.5,
+                     constraint={"regex_field": "pattern", "choice": ["alpha", "beta"]})
+    result = JobRunner(load_job(path), progress="none").run()
+    assert result.exit_code == 0, result.message
+    out = read(tmp_path)
+    assert re.fullmatch(r"[0-9]{3}", out[0]["text"]) and out[1]["text"] in ("yes", "no")
+    assert out[2]["text"] in ("alpha", "beta")
+    assert out[3]["error_kind"] == "constraint_error" and "unclosed" in out[3]["error"]
+
+
+def test_uncompilable_job_constraint_fails_before_any_generation(tmp_path, tiny_model_dir):
+    path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}], constraint={"regex": "(unclosed"})
+    with pytest.raises(JobError, match="cannot compile the regex constraint"):
+        JobRunner(load_job(path), progress="none").run()
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_constraint_key_errors(tmp_path, tiny_model_dir):
+    path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}],
+                     constraint={"json_schema": SCHEMA, "regex": "a+"})
+    with pytest.raises(JobError, match="mutually exclusive"):
+        load_job(path)
+    path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}], constraint={"regex": "a"},
+                     sampling={"regex": "b"})
+    with pytest.raises(JobError, match="constraint given twice"):
+        load_job(path)
+    path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}],
+                     constraint={"json_schema": {"type": "nope"}})
+    with pytest.raises(JobError, match="not a valid JSON Schema"):
+        load_job(path)
