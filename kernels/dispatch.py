@@ -12,6 +12,7 @@ do) errors propagate.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import reference
+from . import cpu_ops, reference
 
 logger = logging.getLogger("forge_batch.kernels")
 
@@ -157,8 +158,16 @@ def paged_attention(
     max_query_len: int | None = None,
     max_context_len: int | None = None,
 ) -> torch.Tensor:
-    """See ``reference.paged_attention``."""
+    """See ``reference.paged_attention``. On the CPU under ``auto``, decode rows take the compiled C kernel
+    (``cpu_ops``), which reads the paged cache in place instead of gathering it into padded tensors."""
+    ref = reference.paged_attention
+    if _backend == "auto" and not _on_device(q) and q.device.type == "cpu" and _cpu_decode_ok(q):
+        ref = functools.partial(reference.paged_attention, decode_attention=cpu_ops.paged_decode_attention)
     return _call(
-        "paged_attention", q, reference.paged_attention,
+        "paged_attention", q, ref,
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, max_query_len, max_context_len,
     )
+
+
+def _cpu_decode_ok(q: torch.Tensor) -> bool:
+    return q.dtype in (torch.float32, torch.bfloat16) and cpu_ops.available()

@@ -100,20 +100,26 @@ def paged_attention(
     scale: float,
     max_query_len: int | None = None,
     max_context_len: int | None = None,
+    decode_attention=None,
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over each sequence's paged K/V; returns [T, H, D].
 
     Handles prefill, chunked prefill over a cached prefix and decode in one call: the i-th of a
     sequence's q_len new tokens sits at position context_len - q_len + i and sees keys 0..that position.
     GQA: H must be a multiple of Hkv. The current tokens' K/V must already be stored (store_kv).
+    ``decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)`` may replace the
+    one-token-per-sequence path (the compiled CPU kernel does; see dispatch).
     """
+    if decode_attention is None:
+        def decode_attention(q, k, v, tables, ctx, scale):
+            return _decode_attention(q, k, v, tables, ctx, scale, None)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     if max_query_len is None:
         max_query_len = int(q_lens.max())
     if max_context_len is None:
         max_context_len = int(context_lens.max())
     if max_query_len == 1:
-        return _decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
+        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     decode = q_lens == 1
     if bool(decode.any()):
         # Mixed step: attend decode rows and prefill rows separately so the prefills' padding
@@ -122,8 +128,8 @@ def paged_attention(
         starts = query_start_loc[:-1]
         d_idx = decode.nonzero().squeeze(1)
         p_idx = (~decode).nonzero().squeeze(1)
-        out[starts[d_idx]] = _decode_attention(
-            q[starts[d_idx]], k_cache, v_cache, block_tables[d_idx], context_lens[d_idx], scale, None
+        out[starts[d_idx]] = decode_attention(
+            q[starts[d_idx]], k_cache, v_cache, block_tables[d_idx], context_lens[d_idx], scale
         )
         p_lens = q_lens[p_idx]
         p_loc = torch.zeros(p_idx.numel() + 1, dtype=query_start_loc.dtype, device=q.device)
