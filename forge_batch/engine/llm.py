@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from forge_batch.models.config import ModelConfig
 from forge_batch.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
@@ -126,7 +127,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str = "smollm2-135m-instruct",
+        model: str | ModelConfig = "smollm2-135m-instruct",
         *,
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
@@ -141,6 +142,8 @@ class LLM:
         samplers: dict[str, Sampler] | None = None,
         constraints: dict[str, ConstraintFactory] | None = None,
         kernel_backend: str | None = None,
+        enforce_eager: bool = False,
+        load_format: str = "auto",
     ) -> None:
         from forge_batch.models.registry import load_model_files
 
@@ -153,14 +156,26 @@ class LLM:
             kernels.set_backend(kernel_backend)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        config, state_dict, tokenizer = load_model_files(model)
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+        if isinstance(model, ModelConfig):
+            # Random weights of a given shape (benchmarks of large models with nothing to download);
+            # no tokenizer: prompts are token ids and outputs have no text.
+            if load_format != "dummy":
+                raise ValueError("a ModelConfig as model needs load_format='dummy' (random weights)")
+            config, state_dict, tokenizer = model, None, None
+        else:
+            config, state_dict, tokenizer = load_model_files(model)
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         config.max_position_embeddings = max(config.max_position_embeddings, self.max_model_len)
         with torch.device(self.device):
             self.model = LlamaForCausalLM(config, self.dtype)
-        self.model.load_weights(state_dict)
+        if state_dict is None:
+            self.model.init_random_weights(seed)
+        else:
+            self.model.load_weights(state_dict)
         self.model.eval()
         del state_dict
 
@@ -185,8 +200,11 @@ class LLM:
             ),
             self.block_manager,
         )
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.device, self.dtype)
-        self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
+        # CUDA graphs for decode steps on a GPU (enforce_eager=True turns them off, e.g. to debug).
+        graph_batch = 0 if enforce_eager or self.device.type != "cuda" else max_num_seqs
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.device, self.dtype,
+                                  cuda_graph_max_batch=graph_batch, max_model_len=self.max_model_len)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids if tokenizer is not None else config.eos_token_ids)
         self.logits_processor = LogitsProcessor(self.eos_token_ids)
         self.samplers: dict[str, Sampler] = {**BUILTIN_SAMPLERS, **(samplers or {})}
         from forge_batch.plugins.constraints import BUILTIN_CONSTRAINTS
@@ -287,6 +305,8 @@ class LLM:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids), None
         prompt = request.prompt
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (random weights): give prompt_token_ids")
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True), prompt
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
@@ -298,6 +318,11 @@ class LLM:
         raise ValueError(
             f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}"
         )
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _failed(self, request: GenerationRequest, index: int, error: str,
                 prompt_token_ids: list[int] | None = None) -> RequestOutput:
@@ -454,9 +479,10 @@ class LLM:
                 masks: tuple[list[int], torch.Tensor, Future] | None = None) -> list[int]:
         params = [s.params for s in seqs]
         if any(not p.greedy for p in params) or any(p.sampler for p in params):
-            uniforms = torch.tensor([uniform_for(s.seed, s.num_tokens) for s in seqs], dtype=torch.float64)
+            uniforms = torch.tensor([uniform_for(s.seed, s.num_tokens) for s in seqs], dtype=torch.float64,
+                                    device=logits.device)
         else:
-            uniforms = torch.zeros(len(seqs), dtype=torch.float64)
+            uniforms = torch.zeros(len(seqs), dtype=torch.float64, device=logits.device)
         batch = SamplingBatch(
             params=params,
             output_token_ids=[s.output_token_ids for s in seqs],
@@ -467,6 +493,7 @@ class LLM:
         logits = self.logits_processor(logits, batch)
         if masks is not None:
             rows, bitmask, _ = masks
+            bitmask = bitmask.to(logits.device, non_blocking=True)
             if len(rows) == len(seqs):
                 apply_bitmask(logits, bitmask)
             else:
@@ -501,7 +528,7 @@ class LLM:
                 seq.finish_reason, seq.stop_reason = "stop", tok
                 return True
         if p.stop and n_out >= p.min_tokens:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            text = self._decode(seq.output_token_ids, p.skip_special_tokens)
             cut = min(((text.find(s), s) for s in p.stop if s and s in text), default=None)
             if cut is not None:
                 seq.text = text[: cut[0]]
@@ -518,7 +545,7 @@ class LLM:
         if seq.finish_reason != "error" and seq.finish_reason is not None and not (
             seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)
         ):
-            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+            seq.text = self._decode(seq.output_token_ids, seq.params.skip_special_tokens)
         if seq.constraint is not None and seq.finish_reason in ("stop", "length"):
             if seq.finish_reason == "stop":
                 seq.valid, reason = seq.constraint.validate(seq.text)  # type: ignore[attr-defined]

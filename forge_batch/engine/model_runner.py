@@ -23,6 +23,9 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         kv_dtype: torch.dtype,
+        *,
+        cuda_graph_max_batch: int = 0,
+        max_model_len: int = 0,
     ) -> None:
         self.model = model
         self.device = device
@@ -36,6 +39,18 @@ class ModelRunner:
             (torch.empty(shape, dtype=kv_dtype, device=device), torch.empty(shape, dtype=kv_dtype, device=device))
             for _ in range(c.num_hidden_layers)
         ]
+        self.decode_graphs = None
+        if device.type == "cuda" and cuda_graph_max_batch > 0:
+            from .cuda_graphs import DecodeGraphs
+
+            for k, v in self.kv_caches:  # graphs read whole blocks: they must hold finite values
+                k.zero_()
+                v.zero_()
+            self.decode_graphs = DecodeGraphs(
+                model, self.kv_caches, cuda_graph_max_batch, (max_model_len + block_size - 1) // block_size,
+                max_model_len,
+            )
+            self.decode_graphs.capture()
 
     def zero_blocks(self, block_ids: list[int]) -> None:
         if not block_ids:
@@ -93,7 +108,11 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """Run the plan's tokens; return float32 logits [S, V] for the sequences that sample (in plan order)."""
         ids, positions, attn, sample_rows = self.prepare(plan.scheduled)
-        hidden = self.model(ids, positions, self.kv_caches, attn)
+        graphs = self.decode_graphs
+        if graphs is not None and attn.max_query_len == 1 and graphs.can_run(ids.shape[0], attn.block_tables.shape[1]):
+            hidden = graphs.run(ids, positions, attn)
+        else:
+            hidden = self.model(ids, positions, self.kv_caches, attn)
         if not sample_rows:
             return None
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

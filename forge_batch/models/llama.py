@@ -162,6 +162,16 @@ class LlamaForCausalLM(nn.Module):
             put(layer.input_norm, get(p + "input_layernorm.weight"))
             put(layer.post_attn_norm, get(p + "post_attention_layernorm.weight"))
 
+    @torch.inference_mode()
+    def init_random_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights (norms at 1): for benchmarks of a model's shape without its checkpoint."""
+        g = torch.Generator(device=self.embed_tokens.device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=g)
+
     def forward(
         self,
         input_ids: torch.Tensor,
