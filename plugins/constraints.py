@@ -104,15 +104,17 @@ class LLGuidanceConstraint:
 
 
 # llguidance's own date/time formats are shape-only: they admit 2023-02-30, year 0000 and leap second :60,
-# all of which jsonschema's format checker (the ``valid`` column's judge) rejects. These exact patterns
-# encode month lengths and leap years, so every date the grammar admits is a real calendar date.
+# all of which jsonschema's format checker (the ``valid`` column's judge) rejects, so a ``stop`` output
+# could come back invalid. These exact patterns encode month lengths and leap years, so every date the
+# grammar admits is a real calendar date.
 _YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"  # 0001-9999: there is no year 0
 _LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
 _DATE = (
     rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
     rf"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)"
 )
-_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+# Fractions stop at nanoseconds: an unbounded [0-9]+ lets a small model write zeros until max_tokens.
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 # Anchored: llguidance gives ``pattern`` JSON Schema's search semantics, so an unanchored one would admit
 # any string that merely contains a date.
 EXACT_FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[tT]{_TIME}$"}

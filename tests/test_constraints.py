@@ -107,3 +107,41 @@ def test_masks_are_computed_beside_the_forward(llm):
 def test_ascii_digits_rewrite():
     assert ascii_digits(r"\d{2}[\d.]") == "[0-9]{2}[0-9.]"
     assert ascii_digits(r"\\d") == r"\\d"
+
+
+def _admits(llm: LLM, schema: dict, value: str) -> bool:
+    """Whether the compiled grammar accepts ``value`` (as a JSON string) as a complete output."""
+    state = llm.compile_constraint("json_schema", schema).new_state()
+    for tok in llm.tokenizer.encode(json.dumps(value), add_special_tokens=False):
+        state.advance(tok)
+        if state.error():
+            return False
+    return state.is_accepting()
+
+
+def test_date_and_time_formats_admit_only_what_jsonschema_accepts(llm):
+    """llguidance's own date/time formats are shape-only (2023-02-30, year 0000, second 60 pass); the
+    plugin makes them exact so a finished output never fails the jsonschema check that sets ``valid``."""
+    from forge_batch.plugins.constraints import EXACT_FORMAT_PATTERNS, exact_formats
+
+    cases = {
+        "date": ["2024-02-29", "2000-02-29", "2023-12-31", "2023-02-29", "1900-02-29", "2023-04-31", "0000-01-01",
+                 "x2023-01-01"],
+        "time": ["23:59:59Z", "10:00:00.5+01:00", "10:00:60Z", "24:00:00Z", "10:00:00"],
+        "date-time": ["2024-02-29T23:59:59-05:00", "2023-02-29T00:00:00Z", "2023-01-01 10:00:00Z"],
+    }
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    for fmt, values in cases.items():
+        for v in values:
+            assert _admits(llm, {"type": "string", "format": fmt}, v) == checker.conforms(v, fmt), (fmt, v)
+    # The patterns agree with the checker over every day of 2,101 years (all leap-year rules, year 0).
+    date = re.compile(EXACT_FORMAT_PATTERNS["date"])
+    for year in range(2101):
+        for month in range(1, 13):
+            for day in (28, 29, 30, 31):
+                v = f"{year:04d}-{month:02d}-{day:02d}"
+                assert bool(date.fullmatch(v)) == checker.conforms(v, "date"), v
+    # A user's own pattern still applies (intersected), and const/enum data is never rewritten.
+    assert exact_formats({"enum": [{"format": "date"}]}) == {"enum": [{"format": "date"}]}
+    assert _admits(llm, {"type": "string", "format": "date", "pattern": "^2"}, "2023-01-01")
+    assert not _admits(llm, {"type": "string", "format": "date", "pattern": "^2"}, "1999-01-01")
