@@ -103,6 +103,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _per_step(before: dict, after: dict, key: str) -> float | None:
+    steps = after["steps"] - before["steps"]
+    spent = after[key] - before[key]
+    return round(1000 * spent / steps, 3) if steps and spent else None
+
+
 def run_ours(llm, workload: str, prompts, max_tokens: int, constraint: dict | None = None) -> Result:
     from forge_batch import SamplingParams
 
@@ -140,6 +146,10 @@ def run_ours(llm, workload: str, prompts, max_tokens: int, constraint: dict | No
             "engine_overhead": round(1 - fwd_s / step_s, 3) if step_s else None,
             "preemptions": after["preemptions"] - before["preemptions"],
             "output_tokens": out_tokens,
+            # Structured output: mask computation per step (on a worker thread during the forward pass)
+            # and the part of it the step had to wait for after the forward.
+            "mask_ms_per_step": _per_step(before, after, "mask_seconds"),
+            "mask_wait_ms_per_step": _per_step(before, after, "mask_wait_seconds"),
         },
     )
 

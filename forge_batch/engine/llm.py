@@ -224,6 +224,11 @@ class LLM:
         self._next_seq_id = 0
         self._stats = EngineStats(kv_blocks_total=num_blocks)
         self.load_seconds = time.monotonic() - t0
+        log.info(
+            "loaded %s on %s (%s) in %.2fs; KV cache %d blocks x %d tokens (%s)", model if isinstance(model, str)
+            else config.architecture, self.device, str(self.dtype).replace("torch.", ""), self.load_seconds,
+            num_blocks, block_size, kv_cache,
+        )
 
     # ---- public API ---------------------------------------------------------------------------
     def generate(
