@@ -145,3 +145,21 @@ def test_date_and_time_formats_admit_only_what_jsonschema_accepts(llm):
     assert exact_formats({"enum": [{"format": "date"}]}) == {"enum": [{"format": "date"}]}
     assert _admits(llm, {"type": "string", "format": "date", "pattern": "^2"}, "2023-01-01")
     assert not _admits(llm, {"type": "string", "format": "date", "pattern": "^2"}, "1999-01-01")
+
+
+def test_apply_bitmask_bans_exactly_the_cleared_bits():
+    import torch
+
+    from forge_batch.engine.constraints import apply_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 70, generator=g) * 20
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 3), dtype=torch.int32, generator=g)
+    allowed = torch.tensor([[(int(bitmask[r, t // 32]) >> (t % 32)) & 1 for t in range(70)] for r in range(3)],
+                           dtype=torch.bool)
+    masked = logits.clone()
+    apply_bitmask(masked, bitmask)
+    assert torch.equal(masked[allowed], logits[allowed])
+    probs = masked.softmax(-1)
+    assert (probs[~allowed] == 0).all() and torch.allclose(probs.sum(-1), torch.ones(3))
+    assert (masked.argmax(-1) == logits.masked_fill(~allowed, float("-inf")).argmax(-1)).all()

@@ -75,19 +75,26 @@ def fill_bitmasks(states: list[ConstraintState], bitmask: torch.Tensor) -> None:
 _BIT = None
 
 
+# What a banned token's logit drops by on the CPU path: float32 logits end near -3e38, whose exp() is
+# exactly 0, so argmax, softmax and top-k/top-p/min-p treat the token as impossible, as with -inf.
+BANNED_PENALTY = 3e38
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set logits of disallowed tokens to -inf, in place. logits [S, V], bitmask [S, ceil(V/32)] int32."""
+    """Ban disallowed tokens in place. logits [S, V] float32, bitmask [S, ceil(V/32)] int32 (bit set =
+    allowed). On CUDA banned logits become -inf; on the CPU they drop by BANNED_PENALTY (see there)."""
     import torch
 
     s, v = logits.shape
     if logits.device.type == "cpu":
-        # numpy's unpackbits expands the inverted mask to one byte per token in one C pass; the torch
-        # shift-and-mask version costs 5x more here (30 ms a step at batch 128 x 49k vocabulary).
+        # numpy's unpackbits expands the inverted mask to one byte per token in one C pass, and a
+        # subtraction scaled by that byte is vectorised and threaded: ~5 ms a step at batch 128 x 49k
+        # vocabulary, against ~30 ms for torch shift-and-mask unpacking and ~20 ms for masked_fill.
         import numpy as np
 
         inverted = np.invert(bitmask.numpy()).view(np.uint8)  # little-endian: byte order = token order
         banned = np.unpackbits(inverted, axis=1, bitorder="little")[:, :v]
-        logits.masked_fill_(torch.from_numpy(banned).view(torch.bool), float("-inf"))
+        logits.sub_(torch.from_numpy(banned), alpha=BANNED_PENALTY)
         return
     global _BIT
     if _BIT is None or _BIT.device != bitmask.device:
