@@ -113,6 +113,7 @@ def run_ours(llm, workload: str, prompts, max_tokens: int, constraint: dict | No
     from forge_batch import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **(constraint or {}))
+    llm.reset_prefix_cache()  # each workload starts cold: W3 must not reuse W1's prompt blocks
     before = llm.stats()
     t0 = time.monotonic()
     outs = llm.generate(prompts, params)

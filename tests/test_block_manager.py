@@ -138,3 +138,15 @@ def test_prefix_caching_off_never_hits():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
     admit(bm, seq(list(range(9))))
     assert bm.match_prefix(seq(list(range(9)))) == []
+
+
+def test_reset_prefix_cache_forgets_free_blocks_only():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    held = seq(list(range(9)))
+    admit(bm, held)
+    gone = seq(list(range(50, 59)))
+    admit(bm, gone)
+    bm.free_seq(gone)
+    bm.reset_prefix_cache()
+    assert bm.match_prefix(seq(list(range(50, 59)))) == []
+    assert len(bm.match_prefix(seq(list(range(9))))) == 2  # still held by a running sequence

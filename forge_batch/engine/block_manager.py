@@ -82,6 +82,15 @@ class BlockManager:
             self._fresh.append(block_id)
         return block_id
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block that no sequence holds (blocks in use keep theirs)."""
+        for block_id in self.free:
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                if self.cached.get(block.hash) == block_id:
+                    del self.cached[block.hash]
+                block.hash = None
+
     def pop_fresh(self) -> list[int]:
         """Block ids used for the first time since the last call (their memory is uninitialised)."""
         fresh, self._fresh = self._fresh, []

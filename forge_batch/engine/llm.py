@@ -299,6 +299,10 @@ class LLM:
                 in_flight -= 1
                 yield out
 
+    def reset_prefix_cache(self) -> None:
+        """Drop cached prefix blocks not in use (e.g. between benchmark workloads that share prompts)."""
+        self.block_manager.reset_prefix_cache()
+
     def stats(self) -> dict[str, Any]:
         s = self._stats
         bm = self.block_manager
