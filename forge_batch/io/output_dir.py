@@ -47,8 +47,8 @@ class OutputDirError(RuntimeError):
     """The output directory cannot be used for this run (another job's output, locked, ...)."""
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename durable (no-op where directories cannot be opened)."""
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data, or make renames in a directory durable (no-op where it cannot be opened)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -57,13 +57,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-def fsync_file(path: str | os.PathLike[str]) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+# The same system call serves both; the two names say at the call site what is being made durable.
+fsync_dir = fsync_file = fsync_path
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
