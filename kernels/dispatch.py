@@ -161,12 +161,17 @@ def paged_attention(
     """See ``reference.paged_attention``. On the CPU under ``auto``, decode rows take the compiled C kernel
     (``cpu_ops``), which reads the paged cache in place instead of gathering it into padded tensors."""
     ref = reference.paged_attention
-    if _backend == "auto" and not _on_device(q) and q.device.type == "cpu" and _cpu_decode_ok(q):
-        ref = functools.partial(reference.paged_attention, decode_attention=cpu_ops.paged_decode_attention)
+    if _backend == "auto" and q.device.type == "cpu" and _cpu_decode_ok(q):
+        ref = _reference_with_cpu_decode
     return _call(
         "paged_attention", q, ref,
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, max_query_len, max_context_len,
     )
+
+
+_reference_with_cpu_decode = functools.partial(
+    reference.paged_attention, decode_attention=cpu_ops.paged_decode_attention
+)
 
 
 def _cpu_decode_ok(q: torch.Tensor) -> bool:

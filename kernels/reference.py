@@ -156,15 +156,16 @@ def paged_attention(
     if decode_attention is None:
         def decode_attention(q, k, v, tables, ctx, scale):
             return _decode_attention(q, k, v, tables, ctx, scale, None)
-    if max_query_len == 1:
-        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    q_lens = None
     if max_query_len is None:
+        q_lens = query_start_loc[1:] - query_start_loc[:-1]
         max_query_len = int(q_lens.max())
+    if max_query_len == 1:  # decode: nothing else to compute
+        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if q_lens is None:
+        q_lens = query_start_loc[1:] - query_start_loc[:-1]
     if max_context_len is None:
         max_context_len = int(context_lens.max())
-    if max_query_len == 1:
-        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     decode = q_lens == 1
     if bool(decode.any()):
         # Mixed step: attend decode rows and prefill rows separately so the prefills' padding

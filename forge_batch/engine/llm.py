@@ -175,7 +175,6 @@ class LLM:
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        config.max_position_embeddings = max(config.max_position_embeddings, self.max_model_len)
         with torch.device(self.device):
             self.model = LlamaForCausalLM(config, self.dtype)
         if state_dict is None:
@@ -535,13 +534,11 @@ class LLM:
     def _check_stop(self, seq: Sequence, tok: int) -> bool:
         p = seq.params
         n_out = len(seq.output_token_ids)
-        if n_out > p.min_tokens or n_out == p.max_tokens:
-            if not p.ignore_eos and tok in self.eos_token_ids and n_out > p.min_tokens:
-                seq.finish_reason, seq.stop_reason = "stop", tok
-                return True
-            if tok in p.stop_token_ids and n_out > p.min_tokens:
-                seq.finish_reason, seq.stop_reason = "stop", tok
-                return True
+        if n_out > p.min_tokens and (
+            (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids
+        ):
+            seq.finish_reason, seq.stop_reason = "stop", tok
+            return True
         if p.stop and n_out >= p.min_tokens:
             text = self._decode(seq.output_token_ids, p.skip_special_tokens)
             cut = min(((text.find(s), s) for s in p.stop if s and s in text), default=None)
