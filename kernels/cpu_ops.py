@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import reference
+
 log = logging.getLogger("forge_batch.kernels")
 _SRC = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
 _lib: ctypes.CDLL | None = None
@@ -51,7 +53,7 @@ def _build() -> ctypes.CDLL:
     i64, f32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
         fn = getattr(lib, name)
-        fn.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, f32, ctypes.c_int]
+        fn.argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, i64, f32, ctypes.c_int]
         fn.restype = None
     return lib
 
@@ -71,6 +73,41 @@ def available() -> bool:
     return _lib is not None
 
 
+# Attention over a prefix that every sequence of the batch shares (a common system prompt) is one
+# dense attention of all B x G query rows of a KV head against the same keys: a matrix product that
+# torch's fused CPU attention runs several times faster than B separate passes over the same blocks.
+# The kernel then continues the softmax from that result over each sequence's own blocks. Below these
+# sizes the extra calls cost more than they save.
+CASCADE_MIN_SEQS = 8
+CASCADE_MIN_WORK = 8192  # sequences x shared tokens
+_shared_prefix = reference._PerStep()
+
+
+def shared_prefix_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> int:
+    """How many leading block-table columns hold the same physical block for every sequence (all of
+    them full for every sequence). Computed once per step: each layer passes the same tables tensor."""
+    cached = _shared_prefix.get(block_tables, context_lens.data_ptr())
+    if cached is not None:
+        return cached
+    n = 0
+    if block_tables.shape[0] > 1 and block_tables.shape[1] > 0:
+        same = (block_tables == block_tables[:1]).all(0)
+        n = int(same.cumprod(0).sum())
+        n = min(n, int(context_lens.min()) // block_size)
+    return _shared_prefix.put(block_tables, n, context_lens.data_ptr())
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """q [1, Hkv, R, D], k/v [1, Hkv, L, D] -> (out [1, Hkv, R, D], logsumexp [1, Hkv, R] float32)."""
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is not None:
+        out, lse = flash(q, k, v, 0.0, False, scale=scale)
+        return out, lse.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, -1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -78,8 +115,13 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    cascade: bool = True,
 ) -> torch.Tensor:
-    """q [B, H, D] (one token per sequence) -> [B, H, D]; same contract as reference._decode_attention."""
+    """q [B, H, D] (one token per sequence) -> [B, H, D]; same contract as reference._decode_attention.
+
+    With ``cascade`` (the default), a prefix of blocks shared by the whole batch is attended once as a
+    dense product (see CASCADE_MIN_*) and the kernel continues from there over each sequence's rest.
+    """
     assert _lib is not None or available()
     if q.dtype == torch.float32:
         fn = _lib.paged_decode_attention_f32  # type: ignore[union-attr]
@@ -88,14 +130,29 @@ def paged_decode_attention(
     else:
         raise TypeError(f"CPU decode attention supports float32 and bfloat16, not {q.dtype}")
     assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+    b, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    if d % 16:
+        raise ValueError(f"CPU decode attention needs head_dim a multiple of 16, not {d}")
     q = q.contiguous()
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     tables = block_tables if block_tables.dtype == torch.int64 else block_tables.to(torch.int64)
     ctx = context_lens if context_lens.dtype == torch.int64 else context_lens.to(torch.int64)
     tables, ctx = tables.contiguous(), ctx.contiguous()
-    b, h, d = q.shape
-    _, block_size, hkv, _ = k_cache.shape
+    shared = shared_prefix_blocks(block_tables, ctx, block_size) if cascade and b >= CASCADE_MIN_SEQS else 0
+    init_out = init_lse = None
+    if shared and b * shared * block_size >= CASCADE_MIN_WORK:
+        group = h // hkv
+        ids = tables[0, :shared]
+        k_pre = k_cache.index_select(0, ids).view(1, shared * block_size, hkv, d).transpose(1, 2)
+        v_pre = v_cache.index_select(0, ids).view(1, shared * block_size, hkv, d).transpose(1, 2)
+        q_rows = q.view(b, hkv, group, d).transpose(0, 1).reshape(1, hkv, b * group, d)
+        init_out, init_lse = _attention_with_lse(q_rows, k_pre, v_pre, scale)  # [1, Hkv, B*G, ...]
+        init_out, init_lse = init_out.contiguous(), init_lse.contiguous()
+    else:
+        shared = 0
     out = torch.empty_like(q)
     fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), ctx.data_ptr(), out.data_ptr(),
-       b, h, hkv, d, block_size, tables.shape[1], float(scale), torch.get_num_threads())
+       None if init_out is None else init_out.data_ptr(), None if init_lse is None else init_lse.data_ptr(),
+       b, h, hkv, d, block_size, tables.shape[1], shared, float(scale), torch.get_num_threads())
     return out

@@ -175,4 +175,4 @@ _reference_with_cpu_decode = functools.partial(
 
 
 def _cpu_decode_ok(q: torch.Tensor) -> bool:
-    return q.dtype in (torch.float32, torch.bfloat16) and cpu_ops.available()
+    return q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0 and cpu_ops.available()

@@ -46,3 +46,52 @@ def test_padding_entries_of_block_tables_are_never_read():
     v[5, 4:] = float("nan")  # slots past position 19 in the second block
     b = cpu_ops.paged_decode_attention(q, k, v, tables, ctx, 0.125)
     assert torch.equal(a, b)
+
+
+def _shared_prefix_case(dtype, block_size=16, batch=12, shared=5, num_heads=9, num_kv_heads=3, head_dim=64):
+    g = torch.Generator().manual_seed(7)
+    num_blocks = shared + batch * 4 + 2
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    prefix = torch.randperm(num_blocks, generator=g)[:shared]
+    rest = [i for i in range(num_blocks) if i not in set(prefix.tolist())]
+    # own tail lengths 0 (context ends exactly at the shared prefix) up to 3 blocks and a bit
+    tails = [0, 1, block_size - 1, block_size, 3 * block_size + 5] + [int(x) for x in torch.randint(1, 40, (batch - 5,), generator=g)]
+    context_lens = torch.tensor([shared * block_size + t for t in tails])
+    max_blocks = int((context_lens.max() + block_size - 1) // block_size)
+    tables = torch.zeros(batch, max_blocks, dtype=torch.int64)
+    for i in range(batch):
+        own = rest[i * 4 : i * 4 + 4]
+        tables[i, :shared] = prefix
+        tables[i, shared:] = torch.tensor(own[: max_blocks - shared])
+    q = torch.randn(batch, num_heads, head_dim, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, context_lens
+
+
+def test_shared_prefix_blocks_counts_full_common_leading_blocks():
+    q, k, v, tables, ctx = _shared_prefix_case(torch.float32)
+    assert cpu_ops.shared_prefix_blocks(tables, ctx, 16) == 5
+    other = tables.clone()
+    other[3, 2] = other[3, 2] + 1  # one sequence differs in the third block: only two are shared
+    assert cpu_ops.shared_prefix_blocks(other, ctx, 16) == 2
+    short = ctx.clone()
+    short[0] = 4 * 16 + 3  # a sequence that ends inside the fifth block: that block is not full for it
+    assert cpu_ops.shared_prefix_blocks(tables.clone(), short, 16) == 4
+    assert cpu_ops.shared_prefix_blocks(tables[:1].clone(), ctx[:1].clone(), 16) == 0  # one sequence: nothing shared
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 2, 128)])
+def test_shared_prefix_cascade_matches_reference(monkeypatch, dtype, num_heads, num_kv_heads, head_dim):
+    """The shared prefix attended as one dense product, the rest by the kernel: same result as attending
+    each sequence on its own (the torch reference), including sequences with nothing past the prefix."""
+    monkeypatch.setattr(cpu_ops, "CASCADE_MIN_WORK", 1)
+    q, k, v, tables, ctx = _shared_prefix_case(dtype, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    scale = head_dim**-0.5
+    expected = reference._decode_attention(q, k, v, tables, ctx, scale, None)
+    got = cpu_ops.paged_decode_attention(q, k, v, tables, ctx, scale)
+    plain = cpu_ops.paged_decode_attention(q, k, v, tables, ctx, scale, cascade=False)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(plain.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    if dtype == torch.float32:
+        assert not torch.equal(got, plain)  # the cascade path really ran (a different summation order)

@@ -33,6 +33,19 @@ def test_chat_prompt_uses_the_chat_template(llm):
     assert out.prompt_token_ids == llm.tokenizer.encode(rendered, add_special_tokens=False)
 
 
+def test_chat_takes_one_conversation_or_many(llm):
+    """vLLM's LLM.chat: the same ids as generate() on the same conversations, in input order."""
+    p = SamplingParams(max_tokens=5, temperature=0)
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]]
+    many = llm.chat(convs, p)
+    assert [o.prompt_token_ids for o in many] == [o.prompt_token_ids for o in llm.generate(convs, p)]
+    assert [o.outputs[0].token_ids for o in many] == [o.outputs[0].token_ids for o in llm.generate(convs, p)]
+    one = llm.chat(convs[1], p)
+    assert len(one) == 1 and one[0].outputs[0].token_ids == many[1].outputs[0].token_ids
+    with pytest.raises(TypeError, match="conversation"):
+        llm.chat(["not a conversation"], p)
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_model_dir):
     p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=42, ignore_eos=True)
     alone = LLM(str(tiny_model_dir), device="cpu", dtype="float32").generate([PROMPTS[0]], p)[0]

@@ -183,6 +183,8 @@ class LLM:
             self.model.load_weights(state_dict)
         self.model.eval()
         del state_dict
+        # float32 on the CPU: matmul weights in MKL's packed layout (same results, faster; pack_weights)
+        self.packed_weights = self.model.pack_weights()
 
         if kv_cache == "naive":
             # The baseline: one contiguous max_model_len slab per sequence slot, no sharing.
@@ -258,6 +260,22 @@ class LLM:
         results = list(self.generate_stream(requests, max_in_flight=len(prompts) or 1))
         results.sort(key=lambda r: r.index)
         return results
+
+    def chat(
+        self,
+        messages: Seq[dict[str, str]] | Seq[Seq[dict[str, str]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: one conversation (a list of ``{"role", "content"}`` messages) or a list of
+        them, rendered with the model's chat template; results in input order."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]  # type: ignore[list-item]
+        for conv in messages:
+            if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
+                raise TypeError("chat() takes a conversation (a list of message dicts) or a list of them")
+        return self.generate(list(messages), sampling_params, use_tqdm=use_tqdm)
 
     def generate_stream(
         self,
