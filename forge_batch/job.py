@@ -229,6 +229,9 @@ class EngineSpec(_Strict):
     enable_prefix_caching: bool | None = None
     kv_cache: Literal["paged", "naive"] | None = None
     kernel_backend: str | None = None
+    quantization: Literal["int8"] | None = Field(
+        None, description="int8: W8A8 decoder matmuls on the CPU (faster, not bit-identical to float32)."
+    )
     max_in_flight: int | None = Field(
         None, ge=1, description="Rows admitted but unfinished at once (default: 2 x max_num_seqs)."
     )

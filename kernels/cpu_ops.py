@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from . import reference
 
 log = logging.getLogger("forge_batch.kernels")
-_SRC = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -39,15 +40,15 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
-    src = _SRC.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SOURCES)
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
     tag = hashlib.sha256(src + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"paged_decode_attention-{tag}.so"
+    out = _cache_dir() / f"forge_batch_cpu-{tag}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             tmp_so = Path(tmp) / out.name
-            subprocess.run([cc, *flags, str(_SRC), "-o", str(tmp_so), "-lm"], check=True, capture_output=True)
+            subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", str(tmp_so), "-lm"], check=True, capture_output=True)
             os.replace(tmp_so, out)  # atomic: concurrent builders never load half a file
     lib = ctypes.CDLL(str(out))
     i64, f32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -55,6 +56,12 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, i64, f32, ctypes.c_int]
         fn.restype = None
+    lib.quantize_rows_s8.argtypes = [vp, vp, vp, i64, i64, ctypes.c_int]
+    lib.dequantize_rows.argtypes = [vp, vp, vp, vp, vp, i64, i64, ctypes.c_int]
+    lib.quantize_rows_s8.restype = lib.dequantize_rows.restype = None
+    lib.rms_norm_f32.argtypes = [vp, vp, vp, f32, vp, vp, i64, i64, ctypes.c_int]
+    lib.silu_and_mul_f32.argtypes = [vp, vp, i64, i64, ctypes.c_int]
+    lib.rms_norm_f32.restype = lib.silu_and_mul_f32.restype = None
     return lib
 
 
@@ -156,3 +163,76 @@ def paged_decode_attention(
        None if init_out is None else init_out.data_ptr(), None if init_lse is None else init_lse.data_ptr(),
        b, h, hkv, d, block_size, tables.shape[1], shared, float(scale), torch.get_num_threads())
     return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.rms_norm for contiguous float32 [T, hidden] in one pass (two with a residual)."""
+    assert _lib is not None or available()
+    rows, cols = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    _lib.rms_norm_f32(  # type: ignore[union-attr]
+        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), float(eps),
+        out.data_ptr(), None if residual is None else res_out.data_ptr(), rows, cols, torch.get_num_threads(),
+    )
+    return out, res_out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """reference.silu_and_mul for contiguous float32 [T, 2 * inter]."""
+    assert _lib is not None or available()
+    rows, cols = x.shape[0], x.shape[1] // 2
+    out = torch.empty((rows, cols), dtype=x.dtype)
+    _lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), rows, cols, torch.get_num_threads())  # type: ignore[union-attr]
+    return out
+
+
+@dataclass
+class Int8Weight:
+    """A linear layer's weight for int8_linear: int8 [in, out] (column-major view, the layout
+    torch._int_mm runs fastest with) and one float32 scale per output channel."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
+
+def quantize_weight_int8(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric per-output-channel int8 of a float weight [out, in]."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(qweight=q.t(), scale=scale.contiguous())  # .t() of a contiguous [out, in]: column-major
+
+
+def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] float32 -> [M, out] float32: x quantized per row (symmetric int8), one int8 matmul with
+    int32 accumulation, scaled back. Exact integer arithmetic, so a row's result is the same whatever
+    the other rows are."""
+    assert _lib is not None or available()
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.scale.shape[0]
+    threads = torch.get_num_threads()
+    xq = torch.empty((m, k), dtype=torch.int8)
+    x_scale = torch.empty(m, dtype=torch.float32)
+    _lib.quantize_rows_s8(x.data_ptr(), xq.data_ptr(), x_scale.data_ptr(), m, k, threads)  # type: ignore[union-attr]
+    acc = torch._int_mm(xq, weight.qweight) if m > 16 else torch.mm(xq.int(), weight.qweight.int())
+    out = torch.empty((m, n), dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    _lib.dequantize_rows(  # type: ignore[union-attr]
+        acc.data_ptr(), x_scale.data_ptr(), weight.scale.data_ptr(), None if b is None else b.data_ptr(),
+        out.data_ptr(), m, n, threads,
+    )
+    return out
+
+
+def int8_linear_reference(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """int8_linear in plain torch ops (the specification the compiled path is tested against)."""
+    x_scale = (x.abs().amax(dim=1) / 127.0)
+    x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
+    xq = torch.round(x / x_scale[:, None]).to(torch.int64)
+    acc = xq @ weight.qweight.to(torch.int64)
+    out = acc.float() * x_scale[:, None] * weight.scale[None, :]
+    return out if bias is None else out + bias

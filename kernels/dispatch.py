@@ -120,13 +120,23 @@ def _call(name: str, t: torch.Tensor, ref: Callable[..., Any], *args: Any) -> An
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """See ``reference.rms_norm``."""
+    """See ``reference.rms_norm``. CPU float32 under ``auto``: the compiled one-pass kernel (cpu_ops)."""
+    if _cpu_elementwise_ok(x, weight, residual):
+        return cpu_ops.rms_norm(x, weight, eps, residual)
     return _call("rms_norm", x, reference.rms_norm, x, weight, eps, residual)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """See ``reference.silu_and_mul``."""
+    """See ``reference.silu_and_mul``. CPU float32 under ``auto``: the compiled kernel (cpu_ops)."""
+    if _cpu_elementwise_ok(x):
+        return cpu_ops.silu_and_mul(x)
     return _call("silu_and_mul", x, reference.silu_and_mul, x)
+
+
+def _cpu_elementwise_ok(*tensors: torch.Tensor | None) -> bool:
+    return _backend == "auto" and all(
+        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in tensors
+    ) and not _on_device(tensors[0]) and tensors[0].dim() == 2 and cpu_ops.available()
 
 
 def rotary_embedding(

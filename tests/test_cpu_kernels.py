@@ -95,3 +95,33 @@ def test_shared_prefix_cascade_matches_reference(monkeypatch, dtype, num_heads, 
     torch.testing.assert_close(plain.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
     if dtype == torch.float32:
         assert not torch.equal(got, plain)  # the cascade path really ran (a different summation order)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (130, 96)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(rows, hidden, with_residual):
+    g = torch.Generator().manual_seed(rows + hidden)
+    x = torch.randn(rows, hidden, generator=g) * 3
+    w = torch.randn(hidden, generator=g)
+    res = torch.randn(rows, hidden, generator=g) if with_residual else None
+    out, res_out = cpu_ops.rms_norm(x, w, 1e-5, res)
+    exp_out, exp_res = reference.rms_norm(x, w, 1e-5, res)
+    torch.testing.assert_close(out, exp_out, atol=1e-6, rtol=1e-5)
+    assert torch.equal(res_out, exp_res)  # the residual stream is a plain add: exact
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 64), (9, 1536), (128, 40)])
+def test_silu_and_mul_matches_reference(rows, inter):
+    x = torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4
+    torch.testing.assert_close(cpu_ops.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-5)
+
+
+def test_dispatch_takes_the_compiled_elementwise_kernels_for_cpu_float32(monkeypatch):
+    from forge_batch.kernels import dispatch
+
+    calls = []
+    monkeypatch.setattr(cpu_ops, "silu_and_mul", lambda x: calls.append("silu") or reference.silu_and_mul(x))
+    dispatch.silu_and_mul(torch.randn(4, 8))
+    dispatch.silu_and_mul(torch.randn(4, 8, dtype=torch.bfloat16))  # not float32: the reference
+    dispatch.silu_and_mul(torch.randn(8, 4).t())  # not contiguous: the reference
+    assert calls == ["silu"]

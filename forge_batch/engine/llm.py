@@ -150,6 +150,7 @@ class LLM:
         kernel_backend: str | None = None,
         enforce_eager: bool = False,
         load_format: str = "auto",
+        quantization: str | None = None,
     ) -> None:
         from forge_batch.models.registry import load_model_files
 
@@ -162,6 +163,16 @@ class LLM:
             kernels.set_backend(kernel_backend)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if quantization not in (None, "none", "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+        if quantization == "int8" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError("quantization='int8' runs on the CPU with dtype float32 (dtype='auto' picks it there)")
+        if quantization == "int8":
+            from forge_batch.kernels import cpu_ops
+
+            if not cpu_ops.available():
+                raise ValueError("quantization='int8' needs the compiled CPU kernels (a C compiler)")
+        self.quantization = quantization if quantization != "none" else None
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
         if isinstance(model, ModelConfig):
@@ -183,8 +194,11 @@ class LLM:
             self.model.load_weights(state_dict)
         self.model.eval()
         del state_dict
-        # float32 on the CPU: matmul weights in MKL's packed layout (same results, faster; pack_weights)
+        # float32 on the CPU: matmul weights in MKL's packed layout (same results, faster; pack_weights);
+        # with quantization="int8" the decoder's matmuls are int8 instead (the LM head stays packed float32).
         self.packed_weights = self.model.pack_weights()
+        if self.quantization == "int8":
+            self.model.quantize_int8()
 
         if kv_cache == "naive":
             # The baseline: one contiguous max_model_len slab per sequence slot, no sharing.

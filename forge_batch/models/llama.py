@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_batch import kernels
+from forge_batch.kernels.cpu_ops import Int8Weight, int8_linear, quantize_weight_int8
 from forge_batch.models.config import ModelConfig
 
 # Weights repacked once into MKL's own GEMM layout run the model's skinny matmuls 20-40% faster on the
@@ -30,8 +31,11 @@ def mkl_packing_available() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through MKL's packed weight when the model has one and the batch is large enough."""
+           packed: torch.Tensor | Int8Weight | None = None) -> torch.Tensor:
+    """F.linear, through the layer's packed form when the model has one: an int8 weight (quantization
+    "int8", always used) or MKL's packed float32 weight (when the batch is large enough)."""
+    if isinstance(packed, Int8Weight):
+        return int8_linear(x, packed, bias)
     if packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
         return torch.ops.mkl._mkl_linear(x, packed, weight, bias, _PACK_BATCH_HINT)
     return F.linear(x, weight, bias)
@@ -100,7 +104,8 @@ class DecoderLayer(nn.Module):
         self.down_weight = empty(h, config.intermediate_size)
         self.input_norm = empty(h)
         self.post_attn_norm = empty(h)
-        self.packed: dict[str, torch.Tensor] = {}  # weight name -> MKL packed copy (pack_weights)
+        # weight name -> its packed form: MKL float32 (pack_weights) or int8 (quantize_int8)
+        self.packed: dict[str, torch.Tensor | Int8Weight] = {}
 
     def forward(
         self,
@@ -168,6 +173,18 @@ class LlamaForCausalLM(nn.Module):
                             "gate_up": pack(layer.gate_up_weight), "down": pack(layer.down_weight)}
         self.lm_head_packed = pack(self.lm_head)
         return True
+
+    @torch.inference_mode()
+    def quantize_int8(self) -> None:
+        """W8A8 for every decoder matmul (quantization="int8"): weights int8 per output channel, activations
+        int8 per token at run time, int32 accumulation (see cpu_ops.int8_linear). Embeddings, norms and
+        the LM head stay float32: the logits keep full precision. CPU, float32 models only."""
+        if self.embed_tokens.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError("quantization='int8' runs on the CPU with dtype float32")
+        for layer in self.layers:
+            layer.packed = {name: quantize_weight_int8(w) for name, w in (
+                ("qkv", layer.qkv_weight), ("o", layer.o_weight), ("gate_up", layer.gate_up_weight),
+                ("down", layer.down_weight))}
 
     @torch.inference_mode()
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
