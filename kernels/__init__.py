@@ -1,7 +1,8 @@
 """Kernel entry points used by the model. Each dispatches on the tensor's device:
 
 - CUDA tensors take the Triton kernels (``forge_batch.kernels.triton_*``) when Triton is available;
-- everything else takes the torch reference (``forge_batch.kernels.reference``), the fastest CPU code.
+- CPU tensors take the compiled C kernels of ``cpu_ops`` where they apply (decode attention; float32
+  rms_norm and silu_and_mul) and the torch reference (``forge_batch.kernels.reference``) elsewhere.
 
 ``set_backend("reference")`` (or FORGE_BATCH_KERNELS=reference) forces the reference path everywhere;
 ``set_backend("triton")`` forces Triton (with TRITON_INTERPRET=1 it runs on the CPU, used by the tests).
