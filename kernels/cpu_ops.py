@@ -218,7 +218,7 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None =
     xq = torch.empty((m, k), dtype=torch.int8)
     x_scale = torch.empty(m, dtype=torch.float32)
     _lib.quantize_rows_s8(x.data_ptr(), xq.data_ptr(), x_scale.data_ptr(), m, k, threads)  # type: ignore[union-attr]
-    acc = torch._int_mm(xq, weight.qweight) if m > 16 else torch.mm(xq.int(), weight.qweight.int())
+    acc = torch._int_mm(xq, weight.qweight)  # any M on the CPU (the M > 16 rule is CUDA's)
     out = torch.empty((m, n), dtype=torch.float32)
     b = None if bias is None else bias.float().contiguous()
     _lib.dequantize_rows(  # type: ignore[union-attr]

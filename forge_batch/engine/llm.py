@@ -196,9 +196,9 @@ class LLM:
         del state_dict
         # float32 on the CPU: matmul weights in MKL's packed layout (same results, faster; pack_weights);
         # with quantization="int8" the decoder's matmuls are int8 instead (the LM head stays packed float32).
-        self.packed_weights = self.model.pack_weights()
         if self.quantization == "int8":
             self.model.quantize_int8()
+        self.packed_weights = self.model.pack_weights(layers=self.quantization != "int8")
 
         if kv_cache == "naive":
             # The baseline: one contiguous max_model_len slab per sequence slot, no sharing.

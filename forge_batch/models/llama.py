@@ -107,6 +107,10 @@ class DecoderLayer(nn.Module):
         # weight name -> its packed form: MKL float32 (pack_weights) or int8 (quantize_int8)
         self.packed: dict[str, torch.Tensor | Int8Weight] = {}
 
+    def matmul_weights(self) -> dict[str, torch.Tensor]:
+        """The layer's matmul weights by the names ``packed`` uses."""
+        return {"qkv": self.qkv_weight, "o": self.o_weight, "gate_up": self.gate_up_weight, "down": self.down_weight}
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -158,19 +162,23 @@ class LlamaForCausalLM(nn.Module):
                              persistent=False)
         self.lm_head_packed: torch.Tensor | None = None
 
+    def _cpu_float32(self) -> bool:
+        return self.embed_tokens.device.type == "cpu" and self.dtype == torch.float32
+
     @torch.inference_mode()
-    def pack_weights(self) -> bool:
-        """Repack every matmul weight for MKL (float32 on the CPU only; see PACKED_MIN_ROWS). Call again
-        after changing weights. Returns whether packing applies."""
-        if self.embed_tokens.device.type != "cpu" or self.dtype != torch.float32 or not mkl_packing_available():
+    def pack_weights(self, layers: bool = True) -> bool:
+        """Repack the matmul weights for MKL (float32 on the CPU only; see PACKED_MIN_ROWS): the LM head's,
+        and the decoder layers' unless ``layers`` is False (they are int8 then). Call again after changing
+        weights. Returns whether packing applies."""
+        if not self._cpu_float32() or not mkl_packing_available():
             return False
 
         def pack(w: torch.Tensor) -> torch.Tensor:
             return torch.ops.mkl._mkl_reorder_linear_weight(w, _PACK_BATCH_HINT)
 
-        for layer in self.layers:
-            layer.packed = {"qkv": pack(layer.qkv_weight), "o": pack(layer.o_weight),
-                            "gate_up": pack(layer.gate_up_weight), "down": pack(layer.down_weight)}
+        if layers:
+            for layer in self.layers:
+                layer.packed = {name: pack(w) for name, w in layer.matmul_weights().items()}
         self.lm_head_packed = pack(self.lm_head)
         return True
 
@@ -179,12 +187,10 @@ class LlamaForCausalLM(nn.Module):
         """W8A8 for every decoder matmul (quantization="int8"): weights int8 per output channel, activations
         int8 per token at run time, int32 accumulation (see cpu_ops.int8_linear). Embeddings, norms and
         the LM head stay float32: the logits keep full precision. CPU, float32 models only."""
-        if self.embed_tokens.device.type != "cpu" or self.dtype != torch.float32:
+        if not self._cpu_float32():
             raise ValueError("quantization='int8' runs on the CPU with dtype float32")
         for layer in self.layers:
-            layer.packed = {name: quantize_weight_int8(w) for name, w in (
-                ("qkv", layer.qkv_weight), ("o", layer.o_weight), ("gate_up", layer.gate_up_weight),
-                ("down", layer.down_weight))}
+            layer.packed = {name: quantize_weight_int8(w) for name, w in layer.matmul_weights().items()}
 
     @torch.inference_mode()
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
