@@ -163,10 +163,10 @@ def run_transformers(model_path: Path, workload: str, prompts, max_tokens: int, 
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     t_load = time.monotonic()
-    tok = transformers.AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_path.parent, gguf_file=model_path.name, dtype=torch_dtype
-    ).eval()
+    # a Hugging Face directory loads as is; a .gguf file through transformers' GGUF reader
+    where = (model_path, {}) if model_path.is_dir() else (model_path.parent, {"gguf_file": model_path.name})
+    tok = transformers.AutoTokenizer.from_pretrained(where[0], **where[1])
+    model = transformers.AutoModelForCausalLM.from_pretrained(where[0], dtype=torch_dtype, **where[1]).eval()
     load_s = time.monotonic() - t_load
     tok.padding_side = "left"
     if tok.pad_token is None:
