@@ -62,6 +62,12 @@ def _build() -> ctypes.CDLL:
     lib.rms_norm_f32.argtypes = [vp, vp, vp, f32, vp, vp, i64, i64, ctypes.c_int]
     lib.silu_and_mul_f32.argtypes = [vp, vp, i64, i64, ctypes.c_int]
     lib.rms_norm_f32.restype = lib.silu_and_mul_f32.restype = None
+    lib.weight_gemv_f32.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp, i64, vp, vp, ctypes.c_int]
+    lib.weight_decode_f32.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp]
+    lib.weight_gemv_f32.restype = lib.weight_decode_f32.restype = None
+    lib.weight_gemv_simd.restype = ctypes.c_int
+    lib.rotary_store_kv_f32.argtypes = [vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int]
+    lib.rotary_store_kv_f32.restype = None
     return lib
 
 
@@ -189,6 +195,35 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rotary_store_kv(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.rotary_embedding then reference.store_kv, float32, in one pass: q and k are rotated in
+    place (views of one buffer with a shared row stride, see rotary_store_kv_ok) and returned."""
+    t, h, d = q.shape
+    _lib.rotary_store_kv_f32(  # type: ignore[union-attr]
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), positions.data_ptr(), cos_sin_cache.data_ptr(),
+        t, h, k.shape[1], d, k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return q, k
+
+
+def rotary_store_kv_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
+                       k_cache: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Whether rotary_store_kv takes these: CPU float32 rows of one stride, contiguous heads and cache."""
+    stride = q.stride(0)  # a single row's stride is arbitrary (never used)
+    return (
+        q.dtype == k.dtype == v.dtype == k_cache.dtype == cos_sin_cache.dtype == torch.float32
+        and q.device.type == "cpu" and (q.shape[0] <= 1 or k.stride(0) == v.stride(0) == stride)
+        and q.stride(1) == k.stride(1) == v.stride(1) == q.shape[2] and q.stride(2) == k.stride(2) == v.stride(2) == 1
+        and k_cache.is_contiguous() and cos_sin_cache.is_contiguous()
+        and positions.dtype == slot_mapping.dtype == torch.int64 and positions.is_contiguous()
+        and slot_mapping.is_contiguous() and available()
+    )
+
+
 @dataclass
 class Int8Weight:
     """A linear layer's weight for int8_linear: int8 [in, out] (column-major view, the layout
@@ -236,3 +271,101 @@ def int8_linear_reference(x: torch.Tensor, weight: Int8Weight, bias: torch.Tenso
     acc = xq @ weight.qweight.to(torch.int64)
     out = acc.float() * x_scale[:, None] * weight.scale[None, :]
     return out if bias is None else out + bias
+
+
+# ggml type ids of the storage formats weight_gemv reads (ggml.h), with bytes per block of 32 weights
+# in the file: an fp16 scale (Q4_1: and an fp16 minimum) before the quantised values.
+WEIGHT_FORMATS = {"F16": (1, 64), "Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34), "BF16": (30, 64)}
+_HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}
+# Up to this many rows weight_gemv reads the stored weights once for all rows (its kernel's MAX_ROWS).
+WEIGHT_GEMV_MAX_ROWS = 8
+
+
+@dataclass
+class StoredWeight:
+    """A linear layer's weight [rows, cols] in its checkpoint's storage format, for weight_gemv.
+
+    ``values`` is uint8 [rows, row_bytes]: per block of 32 weights the quantised values (16 bytes of
+    nibbles for Q4_0/Q4_1, 32 int8 for Q8_0) or the 32 float16/bfloat16 values. The blocks' fp16
+    scales (and Q4_1's minimums) sit in float32 [rows, cols / 32] (exact: fp16 converts to float32
+    without rounding), which the kernel reads with plain loads."""
+
+    fmt: str
+    values: torch.Tensor
+    scales: torch.Tensor | None
+    mins: torch.Tensor | None
+    rows: int
+    cols: int
+
+    @classmethod
+    def from_blocks(cls, fmt: str, data: torch.Tensor, rows: int, cols: int) -> StoredWeight:
+        """From a tensor's bytes as a GGUF file stores them (ggml blocks, row after row)."""
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"unsupported weight format {fmt!r} (supported: {', '.join(WEIGHT_FORMATS)})")
+        if cols % 32:
+            raise ValueError(f"weight_gemv needs a multiple of 32 columns, got {cols}")
+        block = WEIGHT_FORMATS[fmt][1]
+        if data.dtype != torch.uint8 or data.numel() != rows * cols // 32 * block:
+            raise ValueError(f"{fmt} weight [{rows}, {cols}] needs {rows * cols // 32 * block} bytes, got {data.numel()}")
+        head = _HEADER_BYTES.get(fmt, 0)
+        blocks = data.reshape(rows, cols // 32, block)
+        scales = mins = None
+        if head:
+            scales = blocks[:, :, 0:2].contiguous().view(torch.float16).float().reshape(rows, -1)
+            if fmt == "Q4_1":
+                mins = blocks[:, :, 2:4].contiguous().view(torch.float16).float().reshape(rows, -1)
+        return cls(fmt, blocks[:, :, head:].reshape(rows, -1).contiguous(), scales, mins, rows, cols)
+
+    @classmethod
+    def from_tensor(cls, weight: torch.Tensor) -> StoredWeight:
+        """A float16 or bfloat16 tensor as it is (no rounding: its values are the checkpoint's)."""
+        fmt = {torch.float16: "F16", torch.bfloat16: "BF16"}.get(weight.dtype)
+        if fmt is None:
+            raise ValueError(f"only float16/bfloat16 tensors are stored as they are, got {weight.dtype}")
+        rows, cols = weight.shape
+        return cls.from_blocks(fmt, weight.contiguous().view(torch.uint8).reshape(-1), rows, cols)
+
+    @staticmethod
+    def concat(parts: list[StoredWeight]) -> StoredWeight | None:
+        """Row-wise concatenation (fused Q/K/V, gate/up), or None when the parts' formats differ."""
+        if len({(p.fmt, p.cols) for p in parts}) != 1:
+            return None
+
+        def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat(ts)  # type: ignore[arg-type]
+
+        return StoredWeight(parts[0].fmt, torch.cat([p.values for p in parts]), cat([p.scales for p in parts]),
+                            cat([p.mins for p in parts]), sum(p.rows for p in parts), parts[0].cols)
+
+    def _args(self) -> tuple:
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        return (self.values.data_ptr(), ptr(self.scales), ptr(self.mins), WEIGHT_FORMATS[self.fmt][0], self.rows,
+                self.cols, self.values.shape[1])
+
+    def decode(self) -> torch.Tensor:
+        """The weight as float32 [rows, cols], decoded by the kernel's portable path."""
+        assert _lib is not None or available()
+        out = torch.empty((self.rows, self.cols), dtype=torch.float32)
+        _lib.weight_decode_f32(*self._args(), out.data_ptr())  # type: ignore[union-attr]
+        return out
+
+
+def weight_gemv_fast() -> bool:
+    """Whether weight_gemv has its SIMD path here (without it, F.linear on float32 weights is faster)."""
+    return available() and bool(_lib.weight_gemv_simd())  # type: ignore[union-attr]
+
+
+def weight_gemv(x: torch.Tensor, weight: StoredWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight) for float32 x [M <= WEIGHT_GEMV_MAX_ROWS, cols], reading the stored format."""
+    assert _lib is not None or available()
+    x = x.contiguous()
+    m = x.shape[0]
+    if m > WEIGHT_GEMV_MAX_ROWS or x.dtype != torch.float32 or x.shape[1] != weight.cols:
+        raise ValueError(f"weight_gemv takes float32 [<= {WEIGHT_GEMV_MAX_ROWS}, {weight.cols}], got "
+                         f"{x.dtype} {list(x.shape)}")
+    out = torch.empty((m, weight.rows), dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    _lib.weight_gemv_f32(  # type: ignore[union-attr]
+        *weight._args(), x.data_ptr(), m, None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads()
+    )
+    return out

@@ -146,6 +146,19 @@ def rotary_embedding(
     return _call("rotary_embedding", q, reference.rotary_embedding, positions, q, k, cos_sin_cache)
 
 
+def rotary_and_store_kv(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotary_embedding, then store_kv of the rotated keys and the values; returns the rotated (q, k).
+    CPU float32 under ``auto``: one compiled pass that rotates q and k in place (cpu_ops)."""
+    if _backend == "auto" and cpu_ops.rotary_store_kv_ok(q, k, v, cos_sin_cache, k_cache, positions, slot_mapping):
+        return cpu_ops.rotary_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    q, k = rotary_embedding(positions, q, k, cos_sin_cache)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
 def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,

@@ -97,6 +97,17 @@ def test_eos_ends_generation_unless_ignored(llm):
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
 
 
+def test_token_id_prompts_as_vllm_tokens_prompt(llm):
+    text = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    ids = [{"prompt_token_ids": o.prompt_token_ids} for o in text]
+    by_ids = llm.generate(ids, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in by_ids] == [o.outputs[0].token_ids for o in text]
+    single = llm.generate(ids[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(single) == 1 and single[0].outputs[0].token_ids == text[0].outputs[0].token_ids
+    bad = llm.generate([{"prompt_token_ids": ["a"]}], SamplingParams(max_tokens=2))[0]
+    assert bad.finish_reason == "error" and "list of ints" in bad.error
+
+
 def test_bad_requests_fail_alone(llm):
     long_prompt = "word " * (llm.max_model_len + 10)
     outs = llm.generate(["", long_prompt, PROMPTS[0], [{"role": "user"}]], SamplingParams(max_tokens=3))

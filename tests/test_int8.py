@@ -44,9 +44,10 @@ def test_engine_int8_is_batch_invariant_and_close_to_float32(tiny_model_dir):
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", quantization="int8", max_num_seqs=32)
     assert isinstance(llm.model.layers[0].packed["qkv"], cpu_ops.Int8Weight)
-    crowd = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)][:3]
-    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
-    assert crowd == alone
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    crowd = [o.outputs[0].token_ids for o in llm.generate(requests * 8, params)][:3]
+    alone = [llm.generate([r], params)[0].outputs[0].token_ids for r in requests]
+    assert all(len(ids) == 10 for ids in crowd) and crowd == alone
     ref = LLM(str(tiny_model_dir), device="cpu", dtype="float32")
     ids = torch.tensor(prompts[0])
     from forge_batch.models.llama import AttentionMetadata

@@ -25,12 +25,13 @@ def test_packed_linear_is_bit_identical(rows, with_bias):
 
 
 def test_engine_packs_float32_cpu_weights_and_matches_unpacked(tiny_model_dir):
-    prompts = [[1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20]
+    prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", max_num_seqs=32)
     assert llm.packed_weights and llm.model.lm_head_packed is not None
     assert set(llm.model.layers[0].packed) == {"qkv", "o", "gate_up", "down"}
     packed = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]  # 24 rows per decode step
+    assert all(len(ids) == 12 for ids in packed)
     for layer in llm.model.layers:
         layer.packed = {}
     llm.model.lm_head_packed = None

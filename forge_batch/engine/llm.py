@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from forge_batch.kernels import cpu_ops
+from forge_batch.kernels.cpu_ops import StoredWeight
 from forge_batch.models.config import ModelConfig
 from forge_batch.models.llama import LlamaForCausalLM
 
@@ -42,7 +44,9 @@ from .sequence import Sequence
 
 log = logging.getLogger("forge_batch.engine")
 
-PromptType = str | list[dict[str, Any]]
+# A prompt: text, a chat conversation (a list of {"role", "content"} messages), or token ids as vLLM's
+# TokensPrompt, {"prompt_token_ids": [...]}.
+PromptType = str | list[dict[str, Any]] | dict[str, Any]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -168,13 +172,12 @@ class LLM:
         if quantization == "int8" and (self.device.type != "cpu" or self.dtype != torch.float32):
             raise ValueError("quantization='int8' runs on the CPU with dtype float32 (dtype='auto' picks it there)")
         if quantization == "int8":
-            from forge_batch.kernels import cpu_ops
-
             if not cpu_ops.available():
                 raise ValueError("quantization='int8' needs the compiled CPU kernels (a C compiler)")
         self.quantization = quantization if quantization != "none" else None
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+        stored_weights: dict[str, StoredWeight] = {}
         if isinstance(model, ModelConfig):
             # Random weights of a given shape (benchmarks of large models with nothing to download);
             # no tokenizer: prompts are token ids and outputs have no text.
@@ -182,7 +185,7 @@ class LLM:
                 raise ValueError("a ModelConfig as model needs load_format='dummy' (random weights)")
             config, state_dict, tokenizer = model, None, None
         else:
-            config, state_dict, tokenizer = load_model_files(model)
+            config, state_dict, tokenizer = load_model_files(model, stored_weights)
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -199,6 +202,12 @@ class LLM:
         if self.quantization == "int8":
             self.model.quantize_int8()
         self.packed_weights = self.model.pack_weights(layers=self.quantization != "int8")
+        # ... and, for steps of a few rows, the checkpoint's own weight format when it is smaller (a 4-bit
+        # GGUF, bfloat16 safetensors): same products, a fraction of the bytes to read (keep_stored_weights).
+        self.stored_weights = 0
+        if stored_weights and cpu_ops.weight_gemv_fast():
+            self.stored_weights = self.model.keep_stored_weights(stored_weights, layers=self.quantization != "int8")
+        del stored_weights
 
         if kv_cache == "naive":
             # The baseline: one contiguous max_model_len slab per sequence slot, no sharing.
@@ -254,7 +263,7 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt; results in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], dict) and "role" in prompts[0]):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)
         if sampling_params is None:
@@ -351,6 +360,11 @@ class LLM:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids), None
         prompt = request.prompt
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
+                raise ValueError("prompt_token_ids must be a list of ints")
+            return list(ids), None
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer (random weights): give prompt_token_ids")
         if isinstance(prompt, str):
@@ -362,7 +376,8 @@ class LLM:
             text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
             return self.tokenizer.encode(text, add_special_tokens=False), text
         raise ValueError(
-            f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}"
+            "prompt must be a string, a list of chat messages or {'prompt_token_ids': [...]}, got "
+            f"{type(prompt).__name__}"
         )
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from forge_batch.kernels.cpu_ops import WEIGHT_FORMATS, StoredWeight
+
 from .config import ModelConfig
 from .tokenizer import Tokenizer
 
@@ -280,10 +282,13 @@ def rotary_row_order(rows: int, n_heads: int) -> np.ndarray:
 _BATCH_ELEMENTS = 1 << 26
 
 
-def _dequantize_all(f: GGUFFile, plan: list[tuple[str, str, np.ndarray | None]]) -> dict[str, torch.Tensor]:
+def _dequantize_all(
+    f: GGUFFile, plan: list[tuple[str, str, np.ndarray | None]], stored: dict[str, StoredWeight] | None = None
+) -> dict[str, torch.Tensor]:
     """Dequantise ``plan`` entries ``(gguf_name, hf_name, row_order)``, batching same-type tensors.
 
-    Returned tensors of one batch are views into one float32 buffer (freed when all are dropped)."""
+    Returned tensors of one batch are views into one float32 buffer (freed when all are dropped).
+    With ``stored``, 2-D tensors in a format the CPU's weight_gemv reads are also kept there, as blocks."""
     out: dict[str, torch.Tensor] = {}
     by_type: dict[int, list[tuple[str, str, np.ndarray | None]]] = {}
     for entry in plan:
@@ -299,6 +304,11 @@ def _dequantize_all(f: GGUFFile, plan: list[tuple[str, str, np.ndarray | None]])
             n = math.prod(f.tensors[entry[0]].shape) if entry else 0
             if batch and (entry is None or count + n > _BATCH_ELEMENTS):
                 raws = [_reorder_raw(f, name, order) for name, _, order in batch]
+                if stored is not None:
+                    for (name, hf_name, _), raw in zip(batch, raws):
+                        kept = _stored_weight(raw, ggml_type, f.tensors[name].shape)
+                        if kept is not None:
+                            stored[hf_name] = kept
                 flat = dequantize(raws[0] if len(raws) == 1 else np.concatenate(raws), ggml_type, (count,))
                 offset = 0
                 for name, hf_name, _ in batch:
@@ -311,6 +321,17 @@ def _dequantize_all(f: GGUFFile, plan: list[tuple[str, str, np.ndarray | None]])
                 batch.append(entry)
                 count += n
     return out
+
+
+_STORED_FORMATS = {type_id: name for name, (type_id, _) in WEIGHT_FORMATS.items()}
+
+
+def _stored_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> StoredWeight | None:
+    """A matrix's blocks as a StoredWeight (a copy: the file's map closes after loading), or None."""
+    if ggml_type not in _STORED_FORMATS or len(shape) != 2 or shape[1] % 32:
+        return None
+    data = torch.from_numpy(np.array(raw, dtype=np.uint8))
+    return StoredWeight.from_blocks(_STORED_FORMATS[ggml_type], data, shape[0], shape[1])
 
 
 def _reorder_raw(f: GGUFFile, name: str, order: np.ndarray | None) -> np.ndarray:
@@ -474,12 +495,16 @@ def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) ->
 # -- public entry point -------------------------------------------------------------------------------
 
 
-def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def load_gguf(
+    path: str | Path, stored_weights: dict[str, StoredWeight] | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Read a GGUF file into ``(config, state_dict, tokenizer)``.
 
     The state dict uses Hugging Face parameter names and float32 tensors (the caller casts);
     ``lm_head.weight`` is present only when the file has an untied ``output.weight``. Tensors of the
-    same ggml type share one buffer (they are views), so don't resize them in place.
+    same ggml type share one buffer (they are views), so don't resize them in place. When a dict is
+    passed as ``stored_weights``, matrices stored as Q4_0/Q4_1/Q8_0/F16/BF16 are also put there, by the
+    same names, in their file format (for ``kernels.cpu_ops.weight_gemv``).
     """
     path = Path(path)
     with GGUFFile(path) as f:
@@ -498,7 +523,7 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
                 heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
                 order = rotary_row_order(info.shape[0], heads)
             plan.append((name, hf_name, order))
-        state = _dequantize_all(f, plan)
+        state = _dequantize_all(f, plan, stored_weights)
     _check_complete(state, config, path)
     return config, state, tokenizer
 

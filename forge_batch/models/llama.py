@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_batch import kernels
-from forge_batch.kernels.cpu_ops import Int8Weight, int8_linear, quantize_weight_int8
+from forge_batch.kernels.cpu_ops import (
+    WEIGHT_GEMV_MAX_ROWS,
+    Int8Weight,
+    StoredWeight,
+    int8_linear,
+    quantize_weight_int8,
+    weight_gemv,
+)
 from forge_batch.models.config import ModelConfig
 
 # Weights repacked once into MKL's own GEMM layout run the model's skinny matmuls 20-40% faster on the
@@ -31,9 +38,12 @@ def mkl_packing_available() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | Int8Weight | None = None) -> torch.Tensor:
-    """F.linear, through the layer's packed form when the model has one: an int8 weight (quantization
+           packed: torch.Tensor | Int8Weight | None = None, stored: StoredWeight | None = None) -> torch.Tensor:
+    """F.linear, through the layer's other forms when the model has them: the checkpoint's own
+    storage format for a few rows (``stored``, see keep_stored_weights), an int8 weight (quantization
     "int8", always used) or MKL's packed float32 weight (when the batch is large enough)."""
+    if stored is not None and x.shape[0] <= WEIGHT_GEMV_MAX_ROWS:
+        return weight_gemv(x, stored, bias)
     if isinstance(packed, Int8Weight):
         return int8_linear(x, packed, bias)
     if packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
@@ -106,6 +116,8 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = empty(h)
         # weight name -> its packed form: MKL float32 (pack_weights) or int8 (quantize_int8)
         self.packed: dict[str, torch.Tensor | Int8Weight] = {}
+        # weight name -> the same weight in its checkpoint's storage format (keep_stored_weights)
+        self.stored: dict[str, StoredWeight] = {}
 
     def matmul_weights(self) -> dict[str, torch.Tensor]:
         """The layer's matmul weights by the names ``packed`` uses."""
@@ -121,24 +133,23 @@ class DecoderLayer(nn.Module):
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, residual = kernels.rms_norm(hidden, self.input_norm, self.eps, residual)
-        packed = self.packed
-        qkv = linear(x, self.qkv_weight, self.qkv_bias, packed.get("qkv"))
+        packed, stored = self.packed, self.stored
+        qkv = linear(x, self.qkv_weight, self.qkv_bias, packed.get("qkv"), stored.get("qkv"))
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = kernels.rotary_embedding(positions, q, k, cos_sin_cache)
         k_cache, v_cache = kv_cache
-        kernels.store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        q, k = kernels.rotary_and_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, attn.slot_mapping)
         o = kernels.paged_attention(
             q, k_cache, v_cache, attn.block_tables, attn.query_start_loc, attn.context_lens, self.scale,
             attn.max_query_len, attn.max_context_len,
         )
-        hidden = linear(o.reshape(t, self.q_size), self.o_weight, None, packed.get("o"))
+        hidden = linear(o.reshape(t, self.q_size), self.o_weight, None, packed.get("o"), stored.get("o"))
         x, residual = kernels.rms_norm(hidden, self.post_attn_norm, self.eps, residual)
-        gate_up = linear(x, self.gate_up_weight, None, packed.get("gate_up"))
-        hidden = linear(kernels.silu_and_mul(gate_up), self.down_weight, None, packed.get("down"))
+        gate_up = linear(x, self.gate_up_weight, None, packed.get("gate_up"), stored.get("gate_up"))
+        hidden = linear(kernels.silu_and_mul(gate_up), self.down_weight, None, packed.get("down"), stored.get("down"))
         return hidden, residual
 
 
@@ -161,6 +172,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(config, config.max_position_embeddings),
                              persistent=False)
         self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_stored: StoredWeight | None = None
 
     def _cpu_float32(self) -> bool:
         return self.embed_tokens.device.type == "cpu" and self.dtype == torch.float32
@@ -181,6 +193,39 @@ class LlamaForCausalLM(nn.Module):
                 layer.packed = {name: pack(w) for name, w in layer.matmul_weights().items()}
         self.lm_head_packed = pack(self.lm_head)
         return True
+
+    def keep_stored_weights(self, stored: dict[str, StoredWeight], layers: bool = True) -> int:
+        """Keep the matmul weights also in their checkpoint's storage format (``stored``, by Hugging Face
+        name, from ``load_model_files(..., stored_weights=...)``), for steps of a few rows: there
+        ``weight_gemv`` reads e.g. 4-bit blocks instead of the float32 copy, several times fewer bytes,
+        with the same products. Fused weights (Q/K/V, gate/up) are kept when their parts share a format.
+        ``layers=False`` keeps only the LM head's (the layers are int8). CPU float32 models only; returns
+        how many of the model's matmul weights are kept."""
+        if not self._cpu_float32():
+            return 0
+
+        def fused(*names: str) -> StoredWeight | None:
+            parts = [stored.get(n) for n in names]
+            if any(p is None for p in parts):
+                return None
+            return parts[0] if len(parts) == 1 else StoredWeight.concat(parts)  # type: ignore[arg-type]
+
+        kept = 0
+        for i, layer in enumerate(self.layers if layers else []):
+            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            sources = {"qkv": (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                       "o": (a + "o_proj.weight",), "gate_up": (m + "gate_proj.weight", m + "up_proj.weight"),
+                       "down": (m + "down_proj.weight",)}
+            layer.stored = {}
+            for name, weight in layer.matmul_weights().items():
+                s = fused(*sources[name])
+                if s is not None and (s.rows, s.cols) == tuple(weight.shape):
+                    layer.stored[name] = s
+                    kept += 1
+        head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        s = stored.get(head)
+        self.lm_head_stored = s if s is not None and (s.rows, s.cols) == tuple(self.lm_head.shape) else None
+        return kept + (self.lm_head_stored is not None)
 
     @torch.inference_mode()
     def quantize_int8(self) -> None:
@@ -250,4 +295,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [S, vocab] in float32 for the rows that sample (only the last position of each)."""
-        return linear(hidden, self.lm_head, None, self.lm_head_packed).float()
+        return linear(hidden, self.lm_head, None, self.lm_head_packed, self.lm_head_stored).float()

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # resolving a name must stay cheap: no torch/tokenizers import until loading
     import torch
 
+    from forge_batch.kernels.cpu_ops import StoredWeight
+
     from .config import ModelConfig
     from .tokenizer import Tokenizer
 
@@ -77,13 +79,28 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     )
 
 
-def load_model_files(name_or_path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Resolve and load a model: ``(config, HF-named state dict, tokenizer)``; the caller casts dtypes."""
+def load_model_files(
+    name_or_path: str | Path, stored_weights: dict[str, StoredWeight] | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Resolve and load a model: ``(config, HF-named state dict, tokenizer)``; the caller casts dtypes.
+
+    With a ``stored_weights`` dict, the 2-D weights whose storage format the CPU kernel
+    ``weight_gemv`` reads (GGUF Q4_0/Q4_1/Q8_0/F16/BF16 blocks; float16/bfloat16 safetensors) are also
+    put there as they are stored, by their Hugging Face names."""
     path = resolve_model_path(name_or_path)
     if path.is_dir():
+        import torch
+
+        from forge_batch.kernels.cpu_ops import StoredWeight
+
         from .safetensors_loader import load_hf_dir
 
-        return load_hf_dir(path)
+        config, state, tokenizer = load_hf_dir(path)
+        if stored_weights is not None:
+            for name, tensor in state.items():
+                if tensor.dtype in (torch.float16, torch.bfloat16) and tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
+                    stored_weights[name] = StoredWeight.from_tensor(tensor)
+        return config, state, tokenizer
     from .gguf_loader import load_gguf
 
-    return load_gguf(path)
+    return load_gguf(path, stored_weights)

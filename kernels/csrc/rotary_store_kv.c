@@ -1,0 +1,47 @@
+/* Rotary position embedding of a step's queries and keys, in place, and the keys and values written
+ * into the paged cache: one pass over the fused QKV output instead of the torch reference's gather,
+ * concatenations, four element-wise ops and two index_copy calls per layer. Float32 throughout.
+ *
+ * q [T, H, D], k and v [T, Hkv, D] are rows of one buffer (row stride ``stride`` floats, e.g. views of
+ * the fused QKV matmul's output); cos_sin [max_pos, D] holds cos of each frequency then sin (D / 2
+ * each); Hugging Face's rotate_half layout: x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]. The
+ * cache is [blocks * block_size, Hkv, D] flat; slot -1 skips a token. Products and sums are rounded
+ * separately, exactly as the reference computes them (no fused multiply-add), so results are
+ * bit-identical to it. Reference: kernels/reference.py (rotary_embedding, store_kv).
+ */
+#include <stdint.h>
+#include <string.h>
+
+__attribute__((optimize("fp-contract=off"))) static void rotate_heads(float* x, int64_t heads, int64_t d,
+                                                                      const float* cos, const float* sin) {
+    const int64_t half = d / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float* x1 = x + h * d;
+        float* x2 = x1 + half;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < half; i++) {
+            const float a = x1[i], b = x2[i];
+            const float a_cos = a * cos[i], b_sin = b * sin[i], b_cos = b * cos[i], a_sin = a * sin[i];
+            x1[i] = a_cos + -b_sin;
+            x2[i] = b_cos + a_sin;
+        }
+    }
+}
+
+void rotary_store_kv_f32(float* q, float* k, const float* v, int64_t stride, const int64_t* positions,
+                         const float* cos_sin, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d,
+                         float* k_cache, float* v_cache, const int64_t* slots, int num_threads) {
+    const int64_t kv_row = kv_heads * d;
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(tokens > 4)")
+    for (int64_t t = 0; t < tokens; t++) {
+        const float* cs = cos_sin + positions[t] * d;
+        float* kt = k + t * stride;
+        rotate_heads(q + t * stride, heads, d, cs, cs + d / 2);
+        rotate_heads(kt, kv_heads, d, cs, cs + d / 2);
+        const int64_t slot = slots[t];
+        if (slot >= 0) {
+            memcpy(k_cache + slot * kv_row, kt, (size_t)kv_row * sizeof(float));
+            memcpy(v_cache + slot * kv_row, v + t * stride, (size_t)kv_row * sizeof(float));
+        }
+    }
+}
