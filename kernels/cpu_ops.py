@@ -337,10 +337,14 @@ class StoredWeight:
         return StoredWeight(parts[0].fmt, torch.cat([p.values for p in parts]), cat([p.scales for p in parts]),
                             cat([p.mins for p in parts]), sum(p.rows for p in parts), parts[0].cols)
 
-    def _args(self) -> tuple:
+    def __post_init__(self) -> None:
+        # the kernel's leading arguments, once (the tensors never move): a decode step makes 121 calls
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        return (self.values.data_ptr(), ptr(self.scales), ptr(self.mins), WEIGHT_FORMATS[self.fmt][0], self.rows,
-                self.cols, self.values.shape[1])
+        self._c_args = (self.values.data_ptr(), ptr(self.scales), ptr(self.mins), WEIGHT_FORMATS[self.fmt][0],
+                        self.rows, self.cols, self.values.shape[1])
+
+    def _args(self) -> tuple:
+        return self._c_args
 
     def decode(self) -> torch.Tensor:
         """The weight as float32 [rows, cols], decoded by the kernel's portable path."""
@@ -360,7 +364,7 @@ def weight_gemv(x: torch.Tensor, weight: StoredWeight, bias: torch.Tensor | None
     assert _lib is not None or available()
     x = x.contiguous()
     m = x.shape[0]
-    if m > WEIGHT_GEMV_MAX_ROWS or x.dtype != torch.float32 or x.shape[1] != weight.cols:
+    if m > WEIGHT_GEMV_MAX_ROWS or x.dtype != torch.float32 or x.shape[1] != weight.cols or x.device.type != "cpu":
         raise ValueError(f"weight_gemv takes float32 [<= {WEIGHT_GEMV_MAX_ROWS}, {weight.cols}], got "
                          f"{x.dtype} {list(x.shape)}")
     out = torch.empty((m, weight.rows), dtype=torch.float32)

@@ -133,10 +133,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _call("silu_and_mul", x, reference.silu_and_mul, x)
 
 
-def _cpu_elementwise_ok(*tensors: torch.Tensor | None) -> bool:
-    return _backend == "auto" and all(
-        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in tensors
-    ) and not _on_device(tensors[0]) and tensors[0].dim() == 2 and cpu_ops.available()
+def _cpu_elementwise_ok(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    # Called several times per layer per step: plain checks, no generator (its cost showed in profiles).
+    if _backend != "auto" or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        return False
+    if not x.is_contiguous() or not cpu_ops.available():
+        return False
+    for t in others:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+            return False
+    return True
 
 
 def rotary_embedding(
