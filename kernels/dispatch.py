@@ -137,7 +137,7 @@ def _cpu_elementwise_ok(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     # Called several times per layer per step: plain checks, no generator (its cost showed in profiles).
     if _backend != "auto" or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
         return False
-    if not x.is_contiguous() or not cpu_ops.available():
+    if not x.is_contiguous() or _on_device(x) or not cpu_ops.available():
         return False
     for t in others:
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
@@ -158,7 +158,9 @@ def rotary_and_store_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rotary_embedding, then store_kv of the rotated keys and the values; returns the rotated (q, k).
     CPU float32 under ``auto``: one compiled pass that rotates q and k in place (cpu_ops)."""
-    if _backend == "auto" and cpu_ops.rotary_store_kv_ok(q, k, v, cos_sin_cache, k_cache, positions, slot_mapping):
+    if _backend == "auto" and not _on_device(q) and cpu_ops.rotary_store_kv_ok(
+        q, k, v, cos_sin_cache, k_cache, positions, slot_mapping
+    ):
         return cpu_ops.rotary_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
     q, k = rotary_embedding(positions, q, k, cos_sin_cache)
     store_kv(k, v, k_cache, v_cache, slot_mapping)
