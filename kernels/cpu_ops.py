@@ -297,6 +297,11 @@ class StoredWeight:
     rows: int
     cols: int
 
+    @staticmethod
+    def fits(shape: tuple[int, ...] | torch.Size) -> bool:
+        """Whether a tensor of this shape can be kept: a matrix of whole 32-column blocks."""
+        return len(shape) == 2 and shape[1] % 32 == 0
+
     @classmethod
     def from_blocks(cls, fmt: str, data: torch.Tensor, rows: int, cols: int) -> StoredWeight:
         """From a tensor's bytes as a GGUF file stores them (ggml blocks, row after row)."""
@@ -343,14 +348,11 @@ class StoredWeight:
         self._c_args = (self.values.data_ptr(), ptr(self.scales), ptr(self.mins), WEIGHT_FORMATS[self.fmt][0],
                         self.rows, self.cols, self.values.shape[1])
 
-    def _args(self) -> tuple:
-        return self._c_args
-
     def decode(self) -> torch.Tensor:
         """The weight as float32 [rows, cols], decoded by the kernel's portable path."""
         assert _lib is not None or available()
         out = torch.empty((self.rows, self.cols), dtype=torch.float32)
-        _lib.weight_decode_f32(*self._args(), out.data_ptr())  # type: ignore[union-attr]
+        _lib.weight_decode_f32(*self._c_args, out.data_ptr())  # type: ignore[union-attr]
         return out
 
 
@@ -370,6 +372,6 @@ def weight_gemv(x: torch.Tensor, weight: StoredWeight, bias: torch.Tensor | None
     out = torch.empty((m, weight.rows), dtype=torch.float32)
     b = None if bias is None else bias.float().contiguous()
     _lib.weight_gemv_f32(  # type: ignore[union-attr]
-        *weight._args(), x.data_ptr(), m, None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads()
+        *weight._c_args, x.data_ptr(), m, None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads()
     )
     return out

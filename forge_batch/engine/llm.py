@@ -171,9 +171,8 @@ class LLM:
             raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
         if quantization == "int8" and (self.device.type != "cpu" or self.dtype != torch.float32):
             raise ValueError("quantization='int8' runs on the CPU with dtype float32 (dtype='auto' picks it there)")
-        if quantization == "int8":
-            if not cpu_ops.available():
-                raise ValueError("quantization='int8' needs the compiled CPU kernels (a C compiler)")
+        if quantization == "int8" and not cpu_ops.available():
+            raise ValueError("quantization='int8' needs the compiled CPU kernels (a C compiler)")
         self.quantization = quantization if quantization != "none" else None
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
@@ -185,7 +184,9 @@ class LLM:
                 raise ValueError("a ModelConfig as model needs load_format='dummy' (random weights)")
             config, state_dict, tokenizer = model, None, None
         else:
-            config, state_dict, tokenizer = load_model_files(model, stored_weights)
+            # the checkpoint's own weight format is kept only where weight_gemv can run (see below)
+            usable = self.device.type == "cpu" and self.dtype == torch.float32 and cpu_ops.weight_gemv_fast()
+            config, state_dict, tokenizer = load_model_files(model, stored_weights if usable else None)
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -205,7 +206,7 @@ class LLM:
         # ... and, for steps of a few rows, the checkpoint's own weight format when it is smaller (a 4-bit
         # GGUF, bfloat16 safetensors): same products, a fraction of the bytes to read (keep_stored_weights).
         self.stored_weights = 0
-        if stored_weights and cpu_ops.weight_gemv_fast():
+        if stored_weights:
             self.stored_weights = self.model.keep_stored_weights(stored_weights, layers=self.quantization != "int8")
         del stored_weights
 

@@ -328,7 +328,7 @@ _STORED_FORMATS = {type_id: name for name, (type_id, _) in WEIGHT_FORMATS.items(
 
 def _stored_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> StoredWeight | None:
     """A matrix's blocks as a StoredWeight (a copy: the file's map closes after loading), or None."""
-    if ggml_type not in _STORED_FORMATS or len(shape) != 2 or shape[1] % 32:
+    if ggml_type not in _STORED_FORMATS or not StoredWeight.fits(shape):
         return None
     data = torch.from_numpy(np.array(raw, dtype=np.uint8))
     return StoredWeight.from_blocks(_STORED_FORMATS[ggml_type], data, shape[0], shape[1])

@@ -93,6 +93,16 @@ def rope_cos_sin_cache(config: ModelConfig, max_positions: int) -> torch.Tensor:
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
+# Each fused matmul weight of a layer (DecoderLayer.matmul_weights) and the checkpoint tensors it is made
+# of, row blocks in this order, relative to "model.layers.{i}.".
+MATMUL_SOURCES = {
+    "qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "o": ("self_attn.o_proj.weight",),
+    "gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "down": ("mlp.down_proj.weight",),
+}
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -204,21 +214,17 @@ class LlamaForCausalLM(nn.Module):
         if not self._cpu_float32():
             return 0
 
-        def fused(*names: str) -> StoredWeight | None:
-            parts = [stored.get(n) for n in names]
+        def fused(prefix: str, names: tuple[str, ...]) -> StoredWeight | None:
+            parts = [stored.get(prefix + n) for n in names]
             if any(p is None for p in parts):
                 return None
             return parts[0] if len(parts) == 1 else StoredWeight.concat(parts)  # type: ignore[arg-type]
 
         kept = 0
         for i, layer in enumerate(self.layers if layers else []):
-            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-            sources = {"qkv": (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                       "o": (a + "o_proj.weight",), "gate_up": (m + "gate_proj.weight", m + "up_proj.weight"),
-                       "down": (m + "down_proj.weight",)}
             layer.stored = {}
             for name, weight in layer.matmul_weights().items():
-                s = fused(*sources[name])
+                s = fused(f"model.layers.{i}.", MATMUL_SOURCES[name])
                 if s is not None and (s.rows, s.cols) == tuple(weight.shape):
                     layer.stored[name] = s
                     kept += 1
@@ -258,13 +264,10 @@ class LlamaForCausalLM(nn.Module):
             put(self.lm_head, state_dict.get("lm_head.weight", get("model.embed_tokens.weight")))
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            a = p + "self_attn."
-            put(layer.qkv_weight, get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight"))
+            for name, weight in layer.matmul_weights().items():
+                put(weight, *(get(p + src) for src in MATMUL_SOURCES[name]))
             if layer.qkv_bias is not None:
-                put(layer.qkv_bias, get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"))
-            put(layer.o_weight, get(a + "o_proj.weight"))
-            put(layer.gate_up_weight, get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
-            put(layer.down_weight, get(p + "mlp.down_proj.weight"))
+                put(layer.qkv_bias, *(get(p + src.replace(".weight", ".bias")) for src in MATMUL_SOURCES["qkv"]))
             put(layer.input_norm, get(p + "input_layernorm.weight"))
             put(layer.post_attn_norm, get(p + "post_attention_layernorm.weight"))
 

@@ -89,18 +89,9 @@ def load_model_files(
     put there as they are stored, by their Hugging Face names."""
     path = resolve_model_path(name_or_path)
     if path.is_dir():
-        import torch
-
-        from forge_batch.kernels.cpu_ops import StoredWeight
-
         from .safetensors_loader import load_hf_dir
 
-        config, state, tokenizer = load_hf_dir(path)
-        if stored_weights is not None:
-            for name, tensor in state.items():
-                if tensor.dtype in (torch.float16, torch.bfloat16) and tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
-                    stored_weights[name] = StoredWeight.from_tensor(tensor)
-        return config, state, tokenizer
+        return load_hf_dir(path, stored_weights)
     from .gguf_loader import load_gguf
 
     return load_gguf(path, stored_weights)
