@@ -25,6 +25,7 @@ from . import reference
 
 log = logging.getLogger("forge_batch.kernels")
 _SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+_HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -40,7 +41,7 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
-    src = b"".join(p.read_bytes() for p in _SOURCES)
+    src = b"".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS))
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
     tag = hashlib.sha256(src + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
     out = _cache_dir() / f"forge_batch_cpu-{tag}.so"
@@ -68,6 +69,10 @@ def _build() -> ctypes.CDLL:
     lib.weight_gemv_simd.restype = ctypes.c_int
     lib.rotary_store_kv_f32.argtypes = [vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int]
     lib.rotary_store_kv_f32.restype = None
+    lib.decode_step_f32.argtypes = [vp, i64, vp, f32, vp, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, i64,
+                                    i64, f32, ctypes.c_int]
+    lib.decode_step_f32.restype = None
+    lib.decode_layer_fields.restype = i64
     return lib
 
 
@@ -375,3 +380,80 @@ def weight_gemv(x: torch.Tensor, weight: StoredWeight, bias: torch.Tensor | None
         *weight._c_args, x.data_ptr(), m, None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads()
     )
     return out
+
+
+@dataclass
+class DecodeLayerWeights:
+    """What decode_step needs of one decoder layer (float32 CPU tensors; matmuls as StoredWeight)."""
+
+    input_norm: torch.Tensor
+    post_attn_norm: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    qkv: StoredWeight
+    o: StoredWeight
+    gate_up: StoredWeight
+    down: StoredWeight
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+class DecodeStep:
+    """A whole decode step of a Llama-family model in one C call (csrc/decode_step.c) for up to
+    WEIGHT_GEMV_MAX_ROWS sequences with one new token each: the layer-by-layer path with stored weights
+    (weight_gemv, rms_norm, rotary_store_kv, paged decode attention, silu_and_mul), without its ~300
+    Python-level kernel calls. Built once per model and KV cache: the pointer table below holds the
+    addresses of the weights and caches, which never move."""
+
+    def __init__(self, layers: list[DecodeLayerWeights], final_norm: torch.Tensor, eps: float,
+                 cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                 intermediate_size: int, block_size: int, scale: float) -> None:
+        assert _lib is not None or available()
+        self._layers = layers  # keeps every tensor the table points at alive
+        self.final_norm, self.eps, self.cos_sin_cache = final_norm.contiguous(), float(eps), cos_sin_cache.contiguous()
+        self.hidden_size = final_norm.shape[0]
+        self.shape = (num_heads, num_kv_heads, head_dim, intermediate_size, block_size)
+        self.scale = float(scale)
+        rows = []
+        for lw in layers:
+            row = [lw.input_norm.data_ptr(), lw.post_attn_norm.data_ptr(), _ptr(lw.qkv_bias)]
+            for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
+                v, sc, mn, fmt, r, c, rb = w._c_args
+                row += [v, sc or 0, mn or 0, fmt, r, c, rb]
+            row += [lw.k_cache.data_ptr(), lw.v_cache.data_ptr()]
+            rows.append(row)
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        assert self.table.shape[1] == _lib.decode_layer_fields()  # type: ignore[union-attr]
+
+    @staticmethod
+    def supports(layer: DecodeLayerWeights) -> bool:
+        """Whether decode_step can run this layer: float32 contiguous norms, bias and KV cache, head_dim a
+        multiple of 16 (the attention kernel's vectors), matmuls the SIMD weight_gemv reads."""
+        tensors = [layer.input_norm, layer.post_attn_norm, layer.k_cache, layer.v_cache]
+        if layer.qkv_bias is not None:
+            tensors.append(layer.qkv_bias)
+        return (
+            weight_gemv_fast() and layer.k_cache.shape[-1] % 16 == 0
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        )
+
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """hidden: the tokens' embeddings [M, hidden] float32 (overwritten) -> final normed hidden [M, hidden]."""
+        m = hidden.shape[0]
+        if m > WEIGHT_GEMV_MAX_ROWS or not hidden.is_contiguous() or hidden.dtype != torch.float32:
+            raise ValueError(f"decode_step takes contiguous float32 [<= {WEIGHT_GEMV_MAX_ROWS}, hidden], got "
+                             f"{hidden.dtype} {list(hidden.shape)}")
+        out = torch.empty_like(hidden)
+        block_tables = block_tables.contiguous()
+        heads, kv_heads, head_dim, inter, block_size = self.shape
+        _lib.decode_step_f32(  # type: ignore[union-attr]
+            self.table.data_ptr(), self.table.shape[0], self.final_norm.data_ptr(), self.eps, hidden.data_ptr(),
+            out.data_ptr(), m, positions.data_ptr(), slot_mapping.data_ptr(), block_tables.data_ptr(),
+            block_tables.shape[1], context_lens.data_ptr(), self.cos_sin_cache.data_ptr(), self.hidden_size, heads,
+            kv_heads, head_dim, inter, block_size, self.scale, torch.get_num_threads(),
+        )
+        return out
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()

@@ -18,6 +18,8 @@ from torch import nn
 from forge_batch import kernels
 from forge_batch.kernels.cpu_ops import (
     WEIGHT_GEMV_MAX_ROWS,
+    DecodeLayerWeights,
+    DecodeStep,
     Int8Weight,
     StoredWeight,
     int8_linear,
@@ -183,6 +185,10 @@ class LlamaForCausalLM(nn.Module):
                              persistent=False)
         self.lm_head_packed: torch.Tensor | None = None
         self.lm_head_stored: StoredWeight | None = None
+        # Decode steps of up to WEIGHT_GEMV_MAX_ROWS sequences run as one C call (cpu_ops.DecodeStep) when
+        # every layer's matmuls are kept in stored form; False keeps the layer-by-layer path (tests).
+        self.use_decode_step = True
+        self._decode_step: tuple[list, DecodeStep | None] | None = None  # (the KV caches it was built for, it)
 
     def _cpu_float32(self) -> bool:
         return self.embed_tokens.device.type == "cpu" and self.dtype == torch.float32
@@ -221,6 +227,7 @@ class LlamaForCausalLM(nn.Module):
             return parts[0] if len(parts) == 1 else StoredWeight.concat(parts)  # type: ignore[arg-type]
 
         kept = 0
+        self._decode_step = None
         for i, layer in enumerate(self.layers if layers else []):
             layer.stored = {}
             for name, weight in layer.matmul_weights().items():
@@ -281,6 +288,31 @@ class LlamaForCausalLM(nn.Module):
             else:
                 p.normal_(0.0, std, generator=g)
 
+    def decode_step(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> DecodeStep | None:
+        """The one-call decode step over these KV caches, or None when it cannot run: a layer's matmuls not
+        all kept in stored form (keep_stored_weights), not CPU float32, a non-default kernel backend."""
+        if self._decode_step is not None and self._decode_step[0] is kv_caches:
+            return self._decode_step[1]
+        step = None
+        if self._cpu_float32() and kernels.get_backend() == "auto":
+            layers = []
+            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+                st = layer.stored
+                if not all(name in st for name in MATMUL_SOURCES):
+                    break
+                lw = DecodeLayerWeights(layer.input_norm, layer.post_attn_norm, layer.qkv_bias, st["qkv"], st["o"],
+                                        st["gate_up"], st["down"], k_cache, v_cache)
+                if not DecodeStep.supports(lw):
+                    break
+                layers.append(lw)
+            else:
+                first = self.layers[0]
+                step = DecodeStep(layers, self.norm, self.config.rms_norm_eps, self.cos_sin_cache, first.num_heads,
+                                  first.num_kv_heads, first.head_dim, self.config.intermediate_size,
+                                  kv_caches[0][0].shape[1], first.scale)
+        self._decode_step = (kv_caches, step)  # holding the list keeps its identity (the key) unique
+        return step
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -290,6 +322,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] (normed) for the step's tokens."""
         hidden = F.embedding(input_ids, self.embed_tokens)
+        if (
+            attn.max_query_len == 1 and input_ids.shape[0] <= WEIGHT_GEMV_MAX_ROWS and self.use_decode_step
+            and self.layers[0].stored and input_ids.device.type == "cpu"
+        ):
+            step = self.decode_step(kv_caches)
+            if step is not None:
+                return step(hidden, positions, attn.slot_mapping, attn.block_tables, attn.context_lens)
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv, attn, self.cos_sin_cache)

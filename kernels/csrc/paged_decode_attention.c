@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_kernels.h"
+
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));     /* unaligned float load/store */
 typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));  /* unaligned 16 x bf16 */
@@ -216,3 +218,28 @@ DEFINE_ITEM(attend_f32, float, load_f32, store_f32)
 DEFINE_ITEM(attend_bf16, uint16_t, load_bf16, store_bf16)
 DEFINE_KERNEL(paged_decode_attention_f32, attend_f32, float)
 DEFINE_KERNEL(paged_decode_attention_bf16, attend_bf16, uint16_t)
+
+/* One item for decode_step.c, which runs it inside its own parallel region (see cpu_kernels.h). */
+int64_t decode_attention_scratch_floats(int64_t group, int64_t head_dim, int64_t block_size) {
+    return group * head_dim + group * block_size + 16 + 2 * group; /* acc | scores (+ slack) | max | sum */
+}
+
+void paged_decode_attention_item_f32(const float* q, const float* k_cache, const float* v_cache,
+                                     const int64_t* table, int64_t ctx, float* out, int64_t group,
+                                     int64_t head_dim, int64_t kv_heads, int64_t block_size, float scale,
+                                     float* scratch) {
+    const int64_t nv = head_dim / 16, slot_stride = kv_heads * head_dim, block_stride = block_size * slot_stride;
+    v16* acc = (v16*)scratch;
+    float* s = scratch + group * head_dim;
+    float* m = s + group * block_size + 16;
+    float* l = m + group;
+    if (nv == 4)
+        attend_f32(q, k_cache, v_cache, table, ctx, out, group, 4, slot_stride, block_stride, block_size, 0, scale,
+                   s, m, l, acc, NULL, NULL);
+    else if (nv == 8)
+        attend_f32(q, k_cache, v_cache, table, ctx, out, group, 8, slot_stride, block_stride, block_size, 0, scale,
+                   s, m, l, acc, NULL, NULL);
+    else
+        attend_f32(q, k_cache, v_cache, table, ctx, out, group, nv, slot_stride, block_stride, block_size, 0,
+                   scale, s, m, l, acc, NULL, NULL);
+}

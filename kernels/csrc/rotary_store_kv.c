@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_kernels.h"
+
 __attribute__((optimize("fp-contract=off"))) static void rotate_heads(float* x, int64_t heads, int64_t d,
                                                                       const float* cos, const float* sin) {
     const int64_t half = d / 2;
@@ -28,20 +30,24 @@ __attribute__((optimize("fp-contract=off"))) static void rotate_heads(float* x, 
     }
 }
 
+void rotary_store_kv_token_f32(float* q, float* k, const float* v, int64_t position, const float* cos_sin,
+                               int64_t heads, int64_t kv_heads, int64_t d, float* k_cache, float* v_cache,
+                               int64_t slot) {
+    const float* cs = cos_sin + position * d;
+    const int64_t kv_row = kv_heads * d;
+    rotate_heads(q, heads, d, cs, cs + d / 2);
+    rotate_heads(k, kv_heads, d, cs, cs + d / 2);
+    if (slot >= 0) {
+        memcpy(k_cache + slot * kv_row, k, (size_t)kv_row * sizeof(float));
+        memcpy(v_cache + slot * kv_row, v, (size_t)kv_row * sizeof(float));
+    }
+}
+
 void rotary_store_kv_f32(float* q, float* k, const float* v, int64_t stride, const int64_t* positions,
                          const float* cos_sin, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d,
                          float* k_cache, float* v_cache, const int64_t* slots, int num_threads) {
-    const int64_t kv_row = kv_heads * d;
     _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(tokens > 4)")
-    for (int64_t t = 0; t < tokens; t++) {
-        const float* cs = cos_sin + positions[t] * d;
-        float* kt = k + t * stride;
-        rotate_heads(q + t * stride, heads, d, cs, cs + d / 2);
-        rotate_heads(kt, kv_heads, d, cs, cs + d / 2);
-        const int64_t slot = slots[t];
-        if (slot >= 0) {
-            memcpy(k_cache + slot * kv_row, kt, (size_t)kv_row * sizeof(float));
-            memcpy(v_cache + slot * kv_row, v + t * stride, (size_t)kv_row * sizeof(float));
-        }
-    }
+    for (int64_t t = 0; t < tokens; t++)
+        rotary_store_kv_token_f32(q + t * stride, k + t * stride, v + t * stride, positions[t], cos_sin, heads,
+                                  kv_heads, d, k_cache, v_cache, slots[t]);
 }

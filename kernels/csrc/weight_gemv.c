@@ -20,6 +20,10 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+#include <omp.h>
+
+#include "cpu_kernels.h"
 #if defined(__AVX512F__) && defined(__F16C__)
 #include <immintrin.h>
 #define WEIGHT_GEMV_AVX512 1
@@ -207,21 +211,31 @@ static void row_dot(int type, const uint8_t* row, const float* d, const float* m
 }
 #endif
 
-/* x [M, K] float32 (M <= MAX_ROWS), W as above with N rows (scales, mins NULL where the format has
- * none), bias [N] or NULL -> y [M, N] float32. */
-void weight_gemv_f32(const uint8_t* weight, const float* scales, const float* mins, int type, int64_t n_rows,
-                     int64_t k, int64_t row_bytes, const float* x, int64_t m_rows, const float* bias, float* y,
-                     int num_threads) {
+void weight_gemv_range_f32(const uint8_t* weight, const float* scales, const float* mins, int type, int64_t k,
+                           int64_t row_bytes, const float* x, int64_t m_rows, const float* bias, float* y,
+                           int64_t y_stride, int64_t n0, int64_t n1) {
     const int64_t blocks = k / 32, bb = block_bytes(type);
     const int m = m_rows < MAX_ROWS ? (int)m_rows : MAX_ROWS;
-    _Pragma("omp parallel for num_threads(num_threads) schedule(static)")
-    for (int64_t n = 0; n < n_rows; n++) {
+    for (int64_t n = n0; n < n1; n++) {
         float sums[MAX_ROWS];
         const float* d = scales ? scales + n * blocks : NULL;
         const float* mn = mins ? mins + n * blocks : NULL;
         row_dot(type, weight + n * row_bytes, d, mn, blocks, bb, x, k, m, sums);
         const float b = bias ? bias[n] : 0.f;
-        for (int r = 0; r < m; r++) y[r * n_rows + n] = sums[r] + b;
+        for (int r = 0; r < m; r++) y[r * y_stride + n] = sums[r] + b;
+    }
+}
+
+/* x [M, K] float32 (M <= MAX_ROWS), W as above with N rows (scales, mins NULL where the format has
+ * none), bias [N] or NULL -> y [M, N] float32. Each thread takes one contiguous run of rows. */
+void weight_gemv_f32(const uint8_t* weight, const float* scales, const float* mins, int type, int64_t n_rows,
+                     int64_t k, int64_t row_bytes, const float* x, int64_t m_rows, const float* bias, float* y,
+                     int num_threads) {
+    _Pragma("omp parallel num_threads(num_threads)")
+    {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        weight_gemv_range_f32(weight, scales, mins, type, k, row_bytes, x, m_rows, bias, y, n_rows,
+                              n_rows * t / nt, n_rows * (t + 1) / nt);
     }
 }
 

@@ -1,0 +1,163 @@
+"""The one-call decode step (cpu_ops.DecodeStep, csrc/decode_step.c) against the layer-by-layer path it
+replaces: the same hidden states and KV-cache writes to the bit, and the same tokens in the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from forge_batch.engine.llm import LLM
+from forge_batch.engine.sampling_params import SamplingParams
+from forge_batch.kernels import cpu_ops, dispatch
+from forge_batch.models.config import ModelConfig
+from forge_batch.models.gguf_loader import dequantize
+from forge_batch.models.llama import MATMUL_SOURCES, AttentionMetadata, LlamaForCausalLM
+
+gguf = pytest.importorskip("gguf")
+
+pytestmark = pytest.mark.skipif(
+    not (cpu_ops.available() and cpu_ops.weight_gemv_fast()), reason="no SIMD CPU kernels (weight_gemv) here"
+)
+
+BLOCK_SIZE = 16
+
+
+def _model(head_dim: int, bias: bool, fmt: str) -> LlamaForCausalLM:
+    """A random 2-layer model whose matmul weights are kept in ``fmt`` (its float32 copies hold the
+    same values, as after loading a checkpoint of that format)."""
+    heads, kv_heads = 6, 2
+    hidden = heads * head_dim
+    config = ModelConfig(
+        architecture="qwen2" if bias else "llama", vocab_size=300, hidden_size=hidden, intermediate_size=320,
+        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        rms_norm_eps=1e-5, max_position_embeddings=512, attention_bias=bias,
+    )
+    model = LlamaForCausalLM(config)
+    model.init_random_weights(seed=3, std=0.05)
+    stored: dict[str, cpu_ops.StoredWeight] = {}
+    part_rows = {"self_attn.q_proj.weight": hidden, "self_attn.k_proj.weight": kv_heads * head_dim,
+                 "self_attn.v_proj.weight": kv_heads * head_dim, "mlp.gate_proj.weight": config.intermediate_size,
+                 "mlp.up_proj.weight": config.intermediate_size}
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            if bias:
+                layer.qkv_bias.normal_(0, 0.1)
+            for name, weight in layer.matmul_weights().items():
+                offset = 0
+                for part in MATMUL_SOURCES[name]:
+                    rows = part_rows.get(part, weight.shape[0])
+                    w = weight[offset : offset + rows]
+                    raw = np.ascontiguousarray(
+                        gguf.quants.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, fmt))
+                    ).view(np.uint8).reshape(-1)
+                    stored[f"model.layers.{i}.{part}"] = cpu_ops.StoredWeight.from_blocks(
+                        fmt, torch.from_numpy(raw.copy()), *w.shape)
+                    w.copy_(dequantize(raw, cpu_ops.WEIGHT_FORMATS[fmt][0], w.shape))
+                    offset += rows
+                assert offset == weight.shape[0]
+    assert model.keep_stored_weights(stored) == 2 * 4
+    return model
+
+
+def _step_inputs(model: LlamaForCausalLM, context_lens: list[int], seed: int):
+    """A decode step of len(context_lens) sequences over random, scattered cache blocks."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    num_blocks = sum((n + BLOCK_SIZE - 1) // BLOCK_SIZE for n in context_lens) + 3
+    shape = (num_blocks, BLOCK_SIZE, c.num_key_value_heads, c.head_dim)
+    caches = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(c.num_hidden_layers)]
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, slots = [], []
+    for n in context_lens:
+        need = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
+        table, order = order[:need], order[need:]
+        pos = n - 1
+        slots.append(table[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
+        tables.append(table)
+    width = max(len(t) for t in tables)
+    attn = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        query_start_loc=torch.arange(len(context_lens) + 1), context_lens=torch.tensor(context_lens),
+        max_query_len=1, max_context_len=max(context_lens),
+    )
+    ids = torch.randint(0, c.vocab_size, (len(context_lens),), generator=g)
+    return ids, torch.tensor(context_lens) - 1, caches, attn
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "bias", "fmt", "context_lens"),
+    [
+        (64, False, "Q4_1", [1]),
+        (64, False, "Q4_1", [37, 5, 16, 120]),
+        (64, True, "Q8_0", [17, 33]),
+        (32, False, "Q4_0", [9, 64, 65, 3, 200, 48, 1, 31]),  # 8 rows, the kernel's most
+        (16, True, "F16", [70, 2]),
+    ],
+)
+def test_decode_step_matches_the_layer_by_layer_path_bit_for_bit(head_dim, bias, fmt, context_lens):
+    model = _model(head_dim, bias, fmt)
+    ids, positions, caches, attn = _step_inputs(model, context_lens, seed=len(context_lens))
+    fused_caches = [(k.clone(), v.clone()) for k, v in caches]
+
+    assert model.decode_step(fused_caches) is not None
+    calls = []
+    real_call = cpu_ops.DecodeStep.__call__
+
+    def counting(self, *args):
+        calls.append(args[0].shape[0])
+        return real_call(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_ops.DecodeStep, "__call__", counting)
+        fused = model(ids, positions, fused_caches, attn)
+        model.use_decode_step = False
+        layered = model(ids, positions, caches, attn)
+    assert calls == [len(context_lens)]  # the fused step ran once, the second forward did not use it
+
+    assert torch.equal(fused, layered)
+    for (k1, v1), (k2, v2) in zip(fused_caches, caches):  # the new tokens' K/V written to the same slots
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert not torch.equal(fused_caches[0][0], _step_inputs(model, context_lens, seed=len(context_lens))[2][0][0])
+
+
+def test_decode_step_is_not_used_where_it_cannot_run(monkeypatch):
+    model = _model(32, False, "Q8_0")
+    ids, positions, caches, attn = _step_inputs(model, [5, 9], seed=0)
+    assert model.decode_step(caches) is not None
+    assert model.decode_step(caches) is model.decode_step(caches)  # built once per KV cache list
+    bf16_caches = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
+    assert model.decode_step(bf16_caches) is None  # the C step reads float32 caches only
+    monkeypatch.setattr(dispatch, "_backend", "reference")
+    assert model.decode_step([(k.clone(), v.clone()) for k, v in caches]) is None  # a forced backend is obeyed
+    monkeypatch.setattr(dispatch, "_backend", "auto")
+    model.layers[1].stored.pop("down")
+    model._decode_step = None
+    assert model.decode_step(caches) is None  # every layer's matmuls must be kept
+    fused = _model(32, False, "Q8_0").decode_step(caches)
+    with pytest.raises(ValueError, match="decode_step takes"):
+        fused(torch.zeros(cpu_ops.WEIGHT_GEMV_MAX_ROWS + 1, 192), positions, attn.slot_mapping,
+              attn.block_tables, attn.context_lens)
+
+
+def test_engine_tokens_are_the_same_with_and_without_the_decode_step(tmp_path):
+    from test_gguf_loader import write_tiny_gguf
+
+    q = gguf.GGMLQuantizationType
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, "qwen2", {"token_embd.weight": q.Q8_0, "attn_q": q.Q4_1, "attn_k": q.Q4_1,
+                                    "attn_v": q.Q4_1, "attn_output": q.Q4_0, "ffn_gate": q.Q8_0,
+                                    "ffn_up": q.Q8_0, "ffn_down": q.Q4_1}, bias=True)
+    llm = LLM(str(path), device="cpu", dtype="float32")
+    assert llm.model.decode_step(llm.runner.kv_caches) is not None
+    prompts = [{"prompt_token_ids": [258, 5 + i, 104, 101, 108 + i][: 2 + i]} for i in range(5)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    def greedy() -> list[list[int]]:
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert all(len(ids) == 24 for ids in outs)
+        return outs
+
+    fused = greedy()
+    llm.model.use_decode_step = False
+    assert greedy() == fused
