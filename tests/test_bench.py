@@ -5,6 +5,7 @@ printed, never asserted)."""
 from __future__ import annotations
 
 import json
+import re
 
 from forge_batch import bench
 
@@ -29,3 +30,16 @@ def test_bench_prints_every_workload_and_appends_a_history_section(tiny_model_di
     assert "W1: forge-batch / transformers = " in printed
     text = history.read_text()
     assert text.startswith("# Benchmarks\n") and "commit" in text and "| forge-batch | W1 |" in text
+
+
+def test_bench_runs_transformers_in_another_dtype_when_asked(tiny_model_dir, tmp_path, capsys):
+    rc = bench.main([
+        "--model", str(tiny_model_dir), "--workloads", "W1", "--num-prompts", "2", "--max-tokens", "3",
+        "--dtype", "float32", "--against", "transformers", "--hf-batch-sizes", "2", "--hf-dtype", "bfloat16",
+        "--json", str(tmp_path / "results.json"),
+    ])
+    assert rc == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    hf = next(r for r in results if r["engine"] == "transformers")
+    assert hf["extra"]["dtype"] == "bfloat16"
+    assert re.search(r"W1: forge-batch / transformers = [0-9.]+x \(float32 vs bfloat16\)", capsys.readouterr().out)
