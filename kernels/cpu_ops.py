@@ -443,6 +443,11 @@ class DecodeStep:
         if m > WEIGHT_GEMV_MAX_ROWS or not hidden.is_contiguous() or hidden.dtype != torch.float32:
             raise ValueError(f"decode_step takes contiguous float32 [<= {WEIGHT_GEMV_MAX_ROWS}, hidden], got "
                              f"{hidden.dtype} {list(hidden.shape)}")
+        index = (positions, slot_mapping, context_lens)
+        if any(t.dtype != torch.int64 or not t.is_contiguous() or t.shape[0] != m for t in index) or (
+            block_tables.dtype != torch.int64 or block_tables.shape[0] != m
+        ):
+            raise ValueError("decode_step takes int64 positions, slots, context lengths and block tables, one per row")
         out = torch.empty_like(hidden)
         block_tables = block_tables.contiguous()
         heads, kv_heads, head_dim, inter, block_size = self.shape

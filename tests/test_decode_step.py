@@ -138,6 +138,8 @@ def test_decode_step_is_not_used_where_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="decode_step takes"):
         fused(torch.zeros(cpu_ops.WEIGHT_GEMV_MAX_ROWS + 1, 192), positions, attn.slot_mapping,
               attn.block_tables, attn.context_lens)
+    with pytest.raises(ValueError, match="decode_step takes int64"):  # C would misread int32 indices
+        fused(torch.zeros(2, 192), positions.int(), attn.slot_mapping, attn.block_tables, attn.context_lens)
 
 
 def test_engine_tokens_are_the_same_with_and_without_the_decode_step(tmp_path):
