@@ -30,6 +30,11 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
+def _ptr(t: torch.Tensor | None) -> int:
+    """A tensor's address for a C pointer argument; 0 (NULL) for None."""
+    return 0 if t is None else t.data_ptr()
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("FORGE_BATCH_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "forge-batch"
@@ -171,7 +176,7 @@ def paged_decode_attention(
         shared = 0
     out = torch.empty_like(q)
     fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), ctx.data_ptr(), out.data_ptr(),
-       None if init_out is None else init_out.data_ptr(), None if init_lse is None else init_lse.data_ptr(),
+       _ptr(init_out), _ptr(init_lse),
        b, h, hkv, d, block_size, tables.shape[1], shared, float(scale), torch.get_num_threads())
     return out
 
@@ -185,7 +190,7 @@ def rms_norm(
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else x
     _lib.rms_norm_f32(  # type: ignore[union-attr]
-        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), float(eps),
+        x.data_ptr(), _ptr(residual), weight.data_ptr(), float(eps),
         out.data_ptr(), None if residual is None else res_out.data_ptr(), rows, cols, torch.get_num_threads(),
     )
     return out, res_out
@@ -262,7 +267,7 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None =
     out = torch.empty((m, n), dtype=torch.float32)
     b = None if bias is None else bias.float().contiguous()
     _lib.dequantize_rows(  # type: ignore[union-attr]
-        acc.data_ptr(), x_scale.data_ptr(), weight.scale.data_ptr(), None if b is None else b.data_ptr(),
+        acc.data_ptr(), x_scale.data_ptr(), weight.scale.data_ptr(), _ptr(b),
         out.data_ptr(), m, n, threads,
     )
     return out
@@ -349,8 +354,7 @@ class StoredWeight:
 
     def __post_init__(self) -> None:
         # the kernel's leading arguments, once (the tensors never move): a decode step makes 121 calls
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        self._c_args = (self.values.data_ptr(), ptr(self.scales), ptr(self.mins), WEIGHT_FORMATS[self.fmt][0],
+        self._c_args = (self.values.data_ptr(), _ptr(self.scales), _ptr(self.mins), WEIGHT_FORMATS[self.fmt][0],
                         self.rows, self.cols, self.values.shape[1])
 
     def decode(self) -> torch.Tensor:
@@ -377,7 +381,7 @@ def weight_gemv(x: torch.Tensor, weight: StoredWeight, bias: torch.Tensor | None
     out = torch.empty((m, weight.rows), dtype=torch.float32)
     b = None if bias is None else bias.float().contiguous()
     _lib.weight_gemv_f32(  # type: ignore[union-attr]
-        *weight._c_args, x.data_ptr(), m, None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads()
+        *weight._c_args, x.data_ptr(), m, _ptr(b), out.data_ptr(), torch.get_num_threads()
     )
     return out
 
@@ -417,8 +421,7 @@ class DecodeStep:
         for lw in layers:
             row = [lw.input_norm.data_ptr(), lw.post_attn_norm.data_ptr(), _ptr(lw.qkv_bias)]
             for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
-                v, sc, mn, fmt, r, c, rb = w._c_args
-                row += [v, sc or 0, mn or 0, fmt, r, c, rb]
+                row += w._c_args  # the fields of decode_step.c's stored_weight, in its order
             row += [lw.k_cache.data_ptr(), lw.v_cache.data_ptr()]
             rows.append(row)
         self.table = torch.tensor(rows, dtype=torch.int64)
@@ -458,7 +461,3 @@ class DecodeStep:
             kv_heads, head_dim, inter, block_size, self.scale, torch.get_num_threads(),
         )
         return out
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()

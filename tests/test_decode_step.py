@@ -130,6 +130,7 @@ def test_decode_step_is_not_used_where_it_cannot_run(monkeypatch):
     assert model.decode_step(bf16_caches) is None  # the C step reads float32 caches only
     monkeypatch.setattr(dispatch, "_backend", "reference")
     assert model.decode_step([(k.clone(), v.clone()) for k, v in caches]) is None  # a forced backend is obeyed
+    assert model.decode_step(caches) is None  # ... also by a step built before it was forced
     monkeypatch.setattr(dispatch, "_backend", "auto")
     model.layers[1].stored.pop("down")
     model._decode_step = None

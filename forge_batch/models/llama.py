@@ -291,10 +291,12 @@ class LlamaForCausalLM(nn.Module):
     def decode_step(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> DecodeStep | None:
         """The one-call decode step over these KV caches, or None when it cannot run: a layer's matmuls not
         all kept in stored form (keep_stored_weights), not CPU float32, a non-default kernel backend."""
+        if kernels.get_backend() != "auto":  # checked on every call, as every kernel's dispatch does
+            return None
         if self._decode_step is not None and self._decode_step[0] is kv_caches:
             return self._decode_step[1]
         step = None
-        if self._cpu_float32() and kernels.get_backend() == "auto":
+        if self._cpu_float32():
             layers = []
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
                 st = layer.stored

@@ -16,10 +16,10 @@ void rotary_store_kv_token_f32(float* q, float* k, const float* v, int64_t posit
                                int64_t heads, int64_t kv_heads, int64_t d, float* k_cache, float* v_cache,
                                int64_t slot);
 
-/* weight_gemv.c: rows [n0, n1) of y = x @ W^T (+ bias); x [m_rows <= 8, k], y row stride y_stride. */
-void weight_gemv_range_f32(const uint8_t* weight, const float* scales, const float* mins, int type, int64_t k,
-                           int64_t row_bytes, const float* x, int64_t m_rows, const float* bias, float* y,
-                           int64_t y_stride, int64_t n0, int64_t n1);
+/* weight_gemv.c: inside a parallel region, this thread's contiguous share of the N rows of
+ * y = x @ W^T (+ bias); x [m_rows <= 8, k], y [m_rows, n_rows]. */
+void weight_gemv_share_f32(const uint8_t* weight, const float* scales, const float* mins, int type, int64_t n_rows,
+                           int64_t k, int64_t row_bytes, const float* x, int64_t m_rows, const float* bias, float* y);
 
 /* paged_decode_attention.c: one (sequence, KV head) item of paged_decode_attention_f32 without a cascade
  * prefix. q and out point at the item's first query head; k_cache / v_cache at its KV head in block 0;

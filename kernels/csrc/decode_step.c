@@ -13,7 +13,6 @@
  * rotary + KV store, paged decode attention (without a cascade prefix), silu_and_mul.
  * Reference: that layer-by-layer path (tests/test_decode_step.py).
  */
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,12 +35,10 @@ typedef struct {
 
 #define PTR(T, v) ((T*)(intptr_t)(v))
 
-/* This thread's contiguous share of the weight's output rows (the split weight_gemv_f32 uses). */
+/* This thread's contiguous share of the weight's output rows. */
 static void gemv_share(const stored_weight* w, const float* x, int64_t m, const float* bias, float* y) {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    weight_gemv_range_f32(PTR(const uint8_t, w->values), PTR(const float, w->scales), PTR(const float, w->mins),
-                          (int)w->type, w->cols, w->row_bytes, x, m, bias, y, w->rows, w->rows * t / nt,
-                          w->rows * (t + 1) / nt);
+    weight_gemv_share_f32(PTR(const uint8_t, w->values), PTR(const float, w->scales), PTR(const float, w->mins),
+                          (int)w->type, w->rows, w->cols, w->row_bytes, x, m, bias, y);
 }
 
 int64_t decode_layer_fields(void) { return (int64_t)(sizeof(decode_layer) / sizeof(int64_t)); }

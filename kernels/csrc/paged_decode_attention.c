@@ -30,8 +30,6 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));     /* unaligned float load/store */
 typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));  /* unaligned 16 x bf16 */
 typedef uint32_t u16v __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
 
 static inline v16 load_f32(const float* p) { return *(const v16u*)p; }
 static inline v16 load_bf16(const uint16_t* p) {
@@ -172,74 +170,74 @@ static inline __attribute__((always_inline)) void NAME(                         
     }                                                                                                   \
 }
 
-#define DEFINE_KERNEL(NAME, ITEM, T)                                                                   \
+/* Per-thread scratch of an item: acc [group x head_dim] (64-byte aligned at the start) | scores
+ * [group x block_size] + 16 floats of slack | running max [group] | running sum [group]. */
+int64_t decode_attention_scratch_floats(int64_t group, int64_t head_dim, int64_t block_size) {
+    return group * head_dim + group * block_size + 16 + 2 * group;
+}
+
+/* An item with its scratch carved out and head_dim's vector count as a constant where it is common. */
+#define DEFINE_RUN_ITEM(NAME, ITEM, T)                                                                 \
+static void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t ctx, T* out, \
+                 int64_t group, int64_t head_dim, int64_t slot_stride, int64_t block_size,              \
+                 int64_t first_block, float scale, float* scratch, const T* init_out, const float* init_lse) { \
+    const int64_t nv = head_dim / 16, block_stride = block_size * slot_stride;                          \
+    v16* acc = (v16*)scratch;                                                                           \
+    float* s = scratch + group * head_dim;                                                              \
+    float* m = s + group * block_size + 16;                                                             \
+    float* l = m + group;                                                                               \
+    if (nv == 4)                                                                                        \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, 4, slot_stride, block_stride, block_size,     \
+             first_block, scale, s, m, l, acc, init_out, init_lse);                                     \
+    else if (nv == 8)                                                                                   \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, 8, slot_stride, block_stride, block_size,     \
+             first_block, scale, s, m, l, acc, init_out, init_lse);                                     \
+    else                                                                                                \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, nv, slot_stride, block_stride, block_size,    \
+             first_block, scale, s, m, l, acc, init_out, init_lse);                                     \
+}
+
+#define DEFINE_KERNEL(NAME, RUN_ITEM, T)                                                               \
 void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,                  \
           const int64_t* context_lens, T* out, const T* init_out, const float* init_lse,                \
           int64_t num_seqs, int64_t num_heads,                                                          \
           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,               \
           int64_t first_block, float scale, int num_threads) {                                          \
-    const int64_t group = num_heads / num_kv_heads, nv = head_dim / 16;                                 \
+    const int64_t group = num_heads / num_kv_heads;                                                     \
     const int64_t slot_stride = num_kv_heads * head_dim; /* between positions in a block */             \
-    const int64_t block_stride = block_size * slot_stride;                                              \
+    const int64_t floats = (decode_attention_scratch_floats(group, head_dim, block_size) + 15) / 16 * 16; \
     _Pragma("omp parallel num_threads(num_threads)")                                                    \
     {                                                                                                   \
-        v16* acc = (v16*)aligned_alloc(64, sizeof(v16) * group * nv);                                   \
-        float* s = (float*)malloc(sizeof(float) * group * block_size + 64); /* + slack */ \
-        float* m = (float*)malloc(sizeof(float) * group);                                               \
-        float* l = (float*)malloc(sizeof(float) * group);                                               \
+        float* scratch = (float*)aligned_alloc(64, sizeof(float) * floats);                             \
         _Pragma("omp for schedule(dynamic, 1)")                                                         \
         for (int64_t item = 0; item < num_seqs * num_kv_heads; item++) {                                \
             const int64_t b = item / num_kv_heads, kh = item % num_kv_heads;                            \
             const int64_t head0 = (b * num_heads + kh * group) * head_dim;                              \
-            const T* kc = k_cache + kh * head_dim;                                                      \
-            const T* vc = v_cache + kh * head_dim;                                                      \
-            const int64_t* table = block_tables + b * max_blocks;                                       \
-            const int64_t ctx = context_lens[b];                                                        \
             /* init_out [Hkv, B, G, D] and init_lse [Hkv, B, G]: the layout attention over a shared      \
              * prefix comes out in (cpu_ops.paged_decode_attention) */                                  \
             const int64_t init_row = (kh * num_seqs + b) * group;                                       \
-            const T* item_init = init_out ? init_out + init_row * head_dim : NULL;                      \
-            const float* item_lse = init_out ? init_lse + init_row : NULL;                              \
-            if (nv == 4)                                                                                \
-                ITEM(q + head0, kc, vc, table, ctx, out + head0, group, 4, slot_stride, block_stride,   \
-                     block_size, first_block, scale, s, m, l, acc, item_init, item_lse);                \
-            else if (nv == 8)                                                                           \
-                ITEM(q + head0, kc, vc, table, ctx, out + head0, group, 8, slot_stride, block_stride,   \
-                     block_size, first_block, scale, s, m, l, acc, item_init, item_lse);                \
-            else                                                                                        \
-                ITEM(q + head0, kc, vc, table, ctx, out + head0, group, nv, slot_stride, block_stride,  \
-                     block_size, first_block, scale, s, m, l, acc, item_init, item_lse);                \
+            RUN_ITEM(q + head0, k_cache + kh * head_dim, v_cache + kh * head_dim,                       \
+                     block_tables + b * max_blocks, context_lens[b], out + head0, group, head_dim,       \
+                     slot_stride, block_size, first_block, scale, scratch,                              \
+                     init_out ? init_out + init_row * head_dim : NULL,                                  \
+                     init_out ? init_lse + init_row : NULL);                                            \
         }                                                                                               \
-        free(acc); free(s); free(m); free(l);                                                           \
+        free(scratch);                                                                                  \
     }                                                                                                   \
 }
 
 DEFINE_ITEM(attend_f32, float, load_f32, store_f32)
 DEFINE_ITEM(attend_bf16, uint16_t, load_bf16, store_bf16)
-DEFINE_KERNEL(paged_decode_attention_f32, attend_f32, float)
-DEFINE_KERNEL(paged_decode_attention_bf16, attend_bf16, uint16_t)
+DEFINE_RUN_ITEM(run_item_f32, attend_f32, float)
+DEFINE_RUN_ITEM(run_item_bf16, attend_bf16, uint16_t)
+DEFINE_KERNEL(paged_decode_attention_f32, run_item_f32, float)
+DEFINE_KERNEL(paged_decode_attention_bf16, run_item_bf16, uint16_t)
 
 /* One item for decode_step.c, which runs it inside its own parallel region (see cpu_kernels.h). */
-int64_t decode_attention_scratch_floats(int64_t group, int64_t head_dim, int64_t block_size) {
-    return group * head_dim + group * block_size + 16 + 2 * group; /* acc | scores (+ slack) | max | sum */
-}
-
 void paged_decode_attention_item_f32(const float* q, const float* k_cache, const float* v_cache,
                                      const int64_t* table, int64_t ctx, float* out, int64_t group,
                                      int64_t head_dim, int64_t kv_heads, int64_t block_size, float scale,
                                      float* scratch) {
-    const int64_t nv = head_dim / 16, slot_stride = kv_heads * head_dim, block_stride = block_size * slot_stride;
-    v16* acc = (v16*)scratch;
-    float* s = scratch + group * head_dim;
-    float* m = s + group * block_size + 16;
-    float* l = m + group;
-    if (nv == 4)
-        attend_f32(q, k_cache, v_cache, table, ctx, out, group, 4, slot_stride, block_stride, block_size, 0, scale,
-                   s, m, l, acc, NULL, NULL);
-    else if (nv == 8)
-        attend_f32(q, k_cache, v_cache, table, ctx, out, group, 8, slot_stride, block_stride, block_size, 0, scale,
-                   s, m, l, acc, NULL, NULL);
-    else
-        attend_f32(q, k_cache, v_cache, table, ctx, out, group, nv, slot_stride, block_stride, block_size, 0,
-                   scale, s, m, l, acc, NULL, NULL);
+    run_item_f32(q, k_cache, v_cache, table, ctx, out, group, head_dim, kv_heads * head_dim, block_size, 0, scale,
+                 scratch, NULL, NULL);
 }

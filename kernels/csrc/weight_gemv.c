@@ -257,9 +257,10 @@ static void rows_dot(int type, const uint8_t* row, int64_t row_bytes, const floa
 }
 #endif
 
-void weight_gemv_range_f32(const uint8_t* weight, const float* scales, const float* mins, int type, int64_t k,
-                           int64_t row_bytes, const float* x, int64_t m_rows, const float* bias, float* y,
-                           int64_t y_stride, int64_t n0, int64_t n1) {
+/* Rows [n0, n1) of y = x @ W^T (+ bias) on the calling thread; y's rows are y_stride apart. */
+static void weight_gemv_range_f32(const uint8_t* weight, const float* scales, const float* mins, int type,
+                                  int64_t k, int64_t row_bytes, const float* x, int64_t m_rows, const float* bias,
+                                  float* y, int64_t y_stride, int64_t n0, int64_t n1) {
     const int64_t blocks = k / 32, bb = block_bytes(type);
     const int m = m_rows < MAX_ROWS ? (int)m_rows : MAX_ROWS;
     const int group = rows_per_group(m);
@@ -275,17 +276,20 @@ void weight_gemv_range_f32(const uint8_t* weight, const float* scales, const flo
     }
 }
 
+void weight_gemv_share_f32(const uint8_t* weight, const float* scales, const float* mins, int type, int64_t n_rows,
+                           int64_t k, int64_t row_bytes, const float* x, int64_t m_rows, const float* bias, float* y) {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    weight_gemv_range_f32(weight, scales, mins, type, k, row_bytes, x, m_rows, bias, y, n_rows, n_rows * t / nt,
+                          n_rows * (t + 1) / nt);
+}
+
 /* x [M, K] float32 (M <= MAX_ROWS), W as above with N rows (scales, mins NULL where the format has
  * none), bias [N] or NULL -> y [M, N] float32. Each thread takes one contiguous run of rows. */
 void weight_gemv_f32(const uint8_t* weight, const float* scales, const float* mins, int type, int64_t n_rows,
                      int64_t k, int64_t row_bytes, const float* x, int64_t m_rows, const float* bias, float* y,
                      int num_threads) {
     _Pragma("omp parallel num_threads(num_threads)")
-    {
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        weight_gemv_range_f32(weight, scales, mins, type, k, row_bytes, x, m_rows, bias, y, n_rows,
-                              n_rows * t / nt, n_rows * (t + 1) / nt);
-    }
+    weight_gemv_share_f32(weight, scales, mins, type, n_rows, k, row_bytes, x, m_rows, bias, y);
 }
 
 /* Decode whole rows to float32 [N, K] with the same arithmetic (tests). */
