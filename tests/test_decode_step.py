@@ -3,7 +3,6 @@ replaces: the same hidden states and KV-cache writes to the bit, and the same to
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,10 +10,10 @@ from forge_batch.engine.llm import LLM
 from forge_batch.engine.sampling_params import SamplingParams
 from forge_batch.kernels import cpu_ops, dispatch
 from forge_batch.models.config import ModelConfig
-from forge_batch.models.gguf_loader import dequantize
 from forge_batch.models.llama import MATMUL_SOURCES, AttentionMetadata, LlamaForCausalLM
 
 gguf = pytest.importorskip("gguf")
+from test_weight_gemv import _stored  # noqa: E402  (a weight in a format, and as the loader decodes it)
 
 pytestmark = pytest.mark.skipif(
     not (cpu_ops.available() and cpu_ops.weight_gemv_fast()), reason="no SIMD CPU kernels (weight_gemv) here"
@@ -48,12 +47,8 @@ def _model(head_dim: int, bias: bool, fmt: str) -> LlamaForCausalLM:
                 for part in MATMUL_SOURCES[name]:
                     rows = part_rows.get(part, weight.shape[0])
                     w = weight[offset : offset + rows]
-                    raw = np.ascontiguousarray(
-                        gguf.quants.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, fmt))
-                    ).view(np.uint8).reshape(-1)
-                    stored[f"model.layers.{i}.{part}"] = cpu_ops.StoredWeight.from_blocks(
-                        fmt, torch.from_numpy(raw.copy()), *w.shape)
-                    w.copy_(dequantize(raw, cpu_ops.WEIGHT_FORMATS[fmt][0], w.shape))
+                    stored[f"model.layers.{i}.{part}"], dense = _stored(fmt, w.clone())
+                    w.copy_(dense)
                     offset += rows
                 assert offset == weight.shape[0]
     assert model.keep_stored_weights(stored) == 2 * 4
