@@ -149,3 +149,48 @@ def test_params_validation():
 def test_one_params_per_prompt_is_checked(llm):
     with pytest.raises(ValueError, match="one per prompt"):
         llm.generate(PROMPTS, [SamplingParams()] * 2)
+
+
+def test_logits_are_computed_only_for_each_sequences_last_position(llm, monkeypatch):
+    """A prefill of several prompts runs every prompt token through the model but the LM head (a
+    vocab-wide matmul per row) only over one row per sampling sequence."""
+    heads = []
+    real = llm.model.compute_logits
+    monkeypatch.setattr(llm.model, "compute_logits", lambda hidden: heads.append(hidden.shape[0]) or real(hidden))
+    llm.generate(PROMPTS, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    prompt_tokens = sum(len(llm.tokenizer.encode(p)) for p in PROMPTS)
+    assert heads and max(heads) <= len(PROMPTS) < prompt_tokens
+    assert sum(heads) == 3 * len(PROMPTS)  # one row per generated token, nothing for the other prompt tokens
+
+
+def test_dtype_auto_is_bfloat16_only_where_the_cpu_has_native_bf16(monkeypatch):
+    import torch
+
+    from forge_batch.engine import llm as engine
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
+    assert engine.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: False)
+    assert engine.resolve_dtype("auto", cpu) == torch.float32
+    assert engine.resolve_dtype("bf16", cpu) == torch.bfloat16  # asked for explicitly: always honoured
+
+
+def test_cpu_supports_bf16_reads_the_instruction_set_flags(monkeypatch, tmp_path):
+    import builtins
+
+    import torch
+
+    from forge_batch.engine import llm as engine
+
+    real_open = builtins.open
+
+    def fake_cpuinfo(flags: str):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor : 0\nflags\t\t: fpu sse avx512f {flags}\n")
+        return lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_cpuinfo(""))
+    assert not engine.cpu_supports_bf16()  # AVX-512 alone: oneDNN would emulate bf16, slower than float32
+    monkeypatch.setattr(builtins, "open", fake_cpuinfo("avx512_bf16"))
+    assert engine.cpu_supports_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
