@@ -18,12 +18,14 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
     "num_heads,num_kv_heads,head_dim,block_size",
     [(9, 3, 64, 16), (8, 8, 64, 16), (8, 2, 128, 32), (4, 1, 128, 16), (12, 4, 64, 32)],
 )
-def test_decode_attention_matches_reference(dtype, num_heads, num_kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("batch", [6, 20])  # 20: one work item per sequence (ITEM_PER_SEQ_MIN), not per KV head
+def test_decode_attention_matches_reference(dtype, num_heads, num_kv_heads, head_dim, block_size, batch):
     g = torch.Generator().manual_seed(num_heads * 100 + head_dim + block_size)
-    num_blocks, batch = 40, 6
+    num_blocks = 40
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
-    context_lens = torch.tensor([1, block_size, block_size + 1, 3 * block_size - 1, 77, 5])
+    lens = [1, block_size, block_size + 1, 3 * block_size - 1, 77, 5]
+    context_lens = torch.tensor(lens + [int(x) for x in torch.randint(1, 90, (batch - len(lens),), generator=g)])
     max_blocks = int((context_lens.max() + block_size - 1) // block_size)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(batch)])
     q = torch.randn(batch, num_heads, head_dim, generator=g).to(dtype)
@@ -82,11 +84,14 @@ def test_shared_prefix_blocks_counts_full_common_leading_blocks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 2, 128)])
-def test_shared_prefix_cascade_matches_reference(monkeypatch, dtype, num_heads, num_kv_heads, head_dim):
+@pytest.mark.parametrize("batch", [12, 20])  # work items per KV head / per sequence
+def test_shared_prefix_cascade_matches_reference(monkeypatch, dtype, num_heads, num_kv_heads, head_dim, batch):
     """The shared prefix attended as one dense product, the rest by the kernel: same result as attending
     each sequence on its own (the torch reference), including sequences with nothing past the prefix."""
     monkeypatch.setattr(cpu_ops, "CASCADE_MIN_WORK", 1)
-    q, k, v, tables, ctx = _shared_prefix_case(dtype, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    q, k, v, tables, ctx = _shared_prefix_case(
+        dtype, batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
+    )
     scale = head_dim**-0.5
     expected = reference._decode_attention(q, k, v, tables, ctx, scale, None)
     got = cpu_ops.paged_decode_attention(q, k, v, tables, ctx, scale)
@@ -114,6 +119,16 @@ def test_rms_norm_matches_reference(rows, hidden, with_residual):
 def test_silu_and_mul_matches_reference(rows, inter):
     x = torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4
     torch.testing.assert_close(cpu_ops.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-5)
+
+
+def test_silu_and_mul_exp_holds_over_the_whole_float_range():
+    """The kernel's own vectorised exp: gate values far past where e^-gate over- or underflows give
+    silu's limits (0 and gate), never inf or NaN, and float precision in between."""
+    gate = torch.cat([torch.linspace(-200, 200, 40001), torch.tensor([-1e30, -89.0, -87.5, 87.5, 89.0, 1e30])])
+    x = torch.cat([gate, torch.full_like(gate, 1.5)])[None]
+    got, expected = cpu_ops.silu_and_mul(x), reference.silu_and_mul(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-30, rtol=2e-6)
 
 
 def test_dispatch_takes_the_compiled_elementwise_kernels_for_cpu_float32(monkeypatch):

@@ -2,10 +2,11 @@
  * place through the block table (no gather into padded tensors, which costs more memory traffic than
  * the attention itself at batch sizes a CPU runs).
  *
- * Work item = (sequence, KV head); its G = H / Hkv query heads share every K/V row read (GQA). One pass
- * over the blocks with an online softmax (running max and sum per head, the accumulator rescaled when
- * the max grows), so each K and V row is read from memory once and nothing the size of the context is
- * written; the next block is prefetched while one is computed. Rows are handled as 16-float vectors
+ * Work item = a sequence (from ITEM_PER_SEQ_MIN sequences on) or a (sequence, KV head); the G = H / Hkv
+ * query heads of a KV head share every K/V row read (GQA). One pass over the blocks with an online
+ * softmax (running max and sum per head, the accumulator rescaled when the max grows), so each K and V
+ * row is read from memory once and nothing the size of the context is written; the next block is
+ * prefetched while one is computed. Rows are handled as 16-float vectors
  * (GCC vector extensions: AVX-512 registers under -march=native on this machine, plain code elsewhere),
  * so head_dim must be a multiple of 16; the dispatcher keeps the torch reference otherwise.
  *
@@ -15,7 +16,8 @@
  *
  * Profile that shaped it (batch 128, context 200, 9 query / 3 KV heads of 64, 2 threads): the first
  * version (three passes, K transposed through a scratch tile, libm roundf inside exp) took 12.3 ms per
- * layer; one pass + rint + the reduce16 tree + prefetch: 4.3 ms.
+ * layer; one pass + rint + the reduce16 tree + prefetch: 4.3 ms. Items per sequence rather than per KV
+ * head (batch 128, context ~94, the same build in one process): 1.54-1.80 ms against 1.91-2.11 ms.
  * Compiled at first use by forge_batch.kernels.cpu_ops (-O3 -march=native -fopenmp).
  * Reference: kernels/reference.py::_decode_attention.
  */
@@ -78,23 +80,27 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* One work item: sequence b's KV head kh and its `group` query heads. `nv` = head_dim / 16 is a compile-time
- * constant in the specialised copies below (64 and 128 cover nearly every model), so rows live in
- * registers. Loops run head-outer, position-inner: a block's K (or V) rows for one KV head are 16 x
- * head_dim floats, read from memory by the first head and from L1 by the others. */
+/* One work item: `group` consecutive query heads of one sequence, `per_kv` of them to each KV head from
+ * the item's first: either one KV head and its query heads (group == per_kv) or the whole sequence.
+ * `nv` = head_dim / 16 is a compile-time constant in the specialised copies below (64 and 128 cover
+ * nearly every model), so rows live in registers. Loops run head-outer, position-inner: a block's K (or
+ * V) rows for one KV head are 16 x head_dim floats, read from memory by its first query head and from
+ * L1 by the others. Cascade state of query head g is at row (g / per_kv) * init_kv_rows + g % per_kv. */
 #define DEFINE_ITEM(NAME, T, LOADV, STOREV)                                                            \
 static inline __attribute__((always_inline)) void NAME(                                                 \
         const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t ctx, T* out,      \
-        int64_t group, const int64_t nv, int64_t slot_stride, int64_t block_stride, int64_t block_size, \
-        int64_t first_block, float scale, float* s, float* m, float* l, v16* acc,                      \
-        const T* init_out, const float* init_lse) {                                                     \
+        int64_t group, int64_t per_kv, const int64_t nv, int64_t slot_stride, int64_t block_stride,     \
+        int64_t block_size, int64_t first_block, float scale, float* s, float* m, float* l, v16* acc,  \
+        const T* init_out, const float* init_lse, int64_t init_kv_rows) {                               \
     const int64_t head_dim = nv * 16;                                                                   \
     const int64_t nblocks = (ctx + block_size - 1) / block_size;                                        \
+    const int64_t span = group / per_kv * head_dim * (int64_t)sizeof(T); /* bytes of a row it reads */  \
     for (int64_t g = 0; g < group; g++) {                                                               \
         if (init_out) { /* positions before first_block already attended: output o, log-sum-exp L */   \
-            m[g] = init_lse[g]; /* == the state (max L, sum 1, acc o) */                  \
+            const int64_t row = g / per_kv * init_kv_rows + g % per_kv;                                 \
+            m[g] = init_lse[row]; /* == the state (max L, sum 1, acc o) */                              \
             l[g] = 1.f;                                                                                 \
-            for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = LOADV(init_out + g * head_dim + 16 * i); \
+            for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = LOADV(init_out + row * head_dim + 16 * i); \
         } else {                                                                                        \
             m[g] = -INFINITY;                                                                           \
             l[g] = 0.f;                                                                                 \
@@ -102,19 +108,21 @@ static inline __attribute__((always_inline)) void NAME(                         
         }                                                                                               \
     }                                                                                                   \
     for (int64_t blk = first_block; blk < nblocks; blk++) {                                             \
-        const T* kbase = k_cache + table[blk] * block_stride;                                           \
-        const T* vbase = v_cache + table[blk] * block_stride;                                           \
+        const T* kblock = k_cache + table[blk] * block_stride;                                          \
+        const T* vblock = v_cache + table[blk] * block_stride;                                          \
         const int64_t n = (blk + 1) * block_size <= ctx ? block_size : ctx - blk * block_size;          \
         if (blk + 1 < nblocks) { /* the next block is elsewhere in memory: ask for it while this one runs */ \
             const T* nk = k_cache + table[blk + 1] * block_stride;                                      \
             const T* nvb = v_cache + table[blk + 1] * block_stride;                                     \
             for (int64_t j = 0; j < block_size; j++)                                                    \
-                for (int64_t c = 0; c < head_dim * (int64_t)sizeof(T); c += 64) {                       \
+                for (int64_t c = 0; c < span; c += 64) {                                                \
                     __builtin_prefetch((const char*)(nk + j * slot_stride) + c);                        \
                     __builtin_prefetch((const char*)(nvb + j * slot_stride) + c);                       \
                 }                                                                                       \
         }                                                                                               \
         for (int64_t g = 0; g < group; g++) {                                                           \
+            const T* kbase = kblock + g / per_kv * head_dim;                                            \
+            const T* vbase = vblock + g / per_kv * head_dim;                                            \
             v16 qg[nv];                                                                                 \
             for (int64_t i = 0; i < nv; i++) qg[i] = LOADV(q + g * head_dim + 16 * i) * scale;          \
             float* sg = s + g * block_size;                                                             \
@@ -179,48 +187,56 @@ int64_t decode_attention_scratch_floats(int64_t group, int64_t head_dim, int64_t
 /* An item with its scratch carved out and head_dim's vector count as a constant where it is common. */
 #define DEFINE_RUN_ITEM(NAME, ITEM, T)                                                                 \
 static void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t ctx, T* out, \
-                 int64_t group, int64_t head_dim, int64_t slot_stride, int64_t block_size,              \
-                 int64_t first_block, float scale, float* scratch, const T* init_out, const float* init_lse) { \
+                 int64_t group, int64_t per_kv, int64_t head_dim, int64_t slot_stride, int64_t block_size, \
+                 int64_t first_block, float scale, float* scratch, const T* init_out, const float* init_lse, \
+                 int64_t init_kv_rows) {                                                                \
     const int64_t nv = head_dim / 16, block_stride = block_size * slot_stride;                          \
     v16* acc = (v16*)scratch;                                                                           \
     float* s = scratch + group * head_dim;                                                              \
     float* m = s + group * block_size + 16;                                                             \
     float* l = m + group;                                                                               \
     if (nv == 4)                                                                                        \
-        ITEM(q, k_cache, v_cache, table, ctx, out, group, 4, slot_stride, block_stride, block_size,     \
-             first_block, scale, s, m, l, acc, init_out, init_lse);                                     \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 4, slot_stride, block_stride,         \
+             block_size, first_block, scale, s, m, l, acc, init_out, init_lse, init_kv_rows);           \
     else if (nv == 8)                                                                                   \
-        ITEM(q, k_cache, v_cache, table, ctx, out, group, 8, slot_stride, block_stride, block_size,     \
-             first_block, scale, s, m, l, acc, init_out, init_lse);                                     \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 8, slot_stride, block_stride,         \
+             block_size, first_block, scale, s, m, l, acc, init_out, init_lse, init_kv_rows);           \
     else                                                                                                \
-        ITEM(q, k_cache, v_cache, table, ctx, out, group, nv, slot_stride, block_stride, block_size,    \
-             first_block, scale, s, m, l, acc, init_out, init_lse);                                     \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, nv, slot_stride, block_stride,        \
+             block_size, first_block, scale, s, m, l, acc, init_out, init_lse, init_kv_rows);           \
 }
 
+/* Items: with at least ITEM_PER_SEQ_MIN sequences, one per sequence (all its heads), so a thread reads
+ * each block's K and V as two contiguous runs of block_size x Hkv x head_dim values, which the hardware
+ * prefetcher streams (per KV head, the rows it needs are strided by Hkv x head_dim). With fewer
+ * sequences, one per (sequence, KV head), so the threads have enough items to share. */
+#define ITEM_PER_SEQ_MIN 16
 #define DEFINE_KERNEL(NAME, RUN_ITEM, T)                                                               \
 void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,                  \
           const int64_t* context_lens, T* out, const T* init_out, const float* init_lse,                \
           int64_t num_seqs, int64_t num_heads,                                                          \
           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,               \
           int64_t first_block, float scale, int num_threads) {                                          \
-    const int64_t group = num_heads / num_kv_heads;                                                     \
+    const int64_t per_kv = num_heads / num_kv_heads;                                                    \
     const int64_t slot_stride = num_kv_heads * head_dim; /* between positions in a block */             \
+    const int64_t kv_split = num_seqs >= ITEM_PER_SEQ_MIN ? 1 : num_kv_heads; /* items per sequence */  \
+    const int64_t group = num_heads / kv_split; /* query heads per item */                              \
     const int64_t floats = (decode_attention_scratch_floats(group, head_dim, block_size) + 15) / 16 * 16; \
     _Pragma("omp parallel num_threads(num_threads)")                                                    \
     {                                                                                                   \
         float* scratch = (float*)aligned_alloc(64, sizeof(float) * floats);                             \
         _Pragma("omp for schedule(dynamic, 1)")                                                         \
-        for (int64_t item = 0; item < num_seqs * num_kv_heads; item++) {                                \
-            const int64_t b = item / num_kv_heads, kh = item % num_kv_heads;                            \
-            const int64_t head0 = (b * num_heads + kh * group) * head_dim;                              \
+        for (int64_t item = 0; item < num_seqs * kv_split; item++) {                                    \
+            const int64_t b = item / kv_split, kh = item % kv_split; /* kh: the item's first KV head */  \
+            const int64_t head0 = (b * num_heads + kh * per_kv) * head_dim;                             \
             /* init_out [Hkv, B, G, D] and init_lse [Hkv, B, G]: the layout attention over a shared      \
              * prefix comes out in (cpu_ops.paged_decode_attention) */                                  \
-            const int64_t init_row = (kh * num_seqs + b) * group;                                       \
+            const int64_t init_row = (kh * num_seqs + b) * per_kv;                                      \
             RUN_ITEM(q + head0, k_cache + kh * head_dim, v_cache + kh * head_dim,                       \
-                     block_tables + b * max_blocks, context_lens[b], out + head0, group, head_dim,       \
-                     slot_stride, block_size, first_block, scale, scratch,                              \
+                     block_tables + b * max_blocks, context_lens[b], out + head0, group, per_kv,        \
+                     head_dim, slot_stride, block_size, first_block, scale, scratch,                    \
                      init_out ? init_out + init_row * head_dim : NULL,                                  \
-                     init_out ? init_lse + init_row : NULL);                                            \
+                     init_out ? init_lse + init_row : NULL, num_seqs * per_kv);                         \
         }                                                                                               \
         free(scratch);                                                                                  \
     }                                                                                                   \
@@ -238,6 +254,6 @@ void paged_decode_attention_item_f32(const float* q, const float* k_cache, const
                                      const int64_t* table, int64_t ctx, float* out, int64_t group,
                                      int64_t head_dim, int64_t kv_heads, int64_t block_size, float scale,
                                      float* scratch) {
-    run_item_f32(q, k_cache, v_cache, table, ctx, out, group, head_dim, kv_heads * head_dim, block_size, 0, scale,
-                 scratch, NULL, NULL);
+    run_item_f32(q, k_cache, v_cache, table, ctx, out, group, group, head_dim, kv_heads * head_dim, block_size, 0,
+                 scale, scratch, NULL, NULL, 0);
 }
