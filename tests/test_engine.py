@@ -194,3 +194,21 @@ def test_cpu_supports_bf16_reads_the_instruction_set_flags(monkeypatch, tmp_path
     assert not engine.cpu_supports_bf16()  # AVX-512 alone: oneDNN would emulate bf16, slower than float32
     monkeypatch.setattr(builtins, "open", fake_cpuinfo("avx512_bf16"))
     assert engine.cpu_supports_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.mark.parametrize("ids", [[5, 6, 7, 9, 2, 3], list(range(40, 80, 2))])  # a few runs; scattered ids
+def test_zero_blocks_zeroes_exactly_the_given_blocks_of_every_layer(tiny_model_dir, ids):
+    """Fresh KV blocks are zeroed before first use (a gathered block's masked slots must not hold NaN);
+    consecutive ids are filled as slices, scattered ones by index: both touch those blocks only."""
+    import torch
+
+    runner = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_blocks=96).runner
+    for k_cache, v_cache in runner.kv_caches:
+        k_cache.fill_(float("nan"))
+        v_cache.fill_(float("nan"))
+    runner.zero_blocks(ids)
+    chosen = torch.zeros(96, dtype=torch.bool)
+    chosen[ids] = True
+    for cache in (c for pair in runner.kv_caches for c in pair):
+        assert (cache[chosen] == 0).all()
+        assert cache[~chosen].isnan().all()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from forge_batch.engine.sampler import (
     LogitsProcessor,
     SamplingBatch,
+    argmax_rows,
     default_sampler,
     filter_logits,
     uniform_for,
@@ -119,3 +121,20 @@ def test_logits_processor_plugins_run_per_row():
         torch.zeros(2, 3), batch([SamplingParams(logits_processors=[ban_one]), SamplingParams()])
     )
     assert out[0, 1] == float("-inf") and out[1, 1] == 0
+
+
+@pytest.mark.parametrize("vocab", [49152, 32000, 2048, 1500, 1024, 7])
+def test_argmax_rows_is_torch_argmax_including_ties_nan_and_inf(vocab):
+    """The chunked argmax the samplers use: same index as torch's argmax, i.e. the first maximal one,
+    with NaN counting as the maximum, for vocabularies with and without a partial last chunk."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g)
+    x[0] = float("-inf")  # every token banned
+    x[1, 3000 % vocab] = float("nan")
+    x[1, vocab - 1] = float("nan")
+    x[2] = 0.0  # all tied: index 0
+    x[3, vocab - 1] = x[3].max() + 1  # the maximum in the last (possibly partial) chunk
+    x[4, 0] = x[4, -1] = float("inf")
+    x[5] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties across chunks
+    x[6, vocab // 2] = x[6, vocab - 1] = x[6].max() + 2  # a tie between a full chunk and the tail
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))

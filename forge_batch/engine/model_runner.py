@@ -53,12 +53,27 @@ class ModelRunner:
             self.decode_graphs.capture()
 
     def zero_blocks(self, block_ids: list[int]) -> None:
+        """Zero these blocks of every layer's cache. Fresh blocks come off the free list mostly in id
+        order, so each run of consecutive ids is one slice fill (a memset), about 4x faster on the CPU
+        than index_fill_ with the ids (~270 us per cache tensor per step of a W1 prefill)."""
         if not block_ids:
             return
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        runs: list[list[int]] = []
+        for b in sorted(block_ids):
+            if runs and runs[-1][1] == b:
+                runs[-1][1] = b + 1
+            else:
+                runs.append([b, b + 1])
+        if len(runs) > 16:  # scattered ids: one indexed fill per cache tensor
+            idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+            for k_cache, v_cache in self.kv_caches:
+                k_cache.index_fill_(0, idx, 0)
+                v_cache.index_fill_(0, idx, 0)
+            return
         for k_cache, v_cache in self.kv_caches:
-            k_cache.index_fill_(0, idx, 0)
-            v_cache.index_fill_(0, idx, 0)
+            for start, end in runs:
+                k_cache[start:end].zero_()
+                v_cache[start:end].zero_()
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat input ids, positions, attention metadata, and the row of each sampling sequence's last token."""

@@ -102,10 +102,35 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return logits
 
 
+_ARGMAX_CHUNK = 1024
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` of a [S, V] tensor, same result (the first maximal index; NaN counts as
+    the maximum). On the CPU torch's argmax over a long row is several times slower than its max
+    (8.4 vs 1.3 ms for 128 x 49152, 2-3% of a batch decode step), so: the max of each 1024-wide chunk,
+    the first chunk holding the row's max, and argmax inside that chunk only."""
+    rows, vocab = logits.shape
+    full = vocab // _ARGMAX_CHUNK
+    if logits.device.type != "cpu" or full < 2 or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    head = logits[:, : full * _ARGMAX_CHUNK].view(rows, full, _ARGMAX_CHUNK)
+    chunk_max = head.amax(dim=-1)
+    tail = logits[:, full * _ARGMAX_CHUNK :]
+    if tail.shape[1]:
+        chunk_max = torch.cat([chunk_max, tail.amax(dim=-1, keepdim=True)], dim=1)
+    chunk = chunk_max.argmax(dim=-1)
+    picked = head[torch.arange(rows, device=logits.device), chunk.clamp(max=full - 1)]
+    out = chunk * _ARGMAX_CHUNK + picked.argmax(dim=-1)
+    if tail.shape[1]:
+        out = torch.where(chunk == full, full * _ARGMAX_CHUNK + tail.argmax(dim=-1), out)
+    return out
+
+
 def default_sampler(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Greedy rows take the argmax; the others sample from the filtered distribution."""
     greedy = [p.greedy for p in batch.params]
-    out = logits.argmax(dim=-1)
+    out = argmax_rows(logits)
     if all(greedy):
         return out
     rows = [i for i, g in enumerate(greedy) if not g]
@@ -116,7 +141,7 @@ def default_sampler(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def greedy_sampler(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Always the most likely token, whatever the temperature."""
-    return logits.argmax(dim=-1)
+    return argmax_rows(logits)
 
 
 def multinomial_sampler(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
