@@ -214,6 +214,56 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+W2_NO_PREFIX_CACHING = "W2 (prefix caching off)"
+
+
+def median_round(rounds: list[list[Result]], key: tuple[str, str]) -> Result:
+    """The round whose output tok/s is the median for this (engine, workload); with several rounds its
+    notes list every round's figure."""
+    runs = sorted((r for results in rounds for r in results if (r.engine, r.workload) == key),
+                  key=lambda r: r.output_tok_s)
+    mid = runs[(len(runs) - 1) // 2]
+    if len(rounds) > 1:
+        every = [r for results in rounds for r in results if (r.engine, r.workload) == key]
+        mid = Result(**{**asdict(mid), "extra": {**mid.extra, "rounds_tok_s": "/".join(f"{r.output_tok_s:.0f}" for r in every)}})
+    return mid
+
+
+def _ratio(rounds: list[list[Result]], num: tuple[str, str], den: tuple[str, str]) -> str | None:
+    """num / den output tok/s per round (both taken in the same round): the value, or with several
+    rounds the median and the range."""
+    values = []
+    for results in rounds:
+        a = next((r for r in results if (r.engine, r.workload) == num), None)
+        b = next((r for r in results if (r.engine, r.workload) == den), None)
+        if a and b and b.output_tok_s > 0:
+            values.append(a.output_tok_s / b.output_tok_s)
+    if not values:
+        return None
+    values.sort()
+    mid = values[(len(values) - 1) // 2]
+    if len(values) == 1:
+        return f"{mid:.2f}x"
+    return f"{mid:.2f}x (median of {len(values)} rounds, {values[0]:.2f}-{values[-1]:.2f})"
+
+
+def ratio_lines(rounds: list[list[Result]], workloads: list[str], dtype_name: str) -> list[str]:
+    """The issue's ratios: ours against transformers per workload, and ours against ours (W2 and W3
+    against W1, W2 against W2 without prefix caching)."""
+    lines = []
+    for w in workloads:
+        ref = next((r for results in rounds for r in results if (r.engine, r.workload) == ("transformers", w)), None)
+        value = _ratio(rounds, ("forge-batch", w), ("transformers", w))
+        if ref and value:
+            lines.append(f"{w}: forge-batch / transformers = {value} ({dtype_name} vs {ref.extra['dtype']})")
+    ours = [("W2", "W1"), ("W2", W2_NO_PREFIX_CACHING), ("W3", "W1")]
+    for num, den in ours:
+        value = _ratio(rounds, ("forge-batch", num), ("forge-batch", den))
+        if value:
+            lines.append(f"forge-batch {num} / {den} = {value}")
+    return lines
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -236,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-dtype", choices=["same", "float32", "bfloat16"], default="same",
                     help="transformers' dtype: 'same' as ours (default), or e.g. bfloat16 for the issue's "
                          "reference on a CPU where our default is float32")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run every engine and workload N times, interleaved, and report each one's median round "
+                         "and the median of each round's ratios (the machine drifts over a long run)")
     ap.add_argument("--no-prefix-caching-baseline", action="store_true",
                     help="skip the W2 run with prefix caching off")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -243,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append-to", type=Path, default=None, help="append the table to this BENCHMARKS.md")
     ap.add_argument("--json", type=Path, default=None, help="also write results as JSON here")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
 
     from forge_batch import LLM
     from forge_batch.models.registry import resolve_model_path
@@ -255,10 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             engine_kwargs[k] = v
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    results: list[Result] = []
 
     t0 = time.monotonic()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
+    llm: Any = LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
     from forge_batch import SamplingParams
 
     first = llm.generate(["Hello"], SamplingParams(max_tokens=1, temperature=0.0))[0]
@@ -275,46 +329,50 @@ def main(argv: list[str] | None = None) -> int:
         "W2": ("W2", chat_prompts(args.num_prompts, SYSTEM_PROMPT), args.max_tokens, None),
         "W3": ("W3", w1_prompts, args.max_tokens, {"json_schema": BENCH_SCHEMA}),
     }
-    for w in workloads:
-        name, prompts, max_tokens, constraint = plan[w]
-        print(f"running {name} on forge-batch ...", file=sys.stderr)
-        try:
-            results.append(run_ours(llm, name, prompts, max_tokens, constraint))
-        except Exception as exc:  # e.g. W3 before the constraint plugin exists
-            print(f"  {name} failed: {exc}", file=sys.stderr)
-            continue
-        if w == "W2" and not args.no_prefix_caching_baseline:
-            del llm
-            gc.collect()
-            off = LLM(args.model, device=args.device, dtype=args.dtype, **{**engine_kwargs, "enable_prefix_caching": False})
-            r = run_ours(off, "W2 (prefix caching off)", prompts, max_tokens)
-            results.append(r)
-            del off
-            gc.collect()
+    hf_dtype = args.hf_dtype
+    if hf_dtype == "same":
+        hf_dtype = dtype_name if dtype_name in ("bfloat16", "float32") else "float32"
+    hf_sizes = [int(x) for x in args.hf_batch_sizes.split(",")]
+    # Rounds: every engine and workload once per round, in the same order, so the machine's drift over
+    # a long run (+-40% on a shared 2-core VM) lands on both sides of each ratio alike.
+    rounds: list[list[Result]] = []
+    for rnd in range(args.repeat):
+        if args.repeat > 1:
+            print(f"round {rnd + 1} of {args.repeat}", file=sys.stderr)
+        results: list[Result] = []
+        if llm is None:
             llm = LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
-    if args.against == "transformers":
-        model_path = resolve_model_path(args.model)
-        del llm
-        gc.collect()
-        sizes = [int(x) for x in args.hf_batch_sizes.split(",")]
-        hf_dtype = args.hf_dtype
-        if hf_dtype == "same":
-            hf_dtype = dtype_name if dtype_name in ("bfloat16", "float32") else "float32"
         for w in workloads:
-            if w == "W3":
-                continue  # transformers has no built-in JSON-schema constraint
-            name, prompts, max_tokens, _ = plan[w]
-            print(f"running {name} on transformers ...", file=sys.stderr)
-            results.append(run_transformers(model_path, name, prompts, max_tokens, hf_dtype,
-                                            [1] if w == "W0" else sizes))
+            name, prompts, max_tokens, constraint = plan[w]
+            print(f"running {name} on forge-batch ...", file=sys.stderr)
+            try:
+                results.append(run_ours(llm, name, prompts, max_tokens, constraint))
+            except Exception as exc:  # e.g. W3 before the constraint plugin exists
+                print(f"  {name} failed: {exc}", file=sys.stderr)
+                continue
+            if w == "W2" and not args.no_prefix_caching_baseline:
+                del llm
+                gc.collect()
+                off = LLM(args.model, device=args.device, dtype=args.dtype,
+                          **{**engine_kwargs, "enable_prefix_caching": False})
+                results.append(run_ours(off, W2_NO_PREFIX_CACHING, prompts, max_tokens))
+                del off
+                gc.collect()
+                llm = LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
+        if args.against == "transformers":
+            llm = None  # its KV cache: free the memory for transformers
+            gc.collect()
+            for w in workloads:
+                if w == "W3":
+                    continue  # transformers has no built-in JSON-schema constraint
+                name, prompts, max_tokens, _ = plan[w]
+                print(f"running {name} on transformers ...", file=sys.stderr)
+                results.append(run_transformers(resolve_model_path(args.model), name, prompts, max_tokens, hf_dtype,
+                                                [1] if w == "W0" else hf_sizes))
+        rounds.append(results)
+    results = [median_round(rounds, key) for key in dict.fromkeys((r.engine, r.workload) for r in rounds[0])]
     out = table(results)
-    ratios = []
-    for w in workloads:
-        ours = next((r for r in results if r.engine == "forge-batch" and r.workload == w), None)
-        ref = next((r for r in results if r.engine == "transformers" and r.workload == w), None)
-        if ours and ref:
-            ratios.append(f"{w}: forge-batch / transformers = {ours.output_tok_s / ref.output_tok_s:.2f}x "
-                          f"({dtype_name} vs {ref.extra['dtype']})")
+    ratios = ratio_lines(rounds, workloads, dtype_name)
     header = (
         f"### {date.today().isoformat()} · commit {_git_commit()} · {platform.machine()} "
         f"{platform.processor() or ''} · {llm_device_desc(args.device)}\n\n"

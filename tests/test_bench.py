@@ -43,3 +43,43 @@ def test_bench_runs_transformers_in_another_dtype_when_asked(tiny_model_dir, tmp
     hf = next(r for r in results if r["engine"] == "transformers")
     assert hf["extra"]["dtype"] == "bfloat16"
     assert re.search(r"W1: forge-batch / transformers = [0-9.]+x \(float32 vs bfloat16\)", capsys.readouterr().out)
+
+
+def test_bench_repeat_interleaves_rounds_and_reports_medians_and_our_own_ratios(tiny_model_dir, tmp_path, capsys):
+    """--repeat N: every engine and workload once per round; the table keeps each one's median round and
+    lists every round's figure, and each ratio (against transformers, and the issue's W3 / W1) is the
+    median of the per-round ratios with their range."""
+    rc = bench.main([
+        "--model", str(tiny_model_dir), "--workloads", "W1,W3", "--num-prompts", "2", "--max-tokens", "3",
+        "--dtype", "float32", "--against", "transformers", "--hf-batch-sizes", "2", "--repeat", "3",
+        "--json", str(tmp_path / "results.json"),
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted((r["engine"], r["workload"]) for r in results) == [
+        ("forge-batch", "W1"), ("forge-batch", "W3"), ("transformers", "W1")
+    ]
+    for r in results:  # the reported round is the median of the three listed
+        rounds = [float(x) for x in r["extra"]["rounds_tok_s"].split("/")]
+        assert len(rounds) == 3
+        assert round(r["output_tok_s"]) == sorted(rounds)[1]
+    range_ = r"[0-9.]+x \(median of 3 rounds, ([0-9.]+)-([0-9.]+)\)"
+    assert re.search(r"W1: forge-batch / transformers = " + range_ + r" \(float32 vs float32\)", printed)
+    m = re.search(r"forge-batch W3 / W1 = ([0-9.]+)x \(median of 3 rounds, ([0-9.]+)-([0-9.]+)\)", printed)
+    assert m and float(m[2]) <= float(m[1]) <= float(m[3])
+
+
+def test_bench_ratio_lines_take_each_ratio_within_a_round():
+    def result(engine, workload, tok_s):
+        return bench.Result(engine, workload, tok_s, tok_s, None, None, None, 1.0, 1.0, {"dtype": "float32"})
+
+    rounds = [
+        [result("forge-batch", "W1", 100), result("forge-batch", "W2", 90), result("forge-batch", "W2 (prefix caching off)", 40)],
+        [result("forge-batch", "W1", 200), result("forge-batch", "W2", 190), result("forge-batch", "W2 (prefix caching off)", 100)],
+    ]
+    lines = bench.ratio_lines(rounds, ["W1", "W2"], "float32")
+    # per round 0.90 and 0.95 (not 280 / 300 pooled); the lower middle of two is reported
+    assert "forge-batch W2 / W1 = 0.90x (median of 2 rounds, 0.90-0.95)" in lines
+    assert "forge-batch W2 / W2 (prefix caching off) = 1.90x (median of 2 rounds, 1.90-2.25)" in lines
+    assert bench.ratio_lines(rounds[:1], ["W1", "W2"], "float32")[0] == "forge-batch W2 / W1 = 0.90x"
