@@ -83,3 +83,12 @@ def test_bench_ratio_lines_take_each_ratio_within_a_round():
     assert "forge-batch W2 / W1 = 0.90x (median of 2 rounds, 0.90-0.95)" in lines
     assert "forge-batch W2 / W2 (prefix caching off) = 1.90x (median of 2 rounds, 1.90-2.25)" in lines
     assert bench.ratio_lines(rounds[:1], ["W1", "W2"], "float32")[0] == "forge-batch W2 / W1 = 0.90x"
+
+
+def test_prefix_cache_hit_rate_is_the_workloads_own():
+    """The engine's hit counters run over its lifetime; a workload's note counts only its own lookups
+    (W1's round 2 showed 0.87 after W2's hits, against W1's own 0.51)."""
+    before = {"prefix_cache_hits": 90, "prefix_cache_queries": 100}
+    assert bench._delta_rate(before, {"prefix_cache_hits": 90, "prefix_cache_queries": 150}) == 0.0
+    assert bench._delta_rate(before, {"prefix_cache_hits": 100, "prefix_cache_queries": 120}) == 0.5
+    assert bench._delta_rate(before, before) == 0.0

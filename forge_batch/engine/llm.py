@@ -353,6 +353,7 @@ class LLM:
         s.preemptions = self.scheduler.num_preemptions
         s.prefix_cache_hit_rate = bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0
         d = dict(s.__dict__)
+        d["prefix_cache_hits"], d["prefix_cache_queries"] = bm.prefix_hits, bm.prefix_queries
         d.update(d.pop("extra"))
         return d
 
