@@ -78,6 +78,8 @@ def _build() -> ctypes.CDLL:
                                     i64, f32, ctypes.c_int]
     lib.decode_step_f32.restype = None
     lib.decode_layer_fields.restype = i64
+    lib.ban_masked_f32.argtypes = [vp, vp, i64, i64, i64, f32, ctypes.c_int]
+    lib.ban_masked_f32.restype = None
     return lib
 
 
@@ -179,6 +181,16 @@ def paged_decode_attention(
        _ptr(init_out), _ptr(init_lse),
        b, h, hkv, d, block_size, tables.shape[1], shared, float(scale), torch.get_num_threads())
     return out
+
+
+def ban_masked(logits: torch.Tensor, bitmask: torch.Tensor, penalty: float) -> None:
+    """In place: logits [S, V] float32 -= penalty where bitmask [S, ceil(V/32)] int32 has the token's bit
+    clear (constraints.apply_bitmask's CPU path, same result as its numpy version)."""
+    assert _lib is not None or available()
+    rows, vocab = logits.shape
+    _lib.ban_masked_f32(  # type: ignore[union-attr]
+        logits.data_ptr(), bitmask.data_ptr(), rows, vocab, bitmask.shape[1], float(penalty), torch.get_num_threads()
+    )
 
 
 def rms_norm(

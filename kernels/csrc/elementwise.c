@@ -69,3 +69,23 @@ void silu_and_mul_f32(const float* x, float* out, int64_t rows, int64_t cols, in
     for (int64_t r = 0; r < rows; r++)
         silu_and_mul_span_f32(x + r * 2 * cols, x + r * 2 * cols + cols, out + r * cols, 0, cols);
 }
+
+/* Structured output: logits [rows, vocab] -= penalty where bit t % 32 of mask word t / 32 of the row is
+ * clear (mask [rows, words] int32, bit set = allowed; constraints.apply_bitmask). Branch-free per word so
+ * it vectorises: ~6M logits a step at batch 128, where numpy's unpackbits + a torch subtraction took
+ * ~8 ms. The subtraction is the same float operation as that path's, so the results are identical. */
+void ban_masked_f32(float* logits, const int32_t* mask, int64_t rows, int64_t vocab, int64_t words, float penalty,
+                    int num_threads) {
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static)")
+    for (int64_t r = 0; r < rows; r++) {
+        float* row = logits + r * vocab;
+        const uint32_t* bits = (const uint32_t*)mask + r * words;
+        for (int64_t w = 0; w * 32 < vocab; w++) {
+            const uint32_t word = bits[w];
+            if (word == 0xffffffffu) continue;
+            const int64_t base = w * 32, n = vocab - base < 32 ? vocab - base : 32;
+            _Pragma("omp simd")
+            for (int i = 0; i < (int)n; i++) row[base + i] -= ((word >> i) & 1u) ? 0.f : penalty;
+        }
+    }
+}
