@@ -193,6 +193,15 @@ def ban_masked(logits: torch.Tensor, bitmask: torch.Tensor, penalty: float) -> N
     )
 
 
+def ban_masked_ok(logits: torch.Tensor, bitmask: torch.Tensor) -> bool:
+    """Whether ban_masked takes these: contiguous CPU float32 logits [S, V], int32 bitmask [S, >= V/32]."""
+    return (
+        logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.is_contiguous()
+        and bitmask.dtype == torch.int32 and bitmask.device.type == "cpu" and bitmask.is_contiguous()
+        and bitmask.shape[0] == logits.shape[0] and bitmask.shape[1] * 32 >= logits.shape[1] and available()
+    )
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -182,10 +182,10 @@ def test_apply_bitmask_c_kernel_matches_the_numpy_path_bit_for_bit(monkeypatch):
         bitmask[0], bitmask[1], bitmask[2, ::3] = 0, -1, 0
         logits = torch.randn(6, vocab, generator=g) * 30
         logits[3, :3] = torch.tensor([float("-inf"), float("nan"), -0.0])
-        assert constraints._cpu_kernel_fits(logits, bitmask)
+        assert cpu_ops.ban_masked_ok(logits, bitmask)
         fast = logits.clone()
         constraints.apply_bitmask(fast, bitmask)
-        monkeypatch.setattr(constraints, "_cpu_kernel_fits", lambda *a: False)
+        monkeypatch.setattr(cpu_ops, "ban_masked_ok", lambda *a: False)
         slow = logits.clone()
         constraints.apply_bitmask(slow, bitmask)
         monkeypatch.undo()
