@@ -1,4 +1,4 @@
-"""MKL-packed matmul weights (the float32 CPU path): same numbers as F.linear, used where they pay."""
+"""MKL-packed matmul weights (the float32 CPU path): the same numbers as F.linear at any row count."""
 
 from __future__ import annotations
 
@@ -8,20 +8,37 @@ import torch.nn.functional as F
 
 from forge_batch.engine.llm import LLM
 from forge_batch.engine.sampling_params import SamplingParams
+from forge_batch.kernels import mkl_packed
 from forge_batch.models import llama
 
-pytestmark = pytest.mark.skipif(not llama.mkl_packing_available(), reason="torch built without MKL")
+pytestmark = pytest.mark.skipif(not mkl_packed.available(), reason="torch built without MKL")
 
 
-@pytest.mark.parametrize("rows", [1, llama.PACKED_MIN_ROWS - 1, llama.PACKED_MIN_ROWS, 130, 700])
+@pytest.mark.parametrize("rows", [1, llama.PACKED_MIN_ROWS - 1, llama.PACKED_MIN_ROWS, 97, 128, 130, 700])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_linear_is_bit_identical(rows, with_bias):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 64, generator=g)
     b = torch.randn(96, generator=g) if with_bias else None
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 128)
+    packed = mkl_packed.pack(w)
     x = torch.randn(rows, 64, generator=g)
     assert torch.equal(llama.linear(x, w, b, packed), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 37, 100, 128, 129, 300])
+def test_one_packing_serves_every_row_count(rows):
+    """One pack of the default model's widest shapes computes any row count (torch's own packed op only
+    the count it was packed for): F.linear's numbers up to float rounding, the output a fresh tensor."""
+    g = torch.Generator().manual_seed(rows)
+    for n, k in ((3072, 576), (576, 1536)):
+        w = torch.randn(n, k, generator=g) * 0.05
+        packed = mkl_packed.pack(w)
+        assert (packed.n, packed.k) == (n, k)
+        x = torch.randn(2 * rows, k, generator=g)[::2]  # not contiguous: linear copies it
+        y = mkl_packed.linear(x, packed)
+        assert y.shape == (rows, n) and y.is_contiguous()
+        torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert mkl_packed.linear(torch.empty(0, k), packed).shape == (0, n)
 
 
 def test_engine_packs_float32_cpu_weights_and_matches_unpacked(tiny_model_dir):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_batch import kernels
+from forge_batch.kernels import mkl_packed
 from forge_batch.kernels.cpu_ops import (
     WEIGHT_GEMV_MAX_ROWS,
     DecodeLayerWeights,
@@ -26,21 +27,17 @@ from forge_batch.kernels.cpu_ops import (
     quantize_weight_int8,
     weight_gemv,
 )
+from forge_batch.kernels.mkl_packed import PackedWeight
 from forge_batch.models.config import ModelConfig
 
-# Weights repacked once into MKL's own GEMM layout run the model's skinny matmuls 20-40% faster on the
-# CPU at batch sizes of a decode step, with bit-identical results (the same MKL kernel underneath). At a
-# few rows the packed layout reads more memory than it saves, so small batches keep F.linear.
+# Float32 weights packed once into MKL's GEMM layout (kernels/mkl_packed.py) run the model's skinny matmuls
+# 20-40% faster on the CPU at a decode step's batch sizes, whatever the row count. Below 16 rows MKL sums in
+# another order than F.linear (and the few-row steps have their own paths), so those keep F.linear.
 PACKED_MIN_ROWS = 16
-_PACK_BATCH_HINT = 128
-
-
-def mkl_packing_available() -> bool:
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | Int8Weight | None = None, stored: StoredWeight | None = None) -> torch.Tensor:
+           packed: PackedWeight | Int8Weight | None = None, stored: StoredWeight | None = None) -> torch.Tensor:
     """F.linear, through the layer's other forms when the model has them: the checkpoint's own
     storage format for a few rows (``stored``, see keep_stored_weights), an int8 weight (quantization
     "int8", always used) or MKL's packed float32 weight (when the batch is large enough)."""
@@ -49,7 +46,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if isinstance(packed, Int8Weight):
         return int8_linear(x, packed, bias)
     if packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
-        return torch.ops.mkl._mkl_linear(x, packed, weight, bias, _PACK_BATCH_HINT)
+        return mkl_packed.linear(x, packed, bias)
     return F.linear(x, weight, bias)
 
 
@@ -127,7 +124,7 @@ class DecoderLayer(nn.Module):
         self.input_norm = empty(h)
         self.post_attn_norm = empty(h)
         # weight name -> its packed form: MKL float32 (pack_weights) or int8 (quantize_int8)
-        self.packed: dict[str, torch.Tensor | Int8Weight] = {}
+        self.packed: dict[str, PackedWeight | Int8Weight] = {}
         # weight name -> the same weight in its checkpoint's storage format (keep_stored_weights)
         self.stored: dict[str, StoredWeight] = {}
 
@@ -183,7 +180,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(config, config.max_position_embeddings),
                              persistent=False)
-        self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_packed: PackedWeight | None = None
         self.lm_head_stored: StoredWeight | None = None
         # Decode steps of up to WEIGHT_GEMV_MAX_ROWS sequences run as one C call (cpu_ops.DecodeStep) when
         # every layer's matmuls are kept in stored form; False keeps the layer-by-layer path (tests).
@@ -198,16 +195,12 @@ class LlamaForCausalLM(nn.Module):
         """Repack the matmul weights for MKL (float32 on the CPU only; see PACKED_MIN_ROWS): the LM head's,
         and the decoder layers' unless ``layers`` is False (they are int8 then). Call again after changing
         weights. Returns whether packing applies."""
-        if not self._cpu_float32() or not mkl_packing_available():
+        if not self._cpu_float32() or not mkl_packed.available():
             return False
-
-        def pack(w: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkl._mkl_reorder_linear_weight(w, _PACK_BATCH_HINT)
-
         if layers:
             for layer in self.layers:
-                layer.packed = {name: pack(w) for name, w in layer.matmul_weights().items()}
-        self.lm_head_packed = pack(self.lm_head)
+                layer.packed = {name: mkl_packed.pack(w) for name, w in layer.matmul_weights().items()}
+        self.lm_head_packed = mkl_packed.pack(self.lm_head)
         return True
 
     def keep_stored_weights(self, stored: dict[str, StoredWeight], layers: bool = True) -> int:
