@@ -12,8 +12,9 @@ the shrinking batches of outputs that end at different lengths (W3's JSON, any E
 Measured (the default model's four matmuls of one layer, ms, F.linear vs packed, median of 15 pairs):
 8 rows 2.41 vs 1.04, 16 rows 4.61 vs 1.35, 64 rows 4.90 vs 3.13, 96 rows 5.70 vs 4.30, 128 rows 6.75 vs
 5.33 (torch's 128-row packed path: 5.38), 256 rows 12.63 vs 10.68. From 16 rows on the results equal
-F.linear's bit for bit but for an occasional last-bit difference at large inner dimensions (tests/test_packed_weights.py);
-below 16 MKL sums in another order, so the model keeps F.linear there (PACKED_MIN_ROWS in models/llama.py).
+F.linear's bit for bit but for an occasional last-bit difference at large inner dimensions
+(tests/test_packed_weights.py); below 16 MKL sums in another order, so the model keeps F.linear there
+(PACKED_MIN_ROWS in models/llama.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ log = logging.getLogger("forge_batch.kernels")
 
 # CBLAS enum values (mkl_cblas.h)
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
+# The row count MKL's packing API asks for; its layout is the same for every m (see the module docstring).
+_NOMINAL_ROWS = 128
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -48,7 +51,8 @@ def _load() -> ctypes.CDLL | None:
     if not libs or not torch.backends.mkl.is_available():
         return None
     lib = ctypes.CDLL(str(libs[0]))
-    if not all(hasattr(lib, f) for f in ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute")):
+    needed = ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute")
+    if not all(hasattr(lib, f) for f in needed):
         return None
     i, vp, f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     lib.cblas_sgemm_pack_get_size.argtypes = [i, i, i, i]
@@ -79,13 +83,14 @@ def available() -> bool:
 
 
 def pack(weight: torch.Tensor) -> PackedWeight:
-    """Pack a [n, k] float32 CPU weight (the row count passed to MKL is nominal: any m computes)."""
+    """Pack a [n, k] float32 CPU weight; the packed form computes products of any row count."""
     assert _lib is not None, "call available() first"
     w = weight.detach().contiguous()
     n, k = w.shape
-    size = _lib.cblas_sgemm_pack_get_size(_B_MATRIX, 128, n, k)
+    size = _lib.cblas_sgemm_pack_get_size(_B_MATRIX, _NOMINAL_ROWS, n, k)
     data = torch.empty((size + 3) // 4, dtype=torch.float32)
-    _lib.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, 128, n, k, 1.0, w.data_ptr(), k, data.data_ptr())
+    _lib.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, _NOMINAL_ROWS, n, k, 1.0, w.data_ptr(), k,
+                          data.data_ptr())
     return PackedWeight(data, n, k)
 
 
@@ -96,8 +101,8 @@ def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = No
     m = x.shape[0]
     y = torch.empty((m, packed.n), dtype=torch.float32)
     if m:
-        _lib.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, packed.n, packed.k, x.data_ptr(), packed.k,
-                                 packed.data.data_ptr(), packed.k, 0.0, y.data_ptr(), packed.n)
+        _lib.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, packed.n, packed.k, x.data_ptr(),
+                                 packed.k, packed.data.data_ptr(), packed.k, 0.0, y.data_ptr(), packed.n)
     if bias is not None:
         y += bias
     return y
