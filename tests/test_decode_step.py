@@ -22,9 +22,9 @@ pytestmark = pytest.mark.skipif(
 BLOCK_SIZE = 16
 
 
-def _model(head_dim: int, bias: bool, fmt: str) -> LlamaForCausalLM:
+def _model(head_dim: int, bias: bool, fmt: str, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """A random 2-layer model whose matmul weights are kept in ``fmt`` (its float32 copies hold the
-    same values, as after loading a checkpoint of that format)."""
+    same values, as after loading a checkpoint of that format; a bfloat16 model's round them)."""
     heads, kv_heads = 6, 2
     hidden = heads * head_dim
     config = ModelConfig(
@@ -52,6 +52,11 @@ def _model(head_dim: int, bias: bool, fmt: str) -> LlamaForCausalLM:
                     offset += rows
                 assert offset == weight.shape[0]
     assert model.keep_stored_weights(stored) == 2 * 4
+    if dtype != torch.float32:
+        converted = LlamaForCausalLM(config, dtype)
+        converted.load_state_dict(model.state_dict())
+        assert converted.keep_stored_weights(stored) == 2 * 4
+        return converted
     return model
 
 
@@ -121,8 +126,8 @@ def test_decode_step_is_not_used_where_it_cannot_run(monkeypatch):
     ids, positions, caches, attn = _step_inputs(model, [5, 9], seed=0)
     assert model.decode_step(caches) is not None
     assert model.decode_step(caches) is model.decode_step(caches)  # built once per KV cache list
-    bf16_caches = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
-    assert model.decode_step(bf16_caches) is None  # the C step reads float32 caches only
+    half_caches = [(k.half(), v.half()) for k, v in caches]
+    assert model.decode_step(half_caches) is None  # the C step reads float32 or bfloat16 caches only
     monkeypatch.setattr(dispatch, "_backend", "reference")
     assert model.decode_step([(k.clone(), v.clone()) for k, v in caches]) is None  # a forced backend is obeyed
     assert model.decode_step(caches) is None  # ... also by a step built before it was forced
@@ -136,6 +141,47 @@ def test_decode_step_is_not_used_where_it_cannot_run(monkeypatch):
               attn.block_tables, attn.context_lens)
     with pytest.raises(ValueError, match="decode_step takes int64"):  # C would misread int32 indices
         fused(torch.zeros(2, 192), positions.int(), attn.slot_mapping, attn.block_tables, attn.context_lens)
+
+
+def test_decode_step_over_a_bfloat16_cache_rounds_only_what_it_stores():
+    """A bfloat16 cache (a bfloat16 model's): the step's arithmetic stays float32, the new tokens' K/V are
+    stored rounded to nearest even, and what it computes is the float32 step's over the rounded cache."""
+    model = _model(64, True, "Q4_1")
+    context_lens = [37, 5, 16]
+    ids, positions, caches, attn = _step_inputs(model, context_lens, seed=7)
+    half = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
+    wide = [(k.float(), v.float()) for k, v in half]  # the same values in float32
+    out_half = model(ids, positions, half, attn)
+    out_wide = model(ids, positions, wide, attn)
+    assert model.decode_step(half).kv_bf16 and not model.decode_step(wide).kv_bf16
+    slots = attn.slot_mapping.tolist()
+    rest = [s for s in range(half[0][0].shape[0] * BLOCK_SIZE) if s not in slots]
+    for (kh, vh), (kw, vw), (k0, v0) in zip(half, wide, caches):
+        for cache_h, cache_w, before in ((kh, kw, k0), (vh, vw, v0)):
+            flat_h, flat_w, old = cache_h.flatten(0, 1), cache_w.flatten(0, 1), before.flatten(0, 1).bfloat16()
+            assert torch.equal(flat_h[rest], old[rest]) and torch.equal(flat_w[rest], old[rest].float())
+            assert not torch.equal(flat_h[slots], old[slots])  # the new tokens' K/V were written
+    # layer 0 sees the same input either way, so its new K/V are the float32 step's, rounded
+    assert torch.equal(half[0][0].flatten(0, 1)[slots], wide[0][0].flatten(0, 1)[slots].bfloat16())
+    assert torch.equal(half[0][1].flatten(0, 1)[slots], wide[0][1].flatten(0, 1)[slots].bfloat16())
+    assert out_half.dtype == torch.float32
+    torch.testing.assert_close(out_half, out_wide, rtol=0.01, atol=0.01)
+    assert not torch.equal(out_half, out_wide)  # the rounded new K/V do reach the attention
+
+
+def test_bfloat16_model_runs_the_decode_step_close_to_its_layer_by_layer_path():
+    model = _model(64, False, "Q4_1", dtype=torch.bfloat16)
+    ids, positions, caches, attn = _step_inputs(model, [37, 5, 16, 120], seed=2)
+    half = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
+    layered_caches = [(k.clone(), v.clone()) for k, v in half]
+    assert model.decode_step(half) is not None
+    fused = model.compute_logits(model(ids, positions, half, attn))
+    model.use_decode_step = False
+    layered = model.compute_logits(model(ids, positions, layered_caches, attn))
+    assert fused.dtype == layered.dtype == torch.float32 and fused.shape == (4, model.config.vocab_size)
+    # float32 arithmetic against bfloat16 activations between the layer path's ops
+    torch.testing.assert_close(fused, layered, rtol=0.05, atol=0.05)
+    assert (fused.argmax(-1) == layered.argmax(-1)).float().mean() >= 0.75
 
 
 def test_engine_tokens_are_the_same_with_and_without_the_decode_step(tmp_path):

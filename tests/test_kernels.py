@@ -319,7 +319,8 @@ def test_dispatch_falls_back_once_with_one_warning(broken_triton: _BrokenOps, ca
         act = dispatch.silu_and_mul(x)
     assert torch.equal(first[0], reference.rms_norm(x, w, 1e-6)[0])
     assert torch.equal(second[0], reference.rms_norm(x, w, 1e-6, x)[0])
-    assert torch.equal(act, reference.silu_and_mul(x))
+    # the CPU kernel's exp is within an ulp of torch's, which itself differs by CPU (test_cpu_kernels)
+    torch.testing.assert_close(act, reference.silu_and_mul(x), atol=1e-6, rtol=1e-5)
     assert broken_triton.calls == 1  # after the first failure Triton is not tried again
     warnings = [r for r in caplog.records if r.name == "forge_batch.kernels" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "rms_norm" in warnings[0].getMessage()
@@ -349,7 +350,7 @@ def test_dispatch_cpu_auto_uses_reference_without_importing_triton(monkeypatch: 
     dispatch.reset_fallback()
     monkeypatch.setattr(dispatch, "_triton_ops", lambda: pytest.fail("Triton must not be touched on CPU"))
     x = torch.randn(2, 16)
-    assert torch.equal(dispatch.silu_and_mul(x), reference.silu_and_mul(x))
+    torch.testing.assert_close(dispatch.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

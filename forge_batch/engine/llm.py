@@ -44,6 +44,11 @@ from .sequence import Sequence
 
 log = logging.getLogger("forge_batch.engine")
 
+# A first run on a machine compiles the CPU kernels (about 2 s, then cached): without a GPU, start it at
+# import, so that it overlaps the rest of the start-up (reading the job, loading the weights).
+if not torch.cuda.is_available():
+    cpu_ops.build_in_background()
+
 # A prompt: text, a chat conversation (a list of {"role", "content"} messages), or token ids as vLLM's
 # TokensPrompt, {"prompt_token_ids": [...]}.
 PromptType = str | list[dict[str, Any]] | dict[str, Any]
@@ -184,8 +189,11 @@ class LLM:
                 raise ValueError("a ModelConfig as model needs load_format='dummy' (random weights)")
             config, state_dict, tokenizer = model, None, None
         else:
-            # the checkpoint's own weight format is kept only where weight_gemv can run (see below)
-            usable = self.device.type == "cpu" and self.dtype == torch.float32 and cpu_ops.weight_gemv_fast()
+            # the checkpoint's own weight format is kept only where weight_gemv can run (see below); the
+            # kernels compile (first run on a machine) while the weights load
+            usable = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+            if usable:
+                cpu_ops.build_in_background()
             config, state_dict, tokenizer = load_model_files(model, stored_weights if usable else None)
         self.config = config
         self.tokenizer = tokenizer
@@ -206,7 +214,7 @@ class LLM:
         # ... and, for steps of a few rows, the checkpoint's own weight format when it is smaller (a 4-bit
         # GGUF, bfloat16 safetensors): same products, a fraction of the bytes to read (keep_stored_weights).
         self.stored_weights = 0
-        if stored_weights:
+        if stored_weights and cpu_ops.weight_gemv_fast():
             self.stored_weights = self.model.keep_stored_weights(stored_weights, layers=self.quantization != "int8")
         del stored_weights
 

@@ -42,7 +42,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     storage format for a few rows (``stored``, see keep_stored_weights), an int8 weight (quantization
     "int8", always used) or MKL's packed float32 weight (when the batch is large enough)."""
     if stored is not None and x.shape[0] <= WEIGHT_GEMV_MAX_ROWS:
-        return weight_gemv(x, stored, bias)
+        # float32 arithmetic on the stored values; a bfloat16 model's rows go in and come back as bfloat16
+        return weight_gemv(x.float(), stored, bias).to(x.dtype)
+    if x.dtype != weight.dtype:  # decode_step's float32 output into a bfloat16 model's LM head
+        x = x.to(weight.dtype)
     if isinstance(packed, Int8Weight):
         return int8_linear(x, packed, bias)
     if packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
@@ -190,6 +193,10 @@ class LlamaForCausalLM(nn.Module):
     def _cpu_float32(self) -> bool:
         return self.embed_tokens.device.type == "cpu" and self.dtype == torch.float32
 
+    def _cpu_stored_ok(self) -> bool:
+        """Where stored weights and decode_step run: the CPU, float32 or bfloat16 (float32 arithmetic)."""
+        return self.embed_tokens.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+
     @torch.inference_mode()
     def pack_weights(self, layers: bool = True) -> bool:
         """Repack the matmul weights for MKL (float32 on the CPU only; see PACKED_MIN_ROWS): the LM head's,
@@ -208,9 +215,10 @@ class LlamaForCausalLM(nn.Module):
         name, from ``load_model_files(..., stored_weights=...)``), for steps of a few rows: there
         ``weight_gemv`` reads e.g. 4-bit blocks instead of the float32 copy, several times fewer bytes,
         with the same products. Fused weights (Q/K/V, gate/up) are kept when their parts share a format.
-        ``layers=False`` keeps only the LM head's (the layers are int8). CPU float32 models only; returns
-        how many of the model's matmul weights are kept."""
-        if not self._cpu_float32():
+        ``layers=False`` keeps only the LM head's (the layers are int8). CPU float32 or bfloat16 models
+        (a bfloat16 model's few-row steps then compute in float32 on the checkpoint's exact values);
+        returns how many of the model's matmul weights are kept."""
+        if not self._cpu_stored_ok():
             return 0
 
         def fused(prefix: str, names: tuple[str, ...]) -> StoredWeight | None:
@@ -283,26 +291,28 @@ class LlamaForCausalLM(nn.Module):
 
     def decode_step(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> DecodeStep | None:
         """The one-call decode step over these KV caches, or None when it cannot run: a layer's matmuls not
-        all kept in stored form (keep_stored_weights), not CPU float32, a non-default kernel backend."""
+        all kept in stored form (keep_stored_weights), not a CPU float32 or bfloat16 model, a non-default
+        kernel backend."""
         if kernels.get_backend() != "auto":  # checked on every call, as every kernel's dispatch does
             return None
         if self._decode_step is not None and self._decode_step[0] is kv_caches:
             return self._decode_step[1]
         step = None
-        if self._cpu_float32():
+        if self._cpu_stored_ok():
             layers = []
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
                 st = layer.stored
                 if not all(name in st for name in MATMUL_SOURCES):
                     break
-                lw = DecodeLayerWeights(layer.input_norm, layer.post_attn_norm, layer.qkv_bias, st["qkv"], st["o"],
-                                        st["gate_up"], st["down"], k_cache, v_cache)
+                bias = None if layer.qkv_bias is None else layer.qkv_bias.float()  # copies in a bf16 model
+                lw = DecodeLayerWeights(layer.input_norm.float(), layer.post_attn_norm.float(), bias, st["qkv"],
+                                        st["o"], st["gate_up"], st["down"], k_cache, v_cache)
                 if not DecodeStep.supports(lw):
                     break
                 layers.append(lw)
             else:
                 first = self.layers[0]
-                step = DecodeStep(layers, self.norm, self.config.rms_norm_eps, self.cos_sin_cache, first.num_heads,
+                step = DecodeStep(layers, self.norm.float(), self.config.rms_norm_eps, self.cos_sin_cache, first.num_heads,
                                   first.num_kv_heads, first.head_dim, self.config.intermediate_size,
                                   kv_caches[0][0].shape[1], first.scale)
         self._decode_step = (kv_caches, step)  # holding the list keeps its identity (the key) unique
@@ -322,8 +332,8 @@ class LlamaForCausalLM(nn.Module):
             and self.layers[0].stored and input_ids.device.type == "cpu"
         ):
             step = self.decode_step(kv_caches)
-            if step is not None:
-                return step(hidden, positions, attn.slot_mapping, attn.block_tables, attn.context_lens)
+            if step is not None:  # float32 hidden states out, also in a bfloat16 model (see compute_logits)
+                return step(hidden.float(), positions, attn.slot_mapping, attn.block_tables, attn.context_lens)
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv, attn, self.cos_sin_cache)

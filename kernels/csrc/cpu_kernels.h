@@ -10,7 +10,8 @@
 /* exp(x) in float32 to within 2 ulp, for silu and the attention's softmax, written so the compiler
  * vectorises it (libm's expf is a scalar call: it made silu_and_mul five times slower than torch's at a
  * batch's 128 rows): x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-6 polynomial (the one torch's
- * vectorised silu uses, so ours matches it bit for bit), 2^n put into the exponent bits. Past the float
+ * vectorised silu uses: ours matched it bit for bit on an AVX-512 Xeon, within an ulp on a Sapphire Rapids
+ * where torch picks another path), 2^n put into the exponent bits. Past the float
  * range (e^-87.3 ~ 1e-38, e^88.3 ~ 2e38) it returns 0 and inf, as expf does. */
 static inline float exp_f32(float arg) {
     const float x = arg < -87.3f ? -87.3f : (arg > 88.3f ? 88.3f : arg);
@@ -29,6 +30,13 @@ static inline float exp_f32(float arg) {
     return arg > 88.3f ? INFINITY : (arg < -87.3f ? 0.f : p * two_n.f);
 }
 
+/* float32 -> bfloat16, rounded to nearest even as torch rounds; NaN stays NaN. */
+static inline uint16_t bf16_from_f32(float x) {
+    union { float f; uint32_t u; } v = { .f = x };
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
 /* elementwise.c: one row of rms_norm_f32 (residual / residual_out NULL without a residual). */
 void rms_norm_row_f32(const float* x, const float* residual, const float* weight, float eps, float* out,
                       float* residual_out, int64_t cols);
@@ -39,6 +47,11 @@ void silu_and_mul_span_f32(const float* gate, const float* up, float* out, int64
 void rotary_store_kv_token_f32(float* q, float* k, const float* v, int64_t position, const float* cos_sin,
                                int64_t heads, int64_t kv_heads, int64_t d, float* k_cache, float* v_cache,
                                int64_t slot);
+
+/* rotary_store_kv.c: the same for a bfloat16 cache (K and V rounded as they are stored). */
+void rotary_store_kv_token_f32_bf16_cache(float* q, float* k, const float* v, int64_t position,
+                                          const float* cos_sin, int64_t heads, int64_t kv_heads, int64_t d,
+                                          uint16_t* k_cache, uint16_t* v_cache, int64_t slot);
 
 /* weight_gemv.c: inside a parallel region, this thread's contiguous share of the N rows of
  * y = x @ W^T (+ bias); x [m_rows <= 8, k], y [m_rows, n_rows]. */
@@ -53,4 +66,9 @@ void paged_decode_attention_item_f32(const float* q, const float* k_cache, const
                                      const int64_t* table, int64_t ctx, float* out, int64_t group,
                                      int64_t head_dim, int64_t kv_heads, int64_t block_size, float scale,
                                      float* scratch);
+/* The same item over a bfloat16 cache (queries and output stay float32). */
+void paged_decode_attention_item_f32_bf16_cache(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                                                const int64_t* table, int64_t ctx, float* out, int64_t group,
+                                                int64_t head_dim, int64_t kv_heads, int64_t block_size,
+                                                float scale, float* scratch);
 #endif

@@ -10,7 +10,9 @@
  * Each stage calls the same single-threaded function the stand-alone kernel uses (cpu_kernels.h), in the
  * same order, so a step computes what the layer-by-layer path computes with stored weights
  * (LlamaForCausalLM.forward with keep_stored_weights): matmuls through weight_gemv, rms_norm,
- * rotary + KV store, paged decode attention (without a cascade prefix), silu_and_mul.
+ * rotary + KV store, paged decode attention (without a cascade prefix), silu_and_mul. A bfloat16 model
+ * runs it too (kv_bf16): its stored weights are the same, activations stay float32 here, and only the K/V
+ * it writes and reads are bfloat16, which makes a one-stream step read fewer bytes than bfloat16 matmuls.
  * Reference: that layer-by-layer path (tests/test_decode_step.py).
  */
 #include <stdint.h>
@@ -26,7 +28,8 @@ typedef struct {
 } stored_weight;
 
 /* One decoder layer: pointers to its float32 norm weights, optional Q/K/V bias (0 when none), matmul
- * weights and KV cache [blocks, block_size, kv_heads, head_dim]. Layout: cpu_ops.DecodeStep. */
+ * weights and KV cache [blocks, block_size, kv_heads, head_dim] (float32, or bfloat16 with kv_bf16:
+ * a bfloat16 model's cache; the step's own arithmetic stays float32). Layout: cpu_ops.DecodeStep. */
 typedef struct {
     int64_t input_norm, post_attn_norm, qkv_bias;
     stored_weight qkv, o, gate_up, down;
@@ -49,7 +52,7 @@ void decode_step_f32(const decode_layer* layers, int64_t num_layers, const float
                      float* hidden, float* out, int64_t m, const int64_t* positions, const int64_t* slots,
                      const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
                      const float* cos_sin, int64_t hidden_size, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                     int64_t intermediate, int64_t block_size, float scale, int num_threads) {
+                     int64_t intermediate, int64_t block_size, float scale, int kv_bf16, int num_threads) {
     const int64_t h = hidden_size, q_size = heads * head_dim, kv_size = kv_heads * head_dim;
     const int64_t qkv_cols = q_size + 2 * kv_size, inter = intermediate, group = heads / kv_heads;
     const int64_t att_floats = (decode_attention_scratch_floats(group, head_dim, block_size) + 15) / 16 * 16;
@@ -85,19 +88,32 @@ void decode_step_f32(const decode_layer* layers, int64_t num_layers, const float
             _Pragma("omp for schedule(static)")
             for (int64_t r = 0; r < m; r++) {
                 float* row = qkv + r * qkv_cols;
-                rotary_store_kv_token_f32(row, row + q_size, row + q_size + kv_size, positions[r], cos_sin, heads,
-                                          kv_heads, head_dim, PTR(float, L->k_cache), PTR(float, L->v_cache),
-                                          slots[r]);
+                if (kv_bf16)
+                    rotary_store_kv_token_f32_bf16_cache(row, row + q_size, row + q_size + kv_size, positions[r],
+                                                         cos_sin, heads, kv_heads, head_dim,
+                                                         PTR(uint16_t, L->k_cache), PTR(uint16_t, L->v_cache),
+                                                         slots[r]);
+                else
+                    rotary_store_kv_token_f32(row, row + q_size, row + q_size + kv_size, positions[r], cos_sin,
+                                              heads, kv_heads, head_dim, PTR(float, L->k_cache),
+                                              PTR(float, L->v_cache), slots[r]);
             }
             _Pragma("omp for schedule(dynamic, 1)")
             for (int64_t item = 0; item < m * kv_heads; item++) {
                 const int64_t b = item / kv_heads, kh = item % kv_heads;
                 const int64_t q_off = kh * group * head_dim;
-                paged_decode_attention_item_f32(qkv + b * qkv_cols + q_off, PTR(const float, L->k_cache) + kh * head_dim,
-                                                PTR(const float, L->v_cache) + kh * head_dim,
-                                                block_tables + b * max_blocks, context_lens[b],
-                                                att + b * q_size + q_off, group, head_dim, kv_heads, block_size,
-                                                scale, scratch);
+                if (kv_bf16)
+                    paged_decode_attention_item_f32_bf16_cache(
+                        qkv + b * qkv_cols + q_off, PTR(const uint16_t, L->k_cache) + kh * head_dim,
+                        PTR(const uint16_t, L->v_cache) + kh * head_dim, block_tables + b * max_blocks,
+                        context_lens[b], att + b * q_size + q_off, group, head_dim, kv_heads, block_size, scale,
+                        scratch);
+                else
+                    paged_decode_attention_item_f32(
+                        qkv + b * qkv_cols + q_off, PTR(const float, L->k_cache) + kh * head_dim,
+                        PTR(const float, L->v_cache) + kh * head_dim, block_tables + b * max_blocks,
+                        context_lens[b], att + b * q_size + q_off, group, head_dim, kv_heads, block_size, scale,
+                        scratch);
             }
             gemv_share(&L->o, att, m, NULL, hidden);
             _Pragma("omp barrier")

@@ -70,15 +70,15 @@ static inline v16 reduce16(const v16* t) {
  * nearly every model), so rows live in registers. Loops run head-outer, position-inner: a block's K (or
  * V) rows for one KV head are 16 x head_dim floats, read from memory by its first query head and from
  * L1 by the others. Cascade state of query head g is at row (g / per_kv) * init_kv_rows + g % per_kv. */
-#define DEFINE_ITEM(NAME, T, LOADV, STOREV)                                                            \
+#define DEFINE_ITEM(NAME, T, LOADV, STOREV, TC, LOADC)                                                \
 static inline __attribute__((always_inline)) void NAME(                                                 \
-        const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t ctx, T* out,      \
+        const T* q, const TC* k_cache, const TC* v_cache, const int64_t* table, int64_t ctx, T* out,    \
         int64_t group, int64_t per_kv, const int64_t nv, int64_t slot_stride, int64_t block_stride,     \
         int64_t block_size, int64_t first_block, float scale, float* s, float* m, float* l, v16* acc,  \
         const T* init_out, const float* init_lse, int64_t init_kv_rows) {                               \
     const int64_t head_dim = nv * 16;                                                                   \
     const int64_t nblocks = (ctx + block_size - 1) / block_size;                                        \
-    const int64_t span = group / per_kv * head_dim * (int64_t)sizeof(T); /* bytes of a row it reads */  \
+    const int64_t span = group / per_kv * head_dim * (int64_t)sizeof(TC); /* bytes of a row it reads */ \
     for (int64_t g = 0; g < group; g++) {                                                               \
         if (init_out) { /* positions before first_block already attended: output o, log-sum-exp L */   \
             const int64_t row = g / per_kv * init_kv_rows + g % per_kv;                                 \
@@ -92,12 +92,12 @@ static inline __attribute__((always_inline)) void NAME(                         
         }                                                                                               \
     }                                                                                                   \
     for (int64_t blk = first_block; blk < nblocks; blk++) {                                             \
-        const T* kblock = k_cache + table[blk] * block_stride;                                          \
-        const T* vblock = v_cache + table[blk] * block_stride;                                          \
+        const TC* kblock = k_cache + table[blk] * block_stride;                                          \
+        const TC* vblock = v_cache + table[blk] * block_stride;                                          \
         const int64_t n = (blk + 1) * block_size <= ctx ? block_size : ctx - blk * block_size;          \
         if (blk + 1 < nblocks) { /* the next block is elsewhere in memory: ask for it while this one runs */ \
-            const T* nk = k_cache + table[blk + 1] * block_stride;                                      \
-            const T* nvb = v_cache + table[blk + 1] * block_stride;                                     \
+            const TC* nk = k_cache + table[blk + 1] * block_stride;                                      \
+            const TC* nvb = v_cache + table[blk + 1] * block_stride;                                     \
             for (int64_t j = 0; j < block_size; j++)                                                    \
                 for (int64_t c = 0; c < span; c += 64) {                                                \
                     __builtin_prefetch((const char*)(nk + j * slot_stride) + c);                        \
@@ -105,8 +105,8 @@ static inline __attribute__((always_inline)) void NAME(                         
                 }                                                                                       \
         }                                                                                               \
         for (int64_t g = 0; g < group; g++) {                                                           \
-            const T* kbase = kblock + g / per_kv * head_dim;                                            \
-            const T* vbase = vblock + g / per_kv * head_dim;                                            \
+            const TC* kbase = kblock + g / per_kv * head_dim;                                            \
+            const TC* vbase = vblock + g / per_kv * head_dim;                                            \
             v16 qg[nv];                                                                                 \
             for (int64_t i = 0; i < nv; i++) qg[i] = LOADV(q + g * head_dim + 16 * i) * scale;          \
             float* sg = s + g * block_size;                                                             \
@@ -116,9 +116,9 @@ static inline __attribute__((always_inline)) void NAME(                         
                 v16 t[16];                                                                              \
                 for (int64_t j = 0; j < 16; j++) {                                                      \
                     if (j >= cnt) { t[j] = (v16){0}; continue; }                                        \
-                    const T* krow = kbase + (j0 + j) * slot_stride;                                     \
-                    v16 dot = qg[0] * LOADV(krow);                                                      \
-                    for (int64_t i = 1; i < nv; i++) dot += qg[i] * LOADV(krow + 16 * i);               \
+                    const TC* krow = kbase + (j0 + j) * slot_stride;                                     \
+                    v16 dot = qg[0] * LOADC(krow);                                                      \
+                    for (int64_t i = 1; i < nv; i++) dot += qg[i] * LOADC(krow + 16 * i);               \
                     t[j] = dot;                                                                         \
                 }                                                                                       \
                 store_f32(sg + j0, reduce16(t));                                                        \
@@ -144,14 +144,14 @@ static inline __attribute__((always_inline)) void NAME(                         
             for (int64_t i = 0; i < nv; i++) a2[i] = (v16){0};                                          \
             int64_t j = 0;                                                                              \
             for (; j + 1 < n; j += 2) {                                                                 \
-                const T* vrow = vbase + j * slot_stride;                                                \
+                const TC* vrow = vbase + j * slot_stride;                                                \
                 for (int64_t i = 0; i < nv; i++) {                                                      \
-                    a[i] += sg[j] * LOADV(vrow + 16 * i);                                               \
-                    a2[i] += sg[j + 1] * LOADV(vrow + slot_stride + 16 * i);                            \
+                    a[i] += sg[j] * LOADC(vrow + 16 * i);                                               \
+                    a2[i] += sg[j + 1] * LOADC(vrow + slot_stride + 16 * i);                            \
                 }                                                                                       \
             }                                                                                           \
             if (j < n)                                                                                  \
-                for (int64_t i = 0; i < nv; i++) a[i] += sg[j] * LOADV(vbase + j * slot_stride + 16 * i); \
+                for (int64_t i = 0; i < nv; i++) a[i] += sg[j] * LOADC(vbase + j * slot_stride + 16 * i); \
             for (int64_t i = 0; i < nv; i++) a[i] += a2[i];                                             \
             for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = a[i];                                    \
         }                                                                                               \
@@ -169,8 +169,8 @@ int64_t decode_attention_scratch_floats(int64_t group, int64_t head_dim, int64_t
 }
 
 /* An item with its scratch carved out and head_dim's vector count as a constant where it is common. */
-#define DEFINE_RUN_ITEM(NAME, ITEM, T)                                                                 \
-static void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t ctx, T* out, \
+#define DEFINE_RUN_ITEM(NAME, ITEM, T, TC)                                                             \
+static void NAME(const T* q, const TC* k_cache, const TC* v_cache, const int64_t* table, int64_t ctx, T* out, \
                  int64_t group, int64_t per_kv, int64_t head_dim, int64_t slot_stride, int64_t block_size, \
                  int64_t first_block, float scale, float* scratch, const T* init_out, const float* init_lse, \
                  int64_t init_kv_rows) {                                                                \
@@ -226,10 +226,13 @@ void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_t
     }                                                                                                   \
 }
 
-DEFINE_ITEM(attend_f32, float, load_f32, store_f32)
-DEFINE_ITEM(attend_bf16, uint16_t, load_bf16, store_bf16)
-DEFINE_RUN_ITEM(run_item_f32, attend_f32, float)
-DEFINE_RUN_ITEM(run_item_bf16, attend_bf16, uint16_t)
+DEFINE_ITEM(attend_f32, float, load_f32, store_f32, float, load_f32)
+DEFINE_ITEM(attend_bf16, uint16_t, load_bf16, store_bf16, uint16_t, load_bf16)
+/* float32 queries and output over a bfloat16 cache: decode_step.c's layers in a bfloat16 model */
+DEFINE_ITEM(attend_f32_bf16_cache, float, load_f32, store_f32, uint16_t, load_bf16)
+DEFINE_RUN_ITEM(run_item_f32, attend_f32, float, float)
+DEFINE_RUN_ITEM(run_item_bf16, attend_bf16, uint16_t, uint16_t)
+DEFINE_RUN_ITEM(run_item_f32_bf16_cache, attend_f32_bf16_cache, float, uint16_t)
 DEFINE_KERNEL(paged_decode_attention_f32, run_item_f32, float)
 DEFINE_KERNEL(paged_decode_attention_bf16, run_item_bf16, uint16_t)
 
@@ -240,4 +243,12 @@ void paged_decode_attention_item_f32(const float* q, const float* k_cache, const
                                      float* scratch) {
     run_item_f32(q, k_cache, v_cache, table, ctx, out, group, group, head_dim, kv_heads * head_dim, block_size, 0,
                  scale, scratch, NULL, NULL, 0);
+}
+
+void paged_decode_attention_item_f32_bf16_cache(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                                                const int64_t* table, int64_t ctx, float* out, int64_t group,
+                                                int64_t head_dim, int64_t kv_heads, int64_t block_size,
+                                                float scale, float* scratch) {
+    run_item_f32_bf16_cache(q, k_cache, v_cache, table, ctx, out, group, group, head_dim, kv_heads * head_dim,
+                            block_size, 0, scale, scratch, NULL, NULL, 0);
 }

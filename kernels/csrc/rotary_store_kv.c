@@ -43,6 +43,23 @@ void rotary_store_kv_token_f32(float* q, float* k, const float* v, int64_t posit
     }
 }
 
+void rotary_store_kv_token_f32_bf16_cache(float* q, float* k, const float* v, int64_t position,
+                                          const float* cos_sin, int64_t heads, int64_t kv_heads, int64_t d,
+                                          uint16_t* k_cache, uint16_t* v_cache, int64_t slot) {
+    const float* cs = cos_sin + position * d;
+    const int64_t kv_row = kv_heads * d;
+    rotate_heads(q, heads, d, cs, cs + d / 2);
+    rotate_heads(k, kv_heads, d, cs, cs + d / 2);
+    if (slot >= 0) {
+        uint16_t* kc = k_cache + slot * kv_row;
+        uint16_t* vc = v_cache + slot * kv_row;
+        for (int64_t i = 0; i < kv_row; i++) {
+            kc[i] = bf16_from_f32(k[i]);
+            vc[i] = bf16_from_f32(v[i]);
+        }
+    }
+}
+
 void rotary_store_kv_f32(float* q, float* k, const float* v, int64_t stride, const int64_t* positions,
                          const float* cos_sin, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d,
                          float* k_cache, float* v_cache, const int64_t* slots, int num_threads) {
