@@ -162,16 +162,25 @@ def run_ours(llm, workload: str, prompts, max_tokens: int, constraint: dict | No
 
 
 def run_transformers(model_path: Path, workload: str, prompts, max_tokens: int, dtype: str,
-                     batch_sizes: list[int]) -> Result:
-    """HF transformers' generate with static, left-padded batches; the best batch size is reported."""
+                     batch_sizes: list[int], gguf_weights: str = "dense") -> Result:
+    """HF transformers' generate with static, left-padded batches; the best batch size is reported.
+
+    A .gguf file loads through transformers' GGUF reader. ``gguf_weights="dense"`` (the default) unpacks
+    its weights into a plain model of ``dtype``, as transformers 5.23 loaded it for the issue's
+    reference figures; from 5.24 transformers can instead keep the 4-bit blocks and run its own
+    quantized matmuls ("packed"), a different, quantized engine that is reported as such."""
     import torch
     import transformers
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     t_load = time.monotonic()
-    # a Hugging Face directory loads as is; a .gguf file through transformers' GGUF reader
-    where = (model_path, {}) if model_path.is_dir() else (model_path.parent, {"gguf_file": model_path.name})
+    where: tuple[Path, dict[str, Any]] = (model_path, {})
+    if not model_path.is_dir():
+        where = (model_path.parent, {"gguf_file": model_path.name})
     tok = transformers.AutoTokenizer.from_pretrained(where[0], **where[1])
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if not model_path.is_dir() and gguf_config is not None:
+        where[1]["quantization_config"] = gguf_config(dequantize=gguf_weights == "dense")
     model = transformers.AutoModelForCausalLM.from_pretrained(where[0], dtype=torch_dtype, **where[1]).eval()
     load_s = time.monotonic() - t_load
     tok.padding_side = "left"
@@ -196,7 +205,8 @@ def run_transformers(model_path: Path, workload: str, prompts, max_tokens: int, 
         wall = time.monotonic() - t0
         r = Result("transformers", workload, out_tokens / wall, (out_tokens + prompt_tokens) / wall,
                    None, None, None, wall, _rss_mb(),
-                   {"batch_size": bs, "dtype": dtype, "load_s": round(load_s, 2)})
+                   {"batch_size": bs, "dtype": dtype, "load_s": round(load_s, 2),
+                    "weights": "dense" if model_path.is_dir() or gguf_config is None else f"gguf-{gguf_weights}"})
         if best is None or r.output_tok_s > best.output_tok_s:
             best = r
     assert best is not None
@@ -292,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-dtype", choices=["same", "float32", "bfloat16"], default="same",
                     help="transformers' dtype: 'same' as ours (default), or e.g. bfloat16 for the issue's "
                          "reference on a CPU where our default is float32")
+    ap.add_argument("--hf-gguf-weights", choices=["dense", "packed"], default="dense",
+                    help="a GGUF model in transformers: unpacked into dense weights of --hf-dtype (default; the "
+                         "issue's reference) or, on transformers >= 5.24, kept in its quantized blocks")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
                     help="run every engine and workload N times, interleaved, and report each one's median round "
                          "and the median of each round's ratios (the machine drifts over a long run)")
@@ -374,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 name, prompts, max_tokens, _ = plan[w]
                 print(f"running {name} on transformers ...", file=sys.stderr)
                 results.append(run_transformers(resolve_model_path(args.model), name, prompts, max_tokens, hf_dtype,
-                                                [1] if w == "W0" else hf_sizes))
+                                                [1] if w == "W0" else hf_sizes, args.hf_gguf_weights))
         rounds.append(results)
     results = [median_round(rounds, key) for key in dict.fromkeys((r.engine, r.workload) for r in rounds[0])]
     out = table(results)

@@ -78,15 +78,17 @@ def _build() -> ctypes.CDLL:
     lib.quantize_rows_s8.argtypes = [vp, vp, vp, i64, i64, ctypes.c_int]
     lib.dequantize_rows.argtypes = [vp, vp, vp, vp, vp, i64, i64, ctypes.c_int]
     lib.quantize_rows_s8.restype = lib.dequantize_rows.restype = None
-    lib.rms_norm_f32.argtypes = [vp, vp, vp, f32, vp, vp, i64, i64, ctypes.c_int]
-    lib.silu_and_mul_f32.argtypes = [vp, vp, i64, i64, ctypes.c_int]
-    lib.rms_norm_f32.restype = lib.silu_and_mul_f32.restype = None
+    for dt in ("f32", "bf16"):
+        getattr(lib, f"rms_norm_{dt}").argtypes = [vp, vp, vp, f32, vp, vp, i64, i64, ctypes.c_int]
+        getattr(lib, f"silu_and_mul_{dt}").argtypes = [vp, vp, i64, i64, ctypes.c_int]
+        getattr(lib, f"rotary_store_kv_{dt}").argtypes = [vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, vp, vp, vp,
+                                                          ctypes.c_int]
+        for name in ("rms_norm", "silu_and_mul", "rotary_store_kv"):
+            getattr(lib, f"{name}_{dt}").restype = None
     lib.weight_gemv_f32.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp, i64, vp, vp, ctypes.c_int]
     lib.weight_decode_f32.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp]
     lib.weight_gemv_f32.restype = lib.weight_decode_f32.restype = None
     lib.weight_gemv_simd.restype = ctypes.c_int
-    lib.rotary_store_kv_f32.argtypes = [vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int]
-    lib.rotary_store_kv_f32.restype = None
     lib.decode_step_f32.argtypes = [vp, i64, vp, f32, vp, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, i64,
                                     i64, f32, ctypes.c_int, ctypes.c_int]
     lib.decode_step_f32.restype = None
@@ -228,12 +230,14 @@ def ban_masked_ok(logits: torch.Tensor, bitmask: torch.Tensor) -> bool:
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.rms_norm for contiguous float32 [T, hidden] in one pass (two with a residual)."""
+    """reference.rms_norm for contiguous float32 or bfloat16 [T, hidden] (weight and residual of the same
+    dtype) in one pass (two with a residual)."""
     assert _lib is not None or available()
     rows, cols = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else x
-    _lib.rms_norm_f32(  # type: ignore[union-attr]
+    fn = _lib.rms_norm_bf16 if x.dtype == torch.bfloat16 else _lib.rms_norm_f32  # type: ignore[union-attr]
+    fn(
         x.data_ptr(), _ptr(residual), weight.data_ptr(), float(eps),
         out.data_ptr(), None if residual is None else res_out.data_ptr(), rows, cols, torch.get_num_threads(),
     )
@@ -241,11 +245,12 @@ def rms_norm(
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """reference.silu_and_mul for contiguous float32 [T, 2 * inter]."""
+    """reference.silu_and_mul for contiguous float32 or bfloat16 [T, 2 * inter]."""
     assert _lib is not None or available()
     rows, cols = x.shape[0], x.shape[1] // 2
     out = torch.empty((rows, cols), dtype=x.dtype)
-    _lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), rows, cols, torch.get_num_threads())  # type: ignore[union-attr]
+    fn = _lib.silu_and_mul_bf16 if x.dtype == torch.bfloat16 else _lib.silu_and_mul_f32  # type: ignore[union-attr]
+    fn(x.data_ptr(), out.data_ptr(), rows, cols, torch.get_num_threads())
     return out
 
 
@@ -253,10 +258,11 @@ def rotary_store_kv(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.rotary_embedding then reference.store_kv, float32, in one pass: q and k are rotated in
-    place (views of one buffer with a shared row stride, see rotary_store_kv_ok) and returned."""
+    """reference.rotary_embedding then reference.store_kv, float32 or bfloat16, in one pass: q and k are
+    rotated in place (views of one buffer with a shared row stride, see rotary_store_kv_ok) and returned."""
     t, h, d = q.shape
-    _lib.rotary_store_kv_f32(  # type: ignore[union-attr]
+    fn = _lib.rotary_store_kv_bf16 if q.dtype == torch.bfloat16 else _lib.rotary_store_kv_f32  # type: ignore[union-attr]
+    fn(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), positions.data_ptr(), cos_sin_cache.data_ptr(),
         t, h, k.shape[1], d, k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
         torch.get_num_threads(),
@@ -266,10 +272,12 @@ def rotary_store_kv(
 
 def rotary_store_kv_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
                        k_cache: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
-    """Whether rotary_store_kv takes these: CPU float32 rows of one stride, contiguous heads and cache."""
+    """Whether rotary_store_kv takes these: CPU float32 or bfloat16 rows of one stride (the cache of the
+    same dtype, the cos/sin table float32), contiguous heads and cache."""
     stride = q.stride(0)  # a single row's stride is arbitrary (never used)
     return (
-        q.dtype == k.dtype == v.dtype == k_cache.dtype == cos_sin_cache.dtype == torch.float32
+        q.dtype == k.dtype == v.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
+        and cos_sin_cache.dtype == torch.float32
         and q.device.type == "cpu" and (q.shape[0] <= 1 or k.stride(0) == v.stride(0) == stride)
         and q.stride(1) == k.stride(1) == v.stride(1) == q.shape[2] and q.stride(2) == k.stride(2) == v.stride(2) == 1
         and k_cache.is_contiguous() and cos_sin_cache.is_contiguous()

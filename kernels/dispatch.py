@@ -120,14 +120,15 @@ def _call(name: str, t: torch.Tensor, ref: Callable[..., Any], *args: Any) -> An
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """See ``reference.rms_norm``. CPU float32 under ``auto``: the compiled one-pass kernel (cpu_ops)."""
+    """See ``reference.rms_norm``. CPU float32 or bfloat16 under ``auto``: the compiled one-pass kernel
+    (cpu_ops)."""
     if _cpu_elementwise_ok(x, weight, residual):
         return cpu_ops.rms_norm(x, weight, eps, residual)
     return _call("rms_norm", x, reference.rms_norm, x, weight, eps, residual)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """See ``reference.silu_and_mul``. CPU float32 under ``auto``: the compiled kernel (cpu_ops)."""
+    """See ``reference.silu_and_mul``. CPU float32 or bfloat16 under ``auto``: the compiled kernel (cpu_ops)."""
     if _cpu_elementwise_ok(x):
         return cpu_ops.silu_and_mul(x)
     return _call("silu_and_mul", x, reference.silu_and_mul, x)
@@ -135,14 +136,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def _cpu_elementwise_ok(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     # Called several times per layer per step: plain checks, no generator (its cost showed in profiles).
-    if _backend != "auto" or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+    dtype = x.dtype
+    if _backend != "auto" or dtype not in _CPU_ELEMENTWISE_DTYPES or x.dim() != 2 or x.device.type != "cpu":
         return False
     if not x.is_contiguous() or _on_device(x) or not cpu_ops.available():
         return False
     for t in others:
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+        if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()):
             return False
     return True
+
+
+_CPU_ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def rotary_embedding(
@@ -157,7 +162,7 @@ def rotary_and_store_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rotary_embedding, then store_kv of the rotated keys and the values; returns the rotated (q, k).
-    CPU float32 under ``auto``: one compiled pass that rotates q and k in place (cpu_ops)."""
+    CPU float32 or bfloat16 under ``auto``: one compiled pass that rotates q and k in place (cpu_ops)."""
     if _backend == "auto" and not _on_device(q) and cpu_ops.rotary_store_kv_ok(
         q, k, v, cos_sin_cache, k_cache, positions, slot_mapping
     ):

@@ -115,10 +115,31 @@ def test_rms_norm_matches_reference(rows, hidden, with_residual):
     assert torch.equal(res_out, exp_res)  # the residual stream is a plain add: exact
 
 
+def _bf16_agrees(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Every value within one bfloat16 rounding step of the reference's, nearly all identical."""
+    assert got.dtype == expected.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-6, rtol=2**-7)
+    assert (got == expected).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (130, 96)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_bfloat16_rounds_where_the_reference_does(rows, hidden, with_residual):
+    g = torch.Generator().manual_seed(rows + hidden)
+    x = (torch.randn(rows, hidden, generator=g) * 3).bfloat16()
+    w = torch.randn(hidden, generator=g).bfloat16()
+    res = torch.randn(rows, hidden, generator=g).bfloat16() if with_residual else None
+    out, res_out = cpu_ops.rms_norm(x, w, 1e-5, res)
+    exp_out, exp_res = reference.rms_norm(x, w, 1e-5, res)
+    _bf16_agrees(out, exp_out)
+    assert torch.equal(res_out, exp_res)  # one add, rounded once: exact
+
+
 @pytest.mark.parametrize("rows,inter", [(1, 64), (9, 1536), (128, 40)])
 def test_silu_and_mul_matches_reference(rows, inter):
     x = torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4
     torch.testing.assert_close(cpu_ops.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-5)
+    _bf16_agrees(cpu_ops.silu_and_mul(x.bfloat16()), reference.silu_and_mul(x.bfloat16()))
 
 
 def test_silu_and_mul_exp_holds_over_the_whole_float_range():
@@ -131,12 +152,19 @@ def test_silu_and_mul_exp_holds_over_the_whole_float_range():
     torch.testing.assert_close(got, expected, atol=1e-30, rtol=2e-6)
 
 
-def test_dispatch_takes_the_compiled_elementwise_kernels_for_cpu_float32(monkeypatch):
+def test_dispatch_takes_the_compiled_elementwise_kernels_for_cpu_float32_and_bfloat16(monkeypatch):
     from forge_batch.kernels import dispatch
 
     calls = []
     monkeypatch.setattr(cpu_ops, "silu_and_mul", lambda x: calls.append("silu") or reference.silu_and_mul(x))
     dispatch.silu_and_mul(torch.randn(4, 8))
-    dispatch.silu_and_mul(torch.randn(4, 8, dtype=torch.bfloat16))  # not float32: the reference
+    dispatch.silu_and_mul(torch.randn(4, 8, dtype=torch.bfloat16))
+    dispatch.silu_and_mul(torch.randn(4, 8, dtype=torch.float16))  # float16: the reference
     dispatch.silu_and_mul(torch.randn(8, 4).t())  # not contiguous: the reference
-    assert calls == ["silu"]
+    assert calls == ["silu", "silu"]
+    norms = []
+    monkeypatch.setattr(cpu_ops, "rms_norm", lambda *a: norms.append(a[0].dtype) or reference.rms_norm(*a))
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    dispatch.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6, x)
+    dispatch.rms_norm(x, torch.ones(8), 1e-6)  # the weight in another dtype: the reference
+    assert norms == [torch.bfloat16]

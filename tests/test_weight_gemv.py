@@ -152,9 +152,11 @@ def _qkv_case(tokens: int, heads=9, kv_heads=3, dim=64, blocks=12, block_size=16
     return qkv, views, positions, slots, cache, cos_sin
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 7, 40])
-def test_rotary_store_kv_is_bit_identical_to_the_reference(tokens):
+def test_rotary_store_kv_is_bit_identical_to_the_reference(tokens, dtype):
     qkv, views, positions, slots, cache, cos_sin = _qkv_case(tokens)
+    qkv, cache = qkv.to(dtype), cache.to(dtype)  # bfloat16: rotated in float32, rounded once, as the reference
     q, k, v = views(qkv.clone())
     assert cpu_ops.rotary_store_kv_ok(q, k, v, cos_sin, cache, positions, slots)
     k_cache, v_cache = cache.clone(), cache.clone()
@@ -168,13 +170,16 @@ def test_rotary_store_kv_is_bit_identical_to_the_reference(tokens):
     assert torch.equal(k_cache, exp_k_cache) and torch.equal(v_cache, exp_v_cache)
 
 
-def test_dispatch_fuses_rotary_and_store_only_for_cpu_float32(monkeypatch):
+def test_dispatch_fuses_rotary_and_store_only_for_cpu_float32_and_bfloat16(monkeypatch):
     calls = []
     real = cpu_ops.rotary_store_kv
     monkeypatch.setattr(cpu_ops, "rotary_store_kv", lambda *a: calls.append(1) or real(*a))
     qkv, views, positions, slots, cache, cos_sin = _qkv_case(5)
     dispatch.rotary_and_store_kv(positions, *views(qkv.clone()), cos_sin, cache.clone(), cache.clone(), slots)
     assert calls == [1]
-    q, k, v = (t.bfloat16() for t in views(qkv))
+    q, k, v = views(qkv.bfloat16())
     dispatch.rotary_and_store_kv(positions, q, k, v, cos_sin, cache.bfloat16(), cache.bfloat16(), slots)
-    assert calls == [1]  # bfloat16: the reference's two steps
+    assert calls == [1, 1]
+    q, k, v = views(qkv.half())
+    dispatch.rotary_and_store_kv(positions, q, k, v, cos_sin, cache.half(), cache.half(), slots)
+    assert calls == [1, 1]  # float16: the reference's two steps

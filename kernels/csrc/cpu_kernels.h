@@ -30,6 +30,12 @@ static inline float exp_f32(float arg) {
     return arg > 88.3f ? INFINITY : (arg < -87.3f ? 0.f : p * two_n.f);
 }
 
+/* bfloat16 (the top half of a float32) -> float32, exactly. */
+static inline float f32_from_bf16(uint16_t h) {
+    union { uint32_t u; float f; } v = { .u = (uint32_t)h << 16 };
+    return v.f;
+}
+
 /* float32 -> bfloat16, rounded to nearest even as torch rounds; NaN stays NaN. */
 static inline uint16_t bf16_from_f32(float x) {
     union { float f; uint32_t u; } v = { .f = x };

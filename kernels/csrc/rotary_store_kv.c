@@ -1,6 +1,7 @@
 /* Rotary position embedding of a step's queries and keys, in place, and the keys and values written
  * into the paged cache: one pass over the fused QKV output instead of the torch reference's gather,
- * concatenations, four element-wise ops and two index_copy calls per layer. Float32 throughout.
+ * concatenations, four element-wise ops and two index_copy calls per layer. Float32, or bfloat16 rows
+ * rotated in float32 and rounded once (rotary_store_kv_bf16).
  *
  * q [T, H, D], k and v [T, Hkv, D] are rows of one buffer (row stride ``stride`` floats, e.g. views of
  * the fused QKV matmul's output); cos_sin [max_pos, D] holds cos of each frequency then sin (D / 2
@@ -40,6 +41,43 @@ void rotary_store_kv_token_f32(float* q, float* k, const float* v, int64_t posit
     if (slot >= 0) {
         memcpy(k_cache + slot * kv_row, k, (size_t)kv_row * sizeof(float));
         memcpy(v_cache + slot * kv_row, v, (size_t)kv_row * sizeof(float));
+    }
+}
+
+/* rotate_heads for bfloat16 rows: the same float32 arithmetic, the result rounded once (as the reference
+ * rotates a bfloat16 tensor: in float32, then .to(bfloat16)). */
+__attribute__((optimize("fp-contract=off"))) static void rotate_heads_bf16(uint16_t* x, int64_t heads, int64_t d,
+                                                                           const float* cos, const float* sin) {
+    const int64_t half = d / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        uint16_t* x1 = x + h * d;
+        uint16_t* x2 = x1 + half;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < half; i++) {
+            const float a = f32_from_bf16(x1[i]), b = f32_from_bf16(x2[i]);
+            const float a_cos = a * cos[i], b_sin = b * sin[i], b_cos = b * cos[i], a_sin = a * sin[i];
+            x1[i] = bf16_from_f32(a_cos + -b_sin);
+            x2[i] = bf16_from_f32(b_cos + a_sin);
+        }
+    }
+}
+
+/* rotary_store_kv_f32 for bfloat16 q, k, v and cache. */
+void rotary_store_kv_bf16(uint16_t* q, uint16_t* k, const uint16_t* v, int64_t stride, const int64_t* positions,
+                          const float* cos_sin, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d,
+                          uint16_t* k_cache, uint16_t* v_cache, const int64_t* slots, int num_threads) {
+    const int64_t kv_row = kv_heads * d;
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(tokens > 4)")
+    for (int64_t t = 0; t < tokens; t++) {
+        const float* cs = cos_sin + positions[t] * d;
+        uint16_t* qt = q + t * stride;
+        uint16_t* kt = k + t * stride;
+        rotate_heads_bf16(qt, heads, d, cs, cs + d / 2);
+        rotate_heads_bf16(kt, kv_heads, d, cs, cs + d / 2);
+        if (slots[t] >= 0) {
+            memcpy(k_cache + slots[t] * kv_row, kt, (size_t)kv_row * sizeof(uint16_t));
+            memcpy(v_cache + slots[t] * kv_row, v + t * stride, (size_t)kv_row * sizeof(uint16_t));
+        }
     }
 }
 
