@@ -158,6 +158,89 @@ def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
 
 
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+    max_context_len: int | None = None,
+) -> torch.Tensor:
+    """reference._prefill_attention (q [T, H, D], every sequence with at least one query) with the cascade
+    of paged_decode_attention: when the sequences' leading blocks are one shared, already-cached prefix (a
+    common system prompt) that every query comes after, all T x H query rows attend to it in one dense
+    product and each sequence's own blocks are attended separately; the two are merged by their
+    log-sum-exps. The reference instead gathers every sequence's whole context into a padded tensor
+    (W2's prefill: ~58 copies of the same 20 blocks per layer and step)."""
+    b = block_tables.shape[0]
+    t, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    shared = 0
+    if b >= 2 and block_tables.shape[1] > 0:
+        same = (block_tables == block_tables[:1]).all(0)
+        first_query = context_lens - q_lens
+        shared = min(int(same.cumprod(0).sum()), int(first_query.min()) // block_size)
+    if shared == 0 or t * shared * block_size < CASCADE_MIN_WORK:
+        return reference._prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
+                                            max_query_len, max_context_len)
+    group = h // hkv
+    prefix = shared * block_size
+    # the shared prefix: every query row of a KV head against its keys, no mask (all queries come after)
+    ids = block_tables[0, :shared].long()
+    k_pre = k_cache.index_select(0, ids).view(1, prefix, hkv, d).transpose(1, 2)
+    v_pre = v_cache.index_select(0, ids).view(1, prefix, hkv, d).transpose(1, 2)
+    q_rows = q.reshape(t, hkv, group, d).transpose(0, 1).reshape(1, hkv, t * group, d)
+    out_pre, lse_pre = _attention_with_lse(q_rows, k_pre, v_pre, scale)
+    out_pre = out_pre.view(hkv, t, group, d).transpose(0, 1).reshape(t, h, d)
+    lse_pre = lse_pre.view(hkv, t, group).transpose(0, 1).reshape(t, h)
+    # each sequence's own blocks, causal, positions counted from the prefix's end
+    out_own, lse_own = _prefill_with_lse(q, k_cache, v_cache, block_tables[:, shared:], query_start_loc,
+                                         context_lens - prefix, q_lens, scale)
+    top = torch.maximum(lse_pre, lse_own)
+    w_pre, w_own = torch.exp(lse_pre - top), torch.exp(lse_own - top)
+    merged = (out_pre.float() * w_pre[..., None] + out_own.float() * w_own[..., None]) / (w_pre + w_own)[..., None]
+    return merged.to(q.dtype)
+
+
+def _prefill_with_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      query_start_loc: torch.Tensor, context_lens: torch.Tensor, q_lens: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of each sequence's queries over its paged K/V, as reference._prefill_attention, also
+    returning each row's log-sum-exp: (out [T, H, D], lse [T, H] float32)."""
+    t, h, d = q.shape
+    b = block_tables.shape[0]
+    hkv = k_cache.shape[2]
+    group = h // hkv
+    max_q, max_ctx = int(q_lens.max()), int(context_lens.max())
+    k = reference._gather_kv(k_cache, block_tables, max_ctx).transpose(1, 2)  # [B, Hkv, L, D]
+    v = reference._gather_kv(v_cache, block_tables, max_ctx).transpose(1, 2)
+    steps = torch.arange(max_q)
+    valid_q = steps[None, :] < q_lens[:, None]  # [B, Q]
+    idx = (query_start_loc[:-1, None] + steps[None, :]).clamp(max=t - 1)
+    # rows of a KV head: (query, group member), so the G heads sharing it are one batch of rows
+    qp = q[idx].view(b, max_q, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, max_q * group, d)
+    q_pos = (context_lens - q_lens)[:, None] + steps[None, :]
+    k_pos = torch.arange(max_ctx)
+    visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < context_lens[:, None, None])
+    mask = visible.repeat_interleave(group, dim=1)[:, None]  # [B, 1, Q * G, L]
+    bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is not None:
+        out, lse = flash(qp, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        lse = lse.float()
+    else:
+        scores = torch.matmul(qp.float(), k.float().transpose(-1, -2)) * scale + bias.float()
+        lse = torch.logsumexp(scores, -1)
+        out = torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype)
+    out = out.view(b, hkv, max_q, group, d).permute(0, 2, 1, 3, 4).reshape(b, max_q, h, d)[valid_q]
+    lse = lse.view(b, hkv, max_q, group).permute(0, 2, 1, 3).reshape(b, max_q, h)[valid_q]
+    return out, lse
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -195,7 +195,8 @@ def paged_attention(
     max_context_len: int | None = None,
 ) -> torch.Tensor:
     """See ``reference.paged_attention``. On the CPU under ``auto``, decode rows take the compiled C kernel
-    (``cpu_ops``), which reads the paged cache in place instead of gathering it into padded tensors."""
+    (``cpu_ops``), which reads the paged cache in place instead of gathering it into padded tensors, and
+    prefill rows behind a shared cached prefix attend to it once (cpu_ops.paged_prefill_attention)."""
     ref = reference.paged_attention
     if _backend == "auto" and q.device.type == "cpu" and _cpu_decode_ok(q):
         ref = _reference_with_cpu_decode
@@ -206,7 +207,8 @@ def paged_attention(
 
 
 _reference_with_cpu_decode = functools.partial(
-    reference.paged_attention, decode_attention=cpu_ops.paged_decode_attention
+    reference.paged_attention, decode_attention=cpu_ops.paged_decode_attention,
+    prefill_attention=cpu_ops.paged_prefill_attention,
 )
 
 

@@ -129,8 +129,9 @@ def _gather_kv(
     # Padding entries (past a shorter sequence's last block) may hold any sentinel (-1, num_blocks ...):
     # clamp them to a real block; the positions they cover are masked out by the callers.
     ids = block_tables[:, :nblk].long().clamp(0, num_blocks - 1)
-    gathered = cache[ids]  # [B, nblk, block_size, Hkv, D]
-    return gathered.reshape(block_tables.shape[0], nblk * block_size, hkv, d)[:, :max_context_len]
+    # index_select of whole blocks (one copy each): ~20% faster than advanced indexing with a 2-D index
+    gathered = cache.index_select(0, ids.reshape(-1))  # [B * nblk, block_size, Hkv, D]
+    return gathered.view(block_tables.shape[0], nblk * block_size, hkv, d)[:, :max_context_len]
 
 
 def paged_attention(
@@ -144,6 +145,7 @@ def paged_attention(
     max_query_len: int | None = None,
     max_context_len: int | None = None,
     decode_attention=None,
+    prefill_attention=None,
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over each sequence's paged K/V; returns [T, H, D].
 
@@ -151,8 +153,11 @@ def paged_attention(
     sequence's q_len new tokens sits at position context_len - q_len + i and sees keys 0..that position.
     GQA: H must be a multiple of Hkv. The current tokens' K/V must already be stored (store_kv).
     ``decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)`` may replace the
-    one-token-per-sequence path (the compiled CPU kernel does; see dispatch).
+    one-token-per-sequence path (the compiled CPU kernel does; see dispatch), and ``prefill_attention``
+    (with _prefill_attention's arguments) the rest (cpu_ops.paged_prefill_attention does on the CPU).
     """
+    if prefill_attention is None:
+        prefill_attention = _prefill_attention
     if decode_attention is None:
         def decode_attention(q, k, v, tables, ctx, scale):
             return _decode_attention(q, k, v, tables, ctx, scale, None)
@@ -183,11 +188,11 @@ def paged_attention(
         tok = torch.repeat_interleave(starts[p_idx], p_lens) + (
             torch.arange(int(p_loc[-1]), device=q.device) - torch.repeat_interleave(p_loc[:-1], p_lens)
         )
-        out[tok] = _prefill_attention(
+        out[tok] = prefill_attention(
             q[tok], k_cache, v_cache, block_tables[p_idx], p_loc, context_lens[p_idx], scale, None, None
         )
         return out
-    return _prefill_attention(
+    return prefill_attention(
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, max_query_len, max_context_len
     )
 

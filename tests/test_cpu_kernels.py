@@ -168,3 +168,55 @@ def test_dispatch_takes_the_compiled_elementwise_kernels_for_cpu_float32_and_bfl
     dispatch.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6, x)
     dispatch.rms_norm(x, torch.ones(8), 1e-6)  # the weight in another dtype: the reference
     assert norms == [torch.bfloat16]
+
+
+def _prefill_case(dtype, q_lens, ctx_lens, shared_blocks, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16):
+    """A prefill step: sequence i has ctx_lens[i] tokens cached or new, its last q_lens[i] are the queries;
+    its first ``shared_blocks`` blocks are one set of physical blocks common to all, the rest its own."""
+    g = torch.Generator().manual_seed(sum(q_lens) + sum(ctx_lens))
+    width = max((n + block_size - 1) // block_size for n in ctx_lens)
+    num_blocks = shared_blocks + len(ctx_lens) * width + 2
+    k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    own = iter(torch.randperm(num_blocks - shared_blocks, generator=g).add(shared_blocks).tolist())
+    tables = torch.tensor([list(range(shared_blocks)) + [next(own) for _ in range(width - shared_blocks)]
+                           for _ in ctx_lens])
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=g).to(dtype)
+    loc = torch.tensor([0] + q_lens).cumsum(0)
+    return q, k, v, tables, loc, torch.tensor(ctx_lens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("q_lens", "ctx_lens", "shared"),
+    [
+        ([5, 1, 30, 12], [85, 81, 120, 92], 5),  # prompts behind a cached 80-token prefix
+        ([16, 40], [64 + 16, 64 + 40], 4),  # the queries start exactly at the prefix's end
+        ([3, 9, 2], [150, 100, 70], 3),  # chunked prefill: context beyond the prefix cached too
+    ],
+)
+def test_prefill_cascade_over_a_shared_prefix_matches_reference(monkeypatch, dtype, q_lens, ctx_lens, shared):
+    monkeypatch.setattr(cpu_ops, "CASCADE_MIN_WORK", 1)
+    q, k, v, tables, loc, ctx = _prefill_case(dtype, q_lens, ctx_lens, shared)
+    expected = reference._prefill_attention(q, k, v, tables, loc, ctx, 0.125, None, None)
+    calls = []
+    real = cpu_ops._attention_with_lse
+    monkeypatch.setattr(cpu_ops, "_attention_with_lse", lambda *a: calls.append(a[1].shape[2]) or real(*a))
+    got = cpu_ops.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125)
+    assert calls == [shared * 16]  # the prefix was attended once, as one dense product
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_prefill_cascade_needs_a_prefix_before_every_query(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "CASCADE_MIN_WORK", 1)
+    calls = []
+    monkeypatch.setattr(cpu_ops, "_attention_with_lse", lambda *a: calls.append(1))
+    # the second sequence's queries start inside the first common block: no cascade, the reference's answer
+    q, k, v, tables, loc, ctx = _prefill_case(torch.float32, [5, 40], [85, 50], 5)
+    expected = reference._prefill_attention(q, k, v, tables, loc, ctx, 0.125, None, None)
+    assert torch.equal(cpu_ops.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125), expected)
+    q, k, v, tables, loc, ctx = _prefill_case(torch.float32, [5], [85], 5)  # one sequence: nothing shared
+    assert torch.equal(cpu_ops.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125),
+                       reference._prefill_attention(q, k, v, tables, loc, ctx, 0.125, None, None))
+    assert calls == []

@@ -212,3 +212,11 @@ def test_zero_blocks_zeroes_exactly_the_given_blocks_of_every_layer(tiny_model_d
     for cache in (c for pair in runner.kv_caches for c in pair):
         assert (cache[chosen] == 0).all()
         assert cache[~chosen].isnan().all()
+
+
+def test_default_batch_size_follows_device_and_dtype(tiny_model_dir):
+    """No max_num_seqs given: 256 rows for a bfloat16 CPU model (its AMX / AVX512-BF16 matmuls keep
+    gaining to there), 128 otherwise; an explicit value always wins."""
+    assert LLM(str(tiny_model_dir), device="cpu", dtype="bfloat16").scheduler.config.max_num_seqs == 256
+    assert LLM(str(tiny_model_dir), device="cpu", dtype="float32").scheduler.config.max_num_seqs == 128
+    assert LLM(str(tiny_model_dir), device="cpu", dtype="bfloat16", max_num_seqs=7).scheduler.config.max_num_seqs == 7

@@ -1,4 +1,5 @@
-"""MKL-packed matmul weights (the float32 CPU path): the same numbers as F.linear at any row count."""
+"""Packed matmul weights on the CPU (MKL's for float32, oneDNN's for bfloat16): F.linear's numbers at any
+row count."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from forge_batch.engine.llm import LLM
 from forge_batch.engine.sampling_params import SamplingParams
-from forge_batch.kernels import mkl_packed
+from forge_batch.kernels import mkl_packed, onednn_packed
 from forge_batch.models import llama
 
 pytestmark = pytest.mark.skipif(not mkl_packed.available(), reason="torch built without MKL")
@@ -56,6 +57,44 @@ def test_engine_packs_float32_cpu_weights_and_matches_unpacked(tiny_model_dir):
     assert packed == plain
 
 
-def test_bfloat16_weights_are_not_packed(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    assert not llm.packed_weights and llm.model.lm_head_packed is None
+onednn = pytest.mark.skipif(not onednn_packed.available(), reason="torch without oneDNN's weight reordering")
+
+
+@onednn
+@pytest.mark.parametrize("rows", [1, 3, 16, 37, 128, 129, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_onednn_reordered_bfloat16_weight_gives_f_linear_bit_for_bit(rows, with_bias):
+    """One reorder serves every row count, with F.linear's exact numbers (the same oneDNN kernel, minus
+    the per-call reorder of the weight)."""
+    g = torch.Generator().manual_seed(rows)
+    for n, k in ((3072, 576), (576, 1536), (96, 64)):
+        w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+        b = torch.randn(n, generator=g).bfloat16() if with_bias else None
+        packed = onednn_packed.pack(w)
+        assert (packed.n, packed.k) == (n, k)
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        y = llama.linear(x, w, b, packed)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+        assert torch.equal(y, F.linear(x, w, b))
+
+
+@onednn
+def test_onednn_pack_rejects_what_it_cannot_reorder():
+    with pytest.raises(ValueError, match="bfloat16"):
+        onednn_packed.pack(torch.randn(8, 16))
+
+
+@onednn
+def test_engine_reorders_bfloat16_cpu_weights_and_matches_plain(tiny_model_dir):
+    prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="bfloat16", max_num_seqs=32)
+    assert llm.packed_weights and isinstance(llm.model.lm_head_packed, onednn_packed.OneDnnWeight)
+    assert {type(p) for p in llm.model.layers[0].packed.values()} == {onednn_packed.OneDnnWeight}
+    packed = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]  # 24 rows per decode step
+    assert all(len(ids) == 12 for ids in packed)
+    for layer in llm.model.layers:
+        layer.packed = {}
+    llm.model.lm_head_packed = None
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]
+    assert packed == plain

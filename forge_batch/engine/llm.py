@@ -78,6 +78,13 @@ def cpu_supports_bf16() -> bool:
     return ("avx512_bf16" in flags or "amx_bf16" in flags) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def default_max_num_seqs(device: torch.device, dtype: torch.dtype) -> int:
+    """Decode batch size when the caller gives none. A bfloat16 CPU model (AMX or AVX512-BF16 matmuls)
+    keeps gaining up to 256 rows: W1 on a 2-vCPU Sapphire Rapids 1237 tok/s at 128, 1421 at 256
+    (BENCHMARKS.md); float32 on the CPU and GPUs keep 128."""
+    return 256 if device.type == "cpu" and dtype == torch.bfloat16 else 128
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -148,7 +155,7 @@ class LLM:
         dtype: str | torch.dtype = "auto",
         block_size: int = 16,
         num_blocks: int | None = None,
-        max_num_seqs: int = 128,
+        max_num_seqs: int | None = None,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
@@ -172,6 +179,8 @@ class LLM:
             kernels.set_backend(kernel_backend)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if max_num_seqs is None:
+            max_num_seqs = default_max_num_seqs(self.device, self.dtype)
         if quantization not in (None, "none", "int8"):
             raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
         if quantization == "int8" and (self.device.type != "cpu" or self.dtype != torch.float32):
@@ -206,7 +215,8 @@ class LLM:
             self.model.load_weights(state_dict)
         self.model.eval()
         del state_dict
-        # float32 on the CPU: matmul weights in MKL's packed layout (same results, faster; pack_weights);
+        # On the CPU, matmul weights in MKL's packed layout (float32) or oneDNN's (bfloat16): same results,
+        # faster (pack_weights);
         # with quantization="int8" the decoder's matmuls are int8 instead (the LM head stays packed float32).
         if self.quantization == "int8":
             self.model.quantize_int8()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_batch import kernels
-from forge_batch.kernels import mkl_packed
+from forge_batch.kernels import mkl_packed, onednn_packed
 from forge_batch.kernels.cpu_ops import (
     WEIGHT_GEMV_MAX_ROWS,
     DecodeLayerWeights,
@@ -28,24 +28,30 @@ from forge_batch.kernels.cpu_ops import (
     weight_gemv,
 )
 from forge_batch.kernels.mkl_packed import PackedWeight
+from forge_batch.kernels.onednn_packed import OneDnnWeight
 from forge_batch.models.config import ModelConfig
 
 # Float32 weights packed once into MKL's GEMM layout (kernels/mkl_packed.py) run the model's skinny matmuls
 # 20-40% faster on the CPU at a decode step's batch sizes, whatever the row count. Below 16 rows MKL sums in
 # another order than F.linear (and the few-row steps have their own paths), so those keep F.linear.
+# bfloat16 weights reordered once for oneDNN (kernels/onednn_packed.py) give F.linear's numbers at any count.
 PACKED_MIN_ROWS = 16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: PackedWeight | Int8Weight | None = None, stored: StoredWeight | None = None) -> torch.Tensor:
+           packed: PackedWeight | OneDnnWeight | Int8Weight | None = None,
+           stored: StoredWeight | None = None) -> torch.Tensor:
     """F.linear, through the layer's other forms when the model has them: the checkpoint's own
     storage format for a few rows (``stored``, see keep_stored_weights), an int8 weight (quantization
-    "int8", always used) or MKL's packed float32 weight (when the batch is large enough)."""
+    "int8", always used), oneDNN's reordered bfloat16 weight (always used) or MKL's packed float32
+    weight (when the batch is large enough)."""
     if stored is not None and x.shape[0] <= WEIGHT_GEMV_MAX_ROWS:
         # float32 arithmetic on the stored values; a bfloat16 model's rows go in and come back as bfloat16
         return weight_gemv(x.float(), stored, bias).to(x.dtype)
     if x.dtype != weight.dtype:  # decode_step's float32 output into a bfloat16 model's LM head
         x = x.to(weight.dtype)
+    if isinstance(packed, OneDnnWeight):
+        return onednn_packed.linear(x, packed, bias)
     if isinstance(packed, Int8Weight):
         return int8_linear(x, packed, bias)
     if packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
@@ -127,7 +133,7 @@ class DecoderLayer(nn.Module):
         self.input_norm = empty(h)
         self.post_attn_norm = empty(h)
         # weight name -> its packed form: MKL float32 (pack_weights) or int8 (quantize_int8)
-        self.packed: dict[str, PackedWeight | Int8Weight] = {}
+        self.packed: dict[str, PackedWeight | OneDnnWeight | Int8Weight] = {}
         # weight name -> the same weight in its checkpoint's storage format (keep_stored_weights)
         self.stored: dict[str, StoredWeight] = {}
 
@@ -183,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(config, config.max_position_embeddings),
                              persistent=False)
-        self.lm_head_packed: PackedWeight | None = None
+        self.lm_head_packed: PackedWeight | OneDnnWeight | None = None
         self.lm_head_stored: StoredWeight | None = None
         # Decode steps of up to WEIGHT_GEMV_MAX_ROWS sequences run as one C call (cpu_ops.DecodeStep) when
         # every layer's matmuls are kept in stored form; False keeps the layer-by-layer path (tests).
@@ -199,15 +205,22 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def pack_weights(self, layers: bool = True) -> bool:
-        """Repack the matmul weights for MKL (float32 on the CPU only; see PACKED_MIN_ROWS): the LM head's,
-        and the decoder layers' unless ``layers`` is False (they are int8 then). Call again after changing
-        weights. Returns whether packing applies."""
-        if not self._cpu_float32() or not mkl_packed.available():
+        """Repack the matmul weights for the CPU's GEMM: MKL's packed layout for float32 (see
+        PACKED_MIN_ROWS), oneDNN's blocked layout for bfloat16: the LM head's, and the decoder layers'
+        unless ``layers`` is False (they are int8 then). Call again after changing weights. Returns
+        whether packing applies."""
+        if self.embed_tokens.device.type != "cpu":
+            return False
+        if self.dtype == torch.float32 and mkl_packed.available():
+            pack = mkl_packed.pack
+        elif self.dtype == torch.bfloat16 and onednn_packed.available():
+            pack = onednn_packed.pack
+        else:
             return False
         if layers:
             for layer in self.layers:
-                layer.packed = {name: mkl_packed.pack(w) for name, w in layer.matmul_weights().items()}
-        self.lm_head_packed = mkl_packed.pack(self.lm_head)
+                layer.packed = {name: pack(w) for name, w in layer.matmul_weights().items()}
+        self.lm_head_packed = pack(self.lm_head)
         return True
 
     def keep_stored_weights(self, stored: dict[str, StoredWeight], layers: bool = True) -> int:
