@@ -50,7 +50,13 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler (cc/gcc) found")
     src = b"".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS))
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
-    tag = hashlib.sha256(src + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
+    per_file: dict[str, list[str]] = {}
+    if os.uname().machine in ("x86_64", "amd64"):
+        # GCC vectorises plain loops 256 bits wide by default even on AVX-512 CPUs; at 512 the bfloat16
+        # silu_and_mul and rms_norm take 25% less time (weight_gemv's one-stream steps 3% more: not there)
+        per_file["elementwise.c"] = ["-mprefer-vector-width=512"]
+    tag = hashlib.sha256(src + " ".join(flags).encode() + repr(per_file).encode() + os.uname().machine.encode())
+    tag = tag.hexdigest()[:16]
     out = _cache_dir() / f"forge_batch_cpu-{tag}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +66,8 @@ def _build() -> ctypes.CDLL:
             objects, procs = [], []
             for src_file in sorted(_SOURCES, key=lambda p: -p.stat().st_size):
                 obj = Path(tmp) / (src_file.stem + ".o")
-                procs.append(subprocess.Popen([cc, *flags, "-c", str(src_file), "-o", str(obj)],
+                procs.append(subprocess.Popen([cc, *flags, *per_file.get(src_file.name, []), "-c", str(src_file),
+                                               "-o", str(obj)],
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE))
                 objects.append(str(obj))
             for proc in procs:

@@ -18,6 +18,8 @@
  * version (three passes, K transposed through a scratch tile, libm roundf inside exp) took 12.3 ms per
  * layer; one pass + a vectorised exp + the reduce16 tree + prefetch: 4.3 ms. Items per sequence rather
  * than per KV head (batch 128, context ~94, the same build in one process): 1.54-1.80 ms against 1.91-2.11.
+ * With AVX512-BF16 (Sapphire Rapids and later) the bfloat16 kernel's q . k products run as vdpbf16ps on
+ * the stored rows (dot_bf16): 1.06 -> 0.87 ms at batch 128, context ~100, bfloat16, 2 threads.
  * Compiled at first use by forge_batch.kernels.cpu_ops (-O3 -march=native -fopenmp).
  * Reference: kernels/reference.py::_decode_attention.
  */
@@ -26,6 +28,10 @@
 #include <stdlib.h>
 
 #include "cpu_kernels.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));     /* unaligned float load/store */
@@ -45,6 +51,26 @@ static inline void store_bf16(uint16_t* p, v16 x) {  /* round to nearest even, l
     rounded = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
     *(h16u*)p = __builtin_convertvector(rounded, h16u);
 }
+
+/* q . k over a bfloat16 row pair with AVX512-BF16's pairwise dot product (vdpbf16ps): 32 products per
+ * instruction, exact, summed in float32, and no conversion of the K row to float32 first (in the plain
+ * path each 16 values cost a widening, a shift and an FMA). Lanes hold partial sums, like the plain path's
+ * dot vectors. nv = head_dim / 16 must be even. Unscaled: the caller scales the scores. */
+#if defined(__AVX512BF16__)
+#define HAVE_DPBF16 1
+static inline v16 dot_bf16(const uint16_t* q, const uint16_t* k, int64_t nv) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nv / 2; i++)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + 32 * i), (__m512bh)_mm512_loadu_si512(k + 32 * i));
+    return (v16)acc;
+}
+#else
+#define HAVE_DPBF16 0
+static inline v16 dot_bf16(const uint16_t* q, const uint16_t* k, int64_t nv) {
+    (void)q, (void)k, (void)nv;
+    return (v16){0};
+}
+#endif
 
 /* Sixteen horizontal sums at once: lane j of the result is the sum of t[j]'s lanes. A pairwise
  * transpose-and-add tree (8 + 4 + 2 + 1 steps of two shuffles and an add) in place of sixteen
@@ -70,7 +96,7 @@ static inline v16 reduce16(const v16* t) {
  * nearly every model), so rows live in registers. Loops run head-outer, position-inner: a block's K (or
  * V) rows for one KV head are 16 x head_dim floats, read from memory by its first query head and from
  * L1 by the others. Cascade state of query head g is at row (g / per_kv) * init_kv_rows + g % per_kv. */
-#define DEFINE_ITEM(NAME, T, LOADV, STOREV, TC, LOADC)                                                \
+#define DEFINE_ITEM(NAME, T, LOADV, STOREV, TC, LOADC, DPBF16)                                        \
 static inline __attribute__((always_inline)) void NAME(                                                 \
         const T* q, const TC* k_cache, const TC* v_cache, const int64_t* table, int64_t ctx, T* out,    \
         int64_t group, int64_t per_kv, const int64_t nv, int64_t slot_stride, int64_t block_stride,     \
@@ -79,6 +105,7 @@ static inline __attribute__((always_inline)) void NAME(                         
     const int64_t head_dim = nv * 16;                                                                   \
     const int64_t nblocks = (ctx + block_size - 1) / block_size;                                        \
     const int64_t span = group / per_kv * head_dim * (int64_t)sizeof(TC); /* bytes of a row it reads */ \
+    const int dp = DPBF16 && nv % 2 == 0; /* q and K both bfloat16: pairwise dot products */           \
     for (int64_t g = 0; g < group; g++) {                                                               \
         if (init_out) { /* positions before first_block already attended: output o, log-sum-exp L */   \
             const int64_t row = g / per_kv * init_kv_rows + g % per_kv;                                 \
@@ -117,11 +144,16 @@ static inline __attribute__((always_inline)) void NAME(                         
                 for (int64_t j = 0; j < 16; j++) {                                                      \
                     if (j >= cnt) { t[j] = (v16){0}; continue; }                                        \
                     const TC* krow = kbase + (j0 + j) * slot_stride;                                     \
+                    if (dp) {                                                                           \
+                        t[j] = dot_bf16((const uint16_t*)(const void*)(q + g * head_dim),               \
+                                        (const uint16_t*)(const void*)krow, nv);                        \
+                        continue;                                                                       \
+                    }                                                                                   \
                     v16 dot = qg[0] * LOADC(krow);                                                      \
                     for (int64_t i = 1; i < nv; i++) dot += qg[i] * LOADC(krow + 16 * i);               \
                     t[j] = dot;                                                                         \
                 }                                                                                       \
-                store_f32(sg + j0, reduce16(t));                                                        \
+                store_f32(sg + j0, dp ? reduce16(t) * scale : reduce16(t));                             \
                 for (int64_t j = 0; j < cnt; j++) bmax = sg[j0 + j] > bmax ? sg[j0 + j] : bmax;         \
             }                                                                                           \
             v16 a[nv];                                                                                  \
@@ -226,10 +258,10 @@ void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_t
     }                                                                                                   \
 }
 
-DEFINE_ITEM(attend_f32, float, load_f32, store_f32, float, load_f32)
-DEFINE_ITEM(attend_bf16, uint16_t, load_bf16, store_bf16, uint16_t, load_bf16)
+DEFINE_ITEM(attend_f32, float, load_f32, store_f32, float, load_f32, 0)
+DEFINE_ITEM(attend_bf16, uint16_t, load_bf16, store_bf16, uint16_t, load_bf16, HAVE_DPBF16)
 /* float32 queries and output over a bfloat16 cache: decode_step.c's layers in a bfloat16 model */
-DEFINE_ITEM(attend_f32_bf16_cache, float, load_f32, store_f32, uint16_t, load_bf16)
+DEFINE_ITEM(attend_f32_bf16_cache, float, load_f32, store_f32, uint16_t, load_bf16, 0)
 DEFINE_RUN_ITEM(run_item_f32, attend_f32, float, float)
 DEFINE_RUN_ITEM(run_item_bf16, attend_bf16, uint16_t, uint16_t)
 DEFINE_RUN_ITEM(run_item_f32_bf16_cache, attend_f32_bf16_cache, float, uint16_t)
