@@ -180,7 +180,10 @@ def run_transformers(model_path: Path, workload: str, prompts, max_tokens: int, 
     tok = transformers.AutoTokenizer.from_pretrained(where[0], **where[1])
     gguf_config = getattr(transformers, "GgufConfig", None)
     if not model_path.is_dir() and gguf_config is not None:
-        where[1]["quantization_config"] = gguf_config(dequantize=gguf_weights == "dense")
+        try:
+            where[1]["quantization_config"] = gguf_config(dequantize=gguf_weights == "dense")
+        except TypeError:  # a GgufConfig without the choice: this transformers unpacks GGUF files anyway
+            gguf_config = None
     model = transformers.AutoModelForCausalLM.from_pretrained(where[0], dtype=torch_dtype, **where[1]).eval()
     load_s = time.monotonic() - t_load
     tok.padding_side = "left"
