@@ -30,6 +30,7 @@ _HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 _lib: ctypes.CDLL | None = None
 _tried = False
 _build_lock = threading.Lock()
+_build_thread: threading.Thread | None = None
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -126,8 +127,10 @@ def available() -> bool:
 def build_in_background() -> None:
     """Start building (or loading) the kernels on a thread, so that a first run on a machine compiles
     while the model's weights load; ``available()`` waits for it."""
-    if not _tried:
-        threading.Thread(target=available, name="forge-batch-kernel-build", daemon=True).start()
+    global _build_thread
+    if not _tried and _build_thread is None:
+        _build_thread = threading.Thread(target=available, name="forge-batch-kernel-build", daemon=True)
+        _build_thread.start()
 
 
 # Attention over a prefix that every sequence of the batch shares (a common system prompt) is one
@@ -141,8 +144,9 @@ _shared_prefix = reference._PerStep()
 
 
 def shared_prefix_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> int:
-    """How many leading block-table columns hold the same physical block for every sequence (all of
-    them full for every sequence). Computed once per step: each layer passes the same tables tensor."""
+    """How many leading block-table columns hold the same physical block for every sequence, all of them
+    full before ``context_lens`` for every sequence (decode: its context length; prefill: its first
+    query's position). Computed once per step: each layer passes the same tables tensor."""
     cached = _shared_prefix.get(block_tables, context_lens.data_ptr())
     if cached is not None:
         return cached
@@ -154,15 +158,34 @@ def shared_prefix_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor,
     return _shared_prefix.put(block_tables, n, context_lens.data_ptr())
 
 
-def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """q [1, Hkv, R, D], k/v [1, Hkv, L, D] -> (out [1, Hkv, R, D], logsumexp [1, Hkv, R] float32)."""
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        bias: torch.Tensor | None = None):
+    """q [N, Hkv, R, D], k/v [N, Hkv, L, D], optional additive mask ``bias`` [N, 1, R, L] (0 or -inf)
+    -> (out [N, Hkv, R, D], logsumexp [N, Hkv, R] float32)."""
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if flash is not None:
-        out, lse = flash(q, k, v, 0.0, False, scale=scale)
+        out, lse = flash(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return out, lse.float()
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.float()
     lse = torch.logsumexp(scores, -1)
     return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
+
+
+def _shared_prefix_product(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ids: torch.Tensor,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query row of q [T, H, D] against the K/V of the shared blocks ``ids`` (all visible), as one
+    dense product per KV head: (out [Hkv, T * G, D], lse [Hkv, T * G]), row t * G + g for query head
+    kh * G + g of token t."""
+    t, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    prefix = ids.numel() * block_size
+    k_pre = k_cache.index_select(0, ids).view(1, prefix, hkv, d).transpose(1, 2)
+    v_pre = v_cache.index_select(0, ids).view(1, prefix, hkv, d).transpose(1, 2)
+    q_rows = q.reshape(t, hkv, h // hkv, d).transpose(0, 1).reshape(1, hkv, t * (h // hkv), d)
+    out, lse = _attention_with_lse(q_rows, k_pre, v_pre, scale)
+    return out[0], lse[0]
 
 
 def paged_prefill_attention(
@@ -182,26 +205,17 @@ def paged_prefill_attention(
     product and each sequence's own blocks are attended separately; the two are merged by their
     log-sum-exps. The reference instead gathers every sequence's whole context into a padded tensor
     (W2's prefill: ~58 copies of the same 20 blocks per layer and step)."""
-    b = block_tables.shape[0]
     t, h, d = q.shape
-    _, block_size, hkv, _ = k_cache.shape
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    shared = 0
-    if b >= 2 and block_tables.shape[1] > 0:
-        same = (block_tables == block_tables[:1]).all(0)
-        first_query = context_lens - q_lens
-        shared = min(int(same.cumprod(0).sum()), int(first_query.min()) // block_size)
+    # blocks every sequence holds in full before its first query
+    shared = shared_prefix_blocks(block_tables, context_lens - q_lens, block_size)
     if shared == 0 or t * shared * block_size < CASCADE_MIN_WORK:
         return reference._prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
                                             max_query_len, max_context_len)
     group = h // hkv
     prefix = shared * block_size
-    # the shared prefix: every query row of a KV head against its keys, no mask (all queries come after)
-    ids = block_tables[0, :shared].long()
-    k_pre = k_cache.index_select(0, ids).view(1, prefix, hkv, d).transpose(1, 2)
-    v_pre = v_cache.index_select(0, ids).view(1, prefix, hkv, d).transpose(1, 2)
-    q_rows = q.reshape(t, hkv, group, d).transpose(0, 1).reshape(1, hkv, t * group, d)
-    out_pre, lse_pre = _attention_with_lse(q_rows, k_pre, v_pre, scale)
+    out_pre, lse_pre = _shared_prefix_product(q, k_cache, v_cache, block_tables[0, :shared].long(), scale)
     out_pre = out_pre.view(hkv, t, group, d).transpose(0, 1).reshape(t, h, d)
     lse_pre = lse_pre.view(hkv, t, group).transpose(0, 1).reshape(t, h)
     # each sequence's own blocks, causal, positions counted from the prefix's end
@@ -218,31 +232,17 @@ def _prefill_with_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each sequence's queries over its paged K/V, as reference._prefill_attention, also
     returning each row's log-sum-exp: (out [T, H, D], lse [T, H] float32)."""
-    t, h, d = q.shape
-    b = block_tables.shape[0]
-    hkv = k_cache.shape[2]
+    h, d = q.shape[1], q.shape[2]
+    b, hkv = block_tables.shape[0], k_cache.shape[2]
     group = h // hkv
-    max_q, max_ctx = int(q_lens.max()), int(context_lens.max())
-    k = reference._gather_kv(k_cache, block_tables, max_ctx).transpose(1, 2)  # [B, Hkv, L, D]
-    v = reference._gather_kv(v_cache, block_tables, max_ctx).transpose(1, 2)
-    steps = torch.arange(max_q)
-    valid_q = steps[None, :] < q_lens[:, None]  # [B, Q]
-    idx = (query_start_loc[:-1, None] + steps[None, :]).clamp(max=t - 1)
+    max_q = int(q_lens.max())
+    qp, k, v, valid_q, mask = reference.prefill_layout(q, k_cache, v_cache, block_tables, query_start_loc,
+                                                       context_lens, q_lens, max_q, int(context_lens.max()))
     # rows of a KV head: (query, group member), so the G heads sharing it are one batch of rows
-    qp = q[idx].view(b, max_q, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, max_q * group, d)
-    q_pos = (context_lens - q_lens)[:, None] + steps[None, :]
-    k_pos = torch.arange(max_ctx)
-    visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < context_lens[:, None, None])
-    mask = visible.repeat_interleave(group, dim=1)[:, None]  # [B, 1, Q * G, L]
+    qp = qp.view(b, max_q, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, max_q * group, d)
+    mask = mask.repeat_interleave(group, dim=1)[:, None]  # [B, 1, Q * G, L]
     bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if flash is not None:
-        out, lse = flash(qp, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        lse = lse.float()
-    else:
-        scores = torch.matmul(qp.float(), k.float().transpose(-1, -2)) * scale + bias.float()
-        lse = torch.logsumexp(scores, -1)
-        out = torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype)
+    out, lse = _attention_with_lse(qp, k.transpose(1, 2), v.transpose(1, 2), scale, bias)
     out = out.view(b, hkv, max_q, group, d).permute(0, 2, 1, 3, 4).reshape(b, max_q, h, d)[valid_q]
     lse = lse.view(b, hkv, max_q, group).permute(0, 2, 1, 3).reshape(b, max_q, h)[valid_q]
     return out, lse
@@ -282,12 +282,7 @@ def paged_decode_attention(
     shared = shared_prefix_blocks(block_tables, ctx, block_size) if cascade and b >= CASCADE_MIN_SEQS else 0
     init_out = init_lse = None
     if shared and b * shared * block_size >= CASCADE_MIN_WORK:
-        group = h // hkv
-        ids = tables[0, :shared]
-        k_pre = k_cache.index_select(0, ids).view(1, shared * block_size, hkv, d).transpose(1, 2)
-        v_pre = v_cache.index_select(0, ids).view(1, shared * block_size, hkv, d).transpose(1, 2)
-        q_rows = q.view(b, hkv, group, d).transpose(0, 1).reshape(1, hkv, b * group, d)
-        init_out, init_lse = _attention_with_lse(q_rows, k_pre, v_pre, scale)  # [1, Hkv, B*G, ...]
+        init_out, init_lse = _shared_prefix_product(q, k_cache, v_cache, tables[0, :shared], scale)  # [Hkv, B*G, ...]
         init_out, init_lse = init_out.contiguous(), init_lse.contiguous()
     else:
         shared = 0

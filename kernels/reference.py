@@ -224,6 +224,34 @@ def _decode_attention(
     return out.reshape(b, h, d)
 
 
+def prefill_layout(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    q_lens: torch.Tensor,
+    max_query_len: int,
+    max_context_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prefill step's attention in padded form: queries qp [B, Q, H, D], keys and values [B, L, Hkv, D],
+    valid_q [B, Q] (the real queries, in q's order when selected) and mask [B, Q, L] (the keys each query
+    sees: causal, within its sequence's context)."""
+    t = q.shape[0]
+    dev = q.device
+    k = _gather_kv(k_cache, block_tables, max_context_len)
+    v = _gather_kv(v_cache, block_tables, max_context_len)
+    steps = torch.arange(max_query_len, device=dev)
+    valid_q = steps[None, :] < q_lens[:, None]  # [B, Q]
+    idx = (query_start_loc[:-1, None] + steps[None, :]).clamp(max=t - 1)
+    qp = q[idx]  # [B, Q, H, D]
+    q_pos = (context_lens - q_lens)[:, None] + steps[None, :]  # absolute position of each query
+    k_pos = torch.arange(max_context_len, device=dev)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < context_lens[:, None, None])
+    return qp, k, v, valid_q, mask
+
+
 def _prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -240,17 +268,8 @@ def _prefill_attention(
         max_query_len = int(q_lens.max())
     if max_context_len is None:
         max_context_len = int(context_lens.max())
-    t, h, d = q.shape
-    dev = q.device
-    k = _gather_kv(k_cache, block_tables, max_context_len)
-    v = _gather_kv(v_cache, block_tables, max_context_len)
-    steps = torch.arange(max_query_len, device=dev)
-    valid_q = steps[None, :] < q_lens[:, None]  # [B, Q]
-    idx = (query_start_loc[:-1, None] + steps[None, :]).clamp(max=t - 1)
-    qp = q[idx]  # [B, Q, H, D]
-    q_pos = (context_lens - q_lens)[:, None] + steps[None, :]  # absolute position of each query
-    k_pos = torch.arange(max_context_len, device=dev)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < context_lens[:, None, None])
+    qp, k, v, valid_q, mask = prefill_layout(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                                             q_lens, max_query_len, max_context_len)
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2),
         k.transpose(1, 2),

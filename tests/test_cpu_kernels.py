@@ -200,8 +200,8 @@ def test_prefill_cascade_over_a_shared_prefix_matches_reference(monkeypatch, dty
     q, k, v, tables, loc, ctx = _prefill_case(dtype, q_lens, ctx_lens, shared)
     expected = reference._prefill_attention(q, k, v, tables, loc, ctx, 0.125, None, None)
     calls = []
-    real = cpu_ops._attention_with_lse
-    monkeypatch.setattr(cpu_ops, "_attention_with_lse", lambda *a: calls.append(a[1].shape[2]) or real(*a))
+    real = cpu_ops._shared_prefix_product
+    monkeypatch.setattr(cpu_ops, "_shared_prefix_product", lambda *a: calls.append(a[3].numel() * 16) or real(*a))
     got = cpu_ops.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125)
     assert calls == [shared * 16]  # the prefix was attended once, as one dense product
     assert got.dtype == dtype and got.shape == q.shape
@@ -211,7 +211,7 @@ def test_prefill_cascade_over_a_shared_prefix_matches_reference(monkeypatch, dty
 def test_prefill_cascade_needs_a_prefix_before_every_query(monkeypatch):
     monkeypatch.setattr(cpu_ops, "CASCADE_MIN_WORK", 1)
     calls = []
-    monkeypatch.setattr(cpu_ops, "_attention_with_lse", lambda *a: calls.append(1))
+    monkeypatch.setattr(cpu_ops, "_shared_prefix_product", lambda *a: calls.append(1))
     # the second sequence's queries start inside the first common block: no cascade, the reference's answer
     q, k, v, tables, loc, ctx = _prefill_case(torch.float32, [5, 40], [85, 50], 5)
     expected = reference._prefill_attention(q, k, v, tables, loc, ctx, 0.125, None, None)

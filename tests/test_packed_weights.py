@@ -42,21 +42,6 @@ def test_one_packing_serves_every_row_count(rows):
     assert mkl_packed.linear(torch.empty(0, k), packed).shape == (0, n)
 
 
-def test_engine_packs_float32_cpu_weights_and_matches_unpacked(tiny_model_dir):
-    prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", max_num_seqs=32)
-    assert llm.packed_weights and llm.model.lm_head_packed is not None
-    assert set(llm.model.layers[0].packed) == {"qkv", "o", "gate_up", "down"}
-    packed = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]  # 24 rows per decode step
-    assert all(len(ids) == 12 for ids in packed)
-    for layer in llm.model.layers:
-        layer.packed = {}
-    llm.model.lm_head_packed = None
-    plain = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]
-    assert packed == plain
-
-
 onednn = pytest.mark.skipif(not onednn_packed.available(), reason="torch without oneDNN's weight reordering")
 
 
@@ -84,13 +69,18 @@ def test_onednn_pack_rejects_what_it_cannot_reorder():
         onednn_packed.pack(torch.randn(8, 16))
 
 
-@onednn
-def test_engine_reorders_bfloat16_cpu_weights_and_matches_plain(tiny_model_dir):
+@pytest.mark.parametrize(
+    ("dtype", "weight_type"),
+    [("float32", mkl_packed.PackedWeight), pytest.param("bfloat16", onednn_packed.OneDnnWeight, marks=onednn)],
+)
+def test_engine_packs_cpu_weights_and_matches_unpacked(tiny_model_dir, dtype, weight_type):
+    """MKL's packed float32 weights, oneDNN's reordered bfloat16 ones: the same tokens as plain F.linear."""
     prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    llm = LLM(str(tiny_model_dir), device="cpu", dtype="bfloat16", max_num_seqs=32)
-    assert llm.packed_weights and isinstance(llm.model.lm_head_packed, onednn_packed.OneDnnWeight)
-    assert {type(p) for p in llm.model.layers[0].packed.values()} == {onednn_packed.OneDnnWeight}
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype=dtype, max_num_seqs=32)
+    assert llm.packed_weights and isinstance(llm.model.lm_head_packed, weight_type)
+    assert set(llm.model.layers[0].packed) == {"qkv", "o", "gate_up", "down"}
+    assert {type(p) for p in llm.model.layers[0].packed.values()} == {weight_type}
     packed = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]  # 24 rows per decode step
     assert all(len(ids) == 12 for ids in packed)
     for layer in llm.model.layers:

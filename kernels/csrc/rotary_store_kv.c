@@ -84,10 +84,9 @@ void rotary_store_kv_bf16(uint16_t* q, uint16_t* k, const uint16_t* v, int64_t s
 void rotary_store_kv_token_f32_bf16_cache(float* q, float* k, const float* v, int64_t position,
                                           const float* cos_sin, int64_t heads, int64_t kv_heads, int64_t d,
                                           uint16_t* k_cache, uint16_t* v_cache, int64_t slot) {
-    const float* cs = cos_sin + position * d;
     const int64_t kv_row = kv_heads * d;
-    rotate_heads(q, heads, d, cs, cs + d / 2);
-    rotate_heads(k, kv_heads, d, cs, cs + d / 2);
+    /* the float32 token's rotation, storing nothing (slot -1); then the store, rounded */
+    rotary_store_kv_token_f32(q, k, v, position, cos_sin, heads, kv_heads, d, NULL, NULL, -1);
     if (slot >= 0) {
         uint16_t* kc = k_cache + slot * kv_row;
         uint16_t* vc = v_cache + slot * kv_row;
