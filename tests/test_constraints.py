@@ -119,6 +119,16 @@ def _admits(llm: LLM, schema: dict, value: str) -> bool:
     return state.is_accepting()
 
 
+def test_the_valid_column_checks_every_format_it_claims():
+    """jsonschema checks a format only when its optional checker package is installed; without one it
+    passes every value (``conforms('garbage', 'time')`` is True), so ``valid`` would silently not check."""
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    claimed = {"date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"}
+    assert claimed <= set(checker.checkers), sorted(claimed - set(checker.checkers))
+    for fmt in ("time", "date-time", "duration", "uri", "hostname"):
+        assert not checker.conforms("garbage value", fmt), fmt
+
+
 def test_date_and_time_formats_admit_only_what_jsonschema_accepts(llm):
     """llguidance's own date/time formats are shape-only (2023-02-30, year 0000, second 60 pass); the
     plugin makes them exact so a finished output never fails the jsonschema check that sets ``valid``."""
