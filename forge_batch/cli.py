@@ -65,7 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_plugin_warnings(pm)
     progress = "none" if args.quiet else args.progress
     runner = JobRunner(
-        job, plugin_manager=pm, progress=progress, quiet=args.quiet, overwrite=args.overwrite, grace_seconds=args.grace,
+        job, plugin_manager=pm, progress=progress, quiet=args.quiet, overwrite=args.overwrite,
+        force_resume=args.force_resume, grace_seconds=args.grace,
         log_interval=args.log_interval,
     )
     try:
@@ -241,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job option, e.g. sampling.temperature=0")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary (errors only)")
     run.add_argument("--overwrite", action="store_true", help="discard committed parts instead of resuming")
+    run.add_argument(
+        "--force-resume", action="store_true",
+        help="resume even though the input files or the engine (model, dtype, kernels) changed since the committed rows",
+    )
     run.add_argument("--limit", type=int, help="only the first N input rows (same as --set input.limit=N)")
     run.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto", help="progress display (auto: bar on a terminal)")
     run.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines when not on a terminal")

@@ -54,6 +54,7 @@ from forge_batch.io.schema import (
     output_schema,
     records_to_table,
 )
+from forge_batch.models.registry import content_digest
 from forge_batch.job import InputSpec, JobError, JobSpec, Problem, check_job, compile_template, input_files
 from forge_batch.plugin_manager import (
     PluginHookError,
@@ -94,6 +95,21 @@ ERROR_KINDS = (
 )
 # Rows that failed only after this many failures may abort a run early (see JobRunner._check_error_rate).
 EARLY_ABORT_MIN_FAILURES = 100
+
+
+# What an engine must keep for a resumed run to write what the interrupted one would have: each of these
+# can change a row's tokens (the model's content, not its name; the resolved dtype, not "auto").
+ENGINE_IDENTITY = ("model_digest", "device", "dtype", "quantization", "max_model_len", "kernel_path")
+
+
+def input_identity(files: list[str]) -> dict[str, Any]:
+    """The input's identity for resume: its files' names and sizes (to describe) and content digest (to
+    compare: the same rows moved to another path still resume, other rows under the same name do not)."""
+    return {
+        "files": [os.path.basename(f) for f in files],
+        "bytes": sum(os.path.getsize(f) for f in files),
+        "digest": content_digest(files),
+    }
 
 
 def row_seed(job_seed: int, key: str) -> int:
@@ -217,6 +233,7 @@ class JobRunner:
         progress: str = "auto",
         quiet: bool = False,
         overwrite: bool = False,
+        force_resume: bool = False,
         grace_seconds: float = 30.0,
         install_signal_handlers: bool = True,
         stream: TextIO | None = None,
@@ -231,6 +248,7 @@ class JobRunner:
         self.progress_mode = "none" if quiet else progress
         self.quiet = quiet
         self.overwrite = overwrite
+        self.force_resume = force_resume
         self.grace_seconds = grace_seconds
         self.install_signal_handlers = install_signal_handlers
         self.stream = stream or sys.stderr
@@ -757,6 +775,7 @@ class JobRunner:
         job_json = job.model_dump(mode="json")
         self.resume: ResumeState = self.out.open(job.fingerprint(), job_json, job.output.format, overwrite=self.overwrite)
         try:
+            self.out.check_identity("input", input_identity([f for f, _ in plan]), compare=("digest",), force=self.force_resume)
             return self._run_locked(t_start, started_at, plan, readers)
         finally:
             self.out.close()
@@ -770,8 +789,7 @@ class JobRunner:
             schema = self.resume.schema
         else:
             schema = self._build_schema(first, plan, self.spec)
-        self.file_meta = file_metadata(job)
-        self.schema = schema.with_metadata({k.encode(): v.encode() for k, v in self.file_meta.items()})
+        self.schema = schema
         self.column_names = set(self.schema.names)
         self.id_type = self.schema.field(self.id_column).type
         self.out.set_schema(schema)
@@ -786,6 +804,11 @@ class JobRunner:
         t_load = time.monotonic()
         engine = self.engine_factory(job, samplers=samplers, constraints=constraints)
         load_s = time.monotonic() - t_load
+        engine_info = getattr(engine, "engine_info", None)
+        if engine_info is not None:
+            self.out.check_identity("engine", engine_info, compare=ENGINE_IDENTITY, force=self.force_resume)
+        self.file_meta = file_metadata(job, engine_info)
+        self.schema = schema.with_metadata({k.encode(): v.encode() for k, v in self.file_meta.items()})
         job_constraint = job.job_constraint()
         compile_constraint = getattr(engine, "compile_constraint", None)
         if job_constraint is not None and compile_constraint is not None:
@@ -893,6 +916,7 @@ class JobRunner:
             "message": message,
             "job": job.display_name(),
             "model": job.model,
+            "engine": engine_info,
             "output": str(job.output.path),
             "output_format": job.output.format,
             "tool_version": tool_version(),

@@ -8,6 +8,7 @@ with ``finish_reason == "error"`` and a message; it never raises for the batch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -52,6 +53,19 @@ if not torch.cuda.is_available():
 # A prompt: text, a chat conversation (a list of {"role", "content"} messages), or token ids as vLLM's
 # TokensPrompt, {"prompt_token_ids": [...]}.
 PromptType = str | list[dict[str, Any]] | dict[str, Any]
+
+
+def kernel_path(device: torch.device) -> str:
+    """Which kernels run the model: ``triton`` (CUDA), ``cpu-c`` (the compiled CPU kernels) or ``torch``
+    (the reference ops): each rounds differently, so a resumed run must take the same one."""
+    from forge_batch import kernels
+
+    backend = kernels.get_backend()
+    if backend == "reference":
+        return "torch"
+    if device.type == "cuda":
+        return "triton" if backend == "triton" or importlib.util.find_spec("triton") is not None else "torch"
+    return "cpu-c" if cpu_ops.available() else "torch"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -206,6 +220,8 @@ class LLM:
             config, state_dict, tokenizer = load_model_files(model, stored_weights if usable else None)
         self.config = config
         self.tokenizer = tokenizer
+        self.model_source = model if isinstance(model, str) else None
+        self._model_digest: str | None = None
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         with torch.device(self.device):
             self.model = LlamaForCausalLM(config, self.dtype)
@@ -272,6 +288,24 @@ class LLM:
             else config.architecture, self.device, str(self.dtype).replace("torch.", ""), self.load_seconds,
             num_blocks, block_size, kv_cache,
         )
+
+    @property
+    def engine_info(self) -> dict[str, Any]:
+        """What decides this engine's numbers, resolved (never ``auto``): the model's content digest, device,
+        dtype, quantization, context length and kernel path. Recorded with a job's output, and compared
+        when a job resumes, because any of them can change a row's tokens."""
+        if self._model_digest is None and self.model_source is not None:
+            from forge_batch.models.registry import model_digest
+
+            self._model_digest = model_digest(self.model_source)
+        return {
+            "model_digest": self._model_digest,
+            "device": self.device.type,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "quantization": self.quantization,
+            "max_model_len": self.max_model_len,
+            "kernel_path": kernel_path(self.device),
+        }
 
     # ---- public API ---------------------------------------------------------------------------
     def generate(

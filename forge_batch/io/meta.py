@@ -4,7 +4,7 @@ on its own still says what produced it."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from forge_batch.job import JobSpec
@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 META_JOB = "forge_batch.job"
 META_VERSION = "forge_batch.version"
 META_FINGERPRINT = "forge_batch.fingerprint"
+META_ENGINE = "forge_batch.engine"
 
 
 def tool_version() -> str:
@@ -30,10 +31,14 @@ def tool_version() -> str:
         return "0+unknown"
 
 
-def file_metadata(job: JobSpec) -> dict[str, str]:
-    """Key/value metadata for output files: the full job spec as JSON, the tool version, the fingerprint."""
-    return {
+def file_metadata(job: JobSpec, engine_info: dict[str, Any] | None = None) -> dict[str, str]:
+    """Key/value metadata for output files: the full job spec as JSON, the tool version, the fingerprint and
+    the resolved engine (model digest, device, dtype, kernel path: what ``auto`` became)."""
+    meta = {
         META_JOB: json.dumps(job.model_dump(mode="json"), sort_keys=True),
         META_VERSION: tool_version(),
         META_FINGERPRINT: job.fingerprint(),
     }
+    if engine_info is not None:
+        meta[META_ENGINE] = json.dumps(engine_info, sort_keys=True)
+    return meta

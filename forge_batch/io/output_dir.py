@@ -178,6 +178,7 @@ class OutputDir:
         self._lock_fd: int | None = None
         self.fingerprint = ""
         self.manifest: dict[str, Any] = {}
+        self.holds_rows = False  # whether earlier runs committed anything here (set by open)
 
     # ---- opening ------------------------------------------------------------------------------------
     def part_name(self, index: int) -> str:
@@ -212,7 +213,8 @@ class OutputDir:
                 raise OutputDirError(f"{manifest_path} is unreadable ({e}); rerun with --overwrite to start over") from e
         ledgers = sorted(self.ledger_dir.glob("part-*.parquet"))
         visible = {p.name for p in self.path.iterdir() if PART_RE.match(p.name)}
-        if (ledgers or visible) and self.manifest:
+        self.holds_rows = bool(ledgers or visible)
+        if self.holds_rows and self.manifest:
             old_fp = self.manifest.get("fingerprint")
             if old_fp and old_fp != fingerprint:
                 raise OutputDirError(
@@ -295,6 +297,28 @@ class OutputDir:
             }
         )
         return state
+
+    def check_identity(self, kind: str, current: dict[str, Any], *, compare: Iterable[str], force: bool = False) -> None:
+        """Refuse to resume when what decides a row's tokens changed since the committed rows were written.
+
+        ``kind`` is ``"input"`` (the input files' content) or ``"engine"`` (model digest, dtype, device,
+        kernel path, ...); the keys in ``compare`` must be equal, the others only describe. With ``force``
+        (``--force-resume``) the change is accepted and recorded. Either way ``current`` is what the
+        manifest records from now on."""
+        old = self.manifest.get(kind)
+        if self.holds_rows and isinstance(old, dict):
+            diffs = [f"{k}: {old.get(k)!r} -> {current.get(k)!r}" for k in compare if old.get(k) != current.get(k)]
+            if diffs and not force:
+                described = [k for k in current if k not in compare and old.get(k) != current.get(k)]
+                diffs += [f"{k}: {old.get(k)!r} -> {current.get(k)!r}" for k in described]
+                raise OutputDirError(
+                    f"{self.path} holds rows generated with a different {kind} ({'; '.join(diffs)}); resuming would "
+                    "mix the two in one output. Use a new output.path, --overwrite to discard them, or "
+                    "--force-resume to resume anyway"
+                )
+            if diffs:
+                self.manifest.setdefault("forced_resumes", []).append({"at": _now(), "kind": kind, "changes": diffs})
+        self.manifest[kind] = current
 
     def _lock(self) -> None:
         lock_path = self.state_dir / "lock"

