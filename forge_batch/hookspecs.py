@@ -26,14 +26,17 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+# Plugins import these from here (as docs/plugins.md shows); they live in the contract.
+from forge_batch.contract import DropResult, RowError, SkipRow
+
+__all__ = ["DropResult", "RowError", "SkipRow", "hookimpl", "hookspec"]
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from forge_batch.contract import JobSpec, Reader, RunContext, Writer
     from forge_batch.engine.outputs import RequestOutput
     from forge_batch.engine.request import GenerationRequest
-    from forge_batch.io.base import Reader, Writer
-    from forge_batch.job import JobSpec
-    from forge_batch.runner import RunContext
 
 PROJECT_NAME = "forge_batch"
 
@@ -41,30 +44,10 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
-class SkipRow(Exception):
-    """Raise from ``prepare_request`` to leave a row out on purpose.
-
-    The row is still written (``finish_reason`` ``"skipped"``, ``error_kind`` ``"skipped"``, the reason in
-    ``error``) so nothing disappears silently; skipped rows do not count towards ``max_error_rate``.
-    """
 
 
-class RowError(Exception):
-    """Raise from a row-level hook to fail the row with a given ``error_kind`` and message, when the problem
-    is the row's (a missing field, a bad value), not the plugin's. Any other exception is reported as
-    ``plugin_error`` naming the plugin."""
-
-    def __init__(self, message: str, kind: str = "row_error") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
-class DropResult(Exception):
-    """Raise from ``process_result`` to leave a sample out of the output (a filter).
-
-    Dropped samples are recorded in the run state, so a resumed run does not generate them again, and
-    counted in the summary.
-    """
 
 
 @hookspec

@@ -36,14 +36,22 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import pyarrow as pa
 
-from forge_batch.hookspecs import DropResult, RowError, SkipRow
-from forge_batch.io.base import RawRow, Reader, WriteContext, Writer
+from forge_batch.contract import (
+    DropResult,
+    RawRow,
+    Reader,
+    RowError,
+    RunContext,
+    SkipRow,
+    WriteContext,
+    Writer,
+)
 from forge_batch.io.meta import file_metadata, tool_version
 from forge_batch.io.output_dir import OutputDir, ResumeState, Tally
 from forge_batch.io.progress import Progress
@@ -54,8 +62,8 @@ from forge_batch.io.schema import (
     output_schema,
     records_to_table,
 )
-from forge_batch.models.registry import content_digest
 from forge_batch.job import InputSpec, JobError, JobSpec, Problem, check_job, compile_template, input_files
+from forge_batch.models.registry import content_digest
 from forge_batch.plugin_manager import (
     PluginHookError,
     call_impl,
@@ -72,27 +80,6 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
-# Error kinds a row can get (error_kind column); plugins may add their own through RowError.
-ERROR_KINDS = (
-    "malformed_json",
-    "bad_request",
-    "missing_id",
-    "bad_id",
-    "duplicate_id",
-    "missing_prompt",
-    "empty_prompt",
-    "bad_prompt",
-    "bad_messages",
-    "template_error",
-    "bad_sampling",
-    "prompt_too_long",
-    "tokenize_error",
-    "plugin_error",
-    "engine_error",
-    "invalid_output",
-    "type_mismatch",
-    "internal_error",
-)
 # Rows that failed only after this many failures may abort a run early (see JobRunner._check_error_rate).
 EARLY_ABORT_MIN_FAILURES = 100
 
@@ -146,23 +133,6 @@ def load_engine_factory(spec: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attr)
 
 
-@dataclass
-class RunContext:
-    """What hooks get besides the row: the job, the effective input options, the engine's tokenizer.
-
-    ``state`` is free for plugins to keep per-run data in (counters for ``job_end``, caches)."""
-
-    job: JobSpec
-    input: InputSpec
-    plugin_manager: Any
-    output_dir: Path
-    engine: Any = None
-    tokenizer: Any = None
-    max_model_len: int | None = None
-    chat: bool = False
-    template: Any = None
-    resumed_rows: int = 0
-    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

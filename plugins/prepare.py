@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from forge_batch.hookspecs import RowError, hookimpl
 
 if TYPE_CHECKING:
+    from forge_batch.contract import RunContext
     from forge_batch.engine.request import GenerationRequest
-    from forge_batch.runner import RunContext
 
 
 def _messages(value: Any, field: str) -> list[dict[str, Any]]:

@@ -37,3 +37,25 @@ def test_every_hook_is_documented_with_its_exact_signature() -> None:
 def test_docs_do_not_document_hooks_that_do_not_exist() -> None:
     documented = set(re.findall(r"^### `(\w+)`", DOCS.read_text(), flags=re.M))
     assert documented == set(hookspec_functions())
+
+
+def test_docs_list_every_error_kind_and_only_those() -> None:
+    from forge_batch.contract import ErrorKind
+
+    jobs_doc = (DOCS.parent / "jobs.md").read_text()
+    section = jobs_doc.split("### Error kinds", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M)) - {"error_kind"}  # the header
+    assert documented == {k.value for k in ErrorKind}
+
+
+def test_the_contract_imports_nothing_of_forge_batch() -> None:
+    import ast
+
+    import forge_batch.contract as contract
+
+    tree = ast.parse(Path(contract.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("forge_batch"), ast.dump(node)
+        elif isinstance(node, ast.Import):
+            assert not any(a.name.startswith("forge_batch") for a in node.names)
