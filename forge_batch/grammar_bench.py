@@ -117,15 +117,15 @@ class LLGuidanceEngine(GrammarEngine):
     package = "llguidance"
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
-        from forge_batch.plugins.constraints import ll_tokenizer
+        from forge_batch.plugin_manager import collect_registry, get_plugin_manager
 
+        # The built-in constraint as the runner gets it: through the plugin manager, by name.
+        self.factory = collect_registry(get_plugin_manager([]), "register_constraints")["json_schema"]
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        ll_tokenizer(tokenizer, vocab_size)  # one-off vocabulary index, outside the per-schema timing
+        self.compile({"type": "string"})  # one-off vocabulary index, outside the per-schema timing
 
     def compile(self, schema: dict[str, Any]) -> Any:
-        from forge_batch.plugins.constraints import json_schema_constraint
-
-        return json_schema_constraint(schema, self.tokenizer, self.vocab_size)
+        return self.factory(schema, self.tokenizer, self.vocab_size)
 
     def matcher(self, compiled: Any) -> Any:
         return compiled.new_state()
@@ -141,17 +141,6 @@ class LLGuidanceEngine(GrammarEngine):
         return matcher.is_stopped()
 
 
-class LLGuidanceRawEngine(LLGuidanceEngine):
-    """llguidance with its own (shape-only) date/time formats, i.e. without the plugin's exact patterns:
-    kept in the comparison to show what those patterns fix."""
-
-    name = "llguidance-raw-formats"
-
-    def compile(self, schema: dict[str, Any]) -> Any:
-        from forge_batch.plugins.constraints import LLGuidanceConstraint, _ll
-
-        grammar = _ll().LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
-        return LLGuidanceConstraint("json_schema", grammar, self.tokenizer, self.vocab_size, lambda _: (True, None))
 
 
 @contextmanager
@@ -274,7 +263,6 @@ class OutlinesCoreEngine(GrammarEngine):
 
 ENGINES: dict[str, type[GrammarEngine]] = {
     "llguidance": LLGuidanceEngine,
-    "llguidance-raw-formats": LLGuidanceRawEngine,
     "xgrammar": XGrammarEngine,
     "outlines-core": OutlinesCoreEngine,
 }

@@ -39,9 +39,6 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "forge_batch.plugins.validate",
 )
 
-# Hooks that run once per row or sample: exceptions there fail the row, not the job.
-ROW_HOOKS = ("prepare_request", "logits_processors", "process_result")
-
 
 class PluginLoadError(Exception):
     """Plugins named in a job (or broken hook implementations) that could not be loaded.
@@ -217,6 +214,7 @@ def get_plugin_manager(
         pm.check_pending()
     except pluggy.PluginValidationError as e:
         failures.append((getattr(e, "plugin_name", None) or str(getattr(e, "plugin", "?")), str(e)))
+    failures += _wrapper_failures(pm)
 
     if failures:
         raise PluginLoadError(failures)
@@ -275,13 +273,29 @@ def hookspec_functions() -> dict[str, Any]:
     }
 
 
+def _is_wrapper(impl: Any) -> bool:
+    return bool(getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False))
+
+
+def _wrapper_failures(pm: pluggy.PluginManager) -> list[tuple[str, str]]:
+    """Every hook wrapper registered: forge-batch refuses them rather than skip them silently."""
+    return [
+        (impl.plugin_name, f"implements {name} as a hook wrapper, which forge-batch does not support: it calls "
+                           "each implementation on its own so that an error names the plugin that raised it")
+        for name in hookspec_functions()
+        for impl in getattr(pm.hook, name).get_hookimpls()
+        if _is_wrapper(impl)
+    ]
+
+
 def iter_impls(pm: pluggy.PluginManager, hook_name: str) -> Iterator[Any]:
     """Hook implementations of ``hook_name`` in pluggy's call order (tryfirst first, then last registered
-    first), skipping wrappers (row-level hooks are called one implementation at a time)."""
-    caller = getattr(pm.hook, hook_name)
-    for impl in reversed(caller.get_hookimpls()):
-        if getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False):
-            continue
+    first). forge-batch calls every hook through this and :func:`call_impl`, one implementation at a time,
+    so that an exception names its plugin (and, for row-level hooks, fails only that row). Hook wrappers
+    cannot take part in that: :func:`get_plugin_manager` refuses them, and so does this."""
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        if _is_wrapper(impl):
+            raise PluginLoadError([(impl.plugin_name, f"implements {hook_name} as a hook wrapper (not supported)")])
         yield impl
 
 

@@ -76,7 +76,6 @@ ENGINE_FACTORY_ENV = "FORGE_BATCH_ENGINE_FACTORY"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -924,11 +923,6 @@ class JobRunner:
 def _chain(first: list[list[RawRow]], rest: Iterator[list[RawRow]]) -> Iterator[list[RawRow]]:
     yield from first
     yield from rest
-
-
-def run_job(job: JobSpec, **kwargs: Any) -> RunResult:
-    """Run ``job`` (see :class:`JobRunner` for the keyword arguments)."""
-    return JobRunner(job, **kwargs).run()
 
 
 def format_summary(summary: dict[str, Any]) -> str:

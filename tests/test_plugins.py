@@ -120,6 +120,19 @@ def test_misnamed_hook_is_an_error(tmp_path: Path) -> None:
         get_plugin_manager([str(pfile)], entry_points=False)
 
 
+@pytest.mark.parametrize("style", ["wrapper=True", "hookwrapper=True"])
+def test_a_hook_wrapper_is_refused_loudly_not_skipped(tmp_path: Path, style: str) -> None:
+    pfile = tmp_path / "wrapping.py"
+    pfile.write_text(
+        "from forge_batch.hookspecs import hookimpl\n\n"
+        f"@hookimpl({style})\ndef process_result(record):\n    yield\n"
+    )
+    with pytest.raises(PluginLoadError) as exc:
+        get_plugin_manager([str(pfile)], entry_points=False)
+    [(name, message)] = exc.value.failures
+    assert name == "wrapping" and "process_result" in message and "hook wrapper" in message
+
+
 def test_plugin_overrides_builtin_by_name() -> None:
     sentinel = object()
 

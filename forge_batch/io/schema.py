@@ -35,9 +35,6 @@ TAIL_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 )
 PROMPT_COLUMN = ("prompt", pa.string())
 
-# The run's ledger: one entry per sample (dropped ones included), the source of truth for resume.
-LEDGER_STATUS = ("ok", "error", "skipped", "dropped")
-
 
 def id_column_name(id_field: str | None) -> str:
     """The output column holding the row id: the input's id field, or ``id`` (the row position) without one."""
@@ -146,7 +143,8 @@ def records_to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Tab
 
 
 def ledger_schema(id_type: pa.DataType, id_name: str = "id") -> pa.Schema:
-    """Schema of the per-part ledger files in ``_forge_batch/ledger/``."""
+    """Schema of the per-part ledger files in ``_forge_batch/ledger/``: one entry per sample, dropped ones
+    included (``status`` ok | error | skipped | dropped), the source of truth for resume."""
     return pa.schema(
         [
             pa.field("id", id_type),
