@@ -507,17 +507,53 @@ def read_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise JobError([Problem("", f"cannot read job file: {e}")], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise JobError(
+            [Problem("", f"{path} is not a text file (byte 0x{e.object[e.start]:02x} at offset {e.start} is not UTF-8); "
+                         "a job file is YAML or JSON")],
+            str(path),
+        ) from None
     try:
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         raise JobError([Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")], str(path)) from None
+    if duplicates:
+        # YAML keeps the last of two equal keys: a second `sampling:` block would silently replace the first.
+        raise JobError(duplicates, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise JobError([Problem("", f"a job file must hold a mapping, got {type(data).__name__}")], str(path))
     return data
+
+
+def _duplicate_keys(node: yaml.Node | None, path: str = "") -> list[Problem]:
+    """Keys given twice in one mapping of a composed YAML document, with both lines.
+
+    A key after a ``<<:`` merge is YAML's way to override the merged value, not a duplicate."""
+    problems: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = (key_node.tag, key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                problems.append(Problem(
+                    _join(path, key_node.value),
+                    f"duplicate key (line {first_line[key]} and line {line}); give each key once",
+                ))
+            else:
+                first_line[key] = line
+            problems.extend(_duplicate_keys(value_node, _join(path, key_node.value)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems.extend(_duplicate_keys(item, f"{path}[{i}]"))
+    return problems
 
 
 def load_job(
