@@ -219,8 +219,9 @@ class ConstraintSpec(BaseModel):
 class EngineSpec(_Strict):
     """Engine options, passed to :class:`forge_batch.LLM` (``None`` means the engine's default)."""
 
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = Field("auto", description="auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N.")
+    dtype: str = Field("auto", description="auto (bfloat16 on GPUs and CPUs with native bf16, else float32), "
+                                           "float32, bfloat16, float16 (or fp32, bf16, fp16).")
     block_size: int | None = Field(None, ge=1)
     num_blocks: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
@@ -228,13 +229,34 @@ class EngineSpec(_Strict):
     max_model_len: int | None = Field(None, ge=1)
     enable_prefix_caching: bool | None = None
     kv_cache: Literal["paged", "naive"] | None = None
-    kernel_backend: str | None = None
+    # The kernel backends forge_batch.kernels.set_backend accepts (a test keeps the two lists equal).
+    kernel_backend: Literal["auto", "reference", "triton"] | None = None
     quantization: Literal["int8"] | None = Field(
         None, description="int8: W8A8 decoder matmuls on the CPU (faster, not bit-identical to float32)."
     )
     max_in_flight: int | None = Field(
         None, ge=1, description="Rows admitted but unfinished at once (default: 2 x max_num_seqs)."
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        from forge_batch.engine.device import device_option_problem
+
+        problem = device_option_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        from forge_batch.engine.device import dtype_option_problem
+
+        problem = dtype_option_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     def llm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``LLM(...)``: only the options that were set."""
@@ -256,6 +278,14 @@ class JobSpec(_Strict):
 
     # Where the job file lives (relative paths were resolved against it); not a job option.
     _base_dir: Path | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_named(cls, v: str) -> str:
+        # An empty name would resolve to the job's folder and load whatever .gguf happens to be there.
+        if not v.strip():
+            raise ValueError("model is empty: name the default model (smollm2-135m-instruct), a .gguf file or a model directory")
+        return v
 
     def sampling_dict(self) -> dict[str, Any]:
         """The job-wide sampling options as SamplingParams keyword arguments (job-wide constraint folded in)."""
@@ -435,6 +465,8 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
             msg = "unknown key (not a job option)"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] in ("literal_error", "enum"):
+            msg = f"{msg}; got {e['input']!r}"
         problems.append(Problem(_format_loc(loc), msg))
     # Several union members can report the same location; keep the first message for each.
     seen: set[str] = set()
@@ -628,6 +660,7 @@ def check_job(job: JobSpec, pm: PluginManager | None = None, *, check_model: boo
 
     if check_model:
         problems.extend(_check_model(job.model))
+    problems.extend(_check_engine(job.engine))
 
     out = Path(job.output.path)
     if out.exists() and not out.is_dir():
@@ -678,6 +711,24 @@ def _check_model(model: str) -> list[Problem]:
         resolve_model_path(model)
     except (FileNotFoundError, OSError) as e:
         return [Problem("model", str(e))]
+    return []
+
+
+def _check_engine(engine: EngineSpec) -> list[Problem]:
+    """What the engine refuses on this machine: a CUDA device torch cannot see, int8 with a device or dtype
+    other than CPU float32. torch is imported only when one of those options is set."""
+    if not (engine.device.startswith("cuda") or engine.quantization == "int8"):
+        return []
+    from forge_batch.engine.device import int8_problem, resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(engine.device)
+    except ValueError as e:
+        return [Problem("engine.device", str(e))]
+    if engine.quantization == "int8":
+        problem = int8_problem(engine.device, engine.dtype, device, resolve_dtype(engine.dtype, device), job_options=True)
+        if problem is not None:
+            return [Problem("engine.quantization", problem)]
     return []
 
 

@@ -6,6 +6,7 @@ so `load_model_files` is replaced by one that fails the test."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,11 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "load_model_files", refuse)
 
 
-def job_file(tmp_path: Path, model: str | Path, **extra: object) -> Path:
+def job_file(tmp_path: Path, model: str | Path, name: str = "job.yaml", **extra: object) -> Path:
     write_jsonl(tmp_path / "in.jsonl", prompts(3))
     spec = {"model": str(model), "input": {"path": "in.jsonl"}, "output": {"path": "out"},
             "sampling": {"max_tokens": 4}, **extra}
-    return write_job_file(tmp_path / "job.yaml", spec)
+    return write_job_file(tmp_path / name, spec)
 
 
 def validate(job: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -55,6 +56,87 @@ def assert_refused(job: Path, capsys: pytest.CaptureFixture, key: str, *fragment
             assert fragment in err, (command, fragment, err)
         assert "Traceback" not in err
     assert not (job.parent / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "extra", "fragments"),
+    [
+        ("engine.device", {"engine": {"device": "tpu"}}, ["'tpu'", "auto", "cpu", "cuda"]),
+        ("engine.dtype", {"engine": {"dtype": "float8"}}, ["'float8'", "auto", "float32", "bfloat16"]),
+        ("engine.kernel_backend", {"engine": {"kernel_backend": "cuda"}}, ["'cuda'", "auto", "reference", "triton"]),
+    ],
+    ids=["device", "dtype", "kernel_backend"],
+)
+def test_engine_option_refused_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
+    key: str, extra: dict, fragments: list[str],
+) -> None:
+    assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_cuda_device(tmp_path: Path, tiny_model_dir: Path, no_model_load: None,
+                                    capsys: pytest.CaptureFixture) -> None:
+    assert_refused(job_file(tmp_path, tiny_model_dir, engine={"device": "cuda"}), capsys, "engine.device", "no CUDA device")
+
+
+def test_int8_with_a_dtype_that_resolves_to_bfloat16(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The hint says what `auto` chose on this CPU, and the same job validates where auto picks float32."""
+    from forge_batch.engine import device
+
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: True)
+    job = job_file(tmp_path, tiny_model_dir, engine={"device": "cpu", "quantization": "int8"})
+    assert_refused(job, capsys, "engine.quantization",
+                   "dtype auto resolves to bfloat16 on this CPU; set engine.dtype: float32 to use int8")
+    explicit = job_file(tmp_path, tiny_model_dir, "explicit.yaml", engine={"dtype": "bf16", "quantization": "int8"})
+    assert_refused(explicit, capsys, "engine.quantization", "engine.dtype is bf16", "set engine.dtype: float32")
+
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: False)
+    assert validate(job, capsys)[0] == 0
+
+
+def test_the_engine_gives_the_same_int8_hint(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    from forge_batch import LLM
+    from forge_batch.engine import device
+
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: True)
+    with pytest.raises(ValueError, match="dtype auto resolves to bfloat16 on this CPU; set dtype='float32'"):
+        LLM(str(tiny_model_dir), device="cpu", quantization="int8")
+
+
+def test_empty_model_is_an_error(tmp_path: Path, no_model_load: None, capsys: pytest.CaptureFixture) -> None:
+    from test_gguf_loader import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "stray.gguf")  # the empty name used to resolve to the job's folder, and this
+    assert_refused(job_file(tmp_path, ""), capsys, "model", "empty")
+
+
+# -- broken GGUF files ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_gguf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    from test_gguf_loader import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "good.gguf"
+    write_tiny_gguf(path)
+    return path.read_bytes()
+
+
+def _corrupt_metadata(data: bytes) -> bytes:
+    # the first metadata key's length (right after the 24-byte header) becomes 2**64 - 1
+    return data[:24] + b"\xff" * 8 + data[32:]
+
+
+BROKEN_GGUFS = {
+    "random": (lambda data: os.urandom(4096), "not a GGUF file"),
+    "corrupt_metadata": (_corrupt_metadata, "corrupt"),
+    "half": (lambda data: data[: len(data) // 2], "truncated"),
+    "tail_cut": (lambda data: data[:-100], "truncated"),
+}
 
 
 # -- the job file itself --------------------------------------------------------------------------------
@@ -103,3 +185,8 @@ def test_yaml_merge_keys_may_override(tmp_path: Path, tiny_model_dir: Path, caps
     from forge_batch.job import load_job
 
     assert load_job(job).sampling.temperature == 0
+
+
+# -- plugins --------------------------------------------------------------------------------------------
+
+
