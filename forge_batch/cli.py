@@ -33,7 +33,8 @@ def _err(msg: str) -> None:
 def _print_problems(source: str, problems: list[Problem]) -> None:
     _err(f"{source}: {len(problems)} problem(s):")
     for p in problems:
-        _err(f"  - {p}")
+        # a multi-line message (a regex error with its caret) stays under its item
+        _err("  - " + str(p).replace("\n", "\n    "))
 
 
 def _print_plugin_warnings(pm: Any) -> None:

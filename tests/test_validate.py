@@ -61,6 +61,27 @@ def assert_refused(job: Path, capsys: pytest.CaptureFixture, key: str, *fragment
 @pytest.mark.parametrize(
     ("key", "extra", "fragments"),
     [
+        ("sampling.json_schema", {"sampling": {"max_tokens": 4, "json_schema": {"type": "nope"}}},
+         ["not a valid JSON Schema"]),
+        ("sampling.json_schema", {"sampling": {"max_tokens": 4, "json_schema": "{not json"}}, ["not JSON"]),
+        ("sampling.regex", {"sampling": {"max_tokens": 4, "regex": "(unclosed"}}, ["unclosed group"]),
+        # Python's re accepts a look-behind; the grammar engine's regex dialect does not
+        ("constraint.regex", {"constraint": {"regex": "(?<=a)b"}}, ["look-around"]),
+        ("constraint.json_schema", {"constraint": {"json_schema": {"type": "object", "required": "n"}}},
+         ["not a valid JSON Schema"]),
+    ],
+    ids=["json_schema", "json_schema_string", "regex", "constraint_regex", "constraint_json_schema"],
+)
+def test_constraint_refused_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
+    key: str, extra: dict, fragments: list[str],
+) -> None:
+    assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("key", "extra", "fragments"),
+    [
         ("engine.device", {"engine": {"device": "tpu"}}, ["'tpu'", "auto", "cpu", "cuda"]),
         ("engine.dtype", {"engine": {"dtype": "float8"}}, ["'float8'", "auto", "float32", "bfloat16"]),
         ("engine.kernel_backend", {"engine": {"kernel_backend": "cuda"}}, ["'cuda'", "auto", "reference", "triton"]),
@@ -72,6 +93,11 @@ def test_engine_option_refused_before_the_model_loads(
     key: str, extra: dict, fragments: list[str],
 ) -> None:
     assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
+
+
+def test_a_valid_constraint_passes(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    job = job_file(tmp_path, tiny_model_dir, constraint={"regex": r"[0-9]{3}"})
+    assert validate(job, capsys)[0] == 0
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
