@@ -690,15 +690,11 @@ def check_job(job: JobSpec, pm: PluginManager | None = None, *, check_model: boo
 
 
 def _check_model(model: str) -> list[Problem]:
+    from forge_batch.models.registry import check_model
+
     try:
-        from forge_batch.models.registry import resolve_model_path
-    except ImportError:  # no model registry: only check that a path exists
-        if _looks_like_path(model) and not os.path.exists(model):
-            return [Problem("model", f"no model file or directory at {model}")]
-        return []
-    try:
-        resolve_model_path(model)
-    except (FileNotFoundError, OSError) as e:
+        check_model(model)
+    except (OSError, ValueError) as e:  # not found; not GGUF, corrupt or truncated (GGUFError)
         return [Problem("model", str(e))]
     return []
 

@@ -165,6 +165,33 @@ BROKEN_GGUFS = {
 }
 
 
+@pytest.mark.parametrize("kind", sorted(BROKEN_GGUFS))
+def test_broken_gguf_is_refused_naming_the_file(
+    tmp_path: Path, good_gguf: bytes, no_model_load: None, capsys: pytest.CaptureFixture, kind: str
+) -> None:
+    make, says = BROKEN_GGUFS[kind]
+    model = tmp_path / f"{kind}.gguf"
+    model.write_bytes(make(good_gguf))
+    assert_refused(job_file(tmp_path, model), capsys, "model", str(model), says)
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_GGUFS))
+def test_loading_a_broken_gguf_says_what_is_wrong(tmp_path: Path, good_gguf: bytes, kind: str) -> None:
+    from forge_batch.models.gguf_loader import load_gguf
+
+    make, says = BROKEN_GGUFS[kind]
+    model = tmp_path / f"{kind}.gguf"
+    model.write_bytes(make(good_gguf))
+    with pytest.raises(ValueError) as exc:
+        load_gguf(model)
+    assert str(model) in str(exc.value) and says in str(exc.value)
+
+
+def test_a_good_gguf_validates(tmp_path: Path, good_gguf: bytes, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "good.gguf").write_bytes(good_gguf)
+    assert validate(job_file(tmp_path, tmp_path / "good.gguf"), capsys)[0] == 0
+
+
 # -- the job file itself --------------------------------------------------------------------------------
 
 
