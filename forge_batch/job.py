@@ -614,12 +614,21 @@ def compile_template(template: str) -> Any:
     return env.from_string(template)
 
 
-def check_job(job: JobSpec, pm: PluginManager | None = None, *, check_model: bool = True) -> list[Problem]:
+def check_job(
+    job: JobSpec,
+    pm: PluginManager | None = None,
+    *,
+    check_model: bool = True,
+    unloaded_plugins: Sequence[str] = (),
+    warnings: list[str] | None = None,
+) -> list[Problem]:
     """Every problem that stops ``job`` from running, found without running anything.
 
-    With a plugin manager, formats and samplers are checked against what plugins register; without one,
-    those checks are skipped. ``check_model=False`` skips resolving ``model`` (a custom engine factory
-    decides what the name means).
+    With a plugin manager, formats, samplers and constraint kinds are checked against what plugins register;
+    without one, those checks are skipped. ``unloaded_plugins``: the job's plugins that ``pm`` does not hold
+    (validate does not import them); a name none of the loaded plugins registers may be theirs, so it is a
+    warning (appended to ``warnings``) instead of a problem. ``check_model=False`` skips resolving ``model``
+    (a custom engine factory decides what the name means).
     """
     from forge_batch.engine.sampling_params import SamplingParams
 
@@ -657,33 +666,40 @@ def check_job(job: JobSpec, pm: PluginManager | None = None, *, check_model: boo
     if pm is not None:
         from forge_batch.plugin_manager import collect_registry
 
+        def unknown(path: str, what: str, name: str, known: Iterable[str]) -> None:
+            if unloaded_plugins:
+                if warnings is not None:
+                    warnings.append(
+                        f"{path}: {what} {name!r} is not registered by a built-in or installed plugin; it may come "
+                        f"from {', '.join(unloaded_plugins)}, which validate does not import (run will tell)"
+                    )
+            else:
+                problems.append(Problem(path, f"unknown {what} {name!r}; known: {', '.join(sorted(known))}"))
+
         readers = collect_registry(pm, "register_readers")
         writers = collect_registry(pm, "register_writers")
+        kinds = collect_registry(pm, "register_constraints")
         # Only when a sampler is named: collecting samplers imports the engine (torch), which validate avoids.
         samplers = collect_registry(pm, "register_samplers") if job.sampling.sampler is not None else {}
         if job.input.format != "auto" and job.input.format not in readers:
-            problems.append(Problem("input.format", f"unknown input format {job.input.format!r}; known: auto, {', '.join(sorted(readers))}"))
+            unknown("input.format", "input format", job.input.format, ["auto", *readers])
         elif job.input.format == "auto":
             for f in files:
                 if _reader_for_extension(readers, f) is None:
                     problems.append(Problem("input.path", f"cannot tell the format of {f} from its extension; set input.format"))
                     break
         if job.output.format not in writers:
-            problems.append(Problem("output.format", f"unknown output format {job.output.format!r}; known: {', '.join(sorted(writers))}"))
-        if job.sampling.constraint:
-            kinds = collect_registry(pm, "register_constraints")
-            for kind in job.sampling.constraint:
-                if kinds and kind not in kinds:
-                    problems.append(Problem(f"sampling.constraint.{kind}", f"unknown constraint kind {kind!r}; known: {', '.join(sorted(kinds))}"))
-        if job.constraint is not None and job.constraint.model_extra:
-            kinds = collect_registry(pm, "register_constraints")
-            for key in job.constraint.model_extra:
-                kind = key[: -len("_field")] if key.endswith("_field") else key
-                if kinds and kind not in kinds:
-                    problems.append(Problem(f"constraint.{key}", f"unknown constraint kind {kind!r}; known: {', '.join(sorted(kinds))}"))
-        problems.extend(_check_job_constraint(job, collect_registry(pm, "register_constraints")))
+            unknown("output.format", "output format", job.output.format, writers)
+        for kind in job.sampling.constraint or {}:
+            if kinds and kind not in kinds:
+                unknown(f"sampling.constraint.{kind}", "constraint kind", kind, kinds)
+        for key in (job.constraint.model_extra or {}) if job.constraint is not None else {}:
+            kind = key[: -len("_field")] if key.endswith("_field") else key
+            if kinds and kind not in kinds:
+                unknown(f"constraint.{key}", "constraint kind", kind, kinds)
+        problems.extend(_check_job_constraint(job, kinds))
         if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
-            problems.append(Problem("sampling.sampler", f"unknown sampler {job.sampling.sampler!r}; known: {', '.join(sorted(samplers))}"))
+            unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
         if job.input.format == "parquet" or (job.input.format == "auto" and files and files[0].endswith(".parquet")):
             problems.extend(_check_parquet_columns(job, files))
     return problems
@@ -770,23 +786,39 @@ def _check_parquet_columns(job: JobSpec, files: list[str]) -> list[Problem]:
 
 
 def validate_job_file(
-    path: str | os.PathLike[str], overrides: Iterable[str] = (), env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    *,
+    warnings: list[str] | None = None,
 ) -> tuple[JobSpec | None, list[Problem]]:
     """Everything ``forge-batch validate`` reports: schema problems, then (if it parses) file-system and
-    plugin checks, including plugin modules named in the job that cannot be imported."""
+    plugin checks. The job's own plugins are found but not imported (importing runs their code): one that
+    cannot be found is a problem at ``plugins[i]``. Warnings (installed plugins skipped, names an unloaded
+    job plugin may register) are appended to ``warnings``."""
     try:
         job = load_job(path, overrides, env)
     except JobError as e:
         return None, e.problems
-    from forge_batch.plugin_manager import PluginLoadError, get_plugin_manager
+    from forge_batch.plugin_manager import PluginLoadError, find_plugin, get_plugin_manager
 
     problems: list[Problem] = []
+    search_paths = job.plugin_search_paths()
+    found = []
+    for i, name in enumerate(job.plugins):
+        missing = find_plugin(name, search_paths)
+        if missing is None:
+            found.append(name)
+        else:
+            problems.append(Problem(f"plugins[{i}]", missing))
     try:
-        pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
+        pm = get_plugin_manager([])  # built-ins and installed plugins
     except PluginLoadError as e:
-        problems.extend(Problem(f"plugins[{job.plugins.index(name)}]" if name in job.plugins else "plugins", msg) for name, msg in e.failures)
-        pm = get_plugin_manager([])
+        problems.extend(Problem("plugins", f"{name}: {msg}") for name, msg in e.failures)
+        return job, problems
+    if warnings is not None:
+        warnings.extend(getattr(pm, "forge_warnings", []))
     # A custom engine (FORGE_BATCH_ENGINE_FACTORY) decides what the model name means.
     check_model = not os.environ.get("FORGE_BATCH_ENGINE_FACTORY")
-    problems.extend(check_job(job, pm, check_model=check_model))
+    problems.extend(check_job(job, pm, check_model=check_model, unloaded_plugins=found, warnings=warnings))
     return job, problems

@@ -243,3 +243,75 @@ def test_yaml_merge_keys_may_override(tmp_path: Path, tiny_model_dir: Path, caps
 # -- plugins --------------------------------------------------------------------------------------------
 
 
+def test_validate_does_not_import_job_plugins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    marker = tmp_path / "imported"
+    side_effect = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    (tmp_path / "fb_side_file.py").write_text(side_effect)
+    (tmp_path / "fb_side_pkg").mkdir()
+    (tmp_path / "fb_side_pkg" / "__init__.py").write_text(side_effect)
+    (tmp_path / "fb_side_pkg" / "hooks.py").write_text(side_effect)
+    (tmp_path / "fb_side_module.py").write_text(side_effect)
+    plugins = ["./fb_side_file.py", "fb_side_pkg.hooks", "fb_side_module"]
+    job = job_file(tmp_path, "fake", plugins=plugins)
+    monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", "fakes:make_fake_llm")
+    code, out = validate(job, capsys)
+    assert code == 0, out
+    assert not marker.exists()
+
+    missing = job_file(tmp_path, "fake", "missing.yaml",
+                       plugins=[*plugins, "./gone.py", "fb_no_such_module", "fb_side_pkg.nope"])
+    code, out = validate(missing, capsys)
+    assert code == 2
+    assert "- plugins[3]:" in out and "gone.py" in out
+    assert "- plugins[4]:" in out and "fb_no_such_module" in out
+    assert "- plugins[5]:" in out and "fb_side_pkg.nope" in out
+    assert not marker.exists()
+    # run imports the plugins, so it reports the same three at the same key paths
+    assert main(["run", str(missing), "--quiet"]) == 2
+    out = capsys.readouterr().err
+    assert all(f"- plugins[{i}]:" in out for i in (3, 4, 5))
+    assert not (tmp_path / "out").exists()
+
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert set(marker.read_text().split()) == {"fb_side_module", "fb_side_pkg", "fb_side_pkg.hooks",
+                                               "forge_batch_job_plugin_fb_side_file"}
+    for name in ("fb_side_module", "fb_side_pkg", "fb_side_pkg.hooks", "forge_batch_job_plugin_fb_side_file"):
+        sys.modules.pop(name, None)
+
+
+def test_names_a_job_plugin_may_register_are_not_errors_for_validate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """validate cannot know what an unimported job plugin registers: it says so instead of failing."""
+    monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", "fakes:make_fake_llm")
+    (tmp_path / "tsv_plugin.py").write_text(
+        "from forge_batch.hookspecs import hookimpl\n"
+        "from forge_batch.plugins.writers import JsonlWriter\n\n"
+        "class TsvWriter(JsonlWriter):\n    extension = '.tsv'\n\n"
+        "@hookimpl\ndef register_writers():\n    return {'tsv': TsvWriter()}\n"
+    )
+    job = job_file(tmp_path, "fake", plugins=["./tsv_plugin.py"])
+    text = job.read_text().replace("path: out", "path: out\n  format: tsv")
+    job.write_text(text)
+    code, out = validate(job, capsys)
+    assert code == 0, out
+    assert "warning" in out and "output.format" in out and "'tsv'" in out and "tsv_plugin.py" in out
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert list((tmp_path / "out").glob("part-*.tsv"))
+
+
+def test_load_plugins_naming_no_installed_plugin_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("FORGE_BATCH_LOAD_PLUGINS", "nosuch")
+    monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", "fakes:make_fake_llm")
+    job = job_file(tmp_path, "fake")
+    for command in (["validate", str(job)], ["plugins"], ["run", str(job), "--quiet"]):
+        assert main(command) == 0
+        err = capsys.readouterr().err
+        assert "warning" in err and "FORGE_BATCH_LOAD_PLUGINS" in err and "'nosuch'" in err, (command, err)
