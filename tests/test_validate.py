@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from runner_helpers import prompts, write_job_file, write_jsonl
 
 from forge_batch.cli import main
@@ -100,7 +101,7 @@ def test_a_valid_constraint_passes(tmp_path: Path, tiny_model_dir: Path, capsys:
     assert validate(job, capsys)[0] == 0
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cuda_without_a_cuda_device(tmp_path: Path, tiny_model_dir: Path, no_model_load: None,
                                     capsys: pytest.CaptureFixture) -> None:
     assert_refused(job_file(tmp_path, tiny_model_dir, engine={"device": "cuda"}), capsys, "engine.device", "no CUDA device")
