@@ -33,7 +33,8 @@ def _err(msg: str) -> None:
 def _print_problems(source: str, problems: list[Problem]) -> None:
     _err(f"{source}: {len(problems)} problem(s):")
     for p in problems:
-        _err(f"  - {p}")
+        # a multi-line message (a regex error with its caret) stays under its item
+        _err("  - " + str(p).replace("\n", "\n    "))
 
 
 def _print_plugin_warnings(pm: Any) -> None:
@@ -53,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         job = load_job(args.job, overrides)
         pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
+        _print_plugin_warnings(pm)
         problems = check_job(job, pm, check_model=not os.environ.get("FORGE_BATCH_ENGINE_FACTORY"))
         if problems:
             raise JobError(problems, args.job)
@@ -60,9 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(e.source or args.job, e.problems)
         return EXIT_USAGE
     except PluginLoadError as e:
-        _print_problems(args.job, [Problem("plugins", f"{n}: {m}") for n, m in e.failures])
+        _print_problems(args.job, [
+            Problem(f"plugins[{job.plugins.index(n)}]", m) if n in job.plugins else Problem("plugins", f"{n}: {m}")
+            for n, m in e.failures
+        ])
         return EXIT_USAGE
-    _print_plugin_warnings(pm)
     progress = "none" if args.quiet else args.progress
     runner = JobRunner(
         job, plugin_manager=pm, progress=progress, quiet=args.quiet, overwrite=args.overwrite,
@@ -95,7 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from forge_batch.job import validate_job_file
 
-    job, problems = validate_job_file(args.job, list(args.set or []))
+    warnings: list[str] = []
+    job, problems = validate_job_file(args.job, list(args.set or []), warnings=warnings)
+    for w in warnings:
+        _err(f"forge-batch: warning: {w}")
     if problems:
         _print_problems(args.job, problems)
         return EXIT_USAGE
@@ -252,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--grace", type=float, default=30.0, help="seconds in-flight rows may finish after Ctrl-C / SIGTERM")
     run.set_defaults(func=cmd_run)
 
-    val = sub.add_parser("validate", help="check a job file and report every problem; runs nothing")
+    val = sub.add_parser("validate", help="check a job file and report every problem; runs nothing (not even the job's plugins)")
     val.add_argument("job")
     val.add_argument("--set", action="append", metavar="KEY=VALUE")
     val.set_defaults(func=cmd_validate)

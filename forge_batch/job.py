@@ -200,27 +200,16 @@ class ConstraintSpec(BaseModel):
         for k in fields:
             if not isinstance(items[k], str) or not items[k]:
                 raise ValueError(f"{k} must name a column")
-        if isinstance(self.json_schema, str):
-            try:
-                json.loads(self.json_schema)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"json_schema is a string but not JSON: {e}") from e
-        schema = json.loads(self.json_schema) if isinstance(self.json_schema, str) else self.json_schema
-        if schema is not None:
-            import jsonschema
-
-            try:
-                jsonschema.validators.validator_for(schema).check_schema(schema)
-            except jsonschema.SchemaError as e:
-                raise ValueError(f"json_schema is not a valid JSON Schema: {e.message}") from e
+        # Whether the spec compiles is asked of the constraint kind itself (check_job): one judge.
         return self
 
 
 class EngineSpec(_Strict):
     """Engine options, passed to :class:`forge_batch.LLM` (``None`` means the engine's default)."""
 
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = Field("auto", description="auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N.")
+    dtype: str = Field("auto", description="auto (bfloat16 on GPUs and CPUs with native bf16, else float32), "
+                                           "float32, bfloat16, float16 (or fp32, bf16, fp16).")
     block_size: int | None = Field(None, ge=1)
     num_blocks: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
@@ -228,13 +217,34 @@ class EngineSpec(_Strict):
     max_model_len: int | None = Field(None, ge=1)
     enable_prefix_caching: bool | None = None
     kv_cache: Literal["paged", "naive"] | None = None
-    kernel_backend: str | None = None
+    # The kernel backends forge_batch.kernels.set_backend accepts (a test keeps the two lists equal).
+    kernel_backend: Literal["auto", "reference", "triton"] | None = None
     quantization: Literal["int8"] | None = Field(
         None, description="int8: W8A8 decoder matmuls on the CPU (faster, not bit-identical to float32)."
     )
     max_in_flight: int | None = Field(
         None, ge=1, description="Rows admitted but unfinished at once (default: 2 x max_num_seqs)."
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        from forge_batch.engine.device import device_option_problem
+
+        problem = device_option_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        from forge_batch.engine.device import dtype_option_problem
+
+        problem = dtype_option_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     def llm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``LLM(...)``: only the options that were set."""
@@ -256,6 +266,14 @@ class JobSpec(_Strict):
 
     # Where the job file lives (relative paths were resolved against it); not a job option.
     _base_dir: Path | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_named(cls, v: str) -> str:
+        # An empty name would resolve to the job's folder and load whatever .gguf happens to be there.
+        if not v.strip():
+            raise ValueError("model is empty: name the default model (smollm2-135m-instruct), a .gguf file or a model directory")
+        return v
 
     def sampling_dict(self) -> dict[str, Any]:
         """The job-wide sampling options as SamplingParams keyword arguments (job-wide constraint folded in)."""
@@ -435,6 +453,8 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
             msg = "unknown key (not a job option)"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] in ("literal_error", "enum"):
+            msg = f"{msg}; got {e['input']!r}"
         problems.append(Problem(_format_loc(loc), msg))
     # Several union members can report the same location; keep the first message for each.
     seen: set[str] = set()
@@ -507,17 +527,53 @@ def read_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise JobError([Problem("", f"cannot read job file: {e}")], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise JobError(
+            [Problem("", f"{path} is not a text file (byte 0x{e.object[e.start]:02x} at offset {e.start} is not UTF-8); "
+                         "a job file is YAML or JSON")],
+            str(path),
+        ) from None
     try:
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         raise JobError([Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")], str(path)) from None
+    if duplicates:
+        # YAML keeps the last of two equal keys: a second `sampling:` block would silently replace the first.
+        raise JobError(duplicates, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise JobError([Problem("", f"a job file must hold a mapping, got {type(data).__name__}")], str(path))
     return data
+
+
+def _duplicate_keys(node: yaml.Node | None, path: str = "") -> list[Problem]:
+    """Keys given twice in one mapping of a composed YAML document, with both lines.
+
+    A key after a ``<<:`` merge is YAML's way to override the merged value, not a duplicate."""
+    problems: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = (key_node.tag, key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                problems.append(Problem(
+                    _join(path, key_node.value),
+                    f"duplicate key (line {first_line[key]} and line {line}); give each key once",
+                ))
+            else:
+                first_line[key] = line
+            problems.extend(_duplicate_keys(value_node, _join(path, key_node.value)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems.extend(_duplicate_keys(item, f"{path}[{i}]"))
+    return problems
 
 
 def load_job(
@@ -558,12 +614,21 @@ def compile_template(template: str) -> Any:
     return env.from_string(template)
 
 
-def check_job(job: JobSpec, pm: PluginManager | None = None, *, check_model: bool = True) -> list[Problem]:
+def check_job(
+    job: JobSpec,
+    pm: PluginManager | None = None,
+    *,
+    check_model: bool = True,
+    unloaded_plugins: Sequence[str] = (),
+    warnings: list[str] | None = None,
+) -> list[Problem]:
     """Every problem that stops ``job`` from running, found without running anything.
 
-    With a plugin manager, formats and samplers are checked against what plugins register; without one,
-    those checks are skipped. ``check_model=False`` skips resolving ``model`` (a custom engine factory
-    decides what the name means).
+    With a plugin manager, formats, samplers and constraint kinds are checked against what plugins register;
+    without one, those checks are skipped. ``unloaded_plugins``: the job's plugins that ``pm`` does not hold
+    (validate does not import them); a name none of the loaded plugins registers may be theirs, so it is a
+    warning (appended to ``warnings``) instead of a problem. ``check_model=False`` skips resolving ``model``
+    (a custom engine factory decides what the name means).
     """
     from forge_batch.engine.sampling_params import SamplingParams
 
@@ -592,6 +657,7 @@ def check_job(job: JobSpec, pm: PluginManager | None = None, *, check_model: boo
 
     if check_model:
         problems.extend(_check_model(job.model))
+    problems.extend(_check_engine(job.engine))
 
     out = Path(job.output.path)
     if out.exists() and not out.is_dir():
@@ -600,48 +666,91 @@ def check_job(job: JobSpec, pm: PluginManager | None = None, *, check_model: boo
     if pm is not None:
         from forge_batch.plugin_manager import collect_registry
 
+        def unknown(path: str, what: str, name: str, known: Iterable[str]) -> None:
+            if unloaded_plugins:
+                if warnings is not None:
+                    warnings.append(
+                        f"{path}: {what} {name!r} is not registered by a built-in or installed plugin; it may come "
+                        f"from {', '.join(unloaded_plugins)}, which validate does not import (run will tell)"
+                    )
+            else:
+                problems.append(Problem(path, f"unknown {what} {name!r}; known: {', '.join(sorted(known))}"))
+
         readers = collect_registry(pm, "register_readers")
         writers = collect_registry(pm, "register_writers")
+        kinds = collect_registry(pm, "register_constraints")
         # Only when a sampler is named: collecting samplers imports the engine (torch), which validate avoids.
         samplers = collect_registry(pm, "register_samplers") if job.sampling.sampler is not None else {}
         if job.input.format != "auto" and job.input.format not in readers:
-            problems.append(Problem("input.format", f"unknown input format {job.input.format!r}; known: auto, {', '.join(sorted(readers))}"))
+            unknown("input.format", "input format", job.input.format, ["auto", *readers])
         elif job.input.format == "auto":
             for f in files:
                 if _reader_for_extension(readers, f) is None:
                     problems.append(Problem("input.path", f"cannot tell the format of {f} from its extension; set input.format"))
                     break
         if job.output.format not in writers:
-            problems.append(Problem("output.format", f"unknown output format {job.output.format!r}; known: {', '.join(sorted(writers))}"))
-        if job.sampling.constraint:
-            kinds = collect_registry(pm, "register_constraints")
-            for kind in job.sampling.constraint:
-                if kinds and kind not in kinds:
-                    problems.append(Problem(f"sampling.constraint.{kind}", f"unknown constraint kind {kind!r}; known: {', '.join(sorted(kinds))}"))
-        if job.constraint is not None and job.constraint.model_extra:
-            kinds = collect_registry(pm, "register_constraints")
-            for key in job.constraint.model_extra:
-                kind = key[: -len("_field")] if key.endswith("_field") else key
-                if kinds and kind not in kinds:
-                    problems.append(Problem(f"constraint.{key}", f"unknown constraint kind {kind!r}; known: {', '.join(sorted(kinds))}"))
+            unknown("output.format", "output format", job.output.format, writers)
+        for kind in job.sampling.constraint or {}:
+            if kinds and kind not in kinds:
+                unknown(f"sampling.constraint.{kind}", "constraint kind", kind, kinds)
+        for key in (job.constraint.model_extra or {}) if job.constraint is not None else {}:
+            kind = key[: -len("_field")] if key.endswith("_field") else key
+            if kinds and kind not in kinds:
+                unknown(f"constraint.{key}", "constraint kind", kind, kinds)
+        problems.extend(_check_job_constraint(job, kinds))
         if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
-            problems.append(Problem("sampling.sampler", f"unknown sampler {job.sampling.sampler!r}; known: {', '.join(sorted(samplers))}"))
+            unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
         if job.input.format == "parquet" or (job.input.format == "auto" and files and files[0].endswith(".parquet")):
             problems.extend(_check_parquet_columns(job, files))
     return problems
 
 
 def _check_model(model: str) -> list[Problem]:
+    from forge_batch.models.registry import check_model
+
     try:
-        from forge_batch.models.registry import resolve_model_path
-    except ImportError:  # no model registry: only check that a path exists
-        if _looks_like_path(model) and not os.path.exists(model):
-            return [Problem("model", f"no model file or directory at {model}")]
-        return []
-    try:
-        resolve_model_path(model)
-    except (FileNotFoundError, OSError) as e:
+        check_model(model)
+    except (OSError, ValueError) as e:  # not found; not GGUF, corrupt or truncated (GGUFError)
         return [Problem("model", str(e))]
+    return []
+
+
+def _check_job_constraint(job: JobSpec, kinds: Mapping[str, Any]) -> list[Problem]:
+    """The job-wide constraint compiled as the engine will compile it, minus the model: a constraint kind's
+    factory may have a ``check(spec)`` that raises what compiling would (the built-ins do)."""
+    level = job.job_constraint()
+    if level is None:
+        return []
+    kind, spec = level
+    check = getattr(kinds.get(kind), "check", None)
+    if check is None:
+        return []
+    if job.constraint is not None and job.constraint.job_level() is not None:
+        where = f"constraint.{kind}"
+    else:
+        where = f"sampling.{kind}" if kind in _BUILTIN_KINDS else f"sampling.constraint.{kind}"
+    try:
+        check(spec)
+    except Exception as e:  # ConstraintError from the built-ins; a plugin's kind may raise anything
+        return [Problem(where, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")]
+    return []
+
+
+def _check_engine(engine: EngineSpec) -> list[Problem]:
+    """What the engine refuses on this machine: a CUDA device torch cannot see, int8 with a device or dtype
+    other than CPU float32. torch is imported only when one of those options is set."""
+    if not (engine.device.startswith("cuda") or engine.quantization == "int8"):
+        return []
+    from forge_batch.engine.device import int8_problem, resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(engine.device)
+    except ValueError as e:
+        return [Problem("engine.device", str(e))]
+    if engine.quantization == "int8":
+        problem = int8_problem(engine.device, engine.dtype, device, resolve_dtype(engine.dtype, device), job_options=True)
+        if problem is not None:
+            return [Problem("engine.quantization", problem)]
     return []
 
 
@@ -677,23 +786,39 @@ def _check_parquet_columns(job: JobSpec, files: list[str]) -> list[Problem]:
 
 
 def validate_job_file(
-    path: str | os.PathLike[str], overrides: Iterable[str] = (), env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    *,
+    warnings: list[str] | None = None,
 ) -> tuple[JobSpec | None, list[Problem]]:
     """Everything ``forge-batch validate`` reports: schema problems, then (if it parses) file-system and
-    plugin checks, including plugin modules named in the job that cannot be imported."""
+    plugin checks. The job's own plugins are found but not imported (importing runs their code): one that
+    cannot be found is a problem at ``plugins[i]``. Warnings (installed plugins skipped, names an unloaded
+    job plugin may register) are appended to ``warnings``."""
     try:
         job = load_job(path, overrides, env)
     except JobError as e:
         return None, e.problems
-    from forge_batch.plugin_manager import PluginLoadError, get_plugin_manager
+    from forge_batch.plugin_manager import PluginLoadError, find_plugin, get_plugin_manager
 
     problems: list[Problem] = []
+    search_paths = job.plugin_search_paths()
+    found = []
+    for i, name in enumerate(job.plugins):
+        missing = find_plugin(name, search_paths)
+        if missing is None:
+            found.append(name)
+        else:
+            problems.append(Problem(f"plugins[{i}]", missing))
     try:
-        pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
+        pm = get_plugin_manager([])  # built-ins and installed plugins
     except PluginLoadError as e:
-        problems.extend(Problem(f"plugins[{job.plugins.index(name)}]" if name in job.plugins else "plugins", msg) for name, msg in e.failures)
-        pm = get_plugin_manager([])
+        problems.extend(Problem("plugins", f"{name}: {msg}") for name, msg in e.failures)
+        return job, problems
+    if warnings is not None:
+        warnings.extend(getattr(pm, "forge_warnings", []))
     # A custom engine (FORGE_BATCH_ENGINE_FACTORY) decides what the model name means.
     check_model = not os.environ.get("FORGE_BATCH_ENGINE_FACTORY")
-    problems.extend(check_job(job, pm, check_model=check_model))
+    problems.extend(check_job(job, pm, check_model=check_model, unloaded_plugins=found, warnings=warnings))
     return job, problems

@@ -121,12 +121,55 @@ def _import_plugin(spec: str, search_paths: Sequence[str] = ()) -> Any:
         top = spec.split(".")[0]
         if e.name != top:
             raise
-        found = [p for p in search_paths if (Path(p) / f"{top}.py").is_file() or (Path(p) / top / "__init__.py").is_file()]
-        if not found:
+        folder = _folder_holding(top, search_paths)
+        if folder is None:
             raise
-        if found[0] not in sys.path:
-            sys.path.insert(0, found[0])
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         return importlib.import_module(spec)
+
+
+def _folder_holding(top: str, search_paths: Sequence[str]) -> str | None:
+    """The first of ``search_paths`` that holds module ``top`` (``top.py`` or ``top/__init__.py``)."""
+    return next(
+        (p for p in search_paths if (Path(p) / f"{top}.py").is_file() or (Path(p) / top / "__init__.py").is_file()),
+        None,
+    )
+
+
+def find_plugin(spec: str, search_paths: Sequence[str] = ()) -> str | None:
+    """Why a plugin named in a job cannot be loaded, found without importing (running) anything: a .py
+    path must be a file; a module must be findable where :func:`_import_plugin` looks (sys.path, then
+    ``search_paths``), its parent packages walked without executing their ``__init__``. None when found."""
+    import importlib.machinery
+
+    if spec.endswith(".py"):
+        return None if Path(spec).is_file() else f"no plugin file at {spec}"
+    parts = spec.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return f"{spec!r} is neither a module name nor a path to a .py file"
+    if spec in sys.modules:
+        return None
+    try:
+        found = importlib.util.find_spec(parts[0])  # a top-level name: finds, imports nothing
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        folder = _folder_holding(parts[0], search_paths)
+        found = importlib.machinery.PathFinder.find_spec(parts[0], [folder]) if folder is not None else None
+    if found is None:
+        where = ", ".join(["sys.path", *search_paths])
+        return f"no module named {parts[0]!r} (looked in {where})"
+    name = parts[0]
+    for part in parts[1:]:
+        locations = found.submodule_search_locations
+        if not locations:
+            return f"{name!r} is a module, not a package: it cannot hold {part!r}"
+        name = f"{name}.{part}"
+        found = importlib.machinery.PathFinder.find_spec(name, list(locations))
+        if found is None:
+            return f"no module named {name!r}"
+    return None
 
 
 def get_plugin_manager(
@@ -157,6 +200,7 @@ def get_plugin_manager(
 
     if entry_points:
         allowed = allowed_plugins(env)
+        matched: set[str] = set()
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else None
@@ -168,6 +212,7 @@ def get_plugin_manager(
                     names.add(_normalize(dist_name))
                 if not names & allowed:
                     continue
+                matched |= names & allowed
             if pm.has_plugin(ep.name):
                 continue
             try:
@@ -184,6 +229,16 @@ def get_plugin_manager(
                 continue
             where = f"entry point ({dist_name} {version})" if dist_name else "entry point"
             sources[ep.name] = PluginInfo(ep.name, where, module_name, version=version, distribution=dist_name)
+        # A name that selects nothing is most likely a typo: the plugin it meant silently does not load.
+        unmatched = (allowed or set()) - matched
+        if unmatched:
+            written = {_normalize(v.strip()): v.strip() for v in (os.environ if env is None else env)[LOAD_PLUGINS_ENV].split(",")}
+            installed = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+            for name in sorted(unmatched):
+                warnings.append(
+                    f"{LOAD_PLUGINS_ENV} names {written.get(name, name)!r}, but no installed plugin has that "
+                    f"entry-point, distribution or module name (installed: {', '.join(installed) or 'none'})"
+                )
 
     for spec, obj in extra_plugins:
         pm.register(obj, name=spec)

@@ -90,7 +90,7 @@ class LLGuidanceConstraint:
         self._lltok = ll_tokenizer(tokenizer, vocab_size)
         problem = ll.LLMatcher.validate_grammar(grammar, self._lltok)
         if problem and not problem.startswith("WARNING"):
-            raise ConstraintError(f"{kind} could not be compiled: {problem}")
+            raise ConstraintError(f"{kind} could not be compiled: {_tidy(problem)}")
         self._grammar = grammar
         self._template = ll.LLMatcher(self._lltok, grammar, log_level=0)
         if self._template.is_error():
@@ -153,10 +153,31 @@ def exact_formats(node: Any) -> Any:
     return out
 
 
-def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+def _grammar_problem(kind: str, grammar: str) -> None:
+    """Raise ConstraintError when llguidance cannot compile ``grammar``. No tokenizer is needed, so the job
+    checks (validate, and run before the model loads) ask exactly what compiling it for the model would."""
+    problem = _ll().LLMatcher.validate_grammar(grammar)
+    if problem and not problem.startswith("WARNING"):
+        raise ConstraintError(f"{kind} could not be compiled: {_tidy(problem)}")
+
+
+def _tidy(problem: str) -> str:
+    # llguidance ends with the grammar it built around the user's spec ("   1 | start: /.../" and a caret
+    # line): ours, not theirs, so it is left out.
+    lines = problem.rstrip().split("\n")
+    while lines and (re.match(r"\s*\d+ \| ", lines[-1]) or not lines[-1].strip(" ^")):
+        lines.pop()
+    return "\n".join(lines)
+
+
+def _parse_schema(spec: Any) -> tuple[Any, Any]:
+    """(schema, its jsonschema validator class); ConstraintError when it is not JSON or not a JSON Schema."""
     import jsonschema
 
-    schema = json.loads(spec) if isinstance(spec, str) else spec
+    try:
+        schema = json.loads(spec) if isinstance(spec, str) else spec
+    except json.JSONDecodeError as exc:
+        raise ConstraintError(f"json_schema is a string but not JSON: {exc}") from exc
     if not isinstance(schema, dict | bool):
         raise ConstraintError(f"json_schema must be a JSON object, got {type(schema).__name__}")
     try:
@@ -164,6 +185,23 @@ def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuid
         validator_cls.check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise ConstraintError(f"json_schema is not a valid JSON Schema: {exc.message}") from exc
+    return schema, validator_cls
+
+
+def _schema_grammar(schema: Any) -> str:
+    return _ll().LLMatcher.grammar_from_json_schema(exact_formats(schema), defaults={"whitespace_flexible": False})
+
+
+def check_json_schema(spec: Any) -> None:
+    """What json_schema_constraint would refuse, without a tokenizer."""
+    schema, _ = _parse_schema(spec)
+    _grammar_problem("json_schema", _schema_grammar(schema))
+
+
+def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+    import jsonschema
+
+    schema, validator_cls = _parse_schema(spec)
     checker = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
 
     def validate(text: str) -> tuple[bool, str | None]:
@@ -174,10 +212,7 @@ def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuid
         err = jsonschema.exceptions.best_match(checker.iter_errors(value))
         return (True, None) if err is None else (False, f"output does not match the schema: {err.message}")
 
-    grammar = _ll().LLMatcher.grammar_from_json_schema(
-        exact_formats(schema), defaults={"whitespace_flexible": False}
-    )
-    return LLGuidanceConstraint("json_schema", grammar, tokenizer, vocab_size, validate)
+    return LLGuidanceConstraint("json_schema", _schema_grammar(schema), tokenizer, vocab_size, validate)
 
 
 def ascii_digits(pattern: str) -> str:
@@ -201,10 +236,19 @@ def ascii_digits(pattern: str) -> str:
     return "".join(out)
 
 
-def regex_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+def _regex(spec: Any) -> str:
     if not isinstance(spec, str) or not spec:
         raise ConstraintError("regex must be a non-empty string")
-    spec = ascii_digits(spec)
+    return ascii_digits(spec)
+
+
+def check_regex(spec: Any) -> None:
+    """What regex_constraint would refuse (in llguidance's, i.e. Rust's, regex dialect), without a tokenizer."""
+    _grammar_problem("regex", _ll().LLMatcher.grammar_from_regex(_regex(spec)))
+
+
+def regex_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+    spec = _regex(spec)
     try:
         compiled = re.compile(spec)
     except re.error:
@@ -218,17 +262,32 @@ def regex_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceCo
     return LLGuidanceConstraint("regex", _ll().LLMatcher.grammar_from_regex(spec), tokenizer, vocab_size, validate)
 
 
-def choice_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+def _choice_lark(spec: Any) -> tuple[list[str], str]:
     if not isinstance(spec, list | tuple) or not spec or not all(isinstance(c, str) and c for c in spec):
         raise ConstraintError("choice must be a non-empty list of non-empty strings")
     options = list(dict.fromkeys(spec))
-    lark = "start: " + " | ".join(json.dumps(o) for o in options) + "\n"
+    return options, "start: " + " | ".join(json.dumps(o) for o in options) + "\n"
+
+
+def check_choice(spec: Any) -> None:
+    """What choice_constraint would refuse, without a tokenizer."""
+    _grammar_problem("choice", _ll().LLMatcher.grammar_from_lark(_choice_lark(spec)[1]))
+
+
+def choice_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+    options, lark = _choice_lark(spec)
 
     def validate(text: str) -> tuple[bool, str | None]:
         return (True, None) if text in options else (False, "output is not one of the choices")
 
     return LLGuidanceConstraint("choice", _ll().LLMatcher.grammar_from_lark(lark), tokenizer, vocab_size, validate)
 
+
+# A factory's ``check(spec)`` raises what compiling the spec would, without a model: the job checks call it
+# (forge-batch validate, and run before the model loads).
+json_schema_constraint.check = check_json_schema  # type: ignore[attr-defined]
+regex_constraint.check = check_regex  # type: ignore[attr-defined]
+choice_constraint.check = check_choice  # type: ignore[attr-defined]
 
 BUILTIN_CONSTRAINTS = {
     "json_schema": json_schema_constraint,

@@ -166,14 +166,14 @@ def test_logits_are_computed_only_for_each_sequences_last_position(llm, monkeypa
 def test_dtype_auto_is_bfloat16_only_where_the_cpu_has_native_bf16(monkeypatch):
     import torch
 
-    from forge_batch.engine import llm as engine
+    from forge_batch.engine import device
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
-    assert engine.resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: False)
-    assert engine.resolve_dtype("auto", cpu) == torch.float32
-    assert engine.resolve_dtype("bf16", cpu) == torch.bfloat16  # asked for explicitly: always honoured
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: True)
+    assert device.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: False)
+    assert device.resolve_dtype("auto", cpu) == torch.float32
+    assert device.resolve_dtype("bf16", cpu) == torch.bfloat16  # asked for explicitly: always honoured
 
 
 def test_cpu_supports_bf16_reads_the_instruction_set_flags(monkeypatch, tmp_path):
@@ -181,7 +181,7 @@ def test_cpu_supports_bf16_reads_the_instruction_set_flags(monkeypatch, tmp_path
 
     import torch
 
-    from forge_batch.engine import llm as engine
+    from forge_batch.engine import device
 
     real_open = builtins.open
 
@@ -191,9 +191,9 @@ def test_cpu_supports_bf16_reads_the_instruction_set_flags(monkeypatch, tmp_path
         return lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path, *a, **k)
 
     monkeypatch.setattr(builtins, "open", fake_cpuinfo(""))
-    assert not engine.cpu_supports_bf16()  # AVX-512 alone: oneDNN would emulate bf16, slower than float32
+    assert not device.cpu_supports_bf16()  # AVX-512 alone: oneDNN would emulate bf16, slower than float32
     monkeypatch.setattr(builtins, "open", fake_cpuinfo("avx512_bf16"))
-    assert engine.cpu_supports_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert device.cpu_supports_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @pytest.mark.parametrize("ids", [[5, 6, 7, 9, 2, 3], list(range(40, 80, 2))])  # a few runs; scattered ids

@@ -190,3 +190,22 @@ def test_sampling_options_are_the_engines() -> None:
     from forge_batch.job import SamplingSpec
 
     assert set(SamplingSpec.model_fields) <= set(SamplingParams.__dataclass_fields__)
+
+
+def test_engine_option_names_are_the_engines() -> None:
+    """The job accepts exactly the kernel backends, devices and dtypes the engine does."""
+    import typing
+
+    from forge_batch.engine.device import resolve_device, resolve_dtype
+    from forge_batch.job import EngineSpec
+    from forge_batch.kernels import dispatch
+
+    literal = typing.get_args(EngineSpec.model_fields["kernel_backend"].annotation)[0]
+    assert set(typing.get_args(literal)) == set(dispatch._VALID)
+    for bad in ("tpu", "cuda:x", "float8"):
+        with pytest.raises(ValueError):
+            resolve_device(bad) if bad != "float8" else resolve_dtype(bad, resolve_device("cpu"))
+        field = "dtype" if bad == "float8" else "device"
+        with pytest.raises(ValueError, match=field):
+            EngineSpec.model_validate({field: bad})
+    assert EngineSpec(device="cuda:1", dtype="bf16").device == "cuda:1"

@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from forge_batch.job import JobError, load_job
+from forge_batch.job import JobError, load_job, validate_job_file
 from forge_batch.runner import JobRunner
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -70,9 +70,9 @@ def test_per_row_constraints_mix_kinds_in_one_job(tmp_path, tiny_model_dir):
 
 def test_uncompilable_job_constraint_fails_before_any_generation(tmp_path, tiny_model_dir):
     path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}], constraint={"regex": "(unclosed"})
-    with pytest.raises(JobError, match="cannot compile the regex constraint"):
+    with pytest.raises(JobError, match="constraint.regex: regex could not be compiled"):
         JobRunner(load_job(path), progress="none").run()
-    assert not list((tmp_path / "out").glob("*.parquet"))
+    assert not (tmp_path / "out").exists()  # refused before the output directory (and the model)
 
 
 def test_constraint_key_errors(tmp_path, tiny_model_dir):
@@ -86,5 +86,5 @@ def test_constraint_key_errors(tmp_path, tiny_model_dir):
         load_job(path)
     path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}],
                      constraint={"json_schema": {"type": "nope"}})
-    with pytest.raises(JobError, match="not a valid JSON Schema"):
-        load_job(path)
+    _, problems = validate_job_file(path)
+    assert [(p.path, "not a valid JSON Schema" in p.message) for p in problems] == [("constraint.json_schema", True)]

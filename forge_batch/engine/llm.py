@@ -28,6 +28,7 @@ from forge_batch.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
 from .constraints import ConstraintError, ConstraintFactory, apply_bitmask, bitmask_words, fill_bitmasks
+from .device import int8_problem, resolve_device, resolve_dtype
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .outputs import CompletionOutput, RequestOutput
 from .request import GenerationRequest
@@ -68,49 +69,11 @@ def kernel_path(device: torch.device) -> str:
     return "cpu-c" if cpu_ops.available() else "torch"
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bfloat16 matmul (AVX512-BF16 or AMX), where bf16 is the faster dtype.
-
-    oneDNN also "supports" bf16 on plain AVX-512 by emulation, at a third of float32's speed (measured
-    here: ~45 vs ~140 GFLOP/s), so its own check is not enough: the instruction-set flags decide.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return ("avx512_bf16" in flags or "amx_bf16" in flags) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def default_max_num_seqs(device: torch.device, dtype: torch.dtype) -> int:
     """Decode batch size when the caller gives none. A bfloat16 CPU model (AMX or AVX512-BF16 matmuls)
     keeps gaining up to 256 rows: W1 on a 2-vCPU Sapphire Rapids 1237 tok/s at 128, 1421 at 256
     (BENCHMARKS.md); float32 on the CPU and GPUs keep 128."""
     return 256 if device.type == "cpu" and dtype == torch.bfloat16 else 128
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    if dtype not in names:
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    return names[dtype]
 
 
 def _available_memory_bytes(device: torch.device) -> int:
@@ -197,8 +160,10 @@ class LLM:
             max_num_seqs = default_max_num_seqs(self.device, self.dtype)
         if quantization not in (None, "none", "int8"):
             raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
-        if quantization == "int8" and (self.device.type != "cpu" or self.dtype != torch.float32):
-            raise ValueError("quantization='int8' runs on the CPU with dtype float32 (dtype='auto' picks it there)")
+        if quantization == "int8":
+            problem = int8_problem(device, dtype, self.device, self.dtype)
+            if problem is not None:
+                raise ValueError(problem)
         if quantization == "int8" and not cpu_ops.available():
             raise ValueError("quantization='int8' needs the compiled CPU kernels (a C compiler)")
         self.quantization = quantization if quantization != "none" else None

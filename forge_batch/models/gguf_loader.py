@@ -1,8 +1,7 @@
 """Load a GGUF file (llama.cpp's format) into Hugging Face-named float32 tensors.
 
-We parse the file ourselves instead of using ``gguf.GGUFReader``: the reader builds a numpy view per
-metadata item and takes ~5 s on SmolLM2's 49k-token vocabulary, longer than the whole load should.
-The common quantisations (F32/F16/BF16/Q8_0/Q4_0/Q4_1) are dequantised with vectorised torch ops;
+The header (metadata, tensor table) is read by ``gguf_file.GGUFFile``, which refuses a file that is not
+GGUF, is corrupt or is truncated, naming it. The common quantisations (F32/F16/BF16/Q8_0/Q4_0/Q4_1) are dequantised with vectorised torch ops;
 anything else (K-quants, IQ*) falls back to ``gguf.quants.dequantize`` (correct, slower).
 """
 
@@ -10,11 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import re
-import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +20,23 @@ import torch
 from forge_batch.kernels.cpu_ops import WEIGHT_FORMATS, StoredWeight
 
 from .config import ModelConfig
+from .gguf_file import (
+    GGML_BF16,
+    GGML_F16,
+    GGML_F32,
+    GGML_Q4_0,
+    GGML_Q4_1,
+    GGML_Q8_0,
+    NATIVE_TYPES,
+    GGUFError,
+    GGUFFile,
+)
 from .tokenizer import Tokenizer
 
+__all__ = ["GGUFError", "GGUFFile", "dequantize", "llama3_rope_factors", "load_gguf", "read_gguf_metadata",
+           "read_tensor", "unpermute_rotary"]
+
 logger = logging.getLogger(__name__)
-
-GGUF_MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32
-
-# ggml tensor type ids (ggml.h) we dequantise natively: id -> (name, block size, bytes per block).
-GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_BF16 = 0, 1, 2, 3, 8, 30
-_NATIVE_TYPES = {
-    GGML_F32: ("F32", 1, 4),
-    GGML_F16: ("F16", 1, 2),
-    GGML_BF16: ("BF16", 1, 2),
-    GGML_Q8_0: ("Q8_0", 32, 34),
-    GGML_Q4_0: ("Q4_0", 32, 18),
-    GGML_Q4_1: ("Q4_1", 32, 20),
-}
-
-# GGUF metadata value types -> struct format for the fixed-size ones.
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
-_GGUF_STRING, _GGUF_ARRAY, _GGUF_FLOAT32 = 8, 9, 6
 
 # GGUF architecture name -> ours. Mistral files from llama.cpp's converter say "llama".
 _GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -69,150 +60,13 @@ _GLOBAL_TENSORS = {
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-@dataclass(frozen=True)
-class GGUFTensorInfo:
-    """One entry of the tensor table; ``shape`` is in torch order (slowest dimension first)."""
-
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: int
-    offset: int  # absolute byte offset in the file
-    nbytes: int
-
-
-class GGUFFile:
-    """A memory-mapped GGUF file: its metadata dict and tensor table; tensor data is read on demand."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        with open(self.path, "rb") as fh:
-            # ACCESS_COPY gives a writable (copy-on-write) map, so torch can wrap it without warnings;
-            # we never write, so nothing is ever copied or written back.
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        try:
-            self.metadata, self.tensors = self._parse()
-        except (struct.error, UnicodeDecodeError, IndexError) as exc:
-            raise ValueError(f"{self.path}: not a readable GGUF file ({exc})") from exc
-
-    # -- parsing ---------------------------------------------------------------------------------
-
-    def _parse(self) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
-        buf = self._map
-        if buf[:4] != GGUF_MAGIC:
-            raise ValueError(f"{self.path}: not a GGUF file (magic {bytes(buf[:4])!r})")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{self.path}: unsupported GGUF version {version} (big-endian or v1 files are not supported)")
-        pos = 24
-        metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key, pos = self._string(pos)
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            metadata[key], pos = self._value(vtype, pos + 4)
-
-        raw_infos = []
-        for _ in range(n_tensors):
-            name, pos = self._string(pos)
-            (n_dims,) = struct.unpack_from("<I", buf, pos)
-            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-            ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-            pos += 4 + 8 * n_dims + 12
-            raw_infos.append((name, tuple(int(d) for d in reversed(dims)), ggml_type, offset))
-
-        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        data_start = (pos + alignment - 1) // alignment * alignment
-        tensors = {}
-        for name, shape, ggml_type, offset in raw_infos:
-            tensors[name] = GGUFTensorInfo(name, shape, ggml_type, data_start + offset, _nbytes(ggml_type, shape))
-        return metadata, tensors
-
-    def _string(self, pos: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", self._map, pos)
-        pos += 8
-        return self._map[pos : pos + n].decode("utf-8", errors="replace"), pos + n
-
-    def _value(self, vtype: int, pos: int) -> tuple[Any, int]:
-        buf = self._map
-        if vtype == _GGUF_STRING:
-            return self._string(pos)
-        if vtype == _GGUF_ARRAY:
-            etype, count = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if etype == _GGUF_STRING:
-                out = []
-                unpack, mm = struct.unpack_from, self._map
-                for _ in range(count):
-                    (n,) = unpack("<Q", mm, pos)
-                    pos += 8
-                    out.append(mm[pos : pos + n].decode("utf-8", errors="replace"))
-                    pos += n
-                return out, pos
-            if etype in _NUMPY_DTYPES:
-                dtype = np.dtype(_NUMPY_DTYPES[etype])
-                arr = np.frombuffer(buf, dtype=dtype, count=count, offset=pos)
-                return arr.tolist(), pos + dtype.itemsize * count
-            values = []  # arrays of arrays: rare, parse one by one
-            for _ in range(count):
-                value, pos = self._value(etype, pos)
-                values.append(value)
-            return values, pos
-        fmt = _SCALAR_FORMATS.get(vtype)
-        if fmt is None:
-            raise ValueError(f"{self.path}: unknown GGUF metadata type {vtype}")
-        (value,) = struct.unpack_from(fmt, buf, pos)
-        if vtype == _GGUF_FLOAT32:
-            value = _tidy_float32(value)
-        return value, pos + struct.calcsize(fmt)
-
-    # -- tensors ---------------------------------------------------------------------------------
-
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes, zero-copy from the map, as a flat uint8 array."""
-        info = self.tensors[name]
-        return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor dequantised to a fresh float32 torch tensor in torch (HF) shape."""
-        info = self.tensors[name]
-        return dequantize(self.raw(name), info.ggml_type, info.shape)
-
-    def close(self) -> None:
-        """Release the map (tensors returned by ``tensor`` are independent copies)."""
-        try:
-            self._map.close()
-        except BufferError:  # a caller still holds a ``raw`` view; the GC will unmap it later
-            pass
-
-    def __enter__(self) -> GGUFFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _tidy_float32(value: float) -> float:
-    """GGUF stores floats as float32, so 1e-5 reads back as 9.99999974e-06; give the short decimal
-    a human (and config.json) would have written, which is the same float32 value."""
-    return float(str(np.float32(value)))
-
-
-def _nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
-    n = math.prod(shape)
-    if ggml_type in _NATIVE_TYPES:
-        _, block, size = _NATIVE_TYPES[ggml_type]
-    else:
-        import gguf  # only needed for the exotic types
-
-        try:
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"unknown ggml tensor type {ggml_type}") from exc
-    if n % block:
-        raise ValueError(f"tensor of {n} elements is not a whole number of {block}-element blocks")
-    return n // block * size
-
-
 # -- dequantisation ---------------------------------------------------------------------------------
+
+
+def read_tensor(f: GGUFFile, name: str) -> torch.Tensor:
+    """A tensor of ``f`` dequantised to a fresh float32 torch tensor in torch (HF) shape."""
+    info = f.tensors[name]
+    return dequantize(f.raw(name), info.ggml_type, info.shape)
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: Iterable[int]) -> torch.Tensor:
@@ -293,10 +147,10 @@ def _dequantize_all(
     by_type: dict[int, list[tuple[str, str, np.ndarray | None]]] = {}
     for entry in plan:
         info = f.tensors[entry[0]]
-        if info.ggml_type in _NATIVE_TYPES:
+        if info.ggml_type in NATIVE_TYPES:
             by_type.setdefault(info.ggml_type, []).append(entry)
         else:
-            out[entry[1]] = _reorder(f.tensor(entry[0]), entry[2])
+            out[entry[1]] = _reorder(read_tensor(f, entry[0]), entry[2])
     for ggml_type, entries in by_type.items():
         batch: list[tuple[str, str, np.ndarray | None]] = []
         count = 0
@@ -413,7 +267,7 @@ def _rope_scaling_from_gguf(f: GGUFFile, arch: str, head_dim: int) -> dict[str, 
     factor = md.get(f"{arch}.rope.scaling.factor") or md.get(f"{arch}.rope.scale_linear")
     orig = md.get(f"{arch}.rope.scaling.original_context_length")
     if "rope_freqs.weight" in f.tensors:
-        freqs = f.tensor("rope_freqs.weight").double()
+        freqs = read_tensor(f, "rope_freqs.weight").double()
         theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
         return _llama3_scaling_from_factors(freqs, theta, head_dim, orig)
     if kind in (None, "none"):

@@ -81,6 +81,18 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     )
 
 
+def check_model(name_or_path: str | Path) -> Path:
+    """What :func:`load_model_files` would load, checked cheaply (no torch, no tensor read): the name
+    resolves, and a GGUF file has its magic, a header that parses and all its tensor data. Raises
+    ``ModelNotFoundError`` or ``GGUFError`` (a ``ValueError`` naming the file); returns the path."""
+    path = resolve_model_path(name_or_path)
+    if path.is_file():
+        from .gguf_file import check_gguf
+
+        check_gguf(path)
+    return path
+
+
 def load_model_files(
     name_or_path: str | Path, stored_weights: dict[str, StoredWeight] | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:

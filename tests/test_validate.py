@@ -1,0 +1,318 @@
+"""`forge-batch validate` catches, before any model load, everything `run` refuses; `run` refuses the same
+jobs with the same message before loading the model or creating the output directory.
+
+Through the command line in-process (cli.main). A job that got past the checks would load the tiny model,
+so `load_model_files` is replaced by one that fails the test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from runner_helpers import prompts, write_job_file, write_jsonl
+
+from forge_batch.cli import main
+
+
+@pytest.fixture(autouse=True)
+def real_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default engine factory (the one that loads `model`) and every installed plugin."""
+    monkeypatch.delenv("FORGE_BATCH_ENGINE_FACTORY", raising=False)
+    monkeypatch.delenv("FORGE_BATCH_LOAD_PLUGINS", raising=False)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from forge_batch.models import registry
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the job was refused")
+
+    monkeypatch.setattr(registry, "load_model_files", refuse)
+
+
+def job_file(tmp_path: Path, model: str | Path, name: str = "job.yaml", **extra: object) -> Path:
+    write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    spec = {"model": str(model), "input": {"path": "in.jsonl"}, "output": {"path": "out"},
+            "sampling": {"max_tokens": 4}, **extra}
+    return write_job_file(tmp_path / name, spec)
+
+
+def validate(job: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    code = main(["validate", str(job)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def assert_refused(job: Path, capsys: pytest.CaptureFixture, key: str, *fragments: str) -> None:
+    """validate and run both exit 2 naming ``key`` with every fragment; run leaves no output directory."""
+    for command in (["validate", str(job)], ["run", str(job), "--progress", "none"]):
+        code = main(command)
+        err = capsys.readouterr().err
+        assert code == 2, (command, err)
+        assert f"- {key}:" in err, (command, err)
+        for fragment in fragments:
+            assert fragment in err, (command, fragment, err)
+        assert "Traceback" not in err
+    assert not (job.parent / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "extra", "fragments"),
+    [
+        ("sampling.json_schema", {"sampling": {"max_tokens": 4, "json_schema": {"type": "nope"}}},
+         ["not a valid JSON Schema"]),
+        ("sampling.json_schema", {"sampling": {"max_tokens": 4, "json_schema": "{not json"}}, ["not JSON"]),
+        ("sampling.regex", {"sampling": {"max_tokens": 4, "regex": "(unclosed"}}, ["unclosed group"]),
+        # Python's re accepts a look-behind; the grammar engine's regex dialect does not
+        ("constraint.regex", {"constraint": {"regex": "(?<=a)b"}}, ["look-around"]),
+        ("constraint.json_schema", {"constraint": {"json_schema": {"type": "object", "required": "n"}}},
+         ["not a valid JSON Schema"]),
+    ],
+    ids=["json_schema", "json_schema_string", "regex", "constraint_regex", "constraint_json_schema"],
+)
+def test_constraint_refused_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
+    key: str, extra: dict, fragments: list[str],
+) -> None:
+    assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("key", "extra", "fragments"),
+    [
+        ("engine.device", {"engine": {"device": "tpu"}}, ["'tpu'", "auto", "cpu", "cuda"]),
+        ("engine.dtype", {"engine": {"dtype": "float8"}}, ["'float8'", "auto", "float32", "bfloat16"]),
+        ("engine.kernel_backend", {"engine": {"kernel_backend": "cuda"}}, ["'cuda'", "auto", "reference", "triton"]),
+    ],
+    ids=["device", "dtype", "kernel_backend"],
+)
+def test_engine_option_refused_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
+    key: str, extra: dict, fragments: list[str],
+) -> None:
+    assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
+
+
+def test_a_valid_constraint_passes(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    job = job_file(tmp_path, tiny_model_dir, constraint={"regex": r"[0-9]{3}"})
+    assert validate(job, capsys)[0] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_cuda_device(tmp_path: Path, tiny_model_dir: Path, no_model_load: None,
+                                    capsys: pytest.CaptureFixture) -> None:
+    assert_refused(job_file(tmp_path, tiny_model_dir, engine={"device": "cuda"}), capsys, "engine.device", "no CUDA device")
+
+
+def test_int8_with_a_dtype_that_resolves_to_bfloat16(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The hint says what `auto` chose on this CPU, and the same job validates where auto picks float32."""
+    from forge_batch.engine import device
+
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: True)
+    job = job_file(tmp_path, tiny_model_dir, engine={"device": "cpu", "quantization": "int8"})
+    assert_refused(job, capsys, "engine.quantization",
+                   "dtype auto resolves to bfloat16 on this CPU; set engine.dtype: float32 to use int8")
+    explicit = job_file(tmp_path, tiny_model_dir, "explicit.yaml", engine={"dtype": "bf16", "quantization": "int8"})
+    assert_refused(explicit, capsys, "engine.quantization", "engine.dtype is bf16", "set engine.dtype: float32")
+
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: False)
+    assert validate(job, capsys)[0] == 0
+
+
+def test_the_engine_gives_the_same_int8_hint(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    from forge_batch import LLM
+    from forge_batch.engine import device
+
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: True)
+    with pytest.raises(ValueError, match="dtype auto resolves to bfloat16 on this CPU; set dtype='float32'"):
+        LLM(str(tiny_model_dir), device="cpu", quantization="int8")
+
+
+def test_empty_model_is_an_error(tmp_path: Path, no_model_load: None, capsys: pytest.CaptureFixture) -> None:
+    from test_gguf_loader import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "stray.gguf")  # the empty name used to resolve to the job's folder, and this
+    assert_refused(job_file(tmp_path, ""), capsys, "model", "empty")
+
+
+# -- broken GGUF files ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_gguf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    from test_gguf_loader import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "good.gguf"
+    write_tiny_gguf(path)
+    return path.read_bytes()
+
+
+def _corrupt_metadata(data: bytes) -> bytes:
+    # the first metadata key's length (right after the 24-byte header) becomes 2**64 - 1
+    return data[:24] + b"\xff" * 8 + data[32:]
+
+
+BROKEN_GGUFS = {
+    "random": (lambda data: os.urandom(4096), "not a GGUF file"),
+    "corrupt_metadata": (_corrupt_metadata, "corrupt"),
+    "half": (lambda data: data[: len(data) // 2], "truncated"),
+    "tail_cut": (lambda data: data[:-100], "truncated"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_GGUFS))
+def test_broken_gguf_is_refused_naming_the_file(
+    tmp_path: Path, good_gguf: bytes, no_model_load: None, capsys: pytest.CaptureFixture, kind: str
+) -> None:
+    make, says = BROKEN_GGUFS[kind]
+    model = tmp_path / f"{kind}.gguf"
+    model.write_bytes(make(good_gguf))
+    assert_refused(job_file(tmp_path, model), capsys, "model", str(model), says)
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_GGUFS))
+def test_loading_a_broken_gguf_says_what_is_wrong(tmp_path: Path, good_gguf: bytes, kind: str) -> None:
+    from forge_batch.models.gguf_loader import load_gguf
+
+    make, says = BROKEN_GGUFS[kind]
+    model = tmp_path / f"{kind}.gguf"
+    model.write_bytes(make(good_gguf))
+    with pytest.raises(ValueError) as exc:
+        load_gguf(model)
+    assert str(model) in str(exc.value) and says in str(exc.value)
+
+
+def test_a_good_gguf_validates(tmp_path: Path, good_gguf: bytes, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "good.gguf").write_bytes(good_gguf)
+    assert validate(job_file(tmp_path, tmp_path / "good.gguf"), capsys)[0] == 0
+
+
+# -- the job file itself --------------------------------------------------------------------------------
+
+
+def test_binary_job_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_bytes(bytes(range(256)) * 4)
+    for command in (["validate", str(job)], ["run", str(job)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "not a text file" in err and str(job) in err
+
+
+def test_duplicate_keys_are_errors_naming_key_and_lines(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"model: {tiny_model_dir}\n"
+        "input: {path: in.jsonl}\n"
+        "sampling:\n"
+        "  temperature: 0\n"
+        "output: {path: out}\n"
+        "sampling:\n"
+        "  max_tokens: 4\n"
+        "engine:\n"
+        "  dtype: float32\n"
+        "  dtype: bfloat16\n"
+    )
+    assert_refused(job, capsys, "sampling", "duplicate key", "line 3", "line 6")
+    assert main(["validate", str(job)]) == 2
+    assert "- engine.dtype: duplicate key" in capsys.readouterr().err
+
+
+def test_yaml_merge_keys_may_override(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`<<: *base` then an explicit key is YAML's way to override, not a duplicate."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"model: {tiny_model_dir}\ninput: {{path: in.jsonl}}\noutput: {{path: out}}\n"
+        "sampling:\n  <<: {temperature: 0.5, max_tokens: 4}\n  temperature: 0\n"
+    )
+    assert validate(job, capsys)[0] == 0
+    from forge_batch.job import load_job
+
+    assert load_job(job).sampling.temperature == 0
+
+
+# -- plugins --------------------------------------------------------------------------------------------
+
+
+def test_validate_does_not_import_job_plugins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    marker = tmp_path / "imported"
+    side_effect = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    (tmp_path / "fb_side_file.py").write_text(side_effect)
+    (tmp_path / "fb_side_pkg").mkdir()
+    (tmp_path / "fb_side_pkg" / "__init__.py").write_text(side_effect)
+    (tmp_path / "fb_side_pkg" / "hooks.py").write_text(side_effect)
+    (tmp_path / "fb_side_module.py").write_text(side_effect)
+    plugins = ["./fb_side_file.py", "fb_side_pkg.hooks", "fb_side_module"]
+    job = job_file(tmp_path, "fake", plugins=plugins)
+    monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", "fakes:make_fake_llm")
+    code, out = validate(job, capsys)
+    assert code == 0, out
+    assert not marker.exists()
+
+    missing = job_file(tmp_path, "fake", "missing.yaml",
+                       plugins=[*plugins, "./gone.py", "fb_no_such_module", "fb_side_pkg.nope"])
+    code, out = validate(missing, capsys)
+    assert code == 2
+    assert "- plugins[3]:" in out and "gone.py" in out
+    assert "- plugins[4]:" in out and "fb_no_such_module" in out
+    assert "- plugins[5]:" in out and "fb_side_pkg.nope" in out
+    assert not marker.exists()
+    # run imports the plugins, so it reports the same three at the same key paths
+    assert main(["run", str(missing), "--quiet"]) == 2
+    out = capsys.readouterr().err
+    assert all(f"- plugins[{i}]:" in out for i in (3, 4, 5))
+    assert not (tmp_path / "out").exists()
+
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert set(marker.read_text().split()) == {"fb_side_module", "fb_side_pkg", "fb_side_pkg.hooks",
+                                               "forge_batch_job_plugin_fb_side_file"}
+    for name in ("fb_side_module", "fb_side_pkg", "fb_side_pkg.hooks", "forge_batch_job_plugin_fb_side_file"):
+        sys.modules.pop(name, None)
+
+
+def test_names_a_job_plugin_may_register_are_not_errors_for_validate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """validate cannot know what an unimported job plugin registers: it says so instead of failing."""
+    monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", "fakes:make_fake_llm")
+    (tmp_path / "tsv_plugin.py").write_text(
+        "from forge_batch.hookspecs import hookimpl\n"
+        "from forge_batch.plugins.writers import JsonlWriter\n\n"
+        "class TsvWriter(JsonlWriter):\n    extension = '.tsv'\n\n"
+        "@hookimpl\ndef register_writers():\n    return {'tsv': TsvWriter()}\n"
+    )
+    job = job_file(tmp_path, "fake", plugins=["./tsv_plugin.py"])
+    text = job.read_text().replace("path: out", "path: out\n  format: tsv")
+    job.write_text(text)
+    code, out = validate(job, capsys)
+    assert code == 0, out
+    assert "warning" in out and "output.format" in out and "'tsv'" in out and "tsv_plugin.py" in out
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert list((tmp_path / "out").glob("part-*.tsv"))
+
+
+def test_load_plugins_naming_no_installed_plugin_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("FORGE_BATCH_LOAD_PLUGINS", "nosuch")
+    monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", "fakes:make_fake_llm")
+    job = job_file(tmp_path, "fake")
+    for command in (["validate", str(job)], ["plugins"], ["run", str(job), "--quiet"]):
+        assert main(command) == 0
+        err = capsys.readouterr().err
+        assert "warning" in err and "FORGE_BATCH_LOAD_PLUGINS" in err and "'nosuch'" in err, (command, err)
