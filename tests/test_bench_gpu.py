@@ -1,0 +1,68 @@
+"""`python -m forge_batch.bench_gpu` and `scripts/gpu_check.sh` without a GPU: the benchmark's whole code
+path on a tiny shape on the CPU (JSON, profile, report), its no-CUDA answer, and the check script's set-up
+stages (the GPU run itself happens on a GPU machine; the speed numbers here mean nothing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from forge_batch import bench_gpu
+
+
+def test_bench_gpu_runs_every_stage_on_a_tiny_cpu_model(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    rc = bench_gpu.main([
+        "--device", "cpu", "--shape", "tiny", "--dtype", "float32", "--num-prompts", "5", "--max-tokens", "4",
+        "--max-num-seqs", "4", "--decode-steps", "3", "--hf-batch-sizes", "2", "--skip-generate-batch",
+        "--json", str(out / "bench.json"), "--profile", str(out / "profile.txt"),
+        "--append-to", str(out / "bench.md"),
+    ])
+    assert rc == 0
+    res = json.loads((out / "bench.json").read_text())
+    assert res["status"] == "done" and res["device_name"] == "cpu"
+    ours = res["ours"]
+    assert ours["output_tokens"] == 5 * 4 and ours["tok_s"] > 0
+    assert ours["triton_fallback"] is None and not ours["cuda_graphs"]
+    work = bench_gpu.prompts(5, bench_gpu.TINY["vocab_size"])
+    assert [d["batch"] for d in ours["decode"]] == [1, 4]
+    for d in ours["decode"]:
+        prompt_tokens = sum(len(p) for p in work[: d["batch"]])
+        # past each prompt: its first token (prefill), one untimed step, then the timed ones
+        assert prompt_tokens + d["batch"] < d["context_tokens"] < prompt_tokens + d["batch"] * (d["steps"] + 2)
+        assert d["step_s"] > 0 and d["bytes_per_step"] > ours["weight_bytes"]
+    prof = ours["decode"][-1]["profile"]
+    assert prof["eager"]["step_s"] > 0  # no CUDA graphs on the CPU: the eager step only
+    assert res["transformers"]["generate bs=2"] > 0
+    text = (out / "profile.txt").read_text()
+    assert "top ops by device time" in text and "aten::" in text
+    assert "traceEvents" in json.loads((out / "profile_trace.json").read_text())
+    md = (out / "bench.md").read_text()
+    assert md == "\n" + res["report"] and "| forge-batch (" in md and "| transformers" in md
+    assert "| 4 |" in md  # the full-batch decode row
+    assert res["report"] in capsys.readouterr().out
+
+
+def test_bench_gpu_without_cuda_says_so_and_records_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = bench_gpu.main(["--json", str(tmp_path / "bench.json")])
+    assert rc == 0
+    assert "no CUDA device" in capsys.readouterr().err
+    assert json.loads((tmp_path / "bench.json").read_text())["status"] == "no CUDA device"
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("_paged_attention_kernel", "attention"),
+    ("_merge_segments_kernel", "attention"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matmul"),
+    ("_rotary_kernel", "kv store + rotary"),
+    ("_rms_norm_kernel", "rms_norm + silu"),
+    ("Memcpy HtoD (Pageable -> Device)", "copies"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>>>", "other"),
+])
+def test_kernel_kinds_sort_profiled_kernels(name, kind):
+    assert bench_gpu.kernel_kind(name) == kind
