@@ -4,12 +4,19 @@ stages (the GPU run itself happens on a GPU machine; the speed numbers here mean
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from forge_batch import bench_gpu
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bench_gpu_runs_every_stage_on_a_tiny_cpu_model(tmp_path, capsys):
@@ -66,3 +73,22 @@ def test_bench_gpu_without_cuda_says_so_and_records_it(tmp_path, monkeypatch, ca
 ])
 def test_kernel_kinds_sort_profiled_kernels(name, kind):
     assert bench_gpu.kernel_kind(name) == kind
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None,
+                    reason="gpu_check.sh builds the project with this environment's setuptools")
+def test_gpu_check_script_installs_the_project_and_fails_only_for_want_of_cuda(tmp_path):
+    """The set-up and environment stages, as the GPU machine runs them, with CUDA hidden."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GPU_CHECK_STAGES": "setup env",
+           "GPU_CHECK_SITE": str(tmp_path / "site"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert run.returncode == 1, run.stdout + run.stderr  # not a pass: there is no GPU
+    assert res["problems"] == ["no CUDA device visible to torch"], res
+    assert {name: s["rc"] for name, s in res["stages"].items()} == {"setup-wheels": 0, "setup-project": 0, "env": 0}
+    log = (tmp_path / "out" / "setup.log").read_text()
+    # the installed copy, kernels and plugins mapped into forge_batch, not the checkout
+    assert f"forge_batch.kernels from {tmp_path / 'site'}/forge_batch/kernels/__init__.py" in log
+    assert res["env"]["cuda_available"] is False
