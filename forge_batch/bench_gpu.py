@@ -121,27 +121,34 @@ def _decode_ready(llm: Any, batch: int) -> bool:
         s.num_uncomputed_tokens == 1 for s in sched.running)
 
 
-def measure_decode(llm: Any, work: list[list[int]], steps: int, device: str,
-                   profile_path: str | None = None) -> dict:
-    """Wall time of ``steps`` pure-decode steps over ``len(work)`` sequences (prefill done first, outside
-    the timing), and the cached tokens the steps read on average. With ``profile_path``, one more step is
-    profiled (graph replay as configured, then eager)."""
+def _start_decode(llm: Any, work: list[list[int]], max_tokens: int) -> None:
+    """Queue ``work`` and step until every prompt is prefilled: from here on, steps are decode only."""
     from forge_batch import SamplingParams
     from forge_batch.engine.request import GenerationRequest
 
-    batch = len(work)
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-    tag = f"decode{batch}-{time.monotonic_ns()}"
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    tag = f"decode{len(work)}-{time.monotonic_ns()}"
     for i, p in enumerate(work):
         failed = llm.add_request(GenerationRequest(f"{tag}-{i}", prompt_token_ids=p, params=params))
         if failed is not None:
             raise RuntimeError(f"decode request failed: {failed}")
     for _ in range(10_000):
-        if _decode_ready(llm, batch):
-            break
+        if _decode_ready(llm, len(work)):
+            return
         llm.step()
-    else:
-        raise RuntimeError("prefill did not finish")
+    raise RuntimeError("prefill did not finish")
+
+
+def _drain(llm: Any) -> None:
+    while llm.has_unfinished():
+        llm.step()
+
+
+def measure_decode(llm: Any, work: list[list[int]], steps: int, device: str) -> dict:
+    """Wall time of ``steps`` pure-decode steps over ``len(work)`` sequences (prefill done first, outside
+    the timing), and the cached tokens a step reads on average."""
+    batch = len(work)
+    _start_decode(llm, work, steps + 2)
     llm.step()  # one decode step untimed (first replay of this bucket)
     ctx_before = sum(s.num_tokens for s in llm.scheduler.running)
     sync(device)
@@ -150,26 +157,21 @@ def measure_decode(llm: Any, work: list[list[int]], steps: int, device: str,
         llm.step()
     sync(device)
     wall = time.perf_counter() - t
+    _drain(llm)
     # a sequence of n tokens reads n cached tokens in its step (its newest one written first); the timed
     # steps start at ctx_before and add one token per sequence each
-    out = {"batch": batch, "steps": steps, "step_s": wall / steps,
-           "context_tokens": ctx_before + batch * (steps - 1) // 2}
-    if profile_path and _decode_ready(llm, batch):
-        try:
-            out["profile"] = profile_decode_step(llm, device, profile_path)
-        except Exception as exc:  # the profile is an extra: its failure must not lose the figures
-            out["profile_error"] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-    while llm.has_unfinished():
-        llm.step()
-    return out
+    return {"batch": batch, "steps": steps, "step_s": wall / steps,
+            "context_tokens": ctx_before + batch * (steps - 1) // 2}
 
 
-def profile_decode_step(llm: Any, device: str, path: str) -> dict:
-    """torch profiler over one decode step as the engine runs it (CUDA graph replay on a GPU) and one with
-    the graphs set aside (eager: every kernel launched from Python). Writes the tables to ``path`` and the
-    first step's Chrome trace beside it; returns the GPU time by kernel kind."""
+def profile_decode_step(llm: Any, work: list[list[int]], device: str, path: str) -> dict:
+    """torch profiler over one decode step of ``len(work)`` sequences as the engine runs it (CUDA graph
+    replay on a GPU) and one with the graphs set aside (eager: every kernel launched from Python). Writes
+    the tables to ``path`` and the first step's Chrome trace beside it; returns the GPU time by kernel kind."""
     from torch.profiler import ProfilerActivity, profile
+
+    _start_decode(llm, work, 6)
+    llm.step()  # warm: first replay of this bucket
 
     activities = [ProfilerActivity.CPU]
     if device.startswith("cuda"):
@@ -206,8 +208,8 @@ def profile_decode_step(llm: Any, device: str, path: str) -> dict:
         lines += ["", "top ops by device time:", averages.table(sort_by=_device_sort_key(), row_limit=25), "",
                   "top ops by host (CPU) time:", averages.table(sort_by="self_cpu_time_total", row_limit=25), ""]
         sections.append("\n".join(lines))
-    Path(path).write_text(f"# torch profiler, one decode step of batch {len(llm.scheduler.running)}\n\n"
-                          + "\n".join(sections))
+    Path(path).write_text(f"# torch profiler, one decode step of batch {len(work)}\n\n" + "\n".join(sections))
+    _drain(llm)
     return summary
 
 
@@ -274,9 +276,14 @@ def run_ours(cfg: dict, work: list[list[int]], max_tokens: int, max_num_seqs: in
     # Decode-only steps at batch 1 and at the full batch, for the bandwidth fraction.
     full = min(max_num_seqs, len(work))
     for bs in sorted({1, full}):
-        ours["decode"].append(measure_decode(llm, work[:bs], decode_steps, device,
-                                             profile_path if bs == full else None))
+        ours["decode"].append(measure_decode(llm, work[:bs], decode_steps, device))
         results["ours"] = ours
+    if profile_path:  # last, and saved before: a profiler failure loses none of the figures
+        try:
+            ours["profile"] = profile_decode_step(llm, work[:full], device, profile_path)
+        except Exception as exc:
+            ours["profile_error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
     ours["triton_fallback"] = dispatch.triton_disabled_reason()  # a kernel may fail only at a later shape
     results["ours"] = ours
     del llm
@@ -379,7 +386,7 @@ def report(args: argparse.Namespace, argv: list[str], name: str, torch_version: 
                      f"| {bw / 1e12:.2f} TB/s | {frac} |")
         d["bytes_per_step"], d["bandwidth"] = nbytes, bw
         d["fraction_of_peak"] = bw / peak if peak else None
-    prof = next((d["profile"] for d in ours["decode"] if "profile" in d), None)
+    prof = ours.get("profile")
     if prof:
         lines += ["", "One decode step at the full batch (torch profiler; GPU kernel time by kind):", "",
                   "| run | step ms (wall) | GPU ms | " + " | ".join(k for k, _ in KERNEL_KINDS) + " | other |",

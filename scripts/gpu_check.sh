@@ -20,7 +20,8 @@
 # The whole run stays inside GPU_CHECK_DEADLINE_S (default 450 s), each stage inside its own timeout.
 # Knobs for a second, narrower run: GPU_CHECK_STAGES (default "setup env pytest bench"),
 # GPU_CHECK_PYTEST_ARGS (e.g. "-k attention"), GPU_CHECK_BENCH_ARGS (replaces the bench options below),
-# GPU_CHECK_SITE (the --target folder, default /tmp/site).
+# GPU_CHECK_PROFILE (set empty to leave out the profile), GPU_CHECK_SITE (the --target folder, default
+# /tmp/site).
 set -u
 
 if [ $# -ne 1 ]; then
@@ -45,6 +46,7 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET FORGE_BATCH_KERNELS
 T_START=$(date +%s)
 DEADLINE="${GPU_CHECK_DEADLINE_S:-450}"
+GPU_CHECK_PROFILE="${GPU_CHECK_PROFILE-1}"
 
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
@@ -200,7 +202,7 @@ if want bench; then
     # shellcheck disable=SC2086
     run_stage bench 240 "$OUTDIR/bench.log" python3 -m forge_batch.bench_gpu \
         ${GPU_CHECK_BENCH_ARGS:---num-prompts 256 --max-tokens 128 --hf-batch-sizes 64,256 --decode-steps 32} \
-        --json "$WORK/bench.json" --profile "$OUTDIR/profile.txt"
+        --json "$WORK/bench.json" ${GPU_CHECK_PROFILE:+--profile "$OUTDIR/profile.txt"}
 fi
 
 # results.json: every stage's rc and seconds, the environment, the pytest counts and failures, the bench
