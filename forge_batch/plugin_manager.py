@@ -38,6 +38,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "forge_batch.plugins.prepare",
     "forge_batch.plugins.validate",
     "forge_batch.plugins.run_history",
+    "forge_batch.plugins.metrics",
 )
 
 
