@@ -210,3 +210,15 @@ def test_a_relative_textfile_is_relative_to_the_job_file(tmp_path: Path) -> None
                               "metrics": {"textfile": "prom/nightly.prom", "pushgateway": "https://gw.example:9091"}})
     assert job.metrics.textfile == str(tmp_path / "prom" / "nightly.prom")
     assert job.metrics.job == "forge_batch" and job.metrics.interval_s == 15
+
+
+def test_docs_list_every_metric_and_only_those(tmp_path: Path) -> None:
+    import re
+
+    prom = tmp_path / "nightly.prom"
+    assert run(metrics_job(tmp_path, prompts(3) + BAD_ROWS, {"textfile": str(prom)})).status == "completed"
+    families = text_string_to_metric_families(prom.read_text())
+    written = {f.name + "_total" if f.type == "counter" else f.name for f in families}
+    section = (Path(__file__).resolve().parents[1] / "docs" / "jobs.md").read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)(?:\{\w+\})?` \|", section, flags=re.M))
+    assert documented == written
