@@ -328,6 +328,8 @@ def _samples(s: OutputStats) -> str:
         ax = axes[0][0]
         xs = [p["sample_index"] for p in s.per_sample]
         ax.bar(xs, [p["mean_completion_tokens"] or 0 for p in s.per_sample], color=COLORS[4])
+        if len(xs) <= 32:
+            ax.set_xticks(xs)
         ax.set_xlabel("sample_index")
         ax.set_ylabel("mean completion tokens")
         ax.set_title("Completion length by sample", fontsize=10)
@@ -346,7 +348,7 @@ def _job(s: OutputStats) -> str:
 def _engine(s: OutputStats) -> str:
     if not s.engine:
         return '<p class="muted">The engine recorded no resolved identity (an engine without <code>engine_info</code>).</p>'
-    out = _kv((k, f"<code>{_e(v)}</code>") for k, v in s.engine.items())
+    out = _kv((k, f"<code>{_e(v if isinstance(v, str) else json.dumps(v))}</code>") for k, v in s.engine.items())
     engines = {p.engine for p in s.parts if p.engine}
     if len(engines) > 1:
         rows = []
