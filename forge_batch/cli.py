@@ -3,6 +3,7 @@
     forge-batch run jobs/quickstart.yaml [--set sampling.temperature=0] [--quiet] [--overwrite]
     forge-batch validate jobs/quickstart.yaml      # every problem at once; runs nothing
     forge-batch inspect out/quickstart             # summary of a run from its output files
+    forge-batch report out/quickstart [--html r.html]   # one self-contained HTML page with charts
     forge-batch plugins [--job job.yaml] [--json]  # every plugin, where it came from, its hooks
 
 Exit codes: 0 done, 1 the run failed (too many bad rows, engine error), 2 the job or command is invalid,
@@ -205,6 +206,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from forge_batch.report import write_report
+
+    try:
+        path = write_report(args.output, args.html)
+    except FileNotFoundError as e:
+        _err(f"forge-batch: {e}")
+        return EXIT_USAGE
+    print(path)
+    return EXIT_OK
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from forge_batch.job import load_job
     from forge_batch.plugin_manager import PluginLoadError, get_plugin_manager, list_plugins
@@ -268,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("output")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
+
+    rep = sub.add_parser("report", help="write one self-contained HTML page (charts, errors, engine, resumes) about a run")
+    rep.add_argument("output", help="the run's output directory (output.path)")
+    rep.add_argument("--html", help="where to write the page (default OUTPUT/_forge_batch/report.html)")
+    rep.set_defaults(func=cmd_report)
 
     plg = sub.add_parser("plugins", help="list plugins, where they come from and their hooks")
     plg.add_argument("--job", help="also load the plugins a job names")

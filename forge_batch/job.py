@@ -251,6 +251,40 @@ class EngineSpec(_Strict):
         return {k: v for k, v in self.model_dump(exclude={"max_in_flight"}).items() if v is not None}
 
 
+class MetricsSpec(_Strict):
+    """Prometheus metrics of a run (the built-in ``metrics`` plugin): a node_exporter textfile-collector file
+    and/or pushes to a Pushgateway, during the run (every ``interval_s``) and at its end."""
+
+    textfile: str | None = Field(None, description="A .prom file in node_exporter's --collector.textfile.directory.")
+    pushgateway: str | None = Field(None, description="Pushgateway URL, e.g. http://pushgateway:9091.")
+    job: str = Field("forge_batch", min_length=1, description="The Pushgateway job (grouping key).")
+    interval_s: float = Field(15.0, ge=0, description="Seconds between updates during the run.")
+
+    @field_validator("textfile")
+    @classmethod
+    def _prom_file(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".prom"):
+            raise ValueError("must end with .prom (node_exporter's textfile collector reads only *.prom files)")
+        return v
+
+    @field_validator("pushgateway")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is not None:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"must be an http:// or https:// URL with a host, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> MetricsSpec:
+        if self.textfile is None and self.pushgateway is None:
+            raise ValueError("say where metrics go: textfile and/or pushgateway")
+        return self
+
+
 class JobSpec(_Strict):
     """A whole job. See ``jobs/`` for runnable examples and ``docs/plugins.md`` for plugin hooks."""
 
@@ -263,6 +297,7 @@ class JobSpec(_Strict):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     plugins: list[str] = Field(default_factory=list)
     max_error_rate: float = Field(0.1, ge=0, le=1)
+    metrics: MetricsSpec | None = None
 
     # Where the job file lives (relative paths were resolved against it); not a job option.
     _base_dir: Path | None = None
@@ -484,6 +519,8 @@ def resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
     if _looks_like_path(job.model) or (base_dir / job.model).exists():
         job.model = _resolve(base_dir, job.model)
     job.plugins = [_resolve(base_dir, p) if p.endswith(".py") else p for p in job.plugins]
+    if job.metrics is not None and job.metrics.textfile is not None:
+        job.metrics.textfile = _resolve(base_dir, job.metrics.textfile)
     job._base_dir = base_dir
     return job
 

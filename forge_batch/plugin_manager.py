@@ -37,6 +37,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "forge_batch.plugins.constraints",
     "forge_batch.plugins.prepare",
     "forge_batch.plugins.validate",
+    "forge_batch.plugins.run_history",
+    "forge_batch.plugins.metrics",
 )
 
 
