@@ -823,13 +823,14 @@ class JobRunner:
         self._next_part = self.resume.next_part
         self._base_sampling = job.sampling_dict()
         resumed_rows = self.resume.tally.rows
+        # from here on the engine is being built (the samplers and constraints are the engine's too)
+        self._starting = "loading the model"
         if resumed_rows:
             self._say(f"forge-batch: resuming {job.output.path}: {resumed_rows} rows already committed, skipping them")
 
         samplers = collect_registry(self.pm, "register_samplers")
         constraints = collect_registry(self.pm, "register_constraints")
         t_load = time.monotonic()
-        self._starting = "loading the model"
         engine = self.engine_factory(job, samplers=samplers, constraints=constraints)
         self._starting = "starting generation"
         load_s = time.monotonic() - t_load
