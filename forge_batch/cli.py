@@ -5,8 +5,9 @@
     forge-batch inspect out/quickstart             # summary of a run from its output files
     forge-batch plugins [--job job.yaml] [--json]  # every plugin, where it came from, its hooks
 
-Exit codes: 0 done, 1 the run failed (too many bad rows, engine error), 2 the job or command is invalid,
-130 / 143 interrupted by Ctrl-C / SIGTERM (rerun the same command to resume).
+Exit codes: 0 done, 1 the run failed (too many bad rows, engine error, disk full; for ``inspect``: a damaged
+file), 2 the job or command is invalid (or the output directory is unusable: another job's, locked, read-only,
+holding a symlink), 130 / 143 interrupted by Ctrl-C / SIGTERM (rerun the same command to resume).
 """
 
 from __future__ import annotations
