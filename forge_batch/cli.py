@@ -6,8 +6,9 @@
     forge-batch report out/quickstart [--html r.html]   # one self-contained HTML page with charts
     forge-batch plugins [--job job.yaml] [--json]  # every plugin, where it came from, its hooks
 
-Exit codes: 0 done, 1 the run failed (too many bad rows, engine error), 2 the job or command is invalid,
-130 / 143 interrupted by Ctrl-C / SIGTERM (rerun the same command to resume).
+Exit codes: 0 done, 1 the run failed (too many bad rows, engine error, disk full; for ``inspect``: a damaged
+file), 2 the job or command is invalid (or the output directory is unusable: another job's, locked, read-only,
+holding a symlink), 130 / 143 interrupted by Ctrl-C / SIGTERM (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -43,11 +45,33 @@ def _print_plugin_warnings(pm: Any) -> None:
         _err(f"forge-batch: warning: {w}")
 
 
+class _Terminated(BaseException):
+    """SIGTERM before the runner installed its own handlers (while importing, reading the job)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    # Until the runner takes over signals, SIGTERM would kill the process without a word: say what happened.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _cmd_run(args)
+    except (_Terminated, KeyboardInterrupt) as e:
+        name, code = ("SIGTERM", 143) if isinstance(e, _Terminated) else ("SIGINT", 130)
+        _err(f"forge-batch: interrupted by {name} before the run started; nothing was committed this run; "
+             "rerun the same command to resume")
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from forge_batch.io.output_dir import OutputDirError
     from forge_batch.job import check_job, load_job
     from forge_batch.plugin_manager import PluginLoadError, get_plugin_manager
-    from forge_batch.runner import JobRunner, format_summary
+    from forge_batch.runner import JobRunner, RunInterrupted, format_summary
 
     overrides = list(args.set or [])
     if args.limit is not None:
@@ -82,9 +106,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except JobError as e:
         _print_problems(e.source or args.job, e.problems)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        _err("forge-batch: interrupted before the first row; nothing was written")
-        return 130
+    except RunInterrupted as e:
+        _err(f"forge-batch: {e}")
+        return e.exit_code
     except Exception as e:
         _err(f"forge-batch: {type(e).__name__}: {e}")
         return EXIT_FAILED
@@ -112,11 +136,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def inspect_output(path: str | Path) -> dict[str, Any]:
-    """Summarise a run's output directory from its files (Parquet parts when there are, else the ledger)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
+class DamagedOutputError(Exception):
+    """A file of an output directory cannot be read (corrupt, truncated); the message names it."""
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedOutputError(f"{path} is truncated or corrupt (not valid JSON: {e})") from e
+
+
+def _read_parquet_file(path: Path) -> Any:
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DamagedOutputError(f"{path} is corrupt or truncated, not a readable Parquet file ({e})") from e
+
+
+def inspect_output(path: str | Path) -> dict[str, Any]:
+    """Summarise a run's output directory from its files (Parquet parts when there are, else the ledger).
+
+    Raises DamagedOutputError naming the first file that cannot be read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     from forge_batch.io.meta import META_JOB, META_VERSION
     from forge_batch.io.output_dir import LEDGER_DIR, STATE_DIR, SUMMARY
@@ -127,7 +173,7 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     info: dict[str, Any] = {"output": str(out)}
     summary_file = out / STATE_DIR / SUMMARY
     if summary_file.exists():
-        saved = json.loads(summary_file.read_text())
+        saved = _read_json_file(summary_file)
         info["status"] = saved.get("status")
         info["message"] = saved.get("message")
         info["wall_time_s"] = saved.get("wall_time_s")
@@ -135,9 +181,10 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     parts = sorted(out.glob("part-*.parquet"))
     info["parts"] = len(sorted(p for p in out.glob("part-*") if p.is_file()))
     if parts:
-        dataset = ds.dataset([str(p) for p in parts], format="parquet")
-        table = dataset.to_table()
-        meta = pq.read_schema(parts[0]).metadata or {}
+        # part by part (not one dataset) so that a damaged file is named
+        tables = [_read_parquet_file(p) for p in parts]
+        meta = tables[0].schema.metadata or {}
+        table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
         if META_JOB.encode() in meta:
             job = json.loads(meta[META_JOB.encode()])
             info["model"] = job.get("model")
@@ -172,7 +219,7 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
         ledgers = sorted((out / STATE_DIR / LEDGER_DIR).glob("part-*.parquet"))
         tally = Tally()
         for ledger in ledgers:
-            tally.add_ledger(pq.read_table(ledger).to_pylist())
+            tally.add_ledger(_read_parquet_file(ledger).to_pylist())
         info.update(tally.to_dict())
     return info
 
@@ -183,6 +230,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         _err(f"forge-batch: {e}")
         return EXIT_USAGE
+    except DamagedOutputError as e:
+        _err(f"forge-batch: {e}")
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return EXIT_OK

@@ -27,6 +27,7 @@ The engine is injected: ``engine_factory(job, samplers=..., constraints=...)`` r
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import importlib
 import inspect
@@ -53,7 +54,7 @@ from forge_batch.contract import (
     Writer,
 )
 from forge_batch.io.meta import file_metadata, tool_version
-from forge_batch.io.output_dir import OutputDir, ResumeState, Tally
+from forge_batch.io.output_dir import SUMMARY, CommitError, OutputDir, ResumeState, Tally, describe_os_error
 from forge_batch.io.progress import Progress
 from forge_batch.io.schema import (
     id_column_name,
@@ -146,8 +147,27 @@ class RunResult:
     summary_path: Path | None = None
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C / SIGTERM arrived before generation started (reading the input, loading the model): nothing was
+    committed by this run. ``exit_code`` is 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class _Abort(BaseException):
     """Raised by the signal handler to leave the engine loop now (dropping in-flight rows)."""
+
+
+class _StartInterrupted(BaseException):
+    """Raised by the signal handler before generation starts (a BaseException, so that an engine loader's
+    ``except Exception`` cannot swallow it)."""
+
+    def __init__(self, signal_name: str, phase: str) -> None:
+        super().__init__(signal_name, phase)
+        self.signal_name = signal_name
+        self.phase = phase
 
 
 @dataclass
@@ -223,6 +243,8 @@ class JobRunner:
         self.stream = stream or sys.stderr
         self.log_interval = log_interval
 
+        # What the run is doing before generation starts (None once it has): a signal then stops it at once.
+        self._starting: str | None = "preparing the run"
         self._stop_admitting = False
         self._signal_name: str | None = None
         self._signals = 0
@@ -648,7 +670,13 @@ class JobRunner:
             write = (lambda path: self.writer.write_part(table, path, ctx)) if table is not None else None
             tally = Tally()
             tally.add_ledger(ledger)
-            self.out.commit_part(index, write, ledger, self.id_type, stats={"rows": tally.rows, "rows_failed": tally.rows_failed})
+            try:
+                self.out.commit_part(index, write, ledger, self.id_type, stats={"rows": tally.rows, "rows_failed": tally.rows_failed})
+            except CommitError as e:
+                self._pending = Tally()  # these rows are not committed: a resume generates them again
+                if e.committed:
+                    self._run_tally = self._run_tally.merged(tally)
+                raise
             self._run_tally = self._run_tally.merged(tally)
             self._pending = Tally()
             self._last_commit = time.monotonic()
@@ -686,6 +714,8 @@ class JobRunner:
 
     # ---- signals ----------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._starting is not None and signum in (signal.SIGINT, signal.SIGTERM):
+            raise _StartInterrupted(signal.Signals(signum).name, self._starting)
         name = signal.Signals(signum).name if signum != getattr(signal, "SIGALRM", -1) else "grace timeout"
         self._signals += 1
         if self._signals == 1 and signum != getattr(signal, "SIGALRM", -1):
@@ -724,7 +754,22 @@ class JobRunner:
 
     # ---- the run ----------------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        """Run the job to completion, failure or interruption (see the module docstring)."""
+        """Run the job to completion, failure or interruption (see the module docstring).
+
+        Raises :class:`RunInterrupted` for Ctrl-C / SIGTERM before generation started."""
+        self._old_handlers = self._install_signals()
+        try:
+            return self._run()
+        except _StartInterrupted as e:
+            code = EXIT_TERMINATED if e.signal_name == "SIGTERM" else EXIT_INTERRUPTED
+            raise RunInterrupted(
+                f"interrupted by {e.signal_name} while {e.phase}; nothing was committed this run; "
+                "rerun the same command to resume", code,
+            ) from None
+        finally:
+            self._restore_signals(self._old_handlers)  # again after generation's: a no-op then
+
+    def _run(self) -> RunResult:
         t_start = time.monotonic()
         started_at = _dt.datetime.now(_dt.timezone.utc)
         job = self.job
@@ -765,6 +810,8 @@ class JobRunner:
         self._next_part = self.resume.next_part
         self._base_sampling = job.sampling_dict()
         resumed_rows = self.resume.tally.rows
+        # from here on the engine is being built (the samplers and constraints are the engine's too)
+        self._starting = "loading the model"
         if resumed_rows:
             self._say(f"forge-batch: resuming {job.output.path}: {resumed_rows} rows already committed, skipping them")
 
@@ -772,6 +819,7 @@ class JobRunner:
         constraints = collect_registry(self.pm, "register_constraints")
         t_load = time.monotonic()
         engine = self.engine_factory(job, samplers=samplers, constraints=constraints)
+        self._starting = "starting generation"
         load_s = time.monotonic() - t_load
         engine_info = getattr(engine, "engine_info", None)
         if engine_info is not None:
@@ -809,10 +857,12 @@ class JobRunner:
             desc=job.display_name(),
         )
         max_in_flight = job.engine.max_in_flight or (2 * job.engine.max_num_seqs if job.engine.max_num_seqs else None)
-        old_handlers = self._install_signals()
         status, error_message = "completed", None
+        commit_error: CommitError | None = None
         t_gen = time.monotonic()
         stream = None
+        # From here a first signal lets in-flight rows finish (see _on_signal); run() installed the handlers.
+        self._starting = None
         try:
             stream = engine.generate_stream(self._requests(_chain([first], batches)), max_in_flight=max_in_flight)
             for out in stream:
@@ -834,6 +884,8 @@ class JobRunner:
             self._drop_now = True
             self._stop_admitting = True
             self._signal_name = self._signal_name or "SIGINT"
+        except CommitError as e:
+            commit_error = e
         except Exception as e:  # the engine or a reader broke: keep what is done, say how to resume
             status = "failed"
             error_message = f"run stopped by an error: {type(e).__name__}: {e}"
@@ -846,17 +898,25 @@ class JobRunner:
             self._critical += 1
             try:
                 self._commit()
+            except CommitError as e:
+                commit_error = commit_error or e
             finally:
                 self._critical -= 1
-                self._restore_signals(old_handlers)
+                self._restore_signals(self._old_handlers)
                 self.progress.close()
         gen_s = time.monotonic() - t_gen
 
         # -- outcome
         failed, counted = self._failed_rows()
         total_tally = self.resume.tally.merged(self._run_tally)
-        resume_hint = "rerun `forge-batch run` on the same job to resume (committed rows are skipped)"
-        if self._signal_name is not None:
+        resume_hint = "rerun the same command to resume (committed rows are skipped)"
+        if commit_error is not None:  # before a signal: the rows it held are lost until a resume
+            status = "failed"
+            if commit_error.errno in (errno.ENOSPC, errno.EDQUOT):
+                resume_hint = f"free some space, then {resume_hint}"
+            message = f"{commit_error}; committed {self._run_tally.rows} rows this run (earlier parts are intact); {resume_hint}"
+            exit_code = EXIT_FAILED
+        elif self._signal_name is not None:
             status = "interrupted"
             dropped = "dropped in-flight rows" if self._drop_now else "finished in-flight rows"
             message = f"interrupted by {self._signal_name or 'a signal'}: {dropped}, committed {self._run_tally.rows} rows this run; {resume_hint}"
@@ -916,7 +976,18 @@ class JobRunner:
                 call_impl(impl, "job_end", {"job": job, "context": self.context, "summary": summary})
             except PluginHookError as e:
                 self._say(f"forge-batch: warning: {e}")
-        summary_path = self.out.write_summary(summary)
+        summary_path: Path | None
+        try:
+            summary_path = self.out.write_summary(summary)
+        except OSError as e:  # e.g. the disk filled up with the last part: the parts are fine, say so
+            summary_path = None
+            note = f"could not write {self.out.state_dir / SUMMARY}: {describe_os_error(e)}"
+            if status == "completed":
+                status, exit_code = "failed", EXIT_FAILED
+                message = f"{message} and committed, but {note}; free some space and rerun the same command to write it"
+            else:
+                message = f"{message}; also {note}"
+            summary.update(status=status, message=message)
         return RunResult(status, exit_code, message, summary, Path(job.output.path), summary_path)
 
 

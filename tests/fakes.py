@@ -7,7 +7,9 @@ results in *finish* order, which differs from input order), ``stats()``, ``token
 sample index, like a seeded real engine, so a resumed run must reproduce an uninterrupted one exactly.
 
 Subprocess tests select it with ``FORGE_BATCH_ENGINE_FACTORY=fakes:make_fake_llm`` (tests/ on PYTHONPATH);
-``FAKE_STEP_DELAY`` (seconds per engine step) slows it down so a run can be killed mid-way.
+``FAKE_STEP_DELAY`` (seconds per engine step) slows it down so a run can be killed mid-way;
+``FAKE_LOAD_DELAY`` (seconds) makes building it slow, like loading a model, and ``FAKE_LOAD_STARTED`` names a
+file it creates when that begins, so a test can signal a run that is loading.
 """
 
 from __future__ import annotations
@@ -216,6 +218,10 @@ class FakeLLM:
 
 def make_fake_llm(job: Any, *, samplers: dict[str, Any] | None = None, constraints: dict[str, Any] | None = None) -> FakeLLM:
     """Engine factory for the runner (also the FORGE_BATCH_ENGINE_FACTORY target in subprocess tests)."""
+    started = os.environ.get("FAKE_LOAD_STARTED")
+    if started:
+        open(started, "w").close()
+    time.sleep(float(os.environ.get("FAKE_LOAD_DELAY", "0")))
     max_len = int(os.environ.get("FAKE_MAX_MODEL_LEN", "0")) or job.engine.max_model_len or 512
     return FakeLLM(
         max_model_len=max_len,

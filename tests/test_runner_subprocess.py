@@ -96,3 +96,26 @@ def test_sigterm_and_ctrl_c_commit_and_say_how_to_resume(tmp_path: Path, sig: in
     done = run(load_job(path))
     assert done.exit_code == 0 and done.summary["resumed_rows"] == len({r["row_index"] for r in partial})
     assert_exactly_once_and_equal(tmp_path, out)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_while_loading_the_model_says_so_and_exits(tmp_path: Path, sig: int, code: int) -> None:
+    path = job_file(tmp_path)
+    out = tmp_path / "out"
+    started = tmp_path / "loading"
+    proc = popen(["run", str(path)], cli_env(FAKE_LOAD_DELAY="60", FAKE_LOAD_STARTED=str(started)))
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == code, stderr
+    assert f"interrupted by {signal.Signals(sig).name} while loading the model" in stderr
+    assert "nothing was committed this run" in stderr and "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert not list(out.glob("part-*")) and not list(out.glob(".*.tmp"))
+    done = run(load_job(path))
+    assert done.exit_code == 0
+    assert_exactly_once_and_equal(tmp_path, out)

@@ -14,16 +14,23 @@ the part into place (the commit point), then update the manifest. A crash at any
 committed part with its ledger, or nothing visible: resume deletes temp files and ledgers whose part never
 appeared, and skips every id in the remaining ledgers. Parts are never rewritten, so a directory that was
 readable stays readable.
+
+Nothing inside the output directory is followed through a symlink (the directory itself may be one): a
+linked ``_forge_batch``, ledger folder, lock, manifest, ledger or part is refused, and temp files are created
+fresh (``O_CREAT | O_EXCL | O_NOFOLLOW``) after removing whatever sits at their name, so a planted link can
+neither redirect a write outside the directory nor clobber the file it points at.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,8 +50,78 @@ PART_RE = re.compile(r"^part-(\d{5,})\.(.+)$")
 MANIFEST_VERSION = 1
 
 
+# Where the platform lacks a flag, 0 leaves it out (O_EXCL alone already refuses an existing link).
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
 class OutputDirError(RuntimeError):
-    """The output directory cannot be used for this run (another job's output, locked, ...)."""
+    """The output directory cannot be used for this run (another job's output, locked, a symlink, read-only)."""
+
+
+class CommitError(RuntimeError):
+    """A part could not be committed (disk full, I/O error). Parts committed before it are intact.
+
+    ``committed`` is True when the failure came after the commit point (the part and its ledger are in
+    place and resume counts them; only the manifest update failed)."""
+
+    def __init__(self, message: str, *, errno_: int | None = None, committed: bool = False) -> None:
+        super().__init__(message)
+        self.errno = errno_
+        self.committed = committed
+
+
+_OS_ERRORS = {
+    errno.ENOSPC: "no space left on device (disk full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """A short lower-case reason for a file-system error (no ``[Errno N]``)."""
+    return _OS_ERRORS.get(e.errno or -1) or (e.strerror or str(e)).lower()
+
+
+def _symlink_error(path: Path) -> OutputDirError:
+    return OutputDirError(f"{path} is a symlink; refusing to follow it (remove it, or use another output.path)")
+
+
+def _refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise _symlink_error(path)
+
+
+def _ensure_dir(path: Path) -> None:
+    """Create one directory level unless a real directory is there; refuse a symlink or a file."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise _symlink_error(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputDirError(f"{path} is not a directory")
+
+
+def _create_fresh(path: Path) -> int:
+    """Open a new, empty file at ``path`` for writing, never through a symlink.
+
+    Whatever sits at the name (a stale temp, a planted link) is unlinked first, which never touches a link's
+    target; a link planted between the unlink and the open makes the open fail instead of being followed."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise OutputDirError(f"{path} is a directory where a temp file goes; remove it")
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+
+
+def _unlink_quietly(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:
@@ -65,11 +142,15 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a small file atomically: hidden temp file in the same folder, fsync, rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(_create_fresh(tmp), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # replaces a link at ``path`` itself, never its target
+    except BaseException:
+        _unlink_quietly(tmp)  # a half-written temp holds the disk space a full disk needs back
+        raise
     fsync_dir(path.parent)
 
 
@@ -187,25 +268,32 @@ class OutputDir:
     def open(self, fingerprint: str, job_json: dict[str, Any], output_format: str, overwrite: bool = False) -> ResumeState:
         """Lock the directory, clean up after a crash and load what earlier runs committed.
 
-        Raises OutputDirError when another run holds the lock, or when the committed parts were written by a
-        job whose output-affecting options differ (mixing them would be silently wrong)."""
+        Raises OutputDirError when another run holds the lock, when the committed parts were written by a
+        job whose output-affecting options differ (mixing them would be silently wrong), when something inside
+        the directory is a symlink, or when the directory cannot be written (read-only, no permission)."""
         self.fingerprint = fingerprint
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.state_dir.mkdir(exist_ok=True)
-        self._lock()
         try:
-            return self._open_locked(fingerprint, job_json, output_format, overwrite)
-        except BaseException:
-            self.close()
-            raise
+            self.path.mkdir(parents=True, exist_ok=True)
+            _ensure_dir(self.state_dir)
+            self._lock()
+            try:
+                return self._open_locked(fingerprint, job_json, output_format, overwrite)
+            except BaseException:
+                self.close()
+                raise
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.path) else ""
+            raise OutputDirError(f"cannot write to the output directory {self.path}: {describe_os_error(e)}{where}") from e
 
     def _open_locked(self, fingerprint: str, job_json: dict[str, Any], output_format: str, overwrite: bool) -> ResumeState:
+        _refuse_symlink(self.ledger_dir)  # before --overwrite empties it
         if overwrite:
             self._remove_outputs()
-        self.ledger_dir.mkdir(exist_ok=True)
+        _ensure_dir(self.ledger_dir)
         state = ResumeState()
         state.cleaned = self._cleanup_temps()
         manifest_path = self.state_dir / MANIFEST
+        _refuse_symlink(manifest_path)
         if manifest_path.exists():
             try:
                 self.manifest = json.loads(manifest_path.read_text())
@@ -213,6 +301,8 @@ class OutputDir:
                 raise OutputDirError(f"{manifest_path} is unreadable ({e}); rerun with --overwrite to start over") from e
         ledgers = sorted(self.ledger_dir.glob("part-*.parquet"))
         visible = {p.name for p in self.path.iterdir() if PART_RE.match(p.name)}
+        for p in [*ledgers, *(self.path / name for name in sorted(visible))]:
+            _refuse_symlink(p)
         self.holds_rows = bool(ledgers or visible)
         if self.holds_rows and self.manifest:
             old_fp = self.manifest.get("fingerprint")
@@ -322,7 +412,16 @@ class OutputDir:
 
     def _lock(self) -> None:
         lock_path = self.state_dir / "lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+        except OSError:
+            _refuse_symlink(lock_path)  # O_NOFOLLOW's error (ELOOP) says nothing a user can act on
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            # truncating a hard link (or a device) would damage a file outside the output directory
+            os.close(fd)
+            raise OutputDirError(f"{lock_path} is not a plain file of its own (a hard link or a device); remove it")
         try:
             import fcntl
 
@@ -330,8 +429,8 @@ class OutputDir:
         except ImportError:  # not POSIX: best effort
             pass
         except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
-            holder = lock_path.read_text().strip() if lock_path.exists() else "?"
             raise OutputDirError(f"another run (pid {holder or '?'}) is writing to {self.path}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -349,7 +448,8 @@ class OutputDir:
             if not d.exists():
                 continue
             for p in d.iterdir():
-                if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                # a link at a temp name is removed too (the link, not its target): it is nobody's data
+                if p.name.startswith(".") and p.name.endswith(".tmp") and (p.is_symlink() or p.is_file()):
                     p.unlink()
                     removed.append(str(p))
         return removed
@@ -384,20 +484,34 @@ class OutputDir:
         part rename (the commit point), manifest."""
         part_file = self.part_name(index) if write is not None else None
         tmp_part = self.path / f".{part_file}.tmp" if part_file else None
-        if tmp_part is not None:
-            write(str(tmp_part))
-            fsync_file(tmp_part)
         ledger_name = f"part-{index:05d}.parquet"
-        table = pa.Table.from_pylist(ledger_rows, schema=ledger_schema(id_type))
-        table = table.replace_schema_metadata({"part_file": part_file or "", "fingerprint": self.fingerprint})
         tmp_ledger = self.ledger_dir / f".{ledger_name}.tmp"
-        pq.write_table(table, tmp_ledger)
-        fsync_file(tmp_ledger)
-        os.replace(tmp_ledger, self.ledger_dir / ledger_name)
-        fsync_dir(self.ledger_dir)
-        if tmp_part is not None and part_file is not None:
-            os.replace(tmp_part, self.path / part_file)
-            fsync_dir(self.path)
+        try:
+            if tmp_part is not None:
+                # The writer opens the path itself: hand it a fresh file of ours, and check it is still one
+                # before it becomes the part (a link swapped in meanwhile must not be renamed into place).
+                os.close(_create_fresh(tmp_part))
+                write(str(tmp_part))
+                if not stat.S_ISREG(os.lstat(tmp_part).st_mode):
+                    raise OutputDirError(f"{tmp_part} was replaced by a link or a special file while being written")
+                fsync_file(tmp_part)
+            table = pa.Table.from_pylist(ledger_rows, schema=ledger_schema(id_type))
+            table = table.replace_schema_metadata({"part_file": part_file or "", "fingerprint": self.fingerprint})
+            with os.fdopen(_create_fresh(tmp_ledger), "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_ledger, self.ledger_dir / ledger_name)
+            fsync_dir(self.ledger_dir)
+            if tmp_part is not None and part_file is not None:
+                os.replace(tmp_part, self.path / part_file)  # the commit point
+                fsync_dir(self.path)
+        except OSError as e:
+            _unlink_quietly(tmp_part)
+            _unlink_quietly(tmp_ledger)
+            raise CommitError(
+                f"cannot commit {part_file or ledger_name} to {self.path}: {describe_os_error(e)}", errno_=e.errno
+            ) from e
         entry = {
             "file": part_file,
             "ledger": f"{LEDGER_DIR}/{ledger_name}",
@@ -407,7 +521,14 @@ class OutputDir:
         if stats:
             entry.update(stats)
         self.manifest.setdefault("parts", []).append(entry)
-        self.write_manifest()
+        try:
+            self.write_manifest()
+        except OSError as e:
+            # the part and its ledger are in place (resume reads ledgers, not the manifest): it is committed
+            raise CommitError(
+                f"committed {part_file or ledger_name} but cannot update {self.state_dir / MANIFEST}: {describe_os_error(e)}",
+                errno_=e.errno, committed=True,
+            ) from e
         return entry
 
     def write_manifest(self) -> None:
