@@ -220,3 +220,25 @@ def test_default_batch_size_follows_device_and_dtype(tiny_model_dir):
     assert LLM(str(tiny_model_dir), device="cpu", dtype="bfloat16").scheduler.config.max_num_seqs == 256
     assert LLM(str(tiny_model_dir), device="cpu", dtype="float32").scheduler.config.max_num_seqs == 128
     assert LLM(str(tiny_model_dir), device="cpu", dtype="bfloat16", max_num_seqs=7).scheduler.config.max_num_seqs == 7
+
+
+def test_a_raising_logits_processor_fails_only_its_own_sequence(llm):
+    """A per-request logits processor that raises mid-generation finishes that sequence with an error
+    naming the exception and frees its KV blocks; the other rows of the same steps keep their tokens."""
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    def explode_on_third_token(tokens, logits):
+        if len(tokens) == 2:
+            raise RuntimeError("processor exploded")
+        return logits
+
+    failing = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logits_processors=[explode_on_third_token])
+    baseline = llm.generate(PROMPTS, greedy)
+    outs = llm.generate(PROMPTS, [greedy, failing, greedy, greedy])
+    bad = outs[1]
+    assert bad.finish_reason == "error" and bad.error is not None
+    assert "RuntimeError: processor exploded" in bad.error and bad.error.startswith("logits processor")
+    assert bad.token_ids == baseline[1].token_ids[:2]  # the tokens before the failure, none after
+    for i in (0, 2, 3):
+        assert outs[i].error is None and outs[i].token_ids == baseline[i].token_ids
+    assert llm.block_manager.num_used_blocks == 0 and not llm.has_unfinished()

@@ -110,6 +110,13 @@ def _available_memory_bytes(device: torch.device) -> int:
         return 2 << 30
 
 
+def _fail_processor_rows(seqs: list[Sequence], row_errors: dict[int, str]) -> None:
+    """Mark the sequences whose logits processor raised as failed with its error: the step finishes them
+    (freeing their KV blocks) without their sampled token, and the other rows go on unchanged."""
+    for i, error in row_errors.items():
+        seqs[i].finish_reason, seqs[i].error = "error", error
+
+
 @dataclass
 class _RequestState:
     request: GenerationRequest
@@ -511,6 +518,9 @@ class LLM:
             tokens = self._sample(logits, sampling, masks)
             now = time.monotonic()
             for seq, tok in zip(sampling, tokens):
+                if seq.finish_reason == "error":  # its logits processor raised (see _fail_processor_rows)
+                    self._finish(seq, done)
+                    continue
                 seq.output_token_ids.append(tok)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
@@ -572,6 +582,7 @@ class LLM:
             eos_token_ids=self.eos_token_ids,
         )
         logits = self.logits_processor(logits, batch)
+        _fail_processor_rows(seqs, batch.row_errors)
         if masks is not None:
             rows, bitmask, _ = masks
             bitmask = bitmask.to(logits.device, non_blocking=True)
