@@ -14,7 +14,8 @@ Kinds of hook:
 * **broadcast** (``job_start``, ``job_end``): every implementation is told; return values are ignored.
 
 Row-level hooks (``prepare_request``, ``logits_processors``, ``process_result``) never stop a job: an
-exception fails that row (or that sample) with the plugin's name in its ``error`` column.
+exception fails that row (or that sample) with the plugin's name (for a logits processor that raises while
+generating: the processor's name) in its ``error`` column.
 
 docs/plugins.md documents each hook with its exact signature; tests/test_plugins_docs.py fails when a hook is
 added here without its documentation.
@@ -94,7 +95,9 @@ def logits_processors(
     """Return extra logits processors for one request (or None).
 
     Each is ``f(output_token_ids: list[int], logits: torch.Tensor[V]) -> torch.Tensor[V]``; they are appended
-    to ``request.params.logits_processors`` after ``prepare_request``. Raising fails the row.
+    to ``request.params.logits_processors`` after ``prepare_request``. Raising here fails the row; a processor
+    that raises while generating fails that sample alone (``plugin_error``, the error names the processor and
+    the exception), and the other rows of the batch go on unchanged.
     """
 
 

@@ -196,6 +196,8 @@ def _has_chat_template(tokenizer: Any) -> bool:
 
 def _classify_engine_error(message: str) -> str:
     m = message.lower()
+    if m.startswith("logits processor"):  # a plugin's processor raised for this row (the engine's wording)
+        return "plugin_error"
     if "too long" in m or "context" in m or "max_model_len" in m:
         return "prompt_too_long"
     if "empty" in m:

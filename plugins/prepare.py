@@ -4,7 +4,8 @@ Runs first in the ``prepare_request`` chain (``tryfirst``), so other plugins see
 order of precedence: ``input.template`` rendered over the row (jinja sandbox; an undefined column is a
 ``template_error`` on that row); the chat in ``input.messages_field``; the string in ``input.prompt_field``.
 Plain prompts become a one-message chat (with ``input.system_prompt``) when the chat template applies.
-Problems are the row's: ``missing_prompt``, ``empty_prompt``, ``bad_messages``, ``template_error``.
+Problems are the row's: ``missing_prompt``, ``empty_prompt``, ``bad_prompt`` (a prompt that is not a string),
+``bad_messages`` (not a list of ``{role, content}`` with a known role, see ``CHAT_ROLES``), ``template_error``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from forge_batch.hookspecs import RowError, hookimpl
+from forge_batch.models.chat_template import CHAT_ROLES
 
 if TYPE_CHECKING:
     from forge_batch.contract import RunContext
@@ -31,9 +33,13 @@ def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RowError(f"messages[{i}] in {field!r} needs 'role' and 'content'", "bad_messages")
+        if m["role"] not in CHAT_ROLES:
+            raise RowError(
+                f"messages[{i}].role in {field!r} is {m['role']!r}; allowed roles: {', '.join(CHAT_ROLES)}", "bad_messages"
+            )
         if not isinstance(m["content"], str):
             raise RowError(f"messages[{i}].content in {field!r} must be text", "bad_messages")
-        out.append({"role": str(m["role"]), "content": m["content"]})
+        out.append({"role": m["role"], "content": m["content"]})
     if not out or not any(m["content"].strip() for m in out):
         raise RowError(f"empty prompt: messages field {field!r} has no content", "empty_prompt")
     return out
@@ -57,9 +63,8 @@ def prepare_request(request: GenerationRequest, row: dict[str, Any], context: Ru
         return
     elif row.get(spec.prompt_field) is not None:
         prompt = row[spec.prompt_field]
-        if isinstance(prompt, (dict, list)):
-            raise RowError(f"prompt field {spec.prompt_field!r} must be text, got {type(prompt).__name__}", "bad_prompt")
-        prompt = str(prompt)
+        if not isinstance(prompt, str):  # a number or a list is not made into text: the input is wrong
+            raise RowError(f"prompt field {spec.prompt_field!r} must be a string, got {type(prompt).__name__}", "bad_prompt")
     else:
         present = spec.prompt_field in row or spec.messages_field in row
         what = "is null" if present else "is missing"

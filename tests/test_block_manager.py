@@ -150,3 +150,33 @@ def test_reset_prefix_cache_forgets_free_blocks_only():
     bm.reset_prefix_cache()
     assert bm.match_prefix(seq(list(range(50, 59)))) == []
     assert len(bm.match_prefix(seq(list(range(9))))) == 2  # still held by a running sequence
+
+
+def test_reuse_freed_first_keeps_the_written_blocks_at_the_peak_in_use():
+    """With reuse_freed_first (a CPU cache whose memory is committed on first write) one sequence after
+    another reuses the same blocks; by default each takes never-used blocks until the cache is exhausted,
+    keeping the finished prompts cached."""
+    for reuse, expected in ((True, 3), (False, 64)):
+        bm = BlockManager(num_blocks=64, block_size=4, reuse_freed_first=reuse)
+        fresh = []
+        for i in range(40):
+            s = seq([1000 + i] + list(range(8)))  # distinct prompts, 3 blocks each
+            admit(bm, s)
+            fresh += bm.pop_fresh()
+            bm.free_seq(s)
+        assert bm.num_blocks_ever_used == expected == len(set(fresh))
+        assert bm.num_free_blocks == 64
+
+
+def test_reuse_freed_first_still_grows_into_never_used_blocks_and_keeps_hits():
+    bm = BlockManager(num_blocks=16, block_size=4, reuse_freed_first=True)
+    a, b = seq(list(range(9))), seq(list(range(50, 59)))
+    admit(bm, a)
+    admit(bm, b)  # nothing freed yet: b takes never-used blocks
+    assert bm.num_blocks_ever_used == 6 and not set(a.block_table) & set(b.block_table)
+    bm.free_seq(a)
+    again = seq(list(range(8)) + [7])
+    assert len(bm.match_prefix(again)) == 2  # freed blocks stay cached until reused
+    c = seq(list(range(100, 105)))  # 2 blocks: taken from a's freed ones (its tail first), not new memory
+    admit(bm, c)
+    assert bm.num_blocks_ever_used == 6 and len(bm.match_prefix(again)) == 1

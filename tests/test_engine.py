@@ -220,3 +220,55 @@ def test_default_batch_size_follows_device_and_dtype(tiny_model_dir):
     assert LLM(str(tiny_model_dir), device="cpu", dtype="bfloat16").scheduler.config.max_num_seqs == 256
     assert LLM(str(tiny_model_dir), device="cpu", dtype="float32").scheduler.config.max_num_seqs == 128
     assert LLM(str(tiny_model_dir), device="cpu", dtype="bfloat16", max_num_seqs=7).scheduler.config.max_num_seqs == 7
+
+
+def test_a_raising_logits_processor_fails_only_its_own_sequence(llm):
+    """A per-request logits processor that raises mid-generation finishes that sequence with an error
+    naming the exception and frees its KV blocks; the other rows of the same steps keep their tokens."""
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    def explode_on_third_token(tokens, logits):
+        if len(tokens) == 2:
+            raise RuntimeError("processor exploded")
+        return logits
+
+    failing = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logits_processors=[explode_on_third_token])
+    baseline = llm.generate(PROMPTS, greedy)
+    outs = llm.generate(PROMPTS, [greedy, failing, greedy, greedy])
+    bad = outs[1]
+    assert bad.finish_reason == "error" and bad.error is not None
+    assert "RuntimeError: processor exploded" in bad.error and bad.error.startswith("logits processor")
+    assert bad.token_ids == baseline[1].token_ids[:2]  # the tokens before the failure, none after
+    for i in (0, 2, 3):
+        assert outs[i].error is None and outs[i].token_ids == baseline[i].token_ids
+    assert llm.block_manager.num_used_blocks == 0 and not llm.has_unfinished()
+
+
+def test_default_num_blocks_holds_max_num_seqs_full_sequences_besides_the_watermark():
+    from forge_batch.engine.llm import default_num_blocks
+
+    for seqs in (1, 3, 64, 256):
+        for max_model_len in (1, 15, 16, 17, 2048, 8192):
+            n = default_num_blocks(max_num_seqs=seqs, max_model_len=max_model_len, block_size=16, bytes_per_block=1,
+                                   available_bytes=1 << 40)
+            full = seqs * -(-max_model_len // 16)
+            assert full <= n - max(1, n // 100) and n <= full + full // 50 + 1  # room, and only a little more
+    capped = dict(max_num_seqs=64, max_model_len=8192, block_size=16, bytes_per_block=1000)
+    assert default_num_blocks(**capped, available_bytes=2_000_500) == 2000  # the memory cap wins
+    assert default_num_blocks(**capped, available_bytes=10) == 1
+
+
+def test_a_cpu_engine_writes_only_the_kv_blocks_it_holds_at_once(tiny_model_dir):
+    """Sequences one after another reuse freed KV blocks instead of touching the rest of a large cache,
+    so a long job's memory stays at its working set; the tokens are those of a cache that never reuses."""
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", max_num_seqs=2, num_blocks=512)
+    prompts = [f"Item {i}: the quick brown fox jumps over the lazy dog" for i in range(16)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    longest = max(len(o.prompt_token_ids) for o in outs) + 4
+    assert llm.block_manager.num_blocks_ever_used <= 2 * -(-longest // llm.block_size) + 2
+    roomy = LLM(str(tiny_model_dir), device="cpu", dtype="float32", max_num_seqs=2, num_blocks=512)
+    roomy.block_manager.reuse_freed_first = False
+    ref = roomy.generate(prompts, params)
+    assert roomy.block_manager.num_blocks_ever_used > 16
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]

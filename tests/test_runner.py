@@ -189,6 +189,38 @@ def test_each_bad_row_kind_gets_its_error(tmp_path: Path) -> None:
     assert result.summary["failed_by_kind"]["duplicate_id"] == 1 and result.summary["rows_failed"] == 8
 
 
+def test_a_prompt_that_is_not_text_is_a_bad_prompt_row(tmp_path: Path) -> None:
+    """A number (JSONL) or an int64 column (Parquet) as the prompt is an error on the row naming the type,
+    never stringified into a prompt."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "num", "prompt": 12345}, {"id": "flag", "prompt": True},
+                                        {"id": "ok", "prompt": "12345"}])
+    run(make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}, "max_error_rate": 1.0}))
+    out = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert out["num"]["error_kind"] == "bad_prompt" and "must be a string" in out["num"]["error"] and "int" in out["num"]["error"]
+    assert out["flag"]["error_kind"] == "bad_prompt" and "bool" in out["flag"]["error"]
+    assert out["ok"]["error"] is None and out["ok"]["text"]
+    pq.write_table(pa.table({"uid": [1, 2], "prompt": pa.array([7, 8], pa.int64())}), tmp_path / "in.parquet")
+    run(make_job(tmp_path, {"input": {"path": "in.parquet", "id_field": "uid"}, "output": {"path": "pq"},
+                            "max_error_rate": 1.0}))
+    rows = read_output(tmp_path / "pq")
+    assert [r["error_kind"] for r in rows] == ["bad_prompt", "bad_prompt"]
+    assert all("must be a string" in r["error"] and "int" in r["error"] for r in rows)
+
+
+def test_an_unknown_chat_role_is_a_bad_messages_row(tmp_path: Path) -> None:
+    rows = [{"id": "wiz", "messages": [{"role": "wizard", "content": "cast a spell"}]},
+            {"id": "num", "messages": [{"role": 3, "content": "hi"}]},
+            {"id": "ok", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                      {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    run(make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}, "max_error_rate": 1.0}))
+    out = {r["id"]: r for r in read_output(tmp_path / "out")}
+    for key, role in (("wiz", "'wizard'"), ("num", "3")):
+        assert out[key]["error_kind"] == "bad_messages" and role in out[key]["error"]
+        assert all(name in out[key]["error"] for name in ("system", "user", "assistant", "tool"))
+    assert out["ok"]["error"] is None
+
+
 def test_template_error_fails_only_that_row(tmp_path: Path) -> None:
     rows = [{"id": 1, "name": "Ada"}, {"id": 2}, {"id": 3, "name": "Bob"}]
     write_jsonl(tmp_path / "in.jsonl", rows)

@@ -208,3 +208,37 @@ def test_constrained_job_outputs_conform(tiny_model_dir: Path, tmp_path: Path) -
         else:  # cut off by max_tokens before the JSON closed: flagged, never written as fine
             assert r["valid"] is False
             assert r["error_kind"] == "invalid_output" and r["finish_reason"] == "length"
+
+
+def test_a_plugin_logits_processor_that_raises_fails_only_its_row(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A job plugin whose logits processor raises for one row: that row is written with a plugin_error naming
+    the exception, the job completes, the other rows are exactly what a run without the plugin writes, and a
+    rerun does not generate the failed row again."""
+    (tmp_path / "failing_proc.py").write_text(
+        "from forge_batch.hookspecs import hookimpl\n\n"
+        "def explode(tokens, logits):\n"
+        "    if len(tokens) == 2:\n"
+        "        raise RuntimeError('processor exploded')\n"
+        "    return logits\n\n"
+        "@hookimpl\n"
+        "def logits_processors(row):\n"
+        "    return [explode] if row['id'] == 'r0003' else None\n"
+    )
+    write_jsonl(tmp_path / "in.jsonl", prompts(6))
+    base = {"model": str(tiny_model_dir), "input": {"path": "in.jsonl"}, "max_error_rate": 0.5,
+            "sampling": {"temperature": 0, "max_tokens": 6, "ignore_eos": True}, "engine": {"max_num_seqs": 4}}
+    job = job_from_dict({**base, "output": {"path": "out"}, "plugins": ["./failing_proc.py"]}, base_dir=tmp_path)
+    result = run_real(job)
+    assert result.status == "completed", result.message
+    out = {r["id"]: r for r in read_output(tmp_path / "out")}
+    failed = out.pop("r0003")
+    assert failed["error_kind"] == "plugin_error" and "RuntimeError: processor exploded" in failed["error"]
+    assert failed["text"] is None and failed["finish_reason"] == "error"
+    run_real(job_from_dict({**base, "output": {"path": "plain"}}, base_dir=tmp_path))
+    plain = {r["id"]: r for r in read_output(tmp_path / "plain")}
+    assert {k: (r["text"], r["completion_tokens"]) for k, r in out.items()} == {
+        k: (plain[k]["text"], plain[k]["completion_tokens"]) for k in out
+    }
+    again = run_real(job)
+    assert again.status == "completed" and again.summary["this_run"]["rows"] == 0
+    assert sorted(r["id"] for r in read_output(tmp_path / "out")) == [f"r{i:04d}" for i in range(6)]

@@ -138,3 +138,21 @@ def test_argmax_rows_is_torch_argmax_including_ties_nan_and_inf(vocab):
     x[5] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties across chunks
     x[6, vocab // 2] = x[6, vocab - 1] = x[6].max() + 2  # a tie between a full chunk and the tail
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_a_raising_logits_processor_is_reported_for_its_row_only():
+    def boom(tokens, row):
+        row[0] = float("nan")  # half-done work must not reach the sampler either
+        raise ValueError("bad state")
+
+    def ban_one(tokens, row):
+        row[1] = float("-inf")
+        return row
+
+    b = batch([SamplingParams(), SamplingParams(logits_processors=[boom, ban_one]), SamplingParams(logits_processors=[ban_one])])
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    expected_first = logits[0].clone()
+    out = LogitsProcessor(frozenset())(logits, b)
+    assert list(b.row_errors) == [1] and "ValueError: bad state" in b.row_errors[1] and "boom" in b.row_errors[1]
+    assert torch.equal(out[0], expected_first) and out[2, 1] == float("-inf")
+    assert torch.isfinite(out[1]).all()

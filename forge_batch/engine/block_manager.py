@@ -5,6 +5,13 @@ of its tokens and the hash of the block before it, so two sequences share a bloc
 prefix up to it is equal. A block is published in the prefix cache only once its K/V have been computed
 (``commit_computed``), never at allocation, so a sequence can never "hit" a block another sequence has
 not written yet. Freed blocks keep their hash and stay findable until they are reused, in LRU order.
+
+Blocks never used yet are kept apart (``_unused``). By default they are handed out before any freed block,
+so the prefix cache keeps every freed block as long as possible. Where the cache's memory is only committed
+when first written (a CPU cache allocated uninitialised), ``reuse_freed_first`` reverses that: a freed block
+is reused (its cache entry evicted, LRU) before a never-used one is touched, so the memory a job takes
+follows the most blocks it holds at once, not the cache's size (for distinct prompts, the cached blocks of
+finished ones are rarely hit again).
 """
 
 from __future__ import annotations
@@ -32,15 +39,19 @@ def chain_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 reuse_freed_first: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.reuse_freed_first = reuse_freed_first
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # Free blocks in LRU order (oldest first); cached-but-free ones keep their hash until reused.
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Free blocks that were used before, in LRU order (oldest first); cached ones keep their hash until
+        # reused. Never-used blocks wait apart, lowest id first (popped from the end).
+        self.free: OrderedDict[int, None] = OrderedDict()
+        self._unused: list[int] = list(range(num_blocks - 1, -1, -1))
         self.cached: dict[bytes, int] = {}
         # Per sequence: hashes of its full blocks so far (parallel to the first entries of block_table).
         self._seq_hashes: dict[int, list[bytes]] = {}
@@ -53,33 +64,38 @@ class BlockManager:
         self.prefix_queries = 0
         # Blocks handed out for the first time since the last pop_fresh(): the cache memory behind them
         # was never written, so the runner zeroes them (cheaper than zero-filling a huge cache up front).
-        self._ever_used = bytearray(num_blocks)
         self._fresh: list[int] = []
 
     # ---- queries -------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free) + len(self._unused)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_blocks_ever_used(self) -> int:
+        """Blocks handed out at least once: the part of the cache whose memory has been written."""
+        return self.num_blocks - len(self._unused)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     # ---- allocation ----------------------------------------------------------------------------
     def _take_free(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
+        if self._unused and not (self.reuse_freed_first and self.free):
+            block_id = self._unused.pop()
+            self._fresh.append(block_id)
+        else:
+            block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:  # evict its cache entry: the block is about to hold other tokens
             if self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
             block.hash = None
         block.ref_count = 1
-        if not self._ever_used[block_id]:
-            self._ever_used[block_id] = 1
-            self._fresh.append(block_id)
         return block_id
 
     def reset_prefix_cache(self) -> None:
@@ -160,12 +176,12 @@ class BlockManager:
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return need <= len(self.free)
+        return need <= self.num_free_blocks
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
         """Make sure the block table covers the tokens computed this step. Call can_grow first."""
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        if need > len(self.free):
+        if need > self.num_free_blocks:
             raise RuntimeError("out of KV blocks (the scheduler should have preempted)")
         for _ in range(need):
             seq.block_table.append(self._take_free())

@@ -76,6 +76,20 @@ def default_max_num_seqs(device: torch.device, dtype: torch.dtype) -> int:
     return 256 if device.type == "cpu" and dtype == torch.bfloat16 else 128
 
 
+def default_num_blocks(*, max_num_seqs: int, max_model_len: int, block_size: int, bytes_per_block: int,
+                       available_bytes: int) -> int:
+    """KV cache blocks when the caller gives none: room for ``max_num_seqs`` sequences of ``max_model_len``
+    tokens each, plus the blocks the scheduler keeps free while admitting (its watermark, 1% of the cache),
+    capped by what ``available_bytes`` holds; at least one block.
+
+    On the CPU the cache is allocated uninitialised and the block manager reuses freed blocks before
+    touching new ones (``reuse_freed_first``), so a job's memory follows the blocks it holds at once; this
+    size only bounds it."""
+    wanted = max_num_seqs * -(-max_model_len // block_size)
+    wanted += -(-wanted // 99)  # so that wanted <= N - max(1, N // 100), the scheduler's watermark
+    return max(1, min(wanted, available_bytes // bytes_per_block))
+
+
 def _available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -85,6 +99,13 @@ def _available_memory_bytes(device: torch.device) -> int:
         return int(pages * os.sysconf("SC_PAGE_SIZE") * 0.25)
     except (ValueError, OSError, AttributeError):
         return 2 << 30
+
+
+def _fail_processor_rows(seqs: list[Sequence], row_errors: dict[int, str]) -> None:
+    """Mark the sequences whose logits processor raised as failed with its error: the step finishes them
+    (freeing their KV blocks) without their sampled token, and the other rows go on unchanged."""
+    for i, error in row_errors.items():
+        seqs[i].finish_reason, seqs[i].error = "error", error
 
 
 @dataclass
@@ -215,12 +236,16 @@ class LLM:
             num_blocks = max_num_seqs
             enable_prefix_caching = False
         elif num_blocks is None:
-            per_block = kv_bytes_per_token(self.model, self.dtype) * block_size
-            wanted = max_num_seqs * ((self.max_model_len + block_size - 1) // block_size)
-            num_blocks = max(1, min(wanted, _available_memory_bytes(self.device) // per_block))
+            num_blocks = default_num_blocks(
+                max_num_seqs=max_num_seqs, max_model_len=self.max_model_len, block_size=block_size,
+                bytes_per_block=kv_bytes_per_token(self.model, self.dtype) * block_size,
+                available_bytes=_available_memory_bytes(self.device),
+            )
         self.kv_cache = kv_cache
         self.block_size = block_size
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        # A CPU cache's memory is committed when first written: reuse freed blocks before new ones.
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching,
+                                          reuse_freed_first=self.device.type == "cpu")
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=max_num_seqs,
@@ -510,6 +535,9 @@ class LLM:
             tokens = self._sample(logits, sampling, masks)
             now = time.monotonic()
             for seq, tok in zip(sampling, tokens):
+                if seq.finish_reason == "error":  # its logits processor raised (see _fail_processor_rows)
+                    self._finish(seq, done)
+                    continue
                 seq.output_token_ids.append(tok)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
@@ -571,6 +599,7 @@ class LLM:
             eos_token_ids=self.eos_token_ids,
         )
         logits = self.logits_processor(logits, batch)
+        _fail_processor_rows(seqs, batch.row_errors)
         if masks is not None:
             rows, bitmask, _ = masks
             bitmask = bitmask.to(logits.device, non_blocking=True)

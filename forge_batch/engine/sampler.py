@@ -3,7 +3,8 @@
 Two stages, both on [S, V] float32 tensors:
 1. ``LogitsProcessor`` applies what every sampler must respect: logit bias, repetition / presence /
    frequency penalties, ``min_tokens`` (end tokens banned until then), per-request logits processors from
-   plugins and structured-output masks.
+   plugins and structured-output masks. A plugin's processor that raises fails only its own row
+   (``SamplingBatch.row_errors``).
 2. A ``Sampler`` picks one token per row. Built-in: ``default`` (greedy when temperature is 0, else
    temperature, top-k, top-p, min-p), ``greedy`` and ``multinomial`` (temperature only). Plugins
    register more through the register-samplers hook.
@@ -15,8 +16,8 @@ the same tokens whatever else is in the batch, after a preemption, and in a resu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -55,6 +56,9 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]
     uniforms: torch.Tensor  # [S] float64 in (0, 1)
     eos_token_ids: frozenset[int]
+    # Rows whose logits processor raised, with the error (filled by LogitsProcessor); the engine finishes
+    # those sequences with that error and drops their sampled token.
+    row_errors: dict[int, str] = field(default_factory=dict)
 
 
 class Sampler(Protocol):
@@ -157,6 +161,12 @@ BUILTIN_SAMPLERS: dict[str, Sampler] = {
 }
 
 
+def _callable_name(fn: Any) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
 class LogitsProcessor:
     """Request-level adjustments every sampler sees (see module docstring)."""
 
@@ -196,7 +206,13 @@ class LogitsProcessor:
             logits[torch.tensor(ban_rows, device=device), torch.tensor(ban_cols, device=device)] = float("-inf")
         for i, p in enumerate(params):
             for proc in p.logits_processors:
-                logits[i] = proc(batch.output_token_ids[i], logits[i])
+                try:
+                    logits[i] = proc(batch.output_token_ids[i], logits[i])
+                except Exception as exc:  # a plugin's processor fails its own row, never the batch
+                    batch.row_errors[i] = f"logits processor {_callable_name(proc)} raised {type(exc).__name__}: {exc}"
+                    # whatever it half-wrote (NaN, ...) must not trip the sampler for the batch
+                    logits[i] = 0.0
+                    break
         return logits
 
     @staticmethod

@@ -20,6 +20,11 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+# The message roles a job's chat may use: the ones the chat templates of the model families here (ChatML,
+# Llama 3, Qwen2) and the OpenAI chat format share. Templates render any string, so another role would be
+# sent to the model as is, as text it was never trained on.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
 
 class ChatTemplateError(ValueError):
     """The template is missing, does not compile, or raised while rendering (e.g. via raise_exception)."""
