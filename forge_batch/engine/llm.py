@@ -44,11 +44,6 @@ from .sequence import Sequence
 
 log = logging.getLogger("forge_batch.engine")
 
-# A first run on a machine compiles the CPU kernels (about 2 s, then cached): without a GPU, start it at
-# import, so that it overlaps the rest of the start-up (reading the job, loading the weights).
-if not torch.cuda.is_available():
-    cpu_ops.build_in_background()
-
 # A prompt: text, a chat conversation (a list of {"role", "content"} messages), or token ids as vLLM's
 # TokensPrompt, {"prompt_token_ids": [...]}.
 PromptType = str | list[dict[str, Any]] | dict[str, Any]
@@ -256,9 +251,7 @@ class LLM:
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids if tokenizer is not None else config.eos_token_ids)
         self.logits_processor = LogitsProcessor(self.eos_token_ids)
         self.samplers: dict[str, Sampler] = {**BUILTIN_SAMPLERS, **(samplers or {})}
-        from forge_batch.plugins.constraints import BUILTIN_CONSTRAINTS
-
-        self.constraints: dict[str, ConstraintFactory] = {**BUILTIN_CONSTRAINTS, **(constraints or {})}
+        self.constraints: dict[str, ConstraintFactory] = dict(constraints or {})
         self._compiled: dict[str, Any] = {}
         self._mask_pool: ThreadPoolExecutor | None = None
         self.seed = seed
