@@ -7,6 +7,7 @@ and the plugin manager, so ``forge_batch.LLM(...)`` understands ``json_schema``,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from forge_batch.engine.constraints import ConstraintFactory
@@ -16,6 +17,12 @@ from forge_batch.plugin_manager import collect_registry, get_plugin_manager
 
 def builtin_constraints() -> dict[str, ConstraintFactory]:
     """The constraint kinds the built-in plugins register (installed plugins are not loaded here)."""
+    return dict(_builtin_constraints())
+
+
+@functools.cache
+def _builtin_constraints() -> dict[str, ConstraintFactory]:
+    # a plugin manager imports every built-in plugin (readers, writers ...): once per process is enough
     return collect_registry(get_plugin_manager(entry_points=False), "register_constraints")
 
 

@@ -166,7 +166,7 @@ def test_logits_are_computed_only_for_each_sequences_last_position(llm, monkeypa
 def test_dtype_auto_is_bfloat16_only_where_the_cpu_has_native_bf16(monkeypatch):
     import torch
 
-    from forge_batch.engine import llm as engine
+    from forge_batch.engine import config as engine
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
@@ -181,7 +181,7 @@ def test_cpu_supports_bf16_reads_the_instruction_set_flags(monkeypatch, tmp_path
 
     import torch
 
-    from forge_batch.engine import llm as engine
+    from forge_batch.engine import config as engine
 
     real_open = builtins.open
 

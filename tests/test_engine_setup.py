@@ -72,3 +72,48 @@ def test_engine_constraint_kinds_come_from_its_caller(tiny_model_dir):
     assert {"json_schema", "regex", "choice"} <= set(public.constraints)
     out = public.generate(["1"], SamplingParams(max_tokens=8, temperature=0, choice=["yes", "no"]))[0]
     assert out.error is None and out.outputs[0].text in ("yes", "no")
+
+
+def test_two_engines_in_one_process_each_keep_their_kernel_backend(tiny_model_dir, monkeypatch):
+    """The kernel backend belongs to an engine: creating one on the compiled CPU kernels ("auto") does not
+    move an earlier one off the torch reference, and each gives its own, equal, greedy tokens."""
+    from forge_batch.kernels.cpu import attention, build, elementwise
+
+    if not build.available():
+        pytest.skip("no C compiler for the CPU kernels")
+    calls: list[str] = []
+    for module, name in ((elementwise, "rms_norm"), (elementwise, "silu_and_mul"),
+                         (elementwise, "rotary_store_kv"), (attention, "paged_decode_attention")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    options = {"device": "cpu", "dtype": "float32", "max_num_seqs": 4}
+    reference_llm = EngineLLM(str(tiny_model_dir), kernel_backend="reference", **options)
+    auto_llm = EngineLLM(str(tiny_model_dir), kernel_backend="auto", **options)
+    prompts = [{"prompt_token_ids": [5, 9, 2, 7, 11][: 2 + i]} for i in range(3)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    on_reference = [o.token_ids for o in reference_llm.generate(prompts, params)]
+    assert calls == []  # not one compiled CPU kernel
+    on_auto = [o.token_ids for o in auto_llm.generate(prompts, params)]
+    assert {"rms_norm", "silu_and_mul", "rotary_store_kv", "paged_decode_attention"} <= set(calls)
+    calls.clear()
+    assert [o.token_ids for o in reference_llm.generate(prompts, params)] == on_reference and calls == []
+    assert on_reference == on_auto and all(len(ids) == 8 for ids in on_auto)
+    assert (reference_llm.engine_config.kernel_backend, reference_llm.engine_config.kernel_path) == ("reference", "torch")
+    assert (auto_llm.engine_config.kernel_backend, auto_llm.engine_config.kernel_path) == ("auto", "cpu-c")
+
+
+def test_engine_config_is_resolved_once_and_logged(tiny_model_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="forge_batch.engine"):
+        llm = EngineLLM(str(tiny_model_dir), device="cpu", dtype="float32", max_num_seqs=6, num_blocks=40,
+                        max_model_len=200)
+    config = llm.engine_config
+    assert (config.device.type, config.dtype, config.max_num_seqs, config.num_blocks) == ("cpu", llm.dtype, 6, 40)
+    assert config.max_model_len == llm.max_model_len == 200 and not config.cuda_graphs
+    assert llm.scheduler.config.max_num_seqs == 6 and llm.block_manager.num_blocks == 40
+    as_dict = config.to_dict()
+    assert as_dict["dtype"] == "float32" and as_dict["device"] == "cpu" and json.loads(json.dumps(as_dict)) == as_dict
+    lines = [r.getMessage() for r in caplog.records if r.name == "forge_batch.engine"]
+    assert len(lines) == 1 and "40 blocks x 16 tokens" in lines[0] and "kernels auto" in lines[0]
