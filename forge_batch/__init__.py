@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from forge_batch.engine.llm import LLM
+    from forge_batch.api import LLM
     from forge_batch.engine.outputs import CompletionOutput, RequestOutput
     from forge_batch.engine.request import GenerationRequest
     from forge_batch.engine.sampling_params import SamplingParams
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["LLM", "CompletionOutput", "GenerationRequest", "RequestOutput", "SamplingParams", "__version__"]
 
 _LAZY = {
-    "LLM": "forge_batch.engine.llm",
+    "LLM": "forge_batch.api",
     "SamplingParams": "forge_batch.engine.sampling_params",
     "RequestOutput": "forge_batch.engine.outputs",
     "CompletionOutput": "forge_batch.engine.outputs",

@@ -1,35 +1,19 @@
-"""Kernel entry points used by the model. Each dispatches on the tensor's device:
+"""Kernels: tensors in, tensors out. ``KernelBackend`` (dispatch.py) is the set a model calls, one
+object per engine:
 
-- CUDA tensors take the Triton kernels (``forge_batch.kernels.triton_*``) when Triton is available;
-- CPU tensors take the compiled C kernels of ``cpu_ops`` where they apply (decode attention; float32
-  rms_norm, silu_and_mul, rotary_and_store_kv) and the torch reference (``forge_batch.kernels.reference``) elsewhere.
+- CUDA tensors take the Triton kernels (``triton_ops``) when Triton is available;
+- CPU tensors take the compiled C kernels of ``cpu/`` where they apply (decode attention; float32 and
+  bfloat16 rms_norm, silu_and_mul, rotary_and_store_kv) and the torch reference elsewhere.
 
-``set_backend("reference")`` (or FORGE_BATCH_KERNELS=reference) forces the reference path everywhere;
-``set_backend("triton")`` forces Triton (with TRITON_INTERPRET=1 it runs on the CPU, used by the tests).
+``KernelBackend("reference")`` forces the torch reference (``reference.py``) everywhere;
+``KernelBackend("triton")`` forces Triton (with TRITON_INTERPRET=1 it runs on the CPU, used by the tests).
+``linear.Linear`` is a matmul weight as a callable; ``cpu/linear.py`` holds its faster CPU forms.
 """
 
 from __future__ import annotations
 
 from . import reference
-from .dispatch import (
-    get_backend,
-    paged_attention,
-    rms_norm,
-    rotary_and_store_kv,
-    rotary_embedding,
-    set_backend,
-    silu_and_mul,
-    store_kv,
-)
+from .dispatch import BACKENDS, KernelBackend
+from .linear import Linear
 
-__all__ = [
-    "get_backend",
-    "paged_attention",
-    "reference",
-    "rms_norm",
-    "rotary_and_store_kv",
-    "rotary_embedding",
-    "set_backend",
-    "silu_and_mul",
-    "store_kv",
-]
+__all__ = ["BACKENDS", "KernelBackend", "Linear", "reference"]

@@ -154,7 +154,7 @@ def paged_attention(
     GQA: H must be a multiple of Hkv. The current tokens' K/V must already be stored (store_kv).
     ``decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)`` may replace the
     one-token-per-sequence path (the compiled CPU kernel does; see dispatch), and ``prefill_attention``
-    (with _prefill_attention's arguments) the rest (cpu_ops.paged_prefill_attention does on the CPU).
+    (with _prefill_attention's arguments) the rest (cpu/attention.py: paged_prefill_attention does on the CPU).
     """
     if prefill_attention is None:
         prefill_attention = _prefill_attention

@@ -3,7 +3,7 @@
 llguidance runs on a plain ``tokenizers`` JSON (no transformers), computes a token mask in tens of
 microseconds, and releases the GIL while doing it, so the engine overlaps mask computation with the
 model's forward pass. Registered through ``register_constraints`` like any third-party kind; the engine
-also uses ``BUILTIN_CONSTRAINTS`` directly, so the Python API has them without a plugin manager.
+gets them from its caller (the job runner, or ``forge_batch.LLM`` through the plugin manager).
 """
 
 from __future__ import annotations

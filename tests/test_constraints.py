@@ -176,14 +176,14 @@ def test_apply_bitmask_bans_exactly_the_cleared_bits():
 
 
 def test_apply_bitmask_c_kernel_matches_the_numpy_path_bit_for_bit(monkeypatch):
-    """The CPU kernel (cpu_ops.ban_masked) and the numpy unpackbits path it replaces give identical
+    """The CPU kernel (kernels/cpu/elementwise.py: ban_masked) and the numpy unpackbits path it replaces give identical
     logits: whole-vocabulary and partial last mask words, all-banned and all-allowed rows, inf/NaN/-0."""
     import torch
 
     from forge_batch.engine import constraints
-    from forge_batch.kernels import cpu_ops
+    from forge_batch.kernels.cpu import build, elementwise
 
-    if not cpu_ops.available():
+    if not build.available():
         pytest.skip("no C compiler for the CPU kernels")
     g = torch.Generator().manual_seed(3)
     for vocab in (49152, 1000, 70):
@@ -192,10 +192,10 @@ def test_apply_bitmask_c_kernel_matches_the_numpy_path_bit_for_bit(monkeypatch):
         bitmask[0], bitmask[1], bitmask[2, ::3] = 0, -1, 0
         logits = torch.randn(6, vocab, generator=g) * 30
         logits[3, :3] = torch.tensor([float("-inf"), float("nan"), -0.0])
-        assert cpu_ops.ban_masked_ok(logits, bitmask)
+        assert elementwise.ban_masked_ok(logits, bitmask)
         fast = logits.clone()
         constraints.apply_bitmask(fast, bitmask)
-        monkeypatch.setattr(cpu_ops, "ban_masked_ok", lambda *a: False)
+        monkeypatch.setattr(elementwise, "ban_masked_ok", lambda *a: False)
         slow = logits.clone()
         constraints.apply_bitmask(slow, bitmask)
         monkeypatch.undo()

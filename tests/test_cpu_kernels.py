@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forge_batch.kernels import cpu_ops, reference
+from forge_batch.kernels import KernelBackend, reference
+from forge_batch.kernels.cpu import attention, build, elementwise
 
-pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C compiler for the CPU kernels")
+pytestmark = pytest.mark.skipif(not build.available(), reason="no C compiler for the CPU kernels")
 
 # Tolerances per dtype: float32 differs by summation order only; bfloat16 by one rounding of the output.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -31,7 +32,7 @@ def test_decode_attention_matches_reference(dtype, num_heads, num_kv_heads, head
     q = torch.randn(batch, num_heads, head_dim, generator=g).to(dtype)
     scale = head_dim**-0.5
     expected = reference._decode_attention(q, k_cache, v_cache, tables, context_lens, scale, None)
-    got = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
+    got = attention.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
     assert got.dtype == dtype and got.shape == expected.shape
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -43,10 +44,10 @@ def test_padding_entries_of_block_tables_are_never_read():
     q = torch.randn(1, 4, 64)
     tables = torch.tensor([[3, 5, 0, 0]])
     ctx = torch.tensor([20])
-    a = cpu_ops.paged_decode_attention(q, k, v, tables, ctx, 0.125)
+    a = attention.paged_decode_attention(q, k, v, tables, ctx, 0.125)
     k[0] = float("nan")
     v[5, 4:] = float("nan")  # slots past position 19 in the second block
-    b = cpu_ops.paged_decode_attention(q, k, v, tables, ctx, 0.125)
+    b = attention.paged_decode_attention(q, k, v, tables, ctx, 0.125)
     assert torch.equal(a, b)
 
 
@@ -72,14 +73,14 @@ def _shared_prefix_case(dtype, block_size=16, batch=12, shared=5, num_heads=9, n
 
 def test_shared_prefix_blocks_counts_full_common_leading_blocks():
     q, k, v, tables, ctx = _shared_prefix_case(torch.float32)
-    assert cpu_ops.shared_prefix_blocks(tables, ctx, 16) == 5
+    assert attention.shared_prefix_blocks(tables, ctx, 16) == 5
     other = tables.clone()
     other[3, 2] = other[3, 2] + 1  # one sequence differs in the third block: only two are shared
-    assert cpu_ops.shared_prefix_blocks(other, ctx, 16) == 2
+    assert attention.shared_prefix_blocks(other, ctx, 16) == 2
     short = ctx.clone()
     short[0] = 4 * 16 + 3  # a sequence that ends inside the fifth block: that block is not full for it
-    assert cpu_ops.shared_prefix_blocks(tables.clone(), short, 16) == 4
-    assert cpu_ops.shared_prefix_blocks(tables[:1].clone(), ctx[:1].clone(), 16) == 0  # one sequence: nothing shared
+    assert attention.shared_prefix_blocks(tables.clone(), short, 16) == 4
+    assert attention.shared_prefix_blocks(tables[:1].clone(), ctx[:1].clone(), 16) == 0  # one sequence: nothing shared
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -88,14 +89,14 @@ def test_shared_prefix_blocks_counts_full_common_leading_blocks():
 def test_shared_prefix_cascade_matches_reference(monkeypatch, dtype, num_heads, num_kv_heads, head_dim, batch):
     """The shared prefix attended as one dense product, the rest by the kernel: same result as attending
     each sequence on its own (the torch reference), including sequences with nothing past the prefix."""
-    monkeypatch.setattr(cpu_ops, "CASCADE_MIN_WORK", 1)
+    monkeypatch.setattr(attention, "CASCADE_MIN_WORK", 1)
     q, k, v, tables, ctx = _shared_prefix_case(
         dtype, batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
     )
     scale = head_dim**-0.5
     expected = reference._decode_attention(q, k, v, tables, ctx, scale, None)
-    got = cpu_ops.paged_decode_attention(q, k, v, tables, ctx, scale)
-    plain = cpu_ops.paged_decode_attention(q, k, v, tables, ctx, scale, cascade=False)
+    got = attention.paged_decode_attention(q, k, v, tables, ctx, scale)
+    plain = attention.paged_decode_attention(q, k, v, tables, ctx, scale, cascade=False)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(plain.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
     if dtype == torch.float32:
@@ -109,7 +110,7 @@ def test_rms_norm_matches_reference(rows, hidden, with_residual):
     x = torch.randn(rows, hidden, generator=g) * 3
     w = torch.randn(hidden, generator=g)
     res = torch.randn(rows, hidden, generator=g) if with_residual else None
-    out, res_out = cpu_ops.rms_norm(x, w, 1e-5, res)
+    out, res_out = elementwise.rms_norm(x, w, 1e-5, res)
     exp_out, exp_res = reference.rms_norm(x, w, 1e-5, res)
     torch.testing.assert_close(out, exp_out, atol=1e-6, rtol=1e-5)
     assert torch.equal(res_out, exp_res)  # the residual stream is a plain add: exact
@@ -129,7 +130,7 @@ def test_rms_norm_bfloat16_rounds_where_the_reference_does(rows, hidden, with_re
     x = (torch.randn(rows, hidden, generator=g) * 3).bfloat16()
     w = torch.randn(hidden, generator=g).bfloat16()
     res = torch.randn(rows, hidden, generator=g).bfloat16() if with_residual else None
-    out, res_out = cpu_ops.rms_norm(x, w, 1e-5, res)
+    out, res_out = elementwise.rms_norm(x, w, 1e-5, res)
     exp_out, exp_res = reference.rms_norm(x, w, 1e-5, res)
     _bf16_agrees(out, exp_out)
     assert torch.equal(res_out, exp_res)  # one add, rounded once: exact
@@ -138,8 +139,8 @@ def test_rms_norm_bfloat16_rounds_where_the_reference_does(rows, hidden, with_re
 @pytest.mark.parametrize("rows,inter", [(1, 64), (9, 1536), (128, 40)])
 def test_silu_and_mul_matches_reference(rows, inter):
     x = torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4
-    torch.testing.assert_close(cpu_ops.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-5)
-    _bf16_agrees(cpu_ops.silu_and_mul(x.bfloat16()), reference.silu_and_mul(x.bfloat16()))
+    torch.testing.assert_close(elementwise.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-5)
+    _bf16_agrees(elementwise.silu_and_mul(x.bfloat16()), reference.silu_and_mul(x.bfloat16()))
 
 
 def test_silu_and_mul_exp_holds_over_the_whole_float_range():
@@ -147,26 +148,25 @@ def test_silu_and_mul_exp_holds_over_the_whole_float_range():
     silu's limits (0 and gate), never inf or NaN, and float precision in between."""
     gate = torch.cat([torch.linspace(-200, 200, 40001), torch.tensor([-1e30, -89.0, -87.5, 87.5, 89.0, 1e30])])
     x = torch.cat([gate, torch.full_like(gate, 1.5)])[None]
-    got, expected = cpu_ops.silu_and_mul(x), reference.silu_and_mul(x)
+    got, expected = elementwise.silu_and_mul(x), reference.silu_and_mul(x)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=1e-30, rtol=2e-6)
 
 
 def test_dispatch_takes_the_compiled_elementwise_kernels_for_cpu_float32_and_bfloat16(monkeypatch):
-    from forge_batch.kernels import dispatch
-
+    backend = KernelBackend("auto")
     calls = []
-    monkeypatch.setattr(cpu_ops, "silu_and_mul", lambda x: calls.append("silu") or reference.silu_and_mul(x))
-    dispatch.silu_and_mul(torch.randn(4, 8))
-    dispatch.silu_and_mul(torch.randn(4, 8, dtype=torch.bfloat16))
-    dispatch.silu_and_mul(torch.randn(4, 8, dtype=torch.float16))  # float16: the reference
-    dispatch.silu_and_mul(torch.randn(8, 4).t())  # not contiguous: the reference
+    monkeypatch.setattr(elementwise, "silu_and_mul", lambda x: calls.append("silu") or reference.silu_and_mul(x))
+    backend.silu_and_mul(torch.randn(4, 8))
+    backend.silu_and_mul(torch.randn(4, 8, dtype=torch.bfloat16))
+    backend.silu_and_mul(torch.randn(4, 8, dtype=torch.float16))  # float16: the reference
+    backend.silu_and_mul(torch.randn(8, 4).t())  # not contiguous: the reference
     assert calls == ["silu", "silu"]
     norms = []
-    monkeypatch.setattr(cpu_ops, "rms_norm", lambda *a: norms.append(a[0].dtype) or reference.rms_norm(*a))
+    monkeypatch.setattr(elementwise, "rms_norm", lambda *a: norms.append(a[0].dtype) or reference.rms_norm(*a))
     x = torch.randn(4, 8, dtype=torch.bfloat16)
-    dispatch.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6, x)
-    dispatch.rms_norm(x, torch.ones(8), 1e-6)  # the weight in another dtype: the reference
+    backend.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6, x)
+    backend.rms_norm(x, torch.ones(8), 1e-6)  # the weight in another dtype: the reference
     assert norms == [torch.bfloat16]
 
 
@@ -196,27 +196,27 @@ def _prefill_case(dtype, q_lens, ctx_lens, shared_blocks, num_heads=9, num_kv_he
     ],
 )
 def test_prefill_cascade_over_a_shared_prefix_matches_reference(monkeypatch, dtype, q_lens, ctx_lens, shared):
-    monkeypatch.setattr(cpu_ops, "CASCADE_MIN_WORK", 1)
+    monkeypatch.setattr(attention, "CASCADE_MIN_WORK", 1)
     q, k, v, tables, loc, ctx = _prefill_case(dtype, q_lens, ctx_lens, shared)
     expected = reference._prefill_attention(q, k, v, tables, loc, ctx, 0.125, None, None)
     calls = []
-    real = cpu_ops._shared_prefix_product
-    monkeypatch.setattr(cpu_ops, "_shared_prefix_product", lambda *a: calls.append(a[3].numel() * 16) or real(*a))
-    got = cpu_ops.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125)
+    real = attention._shared_prefix_product
+    monkeypatch.setattr(attention, "_shared_prefix_product", lambda *a: calls.append(a[3].numel() * 16) or real(*a))
+    got = attention.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125)
     assert calls == [shared * 16]  # the prefix was attended once, as one dense product
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
 def test_prefill_cascade_needs_a_prefix_before_every_query(monkeypatch):
-    monkeypatch.setattr(cpu_ops, "CASCADE_MIN_WORK", 1)
+    monkeypatch.setattr(attention, "CASCADE_MIN_WORK", 1)
     calls = []
-    monkeypatch.setattr(cpu_ops, "_shared_prefix_product", lambda *a: calls.append(1))
+    monkeypatch.setattr(attention, "_shared_prefix_product", lambda *a: calls.append(1))
     # the second sequence's queries start inside the first common block: no cascade, the reference's answer
     q, k, v, tables, loc, ctx = _prefill_case(torch.float32, [5, 40], [85, 50], 5)
     expected = reference._prefill_attention(q, k, v, tables, loc, ctx, 0.125, None, None)
-    assert torch.equal(cpu_ops.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125), expected)
+    assert torch.equal(attention.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125), expected)
     q, k, v, tables, loc, ctx = _prefill_case(torch.float32, [5], [85], 5)  # one sequence: nothing shared
-    assert torch.equal(cpu_ops.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125),
+    assert torch.equal(attention.paged_prefill_attention(q, k, v, tables, loc, ctx, 0.125),
                        reference._prefill_attention(q, k, v, tables, loc, ctx, 0.125, None, None))
     assert calls == []

@@ -1,23 +1,34 @@
-"""The one-call decode step (cpu_ops.DecodeStep, csrc/decode_step.c) against the layer-by-layer path it
-replaces: the same hidden states and KV-cache writes to the bit, and the same tokens in the engine."""
+"""The one-call decode step (kernels/cpu/decode_step.py, csrc/decode_step.c; built by the engine's CPU
+backend) against the layer-by-layer path it replaces: the same hidden states and KV-cache writes to the
+bit, and the same tokens in the engine."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from forge_batch.engine.cpu_backend import CpuBackend
 from forge_batch.engine.llm import LLM
 from forge_batch.engine.sampling_params import SamplingParams
-from forge_batch.kernels import cpu_ops, dispatch
+from forge_batch.kernels import KernelBackend
+from forge_batch.kernels.cpu import build
+from forge_batch.kernels.cpu.decode_step import DecodeStep
+from forge_batch.kernels.cpu.stored import WEIGHT_GEMV_MAX_ROWS, weight_gemv_fast
 from forge_batch.models.config import ModelConfig
 from forge_batch.models.llama import MATMUL_SOURCES, AttentionMetadata, LlamaForCausalLM
+from forge_batch.models.raw_weights import RawWeight
 
 gguf = pytest.importorskip("gguf")
-from test_weight_gemv import _stored  # noqa: E402  (a weight in a format, and as the loader decodes it)
+from test_weight_gemv import _raw_weight  # noqa: E402  (a weight as a loader keeps it, and decodes it)
 
 pytestmark = pytest.mark.skipif(
-    not (cpu_ops.available() and cpu_ops.weight_gemv_fast()), reason="no SIMD CPU kernels (weight_gemv) here"
+    not (build.available() and weight_gemv_fast()), reason="no SIMD CPU kernels (weight_gemv) here"
 )
+
+
+def _backend(dtype: torch.dtype = torch.float32, kernels: str = "auto") -> CpuBackend:
+    return CpuBackend(KernelBackend(kernels), dtype)
+
 
 BLOCK_SIZE = 16
 
@@ -34,7 +45,7 @@ def _model(head_dim: int, bias: bool, fmt: str, dtype: torch.dtype = torch.float
     )
     model = LlamaForCausalLM(config)
     model.init_random_weights(seed=3, std=0.05)
-    stored: dict[str, cpu_ops.StoredWeight] = {}
+    stored: dict[str, RawWeight] = {}
     part_rows = {"self_attn.q_proj.weight": hidden, "self_attn.k_proj.weight": kv_heads * head_dim,
                  "self_attn.v_proj.weight": kv_heads * head_dim, "mlp.gate_proj.weight": config.intermediate_size,
                  "mlp.up_proj.weight": config.intermediate_size}
@@ -47,15 +58,15 @@ def _model(head_dim: int, bias: bool, fmt: str, dtype: torch.dtype = torch.float
                 for part in MATMUL_SOURCES[name]:
                     rows = part_rows.get(part, weight.shape[0])
                     w = weight[offset : offset + rows]
-                    stored[f"model.layers.{i}.{part}"], dense = _stored(fmt, w.clone())
+                    stored[f"model.layers.{i}.{part}"], dense = _raw_weight(fmt, w.clone())
                     w.copy_(dense)
                     offset += rows
                 assert offset == weight.shape[0]
-    assert model.keep_stored_weights(stored) == 2 * 4
+    assert _backend().keep_stored(model, dict(stored)) == 2 * 4
     if dtype != torch.float32:
         converted = LlamaForCausalLM(config, dtype)
         converted.load_state_dict(model.state_dict())
-        assert converted.keep_stored_weights(stored) == 2 * 4
+        assert _backend(dtype).keep_stored(converted, stored) == 2 * 4
         return converted
     return model
 
@@ -100,20 +111,20 @@ def test_decode_step_matches_the_layer_by_layer_path_bit_for_bit(head_dim, bias,
     ids, positions, caches, attn = _step_inputs(model, context_lens, seed=len(context_lens))
     fused_caches = [(k.clone(), v.clone()) for k, v in caches]
 
-    assert model.decode_step(fused_caches) is not None
+    step = _backend().decode_step(model, fused_caches)
+    assert step is not None and step.can_run(len(context_lens), attn)
     calls = []
-    real_call = cpu_ops.DecodeStep.__call__
+    real_call = DecodeStep.__call__
 
     def counting(self, *args):
         calls.append(args[0].shape[0])
         return real_call(self, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_ops.DecodeStep, "__call__", counting)
-        fused = model(ids, positions, fused_caches, attn)
-        model.use_decode_step = False
+        mp.setattr(DecodeStep, "__call__", counting)
+        fused = step(ids, positions, attn)
         layered = model(ids, positions, caches, attn)
-    assert calls == [len(context_lens)]  # the fused step ran once, the second forward did not use it
+    assert calls == [len(context_lens)]  # the fused step ran once, the model's forward did not use it
 
     assert torch.equal(fused, layered)
     for (k1, v1), (k2, v2) in zip(fused_caches, caches):  # the new tokens' K/V written to the same slots
@@ -121,23 +132,20 @@ def test_decode_step_matches_the_layer_by_layer_path_bit_for_bit(head_dim, bias,
     assert not torch.equal(fused_caches[0][0], _step_inputs(model, context_lens, seed=len(context_lens))[2][0][0])
 
 
-def test_decode_step_is_not_used_where_it_cannot_run(monkeypatch):
+def test_decode_step_is_not_used_where_it_cannot_run():
     model = _model(32, False, "Q8_0")
     ids, positions, caches, attn = _step_inputs(model, [5, 9], seed=0)
-    assert model.decode_step(caches) is not None
-    assert model.decode_step(caches) is model.decode_step(caches)  # built once per KV cache list
+    assert _backend().decode_step(model, caches) is not None
+    assert not _backend().decode_step(model, caches).can_run(WEIGHT_GEMV_MAX_ROWS + 1, attn)  # too many rows
     half_caches = [(k.half(), v.half()) for k, v in caches]
-    assert model.decode_step(half_caches) is None  # the C step reads float32 or bfloat16 caches only
-    monkeypatch.setattr(dispatch, "_backend", "reference")
-    assert model.decode_step([(k.clone(), v.clone()) for k, v in caches]) is None  # a forced backend is obeyed
-    assert model.decode_step(caches) is None  # ... also by a step built before it was forced
-    monkeypatch.setattr(dispatch, "_backend", "auto")
-    model.layers[1].stored.pop("down")
-    model._decode_step = None
-    assert model.decode_step(caches) is None  # every layer's matmuls must be kept
-    fused = _model(32, False, "Q8_0").decode_step(caches)
+    assert _backend().decode_step(model, half_caches) is None  # the C step reads float32 or bfloat16 caches only
+    assert _backend(kernels="reference").decode_step(model, caches) is None  # a forced backend is obeyed
+    assert _backend(kernels="triton").decode_step(model, caches) is None
+    model.layers[1].down_proj = model.layers[1].down_proj.fallback
+    assert _backend().decode_step(model, caches) is None  # every layer's matmuls must be kept
+    fused = _backend().decode_step(_model(32, False, "Q8_0"), caches).step
     with pytest.raises(ValueError, match="decode_step takes"):
-        fused(torch.zeros(cpu_ops.WEIGHT_GEMV_MAX_ROWS + 1, 192), positions, attn.slot_mapping,
+        fused(torch.zeros(WEIGHT_GEMV_MAX_ROWS + 1, 192), positions, attn.slot_mapping,
               attn.block_tables, attn.context_lens)
     with pytest.raises(ValueError, match="decode_step takes int64"):  # C would misread int32 indices
         fused(torch.zeros(2, 192), positions.int(), attn.slot_mapping, attn.block_tables, attn.context_lens)
@@ -151,9 +159,10 @@ def test_decode_step_over_a_bfloat16_cache_rounds_only_what_it_stores():
     ids, positions, caches, attn = _step_inputs(model, context_lens, seed=7)
     half = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
     wide = [(k.float(), v.float()) for k, v in half]  # the same values in float32
-    out_half = model(ids, positions, half, attn)
-    out_wide = model(ids, positions, wide, attn)
-    assert model.decode_step(half).kv_bf16 and not model.decode_step(wide).kv_bf16
+    step_half, step_wide = _backend().decode_step(model, half), _backend().decode_step(model, wide)
+    out_half = step_half(ids, positions, attn)
+    out_wide = step_wide(ids, positions, attn)
+    assert step_half.step.kv_bf16 and not step_wide.step.kv_bf16
     slots = attn.slot_mapping.tolist()
     rest = [s for s in range(half[0][0].shape[0] * BLOCK_SIZE) if s not in slots]
     for (kh, vh), (kw, vw), (k0, v0) in zip(half, wide, caches):
@@ -174,9 +183,9 @@ def test_bfloat16_model_runs_the_decode_step_close_to_its_layer_by_layer_path():
     ids, positions, caches, attn = _step_inputs(model, [37, 5, 16, 120], seed=2)
     half = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
     layered_caches = [(k.clone(), v.clone()) for k, v in half]
-    assert model.decode_step(half) is not None
-    fused = model.compute_logits(model(ids, positions, half, attn))
-    model.use_decode_step = False
+    step = _backend(torch.bfloat16).decode_step(model, half)
+    assert step is not None
+    fused = model.compute_logits(step(ids, positions, attn))
     layered = model.compute_logits(model(ids, positions, layered_caches, attn))
     assert fused.dtype == layered.dtype == torch.float32 and fused.shape == (4, model.config.vocab_size)
     # float32 arithmetic against bfloat16 activations between the layer path's ops
@@ -193,7 +202,7 @@ def test_engine_tokens_are_the_same_with_and_without_the_decode_step(tmp_path):
                                     "attn_v": q.Q4_1, "attn_output": q.Q4_0, "ffn_gate": q.Q8_0,
                                     "ffn_up": q.Q8_0, "ffn_down": q.Q4_1}, bias=True)
     llm = LLM(str(path), device="cpu", dtype="float32")
-    assert llm.model.decode_step(llm.runner.kv_caches) is not None
+    assert llm.runner.cpu_decode is not None
     prompts = [{"prompt_token_ids": [258, 5 + i, 104, 101, 108 + i][: 2 + i]} for i in range(5)]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -202,6 +211,11 @@ def test_engine_tokens_are_the_same_with_and_without_the_decode_step(tmp_path):
         assert all(len(ids) == 24 for ids in outs)
         return outs
 
-    fused = greedy()
-    llm.model.use_decode_step = False
+    calls = []
+    real_call = DecodeStep.__call__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DecodeStep, "__call__", lambda self, *a: calls.append(1) or real_call(self, *a))
+        fused = greedy()
+    assert calls  # the engine's model runner took the one-call step
+    llm.runner.cpu_decode = None
     assert greedy() == fused

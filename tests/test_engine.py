@@ -245,7 +245,7 @@ def test_a_raising_logits_processor_fails_only_its_own_sequence(llm):
 
 
 def test_default_num_blocks_holds_max_num_seqs_full_sequences_besides_the_watermark():
-    from forge_batch.engine.llm import default_num_blocks
+    from forge_batch.engine.config import default_num_blocks
 
     for seqs in (1, 3, 64, 256):
         for max_model_len in (1, 15, 16, 17, 2048, 8192):

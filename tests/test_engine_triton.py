@@ -1,4 +1,5 @@
-"""The whole engine on the Triton kernels (interpreted on the CPU) gives the reference path's greedy tokens."""
+"""The whole engine on the Triton kernels (interpreted on the CPU) gives the reference path's greedy tokens,
+also beside an engine on another kernel backend in the same process."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import textwrap
 
 import pytest
 
-from forge_batch import LLM, SamplingParams, kernels
+from forge_batch import LLM, SamplingParams
 from forge_batch.engine.request import GenerationRequest
 
 pytest.importorskip("triton")
@@ -23,17 +24,30 @@ CHILD = textwrap.dedent(
     import json, sys, torch
     from forge_batch import LLM, SamplingParams
     from forge_batch.engine.request import GenerationRequest
+    from forge_batch.kernels import triton_ops
     path, prompts, max_new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     # A small token budget forces chunked prefill over a cached prefix and mixed prefill/decode steps.
     llm = LLM(path, device="cpu", dtype="float32", kernel_backend="triton", max_num_seqs=3,
               max_num_batched_tokens=24)
+    # a second engine in the process, on the reference kernels, created after the first
+    other = LLM(path, device="cpu", dtype="float32", kernel_backend="reference", max_num_seqs=3,
+                max_num_batched_tokens=24)
+    calls = []
+    real = triton_ops.paged_attention
+    triton_ops.paged_attention = lambda *a: calls.append(1) or real(*a)
     params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
-    outs = llm.generate_stream([GenerationRequest(str(i), prompt_token_ids=p, params=params)
-                                for i, p in enumerate(prompts)])
-    result = {o.request_id: o.token_ids for o in outs}
-    from forge_batch.kernels import dispatch
-    assert dispatch.get_backend() == "triton" and dispatch._triton_ops() is not None
-    assert dispatch.triton_disabled_reason() is None
+
+    def run(engine):
+        outs = engine.generate_stream([GenerationRequest(str(i), prompt_token_ids=p, params=params)
+                                       for i, p in enumerate(prompts)])
+        return {o.request_id: o.token_ids for o in outs}
+
+    result = run(llm)
+    assert calls and llm.engine_config.kernel_path == "triton" and llm.model.kernels.name == "triton"
+    assert llm.model.kernels.triton_disabled_reason() is None
+    before = len(calls)
+    assert run(other) == result and len(calls) == before  # the reference engine called no Triton kernel
+    assert other.engine_config.kernel_path == "torch"
     print(json.dumps(result))
     """
 )
@@ -52,15 +66,11 @@ def test_engine_greedy_tokens_equal_on_triton_interpreter(tiny_model_dir):
     assert child.returncode == 0, child.stderr[-3000:]
     triton_tokens = json.loads(child.stdout.strip().splitlines()[-1])
 
-    previous = kernels.get_backend()
-    try:
-        llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", kernel_backend="reference",
-                  max_num_seqs=3, max_num_batched_tokens=24)
-        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
-        outs = llm.generate_stream(
-            [GenerationRequest(str(i), prompt_token_ids=p, params=params) for i, p in enumerate(prompts)]
-        )
-        reference_tokens = {o.request_id: o.token_ids for o in outs}
-    finally:
-        kernels.set_backend(previous)
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", kernel_backend="reference",
+              max_num_seqs=3, max_num_batched_tokens=24)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+    outs = llm.generate_stream(
+        [GenerationRequest(str(i), prompt_token_ids=p, params=params) for i, p in enumerate(prompts)]
+    )
+    reference_tokens = {o.request_id: o.token_ids for o in outs}
     assert triton_tokens == reference_tokens

@@ -301,22 +301,20 @@ class _BrokenOps:
 @pytest.fixture
 def broken_triton(monkeypatch: pytest.MonkeyPatch) -> _BrokenOps:
     ops = _BrokenOps()
-    dispatch.reset_fallback()
     monkeypatch.setattr(dispatch, "_triton", ops)
     monkeypatch.setattr(dispatch, "_triton_checked", True)
     monkeypatch.setattr(dispatch, "_on_device", lambda t: True)  # treat CPU tensors as CUDA ones
-    yield ops
-    dispatch.reset_fallback()
+    return ops
 
 
 def test_dispatch_falls_back_once_with_one_warning(broken_triton: _BrokenOps, caplog: pytest.LogCaptureFixture):
-    dispatch.set_backend("auto")
+    backend = dispatch.KernelBackend("auto")
     x = torch.randn(3, 32)
     w = torch.ones(32)
     with caplog.at_level(logging.WARNING, logger="forge_batch.kernels"):
-        first = dispatch.rms_norm(x, w, 1e-6)
-        second = dispatch.rms_norm(x, w, 1e-6, x)
-        act = dispatch.silu_and_mul(x)
+        first = backend.rms_norm(x, w, 1e-6)
+        second = backend.rms_norm(x, w, 1e-6, x)
+        act = backend.silu_and_mul(x)
     assert torch.equal(first[0], reference.rms_norm(x, w, 1e-6)[0])
     assert torch.equal(second[0], reference.rms_norm(x, w, 1e-6, x)[0])
     # the CPU kernel's exp is within an ulp of torch's, which itself differs by CPU (test_cpu_kernels)
@@ -324,33 +322,40 @@ def test_dispatch_falls_back_once_with_one_warning(broken_triton: _BrokenOps, ca
     assert broken_triton.calls == 1  # after the first failure Triton is not tried again
     warnings = [r for r in caplog.records if r.name == "forge_batch.kernels" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "rms_norm" in warnings[0].getMessage()
-    assert dispatch.triton_disabled_reason() is not None
+    assert backend.triton_disabled_reason() is not None
+    # the fallback belongs to that backend (that engine): another one still tries Triton
+    other = dispatch.KernelBackend("auto")
+    assert other.triton_disabled_reason() is None
+    other.silu_and_mul(x)
+    assert broken_triton.calls == 2
 
 
 def test_dispatch_caller_errors_do_not_disable_triton(broken_triton: _BrokenOps):
     """Arguments the reference rejects too are the caller's bug: that error is raised, Triton stays on."""
-    dispatch.set_backend("auto")
+    backend = dispatch.KernelBackend("auto")
     with pytest.raises(RuntimeError) as info:
-        dispatch.silu_and_mul(torch.randn(2, 7))  # odd width: no [gate | up] split
+        backend.silu_and_mul(torch.randn(2, 7))  # odd width: no [gate | up] split
     assert "simulated" not in str(info.value)
-    assert dispatch.triton_disabled_reason() is None
+    assert backend.triton_disabled_reason() is None
 
 
 def test_dispatch_forced_triton_propagates_errors(broken_triton: _BrokenOps):
-    dispatch.set_backend("triton")
-    try:
-        with pytest.raises(RuntimeError, match="simulated"):
-            dispatch.silu_and_mul(torch.randn(2, 8))
-    finally:
-        dispatch.set_backend("auto")
-    assert dispatch.triton_disabled_reason() is None
+    backend = dispatch.KernelBackend("triton")
+    with pytest.raises(RuntimeError, match="simulated"):
+        backend.silu_and_mul(torch.randn(2, 8))
+    assert backend.triton_disabled_reason() is None
 
 
 def test_dispatch_cpu_auto_uses_reference_without_importing_triton(monkeypatch: pytest.MonkeyPatch):
-    dispatch.reset_fallback()
     monkeypatch.setattr(dispatch, "_triton_ops", lambda: pytest.fail("Triton must not be touched on CPU"))
     x = torch.randn(2, 16)
-    torch.testing.assert_close(dispatch.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-5)
+    backend = dispatch.KernelBackend("auto")
+    torch.testing.assert_close(backend.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-5)
+
+
+def test_kernel_backend_names_are_checked():
+    with pytest.raises(ValueError, match="kernel backend"):
+        dispatch.KernelBackend("cuda")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -591,18 +596,17 @@ def test_triton_rotary(interpreter, dtype, h, hkv, d):
 
 
 def _check_dispatch_triton_backend(ops: ModuleType) -> None:
-    """set_backend('triton') routes every entry point to the Triton kernels (here: interpreted)."""
-    prev = (dispatch._triton, dispatch._triton_checked, dispatch.get_backend())
+    """KernelBackend('triton') routes every entry point to the Triton kernels (here: interpreted)."""
+    prev = (dispatch._triton, dispatch._triton_checked)
     dispatch._triton, dispatch._triton_checked = ops, True
-    dispatch.set_backend("triton")
+    backend = dispatch.KernelBackend("triton")
     try:
         case = _case("mixed", (4, 2, 64, 16), torch.float32, seed=13)
-        assert_close(dispatch.paged_attention(*case.args()), naive_paged_attention(case), torch.float32, "dispatch")
+        assert_close(backend.paged_attention(*case.args()), naive_paged_attention(case), torch.float32, "dispatch")
         x = torch.randn(3, 2 * 64)
-        assert_close(dispatch.silu_and_mul(x), reference.silu_and_mul(x), torch.float32, "dispatch silu")
+        assert_close(backend.silu_and_mul(x), reference.silu_and_mul(x), torch.float32, "dispatch silu")
     finally:
-        dispatch._triton, dispatch._triton_checked = prev[0], prev[1]
-        dispatch.set_backend(prev[2])
+        dispatch._triton, dispatch._triton_checked = prev
 
 
 def test_dispatch_triton_backend(interpreter):

@@ -170,12 +170,11 @@ def test_rotary(ops, dtype, h, hkv, d):
 
 
 def test_dispatch_auto_uses_triton_on_cuda(ops):
-    dispatch.reset_fallback()
-    dispatch.set_backend("auto")
+    backend = dispatch.KernelBackend("auto")
     case = _case("mixed", LAYOUTS[0], torch.bfloat16, seed=29)
-    out = dispatch.paged_attention(*case.args())
+    out = backend.paged_attention(*case.args())
     x = torch.randn(64, 2 * 256, device=DEVICE, dtype=torch.bfloat16)
-    act = dispatch.silu_and_mul(x)
-    assert dispatch.triton_disabled_reason() is None, dispatch.triton_disabled_reason()
+    act = backend.silu_and_mul(x)
+    assert backend.triton_disabled_reason() is None, backend.triton_disabled_reason()
     assert_close(out, reference.paged_attention(*case.args(hints=False)), torch.bfloat16, "dispatch attention")
     assert_close(act, reference.silu_and_mul(x), torch.bfloat16, "dispatch silu")

@@ -9,21 +9,23 @@ import torch.nn.functional as F
 
 from forge_batch.engine.llm import LLM
 from forge_batch.engine.sampling_params import SamplingParams
-from forge_batch.kernels import mkl_packed, onednn_packed
-from forge_batch.models import llama
+from forge_batch.kernels import Linear
+from forge_batch.kernels.cpu import mkl_packed, onednn_packed
+from forge_batch.kernels.cpu.linear import PACKED_MIN_ROWS, MklPackedLinear, OneDnnLinear
+from forge_batch.models.llama import MATMUL_SOURCES
 
 pytestmark = pytest.mark.skipif(not mkl_packed.available(), reason="torch built without MKL")
 
 
-@pytest.mark.parametrize("rows", [1, llama.PACKED_MIN_ROWS - 1, llama.PACKED_MIN_ROWS, 97, 128, 130, 700])
+@pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 97, 128, 130, 700])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_linear_is_bit_identical(rows, with_bias):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 64, generator=g)
     b = torch.randn(96, generator=g) if with_bias else None
-    packed = mkl_packed.pack(w)
+    packed = MklPackedLinear(Linear(w, b))
     x = torch.randn(rows, 64, generator=g)
-    assert torch.equal(llama.linear(x, w, b, packed), F.linear(x, w, b))
+    assert torch.equal(packed(x), F.linear(x, w, b))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 37, 100, 128, 129, 300])
@@ -55,10 +57,10 @@ def test_onednn_reordered_bfloat16_weight_gives_f_linear_bit_for_bit(rows, with_
     for n, k in ((3072, 576), (576, 1536), (96, 64)):
         w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
         b = torch.randn(n, generator=g).bfloat16() if with_bias else None
-        packed = onednn_packed.pack(w)
-        assert (packed.n, packed.k) == (n, k)
+        packed = OneDnnLinear(Linear(w, b))
+        assert (packed.packed.n, packed.packed.k) == (n, k)
         x = torch.randn(rows, k, generator=g).bfloat16()
-        y = llama.linear(x, w, b, packed)
+        y = packed(x)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
         assert torch.equal(y, F.linear(x, w, b))
 
@@ -71,20 +73,22 @@ def test_onednn_pack_rejects_what_it_cannot_reorder():
 
 @pytest.mark.parametrize(
     ("dtype", "weight_type"),
-    [("float32", mkl_packed.PackedWeight), pytest.param("bfloat16", onednn_packed.OneDnnWeight, marks=onednn)],
+    [("float32", MklPackedLinear), pytest.param("bfloat16", OneDnnLinear, marks=onednn)],
 )
 def test_engine_packs_cpu_weights_and_matches_unpacked(tiny_model_dir, dtype, weight_type):
     """MKL's packed float32 weights, oneDNN's reordered bfloat16 ones: the same tokens as plain F.linear."""
     prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), device="cpu", dtype=dtype, max_num_seqs=32)
-    assert llm.packed_weights and isinstance(llm.model.lm_head_packed, weight_type)
-    assert set(llm.model.layers[0].packed) == {"qkv", "o", "gate_up", "down"}
-    assert {type(p) for p in llm.model.layers[0].packed.values()} == {weight_type}
+    assert llm.packed_weights and isinstance(llm.model.lm_head, weight_type)
+    layer = llm.model.layers[0]
+    assert {name for name in MATMUL_SOURCES if isinstance(getattr(layer, name), weight_type)} == set(MATMUL_SOURCES)
+    assert {type(getattr(layer, name)) for name in MATMUL_SOURCES} == {weight_type}
     packed = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]  # 24 rows per decode step
     assert all(len(ids) == 12 for ids in packed)
-    for layer in llm.model.layers:
-        layer.packed = {}
-    llm.model.lm_head_packed = None
+    for owner, name in [(layer, name) for layer in llm.model.layers for name in MATMUL_SOURCES] + [
+        (llm.model, "lm_head")
+    ]:
+        setattr(owner, name, getattr(owner, name).plain())  # F.linear on the same weights
     plain = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]
     assert packed == plain

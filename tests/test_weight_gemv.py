@@ -1,5 +1,6 @@
-"""Matmuls of a few rows that read the checkpoint's own weight format (cpu_ops.weight_gemv) and the
-fused rotary + KV-cache write (cpu_ops.rotary_store_kv), against the loader and the torch reference."""
+"""Matmuls of a few rows that read the checkpoint's own weight format (kernels/cpu/stored.py: weight_gemv)
+and the fused rotary + KV-cache write (cpu/elementwise.py: rotary_store_kv), against the loader and the
+torch reference."""
 
 from __future__ import annotations
 
@@ -12,26 +13,43 @@ import torch.nn.functional as F
 
 from forge_batch.engine.llm import LLM
 from forge_batch.engine.sampling_params import SamplingParams
-from forge_batch.kernels import cpu_ops, dispatch, reference
+from forge_batch.kernels import KernelBackend, reference
+from forge_batch.kernels.cpu import build, elementwise
+from forge_batch.kernels.cpu import stored as cpu_stored
+from forge_batch.kernels.cpu.linear import StoredLinear
+from forge_batch.kernels.cpu.stored import (
+    WEIGHT_FORMATS,
+    WEIGHT_GEMV_MAX_ROWS,
+    StoredWeight,
+    weight_gemv,
+    weight_gemv_fast,
+)
 from forge_batch.models.gguf_loader import dequantize, load_gguf
+from forge_batch.models.llama import MATMUL_SOURCES
+from forge_batch.models.raw_weights import RawWeight
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
-pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C compiler for the CPU kernels")
+pytestmark = pytest.mark.skipif(not build.available(), reason="no C compiler for the CPU kernels")
 
 
-def _stored(fmt: str, w: torch.Tensor) -> tuple[cpu_ops.StoredWeight, torch.Tensor]:
-    """``w`` in format ``fmt`` as the kernel keeps it, and as the loader dequantises it (float32)."""
+def _raw_weight(fmt: str, w: torch.Tensor) -> tuple[RawWeight, torch.Tensor]:
+    """``w`` in format ``fmt`` as a loader hands it over, and as the loader dequantises it (float32)."""
     if fmt in ("F16", "BF16"):
         half = w.to(torch.float16 if fmt == "F16" else torch.bfloat16)
-        return cpu_ops.StoredWeight.from_tensor(half), half.float()
+        return RawWeight.from_tensor(half), half.float()
     raw = np.ascontiguousarray(gguf.quants.quantize(w.numpy(), getattr(Q, fmt))).view(np.uint8).reshape(-1)
-    stored = cpu_ops.StoredWeight.from_blocks(fmt, torch.from_numpy(raw.copy()), *w.shape)
-    return stored, dequantize(raw, cpu_ops.WEIGHT_FORMATS[fmt][0], w.shape)
+    return RawWeight(fmt, torch.from_numpy(raw.copy()), *w.shape), dequantize(raw, WEIGHT_FORMATS[fmt][0], w.shape)
 
 
-@pytest.mark.parametrize("fmt", list(cpu_ops.WEIGHT_FORMATS))
+def _stored(fmt: str, w: torch.Tensor) -> tuple[StoredWeight, torch.Tensor]:
+    """``w`` in format ``fmt`` as the kernel keeps it, and as the loader dequantises it (float32)."""
+    raw, dense = _raw_weight(fmt, w)
+    return StoredWeight.from_blocks(raw.fmt, raw.data, raw.rows, raw.cols), dense
+
+
+@pytest.mark.parametrize("fmt", list(WEIGHT_FORMATS))
 def test_stored_weight_decodes_to_the_loaders_float32_values_exactly(fmt):
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(1)) * 0.05
     stored, expected = _stored(fmt, w)
@@ -39,8 +57,8 @@ def test_stored_weight_decodes_to_the_loaders_float32_values_exactly(fmt):
     assert torch.equal(stored.decode(), expected)
 
 
-@pytest.mark.parametrize("fmt", list(cpu_ops.WEIGHT_FORMATS))
-@pytest.mark.parametrize("rows", [1, 2, 3, cpu_ops.WEIGHT_GEMV_MAX_ROWS])
+@pytest.mark.parametrize("fmt", list(WEIGHT_FORMATS))
+@pytest.mark.parametrize("rows", [1, 2, 3, WEIGHT_GEMV_MAX_ROWS])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_weight_gemv_matches_dequantise_then_linear(fmt, rows, with_bias):
     g = torch.Generator().manual_seed(rows)
@@ -50,27 +68,27 @@ def test_weight_gemv_matches_dequantise_then_linear(fmt, rows, with_bias):
     x = torch.randn(rows, 576, generator=g)
     bias = torch.randn(203, generator=g) if with_bias else None
     # float32 sums in another order than MKL's: agreement to rounding, not to the bit
-    torch.testing.assert_close(cpu_ops.weight_gemv(x, stored, bias), F.linear(x, dense, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight_gemv(x, stored, bias), F.linear(x, dense, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_weight_gemv_rejects_what_it_cannot_run():
     stored, _ = _stored("Q8_0", torch.randn(8, 64))
     with pytest.raises(ValueError, match="float32"):
-        cpu_ops.weight_gemv(torch.randn(cpu_ops.WEIGHT_GEMV_MAX_ROWS + 1, 64), stored)
+        weight_gemv(torch.randn(WEIGHT_GEMV_MAX_ROWS + 1, 64), stored)
     with pytest.raises(ValueError, match="multiple of 32"):
-        cpu_ops.StoredWeight.from_tensor(torch.randn(4, 40).bfloat16())
+        StoredWeight.from_tensor(torch.randn(4, 40).bfloat16())
     with pytest.raises(ValueError, match="needs"):
-        cpu_ops.StoredWeight.from_blocks("Q4_1", torch.zeros(10, dtype=torch.uint8), 1, 32)
+        StoredWeight.from_blocks("Q4_1", torch.zeros(10, dtype=torch.uint8), 1, 32)
 
 
 def test_fused_parts_concatenate_only_in_one_format():
     a, _ = _stored("Q4_1", torch.randn(8, 64))
     b, _ = _stored("Q4_1", torch.randn(4, 64))
     c, _ = _stored("Q8_0", torch.randn(4, 64))
-    both = cpu_ops.StoredWeight.concat([a, b])
+    both = StoredWeight.concat([a, b])
     assert both is not None and (both.rows, both.cols) == (12, 64)
     assert torch.equal(both.decode(), torch.cat([a.decode(), b.decode()]))
-    assert cpu_ops.StoredWeight.concat([a, c]) is None
+    assert StoredWeight.concat([a, c]) is None
 
 
 def _write_gguf(tmp_path: Path, types: dict) -> Path:
@@ -84,14 +102,15 @@ def _write_gguf(tmp_path: Path, types: dict) -> Path:
 def test_gguf_loader_keeps_matrices_in_their_file_format(tmp_path):
     types = {"token_embd.weight": Q.Q8_0, "attn_q": Q.F16, "attn_k": Q.Q4_0, "attn_v": Q.Q4_1,
              "ffn_gate": Q.Q8_0, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_0, "output.weight": Q.BF16}
-    stored: dict[str, cpu_ops.StoredWeight] = {}
+    stored: dict[str, RawWeight] = {}
     _, state, _ = load_gguf(_write_gguf(tmp_path, types), stored)
     assert stored["model.layers.0.self_attn.k_proj.weight"].fmt == "Q4_0"
     assert stored["lm_head.weight"].fmt == "BF16"
     assert "model.layers.0.input_layernorm.weight" not in stored  # float32 vectors are not matrices to keep
     assert "model.layers.0.self_attn.o_proj.weight" not in stored  # float32 in the file: nothing smaller
     for name, kept in stored.items():  # rows in HF order (Q/K un-permuted) and the loader's values
-        assert torch.equal(kept.decode(), state[name]), name
+        decoded = StoredWeight.from_blocks(kept.fmt, kept.data, kept.rows, kept.cols).decode()
+        assert torch.equal(decoded, state[name]), name
 
 
 def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
@@ -101,38 +120,37 @@ def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return outs
 
 
-@pytest.mark.skipif(not cpu_ops.weight_gemv_fast(), reason="no SIMD path for weight_gemv on this CPU")
+@pytest.mark.skipif(not weight_gemv_fast(), reason="no SIMD path for weight_gemv on this CPU")
 def test_engine_decodes_few_rows_from_stored_weights_with_the_same_tokens(tmp_path, monkeypatch):
     types = {"token_embd.weight": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1,
              "attn_output": Q.Q4_0, "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0,
              "output.weight": Q.Q8_0}
     llm = LLM(str(_write_gguf(tmp_path, types)), device="cpu", dtype="float32")
     assert llm.stored_weights == 2 * 4 + 1  # every matmul of both layers, and the LM head
-    assert llm.model.layers[0].stored["qkv"].fmt == "Q4_1" and llm.model.lm_head_stored.fmt == "Q8_0"
+    assert llm.model.layers[0].qkv_proj.stored.fmt == "Q4_1" and llm.model.lm_head.stored.fmt == "Q8_0"
 
-    llm.model.use_decode_step = False  # the layer-by-layer path (the one-call step: test_decode_step.py)
+    llm.runner.cpu_decode = None  # the layer-by-layer path (the one-call step: test_decode_step.py)
     calls = []
-    real = cpu_ops.weight_gemv
-    from forge_batch.models import llama
-
-    monkeypatch.setattr(llama, "weight_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = cpu_stored.weight_gemv
+    monkeypatch.setattr(cpu_stored, "weight_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     prompts = [[258, 104, 101, 108], [258, 5, 6, 7, 8, 9, 10]]
     stored = _greedy(llm, prompts)
-    assert len(calls) > 2 * 4 * 15 and max(calls) <= cpu_ops.WEIGHT_GEMV_MAX_ROWS  # every decode step's matmuls
-    for layer in llm.model.layers:
-        layer.stored = {}
-    llm.model.lm_head_stored = None
+    assert len(calls) > 2 * 4 * 15 and max(calls) <= WEIGHT_GEMV_MAX_ROWS  # every decode step's matmuls
+    for owner, name in [(layer, name) for layer in llm.model.layers for name in MATMUL_SOURCES] + [
+        (llm.model, "lm_head")
+    ]:
+        setattr(owner, name, getattr(owner, name).fallback)  # the float32 weights again
     assert _greedy(llm, prompts) == stored
 
 
 def test_mixed_formats_of_fused_parts_keep_the_float32_path(tmp_path):
     types = {"attn_q": Q.F16, "attn_k": Q.Q4_0, "attn_v": Q.Q4_1, "ffn_gate": Q.Q8_0, "ffn_up": Q.Q8_0}
     llm = LLM(str(_write_gguf(tmp_path, types)), device="cpu", dtype="float32")
-    if not cpu_ops.weight_gemv_fast():
+    if not weight_gemv_fast():
         assert llm.stored_weights == 0
         return
-    assert "qkv" not in llm.model.layers[0].stored  # F16 + Q4_0 + Q4_1 cannot be one matrix
-    assert llm.model.layers[0].stored["gate_up"].fmt == "Q8_0"
+    assert not isinstance(llm.model.layers[0].qkv_proj, StoredLinear)  # F16 + Q4_0 + Q4_1 cannot be one matrix
+    assert llm.model.layers[0].gate_up_proj.stored.fmt == "Q8_0"
 
 
 def _qkv_case(tokens: int, heads=9, kv_heads=3, dim=64, blocks=12, block_size=16):
@@ -158,9 +176,9 @@ def test_rotary_store_kv_is_bit_identical_to_the_reference(tokens, dtype):
     qkv, views, positions, slots, cache, cos_sin = _qkv_case(tokens)
     qkv, cache = qkv.to(dtype), cache.to(dtype)  # bfloat16: rotated in float32, rounded once, as the reference
     q, k, v = views(qkv.clone())
-    assert cpu_ops.rotary_store_kv_ok(q, k, v, cos_sin, cache, positions, slots)
+    assert elementwise.rotary_store_kv_ok(q, k, v, cos_sin, cache, positions, slots)
     k_cache, v_cache = cache.clone(), cache.clone()
-    got_q, got_k = cpu_ops.rotary_store_kv(positions, q, k, v, cos_sin, k_cache, v_cache, slots)
+    got_q, got_k = elementwise.rotary_store_kv(positions, q, k, v, cos_sin, k_cache, v_cache, slots)
 
     q, k, v = views(qkv.clone())
     exp_k_cache, exp_v_cache = cache.clone(), cache.clone()
@@ -172,14 +190,14 @@ def test_rotary_store_kv_is_bit_identical_to_the_reference(tokens, dtype):
 
 def test_dispatch_fuses_rotary_and_store_only_for_cpu_float32_and_bfloat16(monkeypatch):
     calls = []
-    real = cpu_ops.rotary_store_kv
-    monkeypatch.setattr(cpu_ops, "rotary_store_kv", lambda *a: calls.append(1) or real(*a))
+    real = elementwise.rotary_store_kv
+    monkeypatch.setattr(elementwise, "rotary_store_kv", lambda *a: calls.append(1) or real(*a))
     qkv, views, positions, slots, cache, cos_sin = _qkv_case(5)
-    dispatch.rotary_and_store_kv(positions, *views(qkv.clone()), cos_sin, cache.clone(), cache.clone(), slots)
+    KernelBackend().rotary_and_store_kv(positions, *views(qkv.clone()), cos_sin, cache.clone(), cache.clone(), slots)
     assert calls == [1]
     q, k, v = views(qkv.bfloat16())
-    dispatch.rotary_and_store_kv(positions, q, k, v, cos_sin, cache.bfloat16(), cache.bfloat16(), slots)
+    KernelBackend().rotary_and_store_kv(positions, q, k, v, cos_sin, cache.bfloat16(), cache.bfloat16(), slots)
     assert calls == [1, 1]
     q, k, v = views(qkv.half())
-    dispatch.rotary_and_store_kv(positions, q, k, v, cos_sin, cache.half(), cache.half(), slots)
+    KernelBackend().rotary_and_store_kv(positions, q, k, v, cos_sin, cache.half(), cache.half(), slots)
     assert calls == [1, 1]  # float16: the reference's two steps

@@ -1,12 +1,22 @@
-"""Executes a StepPlan: builds the flat input tensors, runs the model, returns logits of sampling rows."""
+"""Executes a StepPlan: builds the flat input tensors, runs the model, returns logits of sampling rows.
+
+A decode step takes a device's fast path where there is one: replayed CUDA graphs on a GPU
+(cuda_graphs.py), the one-call C decode step on the CPU (cpu_backend.py); every other step runs the
+model layer by layer.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from forge_batch.models.llama import AttentionMetadata, LlamaForCausalLM
 
 from .scheduler import ScheduledSeq, StepPlan
+
+if TYPE_CHECKING:
+    from .cpu_backend import CpuBackend
 
 
 def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
@@ -26,6 +36,7 @@ class ModelRunner:
         *,
         cuda_graph_max_batch: int = 0,
         max_model_len: int = 0,
+        cpu_backend: CpuBackend | None = None,
     ) -> None:
         self.model = model
         self.device = device
@@ -51,6 +62,8 @@ class ModelRunner:
                 max_model_len,
             )
             self.decode_graphs.capture()
+        # None where it cannot run (weights not all in stored form, another kernel backend, not the CPU)
+        self.cpu_decode = cpu_backend.decode_step(model, self.kv_caches) if cpu_backend is not None else None
 
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Zero these blocks of every layer's cache. Fresh blocks come off the free list mostly in id
@@ -123,12 +136,18 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """Run the plan's tokens; return float32 logits [S, V] for the sequences that sample (in plan order)."""
         ids, positions, attn, sample_rows = self.prepare(plan.scheduled)
-        graphs = self.decode_graphs
-        if graphs is not None and attn.max_query_len == 1 and graphs.can_run(ids.shape[0], attn.block_tables.shape[1]):
-            hidden = graphs.run(ids, positions, attn)
-        else:
-            hidden = self.model(ids, positions, self.kv_caches, attn)
+        hidden = self.forward(ids, positions, attn)
         if not sample_rows:
             return None
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states of the step's tokens, through a decode fast path where one applies."""
+        if attn.max_query_len == 1:
+            graphs = self.decode_graphs
+            if graphs is not None and graphs.can_run(ids.shape[0], attn.block_tables.shape[1]):
+                return graphs.run(ids, positions, attn)
+            if self.cpu_decode is not None and self.cpu_decode.can_run(ids.shape[0], attn):
+                return self.cpu_decode(ids, positions, attn)
+        return self.model(ids, positions, self.kv_caches, attn)

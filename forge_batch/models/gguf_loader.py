@@ -17,8 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from forge_batch.kernels.cpu_ops import WEIGHT_FORMATS, StoredWeight
-
 from .config import ModelConfig
 from .gguf_file import (
     GGML_BF16,
@@ -31,6 +29,7 @@ from .gguf_file import (
     GGUFError,
     GGUFFile,
 )
+from .raw_weights import RAW_FORMATS, RawWeight
 from .tokenizer import Tokenizer
 
 __all__ = ["GGUFError", "GGUFFile", "dequantize", "llama3_rope_factors", "load_gguf", "read_gguf_metadata",
@@ -137,12 +136,12 @@ _BATCH_ELEMENTS = 1 << 26
 
 
 def _dequantize_all(
-    f: GGUFFile, plan: list[tuple[str, str, np.ndarray | None]], stored: dict[str, StoredWeight] | None = None
+    f: GGUFFile, plan: list[tuple[str, str, np.ndarray | None]], stored: dict[str, RawWeight] | None = None
 ) -> dict[str, torch.Tensor]:
     """Dequantise ``plan`` entries ``(gguf_name, hf_name, row_order)``, batching same-type tensors.
 
     Returned tensors of one batch are views into one float32 buffer (freed when all are dropped).
-    With ``stored``, 2-D tensors in a format the CPU's weight_gemv reads are also kept there, as blocks."""
+    With ``stored``, 2-D tensors in one of RAW_FORMATS are also kept there, as the file stores them."""
     out: dict[str, torch.Tensor] = {}
     by_type: dict[int, list[tuple[str, str, np.ndarray | None]]] = {}
     for entry in plan:
@@ -177,15 +176,15 @@ def _dequantize_all(
     return out
 
 
-_STORED_FORMATS = {type_id: name for name, (type_id, _) in WEIGHT_FORMATS.items()}
+_STORED_FORMATS = {type_id: name for name, type_id in RAW_FORMATS.items()}
 
 
-def _stored_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> StoredWeight | None:
-    """A matrix's blocks as a StoredWeight (a copy: the file's map closes after loading), or None."""
-    if ggml_type not in _STORED_FORMATS or not StoredWeight.fits(shape):
+def _stored_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> RawWeight | None:
+    """A matrix's blocks as a RawWeight (a copy: the file's map closes after loading), or None."""
+    if ggml_type not in _STORED_FORMATS or not RawWeight.fits(shape):
         return None
-    data = torch.from_numpy(np.array(raw, dtype=np.uint8))
-    return StoredWeight.from_blocks(_STORED_FORMATS[ggml_type], data, shape[0], shape[1])
+    data = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(-1)
+    return RawWeight(_STORED_FORMATS[ggml_type], data, shape[0], shape[1])
 
 
 def _reorder_raw(f: GGUFFile, name: str, order: np.ndarray | None) -> np.ndarray:
@@ -350,7 +349,7 @@ def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) ->
 
 
 def load_gguf(
-    path: str | Path, stored_weights: dict[str, StoredWeight] | None = None
+    path: str | Path, stored_weights: dict[str, RawWeight] | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Read a GGUF file into ``(config, state_dict, tokenizer)``.
 
@@ -358,7 +357,7 @@ def load_gguf(
     ``lm_head.weight`` is present only when the file has an untied ``output.weight``. Tensors of the
     same ggml type share one buffer (they are views), so don't resize them in place. When a dict is
     passed as ``stored_weights``, matrices stored as Q4_0/Q4_1/Q8_0/F16/BF16 are also put there, by the
-    same names, in their file format (for ``kernels.cpu_ops.weight_gemv``).
+    same names, in their file format (see raw_weights).
     """
     path = Path(path)
     with GGUFFile(path) as f:

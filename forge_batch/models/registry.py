@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # resolving a name must stay cheap: no torch/tokenizers import until loading
     import torch
 
-    from forge_batch.kernels.cpu_ops import StoredWeight
-
     from .config import ModelConfig
+    from .raw_weights import RawWeight
     from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -94,13 +93,13 @@ def check_model(name_or_path: str | Path) -> Path:
 
 
 def load_model_files(
-    name_or_path: str | Path, stored_weights: dict[str, StoredWeight] | None = None
+    name_or_path: str | Path, stored_weights: dict[str, RawWeight] | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Resolve and load a model: ``(config, HF-named state dict, tokenizer)``; the caller casts dtypes.
 
-    With a ``stored_weights`` dict, the 2-D weights whose storage format the CPU kernel
-    ``weight_gemv`` reads (GGUF Q4_0/Q4_1/Q8_0/F16/BF16 blocks; float16/bfloat16 safetensors) are also
-    put there as they are stored, by their Hugging Face names."""
+    With a ``stored_weights`` dict, the 2-D weights in a format of raw_weights.RAW_FORMATS (GGUF
+    Q4_0/Q4_1/Q8_0/F16/BF16 blocks; float16/bfloat16 safetensors) are also put there as they are
+    stored, by their Hugging Face names."""
     path = resolve_model_path(name_or_path)
     if path.is_dir():
         from .safetensors_loader import load_hf_dir

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from forge_batch.kernels.cpu_ops import StoredWeight
-
 from .config import ModelConfig
+from .raw_weights import RawWeight
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -25,14 +24,14 @@ _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_hf_dir(
-    path: str | Path, stored_weights: dict[str, StoredWeight] | None = None
+    path: str | Path, stored_weights: dict[str, RawWeight] | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Read ``(config, state_dict, tokenizer)`` from a Hugging Face model directory.
 
     The state dict has the checkpoint's own (HF) parameter names; ``lm_head.weight`` appears only
     if the checkpoint stores it. EOS ids merge config.json, generation_config.json and the tokenizer.
     When a dict is passed as ``stored_weights``, float16/bfloat16 matrices are also put there as they
-    are (for ``kernels.cpu_ops.weight_gemv``).
+    are (see raw_weights).
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -44,8 +43,8 @@ def load_hf_dir(
     state = _load_weights(path)
     if stored_weights is not None:
         for name, tensor in state.items():
-            if tensor.dtype in (torch.float16, torch.bfloat16) and StoredWeight.fits(tensor.shape):
-                stored_weights[name] = StoredWeight.from_tensor(tensor)
+            if tensor.dtype in (torch.float16, torch.bfloat16) and RawWeight.fits(tensor.shape):
+                stored_weights[name] = RawWeight.from_tensor(tensor)
     tokenizer = Tokenizer.from_hf_dir(path, extra_eos_token_ids=config.eos_token_ids)
 
     config.eos_token_ids = sorted(set(config.eos_token_ids) | tokenizer.eos_token_ids)

@@ -14,7 +14,7 @@ Measured (the default model's four matmuls of one layer, ms, F.linear vs packed,
 5.33 (torch's 128-row packed path: 5.38), 256 rows 12.63 vs 10.68. From 16 rows on the results equal
 F.linear's bit for bit but for an occasional last-bit difference at large inner dimensions
 (tests/test_packed_weights.py); below 16 MKL sums in another order, so the model keeps F.linear there
-(PACKED_MIN_ROWS in models/llama.py).
+(PACKED_MIN_ROWS in kernels/cpu/linear.py).
 """
 
 from __future__ import annotations

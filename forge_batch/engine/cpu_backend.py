@@ -1,0 +1,163 @@
+"""The CPU's fast paths for a Llama-family model, kept out of the model: weight preparation and the
+one-call decode step.
+
+``CpuBackend.prepare_weights`` puts faster forms of the model's matmul weights in place of the plain
+``kernels.Linear`` ones (kernels/cpu/linear.py), all computing F.linear's numbers except int8:
+
+- packed for the GEMM library: MKL's layout for float32, oneDNN's for bfloat16 (10-40% faster products);
+- with quantization="int8", the decoder's matmuls as W8A8 int8 (the LM head stays packed float32);
+- for steps of a few rows, the checkpoint's own storage format when it is smaller (a 4-bit GGUF,
+  bfloat16 safetensors): the same products from a fraction of the bytes (``weight_gemv``).
+
+``CpuBackend.decode_step`` builds, for one KV cache, the C decode step that runs a whole few-row decode
+step in one call (kernels/cpu/decode_step.py); the engine's model runner calls it where the layer-by-layer
+model would run, as it replays CUDA graphs on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from forge_batch.kernels import KernelBackend, Linear
+from forge_batch.kernels.cpu import build, mkl_packed, onednn_packed
+from forge_batch.kernels.cpu.decode_step import DecodeLayerWeights, DecodeStep
+from forge_batch.kernels.cpu.linear import Int8Linear, MklPackedLinear, OneDnnLinear, StoredLinear
+from forge_batch.kernels.cpu.stored import (
+    WEIGHT_FORMATS,
+    WEIGHT_GEMV_MAX_ROWS,
+    StoredWeight,
+    weight_gemv_fast,
+)
+from forge_batch.models.llama import LM_HEAD_SOURCE, MATMUL_SOURCES, AttentionMetadata, LlamaForCausalLM
+from forge_batch.models.raw_weights import RawWeight
+
+
+@dataclass
+class PreparedWeights:
+    """What ``prepare_weights`` did: whether the matmuls are packed for the GEMM library, how many are
+    kept in stored form, whether the decoder's are int8."""
+
+    packed: bool = False
+    stored: int = 0
+    int8: bool = False
+
+
+def _linears(model: LlamaForCausalLM, layers: bool = True) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
+    """(owner, attribute, checkpoint tensors) of every matmul: the decoder layers' (unless ``layers`` is
+    False), then the LM head."""
+    found: list[tuple[nn.Module, str, tuple[str, ...]]] = []
+    for i, layer in enumerate(model.layers if layers else []):
+        found += [(layer, name, tuple(f"model.layers.{i}.{s}" for s in srcs)) for name, srcs in MATMUL_SOURCES.items()]
+    return found + [(model, "lm_head", (LM_HEAD_SOURCE[model.config.tie_word_embeddings],))]
+
+
+class CpuBackend:
+    """The CPU's fast paths for one engine: float32 or bfloat16 models (other dtypes run as they are)."""
+
+    def __init__(self, kernels: KernelBackend, dtype: torch.dtype, quantization: str | None = None) -> None:
+        self.kernels = kernels
+        self.dtype = dtype
+        self.quantization = quantization
+        if self.keeps_stored_weights:
+            build.build_in_background()  # a first run on a machine compiles while the weights load
+        if quantization == "int8" and not build.available():
+            raise ValueError("quantization='int8' needs the compiled CPU kernels (a C compiler)")
+
+    @property
+    def keeps_stored_weights(self) -> bool:
+        """Whether the model's checkpoint formats are worth loading (``prepare_weights(..., raw)``)."""
+        return self.dtype in (torch.float32, torch.bfloat16)
+
+    @torch.inference_mode()
+    def prepare_weights(self, model: LlamaForCausalLM, raw: dict[str, RawWeight] | None = None) -> PreparedWeights:
+        """Put the faster forms of the model's matmul weights in place (see the module docstring).
+        ``raw``: the checkpoint's weights as stored, from ``load_model_files(..., stored_weights=...)``."""
+        int8 = self.quantization == "int8"
+        if int8:
+            for owner, name, _ in _linears(model)[:-1]:
+                setattr(owner, name, Int8Linear(getattr(owner, name)))
+        packed = self.pack(model, layers=not int8)
+        stored = self.keep_stored(model, raw, layers=not int8) if raw and weight_gemv_fast() else 0
+        return PreparedWeights(packed=packed, stored=stored, int8=int8)
+
+    def pack(self, model: LlamaForCausalLM, layers: bool = True) -> bool:
+        """Pack the matmul weights for the GEMM library (MKL float32, oneDNN bfloat16): the LM head's, and
+        the decoder layers' unless ``layers`` is False. Returns whether packing applies here."""
+        if self.dtype == torch.float32 and mkl_packed.available():
+            form: type[Linear] = MklPackedLinear
+        elif self.dtype == torch.bfloat16 and onednn_packed.available():
+            form = OneDnnLinear
+        else:
+            return False
+        for owner, name, _ in _linears(model, layers):
+            setattr(owner, name, form(getattr(owner, name)))
+        return True
+
+    def keep_stored(self, model: LlamaForCausalLM, raw: dict[str, RawWeight] | None, layers: bool = True) -> int:
+        """Keep the matmul weights also in their checkpoint's storage format, for steps of a few rows. Fused
+        weights (Q/K/V, gate/up) are kept when their parts share a format; ``layers=False`` keeps only the
+        LM head's. Consumes ``raw``; returns how many of the model's matmuls are kept."""
+        if not raw or not self.keeps_stored_weights:
+            return 0
+
+        def stored(name: str) -> StoredWeight | None:
+            r = raw.pop(name, None)  # each tensor is used once: its bytes go as soon as they are converted
+            return None if r is None or r.fmt not in WEIGHT_FORMATS else StoredWeight.from_blocks(
+                r.fmt, r.data, r.rows, r.cols)
+
+        kept = 0
+        for owner, name, sources in _linears(model, layers):
+            parts = [stored(s) for s in sources]
+            if any(p is None for p in parts):
+                continue
+            s = parts[0] if len(parts) == 1 else StoredWeight.concat(parts)  # type: ignore[arg-type]
+            linear = getattr(owner, name)
+            if s is not None and (s.rows, s.cols) == tuple(linear.weight.shape):
+                setattr(owner, name, StoredLinear(linear, s))
+                kept += 1
+        return kept
+
+    def decode_step(self, model: LlamaForCausalLM,
+                    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CpuDecodeStep | None:
+        """The one-call decode step over these KV caches, or None where it cannot run: a layer's matmuls not
+        all kept in stored form, a KV cache it does not read, a kernel backend other than ``auto``."""
+        if not self.kernels.uses_cpu_kernels or not self.keeps_stored_weights:
+            return None
+        layers = []
+        for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
+            matmuls = [getattr(layer, name) for name in MATMUL_SOURCES]
+            if not all(isinstance(m, StoredLinear) for m in matmuls):
+                return None
+            bias = None if layer.qkv_bias is None else layer.qkv_bias.float()  # copies in a bf16 model
+            lw = DecodeLayerWeights(layer.input_norm.float(), layer.post_attn_norm.float(), bias,
+                                    *(m.stored for m in matmuls), k_cache, v_cache)
+            if not DecodeStep.supports(lw):
+                return None
+            layers.append(lw)
+        first = model.layers[0]
+        step = DecodeStep(layers, model.norm.float(), model.config.rms_norm_eps, model.cos_sin_cache,
+                          first.num_heads, first.num_kv_heads, first.head_dim, model.config.intermediate_size,
+                          kv_caches[0][0].shape[1], first.scale)
+        return CpuDecodeStep(model, step)
+
+
+class CpuDecodeStep:
+    """A decode step of up to WEIGHT_GEMV_MAX_ROWS sequences in one C call, for one model and KV cache:
+    the same hidden states and KV-cache writes as the model's layer-by-layer path, bit for bit."""
+
+    def __init__(self, model: LlamaForCausalLM, step: DecodeStep) -> None:
+        self.model = model
+        self.step = step
+
+    @staticmethod
+    def can_run(num_tokens: int, attn: AttentionMetadata) -> bool:
+        """Whether it takes this step: one new token per sequence, few enough sequences."""
+        return attn.max_query_len == 1 and num_tokens <= WEIGHT_GEMV_MAX_ROWS
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states [T, hidden], float32 also in a bfloat16 model (its LM head casts them)."""
+        hidden = self.model.embed(input_ids).float()
+        return self.step(hidden, positions, attn.slot_mapping, attn.block_tables, attn.context_lens)

@@ -1,0 +1,399 @@
+"""The engine: requests in (``add_request``), one scheduling step at a time (``step``), finished
+results out. ``LLM`` (llm.py) is the offline API over it.
+
+A step: the scheduler plans which sequences run and how many tokens each (scheduler.py); constrained
+rows' allowed-token masks are computed on a worker thread meanwhile; the model runner executes the plan
+(model_runner.py); the sampler picks each sampling row's token; finished sequences become results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from forge_batch.models.config import ModelConfig
+from forge_batch.models.llama import LlamaForCausalLM
+from forge_batch.models.tokenizer import Tokenizer
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .constraints import ConstraintError, ConstraintFactory, apply_bitmask, bitmask_words, fill_bitmasks
+from .cpu_backend import CpuBackend
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput
+from .prompts import prompt_token_ids
+from .request import GenerationRequest
+from .sampler import BUILTIN_SAMPLERS, LogitsProcessor, Sampler, SamplingBatch, derive_seed, uniform_for
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+
+def _fail_processor_rows(seqs: list[Sequence], row_errors: dict[int, str]) -> None:
+    """Mark the sequences whose logits processor raised as failed with its error: the step finishes them
+    (freeing their KV blocks) without their sampled token, and the other rows go on unchanged."""
+    for i, error in row_errors.items():
+        seqs[i].finish_reason, seqs[i].error = "error", error
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    forward_seconds: float = 0.0
+    step_seconds: float = 0.0
+    mask_seconds: float = 0.0  # computing structured-output masks (overlapped with forward)
+    mask_wait_seconds: float = 0.0  # of which the step had to wait for after the forward pass
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _RequestState:
+    request: GenerationRequest
+    index: int
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+    first_token_time: float | None = None
+    remaining: int = 0
+    prompt_text: str | None = None
+
+    def output(self) -> RequestOutput:
+        """The finished request's result (every sample done)."""
+        now = time.monotonic()
+        samples = [
+            CompletionOutput(index=s.sample_index, text=s.text, token_ids=list(s.output_token_ids),
+                             finish_reason=s.finish_reason or "error", error=s.error, stop_reason=s.stop_reason,
+                             valid=s.valid)
+            for s in self.seqs
+        ]
+        errors = [s.error for s in self.seqs if s.error and s.finish_reason == "error"]
+        return RequestOutput(
+            request_id=self.request.request_id,
+            index=self.index,
+            prompt=self.prompt_text,
+            prompt_token_ids=self.prompt_token_ids,
+            samples=samples,
+            error=errors[0] if len(errors) == len(samples) else None,
+            metrics={
+                "arrival_time": self.arrival_time,
+                "first_token_time": self.first_token_time or now,
+                "finished_time": now,
+                "num_preemptions": float(sum(s.num_preemptions for s in self.seqs)),
+                "num_cached_tokens": float(max(s.num_cached_tokens for s in self.seqs)),
+            },
+            metadata=self.request.metadata,
+        )
+
+
+def failed_output(request: GenerationRequest, index: int, error: str,
+                  prompt_token_ids: list[int] | None = None) -> RequestOutput:
+    """The result of a request that could not run: every sample an error with this message."""
+    now = time.monotonic()
+    n = request.params.n if isinstance(request.params, SamplingParams) else 1
+    return RequestOutput(
+        request_id=request.request_id,
+        index=index,
+        prompt=request.prompt if isinstance(request.prompt, str) else None,
+        prompt_token_ids=prompt_token_ids or [],
+        samples=[CompletionOutput(i, "", [], "error", error) for i in range(n)],
+        error=error,
+        metrics={"arrival_time": now, "first_token_time": now, "finished_time": now},
+        metadata=request.metadata,
+    )
+
+
+class _MaskWorker:
+    """Fills constrained rows' allowed-token bitmasks on a worker thread while the model runs."""
+
+    def __init__(self, vocab_size: int, stats: EngineStats) -> None:
+        self.words = bitmask_words(vocab_size)
+        self.stats = stats
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor, Future] | None:
+        """Begin filling the masks of ``seqs``' constrained rows: (their rows, the bitmask, its future)."""
+        rows = [i for i, s in enumerate(seqs) if s.constraint_state is not None]
+        if not rows:
+            return None
+        bitmask = torch.full((len(rows), self.words), -1, dtype=torch.int32)
+        states = [seqs[i].constraint_state for i in rows]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forge-batch-masks")
+
+        def work() -> None:
+            t0 = time.monotonic()
+            fill_bitmasks(states, bitmask)  # type: ignore[arg-type]
+            self.stats.mask_seconds += time.monotonic() - t0
+
+        return rows, bitmask, self._pool.submit(work)
+
+
+class LLMEngine:
+    """Continuous batching of requests over one model on one device (see the module docstring)."""
+
+    def __init__(self, config: EngineConfig, model: LlamaForCausalLM, model_config: ModelConfig,
+                 tokenizer: Tokenizer | None, *, cpu_backend: CpuBackend | None = None,
+                 samplers: dict[str, Sampler] | None = None,
+                 constraints: dict[str, ConstraintFactory] | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        # A CPU cache's memory is committed when first written: reuse freed blocks before new ones.
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          reuse_freed_first=config.device.type == "cpu")
+        watermark = max(1, config.num_blocks // 100) if config.kv_cache == "paged" else 0
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=config.max_model_len, watermark_blocks=watermark),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.device, config.dtype,
+                                  cuda_graph_max_batch=config.max_num_seqs if config.cuda_graphs else 0,
+                                  max_model_len=config.max_model_len, cpu_backend=cpu_backend)
+        eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids
+        self.eos_token_ids = frozenset(eos)
+        self.logits_processor = LogitsProcessor(self.eos_token_ids)
+        self.samplers: dict[str, Sampler] = {**BUILTIN_SAMPLERS, **(samplers or {})}
+        self.constraints: dict[str, ConstraintFactory] = dict(constraints or {})
+        self._compiled: dict[str, Any] = {}
+        self._requests: dict[str, _RequestState] = {}
+        self._num_requests = 0
+        self._next_seq_id = 0
+        self._stats = EngineStats(kv_blocks_total=config.num_blocks)
+        self._masks = _MaskWorker(model_config.vocab_size, self._stats)
+
+    # ---- requests in ----------------------------------------------------------------------------
+    def next_index(self) -> int:
+        """The index the next added request gets (its position in the engine's input)."""
+        return self._num_requests
+
+    def add_request(self, request: GenerationRequest) -> RequestOutput | None:
+        """Queue a request. Returns a failed output at once when it cannot run, else None."""
+        index = self._num_requests
+        self._num_requests += 1
+        if request.error is not None:
+            return failed_output(request, index, request.error)
+        if request.request_id in self._requests:
+            return failed_output(request, index, f"duplicate request id {request.request_id!r} already in flight")
+        try:
+            params = request.params
+            if not isinstance(params, SamplingParams):
+                raise ValueError("params must be a SamplingParams")
+            params.validate()
+            if params.sampler is not None and params.sampler not in self.samplers:
+                raise ValueError(f"unknown sampler {params.sampler!r}; known: {sorted(self.samplers)}")
+            prompt_ids, prompt_text = prompt_token_ids(self.tokenizer, request)
+        except Exception as exc:  # a bad request fails alone
+            return failed_output(request, index, f"{type(exc).__name__}: {exc}")
+        try:
+            compiled = None if params.constraint_spec is None else self.compile_constraint(*params.constraint_spec)
+        except Exception as exc:
+            return failed_output(request, index, f"constraint error: {exc}")
+        if not prompt_ids:
+            return failed_output(request, index, "empty prompt: it has no tokens")
+        base_seed = params.seed if params.seed is not None else derive_seed(self.config.seed, index)
+        state = _RequestState(request, index, prompt_ids, [], time.monotonic(), prompt_text=prompt_text)
+        for i in range(params.n):
+            seq = Sequence(seq_id=self._next_seq_id, request_id=request.request_id, sample_index=i,
+                           prompt_token_ids=list(prompt_ids), params=params, seed=derive_seed(base_seed, i))
+            if compiled is not None:
+                seq.constraint = compiled
+                seq.constraint_state = compiled.new_state()
+            self._next_seq_id += 1
+            state.seqs.append(seq)
+            self.scheduler.add(seq)
+        state.remaining = params.n
+        self._requests[request.request_id] = state
+        self._stats.prompt_tokens += len(prompt_ids)
+        return None
+
+    def compile_constraint(self, kind: str, spec: Any) -> Any:
+        """Compile (or fetch from the cache) a constraint; raises ConstraintError with the engine's message."""
+        if kind not in self.constraints:
+            raise ConstraintError(f"unknown constraint kind {kind!r}; known: {sorted(self.constraints)}")
+        key = kind + ":" + json.dumps(spec, sort_keys=True, default=str)
+        if key not in self._compiled:
+            self._compiled[key] = self.constraints[kind](spec, self.tokenizer, self.model_config.vocab_size)
+        return self._compiled[key]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return the requests that finished in it."""
+        t_step = time.monotonic()
+        plan = self.scheduler.schedule()
+        done: list[RequestOutput] = []
+        for seq in plan.rejected:
+            self._finish(seq, done)
+        if plan.is_empty:
+            if not plan.rejected and self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress (no blocks and nothing running)")
+            return done
+        sampling = [s.seq for s in plan.scheduled if s.samples]
+        masks = self._masks.start(sampling)
+        t_fwd = time.monotonic()
+        self.runner.zero_blocks(self.block_manager.pop_fresh())
+        logits = self.runner.run(plan)
+        self._stats.forward_seconds += time.monotonic() - t_fwd
+        if masks is not None:
+            t_wait = time.monotonic()
+            masks[2].result()
+            self._stats.mask_wait_seconds += time.monotonic() - t_wait
+        for s in plan.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.commit_computed(s.seq)
+        if logits is not None:
+            self._append_tokens(sampling, self._sample(logits, sampling, masks), done)
+        self._stats.steps += 1
+        self._stats.step_seconds += time.monotonic() - t_step
+        return done
+
+    def _append_tokens(self, seqs: list[Sequence], tokens: list[int], done: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for seq, tok in zip(seqs, tokens):
+            if seq.finish_reason == "error":  # its logits processor raised (see _fail_processor_rows)
+                self._finish(seq, done)
+                continue
+            seq.output_token_ids.append(tok)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._stats.output_tokens += 1
+            if (seq.constraint_state is not None and self._constraint_stop(seq, tok)) or self._check_stop(seq, tok):
+                self._finish(seq, done)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
+                masks: tuple[list[int], torch.Tensor, Future] | None = None) -> list[int]:
+        params = [s.params for s in seqs]
+        if any(not p.greedy for p in params) or any(p.sampler for p in params):
+            uniforms = torch.tensor([uniform_for(s.seed, s.num_tokens) for s in seqs], dtype=torch.float64,
+                                    device=logits.device)
+        else:
+            uniforms = torch.zeros(len(seqs), dtype=torch.float64, device=logits.device)
+        batch = SamplingBatch(params=params, output_token_ids=[s.output_token_ids for s in seqs],
+                              prompt_token_ids=[s.prompt_token_ids for s in seqs], uniforms=uniforms,
+                              eos_token_ids=self.eos_token_ids)
+        logits = self.logits_processor(logits, batch)
+        _fail_processor_rows(seqs, batch.row_errors)
+        if masks is not None:
+            rows, bitmask, _ = masks
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+            if len(rows) == len(seqs):
+                apply_bitmask(logits, bitmask)
+            else:
+                sub = logits[rows]
+                apply_bitmask(sub, bitmask)
+                logits[rows] = sub
+        names = {p.sampler or "default" for p in params}
+        if len(names) == 1:
+            return self.samplers[names.pop()](logits, batch).tolist()
+        out = [0] * len(seqs)
+        for name in names:
+            rows = [i for i, p in enumerate(params) if (p.sampler or "default") == name]
+            sub_batch = SamplingBatch(params=[params[i] for i in rows],
+                                      output_token_ids=[batch.output_token_ids[i] for i in rows],
+                                      prompt_token_ids=[batch.prompt_token_ids[i] for i in rows],
+                                      uniforms=uniforms[rows], eos_token_ids=self.eos_token_ids)
+            for i, tok in zip(rows, self.samplers[name](logits[rows], sub_batch).tolist()):
+                out[i] = tok
+        return out
+
+    # ---- finishing ----------------------------------------------------------------------------------
+    def _constraint_stop(self, seq: Sequence, tok: int) -> bool:
+        """Advance the sample's grammar; True when the grammar ends (or broke) the sample here."""
+        state = seq.constraint_state
+        if tok in self.eos_token_ids and state.is_accepting():  # type: ignore[union-attr]
+            seq.finish_reason, seq.stop_reason = "stop", tok
+            return True
+        state.advance(tok)  # type: ignore[union-attr]
+        err = state.error()  # type: ignore[union-attr]
+        if err:
+            seq.finish_reason, seq.error = "error", f"constraint violated: {err}"
+            return True
+        if state.is_stopped():  # type: ignore[union-attr]
+            seq.finish_reason, seq.stop_reason = "stop", None
+            return True
+        return False
+
+    def _check_stop(self, seq: Sequence, tok: int) -> bool:
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        if n_out > p.min_tokens and ((not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids):
+            seq.finish_reason, seq.stop_reason = "stop", tok
+            return True
+        if p.stop and n_out >= p.min_tokens:
+            text = self._decode(seq.output_token_ids, p.skip_special_tokens)
+            cut = min(((text.find(s), s) for s in p.stop if s and s in text), default=None)
+            if cut is not None:
+                seq.text = text[: cut[0]]
+                seq.finish_reason, seq.stop_reason = "stop", cut[1]
+                return True
+        if n_out >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _finish(self, seq: Sequence, done: list[RequestOutput]) -> None:
+        self.scheduler.finish(seq)
+        state = self._requests[seq.request_id]
+        if seq.finish_reason != "error" and seq.finish_reason is not None and not (
+            seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)
+        ):
+            seq.text = self._decode(seq.output_token_ids, seq.params.skip_special_tokens)
+        if seq.constraint is not None and seq.finish_reason in ("stop", "length"):
+            if seq.finish_reason == "stop":
+                seq.valid, reason = seq.constraint.validate(seq.text)  # type: ignore[attr-defined]
+                if not seq.valid:
+                    seq.error = f"invalid output: {reason}"
+            else:
+                seq.valid = False
+                seq.error = (
+                    f"incomplete: max_tokens reached before the {seq.constraint.kind} constraint "  # type: ignore[attr-defined]
+                    "was satisfied"
+                )
+        if state.first_token_time is None or (
+            seq.first_token_time is not None and seq.first_token_time < state.first_token_time
+        ):
+            state.first_token_time = seq.first_token_time
+        state.remaining -= 1
+        if state.remaining == 0:
+            del self._requests[seq.request_id]
+            done.append(state.output())
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> None:
+        """Drop cached prefix blocks not in use (e.g. between benchmark workloads that share prompts)."""
+        self.block_manager.reset_prefix_cache()
+
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        bm = self.block_manager
+        s.running = len(self.scheduler.running)
+        s.waiting = len(self.scheduler.waiting)
+        s.kv_blocks_used = bm.num_used_blocks
+        s.preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_hit_rate = bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0
+        d = dict(s.__dict__)
+        d["prefix_cache_hits"], d["prefix_cache_queries"] = bm.prefix_hits, bm.prefix_queries
+        d.update(d.pop("extra"))
+        return d

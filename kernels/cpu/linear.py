@@ -1,0 +1,84 @@
+"""Faster CPU forms of a model's matmul weights, each a drop-in for ``kernels.linear.Linear``.
+
+The engine's CPU backend builds them once at load (forge_batch/engine/cpu_backend.py) and puts them in
+the model's place of the plain one; the model just calls its weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..linear import Linear
+from . import int8, mkl_packed, onednn_packed, stored
+
+# Below 16 rows MKL's packed GEMM sums in another order than F.linear (and the few-row steps have their
+# own paths), so those rows keep F.linear.
+PACKED_MIN_ROWS = 16
+
+
+class MklPackedLinear(Linear):
+    """A float32 weight packed once into MKL's GEMM layout (mkl_packed): the decode steps' skinny
+    matmuls 20-40% faster at any row count from PACKED_MIN_ROWS, F.linear's numbers."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, base: Linear) -> None:
+        super().__init__(base.weight, base.bias)
+        self.packed = mkl_packed.pack(base.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
+        if x.shape[0] >= PACKED_MIN_ROWS:
+            return mkl_packed.linear(x, self.packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class OneDnnLinear(Linear):
+    """A bfloat16 weight reordered once into oneDNN's blocked layout (onednn_packed): F.linear's numbers
+    at any row count, without its reorder on every call."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, base: Linear) -> None:
+        super().__init__(base.weight, base.bias)
+        self.packed = onednn_packed.pack(base.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn_packed.linear(x, self.packed, self.bias)
+
+
+class Int8Linear(Linear):
+    """W8A8 (quantization="int8"): the weight int8 per output channel, rows quantized at run time
+    (int8.int8_linear). Not F.linear's numbers, but a row's result is the same in any batch."""
+
+    __slots__ = ("quantized",)
+
+    def __init__(self, base: Linear) -> None:
+        super().__init__(base.weight, base.bias)
+        self.quantized = int8.quantize_weight_int8(base.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
+        return int8.int8_linear(x, self.quantized, self.bias)
+
+
+class StoredLinear(Linear):
+    """Steps of up to WEIGHT_GEMV_MAX_ROWS rows read the weight in its checkpoint's storage format
+    (``stored``: e.g. 4-bit blocks, several times fewer bytes than float32) with the same products in
+    float32 arithmetic; larger steps go to ``fallback`` (the weight's other form)."""
+
+    __slots__ = ("stored", "fallback")
+
+    def __init__(self, fallback: Linear, stored_weight: stored.StoredWeight) -> None:
+        super().__init__(fallback.weight, fallback.bias)
+        self.stored = stored_weight
+        self.fallback = fallback
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= stored.WEIGHT_GEMV_MAX_ROWS:
+            # a bfloat16 model's rows go in and come back as bfloat16
+            return stored.weight_gemv(x.float(), self.stored, self.bias).to(x.dtype)
+        return self.fallback(x)

@@ -1,0 +1,30 @@
+"""A matmul weight as a callable: ``Linear(weight, bias)(x)`` is ``F.linear(x, weight, bias)``.
+
+Models hold every matmul weight as one of these and call it; a backend may put another form of the
+same product in its place (kernels/cpu/linear.py: packed, int8, stored blocks) without the model knowing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Linear:
+    """F.linear on a weight [out, in] and an optional bias [out]. The tensors are the model's parameters
+    themselves (not copies), so loading weights into the model updates the product."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:  # the CPU decode step's float32 output into a bfloat16 LM head
+            x = x.to(self.weight.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+    def plain(self) -> Linear:
+        """This product as plain F.linear on the same tensors (what every other form must equal)."""
+        return Linear(self.weight, self.bias)
