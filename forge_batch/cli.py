@@ -165,21 +165,23 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     from forge_batch.io.meta import META_JOB, META_VERSION
-    from forge_batch.io.output_dir import LEDGER_DIR, STATE_DIR, SUMMARY
+    from forge_batch.io.output_dir import LEDGER_DIR, SUMMARY, find_state_dir, parts_dir_for
 
     out = Path(path)
-    if not out.is_dir():
+    state = find_state_dir(out)
+    if not out.is_dir() and not state.is_dir():
         raise FileNotFoundError(f"no output directory at {out}")
     info: dict[str, Any] = {"output": str(out)}
-    summary_file = out / STATE_DIR / SUMMARY
+    summary_file = state / SUMMARY
     if summary_file.exists():
         saved = _read_json_file(summary_file)
         info["status"] = saved.get("status")
         info["message"] = saved.get("message")
         info["wall_time_s"] = saved.get("wall_time_s")
         info["throughput"] = saved.get("throughput")
-    parts = sorted(out.glob("part-*.parquet"))
-    info["parts"] = len(sorted(p for p in out.glob("part-*") if p.is_file()))
+    parts_dir = parts_dir_for(out)
+    parts = sorted(parts_dir.glob("part-*.parquet"))
+    info["parts"] = len(sorted(p for p in parts_dir.glob("part-*") if p.is_file()))
     if parts:
         # part by part (not one dataset) so that a damaged file is named
         tables = [_read_parquet_file(p) for p in parts]
@@ -216,7 +218,7 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     else:
         from forge_batch.io.output_dir import Tally
 
-        ledgers = sorted((out / STATE_DIR / LEDGER_DIR).glob("part-*.parquet"))
+        ledgers = sorted((state / LEDGER_DIR).glob("part-*.parquet"))
         tally = Tally()
         for ledger in ledgers:
             tally.add_ledger(_read_parquet_file(ledger).to_pylist())
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write one self-contained HTML page (charts, errors, engine, resumes) about a run")
     rep.add_argument("output", help="the run's output directory (output.path)")
-    rep.add_argument("--html", help="where to write the page (default OUTPUT/_forge_batch/report.html)")
+    rep.add_argument("--html", help="where to write the page (default report.html in the output's state folder, .NAME.forge_batch next to it)")
     rep.set_defaults(func=cmd_report)
 
     plg = sub.add_parser("plugins", help="list plugins, where they come from and their hooks")

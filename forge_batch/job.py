@@ -85,7 +85,7 @@ class InputSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    """Where and how results are written: a directory of part files plus ``_forge_batch/`` state."""
+    """Where and how results are written: a directory of part files (state in ``.NAME.forge_batch`` next to it)."""
 
     path: str
     format: str = "parquet"

@@ -7,7 +7,7 @@ job over millions of rows runs in bounded memory and an interruption costs at mo
 
 Nothing lost, nothing twice:
 
-* every committed sample is in the run's ledger (``_forge_batch/ledger``); a rerun skips committed ids and
+* every committed sample is in the run's ledger (``ledger/`` in the output's state folder); a rerun skips committed ids and
   only generates the rest;
 * every row's seed derives from the job seed and the row id (:func:`row_seed`), so a resumed run writes
   what an uninterrupted one would;
