@@ -97,6 +97,11 @@ class OutputSpec(_Strict):
     )
     compression: str = "zstd"
 
+    def single_file(self) -> bool:
+        """``path`` names one file (``results.jsonl``), not a directory of parts: OpenAI batch output as
+        ``vllm run-batch -o results.jsonl`` writes it, in input order once every row is done."""
+        return self.format == "openai-batch" and self.path.lower().endswith(".jsonl")
+
     @field_validator("keep_fields")
     @classmethod
     def _no_reserved(cls, v: list[str]) -> list[str]:
@@ -697,7 +702,10 @@ def check_job(
     problems.extend(_check_engine(job.engine))
 
     out = Path(job.output.path)
-    if out.exists() and not out.is_dir():
+    if job.output.single_file():
+        if out.is_dir():
+            problems.append(Problem("output.path", f"{out} is a directory; an openai-batch output ending in .jsonl is one file"))
+    elif out.exists() and not out.is_dir():
         problems.append(Problem("output.path", f"{out} exists and is not a directory"))
 
     if pm is not None:

@@ -785,7 +785,7 @@ class JobRunner:
         self.spec = self._effective_input(plan[0][1] if plan else None)
         self.id_column = id_column_name(self.spec.id_field)
 
-        self.out = OutputDir(job.output.path, self.writer.extension)
+        self.out = OutputDir(job.output.path, self.writer.extension, single_file=job.output.single_file())
         job_json = job.model_dump(mode="json")
         self.resume: ResumeState = self.out.open(job.fingerprint(), job_json, job.output.format, overwrite=self.overwrite)
         try:
@@ -937,6 +937,9 @@ class JobRunner:
         else:
             message = f"completed: {total_tally.rows} rows"
             exit_code = EXIT_OK
+        if self.out.single_file:
+            every_row_done = commit_error is None and self._signal_name is None and error_message is None and self._abort_reason is None
+            status, exit_code, message = self._write_single_file(every_row_done, status, exit_code, message)
 
         wall = time.monotonic() - t_start
         run_t = self._run_tally
@@ -989,6 +992,20 @@ class JobRunner:
                 message = f"{message}; also {note}"
             summary.update(status=status, message=message)
         return RunResult(status, exit_code, message, summary, Path(job.output.path), summary_path)
+
+
+    def _write_single_file(self, every_row_done: bool, status: str, exit_code: int, message: str) -> tuple[str, int, str]:
+        """A single-file output (``results.jsonl``) is written when every row is committed; until then its
+        parts wait in the state folder. Returns the run's (status, exit code, message), amended."""
+        path = self.job.output.path
+        if not every_row_done:
+            return status, exit_code, f"{message}; {path} is written once every row is done"
+        try:
+            self.out.finalize()
+        except (OSError, ValueError) as e:
+            reason = describe_os_error(e) if isinstance(e, OSError) else str(e)
+            return "failed", EXIT_FAILED, f"{message}, but {path} could not be written: {reason}; rerun the same command to write it"
+        return status, exit_code, message
 
 
 def _chain(first: list[list[RawRow]], rest: Iterator[list[RawRow]]) -> Iterator[list[RawRow]]:

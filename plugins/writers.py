@@ -61,7 +61,8 @@ class JsonlWriter(Writer):
 
 class OpenAIBatchWriter(Writer):
     """Batch API output lines (``id``, ``custom_id``, ``response``, ``error``): one line per request, with
-    all ``n`` samples as ``choices``. The runner never splits a request's samples across parts."""
+    all ``n`` samples as ``choices``, in input order within the part (a single-file output merges parts on
+    that order). The runner never splits a request's samples across parts."""
 
     name = "openai-batch"
     extension = ".jsonl"
@@ -70,7 +71,7 @@ class OpenAIBatchWriter(Writer):
         model = Path(context.job.model).name.removesuffix(".gguf")
         with open(path, "w", encoding="utf-8") as f:
             group: list[dict[str, Any]] = []
-            for r in _rows(table):
+            for r in sorted(_rows(table), key=lambda r: (r["row_index"], r.get("sample_index") or 0)):
                 if group and r["row_index"] != group[0]["row_index"]:
                     f.write(json.dumps(response_line(group, context.id_column, model), ensure_ascii=False) + "\n")
                     group = []

@@ -671,6 +671,32 @@ class OutputDir:
     def part_files(self) -> list[Path]:
         return sorted(p for p in self.parts_dir.iterdir() if PART_RE.match(p.name))
 
+    def finalize(self) -> int:
+        """Write a single-file output: the lines of every committed part in input order, atomically (temp
+        in the state folder, then rename over ``path``). Returns the number of lines."""
+        from forge_batch.io.single_file import merge_in_input_order, request_positions
+
+        runs = []
+        for ledger in sorted(self.ledger_dir.glob("part-*.parquet")):
+            _refuse_symlink(ledger)
+            lt = pq.read_table(ledger)
+            part_file = (lt.schema.metadata or {}).get(b"part_file", b"").decode()
+            if part_file:
+                _refuse_symlink(self.parts_dir / part_file)
+                runs.append((self.parts_dir / part_file, request_positions(lt)))
+        tmp = self.state_dir / f".{self.path.name}.tmp"
+        try:
+            with os.fdopen(_create_fresh(tmp), "wb") as f:
+                lines = merge_in_input_order(runs, f, self.state_dir, _create_fresh)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)  # replaces a link at ``path`` itself, never its target
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        fsync_dir(self.path.parent)
+        return lines
+
 
 def _try_flock(fd: int) -> bool:
     """Take an exclusive lock on ``fd`` without waiting; False when another process holds it."""
