@@ -294,7 +294,14 @@ class JobSpec(_Strict):
     """A whole job. See ``jobs/`` for runnable examples and ``docs/plugins.md`` for plugin hooks."""
 
     name: str | None = None
-    model: str = "smollm2-135m-instruct"
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="The default model's alias, a .gguf file, a model directory, or a Hugging Face repo id "
+                    "(org/name, org/name@revision) from the local cache, downloaded when missing.",
+    )
+    model_revision: str | None = Field(
+        None, description="The Hugging Face revision (branch, tag or commit) of a repo-id model; same as org/name@revision."
+    )
     input: InputSpec
     output: OutputSpec
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
@@ -314,6 +321,22 @@ class JobSpec(_Strict):
         if not v.strip():
             raise ValueError("model is empty: name the default model (smollm2-135m-instruct), a .gguf file or a model directory")
         return v
+
+    def model_ref(self) -> str:
+        """``model`` as the engine takes it: with ``@model_revision`` when a revision is set."""
+        return f"{self.model}@{self.model_revision}" if self.model_revision else self.model
+
+    @model_validator(mode="after")
+    def _revision_given_once(self) -> JobSpec:
+        if self.model_revision is not None:
+            from forge_batch.models.registry import split_repo_id
+
+            repo = split_repo_id(self.model)
+            if repo is None:
+                raise ValueError(f"model_revision is for a Hugging Face repo id (org/name); model is {self.model!r}")
+            if repo[1] is not None:
+                raise ValueError(f"revision given twice: model {self.model!r} and model_revision {self.model_revision!r}; keep one")
+        return self
 
     def sampling_dict(self) -> dict[str, Any]:
         """The job-wide sampling options as SamplingParams keyword arguments (job-wide constraint folded in)."""
@@ -355,7 +378,7 @@ class JobSpec(_Strict):
         """
         d = self.model_dump(mode="json")
         relevant = {
-            "model": d["model"],
+            "model": self.model_ref(),
             "input": {k: v for k, v in d["input"].items() if k not in ("path", "batch_size", "limit")},
             "output": {k: d["output"][k] for k in ("format", "keep_fields", "include_prompt")},
             "sampling": d["sampling"],
@@ -510,6 +533,13 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith((".", "/", "~")) or os.sep in s or s.endswith((".gguf", ".py"))
 
 
+def _is_repo_id(model: str) -> bool:
+    """``org/name`` that is not a path next to the job file: a Hugging Face repo id, resolved by the registry."""
+    from forge_batch.models.registry import split_repo_id
+
+    return split_repo_id(model) is not None
+
+
 def _resolve(base: Path, p: str) -> str:
     expanded = os.path.expanduser(p)
     if os.path.isabs(expanded):
@@ -521,7 +551,7 @@ def resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
     """Make input/output/model/plugin paths absolute, relative to the job file's folder."""
     job.input.path = _resolve(base_dir, job.input.path)
     job.output.path = _resolve(base_dir, job.output.path)
-    if _looks_like_path(job.model) or (base_dir / job.model).exists():
+    if (base_dir / os.path.expanduser(job.model)).exists() or (_looks_like_path(job.model) and not _is_repo_id(job.model)):
         job.model = _resolve(base_dir, job.model)
     job.plugins = [_resolve(base_dir, p) if p.endswith(".py") else p for p in job.plugins]
     if job.metrics is not None and job.metrics.textfile is not None:
@@ -698,7 +728,7 @@ def check_job(
         problems.append(Problem("sampling", str(e)))
 
     if check_model:
-        problems.extend(_check_model(job.model))
+        problems.extend(_check_model(job.model_ref()))
     problems.extend(_check_engine(job.engine))
 
     out = Path(job.output.path)

@@ -122,7 +122,7 @@ def default_engine_factory(job: JobSpec, *, samplers: dict[str, Any], constraint
     params = inspect.signature(LLM).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return LLM(job.model, **kwargs)
+    return LLM(job.model_ref(), **kwargs)
 
 
 def load_engine_factory(spec: str) -> Callable[..., Any]:

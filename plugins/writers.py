@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from forge_batch.hookspecs import hookimpl
 from forge_batch.io.base import WriteContext, Writer
 from forge_batch.io.openai_batch import response_line
+from forge_batch.models.registry import split_repo_id
 
 
 def _json_default(value: Any) -> Any:
@@ -68,7 +69,8 @@ class OpenAIBatchWriter(Writer):
     extension = ".jsonl"
 
     def write_part(self, table: pa.Table, path: str, context: WriteContext) -> None:
-        model = Path(context.job.model).name.removesuffix(".gguf")
+        # a repo id is the model's name as vLLM reports it; a path, its file or folder name
+        model = context.job.model if split_repo_id(context.job.model) else Path(context.job.model).name.removesuffix(".gguf")
         with open(path, "w", encoding="utf-8") as f:
             group: list[dict[str, Any]] = []
             for r in sorted(_rows(table), key=lambda r: (r["row_index"], r.get("sample_index") or 0)):
