@@ -67,7 +67,7 @@ class InputSpec(_Strict):
     model expects.
     """
 
-    path: str = Field(description="A .jsonl / .parquet file, a directory of them, or a glob.")
+    path: str = Field(description="A .jsonl / .parquet file, a directory of them, or a glob; local or a URL (s3://, gs://, hf://, ...).")
     format: str = Field("auto", description="auto (from the extension), jsonl, parquet, openai-batch or a plugin's.")
     id_field: str | None = Field(
         "id", description="Unique row id (needed for resume). null: the row's position in the input."
@@ -87,7 +87,7 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     """Where and how results are written: a directory of part files (state in ``.NAME.forge_batch`` next to it)."""
 
-    path: str
+    path: str = Field(description="A local folder (or file:// URL); remote URLs are refused (see forge_batch.io.remote).")
     format: str = "parquet"
     keep_fields: list[str] = Field(default_factory=list)
     include_prompt: bool = Field(False, description="Also write the rendered prompt text.")
@@ -101,6 +101,16 @@ class OutputSpec(_Strict):
         """``path`` names one file (``results.jsonl``), not a directory of parts: OpenAI batch output as
         ``vllm run-batch -o results.jsonl`` writes it, in input order once every row is done."""
         return self.format == "openai-batch" and self.path.lower().endswith(".jsonl")
+
+    @field_validator("path")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        from forge_batch.io.remote import output_url_problem
+
+        problem = output_url_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("keep_fields")
     @classmethod
@@ -541,6 +551,13 @@ def _is_repo_id(model: str) -> bool:
 
 
 def _resolve(base: Path, p: str) -> str:
+    from forge_batch.io.remote import file_url_path, is_url
+
+    if is_url(p):
+        local = file_url_path(p)
+        if local is None:
+            return p  # a remote URL: never a folder named after its scheme
+        p = local
     expanded = os.path.expanduser(p)
     if os.path.isabs(expanded):
         return expanded
@@ -660,9 +677,17 @@ def load_job(
 # Checks that need the file system or the plugin registry (forge-batch validate runs them; run does too)
 
 
+INPUT_EXTENSIONS = (".jsonl", ".json", ".ndjson", ".parquet", ".jsonl.gz")
+
+
 def input_files(pattern: str) -> list[str]:
-    """The files an ``input.path`` names: a file, a directory (its .jsonl/.parquet files), or a glob. Sorted,
-    so row positions are stable between runs."""
+    """The files an ``input.path`` names: a file, a directory (its .jsonl/.parquet files), or a glob, local or
+    behind a URL. Sorted, so row positions are stable between runs. Raises OSError for a URL that cannot be
+    listed (its protocol's package missing, no access)."""
+    from forge_batch.io.remote import is_url, list_files
+
+    if is_url(pattern):
+        return list_files(pattern, INPUT_EXTENSIONS)
     if glob.has_magic(pattern):
         return sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
     if os.path.isdir(pattern):
@@ -670,7 +695,7 @@ def input_files(pattern: str) -> list[str]:
         for root, dirs, files in os.walk(pattern):
             dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
             for f in sorted(files):
-                if not f.startswith((".", "_")) and f.endswith((".jsonl", ".json", ".ndjson", ".parquet", ".jsonl.gz")):
+                if not f.startswith((".", "_")) and f.endswith(INPUT_EXTENSIONS):
                     found.append(os.path.join(root, f))
         return found
     return [pattern] if os.path.isfile(pattern) else []
@@ -705,9 +730,14 @@ def check_job(
     from forge_batch.engine.sampling_params import SamplingParams
 
     problems: list[Problem] = []
-    files = input_files(job.input.path)
-    if not files:
-        problems.append(Problem("input.path", f"no input file matches {job.input.path}"))
+    try:
+        files = input_files(job.input.path)
+    except OSError as e:
+        files = []
+        problems.append(Problem("input.path", str(e)))
+    else:
+        if not files:
+            problems.append(Problem("input.path", f"no input file matches {job.input.path}"))
 
     if job.input.template is not None:
         try:
@@ -841,8 +871,11 @@ def _reader_for_extension(readers: Mapping[str, Any], filename: str) -> str | No
 def _check_parquet_columns(job: JobSpec, files: list[str]) -> list[Problem]:
     import pyarrow.parquet as pq
 
+    from forge_batch.io.remote import open_binary
+
     try:
-        names = set(pq.read_schema(files[0]).names)
+        with open_binary(files[0]) as f:
+            names = set(pq.read_schema(f).names)
     except Exception as e:
         return [Problem("input.path", f"cannot read Parquet schema of {files[0]}: {e}")]
     problems = []

@@ -56,6 +56,7 @@ from forge_batch.contract import (
 from forge_batch.io.meta import file_metadata, tool_version
 from forge_batch.io.output_dir import SUMMARY, CommitError, OutputDir, ResumeState, Tally, describe_os_error
 from forge_batch.io.progress import Progress
+from forge_batch.io.remote import file_size, open_binary
 from forge_batch.io.schema import (
     id_column_name,
     infer_type,
@@ -94,8 +95,8 @@ def input_identity(files: list[str]) -> dict[str, Any]:
     compare: the same rows moved to another path still resume, other rows under the same name do not)."""
     return {
         "files": [os.path.basename(f) for f in files],
-        "bytes": sum(os.path.getsize(f) for f in files),
-        "digest": content_digest(files),
+        "bytes": sum(file_size(f) for f in files),
+        "digest": content_digest(files, open_file=open_binary, size_of=file_size),
     }
 
 

@@ -14,9 +14,9 @@ import hashlib
 import importlib.util
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:  # resolving a name must stay cheap: no torch/tokenizers import until loading
     import torch
@@ -196,17 +196,22 @@ _SAMPLES = 64
 _SAMPLE_BYTES = 1 << 20
 
 
-def content_digest(paths: Iterable[str | Path]) -> str:
+def content_digest(
+    paths: Iterable[str | Path],
+    *,
+    open_file: Callable[[str], BinaryIO] | None = None,
+    size_of: Callable[[str], int] | None = None,
+) -> str:
     """A short digest of the files' contents: ``blake2b:<hex>``, whole files up to 64 MiB, sampled above.
 
     Sampling (size plus 64 chunks of 1 MiB spread over the file) tells apart different checkpoints and
-    different inputs, which is what resume needs; it is not a security hash."""
+    different inputs, which is what resume needs; it is not a security hash. ``open_file`` / ``size_of``
+    read files that are not local paths (input URLs)."""
     h = hashlib.blake2b(digest_size=16)
     for path in paths:
-        p = Path(path)
-        size = p.stat().st_size
+        size = size_of(str(path)) if size_of is not None else Path(path).stat().st_size
         h.update(f"{size}\0".encode())
-        with open(p, "rb") as f:
+        with (open_file(str(path)) if open_file is not None else open(path, "rb")) as f:
             if size <= _WHOLE_FILE_LIMIT:
                 for chunk in iter(lambda: f.read(_SAMPLE_BYTES), b""):
                     h.update(chunk)
