@@ -157,15 +157,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from forge_batch.job import validate_job_file
 
     warnings: list[str] = []
-    job, problems = validate_job_file(args.job, list(args.set or []), warnings=warnings)
+    facts: dict[str, Any] = {}
+    job, problems = validate_job_file(args.job, list(args.set or []), warnings=warnings, facts=facts)
     for w in warnings:
         _err(f"forge-batch: warning: {w}")
     if problems:
         _print_problems(args.job, problems)
         return EXIT_USAGE
     assert job is not None
-    print(f"{args.job}: OK (model {job.model}, input {job.input.path}, output {job.output.path} as {job.output.format})")
+    print(f"{args.job}: OK (model {job.model_ref()}, input {job.input.path}, output {job.output.path} as {job.output.format})")
+    for line in _validate_facts(job, facts):
+        print(f"  {line}")
     return EXIT_OK
+
+
+def _validate_facts(job: Any, facts: dict[str, Any]) -> list[str]:
+    """What validate learned from the input's first rows: rows, a prompt-token estimate, where output goes."""
+    from forge_batch.io.output_dir import state_dir_for
+
+    lines = []
+    rows = facts.get("rows")
+    sampled = facts.get("sampled_rows")
+    if sampled:
+        lines.append(f"rows:          {rows:,}" if rows is not None else "rows:          not counted (a large or remote line-based input)")
+        per_row = facts.get("prompt_chars_per_row") or 0.0
+        # a token is about 4 characters of English text; the chat template and special tokens come on top
+        estimate = f"about {per_row / 4 * rows:,.0f} ({per_row / 4:,.0f} a row)" if rows else f"about {per_row / 4:,.0f} a row"
+        lines.append(f"prompt tokens: {estimate}, estimated as characters / 4 over the first {sampled:,} rows, chat template not counted")
+    n = job.sampling.n
+    lines.append(f"samples:       {n} per row; at most {job.sampling.max_tokens:,} completion tokens each")
+    state = state_dir_for(job.output.path)
+    if job.output.single_file():
+        lines.append(f"output:        {job.output.path} (one {job.output.format} file, written when every row is done; parts and state in {state})")
+    else:
+        lines.append(f"output:        {job.output.path} ({job.output.format} parts; state in {state})")
+    return lines
 
 
 class DamagedOutputError(Exception):

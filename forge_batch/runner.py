@@ -64,7 +64,17 @@ from forge_batch.io.schema import (
     output_schema,
     records_to_table,
 )
-from forge_batch.job import InputSpec, JobError, JobSpec, Problem, check_job, compile_template, input_files
+from forge_batch.job import (
+    InputSpec,
+    JobError,
+    JobSpec,
+    Problem,
+    check_job,
+    compile_template,
+    effective_input,
+    input_files,
+    reader_for_file,
+)
 from forge_batch.models.registry import content_digest
 from forge_batch.plugin_manager import (
     PluginHookError,
@@ -275,21 +285,14 @@ class JobRunner:
         files = input_files(self.job.input.path)
         plan = []
         for f in files:
-            fmt = self.job.input.format
-            if fmt == "auto":
-                fmt = next((name for name, r in readers.items() if r.sniff(f)), None) or next(
-                    (name for name, r in readers.items() for ext in r.extensions if f.lower().endswith(ext)), None
-                )
-                if fmt is None:
-                    raise JobError([Problem("input.format", f"cannot tell the format of {f}; set input.format")])
+            fmt = reader_for_file(f, readers, self.job.input.format)  # the one validate read the first rows with
+            if fmt is None:
+                raise JobError([Problem("input.format", f"cannot tell the format of {f}; set input.format")])
             plan.append((f, readers[fmt]))
         return plan
 
     def _effective_input(self, reader: Reader | None) -> InputSpec:
-        spec = self.job.input
-        defaults = getattr(reader, "field_defaults", None) or {}
-        update = {k: v for k, v in defaults.items() if k not in spec.model_fields_set}
-        return spec.model_copy(update=update) if update else spec
+        return effective_input(self.job.input, reader)
 
     def _batches(self, plan: list[tuple[str, Reader]], spec: InputSpec) -> Iterator[list[RawRow]]:
         for path, reader in plan:

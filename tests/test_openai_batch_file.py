@@ -139,15 +139,22 @@ def test_run_batch_one_liner(fake_engine, tmp_path: Path, monkeypatch: pytest.Mo
     assert (tmp_path / "out.jsonl").read_text() == before
 
 
-def test_run_batch_failed_lines_fail_the_run_only_when_asked(fake_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """As with vLLM, a failed request is a result line; --set max_error_rate turns failures into exit 1."""
+def test_run_batch_failed_lines_fail_the_run_only_when_asked(fake_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """As with vLLM, a failed request is a result line; --set max_error_rate turns failures into exit 1. A
+    file with no runnable request at its start is not a batch file: refused before any work."""
     monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "in.jsonl", prompts(3))  # rows of a plain job, not batch requests
+    write_jsonl(tmp_path / "in.jsonl", [chat("ok", "hi"), {**chat("get", "x"), "method": "GET"}, {"custom_id": "nobody"}])
     assert main(["run-batch", "-i", "in.jsonl", "-o", "out.jsonl", "--model", "fake", "--quiet"]) == 0
-    assert [x["error"]["code"] for x in read_lines(tmp_path / "out.jsonl")] == ["bad_request"] * 3
+    assert [x["error"] and x["error"]["code"] for x in read_lines(tmp_path / "out.jsonl")] == [None, "bad_request", "bad_request"]
     assert main(["run-batch", "-i", "in.jsonl", "-o", "out2.jsonl", "--model", "fake", "--quiet",
                  "--set", "max_error_rate=0.5"]) == 1
     assert len(read_lines(tmp_path / "out2.jsonl")) == 3  # every row is done: the file is written all the same
+    capsys.readouterr()
+    write_jsonl(tmp_path / "rows.jsonl", prompts(3))  # rows of a plain job, not batch requests
+    assert main(["run-batch", "-i", "rows.jsonl", "-o", "out3.jsonl", "--model", "fake", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "input.path: no readable row at the start of" in err and "no body object" in err
+    assert not (tmp_path / "out3.jsonl").exists() and not (tmp_path / ".out3.jsonl.forge_batch").exists()
 
 
 def test_merge_in_rounds_when_there_are_more_parts_than_open_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
