@@ -376,9 +376,12 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from forge_batch.io.meta import tool_version
+
     parser = argparse.ArgumentParser(
         prog="forge-batch", description="Batch LLM generation: a job file in, a table of generations out."
     )
+    parser.add_argument("--version", action="version", version=f"forge-batch {tool_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a job")
