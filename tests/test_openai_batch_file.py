@@ -185,3 +185,20 @@ def test_merge_in_rounds_when_there_are_more_parts_than_open_files(tmp_path: Pat
     (tmp_path / "part-0.jsonl").write_text('{"pos": 0}\n')  # a part shorter than its ledger says
     with pytest.raises(ValueError, match="lines, its ledger"):
         single_file.merge_in_input_order(runs, io.BytesIO(), tmp_path, create)
+
+
+def test_a_results_file_that_is_a_symlink_is_replaced_at_its_target(tmp_path: Path) -> None:
+    """As an output directory may be a symlink (onto a bigger disk), so may the output file: the results
+    replace its target (atomically: a new file renamed over it), the state sits beside the target."""
+    import os
+
+    write_jsonl(tmp_path / "batch.jsonl", [chat("a", "hi")])
+    disk = tmp_path / "big-disk"
+    disk.mkdir()
+    (disk / "results.jsonl").write_text("an older run\n")
+    os.symlink(disk / "results.jsonl", tmp_path / "results.jsonl")
+    data = {"input": {"path": "batch.jsonl"}, "output": {"path": "results.jsonl", "format": "openai-batch"}}
+    assert run(make_job(tmp_path, data)).status == "completed"
+    assert (tmp_path / "results.jsonl").is_symlink()
+    assert [x["custom_id"] for x in read_lines(disk / "results.jsonl")] == ["a"]
+    assert sorted(os.listdir(disk)) == [".results.jsonl.forge_batch", "results.jsonl"]

@@ -105,7 +105,8 @@ def describe_os_error(e: OSError) -> str:
 
 def state_dir_for(output: str | os.PathLike[str]) -> Path:
     """The state folder of an output (directory or single file): ``.<name>.forge_batch`` next to its real
-    path, so that it is on the same file system as the parts renamed out of it."""
+    path (an output that is a symlink keeps its state beside its target), so that it is on the same file
+    system as what is renamed out of it."""
     real = Path(os.path.realpath(output))
     if not real.name:
         raise OutputDirError(f"{output} has no parent folder to keep the run's state in; use a folder below it")
@@ -685,16 +686,19 @@ class OutputDir:
                 _refuse_symlink(self.parts_dir / part_file)
                 runs.append((self.parts_dir / part_file, request_positions(lt)))
         tmp = self.state_dir / f".{self.path.name}.tmp"
+        # the output itself may be a symlink, as an output directory may: the file replaces its target,
+        # which is next to the state folder (one file system, so the rename is atomic)
+        final = Path(os.path.realpath(self.path))
         try:
             with os.fdopen(_create_fresh(tmp), "wb") as f:
                 lines = merge_in_input_order(runs, f, self.state_dir, _create_fresh)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)  # replaces a link at ``path`` itself, never its target
+            os.replace(tmp, final)
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        fsync_dir(self.path.parent)
+        fsync_dir(final.parent)
         return lines
 
 
