@@ -1,6 +1,7 @@
 """``forge-batch``: run, validate and inspect batch jobs; list plugins.
 
     forge-batch run jobs/quickstart.yaml [--set sampling.temperature=0] [--quiet] [--overwrite]
+    forge-batch run-batch -i batch.jsonl -o results.jsonl --model M   # an OpenAI batch file, no job file
     forge-batch validate jobs/quickstart.yaml      # every problem at once; runs nothing
     forge-batch inspect out/quickstart             # summary of a run from its output files
     forge-batch report out/quickstart [--html r.html]   # one self-contained HTML page with charts
@@ -54,10 +55,18 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    return _until_the_runner_takes_over(_cmd_run, args)
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    return _until_the_runner_takes_over(_cmd_run_batch, args)
+
+
+def _until_the_runner_takes_over(command: Any, args: argparse.Namespace) -> int:
     # Until the runner takes over signals, SIGTERM would kill the process without a word: say what happened.
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return _cmd_run(args)
+        return command(args)
     except (_Terminated, KeyboardInterrupt) as e:
         name, code = ("SIGTERM", 143) if isinstance(e, _Terminated) else ("SIGINT", 130)
         _err(f"forge-batch: interrupted by {name} before the run started; nothing was committed this run; "
@@ -68,8 +77,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from forge_batch.job import load_job
+
+    return _load_and_run(args, args.job, lambda overrides: load_job(args.job, overrides))
+
+
+def _cmd_run_batch(args: argparse.Namespace) -> int:
+    """``forge-batch run-batch -i in.jsonl -o out.jsonl --model M``: an OpenAI batch file in, its results out,
+    as ``vllm run-batch`` does (paths relative to the current folder). A failed request is a result line
+    with its error, not a failed run, unless ``--set max_error_rate=...`` says otherwise."""
+    from forge_batch.job import job_from_dict
+
+    data: dict[str, Any] = {
+        "input": {"path": args.input_file, "format": "openai-batch"},
+        "output": {"path": args.output_file, "format": "openai-batch"},
+        "max_error_rate": 1.0,
+    }
+    if args.model is not None:
+        data["model"] = args.model
+    source = f"run-batch -i {args.input_file}"
+    return _load_and_run(args, source, lambda overrides: job_from_dict(data, base_dir=Path.cwd(), overrides=overrides, source=source))
+
+
+def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
     from forge_batch.io.output_dir import OutputDirError
-    from forge_batch.job import check_job, load_job
+    from forge_batch.job import check_job
     from forge_batch.plugin_manager import PluginLoadError, get_plugin_manager
     from forge_batch.runner import JobRunner, RunInterrupted, format_summary
 
@@ -77,17 +109,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         overrides.append(f"input.limit={args.limit}")
     try:
-        job = load_job(args.job, overrides)
+        job = load(overrides)
         pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
         _print_plugin_warnings(pm)
         problems = check_job(job, pm, check_model=not os.environ.get("FORGE_BATCH_ENGINE_FACTORY"))
         if problems:
-            raise JobError(problems, args.job)
+            raise JobError(problems, source)
     except JobError as e:
-        _print_problems(e.source or args.job, e.problems)
+        _print_problems(e.source or source, e.problems)
         return EXIT_USAGE
     except PluginLoadError as e:
-        _print_problems(args.job, [
+        _print_problems(source, [
             Problem(f"plugins[{job.plugins.index(n)}]", m) if n in job.plugins else Problem("plugins", f"{n}: {m}")
             for n, m in e.failures
         ])
@@ -104,7 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _err(f"forge-batch: {e}")
         return EXIT_USAGE
     except JobError as e:
-        _print_problems(e.source or args.job, e.problems)
+        _print_problems(e.source or source, e.problems)
         return EXIT_USAGE
     except RunInterrupted as e:
         _err(f"forge-batch: {e}")
@@ -125,15 +157,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from forge_batch.job import validate_job_file
 
     warnings: list[str] = []
-    job, problems = validate_job_file(args.job, list(args.set or []), warnings=warnings)
+    facts: dict[str, Any] = {}
+    job, problems = validate_job_file(args.job, list(args.set or []), warnings=warnings, facts=facts)
     for w in warnings:
         _err(f"forge-batch: warning: {w}")
     if problems:
         _print_problems(args.job, problems)
         return EXIT_USAGE
     assert job is not None
-    print(f"{args.job}: OK (model {job.model}, input {job.input.path}, output {job.output.path} as {job.output.format})")
+    print(f"{args.job}: OK (model {job.model_ref()}, input {job.input.path}, output {job.output.path} as {job.output.format})")
+    for line in _validate_facts(job, facts):
+        print(f"  {line}")
     return EXIT_OK
+
+
+def _validate_facts(job: Any, facts: dict[str, Any]) -> list[str]:
+    """What validate learned from the input's first rows: rows, a prompt-token estimate, where output goes."""
+    from forge_batch.io.output_dir import state_dir_for
+
+    lines = []
+    rows = facts.get("rows")
+    sampled = facts.get("sampled_rows")
+    if sampled:
+        lines.append(f"rows:          {rows:,}" if rows is not None else "rows:          not counted (a large or remote line-based input)")
+        per_row = facts.get("prompt_chars_per_row") or 0.0
+        # a token is about 4 characters of English text; the chat template and special tokens come on top
+        estimate = f"about {per_row / 4 * rows:,.0f} ({per_row / 4:,.0f} a row)" if rows else f"about {per_row / 4:,.0f} a row"
+        lines.append(f"prompt tokens: {estimate}, estimated as characters / 4 over the first {sampled:,} rows, chat template not counted")
+    n = job.sampling.n
+    lines.append(f"samples:       {n} per row; at most {job.sampling.max_tokens:,} completion tokens each")
+    state = state_dir_for(job.output.path)
+    if job.output.single_file():
+        lines.append(f"output:        {job.output.path} (one {job.output.format} file, written when every row is done; parts and state in {state})")
+    else:
+        lines.append(f"output:        {job.output.path} ({job.output.format} parts; state in {state})")
+    return lines
 
 
 class DamagedOutputError(Exception):
@@ -165,21 +223,23 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     from forge_batch.io.meta import META_JOB, META_VERSION
-    from forge_batch.io.output_dir import LEDGER_DIR, STATE_DIR, SUMMARY
+    from forge_batch.io.output_dir import LEDGER_DIR, SUMMARY, find_state_dir, parts_dir_for
 
     out = Path(path)
-    if not out.is_dir():
+    state = find_state_dir(out)
+    if not out.is_dir() and not state.is_dir():
         raise FileNotFoundError(f"no output directory at {out}")
     info: dict[str, Any] = {"output": str(out)}
-    summary_file = out / STATE_DIR / SUMMARY
+    summary_file = state / SUMMARY
     if summary_file.exists():
         saved = _read_json_file(summary_file)
         info["status"] = saved.get("status")
         info["message"] = saved.get("message")
         info["wall_time_s"] = saved.get("wall_time_s")
         info["throughput"] = saved.get("throughput")
-    parts = sorted(out.glob("part-*.parquet"))
-    info["parts"] = len(sorted(p for p in out.glob("part-*") if p.is_file()))
+    parts_dir = parts_dir_for(out)
+    parts = sorted(parts_dir.glob("part-*.parquet"))
+    info["parts"] = len(sorted(p for p in parts_dir.glob("part-*") if p.is_file()))
     if parts:
         # part by part (not one dataset) so that a damaged file is named
         tables = [_read_parquet_file(p) for p in parts]
@@ -216,7 +276,7 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     else:
         from forge_batch.io.output_dir import Tally
 
-        ledgers = sorted((out / STATE_DIR / LEDGER_DIR).glob("part-*.parquet"))
+        ledgers = sorted((state / LEDGER_DIR).glob("part-*.parquet"))
         tally = Tally()
         for ledger in ledgers:
             tally.add_ledger(_read_parquet_file(ledger).to_pylist())
@@ -301,14 +361,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="forge-batch", description="Batch LLM generation: a job file in, a table of generations out."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run (or resume) a job")
-    run.add_argument("job", help="job file (YAML)")
+def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job option, e.g. sampling.temperature=0")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary (errors only)")
     run.add_argument("--overwrite", action="store_true", help="discard committed parts instead of resuming")
@@ -320,7 +373,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto", help="progress display (auto: bar on a terminal)")
     run.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines when not on a terminal")
     run.add_argument("--grace", type=float, default=30.0, help="seconds in-flight rows may finish after Ctrl-C / SIGTERM")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from forge_batch.io.meta import tool_version
+
+    parser = argparse.ArgumentParser(
+        prog="forge-batch", description="Batch LLM generation: a job file in, a table of generations out."
+    )
+    parser.add_argument("--version", action="version", version=f"forge-batch {tool_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a job")
+    run.add_argument("job", help="job file (YAML)")
+    _add_run_options(run)
     run.set_defaults(func=cmd_run)
+
+    batch = sub.add_parser(
+        "run-batch", help="run an OpenAI batch file without a job file, like `vllm run-batch` (resumable)",
+        description="An OpenAI Batch API request file in, its result lines out. -o results.jsonl writes one file "
+                    "in input order when every request is done (parts wait in .results.jsonl.forge_batch/ next to "
+                    "it meanwhile); any other -o is a directory of part files. Rerun to resume.",
+    )
+    batch.add_argument("-i", "--input-file", required=True, help="the batch request file (.jsonl)")
+    batch.add_argument("-o", "--output-file", required=True, help="results.jsonl (one file) or a directory")
+    batch.add_argument("--model", help="the model: an alias, a .gguf, a model directory or an HF repo id (org/name)")
+    _add_run_options(batch)
+    batch.set_defaults(func=cmd_run_batch)
 
     val = sub.add_parser("validate", help="check a job file and report every problem; runs nothing (not even the job's plugins)")
     val.add_argument("job")
@@ -334,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write one self-contained HTML page (charts, errors, engine, resumes) about a run")
     rep.add_argument("output", help="the run's output directory (output.path)")
-    rep.add_argument("--html", help="where to write the page (default OUTPUT/_forge_batch/report.html)")
+    rep.add_argument("--html", help="where to write the page (default report.html in the output's state folder, .NAME.forge_batch next to it)")
     rep.set_defaults(func=cmd_report)
 
     plg = sub.add_parser("plugins", help="list plugins, where they come from and their hooks")

@@ -67,7 +67,7 @@ class InputSpec(_Strict):
     model expects.
     """
 
-    path: str = Field(description="A .jsonl / .parquet file, a directory of them, or a glob.")
+    path: str = Field(description="A .jsonl / .parquet file, a directory of them, or a glob; local or a URL (s3://, gs://, hf://, ...).")
     format: str = Field("auto", description="auto (from the extension), jsonl, parquet, openai-batch or a plugin's.")
     id_field: str | None = Field(
         "id", description="Unique row id (needed for resume). null: the row's position in the input."
@@ -85,9 +85,9 @@ class InputSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    """Where and how results are written: a directory of part files plus ``_forge_batch/`` state."""
+    """Where and how results are written: a directory of part files (state in ``.NAME.forge_batch`` next to it)."""
 
-    path: str
+    path: str = Field(description="A local folder (or file:// URL); remote URLs are refused (see forge_batch.io.remote).")
     format: str = "parquet"
     keep_fields: list[str] = Field(default_factory=list)
     include_prompt: bool = Field(False, description="Also write the rendered prompt text.")
@@ -96,6 +96,21 @@ class OutputSpec(_Strict):
         60.0, gt=0, description="Commit a part at least this often while results are coming in."
     )
     compression: str = "zstd"
+
+    def single_file(self) -> bool:
+        """``path`` names one file (``results.jsonl``), not a directory of parts: OpenAI batch output as
+        ``vllm run-batch -o results.jsonl`` writes it, in input order once every row is done."""
+        return self.format == "openai-batch" and self.path.lower().endswith(".jsonl")
+
+    @field_validator("path")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        from forge_batch.io.remote import output_url_problem
+
+        problem = output_url_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("keep_fields")
     @classmethod
@@ -289,7 +304,14 @@ class JobSpec(_Strict):
     """A whole job. See ``jobs/`` for runnable examples and ``docs/plugins.md`` for plugin hooks."""
 
     name: str | None = None
-    model: str = "smollm2-135m-instruct"
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="The default model's alias, a .gguf file, a model directory, or a Hugging Face repo id "
+                    "(org/name, org/name@revision) from the local cache, downloaded when missing.",
+    )
+    model_revision: str | None = Field(
+        None, description="The Hugging Face revision (branch, tag or commit) of a repo-id model; same as org/name@revision."
+    )
     input: InputSpec
     output: OutputSpec
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
@@ -309,6 +331,22 @@ class JobSpec(_Strict):
         if not v.strip():
             raise ValueError("model is empty: name the default model (smollm2-135m-instruct), a .gguf file or a model directory")
         return v
+
+    def model_ref(self) -> str:
+        """``model`` as the engine takes it: with ``@model_revision`` when a revision is set."""
+        return f"{self.model}@{self.model_revision}" if self.model_revision else self.model
+
+    @model_validator(mode="after")
+    def _revision_given_once(self) -> JobSpec:
+        if self.model_revision is not None:
+            from forge_batch.models.registry import split_repo_id
+
+            repo = split_repo_id(self.model)
+            if repo is None:
+                raise ValueError(f"model_revision is for a Hugging Face repo id (org/name); model is {self.model!r}")
+            if repo[1] is not None:
+                raise ValueError(f"revision given twice: model {self.model!r} and model_revision {self.model_revision!r}; keep one")
+        return self
 
     def sampling_dict(self) -> dict[str, Any]:
         """The job-wide sampling options as SamplingParams keyword arguments (job-wide constraint folded in)."""
@@ -350,7 +388,7 @@ class JobSpec(_Strict):
         """
         d = self.model_dump(mode="json")
         relevant = {
-            "model": d["model"],
+            "model": self.model_ref(),
             "input": {k: v for k, v in d["input"].items() if k not in ("path", "batch_size", "limit")},
             "output": {k: d["output"][k] for k in ("format", "keep_fields", "include_prompt")},
             "sampling": d["sampling"],
@@ -431,7 +469,9 @@ def _join(path: str, key: Any) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"sampling.temperature=0"`` -> (["sampling", "temperature"], 0). The value is parsed as YAML."""
+    """``"sampling.temperature=0"`` -> (["sampling", "temperature"], 0). The value is parsed as YAML, then
+    kept as the text it was where the key's type is text and YAML made it something else
+    (``name=2024-06-01`` stays a string, not a date; ``model_revision=1.0`` not a float)."""
     if "=" not in text:
         raise ValueError(f"--set expects key.path=value, got {text!r}")
     key, raw = text.split("=", 1)
@@ -442,7 +482,52 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    keys = key.split(".")
+    return keys, _as_the_keys_type(keys, raw.strip(), value)
+
+
+def _annotation_at(keys: Sequence[str]) -> Any:
+    """The type annotation of the job option at ``keys`` (None when the path is not a declared option)."""
+    import types
+    import typing
+
+    model: Any = JobSpec
+    annotation: Any = None
+    for k in keys:
+        if model is None or k not in model.model_fields:
+            return None
+        annotation = model.model_fields[k].annotation
+        model = None
+        candidates = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+        for c in candidates:
+            if isinstance(c, type) and issubclass(c, BaseModel):
+                model = c
+    return annotation
+
+
+def _scalar_types(annotation: Any) -> set[type]:
+    """The scalar types an annotation accepts (str, int, float, bool, NoneType), unions and Literals unfolded."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_types(a) for a in typing.get_args(annotation)))
+    if origin is Literal:
+        return {type(v) for v in typing.get_args(annotation)}
+    return {annotation} if annotation in (str, int, float, bool, type(None)) else set()
+
+
+def _as_the_keys_type(keys: Sequence[str], raw: str, value: Any) -> Any:
+    if isinstance(value, (str, list, dict)) or value is None:
+        return value
+    accepted = _scalar_types(_annotation_at(keys))
+    if str not in accepted:
+        return value
+    fits = (bool in accepted) if isinstance(value, bool) else (
+        int in accepted or float in accepted if isinstance(value, int) else float in accepted if isinstance(value, float) else False
+    )
+    return value if fits else raw
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> list[Problem]:
@@ -505,7 +590,21 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith((".", "/", "~")) or os.sep in s or s.endswith((".gguf", ".py"))
 
 
+def _is_repo_id(model: str) -> bool:
+    """``org/name`` that is not a path next to the job file: a Hugging Face repo id, resolved by the registry."""
+    from forge_batch.models.registry import split_repo_id
+
+    return split_repo_id(model) is not None
+
+
 def _resolve(base: Path, p: str) -> str:
+    from forge_batch.io.remote import file_url_path, is_url
+
+    if is_url(p):
+        local = file_url_path(p)
+        if local is None:
+            return p  # a remote URL: never a folder named after its scheme
+        p = local
     expanded = os.path.expanduser(p)
     if os.path.isabs(expanded):
         return expanded
@@ -516,7 +615,7 @@ def resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
     """Make input/output/model/plugin paths absolute, relative to the job file's folder."""
     job.input.path = _resolve(base_dir, job.input.path)
     job.output.path = _resolve(base_dir, job.output.path)
-    if _looks_like_path(job.model) or (base_dir / job.model).exists():
+    if (base_dir / os.path.expanduser(job.model)).exists() or (_looks_like_path(job.model) and not _is_repo_id(job.model)):
         job.model = _resolve(base_dir, job.model)
     job.plugins = [_resolve(base_dir, p) if p.endswith(".py") else p for p in job.plugins]
     if job.metrics is not None and job.metrics.textfile is not None:
@@ -625,9 +724,17 @@ def load_job(
 # Checks that need the file system or the plugin registry (forge-batch validate runs them; run does too)
 
 
+INPUT_EXTENSIONS = (".jsonl", ".json", ".ndjson", ".parquet", ".jsonl.gz")
+
+
 def input_files(pattern: str) -> list[str]:
-    """The files an ``input.path`` names: a file, a directory (its .jsonl/.parquet files), or a glob. Sorted,
-    so row positions are stable between runs."""
+    """The files an ``input.path`` names: a file, a directory (its .jsonl/.parquet files), or a glob, local or
+    behind a URL. Sorted, so row positions are stable between runs. Raises OSError for a URL that cannot be
+    listed (its protocol's package missing, no access)."""
+    from forge_batch.io.remote import is_url, list_files
+
+    if is_url(pattern):
+        return list_files(pattern, INPUT_EXTENSIONS)
     if glob.has_magic(pattern):
         return sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
     if os.path.isdir(pattern):
@@ -635,7 +742,7 @@ def input_files(pattern: str) -> list[str]:
         for root, dirs, files in os.walk(pattern):
             dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
             for f in sorted(files):
-                if not f.startswith((".", "_")) and f.endswith((".jsonl", ".json", ".ndjson", ".parquet", ".jsonl.gz")):
+                if not f.startswith((".", "_")) and f.endswith(INPUT_EXTENSIONS):
                     found.append(os.path.join(root, f))
         return found
     return [pattern] if os.path.isfile(pattern) else []
@@ -658,6 +765,7 @@ def check_job(
     check_model: bool = True,
     unloaded_plugins: Sequence[str] = (),
     warnings: list[str] | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> list[Problem]:
     """Every problem that stops ``job`` from running, found without running anything.
 
@@ -665,14 +773,20 @@ def check_job(
     without one, those checks are skipped. ``unloaded_plugins``: the job's plugins that ``pm`` does not hold
     (validate does not import them); a name none of the loaded plugins registers may be theirs, so it is a
     warning (appended to ``warnings``) instead of a problem. ``check_model=False`` skips resolving ``model``
-    (a custom engine factory decides what the name means).
+    (a custom engine factory decides what the name means). ``facts`` receives what reading the input's
+    first rows found (see :func:`_check_input_rows`).
     """
     from forge_batch.engine.sampling_params import SamplingParams
 
     problems: list[Problem] = []
-    files = input_files(job.input.path)
-    if not files:
-        problems.append(Problem("input.path", f"no input file matches {job.input.path}"))
+    try:
+        files = input_files(job.input.path)
+    except OSError as e:
+        files = []
+        problems.append(Problem("input.path", str(e)))
+    else:
+        if not files:
+            problems.append(Problem("input.path", f"no input file matches {job.input.path}"))
 
     if job.input.template is not None:
         try:
@@ -693,11 +807,14 @@ def check_job(
         problems.append(Problem("sampling", str(e)))
 
     if check_model:
-        problems.extend(_check_model(job.model))
+        problems.extend(_check_model(job.model_ref()))
     problems.extend(_check_engine(job.engine))
 
     out = Path(job.output.path)
-    if out.exists() and not out.is_dir():
+    if job.output.single_file():
+        if out.is_dir():
+            problems.append(Problem("output.path", f"{out} is a directory; an openai-batch output ending in .jsonl is one file"))
+    elif out.exists() and not out.is_dir():
         problems.append(Problem("output.path", f"{out} exists and is not a directory"))
 
     if pm is not None:
@@ -737,8 +854,8 @@ def check_job(
         problems.extend(_check_job_constraint(job, kinds))
         if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
             unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
-        if job.input.format == "parquet" or (job.input.format == "auto" and files and files[0].endswith(".parquet")):
-            problems.extend(_check_parquet_columns(job, files))
+        if files and not any(p.path == "input.path" for p in problems):
+            problems.extend(_check_input_rows(job, files, readers, facts))
     return problems
 
 
@@ -800,25 +917,148 @@ def _reader_for_extension(readers: Mapping[str, Any], filename: str) -> str | No
     return None
 
 
-def _check_parquet_columns(job: JobSpec, files: list[str]) -> list[Problem]:
-    import pyarrow.parquet as pq
+def reader_for_file(path: str, readers: Mapping[str, Any], fmt: str) -> str | None:
+    """The reader of one input file: ``fmt``, or with ``auto`` the first reader that recognises the content
+    (an OpenAI batch file is a .jsonl), else the one its extension names."""
+    if fmt != "auto":
+        return fmt if fmt in readers else None
+    return next((name for name, r in readers.items() if r.sniff(path)), None) or _reader_for_extension(readers, path)
 
+
+def effective_input(spec: InputSpec, reader: Any) -> InputSpec:
+    """The input options as a reader sees them: its ``field_defaults`` for the keys the job left unset
+    (an OpenAI batch file's ids are ``custom_id``)."""
+    defaults = getattr(reader, "field_defaults", None) or {}
+    update = {k: v for k, v in defaults.items() if k not in spec.model_fields_set}
+    return spec.model_copy(update=update) if update else spec
+
+
+# Rows validate reads to check fields and the template, and to estimate prompt tokens.
+SAMPLE_ROWS = 1000
+# JSONL is counted (a scan) only up to this many bytes of local files; Parquet says its row count.
+COUNT_JSONL_BYTES = 256 << 20
+
+
+def _prompt_chars(row: dict[str, Any], spec: InputSpec, template: Any) -> int:
+    if template is not None:
+        return len(template.render({**row, "row": row}))
+    messages = row.get(spec.messages_field)
+    if messages is not None:
+        if isinstance(messages, str):
+            return len(messages)
+        total = 0
+        for m in messages if isinstance(messages, list) else []:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                total += len(content)
+            elif isinstance(content, list):
+                total += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+        return total
+    prompt = row.get(spec.prompt_field)
+    return len(str(prompt)) if prompt is not None else 0
+
+
+def _count_rows(files: list[str], reader: Any, spec: InputSpec, has_schema: bool) -> int | None:
+    """The input's rows when that is cheap: Parquet's metadata, or local JSONL up to COUNT_JSONL_BYTES."""
+    from forge_batch.io.remote import is_url
+
+    if not has_schema:  # line-based: counting is a scan
+        if any(is_url(f) for f in files) or sum(os.path.getsize(f) for f in files) > COUNT_JSONL_BYTES:
+            return None
+    total = 0
+    for f in files:
+        n = reader.count(f, spec)
+        if n is None:
+            return None
+        total += n
+    return min(total, spec.limit) if spec.limit is not None else total
+
+
+def _read_sample(reader: Any, path: str, spec: InputSpec) -> tuple[Any, list[dict[str, Any]], str | None]:
+    """(schema or None, the first readable rows up to SAMPLE_ROWS, the first unreadable row's error)."""
+    schema = reader.schema(path)
+    sample: list[dict[str, Any]] = []
+    first_error: str | None = None
+    read_spec = spec.model_copy(update={"batch_size": min(spec.batch_size, SAMPLE_ROWS)})
+    batches = reader.read(path, read_spec)
     try:
-        names = set(pq.read_schema(files[0]).names)
-    except Exception as e:
-        return [Problem("input.path", f"cannot read Parquet schema of {files[0]}: {e}")]
-    problems = []
-    if job.input.id_field is not None and job.input.id_field not in names:
-        problems.append(Problem("input.id_field", f"column {job.input.id_field!r} is not in {files[0]} (columns: {', '.join(sorted(names))})"))
-    for i, f in enumerate(job.output.keep_fields):
-        if f not in names:
-            problems.append(Problem(f"output.keep_fields[{i}]", f"column {f!r} is not in {files[0]}"))
-    if job.input.sampling_field is not None and job.input.sampling_field not in names:
-        problems.append(Problem("input.sampling_field", f"column {job.input.sampling_field!r} is not in {files[0]}"))
-    if job.input.template is None and job.input.prompt_field not in names and job.input.messages_field not in names:
-        problems.append(
-            Problem("input.prompt_field", f"neither {job.input.prompt_field!r} nor {job.input.messages_field!r} is a column of {files[0]}; set input.prompt_field, input.messages_field or input.template")
-        )
+        for batch in batches:
+            for raw in batch:
+                if raw.data is not None and raw.error is None:
+                    sample.append(raw.data)
+                elif first_error is None:
+                    first_error = raw.error
+            if len(sample) >= SAMPLE_ROWS:
+                break
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    return schema, sample, first_error
+
+
+def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any], facts: dict[str, Any] | None) -> list[Problem]:
+    """What ``run`` would hit on the first rows: the id, prompt, kept and sampling fields missing (from the
+    Parquet schema, or from every one of the first SAMPLE_ROWS JSON rows), the template failing on the first
+    row. Fills ``facts`` with the row count (when cheap) and a prompt-token estimate (chars / 4)."""
+    fmt = reader_for_file(files[0], readers, job.input.format)
+    if fmt is None:
+        return []  # an unknown format is reported (or warned about) by check_job
+    reader = readers[fmt]
+    spec = effective_input(job.input, reader)
+    where = files[0]
+    try:
+        schema, sample, first_error = _read_sample(reader, where, spec)
+    except Exception as e:  # a reader that cannot open the file: run would stop on it too
+        return [Problem("input.path", f"cannot read {where}: {type(e).__name__}: {e}")]
+    if not sample:
+        return [Problem("input.path", f"no readable row at the start of {where}" + (f": {first_error}" if first_error else ""))]
+    if schema is not None:
+        names = set(schema.names)
+        listed = f"{where} (columns: {', '.join(sorted(names))})"
+        lacks, neither_in = f"is not a column of {listed}", f"is a column of {listed}"
+    else:
+        names = set().union(*(row.keys() for row in sample))
+        listed = f"the first {len(sample)} rows of {where} (fields: {', '.join(sorted(map(str, names)))})"
+        lacks, neither_in = f"is in none of {listed}", f"is in any of {listed}"
+    problems: list[Problem] = []
+    if spec.id_field is not None and spec.id_field not in names:
+        problems.append(Problem("input.id_field", f"{spec.id_field!r} {lacks}; name the id field, or id_field: null for row positions"))
+    for i, name in enumerate(job.output.keep_fields):
+        if name not in names:
+            problems.append(Problem(f"output.keep_fields[{i}]", f"{name!r} {lacks}"))
+    if spec.sampling_field is not None and spec.sampling_field not in names:
+        problems.append(Problem("input.sampling_field", f"{spec.sampling_field!r} {lacks}"))
+    template = None
+    if spec.template is not None:
+        try:
+            template = compile_template(spec.template)
+            template.render({**sample[0], "row": sample[0]})
+        except Exception as e:  # a syntax error is reported by check_job already
+            if template is not None:
+                fields = ", ".join(sorted(map(str, sample[0])))
+                problems.append(Problem("input.template", f"does not render on the first row of {where}: {type(e).__name__}: {e} (fields: {fields})"))
+            template = None
+    elif spec.prompt_field not in names and spec.messages_field not in names:
+        problems.append(Problem(
+            "input.prompt_field",
+            f"neither {spec.prompt_field!r} nor {spec.messages_field!r} {neither_in}; "
+            "set input.prompt_field, input.messages_field or input.template",
+        ))
+    if facts is not None:
+        chars = []
+        for row in sample:
+            try:
+                chars.append(_prompt_chars(row, spec, template))
+            except Exception:  # a row the template fails on: it becomes an error row, no prompt
+                pass
+        facts["reader"] = fmt
+        facts["sampled_rows"] = len(sample)
+        facts["prompt_chars_per_row"] = sum(chars) / len(chars) if chars else 0.0
+        try:
+            facts["rows"] = _count_rows(files, reader, spec, schema is not None)
+        except Exception:  # counting is a courtesy; the checks above are what matter
+            facts["rows"] = None
     return problems
 
 
@@ -828,11 +1068,12 @@ def validate_job_file(
     env: Mapping[str, str] | None = None,
     *,
     warnings: list[str] | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> tuple[JobSpec | None, list[Problem]]:
     """Everything ``forge-batch validate`` reports: schema problems, then (if it parses) file-system and
     plugin checks. The job's own plugins are found but not imported (importing runs their code): one that
     cannot be found is a problem at ``plugins[i]``. Warnings (installed plugins skipped, names an unloaded
-    job plugin may register) are appended to ``warnings``."""
+    job plugin may register) are appended to ``warnings``; what reading the input found goes to ``facts``."""
     try:
         job = load_job(path, overrides, env)
     except JobError as e:
@@ -857,5 +1098,5 @@ def validate_job_file(
         warnings.extend(getattr(pm, "forge_warnings", []))
     # A custom engine (FORGE_BATCH_ENGINE_FACTORY) decides what the model name means.
     check_model = not os.environ.get("FORGE_BATCH_ENGINE_FACTORY")
-    problems.extend(check_job(job, pm, check_model=check_model, unloaded_plugins=found, warnings=warnings))
+    problems.extend(check_job(job, pm, check_model=check_model, unloaded_plugins=found, warnings=warnings, facts=facts))
     return job, problems

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from forge_batch.io.meta import tool_version
-from forge_batch.io.output_dir import STATE_DIR, atomic_write_bytes
+from forge_batch.io.output_dir import atomic_write_bytes, find_state_dir
 from forge_batch.io.output_stats import Distribution, OutputStats, collect_output_stats
 
 REPORT_FILE = "report.html"
@@ -382,10 +382,10 @@ def _history(s: OutputStats) -> str:
               "with error", "first row finished", "last row finished")
     out = _table(header, rows, numeric=(0, 4, 5, 6, 7))
     if logged:
-        out += '<p class="muted">From <code>_forge_batch/runs.jsonl</code> (a line per run start and end).</p>'
+        out += '<p class="muted">From <code>runs.jsonl</code> in the state folder (a line per run start and end).</p>'
     else:
         out += (
-            '<p class="muted">No run log (<code>_forge_batch/runs.jsonl</code>): runs are inferred. A run starts at the '
+            '<p class="muted">No run log (<code>runs.jsonl</code> in the state folder): runs are inferred. A run starts at the '
             "first part, where <code>summary.json</code>'s <code>started_at</code> or a <code>--force-resume</code> "
             "falls, where the parts' engine changes, or after a gap with no finished row.</p>"
         )
@@ -441,11 +441,11 @@ def render_report(stats: OutputStats) -> str:
 
 
 def default_report_path(output: str | Path) -> Path:
-    return Path(output) / STATE_DIR / REPORT_FILE
+    return find_state_dir(output) / REPORT_FILE
 
 
 def write_report(output: str | Path, html_path: str | Path | None = None) -> Path:
-    """Scan ``output`` and write its report (default ``OUT/_forge_batch/report.html``) atomically; returns
+    """Scan ``output`` and write its report (default ``report.html`` in the output's state folder, ``.NAME.forge_batch`` next to it) atomically; returns
     the path. Raises FileNotFoundError when ``output`` is not a directory."""
     stats = collect_output_stats(output)
     path = Path(html_path) if html_path is not None else default_report_path(output)

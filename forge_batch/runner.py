@@ -7,7 +7,7 @@ job over millions of rows runs in bounded memory and an interruption costs at mo
 
 Nothing lost, nothing twice:
 
-* every committed sample is in the run's ledger (``_forge_batch/ledger``); a rerun skips committed ids and
+* every committed sample is in the run's ledger (``ledger/`` in the output's state folder); a rerun skips committed ids and
   only generates the rest;
 * every row's seed derives from the job seed and the row id (:func:`row_seed`), so a resumed run writes
   what an uninterrupted one would;
@@ -56,6 +56,7 @@ from forge_batch.contract import (
 from forge_batch.io.meta import file_metadata, tool_version
 from forge_batch.io.output_dir import SUMMARY, CommitError, OutputDir, ResumeState, Tally, describe_os_error
 from forge_batch.io.progress import Progress
+from forge_batch.io.remote import file_size, open_binary
 from forge_batch.io.schema import (
     id_column_name,
     infer_type,
@@ -63,7 +64,17 @@ from forge_batch.io.schema import (
     output_schema,
     records_to_table,
 )
-from forge_batch.job import InputSpec, JobError, JobSpec, Problem, check_job, compile_template, input_files
+from forge_batch.job import (
+    InputSpec,
+    JobError,
+    JobSpec,
+    Problem,
+    check_job,
+    compile_template,
+    effective_input,
+    input_files,
+    reader_for_file,
+)
 from forge_batch.models.registry import content_digest
 from forge_batch.plugin_manager import (
     PluginHookError,
@@ -94,8 +105,8 @@ def input_identity(files: list[str]) -> dict[str, Any]:
     compare: the same rows moved to another path still resume, other rows under the same name do not)."""
     return {
         "files": [os.path.basename(f) for f in files],
-        "bytes": sum(os.path.getsize(f) for f in files),
-        "digest": content_digest(files),
+        "bytes": sum(file_size(f) for f in files),
+        "digest": content_digest(files, open_file=open_binary, size_of=file_size),
     }
 
 
@@ -122,7 +133,7 @@ def default_engine_factory(job: JobSpec, *, samplers: dict[str, Any], constraint
     params = inspect.signature(LLM).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return LLM(job.model, **kwargs)
+    return LLM(job.model_ref(), **kwargs)
 
 
 def load_engine_factory(spec: str) -> Callable[..., Any]:
@@ -276,21 +287,14 @@ class JobRunner:
         files = input_files(self.job.input.path)
         plan = []
         for f in files:
-            fmt = self.job.input.format
-            if fmt == "auto":
-                fmt = next((name for name, r in readers.items() if r.sniff(f)), None) or next(
-                    (name for name, r in readers.items() for ext in r.extensions if f.lower().endswith(ext)), None
-                )
-                if fmt is None:
-                    raise JobError([Problem("input.format", f"cannot tell the format of {f}; set input.format")])
+            fmt = reader_for_file(f, readers, self.job.input.format)  # the one validate read the first rows with
+            if fmt is None:
+                raise JobError([Problem("input.format", f"cannot tell the format of {f}; set input.format")])
             plan.append((f, readers[fmt]))
         return plan
 
     def _effective_input(self, reader: Reader | None) -> InputSpec:
-        spec = self.job.input
-        defaults = getattr(reader, "field_defaults", None) or {}
-        update = {k: v for k, v in defaults.items() if k not in spec.model_fields_set}
-        return spec.model_copy(update=update) if update else spec
+        return effective_input(self.job.input, reader)
 
     def _batches(self, plan: list[tuple[str, Reader]], spec: InputSpec) -> Iterator[list[RawRow]]:
         for path, reader in plan:
@@ -787,7 +791,7 @@ class JobRunner:
         self.spec = self._effective_input(plan[0][1] if plan else None)
         self.id_column = id_column_name(self.spec.id_field)
 
-        self.out = OutputDir(job.output.path, self.writer.extension)
+        self.out = OutputDir(job.output.path, self.writer.extension, single_file=job.output.single_file())
         job_json = job.model_dump(mode="json")
         self.resume: ResumeState = self.out.open(job.fingerprint(), job_json, job.output.format, overwrite=self.overwrite)
         try:
@@ -939,6 +943,9 @@ class JobRunner:
         else:
             message = f"completed: {total_tally.rows} rows"
             exit_code = EXIT_OK
+        if self.out.single_file:
+            every_row_done = commit_error is None and self._signal_name is None and error_message is None and self._abort_reason is None
+            status, exit_code, message = self._write_single_file(every_row_done, status, exit_code, message)
 
         wall = time.monotonic() - t_start
         run_t = self._run_tally
@@ -991,6 +998,20 @@ class JobRunner:
                 message = f"{message}; also {note}"
             summary.update(status=status, message=message)
         return RunResult(status, exit_code, message, summary, Path(job.output.path), summary_path)
+
+
+    def _write_single_file(self, every_row_done: bool, status: str, exit_code: int, message: str) -> tuple[str, int, str]:
+        """A single-file output (``results.jsonl``) is written when every row is committed; until then its
+        parts wait in the state folder. Returns the run's (status, exit code, message), amended."""
+        path = self.job.output.path
+        if not every_row_done:
+            return status, exit_code, f"{message}; {path} is written once every row is done"
+        try:
+            self.out.finalize()
+        except (OSError, ValueError) as e:
+            reason = describe_os_error(e) if isinstance(e, OSError) else str(e)
+            return "failed", EXIT_FAILED, f"{message}, but {path} could not be written: {reason}; rerun the same command to write it"
+        return status, exit_code, message
 
 
 def _chain(first: list[list[RawRow]], rest: Iterator[list[RawRow]]) -> Iterator[list[RawRow]]:

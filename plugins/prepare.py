@@ -4,8 +4,10 @@ Runs first in the ``prepare_request`` chain (``tryfirst``), so other plugins see
 order of precedence: ``input.template`` rendered over the row (jinja sandbox; an undefined column is a
 ``template_error`` on that row); the chat in ``input.messages_field``; the string in ``input.prompt_field``.
 Plain prompts become a one-message chat (with ``input.system_prompt``) when the chat template applies.
-Problems are the row's: ``missing_prompt``, ``empty_prompt``, ``bad_prompt`` (a prompt that is not a string),
-``bad_messages`` (not a list of ``{role, content}`` with a known role, see ``CHAT_ROLES``), ``template_error``.
+A message's content is text or OpenAI-style content parts (``[{"type": "text", "text": ...}]``, joined with
+newlines). Problems are the row's: ``missing_prompt``, ``empty_prompt``, ``bad_prompt`` (a prompt that is not
+a string), ``bad_messages`` (not a list of ``{role, content}`` with a known role, see ``CHAT_ROLES``),
+``template_error``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,25 @@ from forge_batch.models.chat_template import CHAT_ROLES
 if TYPE_CHECKING:
     from forge_batch.contract import RunContext
     from forge_batch.engine.request import GenerationRequest
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or OpenAI's content parts (``[{"type": "text", "text": ...}]``,
+    joined with newlines as vLLM joins them). Other part types (images, audio) have no meaning here."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+                got = f"type {kind!r}" if kind is not None else type(part).__name__
+                raise RowError(
+                    f"{where}[{j}] is not a text part ({got}); only text content parts are supported", "bad_messages"
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise RowError(f"{where} must be text or a list of text parts, got {type(content).__name__}", "bad_messages")
 
 
 def _messages(value: Any, field: str) -> list[dict[str, Any]]:
@@ -37,9 +58,8 @@ def _messages(value: Any, field: str) -> list[dict[str, Any]]:
             raise RowError(
                 f"messages[{i}].role in {field!r} is {m['role']!r}; allowed roles: {', '.join(CHAT_ROLES)}", "bad_messages"
             )
-        if not isinstance(m["content"], str):
-            raise RowError(f"messages[{i}].content in {field!r} must be text", "bad_messages")
-        out.append({"role": m["role"], "content": m["content"]})
+        content = _content_text(m["content"], f"messages[{i}].content in {field!r}")
+        out.append({"role": m["role"], "content": content})
     if not out or not any(m["content"].strip() for m in out):
         raise RowError(f"empty prompt: messages field {field!r} has no content", "empty_prompt")
     return out

@@ -15,11 +15,17 @@ import pyarrow.parquet as pq
 from forge_batch.hookspecs import hookimpl
 from forge_batch.io.base import RawRow, Reader
 from forge_batch.io.openai_batch import OpenAIRequestError, parse_request
+from forge_batch.io.remote import open_binary
 from forge_batch.job import InputSpec
 
 
 def _open(path: str) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    raw = open_binary(path)  # a local path or a URL (s3://, hf://, ...)
+    if not path.endswith(".gz"):
+        return raw
+    gz = gzip.GzipFile(fileobj=raw, mode="rb")
+    gz.myfileobj = raw  # type: ignore[attr-defined]  # what GzipFile closes with itself
+    return gz
 
 
 def _parse_line(line: bytes, location: str) -> tuple[Any, str | None]:
@@ -113,18 +119,21 @@ class ParquetReader(Reader):
     extensions = (".parquet", ".pq")
 
     def read(self, path: str, spec: InputSpec) -> Iterator[list[RawRow]]:
-        pf = pq.ParquetFile(path)
-        offset = 0
-        for rb in pf.iter_batches(batch_size=spec.batch_size):
-            rows = rb.to_pylist()
-            yield [RawRow(r, location=f"{path}#{offset + i}") for i, r in enumerate(rows)]
-            offset += len(rows)
+        with open_binary(path) as f:
+            pf = pq.ParquetFile(f)
+            offset = 0
+            for rb in pf.iter_batches(batch_size=spec.batch_size):
+                rows = rb.to_pylist()
+                yield [RawRow(r, location=f"{path}#{offset + i}") for i, r in enumerate(rows)]
+                offset += len(rows)
 
     def count(self, path: str, spec: InputSpec) -> int | None:
-        return pq.ParquetFile(path).metadata.num_rows
+        with open_binary(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
 
     def schema(self, path: str) -> pa.Schema | None:
-        return pq.read_schema(path)
+        with open_binary(path) as f:
+            return pq.read_schema(f)
 
 
 @hookimpl

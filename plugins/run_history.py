@@ -1,4 +1,4 @@
-"""Built-in plugin: one line per run start and end in ``_forge_batch/runs.jsonl``, so that the resume history
+"""Built-in plugin: one line per run start and end in ``runs.jsonl`` in the output's state folder, so that the resume history
 of an output (which run wrote which parts, how it ended) is exact rather than guessed from time gaps.
 
 A start line records how many part files were already visible: the parts from there up to the next run's
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from forge_batch.hookspecs import hookimpl
-from forge_batch.io.output_dir import PART_RE, STATE_DIR, fsync_file
+from forge_batch.io.output_dir import PART_RE, fsync_file, parts_dir_for, state_dir_for
 from forge_batch.io.output_stats import RUN_LOG
 
 
@@ -25,7 +25,8 @@ def _now() -> str:
 
 
 def _visible_parts(output_dir: Path) -> int:
-    return sum(1 for p in output_dir.iterdir() if PART_RE.match(p.name)) if output_dir.is_dir() else 0
+    parts = parts_dir_for(output_dir)
+    return sum(1 for p in parts.iterdir() if PART_RE.match(p.name)) if parts.is_dir() else 0
 
 
 def _append(path: Path, entry: dict[str, Any], fresh: bool = False) -> None:
@@ -47,7 +48,7 @@ def job_start(job: Any, context: Any) -> None:
         "parts_at_start": _visible_parts(out),
         "engine": getattr(context.engine, "engine_info", None),
     }
-    _append(out / STATE_DIR / RUN_LOG, entry, fresh=not context.resumed_rows)
+    _append(state_dir_for(out) / RUN_LOG, entry, fresh=not context.resumed_rows)
 
 
 @hookimpl
@@ -63,4 +64,4 @@ def job_end(job: Any, context: Any, summary: dict[str, Any]) -> None:
         "rows_failed": this_run.get("rows_failed"),
         "parts_at_end": _visible_parts(out),
     }
-    _append(out / STATE_DIR / RUN_LOG, entry)
+    _append(state_dir_for(out) / RUN_LOG, entry)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from forge_batch.hookspecs import hookimpl
 from forge_batch.io.base import WriteContext, Writer
 from forge_batch.io.openai_batch import response_line
+from forge_batch.models.registry import split_repo_id
 
 
 def _json_default(value: Any) -> Any:
@@ -61,16 +62,18 @@ class JsonlWriter(Writer):
 
 class OpenAIBatchWriter(Writer):
     """Batch API output lines (``id``, ``custom_id``, ``response``, ``error``): one line per request, with
-    all ``n`` samples as ``choices``. The runner never splits a request's samples across parts."""
+    all ``n`` samples as ``choices``, in input order within the part (a single-file output merges parts on
+    that order). The runner never splits a request's samples across parts."""
 
     name = "openai-batch"
     extension = ".jsonl"
 
     def write_part(self, table: pa.Table, path: str, context: WriteContext) -> None:
-        model = Path(context.job.model).name.removesuffix(".gguf")
+        # a repo id is the model's name as vLLM reports it; a path, its file or folder name
+        model = context.job.model if split_repo_id(context.job.model) else Path(context.job.model).name.removesuffix(".gguf")
         with open(path, "w", encoding="utf-8") as f:
             group: list[dict[str, Any]] = []
-            for r in _rows(table):
+            for r in sorted(_rows(table), key=lambda r: (r["row_index"], r.get("sample_index") or 0)):
                 if group and r["row_index"] != group[0]["row_index"]:
                     f.write(json.dumps(response_line(group, context.id_column, model), ensure_ascii=False) + "\n")
                     group = []

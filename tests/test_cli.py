@@ -173,3 +173,29 @@ def test_engine_failure_mid_run_commits_and_fails(tmp_path: Path, monkeypatch: p
     assert len(read_output(tmp_path / "out")) == 5
     monkeypatch.setattr(FakeLLM, "generate_stream", original)
     assert run(job).summary["rows"] == 12 and len(read_output(tmp_path / "out")) == 12
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    import forge_batch
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"forge-batch {forge_batch.__version__}"
+
+
+def test_prompt_tokens_repeat_on_every_sample_and_count_once_per_row(fake_engine, tmp_path: Path) -> None:
+    """What docs/jobs.md says about `prompt_tokens` under n > 1."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    job = write_job_file(tmp_path / "job.yaml", {"model": "fake", "input": {"path": "in.jsonl"}, "output": {"path": "out"},
+                                                 "sampling": {"n": 3, "max_tokens": 5}})
+    assert main(["run", str(job), "--quiet"]) == 0
+    rows = read_output(tmp_path / "out")
+    assert len(rows) == 12
+    per_row = {}
+    for r in rows:
+        per_row.setdefault(r["id"], set()).add(r["prompt_tokens"])
+    assert all(len(v) == 1 for v in per_row.values())  # the same number on each of a row's samples
+    summary = json.loads((tmp_path / ".out.forge_batch" / "summary.json").read_text())
+    assert summary["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows if r["sample_index"] == 0)
+    assert summary["completion_tokens"] == sum(r["completion_tokens"] for r in rows)

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from runner_helpers import cli_env, read_output, write_job_file, write_jsonl  # noqa: E402
 
+from forge_batch.io.output_dir import state_dir_for  # noqa: E402
 from forge_batch.job import load_job  # noqa: E402
 from forge_batch.runner import JobRunner  # noqa: E402
 
@@ -92,6 +93,16 @@ def check_committed(out: Path, figures: Figures) -> int:
             figures.unreadable_parts_after_a_kill += 1
             figures.log.append(f"unreadable {part.name}: {e}")
     figures.duplicates_after_a_kill += sum(c - 1 for c in Counter(ids).values())
+    if ids:  # the directory as one table (Polars refuses one holding anything but Parquet parts)
+        import polars as pl
+
+        try:
+            whole = pl.read_parquet(out, columns=["id"]).height
+        except Exception as e:  # noqa: BLE001 - counted and reported, the test asserts it is zero
+            whole = -1
+            figures.log.append(f"directory unreadable as a table: {e}")
+        if whole != len(ids):
+            figures.unreadable_parts_after_a_kill += 1
     return len(ids)
 
 
@@ -182,7 +193,7 @@ def run_fault_injection(root: Path, model: Path, kills: int = KILLS, rows: int =
     figures.rows_duplicated = sum(c - 1 for c in counts.values())
     reference = {r["id"]: r["text"] for r in read_output(root / "ref")}
     figures.texts_differing = sum(1 for r in got if reference.get(r["id"]) != r["text"])
-    figures.temp_files_left = len([p for p in out.rglob("*") if p.name.endswith(".tmp")])
+    figures.temp_files_left = len([p for p in [*out.rglob("*"), *state_dir_for(out).rglob("*")] if p.name.endswith(".tmp")])
     figures.seconds = round(time.monotonic() - t0, 1)
     return figures
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from forge_batch.io.openai_batch import OpenAIRequestError, parse_request, response_line, sampling_from_body
-from forge_batch.io.output_dir import OutputDir, OutputDirError
+from forge_batch.io.output_dir import OutputDir, OutputDirError, state_dir_for
 from forge_batch.io.schema import output_schema, records_to_table
 from forge_batch.job import InputSpec
 from forge_batch.plugins.readers import JsonlReader, OpenAIBatchReader, ParquetReader
@@ -171,7 +171,8 @@ def test_commit_is_atomic_and_resume_reads_ledgers(tmp_path: Path) -> None:
     out.commit_part(1, write_parquet(["c"]), ledger(["c"], 2), ID)
     out.close()
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert names == ["_forge_batch", "part-00000.parquet", "part-00001.parquet"]
+    assert names == ["part-00000.parquet", "part-00001.parquet"]  # the state is next to the directory
+    assert (tmp_path / ".o.forge_batch" / "manifest.json").is_file()
     out, state = open_dir(tmp_path / "o")
     assert state.done_ids == {"a", "b", "c"} and state.next_part == 2 and state.tally.rows == 3
     out.close()
@@ -182,16 +183,19 @@ def test_crash_leftovers_are_cleaned(tmp_path: Path) -> None:
     out.commit_part(0, write_parquet(["a"]), ledger(["a"]), ID)
     out.close()
     root = tmp_path / "o"
-    # a part being written when the process died, and a ledger whose part never got renamed into place
+    # a part being written when the process died (where this version and older ones write them), and a
+    # ledger whose part never got renamed into place
+    (state_dir_for(root) / ".part-00001.parquet.tmp").write_bytes(b"garbage")
     (root / ".part-00001.parquet.tmp").write_bytes(b"garbage")
     pq.write_table(
         pa.Table.from_pylist(ledger(["b"], 1)).replace_schema_metadata({"part_file": "part-00001.parquet"}),
-        root / "_forge_batch" / "ledger" / "part-00001.parquet",
+        state_dir_for(root) / "ledger" / "part-00001.parquet",
     )
     out, state = open_dir(root)
     assert state.done_ids == {"a"}
     assert not (root / ".part-00001.parquet.tmp").exists()
-    assert not (root / "_forge_batch" / "ledger" / "part-00001.parquet").exists()
+    assert not (state_dir_for(root) / ".part-00001.parquet.tmp").exists()
+    assert not (state_dir_for(root) / "ledger" / "part-00001.parquet").exists()
     out.close()
 
 
@@ -218,7 +222,8 @@ def test_stray_part_without_ledger_is_refused(tmp_path: Path) -> None:
 
 
 def test_directory_readable_by_every_engine_mid_run(tmp_path: Path) -> None:
-    """Committed parts + a half-written hidden part + the state folder: every reader sees the committed rows."""
+    """Committed parts + a half-written part + the state folder + the lock held: every reader sees the committed
+    rows, reading the directory itself (tests/test_output_readers.py adds HF datasets and a real run)."""
     import duckdb
     import pandas as pd
     import polars as pl
@@ -228,11 +233,12 @@ def test_directory_readable_by_every_engine_mid_run(tmp_path: Path) -> None:
     out.commit_part(0, write_parquet(["a", "b"]), ledger(["a", "b"]), ID)
     out.write_summary({"status": "running"})
     root = tmp_path / "o"
-    (root / ".part-00001.parquet.tmp").write_bytes(b"PAR1 half written")
+    (state_dir_for(root) / ".part-00001.parquet.tmp").write_bytes(b"PAR1 half written")
     assert ds.dataset(root, format="parquet").to_table().num_rows == 2
     assert len(pd.read_parquet(root)) == 2
-    assert pl.read_parquet(str(root / "*.parquet")).height == 2
-    assert duckdb.sql(f"select count(*) from read_parquet('{root}/*.parquet')").fetchall()[0][0] == 2
+    assert pl.read_parquet(root).height == 2 and pl.scan_parquet(root).collect().height == 2
+    assert duckdb.sql(f"select count(*) from read_parquet('{root}')").fetchall()[0][0] == 2
+    assert duckdb.sql(f"select count(*) from read_parquet('{root}/**/*.parquet')").fetchall()[0][0] == 2
     out.close()
 
 

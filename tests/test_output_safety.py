@@ -18,7 +18,7 @@ import pytest
 from runner_helpers import prompts, read_output, write_job_file, write_jsonl
 
 from forge_batch.cli import main
-from forge_batch.io.output_dir import OutputDir
+from forge_batch.io.output_dir import OutputDir, state_dir_for
 
 N_ROWS = 12
 
@@ -49,7 +49,7 @@ def test_symlinked_lock_file_is_refused_and_its_target_untouched(fake_engine, tm
     job = make_job(tmp_path)
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
-    state = tmp_path / "out" / "_forge_batch"
+    state = state_dir_for(tmp_path / "out")
     state.mkdir(parents=True)
     os.symlink(victim, state / "lock")
     assert main(["run", str(job), "--quiet"]) == 2
@@ -59,13 +59,15 @@ def test_symlinked_lock_file_is_refused_and_its_target_untouched(fake_engine, tm
     assert not list((tmp_path / "out").glob("part-*"))
 
 
-@pytest.mark.parametrize("linked", ["_forge_batch", "_forge_batch/ledger"])
+@pytest.mark.parametrize("linked", [".out.forge_batch", ".out.forge_batch/ledger", "out/_forge_batch", "out/_forge_batch/ledger"])
 def test_symlinked_state_directories_are_refused(fake_engine, tmp_path: Path, capsys, linked: str) -> None:
+    """The state folder next to the output, and the one older versions kept inside it (moved on resume)."""
     job = make_job(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    link = tmp_path / "out" / linked
+    link = tmp_path / linked
     link.parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "out").mkdir(exist_ok=True)
     os.symlink(elsewhere, link, target_is_directory=True)
     assert main(["run", str(job), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -79,24 +81,29 @@ def test_planted_temp_file_symlinks_are_not_written_through(fake_engine, tmp_pat
     (which a write would clobber), at every temp name a run uses."""
     job = make_job(tmp_path)
     out = tmp_path / "out"
-    ledger_dir = out / "_forge_batch" / "ledger"
+    out.mkdir()
+    state = state_dir_for(out)
+    ledger_dir = state / "ledger"
     ledger_dir.mkdir(parents=True)
     outside = tmp_path / "outside"
     outside.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     pid = os.getpid()  # the manifest and summary temps carry the writer's pid; this run is in-process
-    os.symlink(outside / "part0.parquet", out / ".part-00000.parquet.tmp")  # dangling
-    os.symlink(victim, out / ".part-00001.parquet.tmp")
+    os.symlink(outside / "part0.parquet", state / ".part-00000.parquet.tmp")  # dangling
+    os.symlink(victim, state / ".part-00001.parquet.tmp")
+    # where older versions wrote their temp parts (still cleaned up)
+    os.symlink(outside / "part2.parquet", out / ".part-00002.parquet.tmp")
+    os.symlink(victim, out / ".part-00003.parquet.tmp")
     os.symlink(outside / "ledger0.parquet", ledger_dir / ".part-00000.parquet.tmp")
     os.symlink(victim, ledger_dir / ".part-00001.parquet.tmp")
-    os.symlink(outside / "manifest.json", out / "_forge_batch" / f".manifest.json.{pid}.tmp")
-    os.symlink(victim, out / "_forge_batch" / f".summary.json.{pid}.tmp")
+    os.symlink(outside / "manifest.json", state / f".manifest.json.{pid}.tmp")
+    os.symlink(victim, state / f".summary.json.{pid}.tmp")
     assert main(["run", str(job), "--quiet"]) == 0
     assert files_under(outside) == [] and victim.read_text() == "precious\n"
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) == 3 and not any(p.is_symlink() for p in parts)
-    assert not [p for p in out.rglob("*") if p.is_symlink()]
+    assert not [p for p in [*out.rglob("*"), *state.rglob("*")] if p.is_symlink()]
     assert_every_id_once(out)
 
 
@@ -106,8 +113,8 @@ def test_temp_symlink_planted_during_a_run_is_not_written_through(tmp_path: Path
     out.open("fp", {"model": "m"}, "parquet")
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
-    os.symlink(victim, tmp_path / "o" / ".part-00000.parquet.tmp")
-    os.symlink(tmp_path / "dangling.parquet", tmp_path / "o" / "_forge_batch" / "ledger" / ".part-00000.parquet.tmp")
+    os.symlink(victim, state_dir_for(tmp_path / "o") / ".part-00000.parquet.tmp")
+    os.symlink(tmp_path / "dangling.parquet", state_dir_for(tmp_path / "o") / "ledger" / ".part-00000.parquet.tmp")
     table = pa.table({"id": ["a"]})
     entry = {"id": "a", "row_index": 0, "sample_index": 0, "status": "ok", "error_kind": None, "row_status": "ok",
              "prompt_tokens": 1, "completion_tokens": 1}
@@ -116,14 +123,14 @@ def test_temp_symlink_planted_during_a_run_is_not_written_through(tmp_path: Path
     assert victim.read_text() == "precious\n" and not (tmp_path / "dangling.parquet").exists()
     part = tmp_path / "o" / "part-00000.parquet"
     assert not part.is_symlink() and pq.read_table(part).column("id").to_pylist() == ["a"]
-    ledger = tmp_path / "o" / "_forge_batch" / "ledger" / "part-00000.parquet"
+    ledger = state_dir_for(tmp_path / "o") / "ledger" / "part-00000.parquet"
     assert not ledger.is_symlink() and pq.read_table(ledger).num_rows == 1
 
 
 def test_symlinked_manifest_is_refused(fake_engine, tmp_path: Path, capsys) -> None:
     job = make_job(tmp_path)
     assert main(["run", str(job), "--quiet", "--limit", "4"]) == 0
-    manifest = tmp_path / "out" / "_forge_batch" / "manifest.json"
+    manifest = state_dir_for(tmp_path / "out") / "manifest.json"
     copy = tmp_path / "manifest-copy.json"
     copy.write_text(manifest.read_text())
     manifest.unlink()
@@ -171,10 +178,10 @@ def test_disk_full_during_a_commit_fails_clearly_and_resumes(
     err = capsys.readouterr().err
     assert "no space left on device" in err and "rerun the same command to resume" in err
     assert "Traceback" not in err and "Errno" not in err
-    summary = json.loads((out / "_forge_batch" / "summary.json").read_text())
+    summary = json.loads((state_dir_for(out) / "summary.json").read_text())
     assert summary["status"] == "failed" and "no space left on device" in summary["message"]
     assert len(read_output(out)) == 5 * (failing_write - 1)
-    assert not list(out.glob(".*.tmp")), "the half-written temp part is removed (it holds disk space)"
+    assert not list(state_dir_for(out).glob(".*.tmp")), "the half-written temp part is removed (it holds disk space)"
     monkeypatch.setattr(ParquetWriter, "write_part", original)
     assert main(["run", str(job), "--quiet"]) == 0
     assert_every_id_once(out)
@@ -233,7 +240,7 @@ def test_inspect_names_a_corrupt_part(fake_engine, tmp_path: Path, capsys) -> No
 
 def test_inspect_names_a_truncated_summary(fake_engine, tmp_path: Path, capsys) -> None:
     assert main(["run", str(make_job(tmp_path)), "--quiet"]) == 0
-    summary = tmp_path / "out" / "_forge_batch" / "summary.json"
+    summary = state_dir_for(tmp_path / "out") / "summary.json"
     summary.write_text(summary.read_text()[:40])
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "out")]) == 1

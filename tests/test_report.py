@@ -25,6 +25,7 @@ from runner_helpers import REPO, make_job, prompts, read_output, run, write_json
 
 from forge_batch.cli import main
 from forge_batch.hookspecs import hookimpl
+from forge_batch.io.output_dir import state_dir_for
 from forge_batch.io.output_stats import collect_output_stats
 from forge_batch.io.schema import output_schema
 from forge_batch.plugin_manager import get_plugin_manager
@@ -144,7 +145,7 @@ def test_report_while_the_run_is_in_progress(tmp_path: Path) -> None:
 def test_report_ignores_a_part_being_written(tmp_path: Path) -> None:
     assert _run_job(tmp_path, "parquet", prompts(10)).status == "completed"
     (tmp_path / "out" / ".part-00099.parquet.tmp").write_bytes(b"half a parquet file")
-    (tmp_path / "out" / "_forge_batch" / "summary.json").unlink()
+    (state_dir_for(tmp_path / "out") / "summary.json").unlink()
     stats = collect_output_stats(tmp_path / "out")
     assert stats.rows == 10 and stats.status.startswith("in progress")
 
@@ -184,7 +185,7 @@ def test_resume_history_and_engine(tmp_path: Path) -> None:
     assert "dtype: &#x27;float32&#x27; -&gt; &#x27;bfloat16&#x27;" in page
 
     # a run killed before its end line: its parts are still its own
-    log = tmp_path / "out" / "_forge_batch" / "runs.jsonl"
+    log = state_dir_for(tmp_path / "out") / "runs.jsonl"
     lines = log.read_text().splitlines()
     ends = [i for i, line in enumerate(lines) if '"event": "end"' in line]
     log.write_text("\n".join(line for i, line in enumerate(lines) if i != ends[1]) + "\n")
@@ -203,7 +204,7 @@ def test_a_fresh_start_restarts_the_run_log(tmp_path: Path) -> None:
     job = make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out", "rows_per_file": 4}})
     assert run(job).status == "completed"
     assert run(job, overwrite=True).status == "completed"
-    log = [json.loads(line) for line in (tmp_path / "out" / "_forge_batch" / "runs.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (state_dir_for(tmp_path / "out") / "runs.jsonl").read_text().splitlines()]
     assert [e["event"] for e in log] == ["start", "end"] and log[0]["parts_at_start"] == 0 and log[1]["parts_at_end"] == 2
     assert [r.rows for r in collect_output_stats(tmp_path / "out").runs] == [8]
 

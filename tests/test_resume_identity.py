@@ -13,6 +13,8 @@ import pytest
 from runner_helpers import cli, cli_env, prompts, read_output, write_job_file, write_jsonl
 from tiny_models import make_tiny_model
 
+from forge_batch.io.output_dir import state_dir_for
+
 
 @pytest.fixture
 def job_dir(tmp_path: Path) -> Path:
@@ -39,9 +41,9 @@ def test_output_records_the_resolved_engine(job_dir: Path) -> None:
     assert engine["device"] == "cpu"
     assert engine["kernel_path"] in ("cpu-c", "torch")
     assert engine["model_digest"].startswith("blake2b:")
-    summary = json.loads((job_dir / "out" / "_forge_batch" / "summary.json").read_text())
+    summary = json.loads((state_dir_for(job_dir / "out") / "summary.json").read_text())
     assert summary["engine"] == engine
-    manifest = json.loads((job_dir / "out" / "_forge_batch" / "manifest.json").read_text())
+    manifest = json.loads((state_dir_for(job_dir / "out") / "manifest.json").read_text())
     assert manifest["engine"] == engine and manifest["input"]["files"] == ["in.jsonl"]
 
 
@@ -54,7 +56,7 @@ def test_a_changed_dtype_is_refused_unless_forced(job_dir: Path) -> None:
     r = run(job_dir, "--set", "engine.dtype=bfloat16", "--force-resume")
     assert r.returncode == 0, r.stderr
     assert sorted(row["id"] for row in read_output(job_dir / "out")) == sorted(p["id"] for p in prompts(6))
-    manifest = json.loads((job_dir / "out" / "_forge_batch" / "manifest.json").read_text())
+    manifest = json.loads((state_dir_for(job_dir / "out") / "manifest.json").read_text())
     assert manifest["engine"]["dtype"] == "bfloat16"
     assert manifest["forced_resumes"][0]["kind"] == "engine"
 

@@ -14,7 +14,7 @@ import pytest
 from runner_helpers import make_job, prompts, read_output, run, write_jsonl
 
 from forge_batch.hookspecs import DropResult, SkipRow, hookimpl
-from forge_batch.io.output_dir import OutputDirError
+from forge_batch.io.output_dir import OutputDirError, state_dir_for
 from forge_batch.runner import row_seed
 
 
@@ -44,7 +44,7 @@ def test_jsonl_job_writes_typed_parquet_with_metadata(tmp_path: Path) -> None:
     spec = json.loads(meta[b"forge_batch.job"])
     assert spec["sampling"]["temperature"] == 0.5 and spec["output"]["keep_fields"] == ["topic"]
     assert meta[b"forge_batch.version"]
-    summary = json.loads((tmp_path / "out" / "_forge_batch" / "summary.json").read_text())
+    summary = json.loads((state_dir_for(tmp_path / "out") / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rows"] == 25 and summary["rows_ok"] == 25
     assert summary["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
     assert {"wall_time_s", "throughput", "prompt_tokens", "failed_by_kind"} <= set(summary)
@@ -245,7 +245,7 @@ def test_max_error_rate_fails_the_run_with_a_clear_message(tmp_path: Path) -> No
     assert result.status == "failed" and result.exit_code == 1
     assert "max_error_rate" in result.message and "malformed_json 2" in result.message
     assert len(read_output(tmp_path / "out")) == 10  # the work is still written
-    summary = json.loads((tmp_path / "out" / "_forge_batch" / "summary.json").read_text())
+    summary = json.loads((state_dir_for(tmp_path / "out") / "summary.json").read_text())
     assert summary["status"] == "failed"
     ok = run(basic_job(tmp_path / "b", rows, max_error_rate=0.25))
     assert ok.status == "completed"
@@ -390,7 +390,7 @@ def test_plugin_hooks_skip_drop_score_and_fail_rows_with_their_name(tmp_path: Pa
     assert calls == {"lp": 3, "start": 0, "end": "completed"}
     s = result.summary
     assert (s["rows_ok"], s["rows_failed"], s["rows_skipped"], s["rows_dropped"]) == (1, 2, 1, 1)
-    assert json.loads((tmp_path / "out" / "_forge_batch" / "summary.json").read_text())["plugin_note"] == "seen"
+    assert json.loads((state_dir_for(tmp_path / "out") / "summary.json").read_text())["plugin_note"] == "seen"
     # a rerun neither regenerates the dropped row nor writes anything twice
     holder: list = []
     run(job, plugins=[("myplug", make_plugin({}))], holder=holder)

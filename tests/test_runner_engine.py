@@ -16,6 +16,7 @@ import pytest
 from conftest import requires_default_model
 from runner_helpers import REPO, cli, cli_env, popen, prompts, read_output, write_job_file, write_jsonl
 
+from forge_batch.io.output_dir import state_dir_for
 from forge_batch.job import job_from_dict, load_job
 from forge_batch.runner import JobRunner
 
@@ -162,7 +163,7 @@ def test_nightly_parquet_job_on_default_model_resumes(tmp_path: Path) -> None:
     rows = read_output(out)
     assert Counter(r["article_id"] for r in rows) == {f"a-00{i}": 2 for i in range(1, 7)}
     assert all(r["error"] is None and r["text"] for r in rows)
-    summary = json.loads((out / "_forge_batch" / "summary.json").read_text())
+    summary = json.loads((state_dir_for(out) / "summary.json").read_text())
     assert summary["resumed_rows"] == 3 and summary["rows_ok"] == 6
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from runner_helpers import cli_env, make_job, popen, prompts, read_output, run, write_job_file, write_jsonl
 
+from forge_batch.io.output_dir import state_dir_for
 from forge_batch.job import load_job
 
 N_ROWS = 240
@@ -91,7 +92,7 @@ def test_sigterm_and_ctrl_c_commit_and_say_how_to_resume(tmp_path: Path, sig: in
     assert "interrupted" in stderr and "resume" in stderr
     partial = read_output(out)
     assert 0 < len(partial) < 2 * N_ROWS
-    summary = (out / "_forge_batch" / "summary.json").read_text()
+    summary = (state_dir_for(out) / "summary.json").read_text()
     assert '"status": "interrupted"' in summary
     done = run(load_job(path))
     assert done.exit_code == 0 and done.summary["resumed_rows"] == len({r["row_index"] for r in partial})

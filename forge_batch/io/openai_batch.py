@@ -119,7 +119,10 @@ def parse_request(obj: Any) -> dict[str, Any]:
         raise OpenAIRequestError(f"a batch line must be a JSON object, got {type(obj).__name__}")
     url = obj.get("url", CHAT_URL)
     body = obj.get("body")
-    row: dict[str, Any] = {"custom_id": obj.get("custom_id"), "method": obj.get("method", "POST"), "url": url}
+    method = obj.get("method", "POST")
+    row: dict[str, Any] = {"custom_id": obj.get("custom_id"), "method": method, "url": url}
+    if not isinstance(method, str) or method.upper() != "POST":
+        raise OpenAIRequestError(f"method {method!r} is not supported (batch requests are POST)")
     if url not in SUPPORTED_URLS:
         raise OpenAIRequestError(f"url {url!r} is not supported (use {' or '.join(SUPPORTED_URLS)})")
     if not isinstance(body, Mapping):

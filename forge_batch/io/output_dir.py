@@ -1,24 +1,36 @@
 """The output directory: atomic part files, the ledger that makes resume exact, the manifest, the lock.
 
-Layout of ``output.path``::
+Layout for ``output.path: out/run1``::
 
-    part-00000.parquet            committed parts (the only visible files: read the directory as a table)
-    .part-00001.parquet.tmp       a part being written (hidden: readers skip names starting with . or _)
-    _forge_batch/manifest.json    job, fingerprint, schema and the list of committed parts
-    _forge_batch/summary.json     the run summary
-    _forge_batch/ledger/part-00000.parquet   ids / row positions / status of every sample of that part
-    _forge_batch/lock             held (flock) while a run writes here
+    out/run1/part-00000.parquet               committed parts: the only files in the directory, so that
+    out/run1/part-00001.parquet               every reader (DuckDB, Polars, pandas, pyarrow, HF datasets)
+                                              reads exactly the result rows, during a run as after it
+    out/.run1.forge_batch/manifest.json       job, fingerprint, schema and the list of committed parts
+    out/.run1.forge_batch/summary.json        the run summary
+    out/.run1.forge_batch/ledger/part-00000.parquet   ids / row positions / status of every sample of that part
+    out/.run1.forge_batch/lock                held (flock) while a run writes here
+    out/.run1.forge_batch/.part-00002.parquet.tmp     a part being written
 
-Committing a part: write the part under a hidden temp name, write its ledger (temp + rename), then rename
-the part into place (the commit point), then update the manifest. A crash at any moment leaves either a
-committed part with its ledger, or nothing visible: resume deletes temp files and ledgers whose part never
-appeared, and skips every id in the remaining ledgers. Parts are never rewritten, so a directory that was
-readable stays readable.
+The state lives next to the output directory, not inside it, because no hiding works for every reader:
+Polars reads a directory recursively, hidden entries included, and refuses one holding any non-empty file
+without the ``.parquet`` extension; DuckDB's ``**/*.parquet`` and HF datasets read ``_``-prefixed folders.
+It sits next to the directory's real path (its symlinks resolved), so a part written in the state folder is
+renamed into place on the same file system. A state folder left by an older version inside the directory
+(``out/run1/_forge_batch/``) is moved out on the next run, so old outputs resume.
 
-Nothing inside the output directory is followed through a symlink (the directory itself may be one): a
-linked ``_forge_batch``, ledger folder, lock, manifest, ledger or part is refused, and temp files are created
-fresh (``O_CREAT | O_EXCL | O_NOFOLLOW``) after removing whatever sits at their name, so a planted link can
-neither redirect a write outside the directory nor clobber the file it points at.
+A single-file output (``output.path: results.jsonl`` with ``format: openai-batch``) keeps its parts in
+``.results.jsonl.forge_batch/parts/`` while it runs and is written, in input order, when every row is done.
+
+Committing a part: write the part to a temp file in the state folder, write its ledger (temp + rename),
+then rename the part into place (the commit point), then update the manifest. A crash at any moment leaves
+either a committed part with its ledger, or nothing visible: resume deletes temp files and ledgers whose part
+never appeared, and skips every id in the remaining ledgers. Parts are never rewritten, so a directory that
+was readable stays readable.
+
+Nothing inside the output directory or the state folder is followed through a symlink (the output directory
+itself may be one): a linked state folder, ledger folder, lock, manifest, ledger or part is refused, and temp
+files are created fresh (``O_CREAT | O_EXCL | O_NOFOLLOW``) after removing whatever sits at their name, so a
+planted link can neither redirect a write outside the directory nor clobber the file it points at.
 """
 
 from __future__ import annotations
@@ -42,7 +54,12 @@ import pyarrow.parquet as pq
 
 from forge_batch.io.schema import ledger_schema, schema_from_str, schema_to_str
 
-STATE_DIR = "_forge_batch"
+# The state folder of ``out/run1`` is ``out/.run1.forge_batch`` (see state_dir_for).
+STATE_SUFFIX = ".forge_batch"
+# Where versions before the sibling folder kept it: inside the output directory.
+LEGACY_STATE_DIR = "_forge_batch"
+PARTS_DIR = "parts"
+LOCK = "lock"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 LEDGER_DIR = "ledger"
@@ -84,6 +101,36 @@ _OS_ERRORS = {
 def describe_os_error(e: OSError) -> str:
     """A short lower-case reason for a file-system error (no ``[Errno N]``)."""
     return _OS_ERRORS.get(e.errno or -1) or (e.strerror or str(e)).lower()
+
+
+def state_dir_for(output: str | os.PathLike[str]) -> Path:
+    """The state folder of an output (directory or single file): ``.<name>.forge_batch`` next to its real
+    path (an output that is a symlink keeps its state beside its target), so that it is on the same file
+    system as what is renamed out of it."""
+    real = Path(os.path.realpath(output))
+    if not real.name:
+        raise OutputDirError(f"{output} has no parent folder to keep the run's state in; use a folder below it")
+    return real.parent / f".{real.name}{STATE_SUFFIX}"
+
+
+def find_state_dir(output: str | os.PathLike[str]) -> Path:
+    """The state folder of an existing output, for reading (inspect, report): the sibling folder, or the
+    folder an older version kept inside the directory when only that one exists."""
+    state = state_dir_for(output)
+    legacy = Path(output) / LEGACY_STATE_DIR
+    if not state.is_dir() and legacy.is_dir() and not legacy.is_symlink():
+        return legacy
+    return state
+
+
+def parts_dir_for(output: str | os.PathLike[str]) -> Path:
+    """Where the committed parts of an output are: the output directory itself, or the state folder's
+    ``parts/`` for a single-file output."""
+    out = Path(output)
+    if out.is_dir():
+        return out
+    single = state_dir_for(out) / PARTS_DIR
+    return single if single.is_dir() else out
 
 
 def _symlink_error(path: Path) -> OutputDirError:
@@ -249,17 +296,25 @@ class ResumeState:
 
 
 class OutputDir:
-    """One run's handle on its output directory (see the module docstring for the layout)."""
+    """One run's handle on its output directory (see the module docstring for the layout).
 
-    def __init__(self, path: str | os.PathLike[str], extension: str) -> None:
+    ``single_file``: ``path`` is one file written when the run is done (:meth:`finalize`); the parts are
+    kept in the state folder meanwhile."""
+
+    def __init__(self, path: str | os.PathLike[str], extension: str, *, single_file: bool = False) -> None:
         self.path = Path(path)
         self.extension = extension if extension.startswith(".") or not extension else f".{extension}"
-        self.state_dir = self.path / STATE_DIR
-        self.ledger_dir = self.state_dir / LEDGER_DIR
+        self.single_file = single_file
+        self._locate_state()
         self._lock_fd: int | None = None
         self.fingerprint = ""
         self.manifest: dict[str, Any] = {}
         self.holds_rows = False  # whether earlier runs committed anything here (set by open)
+
+    def _locate_state(self) -> None:
+        self.state_dir = state_dir_for(self.path)
+        self.ledger_dir = self.state_dir / LEDGER_DIR
+        self.parts_dir = self.state_dir / PARTS_DIR if self.single_file else self.path
 
     # ---- opening ------------------------------------------------------------------------------------
     def part_name(self, index: int) -> str:
@@ -273,10 +328,20 @@ class OutputDir:
         the directory is a symlink, or when the directory cannot be written (read-only, no permission)."""
         self.fingerprint = fingerprint
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            if self.single_file:
+                if self.path.is_dir():
+                    raise OutputDirError(f"{self.path} is a directory; a single-file output needs a file name there")
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            else:
+                self.path.mkdir(parents=True, exist_ok=True)
+            self._locate_state()  # the directory exists now: its real path is known
             _ensure_dir(self.state_dir)
             self._lock()
             try:
+                self._migrate_legacy_state()
+                if self.single_file:
+                    _ensure_dir(self.parts_dir)
+                self._check_same_file_system()
                 return self._open_locked(fingerprint, job_json, output_format, overwrite)
             except BaseException:
                 self.close()
@@ -285,23 +350,78 @@ class OutputDir:
             where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.path) else ""
             raise OutputDirError(f"cannot write to the output directory {self.path}: {describe_os_error(e)}{where}") from e
 
+    def _check_same_file_system(self) -> None:
+        # A part is written in the state folder and renamed into the output directory: on two file systems
+        # (the output directory is a mount point) that rename is a copy, not atomic.
+        if os.stat(self.parts_dir).st_dev != os.stat(self.state_dir).st_dev:
+            raise OutputDirError(
+                f"{self.path} is on another file system than its state folder {self.state_dir} (a mount point?): "
+                "parts could not be committed atomically; use a folder inside it as output.path"
+            )
+
+    def _migrate_legacy_state(self) -> None:
+        """Move the state an older version kept inside the output directory (``_forge_batch/``) next to it,
+        so that its output resumes and readers stop tripping on it. Runs under the new lock; refuses while an
+        older version's run holds the old lock."""
+        if self.single_file:
+            return
+        legacy = self.path / LEGACY_STATE_DIR
+        if not os.path.lexists(legacy):
+            return
+        _refuse_symlink(legacy)
+        if not legacy.is_dir():
+            return
+        old_lock = legacy / LOCK
+        fd: int | None = None
+        if os.path.lexists(old_lock):
+            _refuse_symlink(old_lock)
+            fd = os.open(old_lock, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
+        try:
+            if fd is not None and not _try_flock(fd):
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                raise OutputDirError(f"another run (pid {holder or '?'}, an older forge-batch) is writing to {self.path}")
+            for entry in sorted(legacy.iterdir()):
+                if entry.name == LOCK:
+                    continue
+                _refuse_symlink(entry)
+                if entry.name == LEDGER_DIR and entry.is_dir():
+                    _ensure_dir(self.ledger_dir)
+                    for f in sorted(entry.iterdir()):
+                        _refuse_symlink(f)
+                        os.replace(f, self.ledger_dir / f.name)
+                    os.rmdir(entry)
+                else:
+                    os.replace(entry, self.state_dir / entry.name)
+            fsync_dir(self.state_dir)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old_lock)
+            os.rmdir(legacy)
+            fsync_dir(self.path)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     def _open_locked(self, fingerprint: str, job_json: dict[str, Any], output_format: str, overwrite: bool) -> ResumeState:
         _refuse_symlink(self.ledger_dir)  # before --overwrite empties it
+        manifest_path = self.state_dir / MANIFEST
+        _refuse_symlink(manifest_path)
         if overwrite:
             self._remove_outputs()
         _ensure_dir(self.ledger_dir)
         state = ResumeState()
         state.cleaned = self._cleanup_temps()
-        manifest_path = self.state_dir / MANIFEST
-        _refuse_symlink(manifest_path)
         if manifest_path.exists():
             try:
                 self.manifest = json.loads(manifest_path.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise OutputDirError(f"{manifest_path} is unreadable ({e}); rerun with --overwrite to start over") from e
+        visible = {p.name for p in self.parts_dir.iterdir() if PART_RE.match(p.name)}
+        if self._state_outlived_its_parts(visible):
+            # The directory was emptied or deleted and made again: its state describes rows that are gone.
+            self._remove_outputs()
+            _ensure_dir(self.ledger_dir)
         ledgers = sorted(self.ledger_dir.glob("part-*.parquet"))
-        visible = {p.name for p in self.path.iterdir() if PART_RE.match(p.name)}
-        for p in [*ledgers, *(self.path / name for name in sorted(visible))]:
+        for p in [*ledgers, *(self.parts_dir / name for name in sorted(visible))]:
             _refuse_symlink(p)
         self.holds_rows = bool(ledgers or visible)
         if self.holds_rows and self.manifest:
@@ -318,7 +438,8 @@ class OutputDir:
                 )
         if visible and not ledgers:
             raise OutputDirError(
-                f"{self.path} holds part files but no {STATE_DIR}/{LEDGER_DIR}: cannot tell what was committed; "
+                f"{self.path} holds part files but no ledger in {self.ledger_dir}: cannot tell what was committed "
+                "(if the directory was moved or copied, move its state folder along); "
                 "use a new output.path, or --overwrite to discard them"
             )
         if self.manifest.get("schema"):
@@ -344,7 +465,7 @@ class OutputDir:
                     f"({_diff_jobs(self.manifest.get('job', {}), job_json)}); "
                     "use a new output.path, or --overwrite to discard them"
                 )
-            if part_file is not None and not (self.path / part_file).exists():
+            if part_file is not None and not (self.parts_dir / part_file).exists():
                 # Crash between the ledger rename and the part rename: the part never became visible.
                 ledger.unlink()
                 state.cleaned.append(str(ledger))
@@ -373,7 +494,7 @@ class OutputDir:
                 max_index = max(max_index, int(m.group(1)))
             if name not in referenced:
                 raise OutputDirError(
-                    f"{self.path / name} has no ledger in {STATE_DIR}/{LEDGER_DIR}: cannot tell what it holds; "
+                    f"{self.parts_dir / name} has no ledger in {self.ledger_dir}: cannot tell what it holds; "
                     "use a new output.path, or --overwrite to discard the old output"
                 )
         state.next_part = max_index + 1
@@ -387,6 +508,13 @@ class OutputDir:
             }
         )
         return state
+
+    def _state_outlived_its_parts(self, visible: set[str]) -> bool:
+        """The manifest lists committed part files and none of them is there any more."""
+        if self.single_file or visible:
+            return False
+        listed = [p.get("file") for p in self.manifest.get("parts") or [] if p.get("file")]
+        return bool(listed) and not any((self.parts_dir / name).exists() for name in listed)
 
     def check_identity(self, kind: str, current: dict[str, Any], *, compare: Iterable[str], force: bool = False) -> None:
         """Refuse to resume when what decides a row's tokens changed since the committed rows were written.
@@ -411,7 +539,7 @@ class OutputDir:
         self.manifest[kind] = current
 
     def _lock(self) -> None:
-        lock_path = self.state_dir / "lock"
+        lock_path = self.state_dir / LOCK
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
         except OSError:
@@ -422,16 +550,10 @@ class OutputDir:
             # truncating a hard link (or a device) would damage a file outside the output directory
             os.close(fd)
             raise OutputDirError(f"{lock_path} is not a plain file of its own (a hard link or a device); remove it")
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: best effort
-            pass
-        except OSError:
+        if not _try_flock(fd):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise OutputDirError(f"another run (pid {holder or '?'}) is writing to {self.path}") from None
+            raise OutputDirError(f"another run (pid {holder or '?'}) is writing to {self.path}")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
@@ -444,7 +566,9 @@ class OutputDir:
 
     def _cleanup_temps(self) -> list[str]:
         removed = []
-        for d in (self.path, self.state_dir, self.ledger_dir):
+        # the output directory too: older versions wrote their temp parts there
+        dirs = [self.state_dir, self.ledger_dir, self.parts_dir] + ([] if self.single_file else [self.path])
+        for d in dict.fromkeys(dirs):
             if not d.exists():
                 continue
             for p in d.iterdir():
@@ -456,9 +580,11 @@ class OutputDir:
 
     def _remove_outputs(self) -> None:
         """--overwrite: remove what runs wrote (parts, temps, state), nothing else in the folder."""
-        for p in self.path.iterdir():
+        for p in self.parts_dir.iterdir():
             if PART_RE.match(p.name) or (p.name.startswith(".part-") and p.name.endswith(".tmp")):
                 p.unlink()
+        if self.single_file and (self.path.is_file() or self.path.is_symlink()):
+            self.path.unlink()
         for name in (MANIFEST, SUMMARY):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / name).unlink()
@@ -480,10 +606,10 @@ class OutputDir:
         """Commit one part atomically.
 
         ``write(tmp_path)`` writes the part file (None when the part holds no records, e.g. only dropped
-        samples: then only the ledger is committed). Order: part to a hidden temp, ledger (temp + rename),
-        part rename (the commit point), manifest."""
+        samples: then only the ledger is committed). Order: part to a temp in the state folder, ledger
+        (temp + rename), part rename into the output directory (the commit point), manifest."""
         part_file = self.part_name(index) if write is not None else None
-        tmp_part = self.path / f".{part_file}.tmp" if part_file else None
+        tmp_part = self.state_dir / f".{part_file}.tmp" if part_file else None
         ledger_name = f"part-{index:05d}.parquet"
         tmp_ledger = self.ledger_dir / f".{ledger_name}.tmp"
         try:
@@ -504,8 +630,8 @@ class OutputDir:
             os.replace(tmp_ledger, self.ledger_dir / ledger_name)
             fsync_dir(self.ledger_dir)
             if tmp_part is not None and part_file is not None:
-                os.replace(tmp_part, self.path / part_file)  # the commit point
-                fsync_dir(self.path)
+                os.replace(tmp_part, self.parts_dir / part_file)  # the commit point
+                fsync_dir(self.parts_dir)
         except OSError as e:
             _unlink_quietly(tmp_part)
             _unlink_quietly(tmp_ledger)
@@ -544,7 +670,49 @@ class OutputDir:
         return path
 
     def part_files(self) -> list[Path]:
-        return sorted(p for p in self.path.iterdir() if PART_RE.match(p.name))
+        return sorted(p for p in self.parts_dir.iterdir() if PART_RE.match(p.name))
+
+    def finalize(self) -> int:
+        """Write a single-file output: the lines of every committed part in input order, atomically (temp
+        in the state folder, then rename over ``path``). Returns the number of lines."""
+        from forge_batch.io.single_file import merge_in_input_order, request_positions
+
+        runs = []
+        for ledger in sorted(self.ledger_dir.glob("part-*.parquet")):
+            _refuse_symlink(ledger)
+            lt = pq.read_table(ledger)
+            part_file = (lt.schema.metadata or {}).get(b"part_file", b"").decode()
+            if part_file:
+                _refuse_symlink(self.parts_dir / part_file)
+                runs.append((self.parts_dir / part_file, request_positions(lt)))
+        tmp = self.state_dir / f".{self.path.name}.tmp"
+        # the output itself may be a symlink, as an output directory may: the file replaces its target,
+        # which is next to the state folder (one file system, so the rename is atomic)
+        final = Path(os.path.realpath(self.path))
+        try:
+            with os.fdopen(_create_fresh(tmp), "wb") as f:
+                lines = merge_in_input_order(runs, f, self.state_dir, _create_fresh)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        fsync_dir(final.parent)
+        return lines
+
+
+def _try_flock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: best effort
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _diff_jobs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from forge_batch.io.meta import META_ENGINE, META_JOB
-from forge_batch.io.output_dir import MANIFEST, PART_RE, STATE_DIR, SUMMARY
+from forge_batch.io.output_dir import MANIFEST, PART_RE, SUMMARY, find_state_dir, parts_dir_for
 from forge_batch.io.schema import id_column_name, schema_from_str
 
 RUN_LOG = "runs.jsonl"  # written by the built-in run_history plugin (forge_batch.plugins.run_history)
@@ -591,7 +591,7 @@ def _parse_time(text: Any) -> float | None:
 
 
 def read_run_log(path: Path) -> list[dict[str, Any]]:
-    """The lines of ``_forge_batch/runs.jsonl`` (written by the built-in ``run_history`` plugin); a torn
+    """The lines of ``runs.jsonl`` in the state folder (written by the built-in ``run_history`` plugin); a torn
     last line is skipped."""
     entries = []
     try:
@@ -705,12 +705,12 @@ def _throughput_from_commits(run: RunInfo) -> Throughput | None:
 def collect_output_stats(path: str | Path) -> OutputStats:
     """Scan an output directory (see the module docstring); raises FileNotFoundError if it is not one."""
     out = Path(path)
-    if not out.is_dir():
+    state = find_state_dir(out)
+    if not out.is_dir() and not state.is_dir():
         raise FileNotFoundError(f"no output directory at {out}")
-    state = out / STATE_DIR
     manifest = _read_json(state / MANIFEST) or {}
     summary = _read_json(state / SUMMARY)
-    parts = part_files(out)
+    parts = part_files(parts_dir_for(out))
     output_format = manifest.get("output_format") or _sniff_format(parts)
     job = manifest.get("job")
     schema = schema_from_str(manifest["schema"]) if manifest.get("schema") else None

@@ -143,7 +143,7 @@ def records_to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Tab
 
 
 def ledger_schema(id_type: pa.DataType, id_name: str = "id") -> pa.Schema:
-    """Schema of the per-part ledger files in ``_forge_batch/ledger/``: one entry per sample, dropped ones
+    """Schema of the per-part ledger files in ``ledger/`` of the state folder: one entry per sample, dropped ones
     included (``status`` ok | error | skipped | dropped), the source of truth for resume."""
     return pa.schema(
         [

