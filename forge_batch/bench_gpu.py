@@ -239,7 +239,6 @@ def run_ours(cfg: dict, work: list[list[int]], max_tokens: int, max_num_seqs: in
 
     from forge_batch import LLM, SamplingParams
     from forge_batch.engine.request import GenerationRequest
-    from forge_batch.kernels import dispatch
     from forge_batch.models.config import ModelConfig
 
     t0 = time.monotonic()
@@ -268,7 +267,7 @@ def run_ours(cfg: dict, work: list[list[int]], max_tokens: int, max_num_seqs: in
     ours: dict[str, Any] = {
         "tok_s": tokens / wall, "wall_s": wall, "output_tokens": tokens, "load_s": load,
         "cuda_graphs": llm.runner.decode_graphs is not None, "kernel_path": llm.engine_info["kernel_path"],
-        "triton_fallback": dispatch.triton_disabled_reason(), "weight_bytes": weight_bytes,
+        "triton_fallback": llm.model.kernels.triton_disabled_reason(), "weight_bytes": weight_bytes,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, torch.empty((), dtype=llm.dtype).element_size()),
         "decode": [],
     }
@@ -284,7 +283,7 @@ def run_ours(cfg: dict, work: list[list[int]], max_tokens: int, max_num_seqs: in
         except Exception as exc:
             ours["profile_error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-    ours["triton_fallback"] = dispatch.triton_disabled_reason()  # a kernel may fail only at a later shape
+    ours["triton_fallback"] = llm.model.kernels.triton_disabled_reason()  # a kernel may fail only at a later shape
     results["ours"] = ours
     del llm
     gc.collect()
