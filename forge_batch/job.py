@@ -10,8 +10,9 @@ key's path, so a typo never silently falls back to a default. Loading goes:
 5. resolve relative paths (input, output, model directory, plugin files) against the job file's folder.
 
 :func:`load_job` raises :class:`JobError` holding the list of problems; :func:`check_job` adds the checks that
-need the file system or the plugin registry (input files exist, formats and samplers are registered,
-templates compile) without running anything. ``forge-batch validate`` prints both.
+need the file system but no plugin (input files exist, templates compile, the model is there) without
+running anything. The checks against what plugins register (formats, samplers, constraint kinds) sit a layer
+up, in ``forge_batch.runner.checks``, which ``forge-batch validate`` and ``run`` both call.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-if TYPE_CHECKING:
-    from pluggy import PluginManager
+from forge_batch.engine.sampling_params import (
+    BUILTIN_CONSTRAINT_KINDS,
+    constraint_options,
+    constraints_given,
+    one_constraint_problem,
+)
 
 # Output columns the runner always writes; input fields copied with ``keep_fields`` must not collide.
 RESERVED_COLUMNS = (
@@ -142,19 +147,16 @@ class SamplingSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> SamplingSpec:
-        constraints = [k for k in ("json_schema", "regex", "choice", "constraint") if getattr(self, k) is not None]
-        if len(constraints) > 1:
-            raise ValueError(f"give at most one of json_schema, regex, choice, constraint (got {', '.join(constraints)})")
+        problem = one_constraint_problem(constraints_given(dict(self)))
+        if problem is not None:
+            raise ValueError(problem)
         if self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must not exceed max_tokens")
         return self
 
 
-_BUILTIN_KINDS = ("json_schema", "regex", "choice")
-
-
 class ConstraintSpec(BaseModel):
-    """Structured output (issue: every written row parses, has its fields, picks from the set).
+    """Structured output: every written row parses, has its fields, picks from the set.
 
     Job-wide: one kind with its spec, ``{json_schema: {...}}``, ``{regex: "..."}``, ``{choice: [...]}`` or a
     plugin-registered kind (``{lark: "..."}``). Per row: ``<kind>_field: column`` names a column holding
@@ -191,12 +193,10 @@ class ConstraintSpec(BaseModel):
         items = self._items()
         kinds = [k for k in items if not k.endswith("_field")]
         fields = [k for k in items if k.endswith("_field")]
-        if "json_schema" in kinds and "regex" in kinds:
-            raise ValueError("json_schema and regex are mutually exclusive: give one constraint")
-        if len(kinds) > 1:
-            raise ValueError(f"give one job-wide constraint kind, got {', '.join(kinds)}")
-        if len(fields) > 1:
-            raise ValueError(f"give one per-row constraint column, got {', '.join(fields)}")
+        for given in (kinds, fields):  # one job-wide kind; one column with each row's own
+            problem = one_constraint_problem(given)
+            if problem is not None:
+                raise ValueError(problem)
         for k in fields:
             if not isinstance(items[k], str) or not items[k]:
                 raise ValueError(f"{k} must name a column")
@@ -315,31 +315,26 @@ class JobSpec(_Strict):
         d = self.sampling.model_dump()
         level = self.constraint.job_level() if self.constraint is not None else None
         if level is not None:
-            kind, spec = level
-            if kind in _BUILTIN_KINDS:
-                d[kind] = spec
-            else:
-                d["constraint"] = {kind: spec}
+            d.update(constraint_options(*level))
         return d
 
     def job_constraint(self) -> tuple[str, Any] | None:
         """The constraint every row gets, from ``constraint:`` or ``sampling.*``; None if none."""
         d = self.sampling_dict()
-        for kind in _BUILTIN_KINDS:
-            if d.get(kind) is not None:
-                return kind, d[kind]
-        if d.get("constraint"):
-            return next(iter(d["constraint"].items()))
-        return None
+        given = constraints_given(d)
+        if not given:
+            return None
+        kind = given[0]
+        return (kind, d[kind]) if kind in BUILTIN_CONSTRAINT_KINDS else (kind, d["constraint"][kind])
 
     @model_validator(mode="after")
     def _constraint_given_once(self) -> JobSpec:
-        if self.constraint is not None and self.constraint.job_level() is not None:
-            in_sampling = [k for k in (*_BUILTIN_KINDS, "constraint") if getattr(self.sampling, k) is not None]
-            if in_sampling:
-                raise ValueError(
-                    f"constraint given twice: top-level constraint and sampling.{in_sampling[0]}; keep one"
-                )
+        level = self.constraint.job_level() if self.constraint is not None else None
+        if level is not None:
+            given = [f"constraint.{level[0]}", *(f"sampling.{k}" for k in constraints_given(dict(self.sampling)))]
+            problem = one_constraint_problem(given)
+            if problem is not None:
+                raise ValueError(f"constraint given twice (top level and in sampling): {problem}")
         return self
 
     def fingerprint(self) -> str:
@@ -622,7 +617,7 @@ def load_job(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checks that need the file system or the plugin registry (forge-batch validate runs them; run does too)
+# Checks that need the file system but no plugin (the plugin-dependent ones: forge_batch.runner.checks)
 
 
 def input_files(pattern: str) -> list[str]:
@@ -651,27 +646,17 @@ def compile_template(template: str) -> Any:
     return env.from_string(template)
 
 
-def check_job(
-    job: JobSpec,
-    pm: PluginManager | None = None,
-    *,
-    check_model: bool = True,
-    unloaded_plugins: Sequence[str] = (),
-    warnings: list[str] | None = None,
-) -> list[Problem]:
-    """Every problem that stops ``job`` from running, found without running anything.
+def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
+    """The problems that stop ``job`` from running and need no plugin to find: input files, the template,
+    sampling options, the model, the engine options, the output path. Runs nothing.
 
-    With a plugin manager, formats, samplers and constraint kinds are checked against what plugins register;
-    without one, those checks are skipped. ``unloaded_plugins``: the job's plugins that ``pm`` does not hold
-    (validate does not import them); a name none of the loaded plugins registers may be theirs, so it is a
-    warning (appended to ``warnings``) instead of a problem. ``check_model=False`` skips resolving ``model``
-    (a custom engine factory decides what the name means).
-    """
+    ``check_model=False`` skips resolving ``model`` (a custom engine factory decides what the name means).
+    What needs the registered readers, writers, samplers and constraint kinds is checked a layer up, with
+    the plugin manager (``forge_batch.runner.checks``)."""
     from forge_batch.engine.sampling_params import SamplingParams
 
     problems: list[Problem] = []
-    files = input_files(job.input.path)
-    if not files:
+    if not input_files(job.input.path):
         problems.append(Problem("input.path", f"no input file matches {job.input.path}"))
 
     if job.input.template is not None:
@@ -680,8 +665,6 @@ def check_job(
         except Exception as e:  # jinja2.TemplateSyntaxError and friends
             line = getattr(e, "lineno", None)
             problems.append(Problem("input.template", f"template does not compile{f' (line {line})' if line else ''}: {e}"))
-    if job.input.id_field is not None and job.input.id_field in job.output.keep_fields:
-        pass  # the id column is always written; keeping it again is harmless and ignored
     if job.input.id_field in RESERVED_COLUMNS:
         problems.append(Problem("input.id_field", f"{job.input.id_field!r} clashes with an output column"))
 
@@ -699,46 +682,6 @@ def check_job(
     out = Path(job.output.path)
     if out.exists() and not out.is_dir():
         problems.append(Problem("output.path", f"{out} exists and is not a directory"))
-
-    if pm is not None:
-        from forge_batch.plugin_manager import collect_registry
-
-        def unknown(path: str, what: str, name: str, known: Iterable[str]) -> None:
-            if unloaded_plugins:
-                if warnings is not None:
-                    warnings.append(
-                        f"{path}: {what} {name!r} is not registered by a built-in or installed plugin; it may come "
-                        f"from {', '.join(unloaded_plugins)}, which validate does not import (run will tell)"
-                    )
-            else:
-                problems.append(Problem(path, f"unknown {what} {name!r}; known: {', '.join(sorted(known))}"))
-
-        readers = collect_registry(pm, "register_readers")
-        writers = collect_registry(pm, "register_writers")
-        kinds = collect_registry(pm, "register_constraints")
-        # Only when a sampler is named: collecting samplers imports the engine (torch), which validate avoids.
-        samplers = collect_registry(pm, "register_samplers") if job.sampling.sampler is not None else {}
-        if job.input.format != "auto" and job.input.format not in readers:
-            unknown("input.format", "input format", job.input.format, ["auto", *readers])
-        elif job.input.format == "auto":
-            for f in files:
-                if _reader_for_extension(readers, f) is None:
-                    problems.append(Problem("input.path", f"cannot tell the format of {f} from its extension; set input.format"))
-                    break
-        if job.output.format not in writers:
-            unknown("output.format", "output format", job.output.format, writers)
-        for kind in job.sampling.constraint or {}:
-            if kinds and kind not in kinds:
-                unknown(f"sampling.constraint.{kind}", "constraint kind", kind, kinds)
-        for key in (job.constraint.model_extra or {}) if job.constraint is not None else {}:
-            kind = key[: -len("_field")] if key.endswith("_field") else key
-            if kinds and kind not in kinds:
-                unknown(f"constraint.{key}", "constraint kind", kind, kinds)
-        problems.extend(_check_job_constraint(job, kinds))
-        if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
-            unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
-        if job.input.format == "parquet" or (job.input.format == "auto" and files and files[0].endswith(".parquet")):
-            problems.extend(_check_parquet_columns(job, files))
     return problems
 
 
@@ -749,27 +692,6 @@ def _check_model(model: str) -> list[Problem]:
         check_model(model)
     except (OSError, ValueError) as e:  # not found; not GGUF, corrupt or truncated (GGUFError)
         return [Problem("model", str(e))]
-    return []
-
-
-def _check_job_constraint(job: JobSpec, kinds: Mapping[str, Any]) -> list[Problem]:
-    """The job-wide constraint compiled as the engine will compile it, minus the model: a constraint kind's
-    factory may have a ``check(spec)`` that raises what compiling would (the built-ins do)."""
-    level = job.job_constraint()
-    if level is None:
-        return []
-    kind, spec = level
-    check = getattr(kinds.get(kind), "check", None)
-    if check is None:
-        return []
-    if job.constraint is not None and job.constraint.job_level() is not None:
-        where = f"constraint.{kind}"
-    else:
-        where = f"sampling.{kind}" if kind in _BUILTIN_KINDS else f"sampling.constraint.{kind}"
-    try:
-        check(spec)
-    except Exception as e:  # ConstraintError from the built-ins; a plugin's kind may raise anything
-        return [Problem(where, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")]
     return []
 
 
@@ -791,16 +713,8 @@ def _check_engine(engine: EngineSpec) -> list[Problem]:
     return []
 
 
-def _reader_for_extension(readers: Mapping[str, Any], filename: str) -> str | None:
-    name = filename.lower()
-    for fmt, reader in readers.items():
-        for ext in getattr(reader, "extensions", ()):
-            if name.endswith(ext):
-                return fmt
-    return None
-
-
-def _check_parquet_columns(job: JobSpec, files: list[str]) -> list[Problem]:
+def check_parquet_columns(job: JobSpec, files: list[str]) -> list[Problem]:
+    """The columns a job names (id, kept fields, sampling overrides, prompt) that the first Parquet file lacks."""
     import pyarrow.parquet as pq
 
     try:
@@ -820,42 +734,3 @@ def _check_parquet_columns(job: JobSpec, files: list[str]) -> list[Problem]:
             Problem("input.prompt_field", f"neither {job.input.prompt_field!r} nor {job.input.messages_field!r} is a column of {files[0]}; set input.prompt_field, input.messages_field or input.template")
         )
     return problems
-
-
-def validate_job_file(
-    path: str | os.PathLike[str],
-    overrides: Iterable[str] = (),
-    env: Mapping[str, str] | None = None,
-    *,
-    warnings: list[str] | None = None,
-) -> tuple[JobSpec | None, list[Problem]]:
-    """Everything ``forge-batch validate`` reports: schema problems, then (if it parses) file-system and
-    plugin checks. The job's own plugins are found but not imported (importing runs their code): one that
-    cannot be found is a problem at ``plugins[i]``. Warnings (installed plugins skipped, names an unloaded
-    job plugin may register) are appended to ``warnings``."""
-    try:
-        job = load_job(path, overrides, env)
-    except JobError as e:
-        return None, e.problems
-    from forge_batch.plugin_manager import PluginLoadError, find_plugin, get_plugin_manager
-
-    problems: list[Problem] = []
-    search_paths = job.plugin_search_paths()
-    found = []
-    for i, name in enumerate(job.plugins):
-        missing = find_plugin(name, search_paths)
-        if missing is None:
-            found.append(name)
-        else:
-            problems.append(Problem(f"plugins[{i}]", missing))
-    try:
-        pm = get_plugin_manager([])  # built-ins and installed plugins
-    except PluginLoadError as e:
-        problems.extend(Problem("plugins", f"{name}: {msg}") for name, msg in e.failures)
-        return job, problems
-    if warnings is not None:
-        warnings.extend(getattr(pm, "forge_warnings", []))
-    # A custom engine (FORGE_BATCH_ENGINE_FACTORY) decides what the model name means.
-    check_model = not os.environ.get("FORGE_BATCH_ENGINE_FACTORY")
-    problems.extend(check_job(job, pm, check_model=check_model, unloaded_plugins=found, warnings=warnings))
-    return job, problems

@@ -30,7 +30,8 @@ from .block_manager import BlockManager
 from .constraints import ConstraintError, ConstraintFactory, apply_bitmask, bitmask_words, fill_bitmasks
 from .device import int8_problem, resolve_device, resolve_dtype
 from .model_runner import ModelRunner, kv_bytes_per_token
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, EngineErrorKind, RequestOutput
+from .prompts import PromptError, prompt_token_ids
 from .request import GenerationRequest
 from .sampler import (
     BUILTIN_SAMPLERS,
@@ -106,6 +107,7 @@ def _fail_processor_rows(seqs: list[Sequence], row_errors: dict[int, str]) -> No
     (freeing their KV blocks) without their sampled token, and the other rows go on unchanged."""
     for i, error in row_errors.items():
         seqs[i].finish_reason, seqs[i].error = "error", error
+        seqs[i].error_kind = EngineErrorKind.PLUGIN_ERROR.value
 
 
 @dataclass
@@ -403,26 +405,7 @@ class LLM:
     def _tokenize(self, request: GenerationRequest) -> tuple[list[int], str | None]:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids), None
-        prompt = request.prompt
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
-                raise ValueError("prompt_token_ids must be a list of ints")
-            return list(ids), None
-        if self.tokenizer is None:
-            raise ValueError("this engine has no tokenizer (random weights): give prompt_token_ids")
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True), prompt
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            for m in prompt:
-                if "role" not in m or "content" not in m:
-                    raise ValueError(f"chat message needs 'role' and 'content', got keys {sorted(m)}")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-            return self.tokenizer.encode(text, add_special_tokens=False), text
-        raise ValueError(
-            "prompt must be a string, a list of chat messages or {'prompt_token_ids': [...]}, got "
-            f"{type(prompt).__name__}"
-        )
+        return prompt_token_ids(request.prompt, self.tokenizer)
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if self.tokenizer is None:
@@ -430,16 +413,17 @@ class LLM:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _failed(self, request: GenerationRequest, index: int, error: str,
-                prompt_token_ids: list[int] | None = None) -> RequestOutput:
+                kind: EngineErrorKind = EngineErrorKind.ENGINE_ERROR) -> RequestOutput:
         now = time.monotonic()
         n = request.params.n if isinstance(request.params, SamplingParams) else 1
         return RequestOutput(
             request_id=request.request_id,
             index=index,
             prompt=request.prompt if isinstance(request.prompt, str) else None,
-            prompt_token_ids=prompt_token_ids or [],
-            samples=[CompletionOutput(i, "", [], "error", error) for i in range(n)],
+            prompt_token_ids=[],
+            samples=[CompletionOutput(i, "", [], "error", error, error_kind=kind.value) for i in range(n)],
             error=error,
+            error_kind=kind.value,
             metrics={"arrival_time": now, "first_token_time": now, "finished_time": now},
             metadata=request.metadata,
         )
@@ -460,14 +444,16 @@ class LLM:
             if params.sampler is not None and params.sampler not in self.samplers:
                 raise ValueError(f"unknown sampler {params.sampler!r}; known: {sorted(self.samplers)}")
             prompt_ids, prompt_text = self._tokenize(request)
+        except PromptError as exc:
+            return self._failed(request, index, str(exc), EngineErrorKind(exc.kind))
         except Exception as exc:  # a bad request fails alone
             return self._failed(request, index, f"{type(exc).__name__}: {exc}")
         try:
             compiled = self._compile_constraint(params)
         except Exception as exc:
-            return self._failed(request, index, f"constraint error: {exc}")
+            return self._failed(request, index, f"constraint error: {exc}", EngineErrorKind.CONSTRAINT_ERROR)
         if not prompt_ids:
-            return self._failed(request, index, "empty prompt: it has no tokens")
+            return self._failed(request, index, "empty prompt: it has no tokens", EngineErrorKind.EMPTY_PROMPT)
         base_seed = params.seed if params.seed is not None else derive_seed(self.seed, index)
         state = _RequestState(request, index, prompt_ids, [], time.monotonic(), prompt_text=prompt_text)
         for i in range(params.n):
@@ -577,6 +563,7 @@ class LLM:
         err = state.error()  # type: ignore[union-attr]
         if err:
             seq.finish_reason, seq.error = "error", f"constraint violated: {err}"
+            seq.error_kind = EngineErrorKind.CONSTRAINT_ERROR.value
             return True
         if state.is_stopped():  # type: ignore[union-attr]
             seq.finish_reason, seq.stop_reason = "stop", None
@@ -658,8 +645,10 @@ class LLM:
                 seq.valid, reason = seq.constraint.validate(seq.text)  # type: ignore[attr-defined]
                 if not seq.valid:
                     seq.error = f"invalid output: {reason}"
+                    seq.error_kind = EngineErrorKind.INVALID_OUTPUT.value
             else:
                 seq.valid = False
+                seq.error_kind = EngineErrorKind.INVALID_OUTPUT.value
                 seq.error = (
                     f"incomplete: max_tokens reached before the {seq.constraint.kind} constraint "  # type: ignore[attr-defined]
                     "was satisfied"
@@ -684,17 +673,19 @@ class LLM:
                 error=s.error,
                 stop_reason=s.stop_reason,
                 valid=s.valid,
+                error_kind=(s.error_kind or EngineErrorKind.ENGINE_ERROR.value) if s.error else None,
             )
             for s in state.seqs
         ]
-        errors = [s.error for s in state.seqs if s.error and s.finish_reason == "error"]
+        failed = [s for s in state.seqs if s.error and s.finish_reason == "error"]
         return RequestOutput(
             request_id=state.request.request_id,
             index=state.index,
             prompt=state.prompt_text,
             prompt_token_ids=state.prompt_token_ids,
             samples=samples,
-            error=errors[0] if len(errors) == len(samples) else None,
+            error=failed[0].error if len(failed) == len(samples) else None,
+            error_kind=samples[0].error_kind if len(failed) == len(samples) else None,
             metrics={
                 "arrival_time": state.arrival_time,
                 "first_token_time": state.first_token_time or now,
