@@ -201,3 +201,21 @@ def test_apply_bitmask_c_kernel_matches_the_numpy_path_bit_for_bit(monkeypatch):
         monkeypatch.undo()
         assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
         assert (fast[0] < -1e38).all() and torch.equal(fast[1], logits[1])  # all banned; all allowed
+
+
+def test_engine_names_the_error_kind_of_each_failure(llm):
+    """The engine says why a sample failed in error_kind (no caller parses messages): cut short by max_tokens
+    -> invalid_output, a spec that does not compile -> constraint_error, an empty prompt -> empty_prompt, a
+    bad chat -> bad_messages; a sample that finished well has none."""
+    cut = llm.generate(["x"], SamplingParams(max_tokens=2, temperature=0.0, json_schema=SCHEMA))[0]
+    assert [(s.finish_reason, s.error_kind) for s in cut.samples] == [("length", "invalid_output")]
+    assert cut.error is None and cut.error_kind is None  # the request itself ran
+    bad = llm.generate(["x"], SamplingParams(max_tokens=4, regex="(unclosed"))[0]
+    assert bad.finish_reason == "error" and bad.error_kind == "constraint_error"
+    assert [s.error_kind for s in bad.samples] == ["constraint_error"]
+    fine = llm.generate(["x"], SamplingParams(max_tokens=4, temperature=0.0, choice=["yes", "no"]))[0]
+    assert fine.samples[0].error is None and fine.samples[0].error_kind is None
+    empty = llm.generate([{"prompt_token_ids": []}], SamplingParams(max_tokens=2))[0]
+    assert empty.error_kind == "empty_prompt"
+    chat = llm.generate([[{"role": "user"}]], SamplingParams(max_tokens=2))[0]
+    assert chat.error_kind == "bad_messages" and "content" in chat.error
