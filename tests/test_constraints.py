@@ -219,3 +219,22 @@ def test_engine_names_the_error_kind_of_each_failure(llm):
     assert empty.error_kind == "empty_prompt"
     chat = llm.generate([[{"role": "user"}]], SamplingParams(max_tokens=2))[0]
     assert chat.error_kind == "bad_messages" and "content" in chat.error
+
+
+def test_result_validation_is_the_engines_check_formats_included():
+    """When an engine gives no verdict, the validate plugin judges with the engine's own validator: a date
+    the calendar lacks fails a ``format: date`` schema there too, with the same message."""
+    from forge_batch.engine.outputs import CompletionOutput, RequestOutput
+    from forge_batch.plugins import validate
+    from forge_batch.plugins.constraints import json_schema_validator, output_problem
+
+    schema = {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}, "required": ["d"]}
+    text = '{"d": "2023-02-30"}'
+    ok, reason = json_schema_validator(schema)(text)
+    assert not ok and output_problem("json_schema", schema, text) == reason
+    assert output_problem("json_schema", schema, '{"d": "2024-02-29"}') is None
+    out = RequestOutput("r0", 0, None, [1], samples=[CompletionOutput(0, text, [5], "stop")],
+                        metadata={"_forge": {"constraint": ("json_schema", schema)}})
+    record = {"text": text, "sample_index": 0, "finish_reason": "stop", "error": None}
+    validate.process_result(record, out)
+    assert record["valid"] is False and record["error_kind"] == "invalid_output" and record["error"] == reason
