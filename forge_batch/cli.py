@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from collections import Counter
@@ -41,8 +40,8 @@ def _print_problems(source: str, problems: list[Problem]) -> None:
         _err("  - " + str(p).replace("\n", "\n    "))
 
 
-def _print_plugin_warnings(pm: Any) -> None:
-    for w in getattr(pm, "forge_warnings", []):
+def _print_warnings(warnings: list[str]) -> None:
+    for w in warnings:
         _err(f"forge-batch: warning: {w}")
 
 
@@ -101,34 +100,23 @@ def _cmd_run_batch(args: argparse.Namespace) -> int:
 
 def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
     from forge_batch.io.output_dir import OutputDirError
-    from forge_batch.job import check_job
-    from forge_batch.plugin_manager import PluginLoadError, get_plugin_manager
     from forge_batch.runner import JobRunner, RunInterrupted, format_summary
+    from forge_batch.runner.checks import prepare_loaded_job
 
     overrides = list(args.set or [])
     if args.limit is not None:
         overrides.append(f"input.limit={args.limit}")
+    warnings: list[str] = []
     try:
-        job = load(overrides)
-        pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
-        _print_plugin_warnings(pm)
-        problems = check_job(job, pm, check_model=not os.environ.get("FORGE_BATCH_ENGINE_FACTORY"))
-        if problems:
-            raise JobError(problems, source)
+        checked = prepare_loaded_job(load(overrides), source=source, warnings=warnings)
     except JobError as e:
+        _print_warnings(warnings)
         _print_problems(e.source or source, e.problems)
         return EXIT_USAGE
-    except PluginLoadError as e:
-        _print_problems(source, [
-            Problem(f"plugins[{job.plugins.index(n)}]", m) if n in job.plugins else Problem("plugins", f"{n}: {m}")
-            for n, m in e.failures
-        ])
-        return EXIT_USAGE
-    progress = "none" if args.quiet else args.progress
+    _print_warnings(warnings)
     runner = JobRunner(
-        job, plugin_manager=pm, progress=progress, quiet=args.quiet, overwrite=args.overwrite,
-        force_resume=args.force_resume, grace_seconds=args.grace,
-        log_interval=args.log_interval,
+        checked, progress="none" if args.quiet else args.progress, quiet=args.quiet, overwrite=args.overwrite,
+        force_resume=args.force_resume, grace_seconds=args.grace, log_interval=args.log_interval,
     )
     try:
         result = runner.run()
@@ -154,13 +142,12 @@ def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from forge_batch.job import validate_job_file
+    from forge_batch.runner.checks import validate_job_file
 
     warnings: list[str] = []
     facts: dict[str, Any] = {}
     job, problems = validate_job_file(args.job, list(args.set or []), warnings=warnings, facts=facts)
-    for w in warnings:
-        _err(f"forge-batch: warning: {w}")
+    _print_warnings(warnings)
     if problems:
         _print_problems(args.job, problems)
         return EXIT_USAGE
@@ -347,7 +334,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for name, msg in e.failures:
             _err(f"forge-batch: plugin {name!r}: {msg}")
         return EXIT_USAGE
-    _print_plugin_warnings(pm)
+    _print_warnings(getattr(pm, "forge_warnings", []))
     infos = list_plugins(pm)
     if args.json:
         print(json.dumps([i.to_dict() for i in infos], indent=2))

@@ -10,8 +10,9 @@ key's path, so a typo never silently falls back to a default. Loading goes:
 5. resolve relative paths (input, output, model directory, plugin files) against the job file's folder.
 
 :func:`load_job` raises :class:`JobError` holding the list of problems; :func:`check_job` adds the checks that
-need the file system or the plugin registry (input files exist, formats and samplers are registered,
-templates compile) without running anything. ``forge-batch validate`` prints both.
+need the file system but no plugin (input files exist, templates compile, the model is there) without
+running anything. The checks against what plugins register (formats, samplers, constraint kinds) sit a layer
+up, in ``forge_batch.runner.checks``, which ``forge-batch validate`` and ``run`` both call.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-if TYPE_CHECKING:
-    from pluggy import PluginManager
+from forge_batch.engine.sampling_params import (
+    BUILTIN_CONSTRAINT_KINDS,
+    constraint_options,
+    constraints_given,
+    one_constraint_problem,
+)
 
 # Output columns the runner always writes; input fields copied with ``keep_fields`` must not collide.
 RESERVED_COLUMNS = (
@@ -157,19 +162,16 @@ class SamplingSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> SamplingSpec:
-        constraints = [k for k in ("json_schema", "regex", "choice", "constraint") if getattr(self, k) is not None]
-        if len(constraints) > 1:
-            raise ValueError(f"give at most one of json_schema, regex, choice, constraint (got {', '.join(constraints)})")
+        problem = one_constraint_problem(constraints_given(dict(self)))
+        if problem is not None:
+            raise ValueError(problem)
         if self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must not exceed max_tokens")
         return self
 
 
-_BUILTIN_KINDS = ("json_schema", "regex", "choice")
-
-
 class ConstraintSpec(BaseModel):
-    """Structured output (issue: every written row parses, has its fields, picks from the set).
+    """Structured output: every written row parses, has its fields, picks from the set.
 
     Job-wide: one kind with its spec, ``{json_schema: {...}}``, ``{regex: "..."}``, ``{choice: [...]}`` or a
     plugin-registered kind (``{lark: "..."}``). Per row: ``<kind>_field: column`` names a column holding
@@ -206,12 +208,10 @@ class ConstraintSpec(BaseModel):
         items = self._items()
         kinds = [k for k in items if not k.endswith("_field")]
         fields = [k for k in items if k.endswith("_field")]
-        if "json_schema" in kinds and "regex" in kinds:
-            raise ValueError("json_schema and regex are mutually exclusive: give one constraint")
-        if len(kinds) > 1:
-            raise ValueError(f"give one job-wide constraint kind, got {', '.join(kinds)}")
-        if len(fields) > 1:
-            raise ValueError(f"give one per-row constraint column, got {', '.join(fields)}")
+        for given in (kinds, fields):  # one job-wide kind; one column with each row's own
+            problem = one_constraint_problem(given)
+            if problem is not None:
+                raise ValueError(problem)
         for k in fields:
             if not isinstance(items[k], str) or not items[k]:
                 raise ValueError(f"{k} must name a column")
@@ -353,31 +353,26 @@ class JobSpec(_Strict):
         d = self.sampling.model_dump()
         level = self.constraint.job_level() if self.constraint is not None else None
         if level is not None:
-            kind, spec = level
-            if kind in _BUILTIN_KINDS:
-                d[kind] = spec
-            else:
-                d["constraint"] = {kind: spec}
+            d.update(constraint_options(*level))
         return d
 
     def job_constraint(self) -> tuple[str, Any] | None:
         """The constraint every row gets, from ``constraint:`` or ``sampling.*``; None if none."""
         d = self.sampling_dict()
-        for kind in _BUILTIN_KINDS:
-            if d.get(kind) is not None:
-                return kind, d[kind]
-        if d.get("constraint"):
-            return next(iter(d["constraint"].items()))
-        return None
+        given = constraints_given(d)
+        if not given:
+            return None
+        kind = given[0]
+        return (kind, d[kind]) if kind in BUILTIN_CONSTRAINT_KINDS else (kind, d["constraint"][kind])
 
     @model_validator(mode="after")
     def _constraint_given_once(self) -> JobSpec:
-        if self.constraint is not None and self.constraint.job_level() is not None:
-            in_sampling = [k for k in (*_BUILTIN_KINDS, "constraint") if getattr(self.sampling, k) is not None]
-            if in_sampling:
-                raise ValueError(
-                    f"constraint given twice: top-level constraint and sampling.{in_sampling[0]}; keep one"
-                )
+        level = self.constraint.job_level() if self.constraint is not None else None
+        if level is not None:
+            given = [f"constraint.{level[0]}", *(f"sampling.{k}" for k in constraints_given(dict(self.sampling)))]
+            problem = one_constraint_problem(given)
+            if problem is not None:
+                raise ValueError(f"constraint given twice (top level and in sampling): {problem}")
         return self
 
     def fingerprint(self) -> str:
@@ -721,7 +716,7 @@ def load_job(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checks that need the file system or the plugin registry (forge-batch validate runs them; run does too)
+# Checks that need the file system but no plugin (the plugin-dependent ones: forge_batch.runner.checks)
 
 
 INPUT_EXTENSIONS = (".jsonl", ".json", ".ndjson", ".parquet", ".jsonl.gz")
@@ -758,31 +753,19 @@ def compile_template(template: str) -> Any:
     return env.from_string(template)
 
 
-def check_job(
-    job: JobSpec,
-    pm: PluginManager | None = None,
-    *,
-    check_model: bool = True,
-    unloaded_plugins: Sequence[str] = (),
-    warnings: list[str] | None = None,
-    facts: dict[str, Any] | None = None,
-) -> list[Problem]:
-    """Every problem that stops ``job`` from running, found without running anything.
+def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
+    """The problems that stop ``job`` from running and need no plugin to find: input files, the template,
+    sampling options, the model, the engine options, the output path. Runs nothing.
 
-    With a plugin manager, formats, samplers and constraint kinds are checked against what plugins register;
-    without one, those checks are skipped. ``unloaded_plugins``: the job's plugins that ``pm`` does not hold
-    (validate does not import them); a name none of the loaded plugins registers may be theirs, so it is a
-    warning (appended to ``warnings``) instead of a problem. ``check_model=False`` skips resolving ``model``
-    (a custom engine factory decides what the name means). ``facts`` receives what reading the input's
-    first rows found (see :func:`_check_input_rows`).
-    """
+    ``check_model=False`` skips resolving ``model`` (a custom engine factory decides what the name means).
+    What needs the registered readers, writers, samplers and constraint kinds is checked a layer up, with
+    the plugin manager (``forge_batch.runner.checks``)."""
     from forge_batch.engine.sampling_params import SamplingParams
 
     problems: list[Problem] = []
     try:
         files = input_files(job.input.path)
     except OSError as e:
-        files = []
         problems.append(Problem("input.path", str(e)))
     else:
         if not files:
@@ -794,8 +777,6 @@ def check_job(
         except Exception as e:  # jinja2.TemplateSyntaxError and friends
             line = getattr(e, "lineno", None)
             problems.append(Problem("input.template", f"template does not compile{f' (line {line})' if line else ''}: {e}"))
-    if job.input.id_field is not None and job.input.id_field in job.output.keep_fields:
-        pass  # the id column is always written; keeping it again is harmless and ignored
     if job.input.id_field in RESERVED_COLUMNS:
         problems.append(Problem("input.id_field", f"{job.input.id_field!r} clashes with an output column"))
 
@@ -816,46 +797,6 @@ def check_job(
             problems.append(Problem("output.path", f"{out} is a directory; an openai-batch output ending in .jsonl is one file"))
     elif out.exists() and not out.is_dir():
         problems.append(Problem("output.path", f"{out} exists and is not a directory"))
-
-    if pm is not None:
-        from forge_batch.plugin_manager import collect_registry
-
-        def unknown(path: str, what: str, name: str, known: Iterable[str]) -> None:
-            if unloaded_plugins:
-                if warnings is not None:
-                    warnings.append(
-                        f"{path}: {what} {name!r} is not registered by a built-in or installed plugin; it may come "
-                        f"from {', '.join(unloaded_plugins)}, which validate does not import (run will tell)"
-                    )
-            else:
-                problems.append(Problem(path, f"unknown {what} {name!r}; known: {', '.join(sorted(known))}"))
-
-        readers = collect_registry(pm, "register_readers")
-        writers = collect_registry(pm, "register_writers")
-        kinds = collect_registry(pm, "register_constraints")
-        # Only when a sampler is named: collecting samplers imports the engine (torch), which validate avoids.
-        samplers = collect_registry(pm, "register_samplers") if job.sampling.sampler is not None else {}
-        if job.input.format != "auto" and job.input.format not in readers:
-            unknown("input.format", "input format", job.input.format, ["auto", *readers])
-        elif job.input.format == "auto":
-            for f in files:
-                if _reader_for_extension(readers, f) is None:
-                    problems.append(Problem("input.path", f"cannot tell the format of {f} from its extension; set input.format"))
-                    break
-        if job.output.format not in writers:
-            unknown("output.format", "output format", job.output.format, writers)
-        for kind in job.sampling.constraint or {}:
-            if kinds and kind not in kinds:
-                unknown(f"sampling.constraint.{kind}", "constraint kind", kind, kinds)
-        for key in (job.constraint.model_extra or {}) if job.constraint is not None else {}:
-            kind = key[: -len("_field")] if key.endswith("_field") else key
-            if kinds and kind not in kinds:
-                unknown(f"constraint.{key}", "constraint kind", kind, kinds)
-        problems.extend(_check_job_constraint(job, kinds))
-        if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
-            unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
-        if files and not any(p.path == "input.path" for p in problems):
-            problems.extend(_check_input_rows(job, files, readers, facts))
     return problems
 
 
@@ -866,27 +807,6 @@ def _check_model(model: str) -> list[Problem]:
         check_model(model)
     except (OSError, ValueError) as e:  # not found; not GGUF, corrupt or truncated (GGUFError)
         return [Problem("model", str(e))]
-    return []
-
-
-def _check_job_constraint(job: JobSpec, kinds: Mapping[str, Any]) -> list[Problem]:
-    """The job-wide constraint compiled as the engine will compile it, minus the model: a constraint kind's
-    factory may have a ``check(spec)`` that raises what compiling would (the built-ins do)."""
-    level = job.job_constraint()
-    if level is None:
-        return []
-    kind, spec = level
-    check = getattr(kinds.get(kind), "check", None)
-    if check is None:
-        return []
-    if job.constraint is not None and job.constraint.job_level() is not None:
-        where = f"constraint.{kind}"
-    else:
-        where = f"sampling.{kind}" if kind in _BUILTIN_KINDS else f"sampling.constraint.{kind}"
-    try:
-        check(spec)
-    except Exception as e:  # ConstraintError from the built-ins; a plugin's kind may raise anything
-        return [Problem(where, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")]
     return []
 
 
@@ -906,197 +826,3 @@ def _check_engine(engine: EngineSpec) -> list[Problem]:
         if problem is not None:
             return [Problem("engine.quantization", problem)]
     return []
-
-
-def _reader_for_extension(readers: Mapping[str, Any], filename: str) -> str | None:
-    name = filename.lower()
-    for fmt, reader in readers.items():
-        for ext in getattr(reader, "extensions", ()):
-            if name.endswith(ext):
-                return fmt
-    return None
-
-
-def reader_for_file(path: str, readers: Mapping[str, Any], fmt: str) -> str | None:
-    """The reader of one input file: ``fmt``, or with ``auto`` the first reader that recognises the content
-    (an OpenAI batch file is a .jsonl), else the one its extension names."""
-    if fmt != "auto":
-        return fmt if fmt in readers else None
-    return next((name for name, r in readers.items() if r.sniff(path)), None) or _reader_for_extension(readers, path)
-
-
-def effective_input(spec: InputSpec, reader: Any) -> InputSpec:
-    """The input options as a reader sees them: its ``field_defaults`` for the keys the job left unset
-    (an OpenAI batch file's ids are ``custom_id``)."""
-    defaults = getattr(reader, "field_defaults", None) or {}
-    update = {k: v for k, v in defaults.items() if k not in spec.model_fields_set}
-    return spec.model_copy(update=update) if update else spec
-
-
-# Rows validate reads to check fields and the template, and to estimate prompt tokens.
-SAMPLE_ROWS = 1000
-# JSONL is counted (a scan) only up to this many bytes of local files; Parquet says its row count.
-COUNT_JSONL_BYTES = 256 << 20
-
-
-def _prompt_chars(row: dict[str, Any], spec: InputSpec, template: Any) -> int:
-    if template is not None:
-        return len(template.render({**row, "row": row}))
-    messages = row.get(spec.messages_field)
-    if messages is not None:
-        if isinstance(messages, str):
-            return len(messages)
-        total = 0
-        for m in messages if isinstance(messages, list) else []:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, str):
-                total += len(content)
-            elif isinstance(content, list):
-                total += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
-        return total
-    prompt = row.get(spec.prompt_field)
-    return len(str(prompt)) if prompt is not None else 0
-
-
-def _count_rows(files: list[str], reader: Any, spec: InputSpec, has_schema: bool) -> int | None:
-    """The input's rows when that is cheap: Parquet's metadata, or local JSONL up to COUNT_JSONL_BYTES."""
-    from forge_batch.io.remote import is_url
-
-    if not has_schema:  # line-based: counting is a scan
-        if any(is_url(f) for f in files) or sum(os.path.getsize(f) for f in files) > COUNT_JSONL_BYTES:
-            return None
-    total = 0
-    for f in files:
-        n = reader.count(f, spec)
-        if n is None:
-            return None
-        total += n
-    return min(total, spec.limit) if spec.limit is not None else total
-
-
-def _read_sample(reader: Any, path: str, spec: InputSpec) -> tuple[Any, list[dict[str, Any]], str | None]:
-    """(schema or None, the first readable rows up to SAMPLE_ROWS, the first unreadable row's error)."""
-    schema = reader.schema(path)
-    sample: list[dict[str, Any]] = []
-    first_error: str | None = None
-    read_spec = spec.model_copy(update={"batch_size": min(spec.batch_size, SAMPLE_ROWS)})
-    batches = reader.read(path, read_spec)
-    try:
-        for batch in batches:
-            for raw in batch:
-                if raw.data is not None and raw.error is None:
-                    sample.append(raw.data)
-                elif first_error is None:
-                    first_error = raw.error
-            if len(sample) >= SAMPLE_ROWS:
-                break
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-    return schema, sample, first_error
-
-
-def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any], facts: dict[str, Any] | None) -> list[Problem]:
-    """What ``run`` would hit on the first rows: the id, prompt, kept and sampling fields missing (from the
-    Parquet schema, or from every one of the first SAMPLE_ROWS JSON rows), the template failing on the first
-    row. Fills ``facts`` with the row count (when cheap) and a prompt-token estimate (chars / 4)."""
-    fmt = reader_for_file(files[0], readers, job.input.format)
-    if fmt is None:
-        return []  # an unknown format is reported (or warned about) by check_job
-    reader = readers[fmt]
-    spec = effective_input(job.input, reader)
-    where = files[0]
-    try:
-        schema, sample, first_error = _read_sample(reader, where, spec)
-    except Exception as e:  # a reader that cannot open the file: run would stop on it too
-        return [Problem("input.path", f"cannot read {where}: {type(e).__name__}: {e}")]
-    if not sample:
-        return [Problem("input.path", f"no readable row at the start of {where}" + (f": {first_error}" if first_error else ""))]
-    if schema is not None:
-        names = set(schema.names)
-        listed = f"{where} (columns: {', '.join(sorted(names))})"
-        lacks, neither_in = f"is not a column of {listed}", f"is a column of {listed}"
-    else:
-        names = set().union(*(row.keys() for row in sample))
-        listed = f"the first {len(sample)} rows of {where} (fields: {', '.join(sorted(map(str, names)))})"
-        lacks, neither_in = f"is in none of {listed}", f"is in any of {listed}"
-    problems: list[Problem] = []
-    if spec.id_field is not None and spec.id_field not in names:
-        problems.append(Problem("input.id_field", f"{spec.id_field!r} {lacks}; name the id field, or id_field: null for row positions"))
-    for i, name in enumerate(job.output.keep_fields):
-        if name not in names:
-            problems.append(Problem(f"output.keep_fields[{i}]", f"{name!r} {lacks}"))
-    if spec.sampling_field is not None and spec.sampling_field not in names:
-        problems.append(Problem("input.sampling_field", f"{spec.sampling_field!r} {lacks}"))
-    template = None
-    if spec.template is not None:
-        try:
-            template = compile_template(spec.template)
-            template.render({**sample[0], "row": sample[0]})
-        except Exception as e:  # a syntax error is reported by check_job already
-            if template is not None:
-                fields = ", ".join(sorted(map(str, sample[0])))
-                problems.append(Problem("input.template", f"does not render on the first row of {where}: {type(e).__name__}: {e} (fields: {fields})"))
-            template = None
-    elif spec.prompt_field not in names and spec.messages_field not in names:
-        problems.append(Problem(
-            "input.prompt_field",
-            f"neither {spec.prompt_field!r} nor {spec.messages_field!r} {neither_in}; "
-            "set input.prompt_field, input.messages_field or input.template",
-        ))
-    if facts is not None:
-        chars = []
-        for row in sample:
-            try:
-                chars.append(_prompt_chars(row, spec, template))
-            except Exception:  # a row the template fails on: it becomes an error row, no prompt
-                pass
-        facts["reader"] = fmt
-        facts["sampled_rows"] = len(sample)
-        facts["prompt_chars_per_row"] = sum(chars) / len(chars) if chars else 0.0
-        try:
-            facts["rows"] = _count_rows(files, reader, spec, schema is not None)
-        except Exception:  # counting is a courtesy; the checks above are what matter
-            facts["rows"] = None
-    return problems
-
-
-def validate_job_file(
-    path: str | os.PathLike[str],
-    overrides: Iterable[str] = (),
-    env: Mapping[str, str] | None = None,
-    *,
-    warnings: list[str] | None = None,
-    facts: dict[str, Any] | None = None,
-) -> tuple[JobSpec | None, list[Problem]]:
-    """Everything ``forge-batch validate`` reports: schema problems, then (if it parses) file-system and
-    plugin checks. The job's own plugins are found but not imported (importing runs their code): one that
-    cannot be found is a problem at ``plugins[i]``. Warnings (installed plugins skipped, names an unloaded
-    job plugin may register) are appended to ``warnings``; what reading the input found goes to ``facts``."""
-    try:
-        job = load_job(path, overrides, env)
-    except JobError as e:
-        return None, e.problems
-    from forge_batch.plugin_manager import PluginLoadError, find_plugin, get_plugin_manager
-
-    problems: list[Problem] = []
-    search_paths = job.plugin_search_paths()
-    found = []
-    for i, name in enumerate(job.plugins):
-        missing = find_plugin(name, search_paths)
-        if missing is None:
-            found.append(name)
-        else:
-            problems.append(Problem(f"plugins[{i}]", missing))
-    try:
-        pm = get_plugin_manager([])  # built-ins and installed plugins
-    except PluginLoadError as e:
-        problems.extend(Problem("plugins", f"{name}: {msg}") for name, msg in e.failures)
-        return job, problems
-    if warnings is not None:
-        warnings.extend(getattr(pm, "forge_warnings", []))
-    # A custom engine (FORGE_BATCH_ENGINE_FACTORY) decides what the model name means.
-    check_model = not os.environ.get("FORGE_BATCH_ENGINE_FACTORY")
-    problems.extend(check_job(job, pm, check_model=check_model, unloaded_plugins=found, warnings=warnings, facts=facts))
-    return job, problems

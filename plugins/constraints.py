@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from forge_batch.engine.constraints import ConstraintError
@@ -198,7 +199,11 @@ def check_json_schema(spec: Any) -> None:
     _grammar_problem("json_schema", _schema_grammar(schema))
 
 
-def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+Validator = Callable[[str], tuple[bool, str | None]]
+
+
+def json_schema_validator(spec: Any) -> Validator:
+    """The independent check of a finished json_schema output: it parses and validates, formats included."""
     import jsonschema
 
     schema, validator_cls = _parse_schema(spec)
@@ -208,11 +213,16 @@ def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuid
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            return False, f"output is not JSON: {exc}"
+            return False, f"output is not valid JSON: {exc}"
         err = jsonschema.exceptions.best_match(checker.iter_errors(value))
-        return (True, None) if err is None else (False, f"output does not match the schema: {err.message}")
+        return (True, None) if err is None else (False, f"output does not match the JSON schema: {err.message}")
 
-    return LLGuidanceConstraint("json_schema", _schema_grammar(schema), tokenizer, vocab_size, validate)
+    return validate
+
+
+def json_schema_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+    schema, _ = _parse_schema(spec)
+    return LLGuidanceConstraint("json_schema", _schema_grammar(schema), tokenizer, vocab_size, json_schema_validator(spec))
 
 
 def ascii_digits(pattern: str) -> str:
@@ -247,19 +257,25 @@ def check_regex(spec: Any) -> None:
     _grammar_problem("regex", _ll().LLMatcher.grammar_from_regex(_regex(spec)))
 
 
-def regex_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
-    spec = _regex(spec)
+def regex_validator(spec: Any) -> Validator:
+    """The independent check of a finished regex output: a full match of the pattern the grammar used."""
+    pattern = _regex(spec)
     try:
-        compiled = re.compile(spec)
+        compiled = re.compile(pattern)
     except re.error:
         compiled = None  # a pattern Python's re cannot read (Rust syntax); llguidance is the judge
 
     def validate(text: str) -> tuple[bool, str | None]:
         if compiled is None or compiled.fullmatch(text):
             return True, None
-        return False, "output does not fully match the regex"
+        return False, f"output does not fully match the regex {spec!r}"
 
-    return LLGuidanceConstraint("regex", _ll().LLMatcher.grammar_from_regex(spec), tokenizer, vocab_size, validate)
+    return validate
+
+
+def regex_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+    grammar = _ll().LLMatcher.grammar_from_regex(_regex(spec))
+    return LLGuidanceConstraint("regex", grammar, tokenizer, vocab_size, regex_validator(spec))
 
 
 def _choice_lark(spec: Any) -> tuple[list[str], str]:
@@ -274,13 +290,20 @@ def check_choice(spec: Any) -> None:
     _grammar_problem("choice", _ll().LLMatcher.grammar_from_lark(_choice_lark(spec)[1]))
 
 
-def choice_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
-    options, lark = _choice_lark(spec)
+def choice_validator(spec: Any) -> Validator:
+    """The independent check of a finished choice output: one of the options."""
+    options, _ = _choice_lark(spec)
 
     def validate(text: str) -> tuple[bool, str | None]:
-        return (True, None) if text in options else (False, "output is not one of the choices")
+        return (True, None) if text in options else (False, f"output is not one of the choices {options!r}")
 
-    return LLGuidanceConstraint("choice", _ll().LLMatcher.grammar_from_lark(lark), tokenizer, vocab_size, validate)
+    return validate
+
+
+def choice_constraint(spec: Any, tokenizer: Any, vocab_size: int) -> LLGuidanceConstraint:
+    _, lark = _choice_lark(spec)
+    grammar = _ll().LLMatcher.grammar_from_lark(lark)
+    return LLGuidanceConstraint("choice", grammar, tokenizer, vocab_size, choice_validator(spec))
 
 
 # A factory's ``check(spec)`` raises what compiling the spec would, without a model: the job checks call it
@@ -294,6 +317,25 @@ BUILTIN_CONSTRAINTS = {
     "regex": regex_constraint,
     "choice": choice_constraint,
 }
+
+OUTPUT_VALIDATORS: dict[str, Callable[[Any], Validator]] = {
+    "json_schema": json_schema_validator,
+    "regex": regex_validator,
+    "choice": choice_validator,
+}
+
+
+def output_problem(kind: str, spec: Any, text: str) -> str | None:
+    """Why ``text`` does not satisfy the built-in constraint ``kind``/``spec`` (the same check the engine
+    makes when a sample finishes); None when it does, or when ``kind`` is not a built-in."""
+    make = OUTPUT_VALIDATORS.get(kind)
+    if make is None:
+        return None
+    try:
+        ok, reason = make(spec)(text)
+    except ConstraintError as exc:  # the spec itself is broken: say so rather than blame the output
+        return str(exc)
+    return None if ok else reason
 
 
 @hookimpl

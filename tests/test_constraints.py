@@ -201,3 +201,40 @@ def test_apply_bitmask_c_kernel_matches_the_numpy_path_bit_for_bit(monkeypatch):
         monkeypatch.undo()
         assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
         assert (fast[0] < -1e38).all() and torch.equal(fast[1], logits[1])  # all banned; all allowed
+
+
+def test_engine_names_the_error_kind_of_each_failure(llm):
+    """The engine says why a sample failed in error_kind (no caller parses messages): cut short by max_tokens
+    -> invalid_output, a spec that does not compile -> constraint_error, an empty prompt -> empty_prompt, a
+    bad chat -> bad_messages; a sample that finished well has none."""
+    cut = llm.generate(["x"], SamplingParams(max_tokens=2, temperature=0.0, json_schema=SCHEMA))[0]
+    assert [(s.finish_reason, s.error_kind) for s in cut.samples] == [("length", "invalid_output")]
+    assert cut.error is None and cut.error_kind is None  # the request itself ran
+    bad = llm.generate(["x"], SamplingParams(max_tokens=4, regex="(unclosed"))[0]
+    assert bad.finish_reason == "error" and bad.error_kind == "constraint_error"
+    assert [s.error_kind for s in bad.samples] == ["constraint_error"]
+    fine = llm.generate(["x"], SamplingParams(max_tokens=4, temperature=0.0, choice=["yes", "no"]))[0]
+    assert fine.samples[0].error is None and fine.samples[0].error_kind is None
+    empty = llm.generate([{"prompt_token_ids": []}], SamplingParams(max_tokens=2))[0]
+    assert empty.error_kind == "empty_prompt"
+    chat = llm.generate([[{"role": "user"}]], SamplingParams(max_tokens=2))[0]
+    assert chat.error_kind == "bad_messages" and "content" in chat.error
+
+
+def test_result_validation_is_the_engines_check_formats_included():
+    """When an engine gives no verdict, the validate plugin judges with the engine's own validator: a date
+    the calendar lacks fails a ``format: date`` schema there too, with the same message."""
+    from forge_batch.engine.outputs import CompletionOutput, RequestOutput
+    from forge_batch.plugins import validate
+    from forge_batch.plugins.constraints import json_schema_validator, output_problem
+
+    schema = {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}, "required": ["d"]}
+    text = '{"d": "2023-02-30"}'
+    ok, reason = json_schema_validator(schema)(text)
+    assert not ok and output_problem("json_schema", schema, text) == reason
+    assert output_problem("json_schema", schema, '{"d": "2024-02-29"}') is None
+    out = RequestOutput("r0", 0, None, [1], samples=[CompletionOutput(0, text, [5], "stop")],
+                        metadata={"_forge": {"constraint": ("json_schema", schema)}})
+    record = {"text": text, "sample_index": 0, "finish_reason": "stop", "error": None}
+    validate.process_result(record, out)
+    assert record["valid"] is False and record["error_kind"] == "invalid_output" and record["error"] == reason

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from runner_helpers import write_job_file, write_jsonl
 
-from forge_batch.job import JobError, load_job, validate_job_file
+from forge_batch.job import JobError, load_job
 from forge_batch.models.registry import (
     ModelNotCachedError,
     check_model,
@@ -19,6 +19,7 @@ from forge_batch.models.registry import (
     resolve_model_path,
     split_repo_id,
 )
+from forge_batch.runner.checks import validate_job_file
 
 MAIN = "a" * 40
 TAGGED = "b" * 40

@@ -15,8 +15,8 @@ from forge_batch.job import (
     job_from_dict,
     load_job,
     parse_override,
-    validate_job_file,
 )
+from forge_batch.runner.checks import validate_job_file
 
 
 def write(path: Path, text: str) -> Path:

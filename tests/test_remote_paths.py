@@ -15,7 +15,7 @@ import pytest
 from runner_helpers import make_job, prompts, read_output, run, write_job_file, write_jsonl
 
 from forge_batch.cli import main
-from forge_batch.job import validate_job_file
+from forge_batch.runner.checks import validate_job_file
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from forge_batch.job import JobError, load_job, validate_job_file
+from forge_batch.job import JobError, load_job
 from forge_batch.runner import JobRunner
+from forge_batch.runner.checks import validate_job_file
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["n"], "additionalProperties": False}

@@ -243,3 +243,23 @@ def test_a_plugin_logits_processor_that_raises_fails_only_its_row(tiny_model_dir
     again = run_real(job)
     assert again.status == "completed" and again.summary["this_run"]["rows"] == 0
     assert sorted(r["id"] for r in read_output(tmp_path / "out")) == [f"r{i:04d}" for i in range(6)]
+
+
+def test_structured_output_cut_short_is_invalid_output_on_the_real_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A json_schema job whose max_tokens cannot hold the smallest conforming object: the engine finishes
+    every sample at max_tokens with its error, and each row says invalid_output (as docs/jobs.md promises),
+    not engine_error."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    job = job_from_dict(
+        {"model": str(tiny_model_dir), "input": {"path": "in.jsonl"}, "output": {"path": "out"}, "max_error_rate": 1.0,
+         "sampling": {"json_schema": schema, "max_tokens": 2, "temperature": 0}},
+        base_dir=tmp_path,
+    )
+    result = run_real(job)
+    rows = read_output(tmp_path / "out")
+    assert len(rows) == 4
+    assert {(r["error_kind"], r["finish_reason"], r["valid"]) for r in rows} == {("invalid_output", "length", False)}
+    assert all("max_tokens" in r["error"] for r in rows)
+    assert result.summary["failed_by_kind"] == {"invalid_output": 4}

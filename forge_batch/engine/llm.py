@@ -118,6 +118,7 @@ class LLM:
         # the engine's parts by the names callers use
         self.model, self.config, self.tokenizer = net, model_config, tokenizer
         self.device, self.dtype, self.max_model_len = config.device, config.dtype, config.max_model_len
+        self.block_size = config.block_size  # tokens per KV block, as resolved (may be max_model_len)
         self.runner, self.scheduler, self.block_manager = self.engine.runner, self.engine.scheduler, self.engine.block_manager
         self.samplers, self.constraints = self.engine.samplers, self.engine.constraints
         self.packed_weights, self.stored_weights = prepared.packed, prepared.stored

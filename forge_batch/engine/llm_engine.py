@@ -25,8 +25,8 @@ from .config import EngineConfig
 from .constraints import ConstraintError, ConstraintFactory, apply_bitmask, bitmask_words, fill_bitmasks
 from .cpu_backend import CpuBackend
 from .model_runner import ModelRunner
-from .outputs import CompletionOutput, RequestOutput
-from .prompts import prompt_token_ids
+from .outputs import CompletionOutput, EngineErrorKind, RequestOutput
+from .prompts import PromptError, prompt_token_ids
 from .request import GenerationRequest
 from .sampler import BUILTIN_SAMPLERS, LogitsProcessor, Sampler, SamplingBatch, derive_seed, uniform_for
 from .sampling_params import SamplingParams
@@ -39,6 +39,7 @@ def _fail_processor_rows(seqs: list[Sequence], row_errors: dict[int, str]) -> No
     (freeing their KV blocks) without their sampled token, and the other rows go on unchanged."""
     for i, error in row_errors.items():
         seqs[i].finish_reason, seqs[i].error = "error", error
+        seqs[i].error_kind = EngineErrorKind.PLUGIN_ERROR.value
 
 @dataclass
 class EngineStats:
@@ -75,17 +76,19 @@ class _RequestState:
         samples = [
             CompletionOutput(index=s.sample_index, text=s.text, token_ids=list(s.output_token_ids),
                              finish_reason=s.finish_reason or "error", error=s.error, stop_reason=s.stop_reason,
-                             valid=s.valid)
+                             valid=s.valid,
+                             error_kind=(s.error_kind or EngineErrorKind.ENGINE_ERROR.value) if s.error else None)
             for s in self.seqs
         ]
-        errors = [s.error for s in self.seqs if s.error and s.finish_reason == "error"]
+        failed = [s for s in self.seqs if s.error and s.finish_reason == "error"]
         return RequestOutput(
             request_id=self.request.request_id,
             index=self.index,
             prompt=self.prompt_text,
             prompt_token_ids=self.prompt_token_ids,
             samples=samples,
-            error=errors[0] if len(errors) == len(samples) else None,
+            error=failed[0].error if len(failed) == len(samples) else None,
+            error_kind=samples[0].error_kind if len(failed) == len(samples) else None,
             metrics={
                 "arrival_time": self.arrival_time,
                 "first_token_time": self.first_token_time or now,
@@ -98,8 +101,9 @@ class _RequestState:
 
 
 def failed_output(request: GenerationRequest, index: int, error: str,
-                  prompt_token_ids: list[int] | None = None) -> RequestOutput:
-    """The result of a request that could not run: every sample an error with this message."""
+                  prompt_token_ids: list[int] | None = None,
+                  kind: EngineErrorKind = EngineErrorKind.ENGINE_ERROR) -> RequestOutput:
+    """The result of a request that could not run: every sample an error with this message and kind."""
     now = time.monotonic()
     n = request.params.n if isinstance(request.params, SamplingParams) else 1
     return RequestOutput(
@@ -107,8 +111,9 @@ def failed_output(request: GenerationRequest, index: int, error: str,
         index=index,
         prompt=request.prompt if isinstance(request.prompt, str) else None,
         prompt_token_ids=prompt_token_ids or [],
-        samples=[CompletionOutput(i, "", [], "error", error) for i in range(n)],
+        samples=[CompletionOutput(i, "", [], "error", error, error_kind=kind.value) for i in range(n)],
         error=error,
+        error_kind=kind.value,
         metrics={"arrival_time": now, "first_token_time": now, "finished_time": now},
         metadata=request.metadata,
     )
@@ -195,15 +200,20 @@ class LLMEngine:
             params.validate()
             if params.sampler is not None and params.sampler not in self.samplers:
                 raise ValueError(f"unknown sampler {params.sampler!r}; known: {sorted(self.samplers)}")
-            prompt_ids, prompt_text = prompt_token_ids(self.tokenizer, request)
+            if request.prompt_token_ids is not None:
+                prompt_ids, prompt_text = list(request.prompt_token_ids), None
+            else:
+                prompt_ids, prompt_text = prompt_token_ids(request.prompt, self.tokenizer)
+        except PromptError as exc:
+            return failed_output(request, index, str(exc), kind=EngineErrorKind(exc.kind))
         except Exception as exc:  # a bad request fails alone
             return failed_output(request, index, f"{type(exc).__name__}: {exc}")
         try:
             compiled = None if params.constraint_spec is None else self.compile_constraint(*params.constraint_spec)
         except Exception as exc:
-            return failed_output(request, index, f"constraint error: {exc}")
+            return failed_output(request, index, f"constraint error: {exc}", kind=EngineErrorKind.CONSTRAINT_ERROR)
         if not prompt_ids:
-            return failed_output(request, index, "empty prompt: it has no tokens")
+            return failed_output(request, index, "empty prompt: it has no tokens", kind=EngineErrorKind.EMPTY_PROMPT)
         base_seed = params.seed if params.seed is not None else derive_seed(self.config.seed, index)
         state = _RequestState(request, index, prompt_ids, [], time.monotonic(), prompt_text=prompt_text)
         for i in range(params.n):
@@ -324,6 +334,7 @@ class LLMEngine:
         err = state.error()  # type: ignore[union-attr]
         if err:
             seq.finish_reason, seq.error = "error", f"constraint violated: {err}"
+            seq.error_kind = EngineErrorKind.CONSTRAINT_ERROR.value
             return True
         if state.is_stopped():  # type: ignore[union-attr]
             seq.finish_reason, seq.stop_reason = "stop", None
@@ -365,8 +376,10 @@ class LLMEngine:
                 seq.valid, reason = seq.constraint.validate(seq.text)  # type: ignore[attr-defined]
                 if not seq.valid:
                     seq.error = f"invalid output: {reason}"
+                    seq.error_kind = EngineErrorKind.INVALID_OUTPUT.value
             else:
                 seq.valid = False
+                seq.error_kind = EngineErrorKind.INVALID_OUTPUT.value
                 seq.error = (
                     f"incomplete: max_tokens reached before the {seq.constraint.kind} constraint "  # type: ignore[attr-defined]
                     "was satisfied"

@@ -1,44 +1,52 @@
-"""A prompt -> its token ids: the one place the engine turns text, chats and token ids into model input."""
+"""Prompt -> token ids: the one place that knows how text, a chat and vLLM's TokensPrompt become the ids a
+model reads. The engine and the job runner both call it, so a row tokenized ahead of time (to check its
+length against the context) gets exactly the ids the engine would have made.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .request import GenerationRequest
-
-if TYPE_CHECKING:
-    from forge_batch.models.tokenizer import Tokenizer
+from .outputs import EngineErrorKind
 
 # A prompt: text, a chat conversation (a list of {"role", "content"} messages), or token ids as vLLM's
 # TokensPrompt, {"prompt_token_ids": [...]}.
 PromptType = str | list[dict[str, Any]] | dict[str, Any]
 
 
-def prompt_token_ids(tokenizer: Tokenizer | None, request: GenerationRequest) -> tuple[list[int], str | None]:
-    """The request's prompt as token ids, and the text they encode (None when ids were given).
+class PromptError(ValueError):
+    """A prompt that cannot become token ids; ``kind`` (an EngineErrorKind value) says why."""
 
-    Text is encoded with the tokenizer's special tokens; a chat is rendered with the model's chat template
-    (generation prompt added) and encoded without them, since the template writes its own. Raises
-    ValueError on a prompt of no known shape, or text without a tokenizer."""
-    if request.prompt_token_ids is not None:
-        return list(request.prompt_token_ids), None
-    prompt = request.prompt
+    def __init__(self, message: str, kind: EngineErrorKind) -> None:
+        super().__init__(message)
+        self.kind = kind.value
+
+
+def prompt_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None]:
+    """The token ids of ``prompt`` and the text they encode (None when the prompt is token ids already).
+
+    ``prompt``: text (encoded with the tokenizer's special tokens, e.g. BOS), a chat (a list of ``{role,
+    content}``, rendered with the chat template, whose text already holds them) or ``{"prompt_token_ids":
+    [...]}``. Raises :class:`PromptError`."""
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         ids = prompt["prompt_token_ids"]
         if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
-            raise ValueError("prompt_token_ids must be a list of ints")
+            raise PromptError("prompt_token_ids must be a list of ints", EngineErrorKind.BAD_PROMPT)
         return list(ids), None
     if tokenizer is None:
-        raise ValueError("this engine has no tokenizer (random weights): give prompt_token_ids")
+        raise PromptError("this engine has no tokenizer (random weights): give prompt_token_ids", EngineErrorKind.BAD_PROMPT)
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_special_tokens=True), prompt
+        return list(tokenizer.encode(prompt, add_special_tokens=True)), prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
         for m in prompt:
             if "role" not in m or "content" not in m:
-                raise ValueError(f"chat message needs 'role' and 'content', got keys {sorted(m)}")
+                raise PromptError(
+                    f"chat message needs 'role' and 'content', got keys {sorted(m)}", EngineErrorKind.BAD_MESSAGES
+                )
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False), text
-    raise ValueError(
+        return list(tokenizer.encode(text, add_special_tokens=False)), text
+    raise PromptError(
         "prompt must be a string, a list of chat messages or {'prompt_token_ids': [...]}, got "
-        f"{type(prompt).__name__}"
+        f"{type(prompt).__name__}",
+        EngineErrorKind.BAD_PROMPT,
     )

@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+# The constraint kinds that have their own option; any other kind (a plugin's) goes in ``constraint``.
+BUILTIN_CONSTRAINT_KINDS = ("json_schema", "regex", "choice")
+
+
+def constraints_given(options: Mapping[str, Any]) -> list[str]:
+    """The constraint kinds set in sampling options (SamplingParams' or a job's ``sampling`` fields)."""
+    given = [k for k in BUILTIN_CONSTRAINT_KINDS if options.get(k) is not None]
+    extra = options.get("constraint")
+    if extra is not None:
+        given += [str(k) for k in extra] if isinstance(extra, Mapping) else ["constraint"]
+    return given
+
+
+def one_constraint_problem(given: Sequence[str]) -> str | None:
+    """The rule for structured output, wherever constraints are given (a request, a job's sampling, its
+    ``constraint`` block, a row's column): at most one, because two grammars cannot both steer one sample.
+    None when ``given`` keeps it, else what is wrong."""
+    if len(given) <= 1:
+        return None
+    return f"constraints are mutually exclusive: give at most one, got {', '.join(given)}"
+
+
+def constraint_options(kind: str, spec: Any) -> dict[str, Any]:
+    """SamplingParams keyword arguments that set exactly the constraint ``kind`` and clear every other."""
+    options: dict[str, Any] = {k: None for k in (*BUILTIN_CONSTRAINT_KINDS, "constraint")}
+    if kind in BUILTIN_CONSTRAINT_KINDS:
+        options[kind] = spec
+    else:
+        options["constraint"] = {kind: spec}
+    return options
 
 
 @dataclass
@@ -69,15 +100,11 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.json_schema is not None and self.regex is not None:
-            raise ValueError("json_schema and regex are mutually exclusive: give one constraint per request")
-        given = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
-        if self.constraint is not None:
-            if not isinstance(self.constraint, dict) or len(self.constraint) != 1:
-                raise ValueError("constraint must be a mapping with exactly one kind, e.g. {'regex': '[0-9]+'}")
-            given += list(self.constraint)
-        if len(given) > 1:
-            raise ValueError(f"give one constraint per request, got {', '.join(given)}")
+        if self.constraint is not None and (not isinstance(self.constraint, dict) or len(self.constraint) != 1):
+            raise ValueError("constraint must be a mapping with exactly one kind, e.g. {'regex': '[0-9]+'}")
+        problem = one_constraint_problem(constraints_given(vars(self)))
+        if problem is not None:
+            raise ValueError(problem)
         if self.choice is not None and not self.choice:
             raise ValueError("choice needs at least one option")
 
@@ -94,12 +121,9 @@ class SamplingParams:
     @property
     def constraint_spec(self) -> tuple[str, Any] | None:
         """(kind, spec) of the structured-output constraint, or None."""
-        if self.json_schema is not None:
-            return ("json_schema", self.json_schema)
-        if self.regex is not None:
-            return ("regex", self.regex)
-        if self.choice is not None:
-            return ("choice", self.choice)
+        for kind in BUILTIN_CONSTRAINT_KINDS:
+            if getattr(self, kind) is not None:
+                return (kind, getattr(self, kind))
         if self.constraint:
             return next(iter(self.constraint.items()))
         return None

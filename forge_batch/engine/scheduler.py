@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .outputs import EngineErrorKind
 from .sequence import Sequence, SequenceStatus
 
 
@@ -143,6 +144,9 @@ class Scheduler:
             if reason is not None:
                 self.waiting.popleft()
                 seq.error = reason
+                seq.error_kind = (
+                    EngineErrorKind.EMPTY_PROMPT if seq.num_prompt_tokens == 0 else EngineErrorKind.PROMPT_TOO_LONG
+                ).value
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "error"
                 plan.rejected.append(seq)

@@ -38,6 +38,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    error_kind: str | None = None  # an EngineErrorKind value, set with ``error``
     text: str = ""
     num_preemptions: int = 0
     first_token_time: float | None = None

@@ -1,0 +1,318 @@
+"""Checking a job before it runs: the job file's own checks (``forge_batch.job``) plus those that need the
+plugins (registered formats, samplers, constraint kinds, whether the job-wide constraint compiles).
+
+``forge-batch run`` calls :func:`prepare_job` once and hands the :class:`CheckedJob` to the runner, which
+then checks nothing again; ``forge-batch validate`` calls :func:`validate_job_file`, which does not import
+the job's own plugins (importing runs their code).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pluggy import PluginManager
+
+from forge_batch.engine.sampling_params import BUILTIN_CONSTRAINT_KINDS
+from forge_batch.job import (
+    InputSpec,
+    JobError,
+    JobSpec,
+    Problem,
+    check_job,
+    compile_template,
+    input_files,
+    load_job,
+)
+from forge_batch.plugin_manager import PluginLoadError, collect_registry, find_plugin, get_plugin_manager
+from forge_batch.runner.engine_factory import ENGINE_FACTORY_ENV
+from forge_batch.runner.inputs import effective_input, reader_for_file
+
+
+@dataclass(frozen=True)
+class CheckedJob:
+    """A job that passed every check, with the plugin manager it was checked against."""
+
+    job: JobSpec
+    plugin_manager: PluginManager
+
+
+def model_is_checked() -> bool:
+    """Whether ``model`` must name a model this tool can load: not when a custom engine factory (from the
+    environment) decides what the name means."""
+    return not os.environ.get(ENGINE_FACTORY_ENV)
+
+
+def prepare_job(path: str | os.PathLike[str], overrides: Iterable[str] = (), *,
+                warnings: list[str] | None = None) -> CheckedJob:
+    """Load a job file, load its plugins and check the job: everything ``run`` does before running.
+
+    Raises :class:`JobError` with every problem (a plugin that cannot load is one, at ``plugins[i]``).
+    Plugin warnings (installed plugins skipped) are appended to ``warnings``."""
+    return prepare_loaded_job(load_job(path, overrides), source=str(path), warnings=warnings)
+
+
+def prepare_loaded_job(job: JobSpec, *, source: str | None = None, warnings: list[str] | None = None) -> CheckedJob:
+    """:func:`prepare_job` for a job already loaded (``run-batch`` builds one from its arguments)."""
+    try:
+        pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
+    except PluginLoadError as e:
+        raise JobError([
+            Problem(f"plugins[{job.plugins.index(n)}]", m) if n in job.plugins else Problem("plugins", f"{n}: {m}")
+            for n, m in e.failures
+        ], source) from None
+    if warnings is not None:
+        warnings.extend(getattr(pm, "forge_warnings", []))
+    return check_loaded_job(job, pm, check_model=model_is_checked(), source=source)
+
+
+def check_loaded_job(job: JobSpec, pm: PluginManager, *, check_model: bool = True,
+                     source: str | None = None) -> CheckedJob:
+    """``job`` checked against ``pm``; raises :class:`JobError` with every problem."""
+    problems = check_job_with_plugins(job, pm, check_model=check_model)
+    if problems:
+        raise JobError(problems, source)
+    return CheckedJob(job, pm)
+
+
+def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool = True,
+                           unloaded_plugins: Sequence[str] = (), warnings: list[str] | None = None,
+                           facts: dict[str, Any] | None = None) -> list[Problem]:
+    """Every problem that stops ``job`` from running, found without running anything.
+
+    ``unloaded_plugins``: the job's plugins that ``pm`` does not hold (validate does not import them); a name
+    no loaded plugin registers may be theirs, so it is a warning (appended to ``warnings``), not a problem.
+    ``facts`` receives what reading the input's first rows found (see :func:`_check_input_rows`)."""
+    problems = check_job(job, check_model=check_model)
+    try:
+        files = input_files(job.input.path)
+    except OSError:  # reported by check_job
+        files = []
+
+    def unknown(path: str, what: str, name: str, known: Iterable[str]) -> None:
+        if not unloaded_plugins:
+            problems.append(Problem(path, f"unknown {what} {name!r}; known: {', '.join(sorted(known))}"))
+        elif warnings is not None:
+            warnings.append(
+                f"{path}: {what} {name!r} is not registered by a built-in or installed plugin; it may come "
+                f"from {', '.join(unloaded_plugins)}, which validate does not import (run will tell)"
+            )
+
+    readers = collect_registry(pm, "register_readers")
+    writers = collect_registry(pm, "register_writers")
+    kinds = collect_registry(pm, "register_constraints")
+    # Only when a sampler is named: collecting samplers imports the engine (torch), which validate avoids.
+    samplers = collect_registry(pm, "register_samplers") if job.sampling.sampler is not None else {}
+    if job.input.format != "auto" and job.input.format not in readers:
+        unknown("input.format", "input format", job.input.format, ["auto", *readers])
+    elif job.input.format == "auto":
+        unreadable = next((f for f in files if reader_for_file(f, readers) is None), None)
+        if unreadable is not None:
+            problems.append(Problem("input.path", f"cannot tell the format of {unreadable} from its extension; set input.format"))
+    if job.output.format not in writers:
+        unknown("output.format", "output format", job.output.format, writers)
+    for where, kind in _constraint_kinds_named(job):
+        if kinds and kind not in kinds:
+            unknown(where, "constraint kind", kind, kinds)
+    problems.extend(_check_job_constraint(job, kinds))
+    if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
+        unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
+    if files and not any(p.path == "input.path" for p in problems):
+        problems.extend(_check_input_rows(job, files, readers, facts))
+    return problems
+
+
+def _constraint_kinds_named(job: JobSpec) -> list[tuple[str, str]]:
+    """(where, kind) of every plugin constraint kind the job names."""
+    named = [(f"sampling.constraint.{kind}", kind) for kind in job.sampling.constraint or {}]
+    for key in (job.constraint.model_extra or {}) if job.constraint is not None else {}:
+        named.append((f"constraint.{key}", key[: -len("_field")] if key.endswith("_field") else key))
+    return named
+
+
+def _check_job_constraint(job: JobSpec, kinds: Mapping[str, Any]) -> list[Problem]:
+    """The job-wide constraint compiled as the engine will compile it, minus the model: a constraint kind's
+    factory may have a ``check(spec)`` that raises what compiling would (the built-ins do)."""
+    level = job.job_constraint()
+    if level is None:
+        return []
+    kind, spec = level
+    check = getattr(kinds.get(kind), "check", None)
+    if check is None:
+        return []
+    if job.constraint is not None and job.constraint.job_level() is not None:
+        where = f"constraint.{kind}"
+    else:
+        where = f"sampling.{kind}" if kind in BUILTIN_CONSTRAINT_KINDS else f"sampling.constraint.{kind}"
+    try:
+        check(spec)
+    except Exception as e:  # ConstraintError from the built-ins; a plugin's kind may raise anything
+        return [Problem(where, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")]
+    return []
+
+
+# Rows validate reads to check fields and the template, and to estimate prompt tokens.
+SAMPLE_ROWS = 1000
+# JSONL is counted (a scan) only up to this many bytes of local files; Parquet says its row count.
+COUNT_JSONL_BYTES = 256 << 20
+
+
+def _prompt_chars(row: dict[str, Any], spec: InputSpec, template: Any) -> int:
+    if template is not None:
+        return len(template.render({**row, "row": row}))
+    messages = row.get(spec.messages_field)
+    if messages is not None:
+        if isinstance(messages, str):
+            return len(messages)
+        total = 0
+        for m in messages if isinstance(messages, list) else []:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                total += len(content)
+            elif isinstance(content, list):
+                total += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+        return total
+    prompt = row.get(spec.prompt_field)
+    return len(str(prompt)) if prompt is not None else 0
+
+
+def _count_rows(files: list[str], reader: Any, spec: InputSpec, has_schema: bool) -> int | None:
+    """The input's rows when that is cheap: Parquet's metadata, or local JSONL up to COUNT_JSONL_BYTES."""
+    from forge_batch.io.remote import is_url
+
+    if not has_schema:  # line-based: counting is a scan
+        if any(is_url(f) for f in files) or sum(os.path.getsize(f) for f in files) > COUNT_JSONL_BYTES:
+            return None
+    total = 0
+    for f in files:
+        n = reader.count(f, spec)
+        if n is None:
+            return None
+        total += n
+    return min(total, spec.limit) if spec.limit is not None else total
+
+
+def _read_sample(reader: Any, path: str, spec: InputSpec) -> tuple[Any, list[dict[str, Any]], str | None]:
+    """(schema or None, the first readable rows up to SAMPLE_ROWS, the first unreadable row's error)."""
+    schema = reader.schema(path)
+    sample: list[dict[str, Any]] = []
+    first_error: str | None = None
+    read_spec = spec.model_copy(update={"batch_size": min(spec.batch_size, SAMPLE_ROWS)})
+    batches = reader.read(path, read_spec)
+    try:
+        for batch in batches:
+            for raw in batch:
+                if raw.data is not None and raw.error is None:
+                    sample.append(raw.data)
+                elif first_error is None:
+                    first_error = raw.error
+            if len(sample) >= SAMPLE_ROWS:
+                break
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    return schema, sample, first_error
+
+
+def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any], facts: dict[str, Any] | None) -> list[Problem]:
+    """What ``run`` would hit on the first rows: the id, prompt, kept and sampling fields missing (from the
+    Parquet schema, or from every one of the first SAMPLE_ROWS JSON rows), the template failing on the first
+    row. Fills ``facts`` with the row count (when cheap) and a prompt-token estimate (chars / 4)."""
+    fmt = reader_for_file(files[0], readers, job.input.format)
+    if fmt is None:
+        return []  # an unknown format is reported (or warned about) by check_job
+    reader = readers[fmt]
+    spec = effective_input(job.input, reader)
+    where = files[0]
+    try:
+        schema, sample, first_error = _read_sample(reader, where, spec)
+    except Exception as e:  # a reader that cannot open the file: run would stop on it too
+        return [Problem("input.path", f"cannot read {where}: {type(e).__name__}: {e}")]
+    if not sample:
+        return [Problem("input.path", f"no readable row at the start of {where}" + (f": {first_error}" if first_error else ""))]
+    if schema is not None:
+        names = set(schema.names)
+        listed = f"{where} (columns: {', '.join(sorted(names))})"
+        lacks, neither_in = f"is not a column of {listed}", f"is a column of {listed}"
+    else:
+        names = set().union(*(row.keys() for row in sample))
+        listed = f"the first {len(sample)} rows of {where} (fields: {', '.join(sorted(map(str, names)))})"
+        lacks, neither_in = f"is in none of {listed}", f"is in any of {listed}"
+    problems: list[Problem] = []
+    if spec.id_field is not None and spec.id_field not in names:
+        problems.append(Problem("input.id_field", f"{spec.id_field!r} {lacks}; name the id field, or id_field: null for row positions"))
+    for i, name in enumerate(job.output.keep_fields):
+        if name not in names:
+            problems.append(Problem(f"output.keep_fields[{i}]", f"{name!r} {lacks}"))
+    if spec.sampling_field is not None and spec.sampling_field not in names:
+        problems.append(Problem("input.sampling_field", f"{spec.sampling_field!r} {lacks}"))
+    template = None
+    if spec.template is not None:
+        try:
+            template = compile_template(spec.template)
+            template.render({**sample[0], "row": sample[0]})
+        except Exception as e:  # a syntax error is reported by check_job already
+            if template is not None:
+                fields = ", ".join(sorted(map(str, sample[0])))
+                problems.append(Problem("input.template", f"does not render on the first row of {where}: {type(e).__name__}: {e} (fields: {fields})"))
+            template = None
+    elif spec.prompt_field not in names and spec.messages_field not in names:
+        problems.append(Problem(
+            "input.prompt_field",
+            f"neither {spec.prompt_field!r} nor {spec.messages_field!r} {neither_in}; "
+            "set input.prompt_field, input.messages_field or input.template",
+        ))
+    if facts is not None:
+        chars = []
+        for row in sample:
+            try:
+                chars.append(_prompt_chars(row, spec, template))
+            except Exception:  # a row the template fails on: it becomes an error row, no prompt
+                pass
+        facts["reader"] = fmt
+        facts["sampled_rows"] = len(sample)
+        facts["prompt_chars_per_row"] = sum(chars) / len(chars) if chars else 0.0
+        try:
+            facts["rows"] = _count_rows(files, reader, spec, schema is not None)
+        except Exception:  # counting is a courtesy; the checks above are what matter
+            facts["rows"] = None
+    return problems
+
+
+def validate_job_file(
+    path: str | os.PathLike[str],
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    *,
+    warnings: list[str] | None = None,
+    facts: dict[str, Any] | None = None,
+) -> tuple[JobSpec | None, list[Problem]]:
+    """Everything ``forge-batch validate`` reports: schema problems, then (if it parses) file-system and
+    plugin checks. The job's own plugins are found but not imported (importing runs their code): one that
+    cannot be found is a problem at ``plugins[i]``. Warnings (installed plugins skipped, names an unloaded
+    job plugin may register) are appended to ``warnings``; what reading the input found goes to ``facts``."""
+    try:
+        job = load_job(path, overrides, env)
+    except JobError as e:
+        return None, e.problems
+    problems: list[Problem] = []
+    found = []
+    for i, name in enumerate(job.plugins):
+        missing = find_plugin(name, job.plugin_search_paths())
+        if missing is None:
+            found.append(name)
+        else:
+            problems.append(Problem(f"plugins[{i}]", missing))
+    try:
+        pm = get_plugin_manager([])  # built-ins and installed plugins
+    except PluginLoadError as e:
+        problems.extend(Problem("plugins", f"{name}: {msg}") for name, msg in e.failures)
+        return job, problems
+    if warnings is not None:
+        warnings.extend(getattr(pm, "forge_warnings", []))
+    problems.extend(check_job_with_plugins(job, pm, check_model=model_is_checked(), unloaded_plugins=found,
+                                           warnings=warnings, facts=facts))
+    return job, problems

@@ -1,0 +1,349 @@
+"""``JobRunner``: one job from input to committed output, calling the runner's parts in order."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from pluggy import PluginManager
+
+from forge_batch.contract import RawRow, RunContext, Writer
+from forge_batch.io.meta import file_metadata
+from forge_batch.io.output_dir import SUMMARY, CommitError, OutputDir, ResumeState, describe_os_error
+from forge_batch.io.progress import Progress
+from forge_batch.io.schema import id_column_name
+from forge_batch.job import JobError, JobSpec, Problem, compile_template
+from forge_batch.plugin_manager import (
+    PluginHookError,
+    call_impl,
+    collect_registry,
+    get_plugin_manager,
+    iter_impls,
+)
+from forge_batch.runner.checks import CheckedJob, check_loaded_job
+from forge_batch.runner.commit import Committer
+from forge_batch.runner.engine_factory import ENGINE_IDENTITY, default_engine_factory, engine_factory_from_env
+from forge_batch.runner.inputs import InputPlan
+from forge_batch.runner.records import RecordBuilder
+from forge_batch.runner.requests import RequestBuilder, has_chat_template
+from forge_batch.runner.signals import Abort, RunFlags, SignalHandlers, StartInterrupted
+from forge_batch.runner.summary import (
+    EXIT_FAILED,
+    Outcome,
+    RunEnd,
+    Timings,
+    build_summary,
+    decide_outcome,
+    signal_exit_code,
+)
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run: ``status`` is ``completed``, ``failed`` or ``interrupted``."""
+
+    status: str
+    exit_code: int
+    message: str
+    summary: dict[str, Any]
+    output_dir: Path
+    summary_path: Path | None = None
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C / SIGTERM arrived before generation started (reading the input, loading the model): nothing was
+    committed by this run. ``exit_code`` is 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class _Run:
+    """What one run has opened and built, handed from one phase to the next."""
+
+    job: JobSpec
+    pm: PluginManager
+    plan: InputPlan
+    out: OutputDir
+    resume: ResumeState
+    writer: Writer
+    started_at: _dt.datetime
+    t_start: float
+    engine: Any = None
+    engine_info: dict[str, Any] | None = None
+    load_s: float = 0.0
+    total: int | None = None
+
+
+class JobRunner:
+    """Runs one job. ``run()`` returns a :class:`RunResult`; it raises only for problems before the first
+    row (invalid job, unusable output directory, engine that cannot load).
+
+    ``job``: a :class:`CheckedJob` (from :func:`forge_batch.runner.checks.prepare_job`: not checked again) or
+    a bare ``JobSpec`` (checked here, against ``plugin_manager`` or the job's own plugins).
+    ``progress``: ``auto`` (bar on a terminal, log lines otherwise), ``bar``, ``log`` or ``none``.
+    ``overwrite`` discards committed parts instead of resuming. ``grace_seconds`` bounds how long in-flight
+    rows may finish after the first Ctrl-C / SIGTERM."""
+
+    def __init__(
+        self,
+        job: JobSpec | CheckedJob,
+        *,
+        engine_factory: Callable[..., Any] | None = None,
+        plugin_manager: PluginManager | None = None,
+        progress: str = "auto",
+        quiet: bool = False,
+        overwrite: bool = False,
+        force_resume: bool = False,
+        grace_seconds: float = 30.0,
+        install_signal_handlers: bool = True,
+        stream: TextIO | None = None,
+        log_interval: float = 10.0,
+    ) -> None:
+        self.checked = job if isinstance(job, CheckedJob) else None
+        self.job = job.job if isinstance(job, CheckedJob) else job
+        self.pm = job.plugin_manager if isinstance(job, CheckedJob) else plugin_manager
+        self.engine_factory = engine_factory or engine_factory_from_env()
+        self.progress_mode = "none" if quiet else progress
+        self.quiet = quiet
+        self.overwrite = overwrite
+        self.force_resume = force_resume
+        self.stream = stream or sys.stderr
+        self.log_interval = log_interval
+        self.flags = RunFlags()
+        self.signals = SignalHandlers(self.flags, grace_seconds, self._say, install_signal_handlers)
+        self._progress: Progress | None = None
+
+    def _say(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self._progress is not None and self._progress.mode == "bar":
+            self._progress.message(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def run(self) -> RunResult:
+        """Run the job to completion, failure or interruption (see the package docstring).
+
+        Raises :class:`RunInterrupted` for Ctrl-C / SIGTERM before generation started."""
+        self.signals.install()
+        try:
+            run = self._open()
+            try:
+                return self._run(run)
+            finally:
+                run.out.close()
+        except StartInterrupted as e:
+            raise RunInterrupted(
+                f"interrupted by {e.signal_name} while {e.phase}; nothing was committed this run; "
+                "rerun the same command to resume", signal_exit_code(e.signal_name),
+            ) from None
+        finally:
+            self.signals.restore()
+
+    def _run(self, run: _Run) -> RunResult:
+        """The job flow, top-down: input -> schema -> engine -> hooks -> generate and commit -> summary."""
+        job = run.job
+        run.total = run.plan.total_rows()
+        batches = run.plan.batches()
+        first = next(batches, [])
+        schema = run.resume.schema if run.resume.schema is not None else run.plan.output_schema(job, first)
+        run.out.set_schema(schema)
+        self._load_engine(run)
+        file_meta = file_metadata(job, run.engine_info)
+        context = self._context(run)
+        for impl in iter_impls(run.pm, "job_start"):
+            call_impl(impl, "job_start", {"job": job, "context": context})
+        id_column = id_column_name(run.plan.spec.id_field)
+        committer = Committer(
+            job, run.out, run.writer, run.resume, schema.with_metadata({k.encode(): v.encode() for k, v in file_meta.items()}),
+            file_meta, id_column, self.flags, self._say,
+        )
+        records = RecordBuilder(job, id_column, set(schema.names), context)
+        requests = RequestBuilder(job, run.plan.spec, schema.field(id_column).type, run.resume, context, self.flags)
+        self._progress = Progress(
+            run.total, initial=run.resume.tally.rows, mode=self.progress_mode, stream=self.stream,
+            log_interval=self.log_interval, desc=job.display_name(),
+        )
+        t_gen = time.monotonic()
+        end = self._generate(run, requests.requests(_chain(first, batches)), records, committer, self._progress)
+        gen_s = time.monotonic() - t_gen
+        return self._finish(run, context, committer, end, gen_s)
+
+    # ---- phases ---------------------------------------------------------------------------------------
+    def _open(self) -> _Run:
+        """Check the job (unless already checked), plan the input and open the output directory."""
+        t_start, started_at = time.monotonic(), _dt.datetime.now(_dt.timezone.utc)
+        job = self.job
+        if self.checked is None:
+            pm = self.pm or get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
+            self.checked = check_loaded_job(job, pm, check_model=self.engine_factory is default_engine_factory)
+        pm = self.checked.plugin_manager
+        plan = InputPlan.for_job(job, collect_registry(pm, "register_readers"))
+        writer: Writer = collect_registry(pm, "register_writers")[job.output.format]
+        out = OutputDir(job.output.path, writer.extension, single_file=job.output.single_file())
+        resume = out.open(job.fingerprint(), job.model_dump(mode="json"), job.output.format, overwrite=self.overwrite)
+        try:
+            out.check_identity("input", plan.identity(), compare=("digest",), force=self.force_resume)
+        except BaseException:
+            out.close()
+            raise
+        return _Run(job, pm, plan, out, resume, writer, started_at, t_start)
+
+    def _load_engine(self, run: _Run) -> None:
+        """Build the engine (the samplers and constraints are the engine's too) and check it can resume and
+        compile the job-wide constraint."""
+        job = run.job
+        self.flags.starting = "loading the model"
+        if run.resume.tally.rows:
+            self._say(f"forge-batch: resuming {job.output.path}: {run.resume.tally.rows} rows already committed, skipping them")
+        samplers = collect_registry(run.pm, "register_samplers")
+        constraints = collect_registry(run.pm, "register_constraints")
+        t_load = time.monotonic()
+        run.engine = self.engine_factory(job, samplers=samplers, constraints=constraints)
+        self.flags.starting = "starting generation"
+        run.load_s = time.monotonic() - t_load
+        run.engine_info = getattr(run.engine, "engine_info", None)
+        if run.engine_info is not None:
+            run.out.check_identity("engine", run.engine_info, compare=ENGINE_IDENTITY, force=self.force_resume)
+        job_constraint = job.job_constraint()
+        compile_constraint = getattr(run.engine, "compile_constraint", None)
+        if job_constraint is not None and compile_constraint is not None:
+            # A job-wide constraint that cannot compile would fail every row: fail the job before generating.
+            try:
+                compile_constraint(*job_constraint)
+            except Exception as e:
+                where = "constraint" if job.constraint is not None else f"sampling.{job_constraint[0]}"
+                raise JobError([Problem(where, f"cannot compile the {job_constraint[0]} constraint: {e}")]) from e
+
+    def _context(self, run: _Run) -> RunContext:
+        job, engine, spec = run.job, run.engine, run.plan.spec
+        tokenizer = getattr(engine, "tokenizer", None)
+        chat = job.input.apply_chat_template if job.input.apply_chat_template is not None else has_chat_template(tokenizer)
+        return RunContext(
+            job=job,
+            input=spec,
+            plugin_manager=run.pm,
+            output_dir=Path(job.output.path),
+            engine=engine,
+            tokenizer=tokenizer,
+            max_model_len=getattr(engine, "max_model_len", None),
+            chat=bool(chat),
+            template=compile_template(spec.template) if spec.template is not None else None,
+            resumed_rows=run.resume.tally.rows,
+        )
+
+    def _generate(self, run: _Run, requests: Iterator[Any], records: RecordBuilder, committer: Committer,
+                  progress: Progress) -> RunEnd:
+        """Stream results from the engine into the committer until the input ends, a signal or the error
+        budget stops admitting rows, or something breaks; commit what is done in every case."""
+        engine, flags, job = run.engine, self.flags, run.job
+        end = RunEnd(committed_rows=0)
+        max_in_flight = job.engine.max_in_flight or (2 * job.engine.max_num_seqs if job.engine.max_num_seqs else None)
+        stream = None
+        flags.starting = None  # from here a first signal lets in-flight rows finish
+        try:
+            stream = engine.generate_stream(requests, max_in_flight=max_in_flight)
+            for out in stream:
+                group = records.group_for(out)
+                committer.add(group)
+                flags.in_flight -= 1
+                progress.update(1, sum(r.get("completion_tokens") or 0 for r in group.records), getattr(engine, "stats", None))
+                if committer.should_commit():
+                    committer.commit()
+                committer.check_error_rate(run.total)
+                if flags.drop_now:
+                    raise Abort()
+        except (Abort, KeyboardInterrupt):
+            flags.stop_now()
+        except CommitError as e:
+            end.commit_error = e
+        except Exception as e:  # the engine or a reader broke: keep what is done, say how to resume
+            end.error_message = f"run stopped by an error: {type(e).__name__}: {e}"
+        finally:
+            _close_quietly(stream)
+            flags.critical += 1
+            try:
+                committer.commit()
+            except CommitError as e:
+                end.commit_error = end.commit_error or e
+            finally:
+                flags.critical -= 1
+                self.signals.restore()
+                progress.close()
+        end.committed_rows = committer.run_tally.rows
+        end.signal_name, end.dropped_in_flight = flags.signal_name, flags.drop_now
+        end.stopped_early = flags.abort_reason == "error_rate"
+        return end
+
+    def _finish(self, run: _Run, context: RunContext, committer: Committer, end: RunEnd, gen_s: float) -> RunResult:
+        """Decide the outcome, tell the job_end hooks, write the summary."""
+        job = run.job
+        failed, counted = committer.failed_rows()
+        total_tally = run.resume.tally.merged(committer.run_tally)
+        outcome = decide_outcome(end, failed, counted, job.max_error_rate, total_tally)
+        if run.out.single_file:
+            every_row_done = (end.commit_error is None and end.signal_name is None and end.error_message is None
+                              and not end.stopped_early)
+            outcome = _write_single_file(run, every_row_done, outcome)
+        summary = build_summary(
+            job, outcome, engine_info=run.engine_info, total=total_tally, this_run=committer.run_tally,
+            input_rows=run.total, failed=failed, counted=counted, resumed_rows=run.resume.tally.rows,
+            parts=len(run.out.part_files()),
+            timings=Timings(run.started_at, time.monotonic() - run.t_start, run.load_s, gen_s),
+        )
+        for impl in iter_impls(run.pm, "job_end"):
+            try:
+                call_impl(impl, "job_end", {"job": job, "context": context, "summary": summary})
+            except PluginHookError as e:
+                self._say(f"forge-batch: warning: {e}")
+        summary_path: Path | None = None
+        try:
+            summary_path = run.out.write_summary(summary)
+        except OSError as e:  # e.g. the disk filled up with the last part: the parts are fine, say so
+            outcome = _summary_not_written(outcome, f"could not write {run.out.state_dir / SUMMARY}: {describe_os_error(e)}")
+            summary.update(status=outcome.status, message=outcome.message)
+        return RunResult(outcome.status, outcome.exit_code, outcome.message, summary, Path(job.output.path), summary_path)
+
+
+def _write_single_file(run: _Run, every_row_done: bool, outcome: Outcome) -> Outcome:
+    """A single-file output (``results.jsonl``) is written when every row is committed; until then its
+    parts wait in the state folder. Returns the run's outcome, amended."""
+    path = run.job.output.path
+    if not every_row_done:
+        return Outcome(outcome.status, outcome.exit_code, f"{outcome.message}; {path} is written once every row is done")
+    try:
+        run.out.finalize()
+    except (OSError, ValueError) as e:
+        reason = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        return Outcome("failed", EXIT_FAILED,
+                       f"{outcome.message}, but {path} could not be written: {reason}; rerun the same command to write it")
+    return outcome
+
+
+def _summary_not_written(outcome: Outcome, note: str) -> Outcome:
+    if outcome.status == "completed":
+        return Outcome("failed", EXIT_FAILED,
+                       f"{outcome.message} and committed, but {note}; free some space and rerun the same command to write it")
+    return Outcome(outcome.status, outcome.exit_code, f"{outcome.message}; also {note}")
+
+
+def _close_quietly(stream: Any) -> None:
+    if stream is not None and hasattr(stream, "close"):
+        try:
+            stream.close()
+        except BaseException:  # noqa: BLE001 - closing a broken generator must not mask the result
+            pass
+
+
+def _chain(first: list[RawRow], rest: Iterator[list[RawRow]]) -> Iterator[list[RawRow]]:
+    yield first
+    yield from rest
+

@@ -1,0 +1,290 @@
+"""Rows -> engine requests: the row's id (resume, duplicates), its sampling options (the job's, the row's
+overrides and constraint, its own seed), the prepare hooks that build the prompt, and its token ids.
+
+A row that cannot run becomes a request that already carries its error (and kind), so that it flows
+through the engine's stream like any other and is written in its place: never skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from forge_batch.contract import ErrorKind, RawRow, RowError, RunContext, SkipRow
+from forge_batch.engine.prompts import PromptError, prompt_token_ids
+from forge_batch.engine.request import GenerationRequest
+from forge_batch.engine.sampling_params import SamplingParams, constraint_options
+from forge_batch.io.output_dir import ResumeState
+from forge_batch.job import InputSpec, JobSpec
+from forge_batch.plugin_manager import PluginHookError, call_impl, iter_impls
+from forge_batch.runner.signals import RunFlags
+
+
+def row_seed(job_seed: int, key: str) -> int:
+    """The seed of one row: a stable 63-bit hash of the job seed and the row's id (``key``).
+
+    Stable across processes and Python versions (no ``hash()``), and independent of the order rows reach
+    the engine, so a resumed or re-ordered run samples exactly the same tokens for a row."""
+    digest = hashlib.blake2b(f"{job_seed}\x1f{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether plain prompts should go through the tokenizer's chat template (``apply_chat_template: null``)."""
+    if tokenizer is None:
+        return False
+    ct = getattr(tokenizer, "chat_template", None)
+    if ct is not None:
+        return bool(ct)
+    if not hasattr(tokenizer, "apply_chat_template"):
+        return False
+    try:
+        return isinstance(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True), str)
+    except Exception:  # a tokenizer whose template cannot render a plain chat has none worth using
+        return False
+
+
+class _RowFailed(Exception):
+    """A row that cannot run: its message, error kind and how many samples it would have had."""
+
+    def __init__(self, message: str, kind: str, n: int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.kind, self.n = message, str(kind), n
+
+
+def _sample_count(n: Any) -> int:
+    return max(1, n if isinstance(n, int) else 1)
+
+
+class RequestBuilder:
+    """Builds the lazy stream of requests the engine pulls from (see the module docstring).
+
+    ``id_type`` is the id column's Arrow type; ``resume`` what earlier runs committed (skipped here);
+    ``flags.stop_admitting`` ends the stream and ``flags.in_flight`` counts what it handed out."""
+
+    def __init__(self, job: JobSpec, spec: InputSpec, id_type: pa.DataType, resume: ResumeState,
+                 context: RunContext, flags: RunFlags) -> None:
+        self.job = job
+        self.spec = spec
+        self.id_type = id_type
+        self.resume = resume
+        self.context = context
+        self.pm = context.plugin_manager
+        self.flags = flags
+        self.base_sampling = job.sampling_dict()
+        self.seen: dict[Any, int] = {}  # id -> first row index (-1: committed by an earlier run)
+
+    def requests(self, batches: Iterator[list[RawRow]]) -> Iterator[GenerationRequest]:
+        limit = self.spec.limit
+        for row_index, raw in enumerate(row for batch in batches for row in batch):
+            if self.flags.stop_admitting or (limit is not None and row_index >= limit):
+                return
+            try:
+                request = self.make_request(row_index, raw)
+            except Exception as e:  # never let one row break the stream
+                request = self.error_request(row_index, None, raw.data, f"internal error preparing row: {type(e).__name__}: {e}",
+                                             ErrorKind.INTERNAL_ERROR)
+            if request is not None:
+                self.flags.in_flight += 1
+                yield request
+
+    def make_request(self, row_index: int, raw: RawRow) -> GenerationRequest | None:
+        """The request for one row; None when an earlier run committed it."""
+        data = raw.data
+        id_value, id_problem = self._row_id(row_index, data)
+        try:
+            if not self._admit(row_index, id_value):
+                return None
+            if raw.error is not None or data is None:
+                raise _RowFailed(raw.error or "unreadable row", raw.error_kind or ErrorKind.MALFORMED_JSON)
+            if id_problem is not None:
+                id_value = None
+                raise _RowFailed(*id_problem)
+            params = self._params(row_index, id_value, data)
+            request = self._prepared(row_index, id_value, data, params)
+            self._tokenize_into(request)
+        except _RowFailed as e:
+            return self.error_request(row_index, id_value, data, e.message, e.kind, e.n)
+        return request
+
+    def error_request(self, row_index: int, id_value: Any, data: dict[str, Any] | None, message: str, kind: str,
+                      n: int | None = None) -> GenerationRequest:
+        """A request the engine does not run: it comes back at once as this row's failure."""
+        n = n or self.job.sampling.n
+        meta = self._meta(row_index, id_value, data, n)
+        meta["error_kind"] = str(kind)
+        return GenerationRequest(
+            request_id=f"r{row_index}", params=SamplingParams(n=n, max_tokens=1), error=message, metadata={"_forge": meta}
+        )
+
+    # ---- identity ---------------------------------------------------------------------------------------
+    def _row_id(self, row_index: int, data: dict[str, Any] | None) -> tuple[Any, tuple[str, str] | None]:
+        """(the row's id as stored, or None; the problem with it, or None)."""
+        field = self.spec.id_field
+        if field is None:
+            return row_index, None
+        if data is None:
+            return None, None
+        value = data.get(field)
+        if value is None:
+            return None, (f"missing id: field {field!r} is {'null' if field in data else 'missing'}", ErrorKind.MISSING_ID)
+        try:
+            return self._normalize_id(value), None
+        except RowError as e:
+            return None, (str(e), e.kind)
+
+    def _normalize_id(self, value: Any) -> Any:
+        """The id as stored in the id column (int for an int64 column, text otherwise); raises RowError."""
+        if pa.types.is_integer(self.id_type):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RowError(f"id {value!r} is not an integer like the other ids of this input", ErrorKind.BAD_ID)
+            return value
+        if isinstance(value, (dict, list)):
+            raise RowError(f"id must be text or a number, got {type(value).__name__}", ErrorKind.BAD_ID)
+        return value if isinstance(value, str) else str(value)
+
+    def _admit(self, row_index: int, id_value: Any) -> bool:
+        """False for a row an earlier run committed; raises _RowFailed for a duplicate id."""
+        done = self.resume
+        if id_value is None:
+            return row_index not in done.done_positions
+        if id_value in self.seen:
+            if row_index in done.done_positions:
+                return False
+            first = self.seen[id_value]
+            where = f"row {first}" if first >= 0 else "an earlier run"
+            raise _RowFailed(f"duplicate id {id_value!r} (first seen at {where})", ErrorKind.DUPLICATE_ID)
+        if id_value in done.done_ids:
+            self.seen[id_value] = -1
+            return False
+        self.seen[id_value] = row_index
+        return True
+
+    # ---- sampling ---------------------------------------------------------------------------------------
+    def _params(self, row_index: int, id_value: Any, data: dict[str, Any]) -> SamplingParams:
+        """The job's sampling options, the row's overrides and constraint, and the row's seed."""
+        spec = self.spec
+        kw = dict(self.base_sampling)
+        n = kw["n"]
+        try:
+            own_seed = False
+            if spec.sampling_field is not None and data.get(spec.sampling_field) is not None:
+                override = self._override(data[spec.sampling_field], kw)
+                kw.update(override)
+                n = int(kw.get("n") or 1)
+                own_seed = override.get("seed") is not None
+            if not own_seed:
+                key = f"id:{id_value}" if spec.id_field is not None else f"row:{row_index}"
+                kw["seed"] = row_seed(self.job.sampling.seed, key)
+        except (TypeError, ValueError) as e:
+            raise _RowFailed(f"bad sampling override in {spec.sampling_field!r}: {e}", ErrorKind.BAD_SAMPLING,
+                             _sample_count(n)) from None
+        try:
+            kw.update(self._row_constraint(data))
+        except (TypeError, ValueError) as e:
+            raise _RowFailed(str(e), ErrorKind.CONSTRAINT_ERROR, _sample_count(n)) from None
+        try:
+            return SamplingParams(**kw)
+        except (TypeError, ValueError) as e:
+            raise _RowFailed(f"bad sampling options: {e}", ErrorKind.BAD_SAMPLING, _sample_count(n)) from None
+
+    @staticmethod
+    def _override(value: Any, known: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {unknown}")
+        return value
+
+    def _row_constraint(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The row's own constraint from ``constraint.<kind>_field`` (a column), replacing the job-wide one;
+        no options when the job has no such column or the row's cell is empty."""
+        field = self.job.constraint.row_field() if self.job.constraint is not None else None
+        if field is None:
+            return {}
+        kind, column = field
+        value = data.get(column)
+        if value is None or (isinstance(value, float) and value != value):  # null / NaN: job-wide or none
+            return {}
+        if kind in ("json_schema", "choice") and isinstance(value, str):  # JSON text in a string column
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"column {column!r} holds no valid {kind} (not JSON: {e})") from e
+        return constraint_options(kind, value)
+
+    # ---- prompt -----------------------------------------------------------------------------------------
+    def _meta(self, row_index: int, id_value: Any, data: dict[str, Any] | None, n: int) -> dict[str, Any]:
+        """What the result needs of its row, carried through the engine in the request's metadata."""
+        keep = {name: data.get(name) for name in self.job.output.keep_fields} if data is not None else {}
+        return {"row_index": row_index, "id": id_value, "keep": keep, "row": data or {}, "n": n}
+
+    def _prepared(self, row_index: int, id_value: Any, data: dict[str, Any], params: SamplingParams) -> GenerationRequest:
+        """The request after the prepare hooks (the built-in one builds the prompt) and logits processors."""
+        meta = self._meta(row_index, id_value, data, params.n)
+        if params.constraint_spec is not None:
+            meta["constraint"] = params.constraint_spec
+        request = GenerationRequest(request_id=f"r{row_index}", params=params, metadata={"_forge": meta})
+        hook_args = {"row": data, "context": self.context}
+        try:
+            for impl in iter_impls(self.pm, "prepare_request"):
+                result = call_impl(impl, "prepare_request", {"request": request, **hook_args})
+                if result is not None:
+                    request = result
+            for impl in iter_impls(self.pm, "logits_processors"):
+                procs = call_impl(impl, "logits_processors", {"request": request, **hook_args})
+                if procs:
+                    request.params.logits_processors.extend(procs)
+        except SkipRow as e:
+            raise _RowFailed(f"skipped: {e}", ErrorKind.SKIPPED, params.n) from None
+        except RowError as e:
+            raise _RowFailed(str(e), e.kind, params.n) from None
+        except PluginHookError as e:
+            raise _RowFailed(str(e), ErrorKind.PLUGIN_ERROR, params.n) from None
+        request.metadata.setdefault("_forge", meta)
+        return request
+
+    def _tokenize_into(self, request: GenerationRequest) -> None:
+        """Set the request's token ids, checked against the context, so a row that cannot fit fails here
+        with its own message instead of inside the engine."""
+        n = request.params.n
+        try:
+            ids, text = self._tokenize(request)
+        except RowError as e:
+            raise _RowFailed(str(e), e.kind, n) from None
+        except Exception as e:
+            raise _RowFailed(f"cannot tokenize the prompt: {type(e).__name__}: {e}", ErrorKind.TOKENIZE_ERROR, n) from None
+        if ids is not None:
+            if not ids:
+                raise _RowFailed("empty prompt: it has no tokens", ErrorKind.EMPTY_PROMPT, n)
+            limit = self.context.max_model_len
+            if limit is not None and len(ids) >= limit:
+                raise _RowFailed(
+                    f"prompt too long: {len(ids)} tokens, the model's context (max_model_len) is {limit}, leaving no "
+                    "room to generate", ErrorKind.PROMPT_TOO_LONG, n,
+                )
+            request.prompt_token_ids = ids
+        if self.job.output.include_prompt:
+            request.metadata["_forge"]["prompt_text"] = text
+
+    def _tokenize(self, request: GenerationRequest) -> tuple[list[int] | None, str | None]:
+        """(token ids, prompt text); ids None when the engine has no tokenizer (it gets the prompt as is)."""
+        tok = self.context.tokenizer
+        prompt = request.prompt
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids), prompt if isinstance(prompt, str) else None
+        if tok is None:
+            return None, prompt if isinstance(prompt, str) else json.dumps(prompt)
+        if isinstance(prompt, str) and not prompt.strip():
+            raise RowError("empty prompt", ErrorKind.EMPTY_PROMPT)
+        try:
+            return prompt_token_ids(prompt, tok)
+        except PromptError as e:
+            raise RowError(str(e), e.kind) from None
