@@ -201,7 +201,7 @@ def test_engine_option_names_are_the_engines() -> None:
     from forge_batch.kernels import dispatch
 
     literal = typing.get_args(EngineSpec.model_fields["kernel_backend"].annotation)[0]
-    assert set(typing.get_args(literal)) == set(dispatch._VALID)
+    assert set(typing.get_args(literal)) == set(dispatch.BACKENDS)
     for bad in ("tpu", "cuda:x", "float8"):
         with pytest.raises(ValueError):
             resolve_device(bad) if bad != "float8" else resolve_dtype(bad, resolve_device("cpu"))
