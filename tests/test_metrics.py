@@ -145,8 +145,11 @@ def gateway():
 
 
 def test_pushes_during_the_run_and_at_the_end(tmp_path: Path, gateway: _Gateway) -> None:
-    job = metrics_job(tmp_path, prompts(24), {"pushgateway": gateway.url, "job": "gen", "interval_s": 0.2})
-    result = run(job, step_delay=0.05)  # a run of a second or so
+    job = metrics_job(tmp_path, prompts(24), {"pushgateway": gateway.url, "job": "gen", "interval_s": 0.2},
+                      engine={"max_num_seqs": 2})
+    # Two rows at a time, 1-3 steps each, 0.1 s a step: the sleeps alone last about 2.4 s, several push
+    # intervals (at least 0.5 s) however fast the machine is.
+    result = run(job, step_delay=0.1)
     assert result.status == "completed"
     methods = [m for m, _, _ in gateway.received]
     assert methods[-1] == "PUT" and "POST" in methods[:-1], methods  # periodic pushes add, the final one replaces
