@@ -36,7 +36,7 @@ from forge_batch.job import load_job  # noqa: E402
 from forge_batch.runner import JobRunner  # noqa: E402
 
 KILLS = 20
-ROWS = 200
+ROWS = 480  # enough that 20 kills (each committing up to a few parts) never reach the end
 SEED = 1234
 MAX_NUM_SEQS = 8
 # The engine's default dtype (bfloat16 on a CPU that has it, as here). A row's greedy text could in principle
