@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from forge_batch.io.meta import META_ENGINE, META_JOB
 from forge_batch.io.output_dir import MANIFEST, PART_RE, SUMMARY, find_state_dir, parts_dir_for
-from forge_batch.io.schema import id_column_name, schema_from_str
+from forge_batch.io.schema import TAIL_COLUMNS, id_column_name, schema_from_str
 
 RUN_LOG = "runs.jsonl"  # written by the built-in run_history plugin (forge_batch.plugins.run_history)
 
@@ -39,15 +39,7 @@ THROUGHPUT_BINS = 60
 STAT_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("row_index", pa.int64()),
     ("sample_index", pa.int64()),
-    ("finish_reason", pa.string()),
-    ("valid", pa.bool_()),
-    ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()),
-    ("error", pa.string()),
-    ("error_kind", pa.string()),
-    ("ttft_s", pa.float64()),
-    ("latency_s", pa.float64()),
-    ("finished_at", pa.timestamp("us", tz="UTC")),
+    *(column for column in TAIL_COLUMNS if column[0] not in ("text", "extra")),
 )
 
 
