@@ -224,6 +224,9 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
         info["message"] = saved.get("message")
         info["wall_time_s"] = saved.get("wall_time_s")
         info["throughput"] = saved.get("throughput")
+        for key in ("latency", "kv_cache", "preemptions", "prefix_cache"):  # the last run's (see summary.json)
+            if saved.get(key) is not None:
+                info[key] = saved[key]
     parts_dir = parts_dir_for(out)
     parts = sorted(parts_dir.glob("part-*.parquet"))
     info["parts"] = len(sorted(p for p in parts_dir.glob("part-*") if p.is_file()))
@@ -298,9 +301,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if info.get("throughput"):
         tp = info["throughput"]
         print(f"  last run: {tp.get('rows_per_s', 0):,.2f} rows/s, {tp.get('output_tokens_per_s', 0):,.1f} output tok/s, wall {info.get('wall_time_s')} s")
+    for line in _last_run_figures(info):
+        print(f"  {line}")
     for text in info.get("examples") or []:
         print(f"  example:  {text!r}")
     return EXIT_OK
+
+
+def _quantiles(d: dict[str, Any] | None) -> str | None:
+    if not d or not d.get("count"):
+        return None
+    return f"p50 {d['p50']:.4g} / p90 {d['p90']:.4g} / p99 {d['p99']:.4g} s"
+
+
+def _last_run_figures(info: dict[str, Any]) -> list[str]:
+    """The last run's latency quantiles and engine figures from summary.json, one line each."""
+    lines = []
+    latency = info.get("latency") or {}
+    for key, name in (("ttft_s", "ttft:     "), ("itl_s", "itl:      ")):
+        text = _quantiles(latency.get(key))
+        if text:
+            lines.append(f"{name}{text} (last run)")
+    kv, prefix = info.get("kv_cache"), info.get("prefix_cache")
+    engine = []
+    if kv and kv.get("peak_blocks") is not None:
+        engine.append(f"KV peak {kv['peak_blocks']:,}/{kv['blocks_total']:,} blocks ({100 * (kv.get('peak_ratio') or 0):.0f}%)")
+    if info.get("preemptions") is not None:
+        engine.append(f"{info['preemptions']:,} preemptions")
+    if prefix and prefix.get("queries"):
+        engine.append(f"prefix cache {100 * (prefix.get('hit_rate') or 0):.0f}% of {prefix['queries']:,} blocks")
+    if engine:
+        lines.append(f"engine:   {', '.join(engine)} (last run)")
+    return lines
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -247,3 +247,8 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
+
+    def engine_metrics(self) -> dict[str, Any]:
+        """Peak KV use, preemptions, prefix-cache hits and inter-token latency since the engine was built
+        (see LLMEngine.engine_metrics)."""
+        return self.engine.engine_metrics()

@@ -31,6 +31,7 @@ from forge_batch.runner.engine_factory import ENGINE_IDENTITY, default_engine_fa
 from forge_batch.runner.inputs import InputPlan
 from forge_batch.runner.records import RecordBuilder
 from forge_batch.runner.requests import RequestBuilder, has_chat_template
+from forge_batch.runner.run_figures import RunFigures
 from forge_batch.runner.signals import Abort, RunFlags, SignalHandlers, StartInterrupted
 from forge_batch.runner.summary import (
     EXIT_FAILED,
@@ -80,6 +81,7 @@ class _Run:
     engine_info: dict[str, Any] | None = None
     load_s: float = 0.0
     total: int | None = None
+    figures: RunFigures | None = None
 
 
 class JobRunner:
@@ -173,6 +175,7 @@ class JobRunner:
             log_interval=self.log_interval, desc=job.display_name(),
         )
         t_gen = time.monotonic()
+        run.figures = RunFigures()
         end = self._generate(run, requests.requests(_chain(first, batches)), records, committer, self._progress)
         gen_s = time.monotonic() - t_gen
         return self._finish(run, context, committer, end, gen_s)
@@ -248,13 +251,16 @@ class JobRunner:
         end = RunEnd(committed_rows=0)
         max_in_flight = job.engine.max_in_flight or (2 * job.engine.max_num_seqs if job.engine.max_num_seqs else None)
         stream = None
+        figures = run.figures or RunFigures()
         flags.starting = None  # from here a first signal lets in-flight rows finish
+        t_gen = time.monotonic()
         try:
             stream = engine.generate_stream(requests, max_in_flight=max_in_flight)
             for out in stream:
                 group = records.group_for(out)
                 committer.add(group)
                 flags.in_flight -= 1
+                figures.observe(group.records, time.monotonic() - t_gen)
                 progress.update(1, sum(r.get("completion_tokens") or 0 for r in group.records), getattr(engine, "stats", None))
                 if committer.should_commit():
                     committer.commit()
@@ -298,6 +304,7 @@ class JobRunner:
             input_rows=run.total, failed=failed, counted=counted, resumed_rows=run.resume.tally.rows,
             parts=len(run.out.part_files()),
             timings=Timings(run.started_at, time.monotonic() - run.t_start, run.load_s, gen_s),
+            figures=(run.figures or RunFigures()).summary(run.engine, gen_s),
         )
         for impl in iter_impls(run.pm, "job_end"):
             try:
