@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from collections import Counter
@@ -29,8 +30,17 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
+# Set by main() for --log-format json: what the command says on stderr goes out as log events (one JSON
+# object a line) instead of plain lines, so a scheduler's log parser sees nothing else.
+_LOG_EVENTS = False
+
+
+def _err(msg: str, level: int = logging.ERROR) -> None:
+    if _LOG_EVENTS:
+        log.log(level, msg.removeprefix("forge-batch: "))
+    else:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _print_problems(source: str, problems: list[Problem]) -> None:
@@ -42,7 +52,7 @@ def _print_problems(source: str, problems: list[Problem]) -> None:
 
 def _print_warnings(warnings: list[str]) -> None:
     for w in warnings:
-        _err(f"forge-batch: warning: {w}")
+        _err(f"forge-batch: warning: {w}", logging.WARNING)
 
 
 class _Terminated(BaseException):
@@ -114,9 +124,11 @@ def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
         _print_problems(e.source or source, e.problems)
         return EXIT_USAGE
     _print_warnings(warnings)
+    progress = "none" if args.quiet else args.progress
     runner = JobRunner(
-        checked, progress="none" if args.quiet else args.progress, quiet=args.quiet, overwrite=args.overwrite,
+        checked, progress=progress, quiet=args.quiet, overwrite=args.overwrite,
         force_resume=args.force_resume, grace_seconds=args.grace, log_interval=args.log_interval,
+        log_events=_LOG_EVENTS,
     )
     try:
         result = runner.run()
@@ -132,6 +144,12 @@ def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
     except Exception as e:
         _err(f"forge-batch: {type(e).__name__}: {e}")
         return EXIT_FAILED
+    if _LOG_EVENTS:
+        level = logging.INFO if result.status == "completed" else logging.ERROR
+        log.log(level, "run %s: %s", result.status, result.message,
+                extra={"fields": {"summary_path": str(result.summary_path) if result.summary_path else None,
+                                  "summary": result.summary}})
+        return result.exit_code
     if not args.quiet:
         print(format_summary(result.summary), flush=True)
         if result.summary_path is not None:
@@ -394,6 +412,15 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--grace", type=float, default=30.0, help="seconds in-flight rows may finish after Ctrl-C / SIGTERM")
 
 
+def _log_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    from forge_batch.logs import FORMATS, LEVELS, LOG_LEVEL_ENV
+
+    parser.add_argument("--log-level", type=str.lower, choices=LEVELS, default=default,
+                        help=f"the least severe log records shown (default: ${LOG_LEVEL_ENV}, else info)")
+    parser.add_argument("--log-format", choices=FORMATS, default=default,
+                        help="text (default) or json: one JSON object a line (time, level, event, fields), for schedulers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from forge_batch.io.meta import tool_version
 
@@ -401,7 +428,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="forge-batch", description="Batch LLM generation: a job file in, a table of generations out."
     )
     parser.add_argument("--version", action="version", version=f"forge-batch {tool_version()}")
+    _log_options(parser, None)
+    # the same options after the command (`forge-batch run job.yaml --log-format json`); unset there, they
+    # leave what was given before it
+    common = argparse.ArgumentParser(add_help=False)
+    _log_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    real_add_parser = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if kwargs.get("add_help", True):
+            kwargs.setdefault("parents", [common])
+        return real_add_parser(name, **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     run = sub.add_parser("run", help="run (or resume) a job")
     run.add_argument("job", help="job file (YAML)")
@@ -453,13 +493,25 @@ def main(argv: list[str] | None = None) -> int:
         from forge_batch.bench import main as bench_main
 
         return bench_main(args_list[1:])
+    from forge_batch.logs import LoggingState, configure_logging
+
+    global _LOG_EVENTS
     parser = build_parser()
     args = parser.parse_args(args_list)
+    state = LoggingState()
+    try:
+        configure_logging(args.log_level, args.log_format or "text")
+    except ValueError as e:  # FORGE_BATCH_LOG_LEVEL names no level
+        parser.error(str(e))
+    _LOG_EVENTS = args.log_format == "json"
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `forge-batch plugins | head`: not an error
         sys.stderr.close()
         return EXIT_OK
+    finally:
+        _LOG_EVENTS = False
+        state.restore()  # in-process callers (tests, notebooks) get their logging back
 
 
 if __name__ == "__main__":

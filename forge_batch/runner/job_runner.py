@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,8 @@ from forge_batch.runner.summary import (
     decide_outcome,
     signal_exit_code,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,7 +95,8 @@ class JobRunner:
     a bare ``JobSpec`` (checked here, against ``plugin_manager`` or the job's own plugins).
     ``progress``: ``auto`` (bar on a terminal, log lines otherwise), ``bar``, ``log`` or ``none``.
     ``overwrite`` discards committed parts instead of resuming. ``grace_seconds`` bounds how long in-flight
-    rows may finish after the first Ctrl-C / SIGTERM."""
+    rows may finish after the first Ctrl-C / SIGTERM. ``log_events``: messages and progress go out as log
+    records (``forge_batch.runner`` loggers) instead of lines on ``stream``, for ``--log-format json``."""
 
     def __init__(
         self,
@@ -108,11 +112,15 @@ class JobRunner:
         install_signal_handlers: bool = True,
         stream: TextIO | None = None,
         log_interval: float = 10.0,
+        log_events: bool = False,
     ) -> None:
         self.checked = job if isinstance(job, CheckedJob) else None
         self.job = job.job if isinstance(job, CheckedJob) else job
         self.pm = job.plugin_manager if isinstance(job, CheckedJob) else plugin_manager
         self.engine_factory = engine_factory or engine_factory_from_env()
+        self.log_events = log_events
+        if log_events and progress in ("auto", "log"):
+            progress = "events"  # a progress line a JSON log parser can read
         self.progress_mode = "none" if quiet else progress
         self.quiet = quiet
         self.overwrite = overwrite
@@ -125,6 +133,13 @@ class JobRunner:
 
     def _say(self, text: str) -> None:
         if self.quiet:
+            return
+        if self.log_events:
+            text = text.removeprefix("forge-batch: ")
+            if text.startswith("warning: "):
+                log.warning(text.removeprefix("warning: "))
+            else:
+                log.info(text)
             return
         if self._progress is not None and self._progress.mode == "bar":
             self._progress.message(text)
