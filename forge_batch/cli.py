@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections import Counter
@@ -493,14 +494,17 @@ def main(argv: list[str] | None = None) -> int:
         from forge_batch.bench import main as bench_main
 
         return bench_main(args_list[1:])
-    from forge_batch.logs import LoggingState, configure_logging
+    from forge_batch.logs import LOG_LEVEL_ENV, LoggingState, configure_logging
 
     global _LOG_EVENTS
     parser = build_parser()
     args = parser.parse_args(args_list)
     state = LoggingState()
+    level = args.log_level
+    if level is None and getattr(args, "quiet", False) and not os.environ.get(LOG_LEVEL_ENV):
+        level = "warning"  # --quiet: errors and warnings only, unless a level is asked for
     try:
-        configure_logging(args.log_level, args.log_format or "text")
+        configure_logging(level, args.log_format or "text")
     except ValueError as e:  # FORGE_BATCH_LOG_LEVEL names no level
         parser.error(str(e))
     _LOG_EVENTS = args.log_format == "json"

@@ -55,6 +55,8 @@ def test_the_level_filters_from_the_option_or_the_environment(tiny_job: Path, ca
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["--log-level", "warning", "run", str(tiny_job), "--progress", "none", "--overwrite"]) == 0
     assert "loading model" not in capsys.readouterr().err
+    assert main(["run", str(tiny_job), "--quiet", "--overwrite"]) == 0  # quiet: warnings and errors only
+    assert capsys.readouterr().err == ""
     monkeypatch.setenv(LOG_LEVEL_ENV, "WARNING")
     assert main(["run", str(tiny_job), "--progress", "none", "--overwrite"]) == 0
     assert "loading model" not in capsys.readouterr().err
