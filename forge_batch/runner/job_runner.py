@@ -84,7 +84,7 @@ class _Run:
     engine_info: dict[str, Any] | None = None
     load_s: float = 0.0
     total: int | None = None
-    figures: RunFigures | None = None
+    figures: RunFigures | None = None  # built when generation starts
 
 
 class JobRunner:
@@ -93,10 +93,11 @@ class JobRunner:
 
     ``job``: a :class:`CheckedJob` (from :func:`forge_batch.runner.checks.prepare_job`: not checked again) or
     a bare ``JobSpec`` (checked here, against ``plugin_manager`` or the job's own plugins).
-    ``progress``: ``auto`` (bar on a terminal, log lines otherwise), ``bar``, ``log`` or ``none``.
+    ``progress``: ``auto`` (bar on a terminal, log lines otherwise), ``bar``, ``log``, ``events`` or ``none``.
     ``overwrite`` discards committed parts instead of resuming. ``grace_seconds`` bounds how long in-flight
     rows may finish after the first Ctrl-C / SIGTERM. ``log_events``: messages and progress go out as log
-    records (``forge_batch.runner`` loggers) instead of lines on ``stream``, for ``--log-format json``."""
+    records (with ``progress`` ``auto`` or ``log``: ``events``) instead of lines on ``stream``, for
+    ``--log-format json``."""
 
     def __init__(
         self,
@@ -268,14 +269,13 @@ class JobRunner:
         stream = None
         figures = run.figures or RunFigures()
         flags.starting = None  # from here a first signal lets in-flight rows finish
-        t_gen = time.monotonic()
         try:
             stream = engine.generate_stream(requests, max_in_flight=max_in_flight)
             for out in stream:
                 group = records.group_for(out)
                 committer.add(group)
                 flags.in_flight -= 1
-                figures.observe(group.records, time.monotonic() - t_gen)
+                figures.observe(group.records)
                 progress.update(1, sum(r.get("completion_tokens") or 0 for r in group.records), getattr(engine, "stats", None))
                 if committer.should_commit():
                     committer.commit()

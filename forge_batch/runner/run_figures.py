@@ -5,6 +5,7 @@ inter-token latency). Memory stays bounded whatever the row count: latencies go 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from forge_batch.contract import ErrorKind
@@ -61,19 +62,20 @@ class ThroughputSeries:
 
 
 class RunFigures:
-    """Collects one run's latencies and throughput from its finished rows, as the runner sees them."""
+    """Collects one run's latencies and throughput from its finished rows, as the runner sees them; built
+    when generation starts (the time series counts from then)."""
 
     def __init__(self) -> None:
+        self.t0 = time.monotonic()
         self.ttft = LogHistogram()
         self.latency = LogHistogram()
         self.series = ThroughputSeries()
 
-    def observe(self, records: list[dict[str, Any]], t: float) -> None:
-        """One finished row's records (all its samples), ``t`` seconds after generation started. A row's
-        TTFT and latency count once, and only when it generated tokens (a row that failed before the
-        engine has no meaningful timings)."""
+    def observe(self, records: list[dict[str, Any]]) -> None:
+        """One finished row's records (all its samples). A row's TTFT and latency count once, and only when
+        it generated tokens (a row that failed before the engine has no meaningful timings)."""
         tokens = sum(int(r.get("completion_tokens") or 0) for r in records)
-        self.series.add(t, 1, tokens)
+        self.series.add(time.monotonic() - self.t0, 1, tokens)
         if tokens <= 0:
             return
         first = records[0]
