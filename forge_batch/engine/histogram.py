@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 GROWTH = 1.02
-_LOG_GROWTH = math.log(GROWTH)
+_INV_LOG_GROWTH = 1.0 / math.log(GROWTH)
 MIN_VALUE = 1e-6
 _UNDERFLOW = -(10**9)  # the bucket key of values <= MIN_VALUE
 QUANTILES = (0.5, 0.9, 0.99)
@@ -31,15 +31,19 @@ class LogHistogram:
 
     @staticmethod
     def bucket_of(value: float) -> int:
-        return _UNDERFLOW if value <= MIN_VALUE else math.floor(math.log(value) / _LOG_GROWTH)
+        return _UNDERFLOW if value <= MIN_VALUE else math.floor(math.log(value) * _INV_LOG_GROWTH)
 
     def add(self, value: float) -> None:
-        key = self.bucket_of(value)
-        self.buckets[key] = self.buckets.get(key, 0) + 1
+        # called for every generated token: plain comparisons, no function calls beyond the log
+        key = _UNDERFLOW if value <= MIN_VALUE else math.floor(math.log(value) * _INV_LOG_GROWTH)
+        buckets = self.buckets
+        buckets[key] = buckets.get(key, 0) + 1
         self.count += 1
         self.total += value
-        self.min = min(self.min, value)
-        self.max = max(self.max, value)
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
 
     def merge(self, other: LogHistogram) -> None:
         for key, n in other.buckets.items():
