@@ -43,6 +43,8 @@ def test_json_logs_are_one_object_a_line_with_the_load_and_the_run(tiny_job: Pat
     assert loaded["fields"]["params"] > 0 and loaded["fields"]["seconds"] >= 0
     assert " params, " in loaded["event"] and loaded["event"].endswith(" s")
     assert events.index(loading) < events.index(loaded)
+    prepared = next(e for e in events if e["event"].startswith("prepared the CPU weights in "))
+    assert events.index(loaded) < events.index(prepared) and prepared["fields"]["seconds"] >= 0
     progress = [e for e in events if e["logger"] == "forge_batch.io.progress"]
     assert progress and progress[-1]["fields"]["rows_done"] == progress[-1]["fields"]["rows_total"] == 5
     end = events[-1]

@@ -125,7 +125,13 @@ class LLM:
         cpu = CpuBackend(kernels, dtype_, args.quantization) if device_.type == "cpu" else None
         raw: dict[str, RawWeight] | None = {} if cpu is not None and cpu.keeps_stored_weights else None
         model_config, net, tokenizer = load_model(model, args, device_, dtype_, kernels, raw)
-        prepared = cpu.prepare_weights(net, raw) if cpu is not None else PreparedWeights()
+        prepared = PreparedWeights()
+        if cpu is not None:  # packing weights for the C kernels can take longer than loading them: say so
+            t_prep = time.monotonic()
+            log.info("preparing the weights for the CPU kernels (%s)...", str(dtype_).removeprefix("torch."))
+            prepared = cpu.prepare_weights(net, raw)
+            prep_s = time.monotonic() - t_prep
+            log.info("prepared the CPU weights in %.1f s", prep_s, extra={"fields": {"seconds": round(prep_s, 3)}})
         del raw
         name = model if isinstance(model, str) else model_config.architecture
         config = EngineConfig.resolve(args, name, model_config, device_, dtype_, kernels.path(device_, dtype_),
