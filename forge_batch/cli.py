@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import signal
 import sys
 from collections import Counter
@@ -29,8 +31,17 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
+# Set by main() for --log-format json: what the command says on stderr goes out as log events (one JSON
+# object a line) instead of plain lines, so a scheduler's log parser sees nothing else.
+_LOG_EVENTS = False
+
+
+def _err(msg: str, level: int = logging.ERROR) -> None:
+    if _LOG_EVENTS:
+        log.log(level, msg.removeprefix("forge-batch: "))
+    else:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _print_problems(source: str, problems: list[Problem]) -> None:
@@ -42,7 +53,7 @@ def _print_problems(source: str, problems: list[Problem]) -> None:
 
 def _print_warnings(warnings: list[str]) -> None:
     for w in warnings:
-        _err(f"forge-batch: warning: {w}")
+        _err(f"forge-batch: warning: {w}", logging.WARNING)
 
 
 class _Terminated(BaseException):
@@ -114,9 +125,11 @@ def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
         _print_problems(e.source or source, e.problems)
         return EXIT_USAGE
     _print_warnings(warnings)
+    progress = "none" if args.quiet else args.progress
     runner = JobRunner(
-        checked, progress="none" if args.quiet else args.progress, quiet=args.quiet, overwrite=args.overwrite,
+        checked, progress=progress, quiet=args.quiet, overwrite=args.overwrite,
         force_resume=args.force_resume, grace_seconds=args.grace, log_interval=args.log_interval,
+        log_events=_LOG_EVENTS,
     )
     try:
         result = runner.run()
@@ -132,6 +145,12 @@ def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
     except Exception as e:
         _err(f"forge-batch: {type(e).__name__}: {e}")
         return EXIT_FAILED
+    if _LOG_EVENTS:
+        level = logging.INFO if result.status == "completed" else logging.ERROR
+        log.log(level, "run %s: %s", result.status, result.message,
+                extra={"fields": {"summary_path": str(result.summary_path) if result.summary_path else None,
+                                  "summary": result.summary}})
+        return result.exit_code
     if not args.quiet:
         print(format_summary(result.summary), flush=True)
         if result.summary_path is not None:
@@ -224,6 +243,9 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
         info["message"] = saved.get("message")
         info["wall_time_s"] = saved.get("wall_time_s")
         info["throughput"] = saved.get("throughput")
+        for key in ("latency", "kv_cache", "preemptions", "prefix_cache"):  # the last run's (see summary.json)
+            if saved.get(key) is not None:
+                info[key] = saved[key]
     parts_dir = parts_dir_for(out)
     parts = sorted(parts_dir.glob("part-*.parquet"))
     info["parts"] = len(sorted(p for p in parts_dir.glob("part-*") if p.is_file()))
@@ -298,9 +320,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if info.get("throughput"):
         tp = info["throughput"]
         print(f"  last run: {tp.get('rows_per_s', 0):,.2f} rows/s, {tp.get('output_tokens_per_s', 0):,.1f} output tok/s, wall {info.get('wall_time_s')} s")
+    for line in _last_run_figures(info):
+        print(f"  {line}")
     for text in info.get("examples") or []:
         print(f"  example:  {text!r}")
     return EXIT_OK
+
+
+def _quantiles(d: dict[str, Any] | None) -> str | None:
+    if not d or not d.get("count"):
+        return None
+    return f"p50 {d['p50']:.4g} / p90 {d['p90']:.4g} / p99 {d['p99']:.4g} s"
+
+
+def _last_run_figures(info: dict[str, Any]) -> list[str]:
+    """The last run's latency quantiles and engine figures from summary.json, one line each."""
+    lines = []
+    latency = info.get("latency") or {}
+    for key, name in (("ttft_s", "ttft:     "), ("itl_s", "itl:      ")):
+        text = _quantiles(latency.get(key))
+        if text:
+            lines.append(f"{name}{text} (last run)")
+    kv, prefix = info.get("kv_cache"), info.get("prefix_cache")
+    engine = []
+    if kv and kv.get("peak_blocks") is not None:
+        engine.append(f"KV peak {kv['peak_blocks']:,}/{kv['blocks_total']:,} blocks ({100 * (kv.get('peak_ratio') or 0):.0f}%)")
+    if info.get("preemptions") is not None:
+        engine.append(f"{info['preemptions']:,} preemptions")
+    if prefix and prefix.get("queries"):
+        engine.append(f"prefix cache {100 * (prefix.get('hit_rate') or 0):.0f}% of {prefix['queries']:,} blocks")
+    if engine:
+        lines.append(f"engine:   {', '.join(engine)} (last run)")
+    return lines
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -362,6 +413,15 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--grace", type=float, default=30.0, help="seconds in-flight rows may finish after Ctrl-C / SIGTERM")
 
 
+def _log_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    from forge_batch.logs import FORMATS, LEVELS, LOG_LEVEL_ENV
+
+    parser.add_argument("--log-level", type=str.lower, choices=LEVELS, default=default,
+                        help=f"the least severe log records shown (default: ${LOG_LEVEL_ENV}, else info)")
+    parser.add_argument("--log-format", choices=FORMATS, default=default,
+                        help="text (default) or json: one JSON object a line (time, level, event, fields), for schedulers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from forge_batch.io.meta import tool_version
 
@@ -369,7 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="forge-batch", description="Batch LLM generation: a job file in, a table of generations out."
     )
     parser.add_argument("--version", action="version", version=f"forge-batch {tool_version()}")
+    _log_options(parser, None)
+    # the same options after the command (`forge-batch run job.yaml --log-format json`); unset there, they
+    # leave what was given before it
+    common = argparse.ArgumentParser(add_help=False)
+    _log_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    real_add_parser = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if kwargs.get("add_help", True):
+            kwargs.setdefault("parents", [common])
+        return real_add_parser(name, **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     run = sub.add_parser("run", help="run (or resume) a job")
     run.add_argument("job", help="job file (YAML)")
@@ -421,13 +494,28 @@ def main(argv: list[str] | None = None) -> int:
         from forge_batch.bench import main as bench_main
 
         return bench_main(args_list[1:])
+    from forge_batch.logs import LOG_LEVEL_ENV, LoggingState, configure_logging
+
+    global _LOG_EVENTS
     parser = build_parser()
     args = parser.parse_args(args_list)
+    state = LoggingState()
+    level = args.log_level
+    if level is None and getattr(args, "quiet", False) and not os.environ.get(LOG_LEVEL_ENV):
+        level = "warning"  # --quiet: errors and warnings only, unless a level is asked for
+    try:
+        configure_logging(level, args.log_format or "text")
+    except ValueError as e:  # FORGE_BATCH_LOG_LEVEL names no level
+        parser.error(str(e))
+    _LOG_EVENTS = args.log_format == "json"
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `forge-batch plugins | head`: not an error
         sys.stderr.close()
         return EXIT_OK
+    finally:
+        _LOG_EVENTS = False
+        state.restore()  # in-process callers (tests, notebooks) get their logging back
 
 
 if __name__ == "__main__":

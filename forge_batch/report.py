@@ -27,6 +27,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("overview", "Overview"),
     ("throughput", "Throughput over time"),
     ("latency", "TTFT and latency"),
+    ("last-run", "Last run: latency and engine"),
     ("lengths", "Prompt and completion lengths"),
     ("finish-reasons", "Finish reasons"),
     ("errors", "Errors"),
@@ -251,6 +252,45 @@ def _latency(s: OutputStats) -> str:
     return _two_histograms(("TTFT", s.ttft_s, "s"), ("Latency", s.latency_s, "s"), "TTFT and latency histograms") + note
 
 
+def _last_run(s: OutputStats) -> str:
+    """The last run's figures from summary.json: TTFT / inter-token / latency quantiles, the engine's KV
+    peak, preemptions and prefix-cache hits, and its tokens per second over time."""
+    summary = s.summary or {}
+    latency = summary.get("latency")
+    if not latency:
+        return '<p class="muted">No figures: <code>summary.json</code> is missing (a run in progress) or older.</p>'
+    rows = []
+    for key, name in (("ttft_s", "TTFT"), ("itl_s", "inter-token latency"), ("latency_s", "latency")):
+        d = latency.get(key) or {}
+        rows.append((name, _num(d.get("count")), _num(d.get("mean")), _num(d.get("p50")), _num(d.get("p90")),
+                     _num(d.get("p99")), _num(d.get("max")), "s"))
+    out = _table(("", "count", "mean", "p50", "p90", "p99", "max", "unit"), rows, numeric=(1, 2, 3, 4, 5, 6))
+    kv, prefix = summary.get("kv_cache") or {}, summary.get("prefix_cache") or {}
+    facts = [
+        ("KV cache peak", f"{_num(kv.get('peak_blocks'))} of {_num(kv.get('blocks_total'))} blocks "
+                          f"({_num(100 * kv['peak_ratio'] if kv.get('peak_ratio') is not None else None)}%)"),
+        ("preemptions", _num(summary.get("preemptions"))),
+        ("prefix cache", f"{_num(prefix.get('hits'))} hits of {_num(prefix.get('queries'))} block lookups "
+                         f"({_num(100 * prefix['hit_rate'] if prefix.get('hit_rate') is not None else None)}%)"),
+    ]
+    out += _kv(facts)
+    series = summary.get("throughput_over_time") or {}
+    tok = series.get("output_tokens_per_s") or []
+    if len(tok) >= 2:
+        step = float(series.get("interval_s") or 1.0)
+        fig, axes = _figure(10, 2.6)
+        ax = axes[0][0]
+        ax.step([i * step for i in range(len(tok))], tok, where="post", color=COLORS[2])
+        ax.set_xlabel("seconds since generation started")
+        ax.set_ylabel("output tok/s")
+        ax.set_title(f"Output tokens per second ({_num(step)} s buckets)", fontsize=10)
+        out += _svg(fig, "last run's output tokens per second over time")
+    return out + (
+        '<p class="muted">From <code>summary.json</code>: the last run only (a resumed job\'s earlier runs kept '
+        "no timings). Quantiles from a log-bucket histogram: within 1%.</p>"
+    )
+
+
 def _lengths(s: OutputStats) -> str:
     note = '<p class="muted">Prompt tokens per row; completion tokens per sample; rows and samples with an error left out.</p>'
     return _two_histograms(
@@ -409,6 +449,7 @@ _RENDER = {
     "overview": _overview,
     "throughput": _throughput,
     "latency": _latency,
+    "last-run": _last_run,
     "lengths": _lengths,
     "finish-reasons": _finish_reasons,
     "errors": _errors,

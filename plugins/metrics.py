@@ -28,8 +28,8 @@ the age of ``forge_batch_last_success_timestamp_seconds``.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
-import sys
 import threading
 import time
 from collections import Counter
@@ -45,8 +45,12 @@ LAST_SUCCESS = "forge_batch_last_success_timestamp_seconds"
 MIN_PUSH_INTERVAL_S = 0.5
 
 
+log = logging.getLogger(__name__)
+
+
 def _warn(text: str) -> None:
-    print(f"forge-batch: warning: metrics: {text}", file=sys.stderr, flush=True)
+    # a log record, not a print: with --log-format json it must stay one JSON object a line
+    log.warning("metrics: %s", text)
 
 
 def previous_last_success(textfile: str | os.PathLike[str], batch_job: str) -> float | None:

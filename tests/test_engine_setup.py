@@ -115,5 +115,6 @@ def test_engine_config_is_resolved_once_and_logged(tiny_model_dir, caplog):
     assert llm.scheduler.config.max_num_seqs == 6 and llm.block_manager.num_blocks == 40
     as_dict = config.to_dict()
     assert as_dict["dtype"] == "float32" and as_dict["device"] == "cpu" and json.loads(json.dumps(as_dict)) == as_dict
-    lines = [r.getMessage() for r in caplog.records if r.name == "forge_batch.engine"]
-    assert len(lines) == 1 and "40 blocks x 16 tokens" in lines[0] and "kernels auto" in lines[0]
+    lines = [r.getMessage() for r in caplog.records if r.name == "forge_batch.engine.llm"]
+    ready = [line for line in lines if line.startswith("engine ready")]
+    assert len(ready) == 1 and "40 blocks x 16 tokens" in ready[0] and "kernels auto" in ready[0]

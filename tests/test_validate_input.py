@@ -13,7 +13,7 @@ from runner_helpers import prompts, write_job_file, write_jsonl
 
 from forge_batch.cli import main
 from forge_batch.job import load_job
-from forge_batch.runner import checks as checks_module
+from forge_batch.runner import inputs as inputs_module
 from forge_batch.runner.checks import validate_job_file
 
 
@@ -91,7 +91,7 @@ def test_validate_prints_rows_a_token_estimate_and_the_output(tmp_path: Path, ca
     assert "prompt tokens: about 100 (25 a row), estimated as characters / 4 over the first 4 rows" in out
     assert "samples:       3 per row; at most 50 completion tokens each" in out
     assert f"output:        {tmp_path / 'out' / 'run1'} (parquet parts; state in {tmp_path / 'out' / '.run1.forge_batch'})" in out
-    monkeypatch.setattr(checks_module, "COUNT_JSONL_BYTES", 10)  # a JSONL too big to scan: not counted
+    monkeypatch.setattr(inputs_module, "COUNT_JSONL_BYTES", 10)  # a JSONL too big to scan: not counted
     assert main(["validate", str(job)]) == 0
     out = capsys.readouterr().out
     assert "rows:          not counted" in out and "about 25 a row" in out

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as Seq
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +37,12 @@ from .request import GenerationRequest
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 
-log = logging.getLogger("forge_batch.engine")
+log = logging.getLogger(__name__)
+
+
+def _params_text(n: int) -> str:
+    """135M, 1.2B, 8.0B: how people name a model's size."""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device, dtype: torch.dtype,
@@ -45,14 +51,22 @@ def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device,
     """Build the model on its device with its weights: a checkpoint's (``raw`` collects its matrices in
     their stored format, see raw_weights), or random ones of a ModelConfig's shape (load_format="dummy":
     benchmarks of large models with nothing to download; no tokenizer, prompts are token ids)."""
-    from forge_batch.models.registry import load_model_files
+    from forge_batch.models.registry import load_model_files, resolve_model_path
 
+    t0 = time.monotonic()
     if isinstance(model, ModelConfig):
         if args.load_format != "dummy":
             raise ValueError("a ModelConfig as model needs load_format='dummy' (random weights)")
+        name, fmt = model.architecture, "random weights"
+        log.info("building model %s (%s)...", name, fmt, extra={"fields": {"model": name, "format": fmt}})
         config, state_dict, tokenizer = model, None, None
     else:
-        config, state_dict, tokenizer = load_model_files(model, raw)
+        path = resolve_model_path(model)  # once: the name is resolved (or downloaded) here, not twice
+        name, fmt = str(model), "gguf" if path.is_file() else "safetensors"
+        where = "" if Path(name).expanduser().absolute() == path.absolute() else f", {path}"
+        log.info("loading model %s (%s%s)...", name, fmt, where,
+                 extra={"fields": {"model": name, "format": fmt, "path": str(path)}})
+        config, state_dict, tokenizer = load_model_files(path, raw)
     with torch.device(device):
         net = LlamaForCausalLM(config, dtype, kernels)
     if state_dict is None:
@@ -60,6 +74,12 @@ def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device,
     else:
         net.load_weights(state_dict)
     net.eval()
+    params = sum(p.numel() for p in net.parameters())
+    seconds = time.monotonic() - t0
+    log.info("loaded model %s (%s, %s params, %s on %s) in %.1f s", name, fmt, _params_text(params),
+             str(dtype).removeprefix("torch."), device, seconds,
+             extra={"fields": {"model": name, "format": fmt, "params": params, "dtype": str(dtype).removeprefix("torch."),
+                               "device": str(device), "seconds": round(seconds, 3)}})
     return config, net, tokenizer
 
 
@@ -105,7 +125,13 @@ class LLM:
         cpu = CpuBackend(kernels, dtype_, args.quantization) if device_.type == "cpu" else None
         raw: dict[str, RawWeight] | None = {} if cpu is not None and cpu.keeps_stored_weights else None
         model_config, net, tokenizer = load_model(model, args, device_, dtype_, kernels, raw)
-        prepared = cpu.prepare_weights(net, raw) if cpu is not None else PreparedWeights()
+        prepared = PreparedWeights()
+        if cpu is not None:  # packing weights for the C kernels can take longer than loading them: say so
+            t_prep = time.monotonic()
+            log.info("preparing the weights for the CPU kernels (%s)...", str(dtype_).removeprefix("torch."))
+            prepared = cpu.prepare_weights(net, raw)
+            prep_s = time.monotonic() - t_prep
+            log.info("prepared the CPU weights in %.1f s", prep_s, extra={"fields": {"seconds": round(prep_s, 3)}})
         del raw
         name = model if isinstance(model, str) else model_config.architecture
         config = EngineConfig.resolve(args, name, model_config, device_, dtype_, kernels.path(device_, dtype_),
@@ -114,7 +140,8 @@ class LLM:
                                 constraints=constraints)
         self.engine_config = config
         self.load_seconds = time.monotonic() - t0
-        log.info("loaded %s in %.2fs: %s", name, self.load_seconds, config.describe())
+        log.info("engine ready in %.1f s: %s", self.load_seconds, config.describe(),
+                 extra={"fields": {"model": name, "seconds": round(self.load_seconds, 3)}})
         # the engine's parts by the names callers use
         self.model, self.config, self.tokenizer = net, model_config, tokenizer
         self.device, self.dtype, self.max_model_len = config.device, config.dtype, config.max_model_len
@@ -247,3 +274,8 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
+
+    def engine_metrics(self) -> dict[str, Any]:
+        """Peak KV use, preemptions, prefix-cache hits and inter-token latency since the engine was built
+        (see LLMEngine.engine_metrics)."""
+        return self.engine.engine_metrics()

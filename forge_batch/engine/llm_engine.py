@@ -24,6 +24,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .constraints import ConstraintError, ConstraintFactory, apply_bitmask, bitmask_words, fill_bitmasks
 from .cpu_backend import CpuBackend
+from .histogram import LogHistogram
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, EngineErrorKind, RequestOutput
 from .prompts import PromptError, prompt_token_ids
@@ -47,6 +48,7 @@ class EngineStats:
     waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    kv_blocks_peak: int = 0  # the most blocks in use at once since the engine was built
     prompt_tokens: int = 0
     output_tokens: int = 0
     steps: int = 0
@@ -178,6 +180,8 @@ class LLMEngine:
         self._num_requests = 0
         self._next_seq_id = 0
         self._stats = EngineStats(kv_blocks_total=config.num_blocks)
+        # Gaps between a sample's consecutive tokens (a preempted sample's gap includes its recompute).
+        self.inter_token_latency = LogHistogram()
         self._masks = _MaskWorker(model_config.vocab_size, self._stats)
 
     # ---- requests in ----------------------------------------------------------------------------
@@ -248,6 +252,8 @@ class LLMEngine:
         """Run one scheduling step; return the requests that finished in it."""
         t_step = time.monotonic()
         plan = self.scheduler.schedule()
+        # blocks in use peak right after scheduling (growth allocated, nothing freed yet this step)
+        self._stats.kv_blocks_peak = max(self._stats.kv_blocks_peak, self.block_manager.num_used_blocks)
         done: list[RequestOutput] = []
         for seq in plan.rejected:
             self._finish(seq, done)
@@ -283,6 +289,9 @@ class LLMEngine:
             seq.output_token_ids.append(tok)
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            else:
+                self.inter_token_latency.add(now - seq.last_token_time)  # type: ignore[operator]
+            seq.last_token_time = now
             self._stats.output_tokens += 1
             if (seq.constraint_state is not None and self._constraint_stop(seq, tok)) or self._check_stop(seq, tok):
                 self._finish(seq, done)
@@ -410,3 +419,18 @@ class LLMEngine:
         d["prefix_cache_hits"], d["prefix_cache_queries"] = bm.prefix_hits, bm.prefix_queries
         d.update(d.pop("extra"))
         return d
+
+    def engine_metrics(self) -> dict[str, Any]:
+        """What the engine measured since it was built, for a run's summary: peak KV-cache use, preemptions,
+        prefix-cache hits over lookups (in blocks) and the inter-token latency (``LogHistogram.to_dict``)."""
+        bm, s = self.block_manager, self._stats
+        return {
+            "kv_blocks_total": s.kv_blocks_total,
+            "kv_blocks_peak": s.kv_blocks_peak,
+            "kv_peak_ratio": round(s.kv_blocks_peak / s.kv_blocks_total, 4) if s.kv_blocks_total else None,
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hit_rate": round(bm.prefix_hits / bm.prefix_queries, 4) if bm.prefix_queries else None,
+            "itl_s": self.inter_token_latency.to_dict(),
+        }

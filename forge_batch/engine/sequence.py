@@ -42,6 +42,7 @@ class Sequence:
     text: str = ""
     num_preemptions: int = 0
     first_token_time: float | None = None
+    last_token_time: float | None = None  # when its latest token was sampled (inter-token latency)
     # Structured output: the compiled constraint and this sample's position in it (None if unconstrained).
     constraint: object | None = None
     constraint_state: object | None = None

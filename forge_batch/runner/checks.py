@@ -28,7 +28,7 @@ from forge_batch.job import (
 )
 from forge_batch.plugin_manager import PluginLoadError, collect_registry, find_plugin, get_plugin_manager
 from forge_batch.runner.engine_factory import ENGINE_FACTORY_ENV
-from forge_batch.runner.inputs import effective_input, reader_for_file
+from forge_batch.runner.inputs import count_rows, effective_input, reader_for_file
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,6 @@ def _check_job_constraint(job: JobSpec, kinds: Mapping[str, Any]) -> list[Proble
 
 # Rows validate reads to check fields and the template, and to estimate prompt tokens.
 SAMPLE_ROWS = 1000
-# JSONL is counted (a scan) only up to this many bytes of local files; Parquet says its row count.
-COUNT_JSONL_BYTES = 256 << 20
 
 
 def _prompt_chars(row: dict[str, Any], spec: InputSpec, template: Any) -> int:
@@ -178,20 +176,9 @@ def _prompt_chars(row: dict[str, Any], spec: InputSpec, template: Any) -> int:
     return len(str(prompt)) if prompt is not None else 0
 
 
-def _count_rows(files: list[str], reader: Any, spec: InputSpec, has_schema: bool) -> int | None:
-    """The input's rows when that is cheap: Parquet's metadata, or local JSONL up to COUNT_JSONL_BYTES."""
-    from forge_batch.io.remote import is_url
-
-    if not has_schema:  # line-based: counting is a scan
-        if any(is_url(f) for f in files) or sum(os.path.getsize(f) for f in files) > COUNT_JSONL_BYTES:
-            return None
-    total = 0
-    for f in files:
-        n = reader.count(f, spec)
-        if n is None:
-            return None
-        total += n
-    return min(total, spec.limit) if spec.limit is not None else total
+def _count_rows(files: list[str], reader: Any, spec: InputSpec) -> int | None:
+    """The input's rows when that is cheap (the run's own rule, so validate and the progress bar agree)."""
+    return count_rows([(f, reader) for f in files], spec)
 
 
 def _read_sample(reader: Any, path: str, spec: InputSpec) -> tuple[Any, list[dict[str, Any]], str | None]:
@@ -276,7 +263,7 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
         facts["sampled_rows"] = len(sample)
         facts["prompt_chars_per_row"] = sum(chars) / len(chars) if chars else 0.0
         try:
-            facts["rows"] = _count_rows(files, reader, spec, schema is not None)
+            facts["rows"] = _count_rows(files, reader, spec)
         except Exception:  # counting is a courtesy; the checks above are what matter
             facts["rows"] = None
     return problems

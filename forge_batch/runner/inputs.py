@@ -11,10 +11,35 @@ from typing import Any
 import pyarrow as pa
 
 from forge_batch.contract import RawRow, Reader
-from forge_batch.io.remote import file_size, open_binary
+from forge_batch.io.remote import file_size, is_url, open_binary
 from forge_batch.io.schema import infer_type, normalize_id_type, output_schema
 from forge_batch.job import InputSpec, JobError, JobSpec, Problem, input_files
 from forge_batch.models.registry import content_digest
+
+# A line-based input (JSONL) is counted, a scan before the first row, only for local files up to this many
+# bytes (a gzipped file's bytes count 8 times: what it inflates to); Parquet says its row count.
+COUNT_JSONL_BYTES = 256 << 20
+GZIP_RATIO = 8
+
+
+def count_rows(files: list[tuple[str, Reader]], spec: InputSpec) -> int | None:
+    """The input's rows (``limit`` applied) when that is cheap, else None: Parquet's metadata, or local
+    line-based files up to COUNT_JSONL_BYTES; a reader whose ``count`` says None or fails counts nothing."""
+    scan_bytes = 0
+    for path, reader in files:
+        if reader.schema(path) is None:  # line-based: counting reads the whole file
+            if is_url(path):
+                return None
+            scan_bytes += os.path.getsize(path) * (GZIP_RATIO if path.endswith(".gz") else 1)
+    if scan_bytes > COUNT_JSONL_BYTES:
+        return None
+    total = 0
+    for path, reader in files:
+        n = reader.count(path, spec)
+        if n is None:
+            return None
+        total += n
+    return total if spec.limit is None else min(total, spec.limit)
 
 
 def reader_for_file(path: str, readers: Mapping[str, Reader], fmt: str = "auto") -> str | None:
@@ -70,17 +95,12 @@ class InputPlan:
             yield from reader.read(path, self.spec)
 
     def total_rows(self) -> int | None:
-        """How many rows the run will see (``limit`` applied), or None when a reader cannot tell cheaply."""
-        total = 0
-        for path, reader in self.files:
-            try:
-                n = reader.count(path, self.spec)
-            except Exception:  # a count is for the progress bar only: never fail the run for it
-                n = None
-            if n is None:
-                return None
-            total += n
-        return total if self.spec.limit is None else min(total, self.spec.limit)
+        """How many rows the run will see (``limit`` applied), or None when that is not cheap to tell
+        (see :func:`count_rows`)."""
+        try:
+            return count_rows(self.files, self.spec)
+        except Exception:  # a count is for the progress bar and the error budget only: never fail the run for it
+            return None
 
     def identity(self) -> dict[str, Any]:
         return input_identity([path for path, _ in self.files])

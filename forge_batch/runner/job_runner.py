@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from forge_batch.runner.engine_factory import ENGINE_IDENTITY, default_engine_fa
 from forge_batch.runner.inputs import InputPlan
 from forge_batch.runner.records import RecordBuilder
 from forge_batch.runner.requests import RequestBuilder, has_chat_template
+from forge_batch.runner.run_figures import RunFigures
 from forge_batch.runner.signals import Abort, RunFlags, SignalHandlers, StartInterrupted
 from forge_batch.runner.summary import (
     EXIT_FAILED,
@@ -41,6 +43,8 @@ from forge_batch.runner.summary import (
     decide_outcome,
     signal_exit_code,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +84,7 @@ class _Run:
     engine_info: dict[str, Any] | None = None
     load_s: float = 0.0
     total: int | None = None
+    figures: RunFigures | None = None  # built when generation starts
 
 
 class JobRunner:
@@ -88,9 +93,11 @@ class JobRunner:
 
     ``job``: a :class:`CheckedJob` (from :func:`forge_batch.runner.checks.prepare_job`: not checked again) or
     a bare ``JobSpec`` (checked here, against ``plugin_manager`` or the job's own plugins).
-    ``progress``: ``auto`` (bar on a terminal, log lines otherwise), ``bar``, ``log`` or ``none``.
+    ``progress``: ``auto`` (bar on a terminal, log lines otherwise), ``bar``, ``log``, ``events`` or ``none``.
     ``overwrite`` discards committed parts instead of resuming. ``grace_seconds`` bounds how long in-flight
-    rows may finish after the first Ctrl-C / SIGTERM."""
+    rows may finish after the first Ctrl-C / SIGTERM. ``log_events``: messages and progress go out as log
+    records (with ``progress`` ``auto`` or ``log``: ``events``) instead of lines on ``stream``, for
+    ``--log-format json``."""
 
     def __init__(
         self,
@@ -106,11 +113,15 @@ class JobRunner:
         install_signal_handlers: bool = True,
         stream: TextIO | None = None,
         log_interval: float = 10.0,
+        log_events: bool = False,
     ) -> None:
         self.checked = job if isinstance(job, CheckedJob) else None
         self.job = job.job if isinstance(job, CheckedJob) else job
         self.pm = job.plugin_manager if isinstance(job, CheckedJob) else plugin_manager
         self.engine_factory = engine_factory or engine_factory_from_env()
+        self.log_events = log_events
+        if log_events and progress in ("auto", "log"):
+            progress = "events"  # a progress line a JSON log parser can read
         self.progress_mode = "none" if quiet else progress
         self.quiet = quiet
         self.overwrite = overwrite
@@ -123,6 +134,13 @@ class JobRunner:
 
     def _say(self, text: str) -> None:
         if self.quiet:
+            return
+        if self.log_events:
+            text = text.removeprefix("forge-batch: ")
+            if text.startswith("warning: "):
+                log.warning(text.removeprefix("warning: "))
+            else:
+                log.info(text)
             return
         if self._progress is not None and self._progress.mode == "bar":
             self._progress.message(text)
@@ -173,6 +191,7 @@ class JobRunner:
             log_interval=self.log_interval, desc=job.display_name(),
         )
         t_gen = time.monotonic()
+        run.figures = RunFigures()
         end = self._generate(run, requests.requests(_chain(first, batches)), records, committer, self._progress)
         gen_s = time.monotonic() - t_gen
         return self._finish(run, context, committer, end, gen_s)
@@ -248,6 +267,7 @@ class JobRunner:
         end = RunEnd(committed_rows=0)
         max_in_flight = job.engine.max_in_flight or (2 * job.engine.max_num_seqs if job.engine.max_num_seqs else None)
         stream = None
+        figures = run.figures or RunFigures()
         flags.starting = None  # from here a first signal lets in-flight rows finish
         try:
             stream = engine.generate_stream(requests, max_in_flight=max_in_flight)
@@ -255,6 +275,7 @@ class JobRunner:
                 group = records.group_for(out)
                 committer.add(group)
                 flags.in_flight -= 1
+                figures.observe(group.records)
                 progress.update(1, sum(r.get("completion_tokens") or 0 for r in group.records), getattr(engine, "stats", None))
                 if committer.should_commit():
                     committer.commit()
@@ -298,6 +319,7 @@ class JobRunner:
             input_rows=run.total, failed=failed, counted=counted, resumed_rows=run.resume.tally.rows,
             parts=len(run.out.part_files()),
             timings=Timings(run.started_at, time.monotonic() - run.t_start, run.load_s, gen_s),
+            figures=(run.figures or RunFigures()).summary(run.engine, gen_s),
         )
         for impl in iter_impls(run.pm, "job_end"):
             try:

@@ -10,6 +10,7 @@ from typing import Any
 
 from forge_batch.io.meta import tool_version
 from forge_batch.io.output_dir import CommitError, Tally
+from forge_batch.runner.run_figures import error_kind_counts
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -87,8 +88,13 @@ def _per_second(count: int, seconds: float) -> float:
 
 def build_summary(job: Any, outcome: Outcome, *, engine_info: dict[str, Any] | None, total: Tally, this_run: Tally,
                   input_rows: int | None, failed: int, counted: int, resumed_rows: int, parts: int,
-                  timings: Timings) -> dict[str, Any]:
-    """The summary of a run: what ``summary.json`` holds and ``job_end`` hooks see."""
+                  timings: Timings, figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary of a run: what ``summary.json`` holds and ``job_end`` hooks see.
+
+    Counts (``rows``, tokens, ``failed_by_kind``, ``error_kinds``) are the whole output's, earlier runs
+    included; ``this_run`` holds this run's. ``figures`` (from ``RunFigures.summary``: latency quantiles,
+    throughput over time, KV cache, preemptions, prefix cache) are this run's, like ``throughput``: timings
+    and engine state are not kept across runs."""
     gen_s = timings.generation_s
     throughput = {
         "rows_per_s": _per_second(this_run.rows, gen_s),
@@ -104,6 +110,7 @@ def build_summary(job: Any, outcome: Outcome, *, engine_info: dict[str, Any] | N
         "output_format": job.output.format,
         "tool_version": tool_version(),
         **total.to_dict(),
+        "error_kinds": error_kind_counts(total.failed_by_kind, total.rows_skipped),
         "input_rows": input_rows,
         "error_rate": (failed / counted) if counted else 0.0,
         "max_error_rate": job.max_error_rate,
@@ -111,6 +118,7 @@ def build_summary(job: Any, outcome: Outcome, *, engine_info: dict[str, Any] | N
         "parts": parts,
         "this_run": {
             **this_run.to_dict(),
+            "error_kinds": error_kind_counts(this_run.failed_by_kind, this_run.rows_skipped),
             "wall_time_s": round(timings.wall_s, 3),
             "engine_load_s": round(timings.load_s, 3),
             "generation_s": round(gen_s, 3),
@@ -118,6 +126,7 @@ def build_summary(job: Any, outcome: Outcome, *, engine_info: dict[str, Any] | N
         },
         "wall_time_s": round(timings.wall_s, 3),
         "throughput": dict(throughput),
+        **(figures or {}),
         "started_at": timings.started_at.isoformat(timespec="seconds"),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -16,11 +16,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger("forge_batch.kernels")
+log = logging.getLogger(__name__)
 _SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 _HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 _lib: ctypes.CDLL | None = None
@@ -105,7 +106,13 @@ def _build() -> ctypes.CDLL:
     tag = hashlib.sha256(src + " ".join(flags).encode() + repr(per_file).encode() + os.uname().machine.encode())
     out = _cache_dir() / f"forge_batch_cpu-{tag.hexdigest()[:16]}.so"
     if not out.exists():
+        # the first run on a machine (or after the sources change) compiles: say so, it takes seconds
+        log.info("compiling CPU kernels (%d C files with %s)...", len(_SOURCES), cc,
+                 extra={"fields": {"compiler": cc, "files": len(_SOURCES), "library": str(out)}})
+        t0 = time.monotonic()
         _compile(cc, flags, per_file, out)
+        seconds = time.monotonic() - t0
+        log.info("compiled CPU kernels in %.1f s", seconds, extra={"fields": {"seconds": round(seconds, 3), "library": str(out)}})
     lib = ctypes.CDLL(str(out))
     _declare(lib)
     return lib
