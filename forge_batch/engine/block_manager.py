@@ -137,9 +137,10 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached block ids for the longest run of ``seq``'s full prompt blocks already in the cache.
 
-        The last prompt token is never served from the cache: its logits are needed to sample.
+        The last prompt token is never served from the cache: its logits are needed to sample. Nor is any
+        prompt token of a sequence that still needs prompt logprobs: a cached position is never run.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return []
         hits: list[int] = []
         for h in self._prompt_hashes(seq):
