@@ -91,12 +91,13 @@ class _RequestState:
                              logprobs=None if params.logprobs is None
                              else [e.as_dict(token_text) for e in s.output_logprobs],
                              cumulative_logprob=None if params.logprobs is None
-                             else float(sum(e.logprob for e in s.output_logprobs)))
+                             else float(sum(e.logprob for e in s.output_logprobs)),
+                             position_logprobs=None if params.logprobs is None else list(s.output_logprobs))
             for s in self.seqs
         ]
-        prompt_logprobs = None
+        prompt_logprobs = scored = None
         if params.prompt_logprobs is not None:
-            scored = max(self.seqs, key=lambda s: len(s.prompt_logprobs)).prompt_logprobs
+            scored = list(max(self.seqs, key=lambda s: len(s.prompt_logprobs)).prompt_logprobs)
             prompt_logprobs = [None, *(e.as_dict(token_text) for e in scored)]
         failed = [s for s in self.seqs if s.error and s.finish_reason == "error"]
         return RequestOutput(
@@ -116,6 +117,7 @@ class _RequestState:
             },
             metadata=self.request.metadata,
             prompt_logprobs=prompt_logprobs,
+            prompt_position_logprobs=scored,
         )
 
 

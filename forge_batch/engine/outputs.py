@@ -79,6 +79,9 @@ class CompletionOutput:
     # SamplingParams.logprobs set: one dict per generated token (see PositionLogprobs.as_dict) and their sum.
     logprobs: SampleLogprobs | None = None
     cumulative_logprob: float | None = None
+    # The same positions in compact form (chosen token, rank, top ids and logprobs), what ``logprobs`` is
+    # made from; writers use it because a dict cannot tell whether the chosen token was among the top k.
+    position_logprobs: list[PositionLogprobs] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -100,6 +103,8 @@ class RequestOutput:
     metadata: dict = field(default_factory=dict)
     # SamplingParams.prompt_logprobs set: None for the first prompt token, then one dict per prompt token.
     prompt_logprobs: PromptLogprobs | None = None
+    # Compact form of prompt_logprobs[1:] (see CompletionOutput.position_logprobs).
+    prompt_position_logprobs: list[PositionLogprobs] | None = field(default=None, repr=False)
 
     @property
     def outputs(self) -> list[CompletionOutput]:
