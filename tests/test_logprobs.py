@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from forge_batch import LLM, SamplingParams
+from forge_batch import LLM, Logprob, SamplingParams
 from forge_batch.engine import llm_engine
 from forge_batch.engine.request import GenerationRequest
 
@@ -131,6 +131,7 @@ def test_logprobs_name_their_tokens(llm):
     tokenizer = llm.get_tokenizer()
     for entry in [*out.outputs[0].logprobs, *out.prompt_logprobs[1:]]:
         for tok, lp in entry.items():
+            assert isinstance(lp, Logprob)
             assert lp.decoded_token == tokenizer.decode([tok], skip_special_tokens=False)
             assert math.isfinite(lp.logprob) and lp.logprob <= 0
 
@@ -145,3 +146,14 @@ def test_logprobs_options_are_checked():
 def test_more_logprobs_than_the_engine_allows_fails_the_request(llm):
     out = llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=2, logprobs=21))[0]
     assert out.error is not None and "max_logprobs" in out.error
+
+
+def test_prompt_scoring_requests_sharing_a_prefix_are_admitted_together(tiny_model_dir):
+    """A request scoring its prompt computes it whole, so it never waits for another's prefix block."""
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=512)
+    shared = list(range(5, 21))
+    params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=1)
+    for i in range(4):
+        assert llm.add_request(GenerationRequest(str(i), prompt_token_ids=[*shared, 30 + i], params=params)) is None
+    llm.step()
+    assert len(llm.scheduler.waiting) == 0 and len(llm.scheduler.running) == 4

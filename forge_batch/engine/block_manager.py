@@ -151,8 +151,9 @@ class BlockManager:
         return hits
 
     def waits_for_pending(self, seq: Sequence, num_hits: int) -> bool:
-        """True when the first block ``seq`` would compute is being computed by another sequence."""
-        if not self.enable_prefix_caching or not self.pending:
+        """True when the first block ``seq`` would compute is being computed by another sequence (never for a
+        sequence that computes its whole prompt anyway, to score it: waiting would gain it nothing)."""
+        if not self.enable_prefix_caching or not self.pending or seq.wants_prompt_logprobs:
             return False
         hashes = self._prompt_hashes(seq)
         return num_hits < len(hashes) and hashes[num_hits] in self.pending
