@@ -13,17 +13,18 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from forge_batch.api import LLM
-    from forge_batch.engine.outputs import CompletionOutput, RequestOutput
+    from forge_batch.engine.outputs import CompletionOutput, Logprob, RequestOutput
     from forge_batch.engine.request import GenerationRequest
     from forge_batch.engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "GenerationRequest", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "GenerationRequest", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
 
 _LAZY = {
     "LLM": "forge_batch.api",
     "SamplingParams": "forge_batch.engine.sampling_params",
     "RequestOutput": "forge_batch.engine.outputs",
     "CompletionOutput": "forge_batch.engine.outputs",
+    "Logprob": "forge_batch.engine.outputs",
     "GenerationRequest": "forge_batch.engine.request",
 }
 

@@ -128,6 +128,11 @@ class OutputSpec(_Strict):
         return v
 
 
+# Sampling options added after outputs were first fingerprinted (see JobSpec.fingerprint).
+_LATER_SAMPLING_KEYS = frozenset({"include_stop_str_in_output", "logprobs", "prompt_logprobs", "allowed_token_ids",
+                                  "bad_words", "truncate_prompt_tokens"})
+
+
 class SamplingSpec(_Strict):
     """Job-wide sampling options: the fields of :class:`forge_batch.SamplingParams` (vLLM names).
 
@@ -151,6 +156,17 @@ class SamplingSpec(_Strict):
     ignore_eos: bool = False
     seed: int = 0
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = Field(
+        None, ge=0, description="Each generated token's logprob and the top k per position: the logprobs and "
+                                "cumulative_logprob columns (see docs/jobs.md)."
+    )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, description="The same for every prompt token after the first: the prompt_logprobs column."
+    )
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = Field(None, description="Keep the prompt's last k tokens (-1: the context's length).")
     json_schema: dict[str, Any] | str | None = None
     regex: str | None = None
     choice: list[str] | None = None
@@ -240,6 +256,10 @@ class EngineSpec(_Strict):
     max_in_flight: int | None = Field(
         None, ge=1, description="Rows admitted but unfinished at once (default: 2 x max_num_seqs)."
     )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="On a GPU: the share of its memory the engine may fill (weights and KV cache)."
+    )
+    max_logprobs: int | None = Field(None, ge=0, description="The most sampling.logprobs / prompt_logprobs a row may ask (20).")
 
     @field_validator("device")
     @classmethod
@@ -366,6 +386,15 @@ class JobSpec(_Strict):
         return (kind, d[kind]) if kind in BUILTIN_CONSTRAINT_KINDS else (kind, d["constraint"][kind])
 
     @model_validator(mode="after")
+    def _logprobs_within_engine_limit(self) -> JobSpec:
+        limit = self.engine.max_logprobs if self.engine.max_logprobs is not None else 20
+        for key in ("logprobs", "prompt_logprobs"):
+            value = getattr(self.sampling, key)
+            if value is not None and value > limit:
+                raise ValueError(f"sampling.{key}={value} is more than engine.max_logprobs ({limit}); raise that")
+        return self
+
+    @model_validator(mode="after")
     def _constraint_given_once(self) -> JobSpec:
         level = self.constraint.job_level() if self.constraint is not None else None
         if level is not None:
@@ -386,7 +415,9 @@ class JobSpec(_Strict):
             "model": self.model_ref(),
             "input": {k: v for k, v in d["input"].items() if k not in ("path", "batch_size", "limit")},
             "output": {k: d["output"][k] for k in ("format", "keep_fields", "include_prompt")},
-            "sampling": d["sampling"],
+            # options added later count only when set, so that outputs written before them still resume
+            "sampling": {k: v for k, v in d["sampling"].items()
+                         if not (k in _LATER_SAMPLING_KEYS and v == SamplingSpec.model_fields[k].default)},
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -217,7 +217,8 @@ def test_engine_names_the_error_kind_of_each_failure(llm):
     assert fine.samples[0].error is None and fine.samples[0].error_kind is None
     empty = llm.generate([{"prompt_token_ids": []}], SamplingParams(max_tokens=2))[0]
     assert empty.error_kind == "empty_prompt"
-    chat = llm.generate([[{"role": "user"}]], SamplingParams(max_tokens=2))[0]
+    # generate() refuses a malformed prompt outright; a stream (a job's rows) gets it back with its kind
+    chat = next(llm.generate_stream([[{"role": "user"}]], SamplingParams(max_tokens=2)))
     assert chat.error_kind == "bad_messages" and "content" in chat.error
 
 

@@ -104,17 +104,25 @@ def test_token_id_prompts_as_vllm_tokens_prompt(llm):
     assert [o.outputs[0].token_ids for o in by_ids] == [o.outputs[0].token_ids for o in text]
     single = llm.generate(ids[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert len(single) == 1 and single[0].outputs[0].token_ids == text[0].outputs[0].token_ids
-    bad = llm.generate([{"prompt_token_ids": ["a"]}], SamplingParams(max_tokens=2))[0]
-    assert bad.finish_reason == "error" and "list of ints" in bad.error
+    with pytest.raises(ValueError, match="list of ints"):  # the offline API refuses it before running any
+        llm.generate([{"prompt_token_ids": ["a"]}], SamplingParams(max_tokens=2))
+    bad = next(llm.generate_stream([{"prompt_token_ids": ["a"]}], SamplingParams(max_tokens=2)))
+    assert bad.finish_reason == "error" and "list of ints" in bad.error  # a stream (a job's rows): its row
 
 
 def test_bad_requests_fail_alone(llm):
     long_prompt = "word " * (llm.max_model_len + 10)
-    outs = llm.generate(["", long_prompt, PROMPTS[0], [{"role": "user"}]], SamplingParams(max_tokens=3))
+    prompts = ["", long_prompt, PROMPTS[0], [{"role": "user"}]]
+    outs = sorted(llm.generate_stream(prompts, SamplingParams(max_tokens=3)), key=lambda o: o.index)
     assert outs[0].finish_reason == "error" and "empty" in outs[0].error
     assert outs[1].finish_reason == "error" and "too long" in outs[1].error
     assert outs[2].error is None and outs[2].finish_reason in ("stop", "length")
     assert outs[3].finish_reason == "error" and "content" in outs[3].error
+    # generate() fails what only the engine can judge alone, and refuses a malformed prompt outright
+    outs = llm.generate(prompts[:3], SamplingParams(max_tokens=3))
+    assert [o.finish_reason == "error" for o in outs] == [True, True, False]
+    with pytest.raises(ValueError, match="content"):
+        llm.generate(prompts, SamplingParams(max_tokens=3))
 
 
 def test_stream_yields_in_finish_order_and_pulls_lazily(llm):

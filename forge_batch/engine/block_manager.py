@@ -137,9 +137,10 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached block ids for the longest run of ``seq``'s full prompt blocks already in the cache.
 
-        The last prompt token is never served from the cache: its logits are needed to sample.
+        The last prompt token is never served from the cache: its logits are needed to sample. Nor is any
+        prompt token of a sequence that still needs prompt logprobs: a cached position is never run.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return []
         hits: list[int] = []
         for h in self._prompt_hashes(seq):
@@ -150,8 +151,9 @@ class BlockManager:
         return hits
 
     def waits_for_pending(self, seq: Sequence, num_hits: int) -> bool:
-        """True when the first block ``seq`` would compute is being computed by another sequence."""
-        if not self.enable_prefix_caching or not self.pending:
+        """True when the first block ``seq`` would compute is being computed by another sequence (never for a
+        sequence that computes its whole prompt anyway, to score it: waiting would gain it nothing)."""
+        if not self.enable_prefix_caching or not self.pending or seq.wants_prompt_logprobs:
             return False
         hashes = self._prompt_hashes(seq)
         return num_hits < len(hashes) and hashes[num_hits] in self.pending

@@ -11,6 +11,7 @@ the CPU backend prepares its weights (cpu_backend.py), and an ``LLMEngine`` runs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -32,7 +33,7 @@ from .cpu_backend import CpuBackend, PreparedWeights
 from .llm_engine import LLMEngine
 from .model_runner import kv_bytes_per_token
 from .outputs import RequestOutput
-from .prompts import PromptType
+from .prompts import PromptError, PromptType, check_prompt
 from .request import GenerationRequest
 from .sampler import Sampler
 from .sampling_params import SamplingParams
@@ -43,6 +44,53 @@ log = logging.getLogger(__name__)
 def _params_text(n: int) -> str:
     """135M, 1.2B, 8.0B: how people name a model's size."""
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+# vLLM's LLM / EngineArgs options this engine has no counterpart for, with what to do instead. Each is refused
+# by name (never silently dropped) unless given its vLLM default, which asks for nothing.
+VLLM_ONLY_OPTIONS: dict[str, tuple[Any, str]] = {
+    "task": ("auto", "only text generation is built in"),
+    "tokenizer_mode": ("auto", "the tokenizer is always the fast one from tokenizer.json (or the GGUF's)"),
+    "skip_tokenizer_init": (False, "give prompts as {'prompt_token_ids': [...]}; the tokenizer is still loaded"),
+    "allowed_local_media_path": ("", "only text prompts are supported"),
+    "tensor_parallel_size": (1, "one engine runs on one device; scale out with executor: {kind: ray} in a job"),
+    "pipeline_parallel_size": (1, "one engine runs on one device; scale out with executor: {kind: ray} in a job"),
+    "tokenizer_revision": (None, "give tokenizer= a local folder (or the model's own tokenizer at its revision)"),
+    "swap_space": (4, "preemption is by recompute here: there is nothing to swap"),
+    "cpu_offload_gb": (0, "weights live on the engine's device; use device='cpu' (or quantization='int8')"),
+    "max_seq_len_to_capture": (8192, "CUDA graphs cover every decode step up to max_model_len; enforce_eager=True turns them off"),
+    "disable_custom_all_reduce": (False, "there is no multi-GPU all-reduce"),
+    "disable_async_output_proc": (False, "outputs are processed in the step that finishes them"),
+    "hf_token": (None, "set HF_TOKEN in the environment (huggingface_hub reads it)"),
+    "hf_overrides": (None, "edit the model folder's config.json"),
+    "mm_processor_kwargs": (None, "only text prompts are supported"),
+    "override_pooler_config": (None, "pooling models are not supported"),
+    "compilation_config": (None, "there is no torch.compile step; CUDA graphs are on unless enforce_eager=True"),
+    "kv_cache_dtype": ("auto", "the KV cache has the model's dtype; choose it with dtype="),
+    "enable_chunked_prefill": (None, "prefill is always chunked to max_num_batched_tokens"),
+    "num_gpu_blocks_override": (None, "use num_blocks="),
+    "download_dir": (None, "set HF_HOME or HF_HUB_CACHE (the Hugging Face cache is where models are found)"),
+    "enable_lora": (False, "LoRA adapters are not supported: merge the adapter into the weights first"),
+    "disable_log_stats": (True, "stats are always available from llm.stats()"),
+    "distributed_executor_backend": (None, "one engine per process; scale out with executor: {kind: ray} in a job"),
+}
+
+
+def check_vllm_options(options: dict[str, Any]) -> None:
+    """Refuse vLLM options this engine cannot honour, naming what to use instead (ValueError); an option
+    nobody knows is a TypeError, as for any Python function."""
+    for name, value in options.items():
+        if name not in VLLM_ONLY_OPTIONS:
+            raise TypeError(f"LLM() got an unexpected keyword argument {name!r}")
+        default, instead = VLLM_ONLY_OPTIONS[name]
+        if value != default:
+            raise ValueError(f"LLM({name}=...) is vLLM's and not supported here: {instead}")
+
+
+def kv_budget_bytes(total: int, free: int, utilization: float) -> int:
+    """vLLM's gpu_memory_utilization: the engine may use ``utilization`` of the device's ``total`` memory
+    for everything (weights included); what is already used (the weights just loaded, other processes)
+    comes off that share, the rest is the KV cache's."""
+    return max(0, int(total * utilization) - (total - free))
 
 
 def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device, dtype: torch.dtype,
@@ -83,6 +131,25 @@ def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device,
     return config, net, tokenizer
 
 
+def load_tokenizer(source: str, model_config: ModelConfig) -> Tokenizer:
+    """``LLM(tokenizer=...)``: a folder holding tokenizer.json (or the file itself), or an ``org/name``
+    repo id from the Hugging Face cache; its vocabulary must fit the model's."""
+    from forge_batch.models.registry import resolve_hf_model, split_repo_id
+
+    path = Path(source)
+    if path.is_file() and path.name == "tokenizer.json":
+        path = path.parent
+    elif not path.exists() and split_repo_id(source) is not None:
+        repo, rev = split_repo_id(source)  # type: ignore[misc]
+        path = resolve_hf_model(repo, rev)
+    if not path.is_dir():
+        raise ValueError(f"tokenizer={source!r}: not a folder with tokenizer.json, that file, or a repo id")
+    tok = Tokenizer.from_hf_dir(path)
+    if tok.vocab_size > model_config.vocab_size:
+        raise ValueError(f"tokenizer={source!r} has {tok.vocab_size} tokens, more than the model's {model_config.vocab_size}")
+    return tok
+
+
 class LLM:
     """An offline engine for one model on one device.
 
@@ -90,7 +157,12 @@ class LLM:
     a Hugging Face directory (config.json + *.safetensors + tokenizer.json) or a .gguf file.
     ``constraints``: the structured-output kinds by name (none by default; ``forge_batch.LLM`` passes the
     built-in plugins'). ``kernel_backend``: "auto" (default, or FORGE_BATCH_KERNELS), "reference" or
-    "triton", for this engine only. The other options are vLLM's (see EngineArgs).
+    "triton", for this engine only. The other options are vLLM's (see EngineArgs and docs/python-api.md):
+    ``tokenizer`` a folder with tokenizer.json (or that file) used instead of the model's;
+    ``gpu_memory_utilization`` the share of a GPU's memory the engine may fill (weights and KV cache; on
+    the CPU it is refused, size the cache with ``num_blocks``); ``revision`` for an ``org/name`` model;
+    ``max_logprobs`` the most ``logprobs`` / ``prompt_logprobs`` a request may ask. vLLM options with no
+    counterpart here are refused by name with what to use instead (VLLM_ONLY_OPTIONS).
     """
 
     def __init__(
@@ -113,7 +185,25 @@ class LLM:
         enforce_eager: bool = False,
         load_format: str = "auto",
         quantization: str | None = None,
+        tokenizer: str | None = None,
+        gpu_memory_utilization: float | None = None,
+        revision: str | None = None,
+        max_logprobs: int = 20,
+        trust_remote_code: bool = False,
+        **vllm_options: Any,
     ) -> None:
+        # trust_remote_code is accepted either way: no model code is ever downloaded or run (the
+        # architectures are built in), so there is nothing to trust
+        del trust_remote_code
+        check_vllm_options(vllm_options)
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if revision is not None:
+            from forge_batch.models.registry import split_repo_id
+
+            if not isinstance(model, str) or Path(model).exists() or split_repo_id(model) != (model, None):
+                raise ValueError("revision= is for a Hugging Face repo id model ('org/name'), given once")
+            model = f"{model}@{revision}"
         t0 = time.monotonic()
         args = EngineArgs(device=device, dtype=dtype, block_size=block_size, num_blocks=num_blocks,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -121,10 +211,24 @@ class LLM:
                           kv_cache=kv_cache, kernel_backend=kernel_backend, enforce_eager=enforce_eager,
                           load_format=load_format, quantization=quantization, seed=seed)
         device_, dtype_ = args.placement()
+        if gpu_memory_utilization is not None and device_.type != "cuda":
+            raise ValueError("gpu_memory_utilization is a GPU's memory share; on the CPU size the KV cache with "
+                             "num_blocks= (or max_model_len= and max_num_seqs=)")
         kernels = KernelBackend(args.kernel_name)
         cpu = CpuBackend(kernels, dtype_, args.quantization) if device_.type == "cpu" else None
         raw: dict[str, RawWeight] | None = {} if cpu is not None and cpu.keeps_stored_weights else None
-        model_config, net, tokenizer = load_model(model, args, device_, dtype_, kernels, raw)
+        model_config, net, tokenizer_ = load_model(model, args, device_, dtype_, kernels, raw)
+        if tokenizer is not None:
+            tokenizer_ = load_tokenizer(tokenizer, model_config)
+        if gpu_memory_utilization is not None and num_blocks is None:
+            free, total = torch.cuda.mem_get_info(device_)
+            per_block = kv_bytes_per_token(net, dtype_) * block_size
+            blocks = kv_budget_bytes(total, free, gpu_memory_utilization) // per_block
+            if blocks < 1:
+                raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} leaves no room for the KV cache "
+                                 f"({(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB already in use)")
+            args = dataclasses.replace(args, num_blocks=int(blocks))
+        tokenizer = tokenizer_
         prepared = PreparedWeights()
         if cpu is not None:  # packing weights for the C kernels can take longer than loading them: say so
             t_prep = time.monotonic()
@@ -137,7 +241,7 @@ class LLM:
         config = EngineConfig.resolve(args, name, model_config, device_, dtype_, kernels.path(device_, dtype_),
                                       kv_bytes_per_token(net, dtype_))
         self.engine = LLMEngine(config, net, model_config, tokenizer, cpu_backend=cpu, samplers=samplers,
-                                constraints=constraints)
+                                constraints=constraints, max_logprobs=max_logprobs)
         self.engine_config = config
         self.load_seconds = time.monotonic() - t0
         log.info("engine ready in %.1f s: %s", self.load_seconds, config.describe(),
@@ -171,16 +275,33 @@ class LLM:
             "kernel_path": config.kernel_path,
         }
 
+    def get_tokenizer(self) -> Tokenizer:
+        """The engine's tokenizer (vLLM's ``get_tokenizer``): ``encode``, ``decode``, ``apply_chat_template``.
+        Raises ValueError for an engine without one (random weights)."""
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (random weights): prompts are token ids")
+        return self.tokenizer
+
     # ---- generating -----------------------------------------------------------------------------
     def generate(
         self,
         prompts: Seq[PromptType] | PromptType,
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; results in input order."""
+        """Generate for every prompt; results in input order. A prompt that is not text, ``{"prompt":
+        ...}``, ``{"prompt_token_ids": [...]}`` or a chat raises ValueError before anything runs; a
+        request that fails in the engine (too long, a constraint that does not compile) comes back with
+        ``finish_reason == "error"``. ``use_tqdm``: a progress bar over the prompts (stderr)."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], dict) and "role" in prompts[0]):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)
+        for i, prompt in enumerate(prompts):
+            try:
+                check_prompt(prompt, has_tokenizer=self.tokenizer is not None)
+            except PromptError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -195,7 +316,12 @@ class LLM:
             GenerationRequest(request_id=str(i), prompt=p, params=sp)
             for i, (p, sp) in enumerate(zip(prompts, params_list))
         )
-        results = list(self.generate_stream(requests, max_in_flight=len(prompts) or 1))
+        stream = self.generate_stream(requests, max_in_flight=len(prompts) or 1)
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            stream = tqdm(stream, total=len(prompts), desc="Processed prompts", unit="prompt")
+        results = list(stream)
         results.sort(key=lambda r: r.index)
         return results
 
@@ -203,6 +329,8 @@ class LLM:
         self,
         messages: Seq[dict[str, str]] | Seq[Seq[dict[str, str]]],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat``: one conversation (a list of ``{"role", "content"}`` messages) or a list of
         them, rendered with the model's chat template; results in input order."""
@@ -211,7 +339,7 @@ class LLM:
         for conv in messages:
             if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
                 raise TypeError("chat() takes a conversation (a list of message dicts) or a list of them")
-        return self.generate(list(messages), sampling_params)
+        return self.generate(list(messages), sampling_params, use_tqdm=use_tqdm)
 
     def generate_stream(
         self,

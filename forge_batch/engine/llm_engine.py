@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +27,18 @@ from .constraints import ConstraintError, ConstraintFactory, apply_bitmask, bitm
 from .cpu_backend import CpuBackend
 from .histogram import LogHistogram
 from .model_runner import ModelRunner
-from .outputs import CompletionOutput, EngineErrorKind, RequestOutput
+from .outputs import CompletionOutput, EngineErrorKind, PositionLogprobs, RequestOutput
 from .prompts import PromptError, prompt_token_ids
 from .request import GenerationRequest
-from .sampler import BUILTIN_SAMPLERS, LogitsProcessor, Sampler, SamplingBatch, derive_seed, uniform_for
+from .sampler import (
+    BUILTIN_SAMPLERS,
+    LogitsProcessor,
+    Sampler,
+    SamplingBatch,
+    derive_seed,
+    position_logprobs,
+    uniform_for,
+)
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -72,16 +81,26 @@ class _RequestState:
     remaining: int = 0
     prompt_text: str | None = None
 
-    def output(self) -> RequestOutput:
-        """The finished request's result (every sample done)."""
+    def output(self, token_text: Callable[[int], str | None]) -> RequestOutput:
+        """The finished request's result (every sample done); ``token_text`` names logprobs' tokens."""
         now = time.monotonic()
+        params = self.request.params
         samples = [
             CompletionOutput(index=s.sample_index, text=s.text, token_ids=list(s.output_token_ids),
                              finish_reason=s.finish_reason or "error", error=s.error, stop_reason=s.stop_reason,
                              valid=s.valid,
-                             error_kind=(s.error_kind or EngineErrorKind.ENGINE_ERROR.value) if s.error else None)
+                             error_kind=(s.error_kind or EngineErrorKind.ENGINE_ERROR.value) if s.error else None,
+                             logprobs=None if params.logprobs is None
+                             else [e.as_dict(token_text) for e in s.output_logprobs],
+                             cumulative_logprob=None if params.logprobs is None
+                             else float(sum(e.logprob for e in s.output_logprobs)),
+                             position_logprobs=None if params.logprobs is None else list(s.output_logprobs))
             for s in self.seqs
         ]
+        prompt_logprobs = scored = None
+        if params.prompt_logprobs is not None:
+            scored = list(max(self.seqs, key=lambda s: len(s.prompt_logprobs)).prompt_logprobs)
+            prompt_logprobs = [None, *(e.as_dict(token_text) for e in scored)]
         failed = [s for s in self.seqs if s.error and s.finish_reason == "error"]
         return RequestOutput(
             request_id=self.request.request_id,
@@ -99,6 +118,8 @@ class _RequestState:
                 "num_cached_tokens": float(max(s.num_cached_tokens for s in self.seqs)),
             },
             metadata=self.request.metadata,
+            prompt_logprobs=prompt_logprobs,
+            prompt_position_logprobs=scored,
         )
 
 
@@ -153,8 +174,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model: LlamaForCausalLM, model_config: ModelConfig,
                  tokenizer: Tokenizer | None, *, cpu_backend: CpuBackend | None = None,
                  samplers: dict[str, Sampler] | None = None,
-                 constraints: dict[str, ConstraintFactory] | None = None) -> None:
+                 constraints: dict[str, ConstraintFactory] | None = None, max_logprobs: int = 20) -> None:
         self.config = config
+        self.max_logprobs = max_logprobs
+        self._token_texts: dict[int, str | None] = {}
         self.model = model
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -204,10 +227,15 @@ class LLMEngine:
             params.validate()
             if params.sampler is not None and params.sampler not in self.samplers:
                 raise ValueError(f"unknown sampler {params.sampler!r}; known: {sorted(self.samplers)}")
+            self._check_request_params(params)
             if request.prompt_token_ids is not None:
                 prompt_ids, prompt_text = list(request.prompt_token_ids), None
             else:
                 prompt_ids, prompt_text = prompt_token_ids(request.prompt, self.tokenizer)
+            if params.truncate_prompt_tokens is not None:
+                keep = self.config.max_model_len if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
+                if len(prompt_ids) > keep:  # vLLM keeps the end of the prompt, nearest to what comes next
+                    prompt_ids, prompt_text = prompt_ids[-keep:], None
         except PromptError as exc:
             return failed_output(request, index, str(exc), kind=EngineErrorKind(exc.kind))
         except Exception as exc:  # a bad request fails alone
@@ -233,6 +261,31 @@ class LLMEngine:
         self._requests[request.request_id] = state
         self._stats.prompt_tokens += len(prompt_ids)
         return None
+
+    def _check_request_params(self, params: SamplingParams) -> None:
+        """What a request asks that only this engine can check (raises ValueError); tokenizes bad_words."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.max_logprobs:
+                raise ValueError(f"{name}={value} is more than this engine's max_logprobs={self.max_logprobs} "
+                                 "(raise it with LLM(max_logprobs=...) or engine.max_logprobs in a job)")
+        vocab = self.model_config.vocab_size
+        if params.allowed_token_ids is not None and any(t >= vocab for t in params.allowed_token_ids):
+            raise ValueError(f"allowed_token_ids holds ids outside the vocabulary (size {vocab})")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs a tokenizer (this engine has random weights and none)")
+            # each word alone and after a space, as it is tokenized at the start of a text and inside one
+            variants = {tuple(self.tokenizer.encode(form, add_special_tokens=False))
+                        for word in params.bad_words for form in (word, " " + word.lstrip())}
+            params._bad_words_token_ids = [list(v) for v in sorted(variants) if v]  # type: ignore[attr-defined]
+
+    def token_text(self, token_id: int) -> str | None:
+        """One token's text, as logprobs name it (None without a tokenizer)."""
+        if token_id not in self._token_texts:
+            self._token_texts[token_id] = (None if self.tokenizer is None
+                                           else self.tokenizer.decode([token_id], skip_special_tokens=False))
+        return self._token_texts[token_id]
 
     def compile_constraint(self, kind: str, spec: Any) -> Any:
         """Compile (or fetch from the cache) a constraint; raises ConstraintError with the engine's message."""
@@ -265,7 +318,9 @@ class LLMEngine:
         masks = self._masks.start(sampling)
         t_fwd = time.monotonic()
         self.runner.zero_blocks(self.block_manager.pop_fresh())
-        logits = self.runner.run(plan)
+        logits, prompt_hidden = self.runner.run(plan)
+        if prompt_hidden:
+            self._score_prompts(plan.scheduled, prompt_hidden)
         self._stats.forward_seconds += time.monotonic() - t_fwd
         if masks is not None:
             t_wait = time.monotonic()
@@ -275,18 +330,34 @@ class LLMEngine:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.commit_computed(s.seq)
         if logits is not None:
-            self._append_tokens(sampling, self._sample(logits, sampling, masks), done)
+            self._append_tokens(sampling, *self._sample(logits, sampling, masks), done)
         self._stats.steps += 1
         self._stats.step_seconds += time.monotonic() - t_step
         return done
 
-    def _append_tokens(self, seqs: list[Sequence], tokens: list[int], done: list[RequestOutput]) -> None:
+    _PROMPT_SCORE_ROWS = 256  # prompt positions turned into logprobs at once ([rows, V] float32 each)
+
+    def _score_prompts(self, scheduled: list, prompt_hidden: list[tuple[int, torch.Tensor]]) -> None:
+        """Record the prompt logprobs of the positions this step ran (see ModelRunner.run)."""
+        for index, hidden in prompt_hidden:
+            seq = scheduled[index].seq
+            k = seq.params.prompt_logprobs
+            for off in range(0, hidden.shape[0], self._PROMPT_SCORE_ROWS):
+                logprobs = self.model.compute_logits(hidden[off : off + self._PROMPT_SCORE_ROWS]).log_softmax(dim=-1)
+                first = len(seq.prompt_logprobs) + 1  # the prompt token these logits score
+                chosen = torch.tensor(seq.prompt_token_ids[first : first + logprobs.shape[0]])
+                seq.prompt_logprobs.extend(position_logprobs(logprobs, chosen, [k] * logprobs.shape[0]))
+
+    def _append_tokens(self, seqs: list[Sequence], tokens: list[int], logprobs: dict[int, PositionLogprobs],
+                       done: list[RequestOutput]) -> None:
         now = time.monotonic()
-        for seq, tok in zip(seqs, tokens):
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             if seq.finish_reason == "error":  # its logits processor raised (see _fail_processor_rows)
                 self._finish(seq, done)
                 continue
             seq.output_token_ids.append(tok)
+            if i in logprobs:
+                seq.output_logprobs.append(logprobs[i])
             if seq.first_token_time is None:
                 seq.first_token_time = now
             else:
@@ -297,8 +368,23 @@ class LLMEngine:
                 self._finish(seq, done)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
-                masks: tuple[list[int], torch.Tensor, Future] | None = None) -> list[int]:
+                masks: tuple[list[int], torch.Tensor, Future] | None = None,
+                ) -> tuple[list[int], dict[int, PositionLogprobs]]:
+        """Each row's next token, and the logprobs of the rows that ask for them (by row)."""
         params = [s.params for s in seqs]
+        # logprobs are the model's raw distribution (vLLM's default): taken before anything below changes
+        # the logits in place, and only for the rows that ask (no work at all when none does)
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None
+        tokens = self._pick(logits, seqs, params, masks)
+        if raw_logprobs is None:
+            return tokens, {}
+        chosen = torch.tensor([tokens[i] for i in logprob_rows])
+        entries = position_logprobs(raw_logprobs, chosen, [params[i].logprobs for i in logprob_rows])
+        return tokens, dict(zip(logprob_rows, entries))
+
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams],
+              masks: tuple[list[int], torch.Tensor, Future] | None) -> list[int]:
         if any(not p.greedy for p in params) or any(p.sampler for p in params):
             uniforms = torch.tensor([uniform_for(s.seed, s.num_tokens) for s in seqs], dtype=torch.float64,
                                     device=logits.device)
@@ -360,7 +446,7 @@ class LLMEngine:
             text = self._decode(seq.output_token_ids, p.skip_special_tokens)
             cut = min(((text.find(s), s) for s in p.stop if s and s in text), default=None)
             if cut is not None:
-                seq.text = text[: cut[0]]
+                seq.text = text[: cut[0] + (len(cut[1]) if p.include_stop_str_in_output else 0)]
                 seq.finish_reason, seq.stop_reason = "stop", cut[1]
                 return True
         if n_out >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
@@ -400,7 +486,7 @@ class LLMEngine:
         state.remaining -= 1
         if state.remaining == 0:
             del self._requests[seq.request_id]
-            done.append(state.output())
+            done.append(state.output(self.token_text))
 
     # ---- state ----------------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> None:

@@ -90,6 +90,12 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat input ids, positions, attention metadata, and the row of each sampling sequence's last token."""
+        ids, pos_t, attn, sample_rows, _ = self._prepare(scheduled)
+        return ids, pos_t, attn, sample_rows
+
+    def _prepare(self, scheduled: list[ScheduledSeq],
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[tuple[int, int, int]]]:
+        """``prepare`` plus the prompt positions to score: (index in ``scheduled``, first flat row, count)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -97,6 +103,7 @@ class ModelRunner:
         starts = [0]
         context_lens: list[int] = []
         sample_rows: list[int] = []
+        prompt_rows: list[tuple[int, int, int]] = []
         max_blocks = max(len(s.seq.block_table) for s in scheduled)
         tables = []
         for s in scheduled:
@@ -114,6 +121,12 @@ class ModelRunner:
                 rng = range(start, start + n)
                 positions.extend(rng)
                 slots.extend(table[p // bs] * bs + p % bs for p in rng)
+            if seq.params.prompt_logprobs is not None and seq.wants_prompt_logprobs:
+                # position p's logits score prompt token p + 1: positions up to the prompt's next-to-last
+                first = max(start, len(seq.prompt_logprobs))
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                if first < last:
+                    prompt_rows.append((len(starts) - 1, starts[-1] + first - start, last - first))
             starts.append(starts[-1] + n)
             context_lens.append(start + n)
             if s.samples:
@@ -130,17 +143,25 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos_t, attn, sample_rows
+        return ids, pos_t, attn, sample_rows, prompt_rows
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run the plan's tokens; return float32 logits [S, V] for the sequences that sample (in plan order)."""
-        ids, positions, attn, sample_rows = self.prepare(plan.scheduled)
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
+        """Run the plan's tokens. Returns float32 logits [S, V] for the sequences that sample (in plan
+        order; None when none does) and, for sequences asking for prompt logprobs, (index in
+        ``plan.scheduled``, final hidden states of the prompt positions this step ran that still need
+        scoring). Hidden states, not logits: a long prompt's logits are [P, V] floats, so the caller turns
+        them into logprobs a slice at a time."""
+        ids, positions, attn, sample_rows, prompt_rows = self._prepare(plan.scheduled)
         hidden = self.forward(ids, positions, attn)
-        if not sample_rows:
-            return None
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        logits = None
+        if sample_rows:
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        prompt_logits: list[tuple[int, torch.Tensor]] = []
+        for index, first, count in prompt_rows:
+            prompt_logits.append((index, hidden[first : first + count]))
+        return logits, prompt_logits
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """Final hidden states of the step's tokens, through a decode fast path where one applies."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -26,6 +27,40 @@ class EngineErrorKind(str, enum.Enum):
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability at one position (vLLM's shape): ``rank`` is its 1-based place in the
+    distribution, ``decoded_token`` its text (None for an engine without tokenizer)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class PositionLogprobs:
+    """What the engine records at one position: the chosen token and the top ones (most likely first)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+    def as_dict(self, decode: Callable[[int], str | None]) -> dict[int, Logprob]:
+        """vLLM's form: the chosen token first, then the top tokens in rank order (k or k + 1 entries)."""
+        out = {self.token_id: Logprob(self.logprob, self.rank, decode(self.token_id))}
+        for rank, (tok, lp) in enumerate(zip(self.top_ids, self.top_logprobs), start=1):
+            if tok not in out:
+                out[tok] = Logprob(lp, rank, decode(tok))
+        return out
+
+
+# vLLM's names: one dict per generated token, and per prompt token (None for the first, which has no context).
+SampleLogprobs = list[dict[int, Logprob]]
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass
 class CompletionOutput:
     """One sample of a request."""
 
@@ -41,6 +76,12 @@ class CompletionOutput:
     valid: bool | None = None
     # Set with ``error``: why the sample failed (an EngineErrorKind value).
     error_kind: str | None = None
+    # SamplingParams.logprobs set: one dict per generated token (see PositionLogprobs.as_dict) and their sum.
+    logprobs: SampleLogprobs | None = None
+    cumulative_logprob: float | None = None
+    # The same positions in compact form (chosen token, rank, top ids and logprobs), what ``logprobs`` is
+    # made from; writers use it because a dict cannot tell whether the chosen token was among the top k.
+    position_logprobs: list[PositionLogprobs] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -60,6 +101,10 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     # GenerationRequest.metadata, passed through untouched.
     metadata: dict = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs set: None for the first prompt token, then one dict per prompt token.
+    prompt_logprobs: PromptLogprobs | None = None
+    # Compact form of prompt_logprobs[1:] (see CompletionOutput.position_logprobs).
+    prompt_position_logprobs: list[PositionLogprobs] | None = field(default=None, repr=False)
 
     @property
     def outputs(self) -> list[CompletionOutput]:

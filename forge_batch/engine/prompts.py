@@ -9,8 +9,8 @@ from typing import Any
 
 from .outputs import EngineErrorKind
 
-# A prompt: text, a chat conversation (a list of {"role", "content"} messages), or token ids as vLLM's
-# TokensPrompt, {"prompt_token_ids": [...]}.
+# A prompt: text (or vLLM's TextPrompt, {"prompt": "..."}), a chat conversation (a list of {"role",
+# "content"} messages), or token ids as vLLM's TokensPrompt, {"prompt_token_ids": [...]}.
 PromptType = str | list[dict[str, Any]] | dict[str, Any]
 
 
@@ -22,12 +22,47 @@ class PromptError(ValueError):
         self.kind = kind.value
 
 
+def check_prompt(prompt: Any, *, has_tokenizer: bool) -> None:
+    """Raise :class:`PromptError` for a prompt of a shape :func:`prompt_token_ids` refuses, without
+    tokenizing it (the offline API checks every prompt before running any)."""
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        prompt_token_ids(prompt, None)
+        return
+    if isinstance(prompt, str) or (isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str)):
+        if not has_tokenizer:
+            raise PromptError("this engine has no tokenizer (random weights): give prompt_token_ids",
+                              EngineErrorKind.BAD_PROMPT)
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        for m in prompt:
+            if "role" not in m or "content" not in m:
+                raise PromptError(f"chat message needs 'role' and 'content', got keys {sorted(m)}",
+                                  EngineErrorKind.BAD_MESSAGES)
+        if not has_tokenizer:
+            raise PromptError("this engine has no tokenizer (random weights): give prompt_token_ids",
+                              EngineErrorKind.BAD_PROMPT)
+        return
+    raise _bad_prompt(prompt)
+
+
+def _bad_prompt(prompt: Any) -> PromptError:
+    return PromptError(
+        "prompt must be a string, {'prompt': '...'}, a list of chat messages or {'prompt_token_ids': [...]}, got "
+        + (f"a dict with keys {sorted(prompt)}" if isinstance(prompt, dict) else type(prompt).__name__),
+        EngineErrorKind.BAD_PROMPT,
+    )
+
+
 def prompt_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None]:
     """The token ids of ``prompt`` and the text they encode (None when the prompt is token ids already).
 
     ``prompt``: text (encoded with the tokenizer's special tokens, e.g. BOS), a chat (a list of ``{role,
     content}``, rendered with the chat template, whose text already holds them) or ``{"prompt_token_ids":
     [...]}``. Raises :class:`PromptError`."""
+    if isinstance(prompt, dict) and "prompt" in prompt and "prompt_token_ids" not in prompt:
+        if not isinstance(prompt["prompt"], str):  # vLLM's TextPrompt
+            raise PromptError("{'prompt': ...} must hold a string", EngineErrorKind.BAD_PROMPT)
+        prompt = prompt["prompt"]
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         ids = prompt["prompt_token_ids"]
         if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
@@ -45,8 +80,4 @@ def prompt_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None
                 )
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         return list(tokenizer.encode(text, add_special_tokens=False)), text
-    raise PromptError(
-        "prompt must be a string, a list of chat messages or {'prompt_token_ids': [...]}, got "
-        f"{type(prompt).__name__}",
-        EngineErrorKind.BAD_PROMPT,
-    )
+    raise _bad_prompt(prompt)

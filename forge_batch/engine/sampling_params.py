@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,17 @@ class SamplingParams:
 
     ``temperature == 0`` is greedy. ``seed`` makes a request's samples reproducible whatever else is in
     the batch; without it the engine draws one from its own seed. Stop strings are not included in the
-    returned text. ``n`` samples share the prompt's KV blocks through the prefix cache.
+    returned text unless ``include_stop_str_in_output``. ``n`` samples share the prompt's KV blocks through
+    the prefix cache.
+
+    ``logprobs=k``: each generated token's log-probability plus the ``k`` most likely tokens at its position
+    (``CompletionOutput.logprobs``, ``cumulative_logprob``); ``prompt_logprobs=k`` the same for every prompt
+    token after the first (``RequestOutput.prompt_logprobs``; a request asking for it skips the prefix
+    cache, because cached positions are never run). Both are the model's own distribution (log-softmax of
+    the raw float32 logits, before penalties, bias, temperature, masks and logits processors), as vLLM's
+    default. ``allowed_token_ids`` keeps only those tokens; ``bad_words`` bans the token that would complete
+    any of the words; ``truncate_prompt_tokens=k`` keeps the prompt's last ``k`` tokens (-1: as many as the
+    context holds).
     """
 
     n: int = 1
@@ -63,6 +74,12 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     # Structured output: at most one of these (see forge_batch.plugins.constraints). ``constraint`` is the
     # general form, {kind: spec}, for kinds registered by plugins (e.g. {"lark": "..."}).
     json_schema: dict[str, Any] | str | None = None
@@ -107,6 +124,24 @@ class SamplingParams:
             raise ValueError(problem)
         if self.choice is not None and not self.choice:
             raise ValueError("choice needs at least one option")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or an int >= 0 (the top tokens per position), got {value!r}")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids is empty: no token could be generated")
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+                raise ValueError("allowed_token_ids must be token ids (ints >= 0)")
+        if self.bad_words is not None and not all(isinstance(w, str) and w for w in self.bad_words):
+            raise ValueError("bad_words must be non-empty strings")
+        k = self.truncate_prompt_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not (k >= 1 or k == -1)):
+            raise ValueError(f"truncate_prompt_tokens must be >= 1 or -1 (the context length), got {k!r}")
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's ``clone``); logits processors are shared, not copied, as they may hold models."""
+        return copy.deepcopy(self, memo={id(f): f for f in self.logits_processors})
 
     @property
     def greedy(self) -> bool:

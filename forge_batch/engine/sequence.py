@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .outputs import PositionLogprobs
 from .sampling_params import SamplingParams
 
 
@@ -47,6 +48,15 @@ class Sequence:
     constraint: object | None = None
     constraint_state: object | None = None
     valid: bool | None = None
+    # SamplingParams.logprobs / prompt_logprobs: what each generated token / prompt position recorded.
+    # ``prompt_logprobs[p]`` is for prompt token p + 1 (the distribution at position p).
+    output_logprobs: list[PositionLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt positions still to be scored (they must run, not come from the prefix cache)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1
 
     @property
     def num_tokens(self) -> int:

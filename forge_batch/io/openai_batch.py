@@ -15,6 +15,8 @@ Output line::
                            "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}}},
      "error": null}
 
+``logprobs`` is null unless the line asked (chat: ``logprobs: true`` and ``top_logprobs: k``; completions:
+``logprobs: k``); then it is OpenAI's shape, from the output's logprobs column.
 A failed request gets ``status_code`` 400 with an OpenAI-style error body, and the same error in ``error``.
 The body's ``model`` is ignored on input: the job's model runs every line.
 """
@@ -61,8 +63,6 @@ _IGNORED = {
     "user",
     "stream",
     "stream_options",
-    "logprobs",
-    "top_logprobs",
     "metadata",
     "store",
     "service_tier",
@@ -78,11 +78,32 @@ class OpenAIRequestError(ValueError):
     """A request line this tool cannot run; the message says why."""
 
 
-def sampling_from_body(body: Mapping[str, Any]) -> dict[str, Any]:
-    """SamplingParams overrides from a request body (OpenAI names plus vLLM's extras)."""
+def _logprobs_from_body(body: Mapping[str, Any], url: str) -> dict[str, Any]:
+    """Chat: ``logprobs: true`` with ``top_logprobs: k``; completions: ``logprobs: k``; and vLLM's
+    ``prompt_logprobs: k`` on either."""
     out: dict[str, Any] = {}
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if url == CHAT_URL:
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise OpenAIRequestError("body.logprobs must be true or false for chat completions (top_logprobs: k for more)")
+        if top is not None and not logprobs:
+            raise OpenAIRequestError("body.top_logprobs needs body.logprobs: true")
+        if logprobs:
+            out["logprobs"] = 0 if top is None else top
+    elif logprobs is not None and logprobs is not False:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int):
+            raise OpenAIRequestError("body.logprobs must be an int (the top tokens per position) for completions")
+        out["logprobs"] = logprobs
+    if body.get("prompt_logprobs") is not None:
+        out["prompt_logprobs"] = body["prompt_logprobs"]
+    return out
+
+
+def sampling_from_body(body: Mapping[str, Any], url: str = CHAT_URL) -> dict[str, Any]:
+    """SamplingParams overrides from a request body (OpenAI names plus vLLM's extras)."""
+    out: dict[str, Any] = _logprobs_from_body(body, url)
     for key, value in body.items():
-        if value is None or key in _IGNORED:
+        if value is None or key in _IGNORED or key in ("logprobs", "top_logprobs", "prompt_logprobs"):
             continue
         if key in _UNSUPPORTED:
             raise OpenAIRequestError(f"body.{key} is not supported")
@@ -138,12 +159,40 @@ def parse_request(obj: Any) -> dict[str, Any]:
             prompt = prompt[0]
         row["prompt"] = prompt
         row["_forge_chat"] = False  # a completions prompt is used as is, never chat-templated
-    row["sampling"] = sampling_from_body(body)
+    row["sampling"] = sampling_from_body(body, url)
     return row
 
 
 def _short_hash(*parts: Any) -> str:
     return hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+
+
+def _token_bytes(token: str | None) -> list[int] | None:
+    return None if token is None else list(token.encode("utf-8"))
+
+
+def _choice_logprobs(positions: list[Mapping[str, Any]] | None, url: str) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` from the output's logprobs column: chat completions' ``content`` list, or
+    the completions API's parallel lists; None when the request did not ask."""
+    if positions is None:
+        return None
+    if url == COMPLETIONS_URL:
+        offsets, at = [], 0
+        for p in positions:
+            offsets.append(at)
+            at += len(p["token"] or "")
+        return {
+            "tokens": [p["token"] for p in positions],
+            "token_logprobs": [p["logprob"] for p in positions],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in p["top"] or []} for p in positions],
+            "text_offset": offsets,
+        }
+    return {"content": [
+        {"token": p["token"], "logprob": p["logprob"], "bytes": _token_bytes(p["token"]),
+         "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": _token_bytes(t["token"])}
+                          for t in p["top"] or []]}
+        for p in positions
+    ], "refusal": None}
 
 
 def response_line(records: list[Mapping[str, Any]], id_column: str, model: str) -> dict[str, Any]:
@@ -178,7 +227,7 @@ def response_line(records: list[Mapping[str, Any]], id_column: str, model: str) 
             choice["text"] = text
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = None
+        choice["logprobs"] = None if r.get("error") else _choice_logprobs(r.get("logprobs"), url)
         choice["finish_reason"] = r.get("finish_reason")
         if r.get("error"):
             choice["error"] = {"code": r.get("error_kind"), "message": r.get("error")}
@@ -197,6 +246,14 @@ def response_line(records: list[Mapping[str, Any]], id_column: str, model: str) 
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+    if first.get("prompt_logprobs") is not None:  # vLLM's extension, in its shape
+        body["prompt_logprobs"] = [
+            None if p is None else {
+                str(t["token_id"]): {"logprob": t["logprob"], "rank": rank, "decoded_token": t["token"]}
+                for rank, t in [(p["rank"], p), *((i, t) for i, t in enumerate(p["top"] or [], start=1))]
+            }
+            for p in first["prompt_logprobs"]
+        ]
     return {
         "id": f"batch_req_{key}",
         "custom_id": custom_id,

@@ -35,6 +35,20 @@ TAIL_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 )
 PROMPT_COLUMN = ("prompt", pa.string())
 
+# Logprobs, when the job asks for them (sampling.logprobs / prompt_logprobs, or an OpenAI batch input whose
+# lines may): one entry per position, the chosen token with its rank and the top k, most likely first.
+TOKEN_LOGPROB_TYPE = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
+POSITION_LOGPROBS_TYPE = pa.struct([
+    ("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32()), ("rank", pa.int32()),
+    ("top", pa.list_(TOKEN_LOGPROB_TYPE)),
+])
+LOGPROBS_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("logprobs", pa.list_(POSITION_LOGPROBS_TYPE)),
+    ("cumulative_logprob", pa.float64()),
+)
+# The first prompt token has no context: its entry is null, as in vLLM.
+PROMPT_LOGPROBS_COLUMN = ("prompt_logprobs", pa.list_(POSITION_LOGPROBS_TYPE))
+
 
 def id_column_name(id_field: str | None) -> str:
     """The output column holding the row id: the input's id field, or ``id`` (the row position) without one."""
@@ -83,8 +97,12 @@ def output_schema(
     keep: Sequence[tuple[str, pa.DataType]],
     include_prompt: bool,
     metadata: Mapping[str, str] | None = None,
+    *,
+    logprobs: bool = False,
+    prompt_logprobs: bool = False,
 ) -> pa.Schema:
-    """Build the output schema: id, row_index, sample_index, kept fields, [prompt], results, timing, extra."""
+    """Build the output schema: id, row_index, sample_index, kept fields, [prompt], results, timing, extra,
+    [logprobs, cumulative_logprob], [prompt_logprobs]."""
     id_name = id_column_name(id_field)
     fields = [pa.field(id_name, id_type)]
     fields += [pa.field(n, t) for n, t in HEAD_COLUMNS]
@@ -92,6 +110,10 @@ def output_schema(
     if include_prompt:
         fields.append(pa.field(*PROMPT_COLUMN))
     fields += [pa.field(n, t) for n, t in TAIL_COLUMNS]
+    if logprobs:
+        fields += [pa.field(n, t) for n, t in LOGPROBS_COLUMNS]
+    if prompt_logprobs:
+        fields.append(pa.field(*PROMPT_LOGPROBS_COLUMN))
     return pa.schema(fields, metadata=dict(metadata or {}))
 
 

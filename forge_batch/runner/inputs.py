@@ -126,4 +126,8 @@ class InputPlan:
                 keep.append((name, in_schema.field(name).type))
             else:
                 keep.append((name, infer_type(r.get(name) for r in rows)))
-        return output_schema(spec.id_field, id_type, keep, job.output.include_prompt)
+        # OpenAI batch lines may each ask for logprobs, so that input always has the columns
+        openai = any(reader.name == "openai-batch" for _, reader in self.files)
+        return output_schema(spec.id_field, id_type, keep, job.output.include_prompt,
+                             logprobs=openai or job.sampling.logprobs is not None,
+                             prompt_logprobs=openai or job.sampling.prompt_logprobs is not None)

@@ -185,7 +185,8 @@ class JobRunner:
             file_meta, id_column, self.flags, self._say,
         )
         records = RecordBuilder(job, id_column, set(schema.names), context)
-        requests = RequestBuilder(job, run.plan.spec, schema.field(id_column).type, run.resume, context, self.flags)
+        requests = RequestBuilder(job, run.plan.spec, schema.field(id_column).type, run.resume, context, self.flags,
+                                  output_columns=set(schema.names))
         self._progress = Progress(
             run.total, initial=run.resume.tally.rows, mode=self.progress_mode, stream=self.stream,
             log_interval=self.log_interval, desc=job.display_name(),

@@ -43,6 +43,8 @@ class RecordBuilder:
     def group_for(self, out: RequestOutput) -> Group:
         meta = (out.metadata or {}).get("_forge") or {}
         records = self._records(out, meta, self._base(out, meta))
+        if "logprobs" in self.column_names or "prompt_logprobs" in self.column_names:
+            self._add_logprobs(records, out)
         kept, dropped = self._process_results(records, out, meta.get("row") or {})
         if not kept and dropped:
             status, kind = "dropped", None
@@ -99,6 +101,22 @@ class RecordBuilder:
             )
         return records
 
+    def _add_logprobs(self, records: list[dict[str, Any]], out: RequestOutput) -> None:
+        """The logprob columns of each sample's record (null where the row did not ask or failed)."""
+        by_index = {s.index: s for s in out.samples or []}
+        prompt = None
+        if "prompt_logprobs" in self.column_names and getattr(out, "prompt_position_logprobs", None) is not None:
+            prompt = [None, *position_records(out.prompt_position_logprobs, out.prompt_logprobs[1:])]
+        for rec in records:
+            sample = by_index.get(rec.get("sample_index"))
+            if "prompt_logprobs" in self.column_names:
+                rec["prompt_logprobs"] = prompt
+            if "logprobs" not in self.column_names or sample is None or rec.get("error"):
+                continue
+            if getattr(sample, "position_logprobs", None) is not None:
+                rec["logprobs"] = position_records(sample.position_logprobs, sample.logprobs)
+                rec["cumulative_logprob"] = sample.cumulative_logprob
+
     def _process_results(self, records: list[dict[str, Any]], out: RequestOutput,
                          row: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The result hooks, one sample at a time: (kept records, dropped records)."""
@@ -135,6 +153,20 @@ class RecordBuilder:
             extra[k] = rec.pop(k)
         rec["extra"] = json.dumps(extra, ensure_ascii=False, default=str, sort_keys=True) if extra else None
         return rec
+
+
+def position_records(positions: list[Any], dicts: list[dict[int, Any]]) -> list[dict[str, Any]]:
+    """Engine logprobs (PositionLogprobs, with vLLM's dicts for the tokens' text) as the output's
+    ``logprobs`` / ``prompt_logprobs`` entries (forge_batch.io.schema.POSITION_LOGPROBS_TYPE)."""
+    def text(named: dict[int, Any], tok: int) -> str | None:
+        entry = named.get(tok)
+        return None if entry is None else entry.decoded_token
+
+    return [
+        {"token_id": pos.token_id, "token": text(named, pos.token_id), "logprob": pos.logprob, "rank": pos.rank,
+         "top": [{"token_id": t, "token": text(named, t), "logprob": lp} for t, lp in zip(pos.top_ids, pos.top_logprobs)]}
+        for pos, named in zip(positions, dicts)
+    ]
 
 
 def ledger_rows(group: Group, id_column: str) -> list[dict[str, Any]]:

@@ -67,8 +67,10 @@ class RequestBuilder:
     ``flags.stop_admitting`` ends the stream and ``flags.in_flight`` counts what it handed out."""
 
     def __init__(self, job: JobSpec, spec: InputSpec, id_type: pa.DataType, resume: ResumeState,
-                 context: RunContext, flags: RunFlags) -> None:
+                 context: RunContext, flags: RunFlags, output_columns: set[str] | None = None) -> None:
         self.job = job
+        # the output's columns (None: any); a row may ask for logprobs only where they have a column
+        self.output_columns = output_columns
         self.spec = spec
         self.id_type = id_type
         self.resume = resume
@@ -177,6 +179,10 @@ class RequestBuilder:
                 kw.update(override)
                 n = int(kw.get("n") or 1)
                 own_seed = override.get("seed") is not None
+                for key in ("logprobs", "prompt_logprobs"):
+                    if kw.get(key) is not None and self.output_columns is not None and key not in self.output_columns:
+                        raise ValueError(f"{key} for one row needs sampling.{key} set in the job (the output has "
+                                         f"a {key} column only then)")
             if not own_seed:
                 key = f"id:{id_value}" if spec.id_field is not None else f"row:{row_index}"
                 kw["seed"] = row_seed(self.job.sampling.seed, key)

@@ -1,0 +1,183 @@
+"""vLLM's offline API where it makes sense: its LLM options honoured or refused by name, get_tokenizer,
+the SamplingParams fields it has (include_stop_str_in_output, allowed_token_ids, bad_words,
+truncate_prompt_tokens, clone), dict prompts, ValueError for a malformed prompt, use_tqdm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build_tokenizer
+
+from forge_batch import LLM, SamplingParams
+from forge_batch.engine.llm import VLLM_ONLY_OPTIONS, kv_budget_bytes
+from forge_batch.engine.sampler import LogitsProcessor, SamplingBatch
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def greedy(max_tokens: int = 12, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def test_get_tokenizer_is_the_engines(llm):
+    tok = llm.get_tokenizer()
+    out = llm.generate("Batch generation", greedy(2))[0]
+    assert out.prompt_token_ids == tok.encode("Batch generation")
+
+
+def test_random_weight_engine_has_no_tokenizer_to_get():
+    from forge_batch.models.config import ModelConfig
+
+    cfg = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      max_position_embeddings=64)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        LLM(cfg, load_format="dummy", device="cpu", dtype="float32").get_tokenizer()
+
+
+def test_tokenizer_option_replaces_the_models(tiny_model_dir, tmp_path):
+    other = build_tokenizer(vocab_size=300)
+    other.save(str(tmp_path / "tokenizer.json"))
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", tokenizer=str(tmp_path))
+    assert llm.get_tokenizer().vocab_size == 300
+    out = llm.generate("Numbers: 42", greedy(2))[0]
+    assert out.prompt_token_ids == other.encode("Numbers: 42").ids
+
+
+def test_gpu_memory_utilization_on_the_cpu_names_num_blocks(tiny_model_dir):
+    with pytest.raises(ValueError, match="num_blocks"):
+        LLM(str(tiny_model_dir), device="cpu", dtype="float32", gpu_memory_utilization=0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        LLM(str(tiny_model_dir), device="cpu", dtype="float32", gpu_memory_utilization=1.5)
+
+
+def test_kv_budget_is_the_share_of_total_memory_left_after_what_is_used():
+    gib = 2**30
+    # 80 GiB card, 10 GiB in use (weights): 0.5 -> 40 - 10 = 30 GiB for the KV cache
+    assert kv_budget_bytes(80 * gib, 70 * gib, 0.5) == 30 * gib
+    assert kv_budget_bytes(80 * gib, 70 * gib, 0.1) == 0
+
+
+@pytest.mark.parametrize("name,value,hint", [
+    ("tensor_parallel_size", 2, "ray"),
+    ("swap_space", 8, "recompute"),
+    ("enable_lora", True, "merge"),
+    ("kv_cache_dtype", "fp8", "dtype="),
+])
+def test_vllm_only_options_are_refused_with_what_to_use(tiny_model_dir, name, value, hint):
+    with pytest.raises(ValueError, match=hint) as err:
+        LLM(str(tiny_model_dir), device="cpu", dtype="float32", **{name: value})
+    assert name in str(err.value)
+
+
+def test_vllm_only_options_at_their_default_ask_nothing(tiny_model_dir):
+    defaults = {name: default for name, (default, _) in VLLM_ONLY_OPTIONS.items()}
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", trust_remote_code=True, **defaults)
+    assert llm.generate({"prompt_token_ids": [5, 6]}, greedy(2))[0].error is None
+
+
+def test_an_unknown_option_is_a_type_error(tiny_model_dir):
+    with pytest.raises(TypeError, match="no_such_option"):
+        LLM(str(tiny_model_dir), device="cpu", no_such_option=1)
+
+
+def test_revision_needs_a_repo_id(tiny_model_dir):
+    with pytest.raises(ValueError, match="repo id"):
+        LLM(str(tiny_model_dir), device="cpu", revision="main")
+
+
+def test_dict_prompts_are_vllms_text_and_tokens_prompts(llm):
+    text, ids = llm.generate([{"prompt": "Hello"}, "Hello"], greedy(4))
+    assert text.error is None and text.text and text.token_ids == ids.token_ids
+    assert text.prompt == "Hello"
+    tokens = llm.generate({"prompt_token_ids": text.prompt_token_ids}, greedy(4))[0]
+    assert tokens.token_ids == text.token_ids
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ({"text": "Hello"}, "keys"),
+    (123, "int"),
+    ({"prompt": 5}, "string"),
+    ([{"content": "hi"}], "role"),
+    ({"prompt_token_ids": ["a"]}, "ints"),
+])
+def test_a_malformed_prompt_raises_value_error(llm, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate([prompt, "fine"], greedy(2))
+
+
+def test_use_tqdm_shows_a_bar(llm, capsys):
+    llm.generate(["a", "b", "c"], greedy(2), use_tqdm=True)
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "3/3" in err
+    llm.generate(["a"], greedy(2))
+    assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_include_stop_str_in_output(llm):
+    full = llm.generate("Paged attention", greedy(16))[0].text
+    start = next(i for i in range(2, len(full) - 2) if full[i : i + 2].isprintable() and full[i : i + 2].strip())
+    stop = full[start : start + 2]
+    cut = full.find(stop)
+    without = llm.generate("Paged attention", greedy(16, stop=[stop]))[0]
+    with_stop = llm.generate("Paged attention", greedy(16, stop=[stop], include_stop_str_in_output=True))[0]
+    assert without.text == full[:cut] and without.outputs[0].stop_reason == stop
+    assert with_stop.text == full[: cut + len(stop)]
+
+
+def test_allowed_token_ids_are_the_only_tokens(llm):
+    allowed = [17, 40, 41, 99, 200]
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]},
+                       SamplingParams(max_tokens=20, temperature=1.5, seed=3, ignore_eos=True,
+                                      allowed_token_ids=allowed))[0]
+    assert out.error is None and len(out.token_ids) == 20
+    assert set(out.token_ids) <= set(allowed)
+    bad = llm.generate({"prompt_token_ids": [5]}, greedy(2, allowed_token_ids=[10_000]))[0]
+    assert bad.error is not None and "vocabulary" in bad.error
+
+
+def test_bad_words_ban_the_token_that_completes_them():
+    processor = LogitsProcessor(frozenset())
+    params = SamplingParams()
+    params._bad_words_token_ids = [[5, 7], [9]]  # what the engine sets from the tokenizer
+    for history, banned in (([1, 5], {7, 9}), ([5, 1], {9}), ([], {9})):
+        logits = torch.zeros(1, 12)
+        batch = SamplingBatch([params], [history], [[0]], torch.zeros(1, dtype=torch.float64), frozenset())
+        processor(logits, batch)
+        assert {i for i in range(12) if logits[0, i] == float("-inf")} == banned
+
+
+def test_bad_words_end_to_end(llm):
+    tok = llm.get_tokenizer()
+    first = llm.generate("Summarise", greedy(8))[0].token_ids
+    # a generated token that is a word on its own (its text encodes back to it)
+    word_token = next(t for t in first if tok.decode([t]).strip() and tok.encode(tok.decode([t]), add_special_tokens=False) == [t])
+    word = tok.decode([word_token])
+    out = llm.generate("Summarise", greedy(8, bad_words=[word]))[0]
+    assert out.error is None and word_token not in out.token_ids
+
+
+def test_truncate_prompt_tokens_keeps_the_end(llm):
+    ids = list(range(5, 25))
+    out = llm.generate({"prompt_token_ids": ids}, greedy(3, truncate_prompt_tokens=6))[0]
+    assert out.prompt_token_ids == ids[-6:]
+    same = llm.generate({"prompt_token_ids": ids[-6:]}, greedy(3))[0]
+    assert out.token_ids == same.token_ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
+
+
+def test_clone_is_a_deep_copy_that_shares_logits_processors():
+    def proc(ids, logits):
+        return logits
+
+    params = SamplingParams(stop=["x"], logit_bias={3: 1.0}, logits_processors=[proc], logprobs=2)
+    twin = params.clone()
+    assert twin == params and twin is not params
+    twin.stop.append("y")
+    twin.logit_bias[4] = 2.0
+    assert params.stop == ["x"] and params.logit_bias == {3: 1.0}
+    assert twin.logits_processors[0] is proc
