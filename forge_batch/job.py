@@ -281,7 +281,8 @@ class ExecutorSpec(_Strict):
     num_cpus_per_replica: float = Field(1, gt=0, description="ray: CPUs each replica reserves (its torch threads).")
     address: str | None = Field(
         None, description="ray: auto (the cluster `ray start` made here), ray://host:port (Ray Client), host:port "
-                          "(a cluster's GCS address) or null (RAY_ADDRESS when set, else a local Ray instance).")
+                          "(a cluster's GCS address) or null (RAY_ADDRESS, else a cluster `ray start` made here, else a new "
+                          "local Ray instance, stopped at the end).")
     batch_rows: int = Field(256, ge=1, description="ray: input rows per shard: one map_batches call and one committed part.")
 
     @field_validator("address")
