@@ -220,3 +220,20 @@ def test_a_ray_job_without_ray_fails_before_any_work_naming_the_extra(tmp_path: 
     # the local executor needs no Ray
     local = job_from_dict({"model": "fake", "input": {"path": "in.jsonl"}, "output": {"path": "out"}}, base_dir=tmp_path)
     assert type(runner_for(local)) is JobRunner
+
+
+def test_replicas_load_the_engine_factory_by_name(tmp_path: Path) -> None:
+    """A replica runs in another process: the run's engine factory goes to it as module:function, and one
+    that cannot be imported by name is refused with what to do instead."""
+    from fakes import make_fake_llm
+
+    from forge_batch.runner import default_engine_factory
+    from forge_batch.runner.ray_executor import RayJobRunner
+
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
+    job = job_from_dict({"model": "fake", "input": {"path": "in.jsonl"}, "output": {"path": "out"},
+                         "executor": {"kind": "ray"}}, base_dir=tmp_path)
+    assert RayJobRunner(job, engine_factory=default_engine_factory)._engine_factory_name() is None
+    assert RayJobRunner(job, engine_factory=make_fake_llm)._engine_factory_name() == "fakes:make_fake_llm"
+    with pytest.raises(ValueError, match="FORGE_BATCH_ENGINE_FACTORY"):
+        RayJobRunner(job, engine_factory=lambda job, **kw: None)._engine_factory_name()

@@ -224,7 +224,7 @@ class RayJobRunner(JobRunner):
             log_interval=self.log_interval, desc=job.display_name(),
         )
         t_gen = time.monotonic()
-        started = connect_ray(job.executor)
+        started = connect_ray(job.executor) if pending else False  # nothing left to run: no Ray needed
         try:
             end = self._generate_on_ray(run, schema, id_column, pending, driver)
         finally:
@@ -262,9 +262,21 @@ class RayJobRunner(JobRunner):
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=ex.replicas),
             fn_constructor_kwargs={"job": run.job, "spec": run.plan.spec, "schema": schema_to_str(schema),
-                                   "engine_factory": os.environ.get(ENGINE_FACTORY_ENV) or None},
+                                   "engine_factory": self._engine_factory_name()},
             **remote_args,
         )
+
+    def _engine_factory_name(self) -> str | None:
+        """How a replica finds this run's engine factory: by ``module:function`` (None: the default engine),
+        since a replica runs in another process, perhaps on another machine."""
+        factory = self.engine_factory
+        if factory is default_engine_factory:
+            return None
+        name = f"{factory.__module__}:{factory.__qualname__}"
+        if "<locals>" in name or not hasattr(factory, "__module__"):
+            raise ValueError(f"the Ray executor's replicas load the engine factory by name; {name} is not importable "
+                             f"(set {ENGINE_FACTORY_ENV}=module:function to a module-level function)")
+        return name
 
     def _generate_on_ray(self, run: _Run, schema: pa.Schema, id_column: str, pending: list[Shard],
                          driver: _Driver) -> RunEnd:
@@ -292,7 +304,7 @@ class RayJobRunner(JobRunner):
             else:
                 end.error_message = str(e)
         except Exception as e:  # a replica that cannot start, Ray lost: keep what is committed
-            end.error_message = f"run stopped by an error: {type(e).__name__}: {_first_line(e)}"
+            end.error_message = f"run stopped by an error: {type(e).__name__}: {_last_line(e)}"
         finally:
             _close_quietly(results)  # stops Ray Data's execution when the run ends early
             self.signals.restore()
@@ -348,7 +360,8 @@ def _loads_json(text: Any) -> Any:
     return json.loads(text) if isinstance(text, str) and text else None
 
 
-def _first_line(e: BaseException) -> str:
+def _last_line(e: BaseException) -> str:
+    """The error itself: a remote error's text is its traceback, which ends with it."""
     text = str(e).strip()
     return text.splitlines()[-1] if text else ""
 
