@@ -834,7 +834,8 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
 
     if check_model:
         problems.extend(_check_model(job.model_ref()))
-    problems.extend(_check_engine(job.engine))
+    if job.executor.kind != "ray":  # under Ray the replicas' nodes have the devices, not this one
+        problems.extend(_check_engine(job.engine))
     if job.executor.kind == "ray":
         missing = ray_missing_problem()
         if missing is not None:

@@ -237,3 +237,20 @@ def test_replicas_load_the_engine_factory_by_name(tmp_path: Path) -> None:
     assert RayJobRunner(job, engine_factory=make_fake_llm)._engine_factory_name() == "fakes:make_fake_llm"
     with pytest.raises(ValueError, match="FORGE_BATCH_ENGINE_FACTORY"):
         RayJobRunner(job, engine_factory=lambda job, **kw: None)._engine_factory_name()
+
+
+def test_engine_devices_are_the_replicas_not_the_drivers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster's driver (the head node) may have no GPU: `engine.device: cuda` is checked where the engine
+    runs, so under Ray validate does not refuse it for this machine."""
+    import torch
+
+    pytest.importorskip("ray.data")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: nothing to refuse locally")
+    monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", "fakes:make_fake_llm")
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
+    data = {"model": "fake", "input": {"path": "in.jsonl"}, "output": {"path": "out"}, "engine": {"device": "cuda"}}
+    _, local = validate_job_file(write_job_file(tmp_path / "local.yaml", data))
+    assert [p.path for p in local] == ["engine.device"]
+    _, on_ray = validate_job_file(write_job_file(tmp_path / "ray.yaml", {**data, "executor": {"kind": "ray", "num_gpus_per_replica": 1}}))
+    assert on_ray == []
