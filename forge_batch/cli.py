@@ -111,7 +111,7 @@ def _cmd_run_batch(args: argparse.Namespace) -> int:
 
 def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
     from forge_batch.io.output_dir import OutputDirError
-    from forge_batch.runner import JobRunner, RunInterrupted, format_summary
+    from forge_batch.runner import RunInterrupted, format_summary, runner_for
     from forge_batch.runner.checks import prepare_loaded_job
 
     overrides = list(args.set or [])
@@ -125,9 +125,8 @@ def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
         _print_problems(e.source or source, e.problems)
         return EXIT_USAGE
     _print_warnings(warnings)
-    progress = "none" if args.quiet else args.progress
-    runner = JobRunner(
-        checked, progress=progress, quiet=args.quiet, overwrite=args.overwrite,
+    runner = runner_for(
+        checked, progress="none" if args.quiet else args.progress, quiet=args.quiet, overwrite=args.overwrite,
         force_resume=args.force_resume, grace_seconds=args.grace, log_interval=args.log_interval,
         log_events=_LOG_EVENTS,
     )

@@ -286,6 +286,50 @@ class EngineSpec(_Strict):
         return {k: v for k, v in self.model_dump(exclude={"max_in_flight"}).items() if v is not None}
 
 
+# What ``pip install`` adds the Ray executor with (named in the error when Ray is missing).
+RAY_EXTRA = 'pip install "forge-batch[ray]"'
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+class ExecutorSpec(_Strict):
+    """Where the job's engines run: ``local`` (one engine in this process) or ``ray`` (``replicas`` engines,
+    each an actor of a Ray Data actor pool, on one machine's GPUs or a cluster; docs/scale-out.md)."""
+
+    kind: Literal["local", "ray"] = "local"
+    replicas: int = Field(1, ge=1, description="ray: engine replicas (actors), each one LLM.")
+    num_gpus_per_replica: float = Field(0, ge=0, description="ray: GPUs each replica reserves (1 per engine on a GPU node).")
+    num_cpus_per_replica: float = Field(1, gt=0, description="ray: CPUs each replica reserves (its torch threads).")
+    address: str | None = Field(
+        None, description="ray: auto (the cluster `ray start` made here), ray://host:port (Ray Client), host:port "
+                          "(a cluster's GCS address) or null (RAY_ADDRESS, else a cluster `ray start` made here, else a new "
+                          "local Ray instance, stopped at the end).")
+    batch_rows: int = Field(256, ge=1, description="ray: input rows per shard: one map_batches call and one committed part.")
+
+    @field_validator("address")
+    @classmethod
+    def _known_address(cls, v: str | None) -> str | None:
+        if v is None or v == "auto" or (v.startswith("ray://") and _HOST_PORT.match(v[len("ray://"):])) or _HOST_PORT.match(v):
+            return v
+        raise ValueError(f"must be auto, ray://host:port, host:port or null, got {v!r}")
+
+    @model_validator(mode="after")
+    def _ray_options_need_ray(self) -> ExecutorSpec:
+        if self.kind == "local":
+            given = sorted(self.model_fields_set - {"kind"})
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to kind: ray (this executor is kind: local)")
+        return self
+
+
+def ray_missing_problem() -> str | None:
+    """Why the Ray executor cannot run here (Ray Data is not importable), or None."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        return f"executor kind ray needs Ray Data, which is not installed ({e}); install it with {RAY_EXTRA}"
+    return None
+
+
 class MetricsSpec(_Strict):
     """Prometheus metrics of a run (the built-in ``metrics`` plugin): a node_exporter textfile-collector file
     and/or pushes to a Pushgateway, during the run (every ``interval_s``) and at its end."""
@@ -340,6 +384,7 @@ class JobSpec(_Strict):
     plugins: list[str] = Field(default_factory=list)
     max_error_rate: float = Field(0.1, ge=0, le=1)
     metrics: MetricsSpec | None = None
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
 
     # Where the job file lives (relative paths were resolved against it); not a job option.
     _base_dir: Path | None = None
@@ -820,7 +865,12 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
 
     if check_model:
         problems.extend(_check_model(job.model_ref()))
-    problems.extend(_check_engine(job.engine))
+    if job.executor.kind != "ray":  # under Ray the replicas' nodes have the devices, not this one
+        problems.extend(_check_engine(job.engine))
+    if job.executor.kind == "ray":
+        missing = ray_missing_problem()
+        if missing is not None:
+            problems.append(Problem("executor.kind", missing))
 
     out = Path(job.output.path)
     if job.output.single_file():

@@ -28,9 +28,13 @@ The parts, each usable without a model (a second executor reuses them):
 * ``signals``: Ctrl-C / SIGTERM and the grace period;
 * ``summary``: the outcome, ``summary.json`` and the printed summary;
 * ``engine_factory``: which engine runs the job;
-* ``job_runner``: :class:`JobRunner`, which calls them in order.
+* ``job_runner``: :class:`JobRunner`, which calls them in order (the local executor);
+* ``ray_executor``: the same parts with the rows run on a Ray Data actor pool (``executor: {kind: ray}``).
 """
 
+from typing import Any
+
+from forge_batch.job import JobSpec
 from forge_batch.runner.checks import CheckedJob, check_job_with_plugins, prepare_job, validate_job_file
 from forge_batch.runner.commit import EARLY_ABORT_MIN_FAILURES
 from forge_batch.runner.engine_factory import (
@@ -43,6 +47,18 @@ from forge_batch.runner.inputs import input_identity
 from forge_batch.runner.job_runner import JobRunner, RunInterrupted, RunResult
 from forge_batch.runner.requests import row_seed
 from forge_batch.runner.summary import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, format_summary
+
+
+def runner_for(job: JobSpec | CheckedJob, **kwargs: Any) -> JobRunner:
+    """The runner of the job's ``executor``: :class:`JobRunner` (``local``) or the Ray executor's (``ray``),
+    with :class:`JobRunner`'s arguments."""
+    spec = job.job if isinstance(job, CheckedJob) else job
+    if spec.executor.kind == "ray":
+        from forge_batch.runner.ray_executor import RayJobRunner
+
+        return RayJobRunner(job, **kwargs)
+    return JobRunner(job, **kwargs)
+
 
 __all__ = [
     "EARLY_ABORT_MIN_FAILURES",
@@ -63,5 +79,6 @@ __all__ = [
     "load_engine_factory",
     "prepare_job",
     "row_seed",
+    "runner_for",
     "validate_job_file",
 ]

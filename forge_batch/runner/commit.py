@@ -61,8 +61,9 @@ class Committer:
             return True
         return time.monotonic() - self.last_commit >= self.job.output.flush_seconds
 
-    def commit(self) -> None:
-        """Write the buffer as the next part; raises CommitError (the rows it held are then not committed)."""
+    def commit(self, part_index: int | None = None) -> None:
+        """Write the buffer as the next part, or as part ``part_index`` (an executor that names parts after
+        its shards); raises CommitError (the rows it held are then not committed)."""
         if not self.buffer:
             return
         self.flags.critical += 1
@@ -76,13 +77,13 @@ class Committer:
                     if g.row_status == "ok" and any(r.get("error") for r in g.records):
                         g.row_status, g.row_kind = "failed", "type_mismatch"
             ledger = [e for g in groups for e in ledger_rows(g, self.id_column)]
-            self._commit_part(table, ledger)
+            self._commit_part(table, ledger, part_index)
         finally:
             self.flags.critical -= 1
 
-    def _commit_part(self, table: pa.Table | None, ledger: list[dict[str, Any]]) -> None:
-        index = self.next_part
-        self.next_part += 1
+    def _commit_part(self, table: pa.Table | None, ledger: list[dict[str, Any]], part_index: int | None = None) -> None:
+        index = self.next_part if part_index is None else part_index
+        self.next_part = max(self.next_part, index) + 1
         ctx = WriteContext(job=self.job, metadata=self.file_meta, part_index=index, id_column=self.id_column)
         write = (lambda path: self.writer.write_part(table, path, ctx)) if table is not None else None
         tally = Tally()

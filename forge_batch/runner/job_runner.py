@@ -18,7 +18,7 @@ from forge_batch.io.meta import file_metadata
 from forge_batch.io.output_dir import SUMMARY, CommitError, OutputDir, ResumeState, describe_os_error
 from forge_batch.io.progress import Progress
 from forge_batch.io.schema import id_column_name
-from forge_batch.job import JobError, JobSpec, Problem, compile_template
+from forge_batch.job import InputSpec, JobError, JobSpec, Problem, compile_template
 from forge_batch.plugin_manager import (
     PluginHookError,
     call_impl,
@@ -244,21 +244,7 @@ class JobRunner:
                 raise JobError([Problem(where, f"cannot compile the {job_constraint[0]} constraint: {e}")]) from e
 
     def _context(self, run: _Run) -> RunContext:
-        job, engine, spec = run.job, run.engine, run.plan.spec
-        tokenizer = getattr(engine, "tokenizer", None)
-        chat = job.input.apply_chat_template if job.input.apply_chat_template is not None else has_chat_template(tokenizer)
-        return RunContext(
-            job=job,
-            input=spec,
-            plugin_manager=run.pm,
-            output_dir=Path(job.output.path),
-            engine=engine,
-            tokenizer=tokenizer,
-            max_model_len=getattr(engine, "max_model_len", None),
-            chat=bool(chat),
-            template=compile_template(spec.template) if spec.template is not None else None,
-            resumed_rows=run.resume.tally.rows,
-        )
+        return run_context(run.job, run.pm, run.plan.spec, run.engine, run.resume.tally.rows)
 
     def _generate(self, run: _Run, requests: Iterator[Any], records: RecordBuilder, committer: Committer,
                   progress: Progress) -> RunEnd:
@@ -305,6 +291,10 @@ class JobRunner:
         end.stopped_early = flags.abort_reason == "error_rate"
         return end
 
+    def _executor_summary(self) -> dict[str, Any]:
+        """What summary.json says of where the rows ran."""
+        return {"kind": "local"}
+
     def _finish(self, run: _Run, context: RunContext, committer: Committer, end: RunEnd, gen_s: float) -> RunResult:
         """Decide the outcome, tell the job_end hooks, write the summary."""
         job = run.job
@@ -322,6 +312,7 @@ class JobRunner:
             timings=Timings(run.started_at, time.monotonic() - run.t_start, run.load_s, gen_s),
             figures=(run.figures or RunFigures()).summary(run.engine, gen_s),
         )
+        summary["executor"] = self._executor_summary()
         for impl in iter_impls(run.pm, "job_end"):
             try:
                 call_impl(impl, "job_end", {"job": job, "context": context, "summary": summary})
@@ -334,6 +325,25 @@ class JobRunner:
             outcome = _summary_not_written(outcome, f"could not write {run.out.state_dir / SUMMARY}: {describe_os_error(e)}")
             summary.update(status=outcome.status, message=outcome.message)
         return RunResult(outcome.status, outcome.exit_code, outcome.message, summary, Path(job.output.path), summary_path)
+
+
+def run_context(job: JobSpec, pm: PluginManager, spec: InputSpec, engine: Any, resumed_rows: int) -> RunContext:
+    """What the hooks of a run see; ``engine`` is the one that runs the rows (None where the rows run elsewhere:
+    an executor's driver)."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    chat = job.input.apply_chat_template if job.input.apply_chat_template is not None else has_chat_template(tokenizer)
+    return RunContext(
+        job=job,
+        input=spec,
+        plugin_manager=pm,
+        output_dir=Path(job.output.path),
+        engine=engine,
+        tokenizer=tokenizer,
+        max_model_len=getattr(engine, "max_model_len", None),
+        chat=bool(chat),
+        template=compile_template(spec.template) if spec.template is not None else None,
+        resumed_rows=resumed_rows,
+    )
 
 
 def _write_single_file(run: _Run, every_row_done: bool, outcome: Outcome) -> Outcome:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -60,6 +61,17 @@ def _sample_count(n: Any) -> int:
     return max(1, n if isinstance(n, int) else 1)
 
 
+@dataclass
+class AdmittedRow:
+    """A row admitted to run: its position, its id as stored (None when it has none) and its data; a row
+    that cannot run carries ``failure`` (message, error kind), found while reading or checking its id."""
+
+    row_index: int
+    id_value: Any
+    data: dict[str, Any] | None
+    failure: tuple[str, str] | None = None
+
+
 class RequestBuilder:
     """Builds the lazy stream of requests the engine pulls from (see the module docstring).
 
@@ -81,36 +93,62 @@ class RequestBuilder:
         self.seen: dict[Any, int] = {}  # id -> first row index (-1: committed by an earlier run)
 
     def requests(self, batches: Iterator[list[RawRow]]) -> Iterator[GenerationRequest]:
+        for row in self.admitted(batches):
+            self.flags.in_flight += 1
+            yield self.build(row)
+
+    def admitted(self, batches: Iterator[list[RawRow]]) -> Iterator[AdmittedRow]:
+        """The rows to run, in input order: what earlier runs committed is left out, ``input.limit`` and
+        ``flags.stop_admitting`` end the stream. This part needs the whole input's ids (resume, duplicates),
+        so an executor that runs rows elsewhere calls it where the input is read and :meth:`build` there."""
         limit = self.spec.limit
         for row_index, raw in enumerate(row for batch in batches for row in batch):
             if self.flags.stop_admitting or (limit is not None and row_index >= limit):
                 return
             try:
-                request = self.make_request(row_index, raw)
+                row = self.admit(row_index, raw)
             except Exception as e:  # never let one row break the stream
-                request = self.error_request(row_index, None, raw.data, f"internal error preparing row: {type(e).__name__}: {e}",
-                                             ErrorKind.INTERNAL_ERROR)
-            if request is not None:
-                self.flags.in_flight += 1
-                yield request
+                row = AdmittedRow(row_index, None, raw.data, (f"internal error preparing row: {type(e).__name__}: {e}",
+                                                              ErrorKind.INTERNAL_ERROR))
+            if row is not None:
+                yield row
 
     def make_request(self, row_index: int, raw: RawRow) -> GenerationRequest | None:
         """The request for one row; None when an earlier run committed it."""
+        row = self.admit(row_index, raw)
+        return self.build(row) if row is not None else None
+
+    def admit(self, row_index: int, raw: RawRow) -> AdmittedRow | None:
+        """The row's id, checked against earlier runs (None: committed by one) and the ids seen before it;
+        an unreadable row, a missing or bad id and a duplicate carry their failure."""
         data = raw.data
         id_value, id_problem = self._row_id(row_index, data)
         try:
             if not self._admit(row_index, id_value):
                 return None
-            if raw.error is not None or data is None:
-                raise _RowFailed(raw.error or "unreadable row", raw.error_kind or ErrorKind.MALFORMED_JSON)
-            if id_problem is not None:
-                id_value = None
-                raise _RowFailed(*id_problem)
-            params = self._params(row_index, id_value, data)
-            request = self._prepared(row_index, id_value, data, params)
+        except _RowFailed as e:
+            return AdmittedRow(row_index, id_value, data, (e.message, e.kind))
+        if raw.error is not None or data is None:
+            return AdmittedRow(row_index, id_value, data, (raw.error or "unreadable row", raw.error_kind or ErrorKind.MALFORMED_JSON))
+        if id_problem is not None:
+            return AdmittedRow(row_index, None, data, id_problem)
+        return AdmittedRow(row_index, id_value, data)
+
+    def build(self, row: AdmittedRow) -> GenerationRequest:
+        """The engine request of an admitted row: its sampling options and seed, the prepare hooks, its
+        token ids; a row that cannot run gets a request carrying its error."""
+        try:
+            if row.failure is not None:
+                raise _RowFailed(*row.failure)
+            assert row.data is not None  # a row without data carries its failure
+            params = self._params(row.row_index, row.id_value, row.data)
+            request = self._prepared(row.row_index, row.id_value, row.data, params)
             self._tokenize_into(request)
         except _RowFailed as e:
-            return self.error_request(row_index, id_value, data, e.message, e.kind, e.n)
+            return self.error_request(row.row_index, row.id_value, row.data, e.message, e.kind, e.n)
+        except Exception as e:  # never let one row break the stream
+            return self.error_request(row.row_index, None, row.data, f"internal error preparing row: {type(e).__name__}: {e}",
+                                      ErrorKind.INTERNAL_ERROR)
         return request
 
     def error_request(self, row_index: int, id_value: Any, data: dict[str, Any] | None, message: str, kind: str,

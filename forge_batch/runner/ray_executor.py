@@ -1,0 +1,373 @@
+"""The Ray executor: the same job on ``executor.replicas`` engines, through Ray Data (docs/scale-out.md).
+
+The driver (this process) does what needs the whole job in one place, with the local executor's parts:
+
+* reads the input with the job's readers (:class:`InputPlan`), so ids, row positions and unreadable rows are
+  exactly the local executor's (Ray Data's own JSON reader would fail a whole block on one malformed line);
+* admits rows (:meth:`RequestBuilder.admitted`): committed ids are left out first (resume), duplicates and bad
+  ids fail on their row, as locally;
+* packs the admitted rows into shards of ``executor.batch_rows`` rows, numbered in input order;
+* runs ``map_batches`` over an actor pool of :class:`EngineReplica` (one shard per call), each replica one
+  engine with the job's engine options, plugins, samplers and constraints, building requests (seeds from the
+  job seed and the row id, never from where a row runs) and records with the same parts as the local runner;
+* commits what comes back through the same :class:`Committer` and :class:`OutputDir`: one part per shard,
+  named after the shard, with its ledger, by rename. Only the driver writes, so a task Ray retries (a replica
+  killed mid-shard, restarted) cannot write a row twice: a shard is committed once, when its result reaches
+  the driver, and the ledger stays the single truth of what is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from forge_batch.io.meta import file_metadata
+from forge_batch.io.output_dir import CommitError, OutputDirError, ResumeState
+from forge_batch.io.progress import Progress
+from forge_batch.io.schema import id_column_name, schema_from_str, schema_to_str
+from forge_batch.job import (
+    RAY_EXTRA,
+    ExecutorSpec,
+    InputSpec,
+    JobError,
+    JobSpec,
+    Problem,
+    ray_missing_problem,
+)
+from forge_batch.plugin_manager import call_impl, collect_registry, get_plugin_manager, iter_impls
+from forge_batch.runner.commit import Committer
+from forge_batch.runner.engine_factory import (
+    ENGINE_FACTORY_ENV,
+    ENGINE_IDENTITY,
+    default_engine_factory,
+    load_engine_factory,
+)
+from forge_batch.runner.job_runner import JobRunner, RunResult, _chain, _close_quietly, _Run, run_context
+from forge_batch.runner.records import Group, RecordBuilder
+from forge_batch.runner.requests import AdmittedRow, RequestBuilder
+from forge_batch.runner.signals import Abort, RunFlags
+from forge_batch.runner.summary import RunEnd
+
+
+@dataclass
+class Shard:
+    """Admitted rows sent to a replica as one unit: one ``map_batches`` call, one committed part."""
+
+    key: int
+    rows: list[AdmittedRow]
+
+
+def shards(rows: Iterator[AdmittedRow], batch_rows: int) -> Iterator[Shard]:
+    """The admitted rows in shards of ``batch_rows``, keyed 0, 1, ... in input order."""
+    batch: list[AdmittedRow] = []
+    key = 0
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= batch_rows:
+            yield Shard(key, batch)
+            key, batch = key + 1, []
+    if batch:
+        yield Shard(key, batch)
+
+
+class EngineReplica:
+    """One engine in a Ray actor: builds the job's engine (its plugins, samplers and constraints loaded here)
+    once, then turns each shard into the records of its rows. Ray Data calls it with a batch of shards."""
+
+    def __init__(self, job: JobSpec, spec: InputSpec, schema: str, engine_factory: str | None = None) -> None:
+        t_load = time.monotonic()
+        self.job = job
+        pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
+        factory = load_engine_factory(engine_factory) if engine_factory else default_engine_factory
+        self.engine = factory(job, samplers=collect_registry(pm, "register_samplers"),
+                              constraints=collect_registry(pm, "register_constraints"))
+        self.engine_info = getattr(self.engine, "engine_info", None)
+        out_schema = schema_from_str(schema)
+        id_column = id_column_name(spec.id_field)
+        context = run_context(job, pm, spec, self.engine, 0)
+        # The replica only builds requests of rows the driver admitted: no resume state, no signals here.
+        self.requests = RequestBuilder(job, spec, out_schema.field(id_column).type, ResumeState(), context, RunFlags())
+        self.records = RecordBuilder(job, id_column, set(out_schema.names), context)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.load_s = time.monotonic() - t_load
+        e = job.engine
+        self.max_in_flight = e.max_in_flight or (2 * e.max_num_seqs if e.max_num_seqs else None)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys, results, busy = [], [], []
+        for key, payload in zip(batch["shard"], batch["rows"]):
+            t0 = time.monotonic()
+            rows: list[AdmittedRow] = pickle.loads(payload)
+            stream = self.engine.generate_stream((self.requests.build(r) for r in rows), max_in_flight=self.max_in_flight)
+            groups = [self.records.group_for(out) for out in stream]
+            keys.append(int(key))
+            results.append(pickle.dumps(groups, protocol=pickle.HIGHEST_PROTOCOL))
+            busy.append(time.monotonic() - t0)
+        n = len(keys)
+        return {
+            "shard": np.array(keys, dtype=np.int64),
+            "groups": np.array(results, dtype=object),
+            "busy_s": np.array(busy, dtype=np.float64),
+            "replica": np.array([self.replica] * n, dtype=object),
+            "load_s": np.array([self.load_s] * n, dtype=np.float64),
+            "engine_info": np.array([_json(self.engine_info)] * n, dtype=object),
+        }
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+@dataclass
+class ReplicaStats:
+    """What one replica did this run (summary.json's ``executor.per_replica``)."""
+
+    shards: int = 0
+    rows: int = 0
+    completion_tokens: int = 0
+    busy_s: float = 0.0
+    engine_load_s: float = 0.0
+
+    def to_dict(self, name: str) -> dict[str, Any]:
+        return {
+            "replica": name, "shards": self.shards, "rows": self.rows, "completion_tokens": self.completion_tokens,
+            "busy_s": round(self.busy_s, 3), "engine_load_s": round(self.engine_load_s, 3),
+            "output_tokens_per_s": round(self.completion_tokens / self.busy_s, 3) if self.busy_s > 0 else 0.0,
+        }
+
+
+@dataclass
+class _Driver:
+    """The driver's state while results come back."""
+
+    part_base: int
+    committer: Committer | None = None
+    engine_info: dict[str, Any] | None = None
+    committed_shards: set[int] = field(default_factory=set)
+    replicas: dict[str, ReplicaStats] = field(default_factory=dict)
+
+
+def connect_ray(executor: ExecutorSpec) -> bool:
+    """Connect to (or start) Ray as ``executor.address`` says; True when this call started the connection
+    (the caller then shuts it down). An already connected process (a test, a notebook) is used as it is."""
+    problem = ray_missing_problem()
+    if problem is not None:
+        raise JobError([Problem("executor.kind", problem)])
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if executor.address is not None:
+        kwargs["address"] = executor.address
+    ray.init(**kwargs)
+    return True
+
+
+def _quiet_ray_data() -> None:
+    """One progress bar / log line for the job: Ray Data's own bars and execution logs off."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+class RayJobRunner(JobRunner):
+    """:class:`JobRunner` with the rows run on a Ray Data actor pool (see the module docstring); opening the
+    output directory, checks, the outcome and the summary are the local runner's."""
+
+    def __init__(self, job: Any, **kwargs: Any) -> None:
+        super().__init__(job, **kwargs)
+        self._replica_stats: dict[str, ReplicaStats] = {}
+
+    def _executor_summary(self) -> dict[str, Any]:
+        ex = self.job.executor
+        return {
+            "kind": "ray", "replicas": ex.replicas, "batch_rows": ex.batch_rows,
+            "num_gpus_per_replica": ex.num_gpus_per_replica, "num_cpus_per_replica": ex.num_cpus_per_replica,
+            "per_replica": [s.to_dict(name) for name, s in sorted(self._replica_stats.items())],
+        }
+
+    def _run(self, run: _Run) -> RunResult:
+        job = run.job
+        run.total = run.plan.total_rows()
+        batches = run.plan.batches()
+        first = next(batches, [])
+        schema = run.resume.schema if run.resume.schema is not None else run.plan.output_schema(job, first)
+        run.out.set_schema(schema)
+        context = run_context(job, run.pm, run.plan.spec, None, run.resume.tally.rows)
+        for impl in iter_impls(run.pm, "job_start"):
+            call_impl(impl, "job_start", {"job": job, "context": context})
+        id_column = id_column_name(run.plan.spec.id_field)
+        admitter = RequestBuilder(job, run.plan.spec, schema.field(id_column).type, run.resume, context, self.flags)
+        # Every admitted row is packed before the pool starts (Ray Data plans a dataset from its items):
+        # the driver holds the pending rows' input, never their outputs.
+        self.flags.starting = "reading the input"
+        pending = list(shards(admitter.admitted(_chain(first, batches)), job.executor.batch_rows))
+        self.flags.starting = "starting the Ray replicas"
+        driver = _Driver(part_base=run.resume.next_part)
+        self._progress = Progress(
+            run.total, initial=run.resume.tally.rows, mode=self.progress_mode, stream=self.stream,
+            log_interval=self.log_interval, desc=job.display_name(),
+        )
+        t_gen = time.monotonic()
+        started = connect_ray(job.executor) if pending else False  # nothing left to run: no Ray needed
+        try:
+            end = self._generate_on_ray(run, schema, id_column, pending, driver)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        gen_s = time.monotonic() - t_gen
+        run.engine_info = driver.engine_info
+        run.load_s = max((s.engine_load_s for s in driver.replicas.values()), default=0.0)
+        self._replica_stats = driver.replicas
+        committer = driver.committer or self._committer(run, schema, id_column, None)
+        return self._finish(run, context, committer, end, gen_s)
+
+    def _committer(self, run: _Run, schema: pa.Schema, id_column: str, engine_info: dict[str, Any] | None) -> Committer:
+        file_meta = file_metadata(run.job, engine_info)
+        return Committer(
+            run.job, run.out, run.writer, run.resume,
+            schema.with_metadata({k.encode(): v.encode() for k, v in file_meta.items()}),
+            file_meta, id_column, self.flags, self._say,
+        )
+
+    def _dataset(self, run: _Run, schema: pa.Schema, pending: list[Shard]) -> Any:
+        import ray.data
+
+        _quiet_ray_data()
+        ex = run.job.executor
+        items = [{"shard": s.key, "rows": pickle.dumps(s.rows, protocol=pickle.HIGHEST_PROTOCOL)} for s in pending]
+        remote_args: dict[str, Any] = {"num_cpus": ex.num_cpus_per_replica}
+        if ex.num_gpus_per_replica:
+            remote_args["num_gpus"] = ex.num_gpus_per_replica
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            EngineReplica,
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=ex.replicas),
+            fn_constructor_kwargs={"job": run.job, "spec": run.plan.spec, "schema": schema_to_str(schema),
+                                   "engine_factory": self._engine_factory_name()},
+            **remote_args,
+        )
+
+    def _engine_factory_name(self) -> str | None:
+        """How a replica finds this run's engine factory: by ``module:function`` (None: the default engine),
+        since a replica runs in another process, perhaps on another machine."""
+        factory = self.engine_factory
+        if factory is default_engine_factory:
+            return None
+        name = f"{factory.__module__}:{factory.__qualname__}"
+        if "<locals>" in name or not hasattr(factory, "__module__"):
+            raise ValueError(f"the Ray executor's replicas load the engine factory by name; {name} is not importable "
+                             f"(set {ENGINE_FACTORY_ENV}=module:function to a module-level function)")
+        return name
+
+    def _generate_on_ray(self, run: _Run, schema: pa.Schema, id_column: str, pending: list[Shard],
+                         driver: _Driver) -> RunEnd:
+        """Commit each shard's result as it comes back, until every shard is done, a signal or the error
+        budget stops the run, or something breaks."""
+        flags, end = self.flags, RunEnd(committed_rows=0)
+        progress = self._progress
+        assert progress is not None
+        results = None
+        try:
+            if pending:
+                results = iter(self._dataset(run, schema, pending).iter_rows())
+            flags.starting = None  # from here a first signal stops the run after the result at hand
+            for result in results or ():
+                self._commit_result(run, schema, id_column, driver, result, progress)
+                if driver.committer is not None:
+                    driver.committer.check_error_rate(run.total)
+                if flags.stop_admitting:
+                    break
+        except (Abort, KeyboardInterrupt):
+            flags.stop_now()
+        except (CommitError, OutputDirError, JobError) as e:
+            if isinstance(e, CommitError):
+                end.commit_error = e
+            else:
+                end.error_message = str(e)
+        except Exception as e:  # a replica that cannot start, Ray lost: keep what is committed
+            end.error_message = f"run stopped by an error: {type(e).__name__}: {_last_line(e)}"
+        finally:
+            _close_quietly(results)  # stops Ray Data's execution when the run ends early
+            self.signals.restore()
+            progress.close()
+        committer = driver.committer
+        end.committed_rows = committer.run_tally.rows if committer is not None else 0
+        end.signal_name, end.dropped_in_flight = flags.signal_name, flags.drop_now or flags.signal_name is not None
+        end.stopped_early = flags.abort_reason == "error_rate"
+        return end
+
+    def _commit_result(self, run: _Run, schema: pa.Schema, id_column: str, driver: _Driver, result: dict[str, Any],
+                       progress: Progress) -> None:
+        key = int(result["shard"])
+        if key in driver.committed_shards:  # a second result for one shard (a retried task): already written
+            return
+        info = _loads_json(result["engine_info"])
+        if driver.committer is None:
+            if info is not None:
+                run.out.check_identity("engine", info, compare=ENGINE_IDENTITY, force=self.force_resume)
+            driver.engine_info = info
+            driver.committer = self._committer(run, schema, id_column, info)
+        elif info is not None and driver.engine_info is not None:
+            differs = [k for k in ENGINE_IDENTITY if info.get(k) != driver.engine_info.get(k)]
+            if differs:
+                raise OutputDirError(
+                    f"replicas resolved different engines ({', '.join(f'{k}: {driver.engine_info.get(k)!r} vs {info.get(k)!r}' for k in differs)}); "
+                    "their rows would not match: give every replica the same device kind (engine.device / engine.dtype)"
+                )
+        committer = driver.committer
+        groups: list[Group] = pickle.loads(result["groups"])
+        flags = self.flags
+        flags.critical += 1
+        try:
+            for group in groups:
+                committer.add(group)
+            committer.commit(part_index=driver.part_base + key)
+            driver.committed_shards.add(key)
+        finally:
+            flags.critical -= 1
+        tokens = sum(r.get("completion_tokens") or 0 for g in groups for r in g.records)
+        stats = driver.replicas.setdefault(str(result["replica"]), ReplicaStats())
+        stats.shards += 1
+        stats.rows += len(groups)
+        stats.completion_tokens += tokens
+        stats.busy_s += float(result["busy_s"])
+        stats.engine_load_s = float(result["load_s"])
+        progress.update(len(groups), tokens)
+
+
+def _loads_json(text: Any) -> Any:
+    import json
+
+    return json.loads(text) if isinstance(text, str) and text else None
+
+
+def _last_line(e: BaseException) -> str:
+    """The error itself: a remote error's text is its traceback, which ends with it."""
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else ""
+
+
+def ray_available() -> bool:
+    return ray_missing_problem() is None
+
+
+__all__ = ["RAY_EXTRA", "EngineReplica", "RayJobRunner", "ReplicaStats", "Shard", "connect_ray", "ray_available", "shards"]
