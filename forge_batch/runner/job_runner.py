@@ -13,9 +13,11 @@ from typing import Any, TextIO
 from pluggy import PluginManager
 
 from forge_batch.contract import RawRow, RunContext, Writer
+from forge_batch.io.ledger import ResumeState
 from forge_batch.io.meta import file_metadata
-from forge_batch.io.output_dir import SUMMARY, CommitError, OutputDir, ResumeState, describe_os_error
+from forge_batch.io.output_dir import SUMMARY, OutputDir
 from forge_batch.io.progress import Progress
+from forge_batch.io.safe_fs import CommitError, describe_os_error
 from forge_batch.io.schema import id_column_name
 from forge_batch.job import JobError, JobSpec, Problem, compile_template
 from forge_batch.plugin_manager import (
