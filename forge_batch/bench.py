@@ -166,8 +166,8 @@ def run_transformers(model_path: Path, workload: str, prompts, max_tokens: int, 
     """HF transformers' generate with static, left-padded batches; the best batch size is reported.
 
     A .gguf file loads through transformers' GGUF reader. ``gguf_weights="dense"`` (the default) unpacks
-    its weights into a plain model of ``dtype``, as transformers 5.23 loaded it for the issue's
-    reference figures; from 5.24 transformers can instead keep the 4-bit blocks and run its own
+    its weights into a plain model of ``dtype``, as transformers 5.23 loaded it for the reference
+    figures the performance targets are stated against; from 5.24 transformers can instead keep the 4-bit blocks and run its own
     quantized matmuls ("packed"), a different, quantized engine that is reported as such."""
     import torch
     import transformers
@@ -267,7 +267,7 @@ def _ratio(rounds: list[list[Result]], num: tuple[str, str], den: tuple[str, str
 
 
 def ratio_lines(rounds: list[list[Result]], workloads: list[str], dtype_name: str) -> list[str]:
-    """The issue's ratios: ours against transformers per workload, and ours against ours (W2 and W3
+    """The ratios the performance targets are stated in: ours against transformers per workload, and ours against ours (W2 and W3
     against W1, W2 against W2 without prefix caching)."""
     lines = []
     for w in workloads:
@@ -303,11 +303,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--against", choices=["transformers"], default=None)
     ap.add_argument("--hf-batch-sizes", default="64", help="static batch sizes to try for transformers")
     ap.add_argument("--hf-dtype", choices=["same", "float32", "bfloat16"], default="same",
-                    help="transformers' dtype: 'same' as ours (default), or e.g. bfloat16 for the issue's "
+                    help="transformers' dtype: 'same' as ours (default), or e.g. bfloat16 for the targets' "
                          "reference on a CPU where our default is float32")
     ap.add_argument("--hf-gguf-weights", choices=["dense", "packed"], default="dense",
                     help="a GGUF model in transformers: unpacked into dense weights of --hf-dtype (default; the "
-                         "issue's reference) or, on transformers >= 5.24, kept in its quantized blocks")
+                         "targets' reference) or, on transformers >= 5.24, kept in its quantized blocks")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
                     help="run every engine and workload N times, interleaved, and report each one's median round "
                          "and the median of each round's ratios (the machine drifts over a long run)")
