@@ -424,16 +424,8 @@ def paged_attention_impl(
     num_segments = triton.next_power_of_2(max(1, int(num_segments)))
 
     common = dict(
-        GROUP=group,
-        HEAD_SIZE=d,
-        HEAD_PAD=head_pad,
-        BLOCK_SIZE=block_size,
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
-        TILE_N=tile_n,
-        NUM_SEGMENTS=num_segments,
-        UPCAST=_upcast_dot(q.dtype),
-        FP32_DOT=q.dtype == torch.float32,
+        GROUP=group, HEAD_SIZE=d, HEAD_PAD=head_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q,
+        TILE_N=tile_n, NUM_SEGMENTS=num_segments, UPCAST=_upcast_dot(q.dtype), FP32_DOT=q.dtype == torch.float32,
         num_warps=cfg.num_warps if block_m == cfg.block_m else (8 if block_m >= 128 else 4),
         num_stages=cfg.num_stages,
     )
