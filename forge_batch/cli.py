@@ -110,7 +110,7 @@ def _cmd_run_batch(args: argparse.Namespace) -> int:
 
 
 def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
-    from forge_batch.io.output_dir import OutputDirError
+    from forge_batch.io.safe_fs import OutputDirError
     from forge_batch.runner import RunInterrupted, format_summary, runner_for
     from forge_batch.runner.checks import prepare_loaded_job
 
@@ -282,7 +282,7 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
         ok = table.filter(pc.invert(failed_mask)).slice(0, 3)
         info["examples"] = [t[:200] for t in ok.column("text").to_pylist()]
     else:
-        from forge_batch.io.output_dir import Tally
+        from forge_batch.io.ledger import Tally
 
         ledgers = sorted((state / LEDGER_DIR).glob("part-*.parquet"))
         tally = Tally()

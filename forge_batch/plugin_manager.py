@@ -199,56 +199,83 @@ def get_plugin_manager(
         module = importlib.import_module(mod_name)
         pm.register(module, name=mod_name)
         sources[mod_name] = PluginInfo(mod_name, "builtin", mod_name)
-
     if entry_points:
-        allowed = allowed_plugins(env)
-        matched: set[str] = set()
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = getattr(ep, "dist", None)
-            dist_name = dist.metadata["Name"] if dist is not None else None
-            version = dist.version if dist is not None else None
-            module_name = ep.value.split(":")[0]
-            if allowed is not None:
-                names = {_normalize(ep.name), _normalize(module_name)}
-                if dist_name:
-                    names.add(_normalize(dist_name))
-                if not names & allowed:
-                    continue
-                matched |= names & allowed
-            if pm.has_plugin(ep.name):
-                continue
-            try:
-                obj = ep.load()
-            except Exception as e:  # a broken installed plugin must not stop every job
-                warnings.append(f"skipped plugin {ep.name!r} ({dist_name}): cannot import: {type(e).__name__}: {e}")
-                continue
-            if pm.is_registered(obj):
-                continue
-            try:
-                pm.register(obj, name=ep.name)
-            except pluggy.PluginValidationError as e:
-                warnings.append(f"skipped plugin {ep.name!r} ({dist_name}): {e}")
-                continue
-            where = f"entry point ({dist_name} {version})" if dist_name else "entry point"
-            sources[ep.name] = PluginInfo(ep.name, where, module_name, version=version, distribution=dist_name)
-        # A name that selects nothing is most likely a typo: the plugin it meant silently does not load.
-        unmatched = (allowed or set()) - matched
-        if unmatched:
-            written = {_normalize(v.strip()): v.strip() for v in (os.environ if env is None else env)[LOAD_PLUGINS_ENV].split(",")}
-            installed = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-            for name in sorted(unmatched):
-                warnings.append(
-                    f"{LOAD_PLUGINS_ENV} names {written.get(name, name)!r}, but no installed plugin has that "
-                    f"entry-point, distribution or module name (installed: {', '.join(installed) or 'none'})"
-                )
-
+        _register_entry_points(pm, sources, warnings, env)
     for spec, obj in extra_plugins:
         pm.register(obj, name=spec)
         sources[spec] = PluginInfo(spec, "module", getattr(obj, "__name__", type(obj).__name__))
+    _register_job_plugins(pm, sources, failures, job_plugins, [str(p) for p in search_paths])
 
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        failures.append((getattr(e, "plugin_name", None) or str(getattr(e, "plugin", "?")), str(e)))
+    failures += _wrapper_failures(pm)
+
+    if failures:
+        raise PluginLoadError(failures)
+    pm.forge_sources = sources  # type: ignore[attr-defined]
+    pm.forge_warnings = warnings  # type: ignore[attr-defined]
+    return pm
+
+
+def _register_entry_points(
+    pm: pluggy.PluginManager, sources: dict[str, PluginInfo], warnings: list[str], env: Mapping[str, str] | None
+) -> None:
+    """Register the installed plugins that the environment allows; a broken one becomes a warning."""
+    allowed = allowed_plugins(env)
+    matched: set[str] = set()
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else None
+        version = dist.version if dist is not None else None
+        module_name = ep.value.split(":")[0]
+        if allowed is not None:
+            names = {_normalize(ep.name), _normalize(module_name)}
+            if dist_name:
+                names.add(_normalize(dist_name))
+            if not names & allowed:
+                continue
+            matched |= names & allowed
+        if pm.has_plugin(ep.name):
+            continue
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken installed plugin must not stop every job
+            warnings.append(f"skipped plugin {ep.name!r} ({dist_name}): cannot import: {type(e).__name__}: {e}")
+            continue
+        if pm.is_registered(obj):
+            continue
+        try:
+            pm.register(obj, name=ep.name)
+        except pluggy.PluginValidationError as e:
+            warnings.append(f"skipped plugin {ep.name!r} ({dist_name}): {e}")
+            continue
+        where = f"entry point ({dist_name} {version})" if dist_name else "entry point"
+        sources[ep.name] = PluginInfo(ep.name, where, module_name, version=version, distribution=dist_name)
+    # A name that selects nothing is most likely a typo: the plugin it meant silently does not load.
+    unmatched = (allowed or set()) - matched
+    if unmatched:
+        written = {_normalize(v.strip()): v.strip() for v in (os.environ if env is None else env)[LOAD_PLUGINS_ENV].split(",")}
+        installed = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+        for name in sorted(unmatched):
+            warnings.append(
+                f"{LOAD_PLUGINS_ENV} names {written.get(name, name)!r}, but no installed plugin has that "
+                f"entry-point, distribution or module name (installed: {', '.join(installed) or 'none'})"
+            )
+
+
+def _register_job_plugins(
+    pm: pluggy.PluginManager,
+    sources: dict[str, PluginInfo],
+    failures: list[tuple[str, str]],
+    job_plugins: Sequence[str],
+    search_paths: list[str],
+) -> None:
+    """Register the plugins a job names (modules or .py files); each one that fails is a failure."""
     for spec in job_plugins:
         try:
-            module = _import_plugin(spec, [str(p) for p in search_paths])
+            module = _import_plugin(spec, search_paths)
         except Exception as e:
             failures.append((spec, f"cannot import: {type(e).__name__}: {e}"))
             continue
@@ -266,18 +293,6 @@ def get_plugin_manager(
             failures.append((spec, str(e)))
             continue
         sources[name] = PluginInfo(name, "job", getattr(module, "__name__", spec))
-
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as e:
-        failures.append((getattr(e, "plugin_name", None) or str(getattr(e, "plugin", "?")), str(e)))
-    failures += _wrapper_failures(pm)
-
-    if failures:
-        raise PluginLoadError(failures)
-    pm.forge_sources = sources  # type: ignore[attr-defined]
-    pm.forge_warnings = warnings  # type: ignore[attr-defined]
-    return pm
 
 
 def list_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from forge_batch.io.meta import tool_version
-from forge_batch.io.output_dir import atomic_write_bytes, find_state_dir
+from forge_batch.io.output_dir import find_state_dir
 from forge_batch.io.output_stats import Distribution, OutputStats, collect_output_stats
+from forge_batch.io.safe_fs import atomic_write_bytes
 
 REPORT_FILE = "report.html"
 SECTIONS: tuple[tuple[str, str], ...] = (

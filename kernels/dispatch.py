@@ -59,12 +59,6 @@ def _triton_ops() -> ModuleType | None:
     return _triton
 
 
-def reset_triton_import() -> None:
-    """Forget the cached Triton import (tests; a process that fixed its environment)."""
-    global _triton, _triton_checked, _triton_import_error
-    _triton, _triton_checked, _triton_import_error = None, False, None
-
-
 def _on_device(t: torch.Tensor) -> bool:
     """Whether ``t`` lives where the compiled Triton kernels run (CUDA; ROCm builds report CUDA too)."""
     return t.is_cuda

@@ -71,6 +71,128 @@ def _find_seq_idx(query_start_loc_ptr, q_block_global, num_seqs, BLOCK_Q: tl.con
     return left - 1
 
 
+@triton.jit
+def _load_queries(
+    q_ptr, q_start, q_block, q_len, kv_head, stride_q_t, stride_q_h,
+    GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The program's query tile: row r is token ``q_block * BLOCK_Q + r // GROUP`` of the sequence's new
+    tokens, head ``kv_head * GROUP + r % GROUP``. Returns the tile, each row's token index within the
+    sequence's new tokens, its global token index, its head and whether the row exists."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    q_idx = q_block * BLOCK_Q + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
+    tok = q_start + q_idx.to(tl.int64)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d < HEAD_SIZE)[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q, q_idx, tok, head, row_ok
+
+
+@triton.jit
+def _key_tiles(
+    q_block, q_len, prefix, segment, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SEGMENTS: tl.constexpr
+):
+    """The keys a query tile can see (0 .. position of its last valid query: causal) and the range of
+    TILE_N key tiles this program walks: all of them, or its segment's share when the keys are split."""
+    last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_end = prefix + last_q + 1
+    num_tiles = tl.cdiv(kv_end, TILE_N)
+    if NUM_SEGMENTS == 1:
+        tile_lo = 0
+        tile_hi = num_tiles
+    else:
+        per_segment = tl.cdiv(num_tiles, NUM_SEGMENTS)
+        tile_lo = segment * per_segment
+        tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
+    return kv_end, tile_lo, tile_hi
+
+
+@triton.jit
+def _attend_key_tile(
+    q, q_pos, m_i, l_i, acc, tile, kv_end, bt_row, k_head, v_head, scale_log2,
+    stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """One step of the online softmax over key tile ``tile``: load its K/V through the block table,
+    score, mask (causal and past the end), rescale the running max / denominator / accumulator, add P V.
+    Returns the updated (m_i, l_i, acc)."""
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_ok = offs_d < HEAD_SIZE
+    k_pos = tile * TILE_N + offs_n
+    k_ok = k_pos < kv_end
+    phys = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+    in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
+    k = tl.load(
+        k_head + (phys * stride_k_b + in_block * stride_k_s)[None, :] + offs_d[:, None],
+        mask=k_ok[None, :] & d_ok[:, None],
+        other=0.0,
+    )  # [HEAD_PAD, TILE_N]
+    v = tl.load(
+        v_head + (phys * stride_v_b + in_block * stride_v_s)[:, None] + offs_d[None, :],
+        mask=k_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [TILE_N, HEAD_PAD]
+    if UPCAST:
+        k = k.to(tl.float32)
+    if FP32_DOT:
+        s = tl.dot(q, k, input_precision="tf32x3")
+    else:
+        s = tl.dot(q, k)
+    s = s * scale_log2
+    visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Rows with nothing visible yet (padding rows) keep a finite pivot so no inf - inf appears.
+    m_new = tl.where(m_new > float("-inf"), m_new, 0.0)
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    # P is rounded to V's dtype before the PV product, as the reference's probs.to(v.dtype) does.
+    p_v = p.to(v.dtype)
+    if UPCAST:
+        p_v = p_v.to(tl.float32)
+        v = v.to(tl.float32)
+    if FP32_DOT:
+        acc = tl.dot(p_v, v, acc, input_precision="tf32x3")
+    else:
+        acc = tl.dot(p_v, v, acc)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_attention(
+    out_ptr, m_ptr, l_ptr, acc, m_i, l_i, tok, head, row_ok, segment, stride_o_t, stride_o_h,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+):
+    """Write the tile's result: normalised output rows, or (keys split in segments) the unnormalised
+    accumulator with its running max and denominator for the merge kernel."""
+    offs_d = tl.arange(0, HEAD_PAD)
+    if NUM_SEGMENTS == 1:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        acc = acc / l_safe[:, None]
+        tl.store(
+            out_ptr + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_d < HEAD_SIZE)[None, :],
+        )
+    else:
+        row = tok * stride_o_t + head.to(tl.int64) * stride_o_h + segment
+        tl.store(out_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(m_ptr + row, m_i, mask=row_ok)
+        tl.store(l_ptr + row, l_i, mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["num_seqs"])  # the batch size changes every step: one compile for all
 def _paged_attention_kernel(
     out_ptr,  # [T, H, D] (NUM_SEGMENTS == 1) or float32 [T, H, NUM_SEGMENTS, HEAD_PAD] partials
@@ -119,98 +241,29 @@ def _paged_attention_kernel(
     ctx_len = tl.load(context_lens_ptr + seq).to(tl.int32)
     prefix = ctx_len - q_len  # absolute position of the sequence's first new token
 
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_PAD)
-    q_idx = q_block * BLOCK_Q + offs_m // GROUP  # token index within the sequence's new tokens
-    head = kv_head * GROUP + offs_m % GROUP
-    row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
-    d_ok = offs_d < HEAD_SIZE
-    tok = q_start + q_idx.to(tl.int64)
-    q = tl.load(
-        q_ptr + tok[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
+    q, q_idx, tok, head, row_ok = _load_queries(
+        q_ptr, q_start, q_block, q_len, kv_head, stride_q_t, stride_q_h,
+        GROUP, HEAD_SIZE, HEAD_PAD, BLOCK_M, BLOCK_Q, UPCAST,
     )
-    if UPCAST:
-        q = q.to(tl.float32)
     q_pos = prefix + q_idx
-
-    # Keys this tile of queries can see: 0 .. position of its last valid query (causal).
-    last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
-    kv_end = prefix + last_q + 1
-    num_tiles = tl.cdiv(kv_end, TILE_N)
-    if NUM_SEGMENTS == 1:
-        tile_lo = 0
-        tile_hi = num_tiles
-    else:
-        per_segment = tl.cdiv(num_tiles, NUM_SEGMENTS)
-        tile_lo = segment * per_segment
-        tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
+    kv_end, tile_lo, tile_hi = _key_tiles(q_block, q_len, prefix, segment, BLOCK_Q, TILE_N, NUM_SEGMENTS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
-    offs_n = tl.arange(0, TILE_N)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kv_head.to(tl.int64) * stride_k_h
     v_head = v_cache_ptr + kv_head.to(tl.int64) * stride_v_h
-
     for tile in range(tile_lo, tile_hi):
-        k_pos = tile * TILE_N + offs_n
-        k_ok = k_pos < kv_end
-        phys = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
-        k = tl.load(
-            k_head + (phys * stride_k_b + in_block * stride_k_s)[None, :] + offs_d[:, None],
-            mask=k_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )  # [HEAD_PAD, TILE_N]
-        v = tl.load(
-            v_head + (phys * stride_v_b + in_block * stride_v_s)[:, None] + offs_d[None, :],
-            mask=k_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [TILE_N, HEAD_PAD]
-        if UPCAST:
-            k = k.to(tl.float32)
-        if FP32_DOT:
-            s = tl.dot(q, k, input_precision="tf32x3")
-        else:
-            s = tl.dot(q, k)
-        s = s * scale_log2
-        visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows with nothing visible yet (padding rows) keep a finite pivot so no inf - inf appears.
-        m_new = tl.where(m_new > float("-inf"), m_new, 0.0)
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        # P is rounded to V's dtype before the PV product, as the reference's probs.to(v.dtype) does.
-        p_v = p.to(v.dtype)
-        if UPCAST:
-            p_v = p_v.to(tl.float32)
-            v = v.to(tl.float32)
-        if FP32_DOT:
-            acc = tl.dot(p_v, v, acc, input_precision="tf32x3")
-        else:
-            acc = tl.dot(p_v, v, acc)
-        m_i = m_new
-
-    if NUM_SEGMENTS == 1:
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        acc = acc / l_safe[:, None]
-        tl.store(
-            out_ptr + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :],
+        m_i, l_i, acc = _attend_key_tile(
+            q, q_pos, m_i, l_i, acc, tile, kv_end, bt_row, k_head, v_head, scale_log2,
+            stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+            HEAD_SIZE, HEAD_PAD, BLOCK_SIZE, TILE_N, UPCAST, FP32_DOT,
         )
-    else:
-        # Partial results: unnormalised acc, running max and denominator for the merge kernel.
-        row = tok * stride_o_t + head.to(tl.int64) * stride_o_h + segment
-        tl.store(out_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
-        tl.store(m_ptr + row, m_i, mask=row_ok)
-        tl.store(l_ptr + row, l_i, mask=row_ok)
+    _store_attention(
+        out_ptr, m_ptr, l_ptr, acc, m_i, l_i, tok, head, row_ok, segment, stride_o_t, stride_o_h,
+        HEAD_SIZE, HEAD_PAD, NUM_SEGMENTS,
+    )
 
 
 @triton.jit
@@ -292,6 +345,40 @@ def _attention_config(
     return _AttentionConfig(block_m, tile_n, num_warps, num_stages)
 
 
+def _check_attention_shapes(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
+    """Refuse inputs the kernel would read out of bounds or misinterpret."""
+    _, h, d = q.shape
+    _, block_size, hkv, d_cache = k_cache.shape
+    b = block_tables.shape[0]
+    if d_cache != d or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q head size {d} and caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} disagree")
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} KV heads")
+    if query_start_loc.shape[0] != b + 1 or context_lens.shape[0] != b:
+        raise ValueError("query_start_loc must have B + 1 entries and context_lens B")
+    if block_size & (block_size - 1):
+        raise ValueError(f"KV block size must be a power of two, got {block_size}")
+
+
+def _default_num_segments(q: torch.Tensor, programs: int, max_context_len: int | None, tile_n: int) -> int:
+    """Split the keys (flash-decoding) when the step's programs would leave most of the GPU idle and the
+    context is long enough for each segment to have several tiles; 1 (no split) otherwise."""
+    if max_context_len is None or not q.is_cuda:
+        return 1
+    target = 2 * _sm_count(q.device)
+    if programs < target and max_context_len >= 8 * tile_n:
+        return min(16, triton.next_power_of_2(triton.cdiv(target, programs)),
+                   triton.next_power_of_2(triton.cdiv(max_context_len, 4 * tile_n)))
+    return 1
+
+
 def paged_attention_impl(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -308,17 +395,10 @@ def paged_attention_impl(
     tile_n: int | None = None,
 ) -> torch.Tensor:
     """``paged_attention`` with its tiling exposed (tests force the split-KV and tile paths through this)."""
+    _check_attention_shapes(q, k_cache, v_cache, block_tables, query_start_loc, context_lens)
     t, h, d = q.shape
-    num_blocks, block_size, hkv, d_cache = k_cache.shape
+    _, block_size, hkv, _ = k_cache.shape
     b = block_tables.shape[0]
-    if d_cache != d or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q head size {d} and caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} disagree")
-    if h % hkv:
-        raise ValueError(f"{h} query heads are not a multiple of {hkv} KV heads")
-    if query_start_loc.shape[0] != b + 1 or context_lens.shape[0] != b:
-        raise ValueError("query_start_loc must have B + 1 entries and context_lens B")
-    if block_size & (block_size - 1):
-        raise ValueError(f"KV block size must be a power of two, got {block_size}")
     out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
     if t == 0 or b == 0:
         return out
@@ -340,26 +420,12 @@ def paged_attention_impl(
     num_q_blocks = t // block_q + b  # upper bound over any split of t tokens into b sequences
 
     if num_segments is None:
-        num_segments = 1
-        if max_context_len is not None and q.is_cuda:
-            programs = min(num_q_blocks, t) * hkv
-            target = 2 * _sm_count(q.device)
-            if programs < target and max_context_len >= 8 * tile_n:
-                num_segments = min(16, triton.next_power_of_2(triton.cdiv(target, programs)),
-                                   triton.next_power_of_2(triton.cdiv(max_context_len, 4 * tile_n)))
+        num_segments = _default_num_segments(q, min(num_q_blocks, t) * hkv, max_context_len, tile_n)
     num_segments = triton.next_power_of_2(max(1, int(num_segments)))
 
     common = dict(
-        GROUP=group,
-        HEAD_SIZE=d,
-        HEAD_PAD=head_pad,
-        BLOCK_SIZE=block_size,
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
-        TILE_N=tile_n,
-        NUM_SEGMENTS=num_segments,
-        UPCAST=_upcast_dot(q.dtype),
-        FP32_DOT=q.dtype == torch.float32,
+        GROUP=group, HEAD_SIZE=d, HEAD_PAD=head_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q,
+        TILE_N=tile_n, NUM_SEGMENTS=num_segments, UPCAST=_upcast_dot(q.dtype), FP32_DOT=q.dtype == torch.float32,
         num_warps=cfg.num_warps if block_m == cfg.block_m else (8 if block_m >= 128 else 4),
         num_stages=cfg.num_stages,
     )

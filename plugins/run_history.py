@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from forge_batch.hookspecs import hookimpl
-from forge_batch.io.output_dir import PART_RE, fsync_file, parts_dir_for, state_dir_for
+from forge_batch.io.output_dir import PART_RE, parts_dir_for, state_dir_for
 from forge_batch.io.output_stats import RUN_LOG
+from forge_batch.io.safe_fs import fsync_file
 
 
 def _now() -> str:

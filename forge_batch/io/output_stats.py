@@ -463,34 +463,44 @@ class _Aggregator:
         part.records += n
         part.rows += n_rows
         part.failed_records += n_failed
+        completion = _numpy(batch, "completion_tokens", np.float64, np.nan)
+        completion = completion if completion is not None else np.full(n, np.nan)
+        self._add_totals(batch, first, has_error, completion)
+        self._add_per_sample(batch, sample, has_error, completion)
+        self._add_per_row(batch)
+        if n_failed and "error" in names:
+            self._add_error_examples(batch, has_error)
+        self._add_finish_times(batch, part, first, completion)
 
+    def _add_totals(self, batch: pa.RecordBatch, first: np.ndarray, has_error: np.ndarray, completion: np.ndarray) -> None:
+        """Finish reasons, validity, token totals and the kept per-row timings and lengths."""
+        names = batch.schema.names
         if "finish_reason" in names:
             _add_counts(self.finish, batch.column("finish_reason"))
         if "valid" in names:
             _add_counts(self.valid, batch.column("valid"))
-        completion = _numpy(batch, "completion_tokens", np.float64, np.nan)
-        completion = completion if completion is not None else np.full(n, np.nan)
         prompt = _numpy(batch, "prompt_tokens", np.float64, np.nan)
         if prompt is not None:
             self.prompt_tokens += int(np.nansum(prompt[first]))
             self.prompt_len.append(prompt[first & ~has_error & ~np.isnan(prompt)].astype(np.int32))
         self.completion_tokens += int(np.nansum(completion))
-        known_completion = ~np.isnan(completion)
-        self.completion_len.append(completion[known_completion & ~has_error].astype(np.int32))
+        self.completion_len.append(completion[~np.isnan(completion) & ~has_error].astype(np.int32))
         for name, store in (("ttft_s", self.ttft), ("latency_s", self.latency)):
             values = _numpy(batch, name, np.float64, np.nan)
             if values is not None:
                 keep = first & ~has_error & ~np.isnan(values)  # one per row (samples share the row's timing)
                 store.append(values[keep].astype(np.float32))  # 7 digits are plenty for percentiles
 
-        # per sample index
-        size = int(sample.max()) + 1 if n else 0
+    def _add_per_sample(self, batch: pa.RecordBatch, sample: np.ndarray, has_error: np.ndarray, completion: np.ndarray) -> None:
+        """Counts per sample index (records, errors, tokens, length finishes, validity)."""
+        names = batch.schema.names
+        size = int(sample.max()) + 1
         for attr in ("s_records", "s_errors", "s_tokens", "s_known", "s_length", "s_valid", "s_invalid"):
             setattr(self, attr, self._grow(getattr(self, attr), size))
         self.s_records += np.bincount(sample, minlength=len(self.s_records))
         self.s_errors += np.bincount(sample, weights=has_error, minlength=len(self.s_records)).astype(np.int64)
         self.s_tokens += np.bincount(sample, weights=np.nan_to_num(completion), minlength=len(self.s_records)).astype(np.int64)
-        known = known_completion & ~has_error
+        known = ~np.isnan(completion) & ~has_error
         self.s_known += np.bincount(sample, weights=known, minlength=len(self.s_records)).astype(np.int64)
         if "finish_reason" in names:
             length = as_numpy(pc.equal(batch.column("finish_reason"), "length"), bool)
@@ -501,6 +511,9 @@ class _Aggregator:
             is_false = as_numpy(pc.invert(valid), bool)
             self.s_valid += np.bincount(sample, weights=is_true, minlength=len(self.s_records)).astype(np.int64)
             self.s_invalid += np.bincount(sample, weights=is_false, minlength=len(self.s_records)).astype(np.int64)
+
+    def _add_per_row(self, batch: pa.RecordBatch) -> None:
+        """How many samples each row position has written (duplicates show up as more than n)."""
         row_index = _numpy(batch, "row_index", np.int64, -1)
         if row_index is not None:
             ok = row_index >= 0
@@ -508,27 +521,29 @@ class _Aggregator:
                 self.per_row_count = self._grow(self.per_row_count, int(row_index[ok].max()) + 1)
                 self.per_row_count += np.bincount(row_index[ok], minlength=len(self.per_row_count)).astype(np.int32)
 
-        # errors by kind, with a few examples each
-        if n_failed and "error" in names:
-            failed = batch.filter(pa.array(has_error))
-            kinds = failed.column("error_kind") if "error_kind" in names else pa.nulls(failed.num_rows, pa.string())
-            kinds = pc.fill_null(kinds, "error")
-            _add_counts(self.kinds, kinds)
-            for kind in pc.unique(kinds).to_pylist():
-                have = self.examples.setdefault(kind, [])
-                if len(have) >= EXAMPLES_PER_KIND:
+    def _add_error_examples(self, batch: pa.RecordBatch, has_error: np.ndarray) -> None:
+        """Errors by kind, with a few examples each."""
+        names = batch.schema.names
+        failed = batch.filter(pa.array(has_error))
+        kinds = failed.column("error_kind") if "error_kind" in names else pa.nulls(failed.num_rows, pa.string())
+        kinds = pc.fill_null(kinds, "error")
+        _add_counts(self.kinds, kinds)
+        for kind in pc.unique(kinds).to_pylist():
+            have = self.examples.setdefault(kind, [])
+            if len(have) >= EXAMPLES_PER_KIND:
+                continue
+            # a few candidates only (samples of one row usually share the error): one example per row
+            idx = np.flatnonzero(as_numpy(pc.equal(kinds, kind), bool))[: 8 * EXAMPLES_PER_KIND]
+            cols = [c for c in (self.id_column, "row_index", "sample_index", "error") if c in failed.schema.names]
+            seen = {e.get("row_index") for e in have}
+            for row in failed.select(cols).take(pa.array(idx, pa.int64())).to_pylist():
+                if len(have) >= EXAMPLES_PER_KIND or ("row_index" in row and row["row_index"] in seen):
                     continue
-                # a few candidates only (samples of one row usually share the error): one example per row
-                idx = np.flatnonzero(as_numpy(pc.equal(kinds, kind), bool))[: 8 * EXAMPLES_PER_KIND]
-                cols = [c for c in (self.id_column, "row_index", "sample_index", "error") if c in failed.schema.names]
-                seen = {e.get("row_index") for e in have}
-                for row in failed.select(cols).take(pa.array(idx, pa.int64())).to_pylist():
-                    if len(have) >= EXAMPLES_PER_KIND or ("row_index" in row and row["row_index"] in seen):
-                        continue
-                    seen.add(row.get("row_index"))
-                    have.append({"id": row.get(self.id_column), **{c: row[c] for c in cols if c != self.id_column}})
+                seen.add(row.get("row_index"))
+                have.append({"id": row.get(self.id_column), **{c: row[c] for c in cols if c != self.id_column}})
 
-        # finish times, for throughput over time and for telling runs apart
+    def _add_finish_times(self, batch: pa.RecordBatch, part: PartInfo, first: np.ndarray, completion: np.ndarray) -> None:
+        """Finish times, for throughput over time and for telling runs apart."""
         times = _numpy(batch, "finished_at", np.int64, -1)
         if times is not None:
             known = times >= 0
@@ -539,7 +554,7 @@ class _Aggregator:
             self.times.append(times)
             self.is_row.append(first)
             self.time_tokens.append(np.nan_to_num(completion).astype(np.int32))
-            self.n_time_records += n
+            self.n_time_records += batch.num_rows
 
     def per_sample(self) -> list[dict[str, Any]]:
         out = []

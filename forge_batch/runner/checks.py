@@ -54,18 +54,30 @@ def prepare_job(path: str | os.PathLike[str], overrides: Iterable[str] = (), *,
     return prepare_loaded_job(load_job(path, overrides), source=str(path), warnings=warnings)
 
 
-def prepare_loaded_job(job: JobSpec, *, source: str | None = None, warnings: list[str] | None = None) -> CheckedJob:
-    """:func:`prepare_job` for a job already loaded (``run-batch`` builds one from its arguments)."""
-    try:
-        pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
-    except PluginLoadError as e:
-        raise JobError([
-            Problem(f"plugins[{job.plugins.index(n)}]", m) if n in job.plugins else Problem("plugins", f"{n}: {m}")
-            for n, m in e.failures
-        ], source) from None
+def prepare_loaded_job(
+    job: JobSpec,
+    *,
+    source: str | None = None,
+    warnings: list[str] | None = None,
+    pm: PluginManager | None = None,
+    check_model: bool | None = None,
+) -> CheckedJob:
+    """:func:`prepare_job` for a job already loaded (``run-batch`` builds one from its arguments).
+
+    ``pm``: plugins already loaded by the caller (the job's are then not loaded again); ``check_model``:
+    whether ``model`` must be a model this tool loads (default: :func:`model_is_checked`)."""
+    if pm is None:
+        try:
+            pm = get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
+        except PluginLoadError as e:
+            raise JobError([
+                Problem(f"plugins[{job.plugins.index(n)}]", m) if n in job.plugins else Problem("plugins", f"{n}: {m}")
+                for n, m in e.failures
+            ], source) from None
     if warnings is not None:
         warnings.extend(getattr(pm, "forge_warnings", []))
-    return check_loaded_job(job, pm, check_model=model_is_checked(), source=source)
+    check_model = model_is_checked() if check_model is None else check_model
+    return check_loaded_job(job, pm, check_model=check_model, source=source)
 
 
 def check_loaded_job(job: JobSpec, pm: PluginManager, *, check_model: bool = True,

@@ -11,7 +11,9 @@ from typing import Any
 import pyarrow as pa
 
 from forge_batch.contract import WriteContext, Writer
-from forge_batch.io.output_dir import CommitError, OutputDir, ResumeState, Tally
+from forge_batch.io.ledger import ResumeState, Tally
+from forge_batch.io.output_dir import OutputDir
+from forge_batch.io.safe_fs import CommitError
 from forge_batch.io.schema import records_to_table
 from forge_batch.runner.records import Group, ledger_rows
 from forge_batch.runner.signals import RunFlags

@@ -14,19 +14,20 @@ from typing import Any, TextIO
 from pluggy import PluginManager
 
 from forge_batch.contract import RawRow, RunContext, Writer
+from forge_batch.io.ledger import ResumeState
 from forge_batch.io.meta import file_metadata
-from forge_batch.io.output_dir import SUMMARY, CommitError, OutputDir, ResumeState, describe_os_error
+from forge_batch.io.output_dir import SUMMARY, OutputDir
 from forge_batch.io.progress import Progress
+from forge_batch.io.safe_fs import CommitError, describe_os_error
 from forge_batch.io.schema import id_column_name
 from forge_batch.job import InputSpec, JobError, JobSpec, Problem, compile_template
 from forge_batch.plugin_manager import (
     PluginHookError,
     call_impl,
     collect_registry,
-    get_plugin_manager,
     iter_impls,
 )
-from forge_batch.runner.checks import CheckedJob, check_loaded_job
+from forge_batch.runner.checks import CheckedJob, prepare_loaded_job
 from forge_batch.runner.commit import Committer
 from forge_batch.runner.engine_factory import ENGINE_IDENTITY, default_engine_factory, engine_factory_from_env
 from forge_batch.runner.inputs import InputPlan
@@ -203,8 +204,7 @@ class JobRunner:
         t_start, started_at = time.monotonic(), _dt.datetime.now(_dt.timezone.utc)
         job = self.job
         if self.checked is None:
-            pm = self.pm or get_plugin_manager(job.plugins, search_paths=job.plugin_search_paths())
-            self.checked = check_loaded_job(job, pm, check_model=self.engine_factory is default_engine_factory)
+            self.checked = prepare_loaded_job(job, pm=self.pm, check_model=self.engine_factory is default_engine_factory)
         pm = self.checked.plugin_manager
         plan = InputPlan.for_job(job, collect_registry(pm, "register_readers"))
         writer: Writer = collect_registry(pm, "register_writers")[job.output.format]

@@ -19,7 +19,7 @@ from forge_batch.contract import ErrorKind, RawRow, RowError, RunContext, SkipRo
 from forge_batch.engine.prompts import PromptError, prompt_token_ids
 from forge_batch.engine.request import GenerationRequest
 from forge_batch.engine.sampling_params import SamplingParams, constraint_options
-from forge_batch.io.output_dir import ResumeState
+from forge_batch.io.ledger import ResumeState
 from forge_batch.job import InputSpec, JobSpec
 from forge_batch.plugin_manager import PluginHookError, call_impl, iter_impls
 from forge_batch.runner.signals import RunFlags

@@ -8,8 +8,9 @@ import errno
 from dataclasses import dataclass
 from typing import Any
 
+from forge_batch.io.ledger import Tally
 from forge_batch.io.meta import tool_version
-from forge_batch.io.output_dir import CommitError, Tally
+from forge_batch.io.safe_fs import CommitError
 from forge_batch.runner.run_figures import error_kind_counts
 
 EXIT_OK = 0
