@@ -150,6 +150,38 @@ def load_tokenizer(source: str, model_config: ModelConfig) -> Tokenizer:
     return tok
 
 
+
+def _at_revision(model: str | ModelConfig, revision: str) -> str:
+    """``org/name@revision``: vLLM's ``revision=`` for a Hugging Face repo id (nothing else has one)."""
+    from forge_batch.models.registry import split_repo_id
+
+    if not isinstance(model, str) or Path(model).exists() or split_repo_id(model) != (model, None):
+        raise ValueError("revision= is for a Hugging Face repo id model ('org/name'), given once")
+    return f"{model}@{revision}"
+
+
+def _gpu_kv_blocks(net: torch.nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
+                   utilization: float) -> int:
+    """KV blocks that fit in ``utilization`` of the GPU's memory beside what is already in use."""
+    free, total = torch.cuda.mem_get_info(device)
+    blocks = kv_budget_bytes(total, free, utilization) // (kv_bytes_per_token(net, dtype) * block_size)
+    if blocks < 1:
+        raise ValueError(f"gpu_memory_utilization={utilization} leaves no room for the KV cache "
+                         f"({(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB already in use)")
+    return int(blocks)
+
+
+def _prepare_cpu_weights(cpu: CpuBackend, net: torch.nn.Module, raw: dict[str, RawWeight] | None,
+                         dtype: torch.dtype) -> PreparedWeights:
+    # packing weights for the C kernels can take longer than loading them: say so
+    t0 = time.monotonic()
+    log.info("preparing the weights for the CPU kernels (%s)...", str(dtype).removeprefix("torch."))
+    prepared = cpu.prepare_weights(net, raw)
+    seconds = time.monotonic() - t0
+    log.info("prepared the CPU weights in %.1f s", seconds, extra={"fields": {"seconds": round(seconds, 3)}})
+    return prepared
+
+
 class LLM:
     """An offline engine for one model on one device.
 
@@ -199,11 +231,7 @@ class LLM:
         if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if revision is not None:
-            from forge_batch.models.registry import split_repo_id
-
-            if not isinstance(model, str) or Path(model).exists() or split_repo_id(model) != (model, None):
-                raise ValueError("revision= is for a Hugging Face repo id model ('org/name'), given once")
-            model = f"{model}@{revision}"
+            model = _at_revision(model, revision)
         t0 = time.monotonic()
         args = EngineArgs(device=device, dtype=dtype, block_size=block_size, num_blocks=num_blocks,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -221,21 +249,10 @@ class LLM:
         if tokenizer is not None:
             tokenizer_ = load_tokenizer(tokenizer, model_config)
         if gpu_memory_utilization is not None and num_blocks is None:
-            free, total = torch.cuda.mem_get_info(device_)
-            per_block = kv_bytes_per_token(net, dtype_) * block_size
-            blocks = kv_budget_bytes(total, free, gpu_memory_utilization) // per_block
-            if blocks < 1:
-                raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} leaves no room for the KV cache "
-                                 f"({(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB already in use)")
-            args = dataclasses.replace(args, num_blocks=int(blocks))
+            args = dataclasses.replace(args, num_blocks=_gpu_kv_blocks(net, device_, dtype_, block_size,
+                                                                       gpu_memory_utilization))
         tokenizer = tokenizer_
-        prepared = PreparedWeights()
-        if cpu is not None:  # packing weights for the C kernels can take longer than loading them: say so
-            t_prep = time.monotonic()
-            log.info("preparing the weights for the CPU kernels (%s)...", str(dtype_).removeprefix("torch."))
-            prepared = cpu.prepare_weights(net, raw)
-            prep_s = time.monotonic() - t_prep
-            log.info("prepared the CPU weights in %.1f s", prep_s, extra={"fields": {"seconds": round(prep_s, 3)}})
+        prepared = _prepare_cpu_weights(cpu, net, raw, dtype_) if cpu is not None else PreparedWeights()
         del raw
         name = model if isinstance(model, str) else model_config.architecture
         config = EngineConfig.resolve(args, name, model_config, device_, dtype_, kernels.path(device_, dtype_),

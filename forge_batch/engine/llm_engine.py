@@ -39,9 +39,10 @@ from .sampler import (
     position_logprobs,
     uniform_for,
 )
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, check_params_for_engine
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .stopping import check_stop, constraint_stop, settle_text
 
 
 def _fail_processor_rows(seqs: list[Sequence], row_errors: dict[int, str]) -> None:
@@ -227,7 +228,8 @@ class LLMEngine:
             params.validate()
             if params.sampler is not None and params.sampler not in self.samplers:
                 raise ValueError(f"unknown sampler {params.sampler!r}; known: {sorted(self.samplers)}")
-            self._check_request_params(params)
+            check_params_for_engine(params, self.max_logprobs, self.model_config.vocab_size,
+                                    self.tokenizer.encode if self.tokenizer is not None else None)
             if request.prompt_token_ids is not None:
                 prompt_ids, prompt_text = list(request.prompt_token_ids), None
             else:
@@ -261,24 +263,6 @@ class LLMEngine:
         self._requests[request.request_id] = state
         self._stats.prompt_tokens += len(prompt_ids)
         return None
-
-    def _check_request_params(self, params: SamplingParams) -> None:
-        """What a request asks that only this engine can check (raises ValueError); tokenizes bad_words."""
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > self.max_logprobs:
-                raise ValueError(f"{name}={value} is more than this engine's max_logprobs={self.max_logprobs} "
-                                 "(raise it with LLM(max_logprobs=...) or engine.max_logprobs in a job)")
-        vocab = self.model_config.vocab_size
-        if params.allowed_token_ids is not None and any(t >= vocab for t in params.allowed_token_ids):
-            raise ValueError(f"allowed_token_ids holds ids outside the vocabulary (size {vocab})")
-        if params.bad_words:
-            if self.tokenizer is None:
-                raise ValueError("bad_words needs a tokenizer (this engine has random weights and none)")
-            # each word alone and after a space, as it is tokenized at the start of a text and inside one
-            variants = {tuple(self.tokenizer.encode(form, add_special_tokens=False))
-                        for word in params.bad_words for form in (word, " " + word.lstrip())}
-            params._bad_words_token_ids = [list(v) for v in sorted(variants) if v]  # type: ignore[attr-defined]
 
     def token_text(self, token_id: int) -> str | None:
         """One token's text, as logprobs name it (None without a tokenizer)."""
@@ -364,7 +348,9 @@ class LLMEngine:
                 self.inter_token_latency.add(now - seq.last_token_time)  # type: ignore[operator]
             seq.last_token_time = now
             self._stats.output_tokens += 1
-            if (seq.constraint_state is not None and self._constraint_stop(seq, tok)) or self._check_stop(seq, tok):
+            if (seq.constraint_state is not None and constraint_stop(seq, tok, self.eos_token_ids)) or check_stop(
+                seq, tok, self.eos_token_ids, self.config.max_model_len, self._decode
+            ):
                 self._finish(seq, done)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
@@ -419,41 +405,6 @@ class LLMEngine:
         return out
 
     # ---- finishing ----------------------------------------------------------------------------------
-    def _constraint_stop(self, seq: Sequence, tok: int) -> bool:
-        """Advance the sample's grammar; True when the grammar ends (or broke) the sample here."""
-        state = seq.constraint_state
-        if tok in self.eos_token_ids and state.is_accepting():  # type: ignore[union-attr]
-            seq.finish_reason, seq.stop_reason = "stop", tok
-            return True
-        state.advance(tok)  # type: ignore[union-attr]
-        err = state.error()  # type: ignore[union-attr]
-        if err:
-            seq.finish_reason, seq.error = "error", f"constraint violated: {err}"
-            seq.error_kind = EngineErrorKind.CONSTRAINT_ERROR.value
-            return True
-        if state.is_stopped():  # type: ignore[union-attr]
-            seq.finish_reason, seq.stop_reason = "stop", None
-            return True
-        return False
-
-    def _check_stop(self, seq: Sequence, tok: int) -> bool:
-        p = seq.params
-        n_out = len(seq.output_token_ids)
-        if n_out > p.min_tokens and ((not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids):
-            seq.finish_reason, seq.stop_reason = "stop", tok
-            return True
-        if p.stop and n_out >= p.min_tokens:
-            text = self._decode(seq.output_token_ids, p.skip_special_tokens)
-            cut = min(((text.find(s), s) for s in p.stop if s and s in text), default=None)
-            if cut is not None:
-                seq.text = text[: cut[0] + (len(cut[1]) if p.include_stop_str_in_output else 0)]
-                seq.finish_reason, seq.stop_reason = "stop", cut[1]
-                return True
-        if n_out >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            seq.finish_reason = "length"
-            return True
-        return False
-
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if self.tokenizer is None:
             return ""
@@ -462,23 +413,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, done: list[RequestOutput]) -> None:
         self.scheduler.finish(seq)
         state = self._requests[seq.request_id]
-        if seq.finish_reason != "error" and seq.finish_reason is not None and not (
-            seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)
-        ):
-            seq.text = self._decode(seq.output_token_ids, seq.params.skip_special_tokens)
-        if seq.constraint is not None and seq.finish_reason in ("stop", "length"):
-            if seq.finish_reason == "stop":
-                seq.valid, reason = seq.constraint.validate(seq.text)  # type: ignore[attr-defined]
-                if not seq.valid:
-                    seq.error = f"invalid output: {reason}"
-                    seq.error_kind = EngineErrorKind.INVALID_OUTPUT.value
-            else:
-                seq.valid = False
-                seq.error_kind = EngineErrorKind.INVALID_OUTPUT.value
-                seq.error = (
-                    f"incomplete: max_tokens reached before the {seq.constraint.kind} constraint "  # type: ignore[attr-defined]
-                    "was satisfied"
-                )
+        settle_text(seq, self._decode)
         if state.first_token_time is None or (
             seq.first_token_time is not None and seq.first_token_time < state.first_token_time
         ):

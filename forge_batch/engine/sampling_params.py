@@ -162,3 +162,23 @@ class SamplingParams:
         if self.constraint:
             return next(iter(self.constraint.items()))
         return None
+
+
+def check_params_for_engine(params: SamplingParams, max_logprobs: int, vocab_size: int,
+                            encode: Callable[..., list[int]] | None) -> None:
+    """What a request asks that only the engine it is added to can check (raises ValueError): logprobs
+    within the engine's limit, token ids inside its vocabulary; tokenizes bad_words with its tokenizer."""
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > max_logprobs:
+            raise ValueError(f"{name}={value} is more than this engine's max_logprobs={max_logprobs} "
+                             "(raise it with LLM(max_logprobs=...) or engine.max_logprobs in a job)")
+    if params.allowed_token_ids is not None and any(t >= vocab_size for t in params.allowed_token_ids):
+        raise ValueError(f"allowed_token_ids holds ids outside the vocabulary (size {vocab_size})")
+    if params.bad_words:
+        if encode is None:
+            raise ValueError("bad_words needs a tokenizer (this engine has random weights and none)")
+        # each word alone and after a space, as it is tokenized at the start of a text and inside one
+        variants = {tuple(encode(form, add_special_tokens=False))
+                    for word in params.bad_words for form in (word, " " + word.lstrip())}
+        params._bad_words_token_ids = [list(v) for v in sorted(variants) if v]  # type: ignore[attr-defined]
