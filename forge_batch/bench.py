@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -233,6 +234,7 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+REFERENCES = ("transformers", "vllm")
 W2_NO_PREFIX_CACHING = "W2 (prefix caching off)"
 
 
@@ -267,14 +269,15 @@ def _ratio(rounds: list[list[Result]], num: tuple[str, str], den: tuple[str, str
 
 
 def ratio_lines(rounds: list[list[Result]], workloads: list[str], dtype_name: str) -> list[str]:
-    """The ratios the performance targets are stated in: ours against transformers per workload, and ours against ours (W2 and W3
+    """The ratios the performance targets are stated in: ours against the reference per workload, and ours against ours (W2 and W3
     against W1, W2 against W2 without prefix caching)."""
     lines = []
-    for w in workloads:
-        ref = next((r for results in rounds for r in results if (r.engine, r.workload) == ("transformers", w)), None)
-        value = _ratio(rounds, ("forge-batch", w), ("transformers", w))
-        if ref and value:
-            lines.append(f"{w}: forge-batch / transformers = {value} ({dtype_name} vs {ref.extra['dtype']})")
+    for reference in REFERENCES:
+        for w in workloads:
+            ref = next((r for results in rounds for r in results if (r.engine, r.workload) == (reference, w)), None)
+            value = _ratio(rounds, ("forge-batch", w), (reference, w))
+            if ref and value:
+                lines.append(f"{w}: forge-batch / {reference} = {value} ({dtype_name} vs {ref.extra['dtype']})")
     ours = [("W2", "W1"), ("W2", W2_NO_PREFIX_CACHING), ("W3", "W1")]
     for num, den in ours:
         value = _ratio(rounds, ("forge-batch", num), ("forge-batch", den))
@@ -300,11 +303,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--against", choices=["transformers"], default=None)
+    ap.add_argument("--against", choices=["transformers", "vllm"], default=None,
+                    help="the reference engine run on the same work in the same rounds (docs/benchmarks.md)")
+    ap.add_argument("--vllm-python", default=os.environ.get("FORGE_BATCH_VLLM_PYTHON"), metavar="PATH",
+                    help="for --against vllm: the python of an environment with vLLM's CPU build "
+                         "(default $FORGE_BATCH_VLLM_PYTHON)")
+    ap.add_argument("--vllm-max-num-seqs", type=int, default=256, help="vLLM's max_num_seqs (ours: the engine's)")
     ap.add_argument("--hf-batch-sizes", default="64", help="static batch sizes to try for transformers")
     ap.add_argument("--hf-dtype", choices=["same", "float32", "bfloat16"], default="same",
-                    help="transformers' dtype: 'same' as ours (default), or e.g. bfloat16 for the targets' "
-                         "reference on a CPU where our default is float32")
+                    help="the reference's dtype (transformers or vLLM): 'same' as ours (default), or e.g. "
+                         "bfloat16 for the targets' reference on a CPU where our default is float32")
     ap.add_argument("--hf-gguf-weights", choices=["dense", "packed"], default="dense",
                     help="a GGUF model in transformers: unpacked into dense weights of --hf-dtype (default; the "
                          "targets' reference) or, on transformers >= 5.24, kept in its quantized blocks")
@@ -325,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    if args.against == "vllm" and not args.vllm_python:
+        ap.error("--against vllm needs --vllm-python PATH (or FORGE_BATCH_VLLM_PYTHON): vLLM runs from its own "
+                 "environment, see docs/benchmarks.md")
 
     from forge_batch import LLM, SamplingParams
 
@@ -376,7 +387,6 @@ def _run_rounds(
     long run (+-40% on a shared 2-core VM) lands on both sides of each ratio alike. ``loaded`` holds the
     engine already loaded; it is taken out of the list so that this function holds the only reference."""
     from forge_batch import LLM
-    from forge_batch.models.registry import resolve_model_path
 
     llm: Any = loaded.pop()
 
@@ -415,18 +425,41 @@ def _run_rounds(
                 del off
                 gc.collect()
                 llm = LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
-        if args.against == "transformers":
-            llm = None  # its KV cache: free the memory for transformers
+        if args.against:
+            llm = None  # its KV cache: free the memory for the reference
             gc.collect()
-            for w in workloads:
-                if w == "W3":
-                    continue  # transformers has no built-in JSON-schema constraint
-                name, prompts, max_tokens, _ = plan[w]
-                print(f"running {name} on transformers ...", file=sys.stderr)
-                results.append(run_transformers(resolve_model_path(args.model), name, prompts, max_tokens, hf_dtype,
-                                                [1] if w == "W0" else hf_sizes, args.hf_gguf_weights))
+            results.extend(_run_reference(args, plan, workloads, hf_dtype, hf_sizes))
         rounds.append(results)
     return rounds
+
+
+def _run_reference(args: argparse.Namespace, plan: dict[str, tuple], workloads: list[str], dtype: str,
+                   hf_sizes: list[int]) -> list[Result]:
+    """One round of the reference engine on the same workloads (W3 is ours only: neither reference is
+    given the JSON schema)."""
+    from forge_batch.models.registry import resolve_model_path
+
+    model_path = resolve_model_path(args.model)
+    runnable = [w for w in workloads if w != "W3"]
+    if args.against == "transformers":
+        results = []
+        for w in runnable:
+            name, prompts, max_tokens, _ = plan[w]
+            print(f"running {name} on transformers ...", file=sys.stderr)
+            results.append(run_transformers(model_path, name, prompts, max_tokens, dtype,
+                                            [1] if w == "W0" else hf_sizes, args.hf_gguf_weights))
+        return results
+    from forge_batch.bench_vllm import hf_checkpoint, run_vllm
+
+    checkpoint = hf_checkpoint(model_path, dtype)
+    jobs = [{"workload": plan[w][0], "prompts": plan[w][1], "max_tokens": plan[w][2]} for w in runnable]
+    print(f"running {', '.join(runnable)} on vLLM ({args.vllm_python}) ...", file=sys.stderr)
+    return [
+        Result("vllm", r["workload"], r["output_tokens"] / r["wall_s"],
+               (r["output_tokens"] + r["prompt_tokens"]) / r["wall_s"], r["ttft_p50"], r["ttft_p99"], None,
+               r["wall_s"], r["peak_rss_mb"], {"dtype": dtype, "load_to_first_s": round(r["load_to_first_s"], 2)})
+        for r in run_vllm(args.vllm_python, checkpoint, dtype, jobs, max_num_seqs=args.vllm_max_num_seqs)
+    ]
 
 
 def llm_device_desc(device: str) -> str:

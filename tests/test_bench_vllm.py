@@ -106,3 +106,32 @@ def test_gguf_is_dequantized_once_into_an_hf_directory_with_the_same_weights(tmp
     mtime = (hf_dir / "config.json").stat().st_mtime_ns
     assert bench_vllm.hf_checkpoint(gguf_path, "float32", cache_root=cache) == hf_dir  # cached, not redone
     assert (hf_dir / "config.json").stat().st_mtime_ns == mtime
+
+
+def test_bench_against_vllm_reports_its_rows_and_ratios(fake_vllm, tiny_model_dir, tmp_path, capsys):
+    from forge_batch import bench
+
+    rc = bench.main([
+        "--model", str(tiny_model_dir), "--workloads", "W0,W1,W3", "--num-prompts", "3", "--max-tokens", "4",
+        "--dtype", "float32", "--against", "vllm", "--vllm-python", sys.executable, "--vllm-max-num-seqs", "8",
+        "--json", str(tmp_path / "results.json"),
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    rows = {(r["engine"], r["workload"]): r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert {("vllm", "W0"), ("vllm", "W1")} <= set(rows) and ("vllm", "W3") not in rows
+    assert rows[("vllm", "W0")]["extra"]["dtype"] == "float32"
+    assert "W1: forge-batch / vllm = " in printed and "W0: forge-batch / vllm = " in printed
+    calls = [json.loads(line) for line in fake_vllm.read_text().splitlines()]
+    assert calls[0]["init"]["max_num_seqs"] == 8
+    assert [c["chat"] for c in calls[1:]] == [1, 1, 3]  # the warm-up, W0's one stream, W1's three prompts
+
+
+def test_bench_against_vllm_without_its_python_is_a_usage_error(tiny_model_dir, monkeypatch, capsys):
+    from forge_batch import bench
+
+    monkeypatch.delenv("FORGE_BATCH_VLLM_PYTHON", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--model", str(tiny_model_dir), "--against", "vllm"])
+    assert exc.value.code == 2
+    assert "--vllm-python" in capsys.readouterr().err
