@@ -65,6 +65,9 @@ class EngineArgs:
     load_format: str = "auto"
     quantization: str | None = None
     seed: int = 0
+    # A row's tokens independent of what else shares its steps (one matmul path per weight, whatever the
+    # row count); False keeps the faster few-row paths whose numbers depend on the step's size.
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_KINDS:
@@ -111,6 +114,7 @@ class EngineConfig:
     kv_cache: str
     cuda_graphs: bool
     seed: int
+    batch_invariant: bool
 
     @classmethod
     def resolve(cls, args: EngineArgs, model: str, model_config: ModelConfig, device: torch.device,
@@ -136,6 +140,7 @@ class EngineConfig:
             enable_prefix_caching=prefix_caching, kv_cache=args.kv_cache,
             # CUDA graphs for decode steps on a GPU (enforce_eager=True turns them off, e.g. to debug)
             cuda_graphs=device.type == "cuda" and not args.enforce_eager, seed=args.seed,
+            batch_invariant=args.batch_invariant,
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -152,5 +157,6 @@ class EngineConfig:
             f"quantization {self.quantization or 'none'}; KV cache {self.num_blocks} blocks x {self.block_size} "
             f"tokens ({self.kv_cache}, prefix caching {'on' if self.enable_prefix_caching else 'off'}); "
             f"batch {self.max_num_seqs} seqs / {self.max_num_batched_tokens} tokens; max_model_len "
-            f"{self.max_model_len}; CUDA graphs {'on' if self.cuda_graphs else 'off'}"
+            f"{self.max_model_len}; CUDA graphs {'on' if self.cuda_graphs else 'off'}; batch-invariant matmuls "
+            f"{'on' if self.batch_invariant else 'off'}"
         )

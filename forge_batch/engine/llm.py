@@ -93,16 +93,18 @@ class LLM:
         enforce_eager: bool = False,
         load_format: str = "auto",
         quantization: str | None = None,
+        batch_invariant: bool = True,
     ) -> None:
         t0 = time.monotonic()
         args = EngineArgs(device=device, dtype=dtype, block_size=block_size, num_blocks=num_blocks,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                           kv_cache=kv_cache, kernel_backend=kernel_backend, enforce_eager=enforce_eager,
-                          load_format=load_format, quantization=quantization, seed=seed)
+                          load_format=load_format, quantization=quantization, seed=seed,
+                          batch_invariant=batch_invariant)
         device_, dtype_ = args.placement()
         kernels = KernelBackend(args.kernel_name)
-        cpu = CpuBackend(kernels, dtype_, args.quantization) if device_.type == "cpu" else None
+        cpu = CpuBackend(kernels, dtype_, args.quantization, batch_invariant=args.batch_invariant) if device_.type == "cpu" else None
         raw: dict[str, RawWeight] | None = {} if cpu is not None and cpu.keeps_stored_weights else None
         model_config, net, tokenizer = load_model(model, args, device_, dtype_, kernels, raw)
         prepared = cpu.prepare_weights(net, raw) if cpu is not None else PreparedWeights()
@@ -128,7 +130,7 @@ class LLM:
     @property
     def engine_info(self) -> dict[str, Any]:
         """What decides this engine's numbers, resolved (never ``auto``): the model's content digest, device,
-        dtype, quantization, context length and kernel path. Recorded with a job's output, and compared
+        dtype, quantization, context length, kernel path and whether the matmuls are batch-invariant. Recorded with a job's output, and compared
         when a job resumes, because any of them can change a row's tokens."""
         if self._model_digest is None and self.model_source is not None:
             from forge_batch.models.registry import model_digest
@@ -142,6 +144,7 @@ class LLM:
             "quantization": config.quantization,
             "max_model_len": config.max_model_len,
             "kernel_path": config.kernel_path,
+            "batch_invariant": config.batch_invariant,
         }
 
     # ---- generating -----------------------------------------------------------------------------
