@@ -103,7 +103,7 @@ class LLM:
                           load_format=load_format, quantization=quantization, seed=seed,
                           batch_invariant=batch_invariant)
         device_, dtype_ = args.placement()
-        kernels = KernelBackend(args.kernel_name)
+        kernels = KernelBackend(args.kernel_name, batch_invariant=args.batch_invariant)
         cpu = CpuBackend(kernels, dtype_, args.quantization, batch_invariant=args.batch_invariant) if device_.type == "cpu" else None
         raw: dict[str, RawWeight] | None = {} if cpu is not None and cpu.keeps_stored_weights else None
         model_config, net, tokenizer = load_model(model, args, device_, dtype_, kernels, raw)
