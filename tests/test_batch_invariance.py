@@ -29,25 +29,19 @@ ROW_COUNTS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64]
 SHAPES = [(128, 64), (64, 64), (256, 64), (64, 128), (960, 576), (576, 576), (3072, 576), (576, 1536), (4096, 576)]
 
 
-def _forms(dtype: torch.dtype) -> list[tuple[str, type | None]]:
-    if dtype == torch.float32:
-        forms: list[tuple[str, type | None]] = [("padded F.linear", PaddedLinear)]
-        if mkl_packed.available():
-            forms.append(("MKL packed", MklPackedLinear))
-        return forms
-    forms = [("F.linear", None)]  # a bfloat16 model without oneDNN's packed form keeps plain F.linear
-    if onednn_packed.available():
+def _forms(dtype: torch.dtype) -> list[tuple[str, type]]:
+    """The batch-invariant products the CPU backend may pick for a ``dtype`` weight."""
+    forms: list[tuple[str, type]] = [("padded F.linear", PaddedLinear)]
+    if dtype == torch.float32 and mkl_packed.available():
+        forms.append(("MKL packed", MklPackedLinear))
+    if dtype == torch.bfloat16 and onednn_packed.available():
         forms.append(("oneDNN packed", OneDnnLinear))
     return forms
 
 
-def _product(form: type | None, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+def _product(form: type, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
     base = Linear(weight, bias)
-    if form is None:
-        return base
-    if form is MklPackedLinear:
-        return MklPackedLinear(base, batch_invariant=True)
-    return form(base)
+    return form(base) if form is PaddedLinear else form(base, batch_invariant=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -57,16 +51,19 @@ def test_matmul_row_bits_do_not_depend_on_the_row_count_or_order(dtype, shape):
     g = torch.Generator().manual_seed(out_features * 7 + in_features)
     weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(dtype)
     bias = torch.randn(out_features, generator=g).to(dtype) if out_features == 128 else None
-    x = torch.randn(max(ROW_COUNTS), in_features, generator=g).to(dtype)
+    # heavy-tailed activations, as a model's are: with plain normal ones oneDNN's one-row bfloat16 kernel
+    # happened to agree with the others
+    x = torch.randn(max(ROW_COUNTS), in_features, generator=g)
+    x = (x * torch.exp(2 * torch.randn(x.shape, generator=g))).to(dtype)
     for name, form in _forms(dtype):
         linear = _product(form, weight, bias)
         full = linear(x)
-        assert torch.allclose(full.float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2), name
+        torch.testing.assert_close(full.float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2)
         for m in ROW_COUNTS:
             assert torch.equal(linear(x[:m]), full[:m]), f"{name}: {m} rows"
         perm = torch.randperm(x.shape[0], generator=g)
         assert torch.equal(linear(x[perm]), full[perm]), f"{name}: shuffled rows"
-        for i in (0, 5, 40):  # one row alone, and the same row among others at another position
+        for i in range(x.shape[0]):  # each row alone
             assert torch.equal(linear(x[i:i + 1]), full[i:i + 1]), f"{name}: row {i} alone"
 
 
@@ -168,10 +165,10 @@ def _engine(model_dir, dtype: str, **options) -> LLM:
     return LLM(str(model_dir), device="cpu", dtype=dtype, **options)
 
 
-def _generate(llm: LLM, prompts: list[str], temperature: float = 0.0, first: int = 0) -> list[Run]:
+def generate_runs(llm: LLM, prompts: list, max_tokens: int, temperature: float = 0.0, first: int = 0) -> list[Run]:
     """Per prompt: its token ids and a digest of the bits of its logits at each generated position (a
     last-bit difference shows there even where it does not change a token). Sampled prompts get a seed
-    from their index in PROMPTS (``first`` + i)."""
+    from their index in the whole prompt list (``first`` + i)."""
     digests: list[list[str]] = [[] for _ in prompts]
 
     def recorder(i: int):
@@ -180,11 +177,15 @@ def _generate(llm: LLM, prompts: list[str], temperature: float = 0.0, first: int
             return logits
         return record
 
-    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, ignore_eos=True,
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True,
                              seed=None if temperature == 0 else 1000 + first + i, logits_processors=[recorder(i)])
               for i in range(len(prompts))]
     tokens = [list(o.token_ids) for o in llm.generate(prompts, params)]
     return [Run(t, d) for t, d in zip(tokens, digests)]
+
+
+def _generate(llm: LLM, prompts: list[str], temperature: float = 0.0, first: int = 0) -> list[Run]:
+    return generate_runs(llm, prompts, MAX_TOKENS, temperature, first)
 
 
 def _in_groups(llm: LLM, size: int, temperature: float = 0.0) -> list[Run]:

@@ -13,8 +13,8 @@ With ``batch_invariant`` (the default) a row's numbers must not depend on how ma
 so each matmul keeps one path for every row count: no stored forms (they compute with the checkpoint's
 exact values, not the packed weight's, so a few-row step would differ from a larger one), hence no
 one-call decode step (it runs on the stored forms); float32 products always take MKL's packed GEMM (or
-F.linear) with the rows padded up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``); oneDNN's bfloat16 product already gives
-a row the same bits at any row count.
+F.linear) with the rows padded up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``); oneDNN's bfloat16 product
+pads a single row to two (its one-row kernel sums some rows in another order).
 
 ``CpuBackend.decode_step`` builds, for one KV cache, the C decode step that runs a whole few-row decode
 step in one call (kernels/cpu/decode_step.py); the engine's model runner calls it where the layer-by-layer
@@ -23,6 +23,7 @@ model would run, as it replays CUDA graphs on a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,14 +103,15 @@ class CpuBackend:
     def pack(self, model: LlamaForCausalLM, layers: bool = True) -> bool:
         """Pack the matmul weights for the GEMM library (MKL float32, oneDNN bfloat16): the LM head's, and
         the decoder layers' unless ``layers`` is False. Returns whether packing applies here. In
-        batch-invariant mode float32 products without MKL's packed GEMM become ``PaddedLinear``."""
-        invariant_f32 = self.batch_invariant and self.dtype == torch.float32
+        batch-invariant mode products without MKL's or oneDNN's packed forms become ``PaddedLinear``."""
+        form: Callable[[Linear], Linear]
         if self.dtype == torch.float32 and mkl_packed.available():
             def form(base: Linear) -> Linear:
                 return MklPackedLinear(base, batch_invariant=self.batch_invariant)
         elif self.dtype == torch.bfloat16 and onednn_packed.available():
-            form = OneDnnLinear
-        elif invariant_f32:
+            def form(base: Linear) -> Linear:
+                return OneDnnLinear(base, batch_invariant=self.batch_invariant)
+        elif self.batch_invariant and self.dtype in (torch.float32, torch.bfloat16):
             form = PaddedLinear
         else:
             return False

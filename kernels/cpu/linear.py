@@ -53,8 +53,8 @@ class MklPackedLinear(Linear):
 
 
 class PaddedLinear(Linear):
-    """F.linear with the rows padded up to a multiple of INVARIANT_ROW_MULTIPLE: float32's batch-invariant product where
-    MKL's packed GEMM is unavailable."""
+    """F.linear with the rows padded up to a multiple of INVARIANT_ROW_MULTIPLE: the batch-invariant product
+    where MKL's packed GEMM (float32) or oneDNN's reordered weights (bfloat16) are unavailable."""
 
     __slots__ = ()
 
@@ -70,15 +70,22 @@ class PaddedLinear(Linear):
 
 class OneDnnLinear(Linear):
     """A bfloat16 weight reordered once into oneDNN's blocked layout (onednn_packed): F.linear's numbers
-    at any row count, without its reorder on every call."""
+    at any row count, without its reorder on every call.
 
-    __slots__ = ("packed",)
+    ``batch_invariant``: a single row is padded to two. oneDNN's one-row product (and F.linear's) sums some
+    rows in another order than at 2 or more rows, which agree with each other (measured: K = 1536, heavy-
+    tailed activations, about one row in six differed by a bfloat16 ulp in an output; M = 2..300 never)."""
 
-    def __init__(self, base: Linear) -> None:
+    __slots__ = ("packed", "batch_invariant")
+
+    def __init__(self, base: Linear, batch_invariant: bool = False) -> None:
         super().__init__(base.weight, base.bias)
         self.packed = onednn_packed.pack(base.weight)
+        self.batch_invariant = batch_invariant
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant and x.shape[0] == 1:
+            return onednn_packed.linear(torch.cat([x, x.new_zeros(x.shape)]), self.packed, self.bias)[:1]
         return onednn_packed.linear(x, self.packed, self.bias)
 
 
