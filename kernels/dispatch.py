@@ -67,10 +67,12 @@ def _on_device(t: torch.Tensor) -> bool:
 class KernelBackend:
     """The kernel entry points a model calls (see the module docstring for ``name``)."""
 
-    def __init__(self, name: str = "auto") -> None:
+    def __init__(self, name: str = "auto", batch_invariant: bool = False) -> None:
         if name not in BACKENDS:
             raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r}")
         self.name = name
+        # attention with one reduction order per query row, whatever the step (cpu.attention.paged_attention_per_row)
+        self.batch_invariant = batch_invariant
         self._triton_failed: str | None = None  # why "auto" stopped using Triton, once it has
         # decode and prefill attention on the CPU: the C decode kernel and the shared-prefix cascade
         self._cpu_attention = functools.partial(
@@ -79,7 +81,7 @@ class KernelBackend:
         )
 
     def __repr__(self) -> str:
-        return f"KernelBackend({self.name!r})"
+        return f"KernelBackend({self.name!r}, batch_invariant={self.batch_invariant})"
 
     @property
     def uses_cpu_kernels(self) -> bool:
@@ -196,9 +198,15 @@ class KernelBackend:
     ) -> torch.Tensor:
         """See ``reference.paged_attention``. On the CPU under ``auto``, decode rows take the compiled C
         kernel, which reads the paged cache in place instead of gathering it into padded tensors, and
-        prefill rows behind a shared cached prefix attend to it once (cpu.attention.paged_prefill_attention)."""
+        prefill rows behind a shared cached prefix attend to it once (cpu.attention.paged_prefill_attention).
+        With ``batch_invariant`` every row there takes the C decode kernel as a row of its own
+        (cpu.attention.paged_attention_per_row): the same bits in a prefill, a chunk or a decode step."""
         ref = reference.paged_attention
         if self.name == "auto" and q.device.type == "cpu" and _cpu_decode_ok(q):
+            if self.batch_invariant:
+                return cpu_attention.paged_attention_per_row(
+                    q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, max_query_len,
+                    max_context_len)
             ref = self._cpu_attention
         return self._call(
             "paged_attention", q, ref,

@@ -274,7 +274,7 @@ def test_a_cpu_engine_writes_only_the_kv_blocks_it_holds_at_once(tiny_model_dir)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     outs = llm.generate(prompts, params)
     longest = max(len(o.prompt_token_ids) for o in outs) + 4
-    assert llm.block_manager.num_blocks_ever_used <= 2 * -(-longest // llm.block_size) + 2
+    assert llm.block_manager.num_blocks_ever_used <= 2 * -(-longest // llm.engine_config.block_size) + 2
     roomy = LLM(str(tiny_model_dir), device="cpu", dtype="float32", max_num_seqs=2, num_blocks=512)
     roomy.block_manager.reuse_freed_first = False
     ref = roomy.generate(prompts, params)

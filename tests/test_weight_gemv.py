@@ -125,7 +125,7 @@ def test_engine_decodes_few_rows_from_stored_weights_with_the_same_tokens(tmp_pa
     types = {"token_embd.weight": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1,
              "attn_output": Q.Q4_0, "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0,
              "output.weight": Q.Q8_0}
-    llm = LLM(str(_write_gguf(tmp_path, types)), device="cpu", dtype="float32")
+    llm = LLM(str(_write_gguf(tmp_path, types)), device="cpu", dtype="float32", batch_invariant=False)
     assert llm.stored_weights == 2 * 4 + 1  # every matmul of both layers, and the LM head
     assert llm.model.layers[0].qkv_proj.stored.fmt == "Q4_1" and llm.model.lm_head.stored.fmt == "Q8_0"
 
@@ -145,7 +145,7 @@ def test_engine_decodes_few_rows_from_stored_weights_with_the_same_tokens(tmp_pa
 
 def test_mixed_formats_of_fused_parts_keep_the_float32_path(tmp_path):
     types = {"attn_q": Q.F16, "attn_k": Q.Q4_0, "attn_v": Q.Q4_1, "ffn_gate": Q.Q8_0, "ffn_up": Q.Q8_0}
-    llm = LLM(str(_write_gguf(tmp_path, types)), device="cpu", dtype="float32")
+    llm = LLM(str(_write_gguf(tmp_path, types)), device="cpu", dtype="float32", batch_invariant=False)
     if not weight_gemv_fast():
         assert llm.stored_weights == 0
         return
@@ -201,3 +201,14 @@ def test_dispatch_fuses_rotary_and_store_only_for_cpu_float32_and_bfloat16(monke
     q, k, v = views(qkv.half())
     KernelBackend().rotary_and_store_kv(positions, q, k, v, cos_sin, cache.half(), cache.half(), slots)
     assert calls == [1, 1]  # float16: the reference's two steps
+
+
+def test_batch_invariant_engine_keeps_no_stored_weights(tmp_path):
+    # The stored forms compute with the checkpoint's exact values, not the packed weight's: a row's numbers
+    # would depend on whether its step has few rows. The default (batch-invariant) engine keeps none, and
+    # so has no one-call decode step (it runs on them).
+    types = {"attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "ffn_gate": Q.Q8_0, "ffn_up": Q.Q8_0}
+    llm = LLM(str(_write_gguf(tmp_path, types)), device="cpu", dtype="float32")
+    assert llm.engine_info["batch_invariant"] is True
+    assert llm.stored_weights == 0 and llm.runner.cpu_decode is None
+    assert not any(isinstance(getattr(layer, name), StoredLinear) for layer in llm.model.layers for name in MATMUL_SOURCES)

@@ -65,6 +65,10 @@ class EngineArgs:
     load_format: str = "auto"
     quantization: str | None = None
     seed: int = 0
+    # A row's tokens independent of what else shares its steps (one matmul path per weight whatever the row
+    # count, one attention reduction order per query row whatever the step); False keeps the faster paths
+    # whose numbers depend on the step (few-row matmuls, dense prefill attention, the shared-prefix cascade).
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_KINDS:
@@ -111,6 +115,7 @@ class EngineConfig:
     kv_cache: str
     cuda_graphs: bool
     seed: int
+    batch_invariant: bool
 
     @classmethod
     def resolve(cls, args: EngineArgs, model: str, model_config: ModelConfig, device: torch.device,
@@ -136,6 +141,9 @@ class EngineConfig:
             enable_prefix_caching=prefix_caching, kv_cache=args.kv_cache,
             # CUDA graphs for decode steps on a GPU (enforce_eager=True turns them off, e.g. to debug)
             cuda_graphs=device.type == "cuda" and not args.enforce_eager, seed=args.seed,
+            # what was asked and can be kept: the per-row kernels exist on the CPU's compiled path only (the
+            # torch reference pads a step's rows together; the Triton kernels are not checked for it)
+            batch_invariant=args.batch_invariant and device.type == "cpu" and kernel_path == "cpu-c",
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -152,5 +160,6 @@ class EngineConfig:
             f"quantization {self.quantization or 'none'}; KV cache {self.num_blocks} blocks x {self.block_size} "
             f"tokens ({self.kv_cache}, prefix caching {'on' if self.enable_prefix_caching else 'off'}); "
             f"batch {self.max_num_seqs} seqs / {self.max_num_batched_tokens} tokens; max_model_len "
-            f"{self.max_model_len}; CUDA graphs {'on' if self.cuda_graphs else 'off'}"
+            f"{self.max_model_len}; CUDA graphs {'on' if self.cuda_graphs else 'off'}; batch-invariant "
+            f"{'on' if self.batch_invariant else 'off'}"
         )

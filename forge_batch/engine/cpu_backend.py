@@ -9,6 +9,13 @@ one-call decode step.
 - for steps of a few rows, the checkpoint's own storage format when it is smaller (a 4-bit GGUF,
   bfloat16 safetensors): the same products from a fraction of the bytes (``weight_gemv``).
 
+With ``batch_invariant`` (the default) a row's numbers must not depend on how many rows share its step,
+so each matmul keeps one path for every row count: no stored forms (they compute with the checkpoint's
+exact values, not the packed weight's, so a few-row step would differ from a larger one), hence no
+one-call decode step (it runs on the stored forms); float32 products always take MKL's packed GEMM (or
+F.linear) with the rows padded up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``); oneDNN's bfloat16 product
+pads a single row to two (its one-row kernel sums some rows in another order).
+
 ``CpuBackend.decode_step`` builds, for one KV cache, the C decode step that runs a whole few-row decode
 step in one call (kernels/cpu/decode_step.py); the engine's model runner calls it where the layer-by-layer
 model would run, as it replays CUDA graphs on a GPU.
@@ -16,6 +23,7 @@ model would run, as it replays CUDA graphs on a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +32,13 @@ from torch import nn
 from forge_batch.kernels import KernelBackend, Linear
 from forge_batch.kernels.cpu import build, mkl_packed, onednn_packed
 from forge_batch.kernels.cpu.decode_step import DecodeLayerWeights, DecodeStep
-from forge_batch.kernels.cpu.linear import Int8Linear, MklPackedLinear, OneDnnLinear, StoredLinear
+from forge_batch.kernels.cpu.linear import (
+    Int8Linear,
+    MklPackedLinear,
+    OneDnnLinear,
+    PaddedLinear,
+    StoredLinear,
+)
 from forge_batch.kernels.cpu.stored import (
     WEIGHT_FORMATS,
     WEIGHT_GEMV_MAX_ROWS,
@@ -57,10 +71,12 @@ def _linears(model: LlamaForCausalLM, layers: bool = True) -> list[tuple[nn.Modu
 class CpuBackend:
     """The CPU's fast paths for one engine: float32 or bfloat16 models (other dtypes run as they are)."""
 
-    def __init__(self, kernels: KernelBackend, dtype: torch.dtype, quantization: str | None = None) -> None:
+    def __init__(self, kernels: KernelBackend, dtype: torch.dtype, quantization: str | None = None,
+                 batch_invariant: bool = True) -> None:
         self.kernels = kernels
         self.dtype = dtype
         self.quantization = quantization
+        self.batch_invariant = batch_invariant
         if self.keeps_stored_weights:
             build.build_in_background()  # a first run on a machine compiles while the weights load
         if quantization == "int8" and not build.available():
@@ -68,8 +84,9 @@ class CpuBackend:
 
     @property
     def keeps_stored_weights(self) -> bool:
-        """Whether the model's checkpoint formats are worth loading (``prepare_weights(..., raw)``)."""
-        return self.dtype in (torch.float32, torch.bfloat16)
+        """Whether the model's checkpoint formats are worth loading (``prepare_weights(..., raw)``): not in
+        batch-invariant mode (see the module docstring)."""
+        return self.dtype in (torch.float32, torch.bfloat16) and not self.batch_invariant
 
     @torch.inference_mode()
     def prepare_weights(self, model: LlamaForCausalLM, raw: dict[str, RawWeight] | None = None) -> PreparedWeights:
@@ -85,16 +102,22 @@ class CpuBackend:
 
     def pack(self, model: LlamaForCausalLM, layers: bool = True) -> bool:
         """Pack the matmul weights for the GEMM library (MKL float32, oneDNN bfloat16): the LM head's, and
-        the decoder layers' unless ``layers`` is False. Returns whether packing applies here."""
+        the decoder layers' unless ``layers`` is False. Returns whether packing applies here. In
+        batch-invariant mode products without MKL's or oneDNN's packed forms become ``PaddedLinear``."""
+        form: Callable[[Linear], Linear]
         if self.dtype == torch.float32 and mkl_packed.available():
-            form: type[Linear] = MklPackedLinear
+            def form(base: Linear) -> Linear:
+                return MklPackedLinear(base, batch_invariant=self.batch_invariant)
         elif self.dtype == torch.bfloat16 and onednn_packed.available():
-            form = OneDnnLinear
+            def form(base: Linear) -> Linear:
+                return OneDnnLinear(base, batch_invariant=self.batch_invariant)
+        elif self.batch_invariant and self.dtype in (torch.float32, torch.bfloat16):
+            form = PaddedLinear
         else:
             return False
         for owner, name, _ in _linears(model, layers):
             setattr(owner, name, form(getattr(owner, name)))
-        return True
+        return form is not PaddedLinear
 
     def keep_stored(self, model: LlamaForCausalLM, raw: dict[str, RawWeight] | None, layers: bool = True) -> int:
         """Keep the matmul weights also in their checkpoint's storage format, for steps of a few rows. Fused

@@ -217,6 +217,7 @@ class LLM:
         enforce_eager: bool = False,
         load_format: str = "auto",
         quantization: str | None = None,
+        batch_invariant: bool = True,
         tokenizer: str | None = None,
         gpu_memory_utilization: float | None = None,
         revision: str | None = None,
@@ -237,13 +238,15 @@ class LLM:
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                           kv_cache=kv_cache, kernel_backend=kernel_backend, enforce_eager=enforce_eager,
-                          load_format=load_format, quantization=quantization, seed=seed)
+                          load_format=load_format, quantization=quantization, seed=seed,
+                          batch_invariant=batch_invariant)
         device_, dtype_ = args.placement()
         if gpu_memory_utilization is not None and device_.type != "cuda":
             raise ValueError("gpu_memory_utilization is a GPU's memory share; on the CPU size the KV cache with "
                              "num_blocks= (or max_model_len= and max_num_seqs=)")
-        kernels = KernelBackend(args.kernel_name)
-        cpu = CpuBackend(kernels, dtype_, args.quantization) if device_.type == "cpu" else None
+        kernels = KernelBackend(args.kernel_name, batch_invariant=args.batch_invariant)
+        cpu = (CpuBackend(kernels, dtype_, args.quantization, batch_invariant=args.batch_invariant)
+               if device_.type == "cpu" else None)
         raw: dict[str, RawWeight] | None = {} if cpu is not None and cpu.keeps_stored_weights else None
         model_config, net, tokenizer_ = load_model(model, args, device_, dtype_, kernels, raw)
         if tokenizer is not None:
@@ -276,7 +279,7 @@ class LLM:
     @property
     def engine_info(self) -> dict[str, Any]:
         """What decides this engine's numbers, resolved (never ``auto``): the model's content digest, device,
-        dtype, quantization, context length and kernel path. Recorded with a job's output, and compared
+        dtype, quantization, context length, kernel path and whether the matmuls are batch-invariant. Recorded with a job's output, and compared
         when a job resumes, because any of them can change a row's tokens."""
         if self._model_digest is None and self.model_source is not None:
             from forge_batch.models.registry import model_digest
@@ -290,6 +293,7 @@ class LLM:
             "quantization": config.quantization,
             "max_model_len": config.max_model_len,
             "kernel_path": config.kernel_path,
+            "batch_invariant": config.batch_invariant,
         }
 
     def get_tokenizer(self) -> Tokenizer:

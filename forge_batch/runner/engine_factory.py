@@ -19,7 +19,8 @@ ENGINE_FACTORY_ENV = "FORGE_BATCH_ENGINE_FACTORY"
 
 # What an engine must keep for a resumed run to write what the interrupted one would have: each of these
 # can change a row's tokens (the model's content, not its name; the resolved dtype, not "auto").
-ENGINE_IDENTITY = ("model_digest", "device", "dtype", "quantization", "max_model_len", "kernel_path")
+ENGINE_IDENTITY = ("model_digest", "device", "dtype", "quantization", "max_model_len", "kernel_path",
+                   "batch_invariant")
 
 
 def default_engine_factory(job: JobSpec, *, samplers: dict[str, Any], constraints: dict[str, Any]) -> Any:

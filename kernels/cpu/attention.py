@@ -1,6 +1,11 @@
 """Paged attention on the CPU: decode rows through the C kernel (reading the paged cache in place with an
 online softmax), and the cascade over a prefix every sequence shares, for decode and prefill alike.
-Same contracts as reference.paged_attention's decode and prefill parts (tests compare them)."""
+Same contracts as reference.paged_attention's decode and prefill parts (tests compare them).
+
+``paged_attention_per_row`` is the batch-invariant form: every query row, whether of a prefill, a chunk
+over a cached prefix or a decode step, goes through the C decode kernel as a row of its own (its keys in
+the cache's blocks, in sequence order, one online softmax left to right), so its bits depend only on its
+query and its keys, never on the step's other rows, its kind, or the prefix cache."""
 
 from __future__ import annotations
 
@@ -166,3 +171,29 @@ def paged_decode_attention(
        ptr(init_out), ptr(init_lse),
        b, h, hkv, d, block_size, tables.shape[1], shared, float(scale), torch.get_num_threads())
     return out
+
+
+def paged_attention_per_row(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+    max_context_len: int | None = None,
+) -> torch.Tensor:
+    """reference.paged_attention (q [T, H, D] -> [T, H, D]) with one reduction order per query row: the
+    token at position p of its sequence is a decode row with context p + 1 over its sequence's block table,
+    without the shared-prefix cascade. A prefill's rows read their keys once per row instead of sharing a
+    dense product (slower for long prompts; BENCHMARKS.md has the cost)."""
+    if max_query_len == 1 or q.shape[0] == block_tables.shape[0]:  # one token per sequence: decode rows
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, cascade=False)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    seq = torch.repeat_interleave(torch.arange(q_lens.numel(), device=q.device), q_lens, output_size=q.shape[0])
+    # token t of sequence s sits at position context_lens[s] - (query_start_loc[s + 1] - t) and sees keys up to it
+    row_ctx = context_lens.index_select(0, seq) - query_start_loc[1:].index_select(0, seq) + 1 + torch.arange(
+        q.shape[0], device=q.device)
+    tables = block_tables.index_select(0, seq)
+    return paged_decode_attention(q, k_cache, v_cache, tables, row_ctx, scale, cascade=False)

@@ -15,37 +15,77 @@ from . import int8, mkl_packed, onednn_packed, stored
 # Below 16 rows MKL's packed GEMM sums in another order than F.linear (and the few-row steps have their
 # own paths), so those rows keep F.linear.
 PACKED_MIN_ROWS = 16
+# float32 GEMMs (MKL's packed one and F.linear) sum a row in one order whenever the row count is a multiple
+# of 4 or at least 12, and in others for the last rows of 1-11 (measured on AVX-512, 1-4 threads, M=1..300);
+# a batch-invariant product pads its rows up to a multiple of this.
+INVARIANT_ROW_MULTIPLE = 4
+
+
+def pad_rows(x: torch.Tensor, multiple: int = INVARIANT_ROW_MULTIPLE) -> torch.Tensor:
+    """``x`` [M, K] with zero rows appended up to a multiple of ``multiple`` rows."""
+    extra = -x.shape[0] % multiple
+    return torch.cat([x, x.new_zeros(extra, x.shape[1])]) if extra else x
 
 
 class MklPackedLinear(Linear):
     """A float32 weight packed once into MKL's GEMM layout (mkl_packed): the decode steps' skinny
-    matmuls 20-40% faster at any row count from PACKED_MIN_ROWS, F.linear's numbers."""
+    matmuls 20-40% faster at any row count from PACKED_MIN_ROWS, F.linear's numbers.
 
-    __slots__ = ("packed",)
+    ``batch_invariant``: every row count takes the packed GEMM, padded up to a multiple of INVARIANT_ROW_MULTIPLE rows, so
+    a row's result has the same bits whatever the number of rows beside it."""
 
-    def __init__(self, base: Linear) -> None:
+    __slots__ = ("packed", "batch_invariant")
+
+    def __init__(self, base: Linear, batch_invariant: bool = False) -> None:
         super().__init__(base.weight, base.bias)
         self.packed = mkl_packed.pack(base.weight)
+        self.batch_invariant = batch_invariant
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:
             x = x.to(self.weight.dtype)
+        if self.batch_invariant:
+            m = x.shape[0]
+            return mkl_packed.linear(pad_rows(x), self.packed, self.bias)[:m]
         if x.shape[0] >= PACKED_MIN_ROWS:
             return mkl_packed.linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-class OneDnnLinear(Linear):
-    """A bfloat16 weight reordered once into oneDNN's blocked layout (onednn_packed): F.linear's numbers
-    at any row count, without its reorder on every call."""
+class PaddedLinear(Linear):
+    """F.linear with the rows padded up to a multiple of INVARIANT_ROW_MULTIPLE: the batch-invariant product
+    where MKL's packed GEMM (float32) or oneDNN's reordered weights (bfloat16) are unavailable."""
 
-    __slots__ = ("packed",)
+    __slots__ = ()
 
     def __init__(self, base: Linear) -> None:
         super().__init__(base.weight, base.bias)
-        self.packed = onednn_packed.pack(base.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
+        m = x.shape[0]
+        return F.linear(pad_rows(x), self.weight, self.bias)[:m]
+
+
+class OneDnnLinear(Linear):
+    """A bfloat16 weight reordered once into oneDNN's blocked layout (onednn_packed): F.linear's numbers
+    at any row count, without its reorder on every call.
+
+    ``batch_invariant``: a single row is padded to two. oneDNN's one-row product (and F.linear's) sums some
+    rows in another order than at 2 or more rows, which agree with each other (measured: K = 1536, heavy-
+    tailed activations, about one row in six differed by a bfloat16 ulp in an output; M = 2..300 never)."""
+
+    __slots__ = ("packed", "batch_invariant")
+
+    def __init__(self, base: Linear, batch_invariant: bool = False) -> None:
+        super().__init__(base.weight, base.bias)
+        self.packed = onednn_packed.pack(base.weight)
+        self.batch_invariant = batch_invariant
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant and x.shape[0] == 1:
+            return onednn_packed.linear(torch.cat([x, x.new_zeros(x.shape)]), self.packed, self.bias)[:1]
         return onednn_packed.linear(x, self.packed, self.bias)
 
 
