@@ -144,3 +144,14 @@ def test_figures_on_resume_are_this_runs_and_counts_the_whole_jobs(tiny_model_di
     assert s["latency"]["ttft_s"]["count"] == 3 and s["latency"]["latency_s"]["count"] == 3  # this run's rows
     this_run_tokens = s["this_run"]["completion_tokens"]
     assert s["latency"]["itl_s"]["count"] == this_run_tokens - 3
+
+
+def test_throughput_series_spreads_a_rows_tokens_over_its_decode() -> None:
+    series = ThroughputSeries(interval_s=1.0, max_points=8)
+    series.add(5.0, 1, 0)
+    series.add_span(1.0, 5.0, 100)  # first token at 1 s, finished at 5 s
+    assert series.rows == [0, 0, 0, 0, 0, 1]
+    assert series.tokens == pytest.approx([0, 25, 25, 25, 25, 0])
+    series.add_span(2.5, 20.0, 70)  # coarsens to 4 s buckets, keeps every token
+    assert series.interval_s == 4.0 and sum(series.tokens) == pytest.approx(170)
+    assert series.tokens[0] == pytest.approx(75 + 70 * 1.5 / 17.5)

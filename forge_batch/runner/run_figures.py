@@ -26,7 +26,7 @@ class ThroughputSeries:
         self.interval_s = interval_s
         self.max_points = max_points
         self.rows: list[int] = []
-        self.tokens: list[int] = []
+        self.tokens: list[float] = []
 
     def add(self, t: float, rows: int, tokens: int) -> None:
         """Count ``rows`` finished rows and ``tokens`` output tokens at ``t`` seconds after the start."""
@@ -41,8 +41,23 @@ class ThroughputSeries:
         self.rows[index] += rows
         self.tokens[index] += tokens
 
+    def add_span(self, start: float, end: float, tokens: int) -> None:
+        """Count ``tokens`` output tokens generated evenly between ``start`` and ``end`` seconds: a row's
+        tokens come out over its decode, not at the moment it finishes (a batch of rows that all finish
+        together would otherwise show as a burst after a flat line)."""
+        start, end = max(start, 0.0), max(end, 0.0)
+        self.add(end, 0, 0)  # the buckets up to ``end`` exist and the interval is final for this span
+        if end - start < 1e-9:
+            self.tokens[int(end / self.interval_s)] += tokens
+            return
+        first, last = int(start / self.interval_s), int(end / self.interval_s)
+        for i in range(first, last + 1):
+            lo, hi = max(start, i * self.interval_s), min(end, (i + 1) * self.interval_s)
+            if hi > lo:
+                self.tokens[i] += tokens * (hi - lo) / (end - start)
+
     def _coarsen(self) -> None:
-        def pairs(xs: list[int]) -> list[int]:
+        def pairs(xs: list) -> list:
             return [sum(xs[i : i + 2]) for i in range(0, len(xs), 2)]
 
         self.rows, self.tokens = pairs(self.rows), pairs(self.tokens)
@@ -75,10 +90,16 @@ class RunFigures:
         """One finished row's records (all its samples). A row's TTFT and latency count once, and only when
         it generated tokens (a row that failed before the engine has no meaningful timings)."""
         tokens = sum(int(r.get("completion_tokens") or 0) for r in records)
-        self.series.add(time.monotonic() - self.t0, 1, tokens)
+        now = time.monotonic() - self.t0
+        self.series.add(now, 1, 0)
         if tokens <= 0:
             return
         first = records[0]
+        ttft, latency = first.get("ttft_s"), first.get("latency_s")
+        if isinstance(ttft, (int, float)) and isinstance(latency, (int, float)):
+            self.series.add_span(now - latency + ttft, now, tokens)  # from its first token to now
+        else:
+            self.series.add(now, 0, tokens)
         if isinstance(first.get("ttft_s"), (int, float)):
             self.ttft.add(float(first["ttft_s"]))
         if isinstance(first.get("latency_s"), (int, float)):
