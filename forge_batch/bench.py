@@ -171,21 +171,11 @@ def run_transformers(model_path: Path, workload: str, prompts, max_tokens: int, 
     figures the performance targets are stated against; from 5.24 transformers can instead keep the 4-bit blocks and run its own
     quantized matmuls ("packed"), a different, quantized engine that is reported as such."""
     import torch
-    import transformers
 
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    from forge_batch.bench_hf import load_transformers
+
     t_load = time.monotonic()
-    where: tuple[Path, dict[str, Any]] = (model_path, {})
-    if not model_path.is_dir():
-        where = (model_path.parent, {"gguf_file": model_path.name})
-    tok = transformers.AutoTokenizer.from_pretrained(where[0], **where[1])
-    gguf_config = getattr(transformers, "GgufConfig", None)
-    if not model_path.is_dir() and gguf_config is not None:
-        try:
-            where[1]["quantization_config"] = gguf_config(dequantize=gguf_weights == "dense")
-        except TypeError:  # a GgufConfig without the choice: this transformers unpacks GGUF files anyway
-            gguf_config = None
-    model = transformers.AutoModelForCausalLM.from_pretrained(where[0], dtype=torch_dtype, **where[1]).eval()
+    tok, model, weights = load_transformers(model_path, dtype, gguf_weights)
     load_s = time.monotonic() - t_load
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -210,7 +200,7 @@ def run_transformers(model_path: Path, workload: str, prompts, max_tokens: int, 
         r = Result("transformers", workload, out_tokens / wall, (out_tokens + prompt_tokens) / wall,
                    None, None, None, wall, _rss_mb(),
                    {"batch_size": bs, "dtype": dtype, "load_s": round(load_s, 2),
-                    "weights": "dense" if model_path.is_dir() or gguf_config is None else f"gguf-{gguf_weights}"})
+                    "weights": weights})
         if best is None or r.output_tok_s > best.output_tok_s:
             best = r
     assert best is not None

@@ -34,18 +34,10 @@ def hf_checkpoint(model_path: Path, dtype: str, cache_root: Path | None = None) 
     target = root / f"{content_digest([model_path]).split(':')[-1]}-{dtype}"
     if (target / "config.json").exists():
         return target
-    import torch
-    import transformers
+    from forge_batch.bench_hf import load_transformers
 
     print(f"dequantizing {model_path.name} to an HF directory for vLLM ({target}) ...", file=sys.stderr)
-    where = {"gguf_file": model_path.name}
-    gguf_config = getattr(transformers, "GgufConfig", None)
-    model_kwargs: dict[str, Any] = dict(where)
-    if gguf_config is not None:
-        model_kwargs["quantization_config"] = gguf_config(dequantize=True)
-    tok = transformers.AutoTokenizer.from_pretrained(model_path.parent, **where)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_path.parent, dtype={"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype], **model_kwargs)
+    tok, model, _ = load_transformers(model_path, dtype, gguf_weights="dense")
     partial = target.with_name(target.name + ".partial")
     model.save_pretrained(partial)
     tok.save_pretrained(partial)
