@@ -10,11 +10,13 @@ one-call decode step.
   bfloat16 safetensors): the same products from a fraction of the bytes (``weight_gemv``).
 
 With ``batch_invariant`` (the default) a row's numbers must not depend on how many rows share its step,
-so each matmul keeps one path for every row count: no stored forms (they compute with the checkpoint's
-exact values, not the packed weight's, so a few-row step would differ from a larger one), hence no
-one-call decode step (it runs on the stored forms); float32 products always take MKL's packed GEMM (or
-F.linear) with the rows padded up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``); oneDNN's bfloat16 product
-pads a single row to two (its one-row kernel sums some rows in another order).
+so each matmul computes a row's sums one way for every row count: no float32 stored forms (they compute
+with the checkpoint's exact values, not the packed weight's, so a few-row step would differ from a larger
+one), hence no one-call decode step (it runs on the stored forms); float32 products always take MKL's
+packed GEMM (or F.linear) with the rows padded up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``); oneDNN's
+bfloat16 product pads a single row to two (its one-row kernel sums some rows in another order), and where
+the checkpoint stores a weight as 4/8-bit blocks, steps of a few rows read those blocks instead with
+oneDNN's bits (``PanelLinear``: kernels/cpu/panel_product.py checks the bits against oneDNN per weight).
 
 ``CpuBackend.decode_step`` builds, for one KV cache, the C decode step that runs a whole few-row decode
 step in one call (kernels/cpu/decode_step.py); the engine's model runner calls it where the layer-by-layer
@@ -23,20 +25,21 @@ model would run, as it replays CUDA graphs on a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from forge_batch.kernels import KernelBackend, Linear
-from forge_batch.kernels.cpu import build, mkl_packed, onednn_packed
+from forge_batch.kernels.cpu import build, mkl_packed, onednn_packed, panel_product
 from forge_batch.kernels.cpu.decode_step import DecodeLayerWeights, DecodeStep
 from forge_batch.kernels.cpu.linear import (
     Int8Linear,
     MklPackedLinear,
     OneDnnLinear,
     PaddedLinear,
+    PanelLinear,
     StoredLinear,
 )
 from forge_batch.kernels.cpu.stored import (
@@ -68,6 +71,27 @@ def _linears(model: LlamaForCausalLM, layers: bool = True) -> list[tuple[nn.Modu
     return found + [(model, "lm_head", (LM_HEAD_SOURCE[model.config.tie_word_embeddings],))]
 
 
+def _stored_forms(model: LlamaForCausalLM, raw: dict[str, RawWeight], layers: bool = True,
+                  ) -> Iterator[tuple[nn.Module, str, Linear, StoredWeight]]:
+    """(owner, attribute, matmul, its weight in the checkpoint's storage format) for each of the model's
+    matmuls stored in a format weight_gemv reads; fused weights (Q/K/V, gate/up) where their parts share a
+    format. Consumes ``raw``: each tensor's bytes go as soon as they are converted."""
+
+    def stored(name: str) -> StoredWeight | None:
+        r = raw.pop(name, None)
+        return None if r is None or r.fmt not in WEIGHT_FORMATS else StoredWeight.from_blocks(
+            r.fmt, r.data, r.rows, r.cols)
+
+    for owner, name, sources in _linears(model, layers):
+        parts = [stored(s) for s in sources]
+        if any(p is None for p in parts):
+            continue
+        s = parts[0] if len(parts) == 1 else StoredWeight.concat(parts)  # type: ignore[arg-type]
+        linear = getattr(owner, name)
+        if s is not None and (s.rows, s.cols) == tuple(linear.weight.shape):
+            yield owner, name, linear, s
+
+
 class CpuBackend:
     """The CPU's fast paths for one engine: float32 or bfloat16 models (other dtypes run as they are)."""
 
@@ -84,9 +108,11 @@ class CpuBackend:
 
     @property
     def keeps_stored_weights(self) -> bool:
-        """Whether the model's checkpoint formats are worth loading (``prepare_weights(..., raw)``): not in
-        batch-invariant mode (see the module docstring)."""
-        return self.dtype in (torch.float32, torch.bfloat16) and not self.batch_invariant
+        """Whether the model's checkpoint formats are worth loading (``prepare_weights(..., raw)``): in
+        batch-invariant mode only for a bfloat16 model's panel products (see the module docstring)."""
+        if self.batch_invariant:
+            return self.dtype == torch.bfloat16
+        return self.dtype in (torch.float32, torch.bfloat16)
 
     @torch.inference_mode()
     def prepare_weights(self, model: LlamaForCausalLM, raw: dict[str, RawWeight] | None = None) -> PreparedWeights:
@@ -97,7 +123,10 @@ class CpuBackend:
             for owner, name, _ in _linears(model)[:-1]:
                 setattr(owner, name, Int8Linear(getattr(owner, name)))
         packed = self.pack(model, layers=not int8)
-        stored = self.keep_stored(model, raw, layers=not int8) if raw and weight_gemv_fast() else 0
+        if self.batch_invariant:
+            stored = self.keep_panels(model, raw) if raw and not int8 else 0
+        else:
+            stored = self.keep_stored(model, raw, layers=not int8) if raw and weight_gemv_fast() else 0
         return PreparedWeights(packed=packed, stored=stored, int8=int8)
 
     def pack(self, model: LlamaForCausalLM, layers: bool = True) -> bool:
@@ -125,21 +154,30 @@ class CpuBackend:
         LM head's. Consumes ``raw``; returns how many of the model's matmuls are kept."""
         if not raw or not self.keeps_stored_weights:
             return 0
-
-        def stored(name: str) -> StoredWeight | None:
-            r = raw.pop(name, None)  # each tensor is used once: its bytes go as soon as they are converted
-            return None if r is None or r.fmt not in WEIGHT_FORMATS else StoredWeight.from_blocks(
-                r.fmt, r.data, r.rows, r.cols)
-
         kept = 0
-        for owner, name, sources in _linears(model, layers):
-            parts = [stored(s) for s in sources]
-            if any(p is None for p in parts):
+        for owner, name, linear, s in _stored_forms(model, raw, layers):
+            setattr(owner, name, StoredLinear(linear, s))
+            kept += 1
+        return kept
+
+    def keep_panels(self, model: LlamaForCausalLM, raw: dict[str, RawWeight]) -> int:
+        """Batch-invariant bfloat16: give each oneDNN product whose checkpoint stores 4/8-bit blocks a panel
+        product with oneDNN's bits for steps of a few rows (``PanelLinear``). Consumes ``raw``; returns how
+        many products got one."""
+        if not panel_product.available_here():
+            raw.clear()
+            return 0
+        kept = 0
+        k_blocks: dict[tuple[int, int], int] = {}  # oneDNN's order is the shape's: found once, checked per weight
+        for owner, name, linear, s in _stored_forms(model, raw):
+            if not isinstance(linear, OneDnnLinear) or linear.bias is not None:
                 continue
-            s = parts[0] if len(parts) == 1 else StoredWeight.concat(parts)  # type: ignore[arg-type]
-            linear = getattr(owner, name)
-            if s is not None and (s.rows, s.cols) == tuple(linear.weight.shape):
-                setattr(owner, name, StoredLinear(linear, s))
+            known = k_blocks.get((s.rows, s.cols))
+            panel = (panel_product.match_onednn(s, linear.packed, (known,), probe=panel_product.PANEL_MAX_ROWS)
+                     if known else panel_product.match_onednn(s, linear.packed))
+            if panel is not None:
+                k_blocks[(s.rows, s.cols)] = panel.k_block
+                setattr(owner, name, PanelLinear(linear, panel))
                 kept += 1
         return kept
 

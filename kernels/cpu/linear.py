@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..linear import Linear
-from . import int8, mkl_packed, onednn_packed, stored
+from . import int8, mkl_packed, onednn_packed, panel_product, stored
 
 # Below 16 rows MKL's packed GEMM sums in another order than F.linear (and the few-row steps have their
 # own paths), so those rows keep F.linear.
@@ -86,6 +86,24 @@ class OneDnnLinear(Linear):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant and x.shape[0] == 1:
             return onednn_packed.linear(torch.cat([x, x.new_zeros(x.shape)]), self.packed, self.bias)[:1]
+        return onednn_packed.linear(x, self.packed, self.bias)
+
+
+class PanelLinear(OneDnnLinear):
+    """A batch-invariant oneDNN product whose steps of up to PANEL_MAX_ROWS rows read the checkpoint's
+    4/8-bit blocks (panel_product: a third of the bfloat16 weight's bytes) with oneDNN's bits."""
+
+    __slots__ = ("panel",)
+
+    def __init__(self, base: OneDnnLinear, panel: panel_product.PanelWeight) -> None:
+        Linear.__init__(self, base.weight, base.bias)
+        self.packed = base.packed
+        self.batch_invariant = True
+        self.panel = panel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= panel_product.PANEL_MAX_ROWS:
+            return panel_product.panel_product(x, self.panel)
         return onednn_packed.linear(x, self.packed, self.bias)
 
 

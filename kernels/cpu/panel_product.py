@@ -1,0 +1,121 @@
+"""A few bfloat16 rows times a weight read from its GGUF blocks, with the bits oneDNN's bfloat16 GEMM gives
+the same rows inside a batch (csrc/panel_product.c).
+
+A batch-invariant bfloat16 engine runs every product through oneDNN, whose results for a row are the same
+at 2 to 300 rows (a single row is padded to two). A one-row decode step then reads the whole bfloat16
+model per token; from the checkpoint's 4-bit blocks it reads a third of the bytes. ``match_onednn``
+repacks a stored weight into 16-column panels and finds the k-block order that reproduces oneDNN's sums on
+this CPU (it varies with the shape: 512 for k <= 1024 on an AVX512-BF16 EPYC, 1024 above), checking the
+bits on probe rows; where none does (another oneDNN kernel, e.g. AMX), the weight keeps oneDNN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import onednn_packed
+from .build import available, lib
+from .stored import StoredWeight
+
+# Rows a panel product takes at once (csrc: PANEL_MAX_ROWS); more rows loop over groups of these.
+PANEL_MAX_ROWS = 4
+_TYPE_IDS = {"Q4_1": 3, "Q8_0": 8}
+# oneDNN's k-blocking candidates, the likeliest first; the whole k (one sequential sum) last.
+K_BLOCKS = (512, 1024, 256, 2048)
+# Probe rows for the bit check: heavy-tailed, as real activations are (an order difference shows up in
+# about one output of 10^4 with these; 64 rows of a 576-column weight give ~4 expected mismatches).
+PROBE_ROWS = 64
+
+
+@dataclass(frozen=True)
+class PanelWeight:
+    """An [n, k] weight's quantised values and float16 scales in 16-column panels (csrc's layout), with the
+    k-block order its sums follow."""
+
+    fmt: str
+    values: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    n: int
+    k: int
+    k_block: int
+
+    @staticmethod
+    def supports(stored: StoredWeight) -> bool:
+        """Whether a stored weight can be repacked: a known format, whole 16-column groups."""
+        return stored.fmt in _TYPE_IDS and stored.rows % 16 == 0 and stored.cols % 32 == 0
+
+    @classmethod
+    def from_stored(cls, stored: StoredWeight, k_block: int) -> PanelWeight:
+        """Repack ``stored`` (the GGUF blocks as StoredWeight keeps them) into panels."""
+        n, k = stored.rows, stored.cols
+        if not cls.supports(stored):
+            raise ValueError(f"cannot repack a {stored.fmt} weight [{n}, {k}] into panels")
+        if stored.fmt == "Q4_1":
+            nibbles = stored.values.reshape(n, k // 32, 16)
+            q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2).reshape(n, k)  # element j low, j + 16 high
+            pairs = q.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3)
+            values = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()  # [groups, k/2, 16]
+        else:
+            q = stored.values.view(torch.int8).reshape(n // 16, 16, k // 2, 2)
+            values = q.permute(0, 2, 3, 1).contiguous()  # [groups, k/2, 2, 16]
+
+        def panels(per_block: torch.Tensor | None) -> torch.Tensor | None:
+            if per_block is None:
+                return None  # float32 copies of float16 values: back to float16 exactly
+            return per_block.half().reshape(n // 16, 16, k // 32).permute(0, 2, 1).contiguous()
+
+        scales = panels(stored.scales)
+        assert scales is not None
+        return cls(stored.fmt, values.view(torch.uint8), scales, panels(stored.mins), n, k, k_block)
+
+
+def available_here() -> bool:
+    """Whether the compiled kernels have the AVX512-BF16 panel product (built for this CPU)."""
+    return available() and bool(lib().panel_product_simd())
+
+
+def panel_product(x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
+    """x [rows, k] (bfloat16) times ``weight`` -> [rows, n] bfloat16."""
+    x = x.to(torch.bfloat16).contiguous()
+    if x.dim() != 2 or x.shape[1] != weight.k:
+        raise ValueError(f"panel_product takes [rows, {weight.k}], got {list(x.shape)}")
+    out = torch.empty((x.shape[0], weight.n), dtype=torch.bfloat16)
+    mins = 0 if weight.mins is None else weight.mins.data_ptr()
+    for r0 in range(0, x.shape[0], PANEL_MAX_ROWS):
+        rows = min(PANEL_MAX_ROWS, x.shape[0] - r0)
+        lib().panel_product_bf16(weight.values.data_ptr(), weight.scales.data_ptr(), mins, _TYPE_IDS[weight.fmt],
+                                 weight.n, weight.k, weight.k_block, x[r0].data_ptr(), rows, out[r0].data_ptr(),
+                                 torch.get_num_threads())
+    return out
+
+
+def probe_rows(k: int, seed: int = 0) -> torch.Tensor:
+    """Heavy-tailed bfloat16 rows [PROBE_ROWS, k] for the bit check."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(PROBE_ROWS, k, generator=g) * torch.exp(2 * torch.randn(PROBE_ROWS, k, generator=g))
+            ).bfloat16()
+
+
+@torch.inference_mode()
+def match_onednn(stored: StoredWeight, packed: onednn_packed.OneDnnWeight, k_blocks: tuple[int, ...] = K_BLOCKS,
+                 probe: int = PROBE_ROWS) -> PanelWeight | None:
+    """``stored`` repacked with the first of ``k_blocks`` whose products equal oneDNN's on ``packed`` (the same
+    weight as the model holds it) bit for bit on ``probe`` heavy-tailed rows, or None where none does. Finding
+    a shape's order takes PROBE_ROWS; a few rows suffice to check another weight of a shape whose order is
+    known (a wrong weight or layout shows in most outputs, a wrong order in about one in 10^4)."""
+    if not (available_here() and PanelWeight.supports(stored)) or (stored.rows, stored.cols) != (packed.n, packed.k):
+        return None
+    x = probe_rows(stored.cols)[:probe]
+    expected = onednn_packed.linear(x, packed)
+    for k_block in k_blocks:
+        if k_block % 32:
+            continue
+        panel = PanelWeight.from_stored(stored, k_block)
+        if torch.equal(panel_product(x, panel), expected):
+            return panel
+        if k_block >= stored.cols:
+            break  # larger blocks sum the same way
+    return None

@@ -1,0 +1,113 @@
+"""The panel product (kernels/cpu/panel_product.py): a few bfloat16 rows times a weight read from its GGUF
+blocks, with the bits oneDNN's bfloat16 GEMM gives the same rows inside a batch; and the batch-invariant
+engine using it for small steps without changing a bit of any logit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from test_batch_invariance import generate_runs
+from test_weight_gemv import _stored, _write_gguf
+
+from forge_batch.engine.llm import LLM
+from forge_batch.kernels.cpu import onednn_packed
+from forge_batch.kernels.cpu import panel_product as pp
+from forge_batch.kernels.cpu.linear import OneDnnLinear, PanelLinear
+
+pytestmark = pytest.mark.skipif(not (pp.available_here() and onednn_packed.available()),
+                                reason="no AVX512-BF16 panel product or no oneDNN bfloat16 path on this CPU")
+
+FORMATS = ["Q4_1", "Q8_0"]
+
+
+def _weight(fmt: str, n: int, k: int, seed: int = 0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    stored, dense = _stored(fmt, w)
+    return stored, dense.bfloat16()  # the model's weight: the loader's float32 values rounded to bfloat16
+
+
+def _heavy_tailed(rows: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, k, generator=g) * torch.exp(2 * torch.randn(rows, k, generator=g))).bfloat16()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k_block", [64, 512])
+def test_panel_product_equals_the_bfloat16_weight_times_the_rows(fmt, k_block):
+    """Layout and decoding: each output within a few float32 roundings of the float64 product of the rows
+    and the bfloat16 weight (a wrong column, pair or scale would be far off)."""
+    stored, weight = _weight(fmt, 48, 576)
+    panel = pp.PanelWeight.from_stored(stored, k_block)
+    for rows in range(1, pp.PANEL_MAX_ROWS + 2):  # one more than a call takes: two calls
+        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        expected = x.double() @ weight.double().T
+        torch.testing.assert_close(pp.panel_product(x, panel).double(), expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(96, 576), (64, 1536), (48, 96)])
+def test_panel_product_gives_onednns_bits_for_rows_inside_a_batch(fmt, shape):
+    """The order found on the probe rows holds on other rows: rows 1..4 at a time, heavy-tailed, equal to
+    the same rows inside a 64-row oneDNN product bit for bit."""
+    n, k = shape
+    stored, weight = _weight(fmt, n, k, seed=n + k)
+    packed = onednn_packed.pack(weight)
+    panel = pp.match_onednn(stored, packed)
+    if panel is None:
+        pytest.skip("oneDNN sums in an order none of the candidates reproduces on this CPU (e.g. AMX)")
+    x = _heavy_tailed(64, k, seed=7)
+    batch = onednn_packed.linear(x, packed)
+    for rows in range(1, pp.PANEL_MAX_ROWS + 1):
+        for start in range(0, 64 - rows, 9):
+            assert torch.equal(pp.panel_product(x[start:start + rows], panel), batch[start:start + rows])
+
+
+def test_match_refuses_an_order_that_is_not_onednns():
+    """A sequential sum over all of k=1536 differs from oneDNN's blocked one somewhere on the probe rows, so
+    the weight keeps oneDNN rather than a product with other bits."""
+    stored, weight = _weight("Q4_1", 64, 1536, seed=3)
+    packed = onednn_packed.pack(weight)
+    found = pp.match_onednn(stored, packed)
+    if found is None or found.k_block >= 1536:
+        pytest.skip("oneDNN sums k=1536 in one block here: no wrong order to refuse")
+    assert pp.match_onednn(stored, packed, (1536 * 2,)) is None
+    # and a weight that is not the packed one is refused whatever the order
+    other, _ = _weight("Q4_1", 64, 1536, seed=4)
+    assert pp.match_onednn(other, packed, (found.k_block,)) is None
+
+
+def _tiny_q4_model(tmp_path):
+    types = {"token_embd.weight": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1,
+             "attn_output": Q.Q4_1, "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_1,
+             "output.weight": Q.Q8_0}
+    return str(_write_gguf(tmp_path, types))
+
+
+PROMPTS = [{"prompt_token_ids": ids} for ids in [
+    [258, 104, 101, 108], [258, 5, 6, 7, 8, 9, 10], [258, 40, 41], [258, 77, 78, 79, 80, 81],
+    [258, 11, 12, 13, 14, 15, 16, 17, 18], [258, 200]]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_engine_panels_change_no_bit_of_any_logit(tmp_path, monkeypatch, temperature):
+    """A 4-bit GGUF model in bfloat16, batch-invariant: its few-row steps run panel products, and every
+    position's logits have the same bits as an engine without panels, alone or all together."""
+    path = _tiny_q4_model(tmp_path)
+    with_panels = LLM(path, device="cpu", dtype="bfloat16", batch_invariant=True)
+    layer = with_panels.model.layers[0]
+    assert all(isinstance(getattr(layer, name), PanelLinear)
+               for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    calls = []
+    real = pp.panel_product
+    monkeypatch.setattr(pp, "panel_product", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    together = generate_runs(with_panels, PROMPTS, 12, temperature)
+    alone = [r for i, p in enumerate(PROMPTS) for r in generate_runs(with_panels, [p], 12, temperature, first=i)]
+    assert calls and max(calls) <= pp.PANEL_MAX_ROWS
+
+    monkeypatch.setattr(pp, "available_here", lambda: False)
+    without = LLM(path, device="cpu", dtype="bfloat16", batch_invariant=True)
+    assert isinstance(without.model.layers[0].qkv_proj, OneDnnLinear)
+    assert not isinstance(without.model.layers[0].qkv_proj, PanelLinear)
+    reference = generate_runs(without, PROMPTS, 12, temperature)
+    assert together == reference and alone == reference
