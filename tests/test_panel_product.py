@@ -91,19 +91,26 @@ PROMPTS = [{"prompt_token_ids": ids} for ids in [
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_engine_panels_change_no_bit_of_any_logit(tmp_path, monkeypatch, temperature):
-    """A 4-bit GGUF model in bfloat16, batch-invariant: its few-row steps run panel products, and every
-    position's logits have the same bits as an engine without panels, alone or all together."""
+    """A 4-bit GGUF model in bfloat16, batch-invariant: its few-row steps run panel products (decode steps
+    of up to 4 rows in one C call), and every position's logits have the same bits as an engine without
+    panels (oneDNN and the layer-by-layer path), alone or all together."""
     path = _tiny_q4_model(tmp_path)
     with_panels = LLM(path, device="cpu", dtype="bfloat16", batch_invariant=True)
     layer = with_panels.model.layers[0]
     assert all(isinstance(getattr(layer, name), PanelLinear)
                for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    one_call = with_panels.runner.cpu_decode
+    assert one_call is not None and one_call.max_rows == pp.PANEL_MAX_ROWS  # decode steps of <= 4 rows: one C call
+    steps = []
+    real_step = one_call.step
+    monkeypatch.setattr(one_call, "step", lambda *a: steps.append(a[0].shape[0]) or real_step(*a))
     calls = []
     real = pp.panel_product
     monkeypatch.setattr(pp, "panel_product", lambda x, w: calls.append(x.shape[0]) or real(x, w))
     together = generate_runs(with_panels, PROMPTS, 12, temperature)
     alone = [r for i, p in enumerate(PROMPTS) for r in generate_runs(with_panels, [p], 12, temperature, first=i)]
     assert calls and max(calls) <= pp.PANEL_MAX_ROWS
+    assert steps.count(1) >= 11 * len(PROMPTS) and max(steps) <= pp.PANEL_MAX_ROWS
 
     monkeypatch.setattr(pp, "available_here", lambda: False)
     without = LLM(path, device="cpu", dtype="bfloat16", batch_invariant=True)

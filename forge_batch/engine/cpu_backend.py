@@ -42,6 +42,7 @@ from forge_batch.kernels.cpu.linear import (
     PanelLinear,
     StoredLinear,
 )
+from forge_batch.kernels.cpu.panel_decode_step import PanelDecodeStep, PanelLayerWeights
 from forge_batch.kernels.cpu.stored import (
     WEIGHT_FORMATS,
     WEIGHT_GEMV_MAX_ROWS,
@@ -184,9 +185,12 @@ class CpuBackend:
     def decode_step(self, model: LlamaForCausalLM,
                     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CpuDecodeStep | None:
         """The one-call decode step over these KV caches, or None where it cannot run: a layer's matmuls not
-        all kept in stored form, a KV cache it does not read, a kernel backend other than ``auto``."""
+        all kept in stored form (batch-invariant: not all with panels), a KV cache it does not read, a kernel
+        backend other than ``auto``."""
         if not self.kernels.uses_cpu_kernels or not self.keeps_stored_weights:
             return None
+        if self.batch_invariant:
+            return self._panel_decode_step(model, kv_caches)
         layers = []
         for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
             matmuls = [getattr(layer, name) for name in MATMUL_SOURCES]
@@ -202,23 +206,46 @@ class CpuBackend:
         step = DecodeStep(layers, model.norm.float(), model.config.rms_norm_eps, model.cos_sin_cache,
                           first.num_heads, first.num_kv_heads, first.head_dim, model.config.intermediate_size,
                           kv_caches[0][0].shape[1], first.scale)
-        return CpuDecodeStep(model, step)
+        return CpuDecodeStep(model, step, WEIGHT_GEMV_MAX_ROWS, torch.float32)
+
+    @staticmethod
+    def _panel_decode_step(model: LlamaForCausalLM,
+                           kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CpuDecodeStep | None:
+        """The batch-invariant one-call step: every layer's matmuls with panels, bfloat16 throughout."""
+        layers = []
+        for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
+            matmuls = [getattr(layer, name) for name in MATMUL_SOURCES]
+            if not all(isinstance(m, PanelLinear) for m in matmuls):
+                return None
+            lw = PanelLayerWeights(layer.input_norm, layer.post_attn_norm, *(m.panel for m in matmuls),
+                                   k_cache, v_cache)
+            if not PanelDecodeStep.supports(lw):
+                return None
+            layers.append(lw)
+        first = model.layers[0]
+        step = PanelDecodeStep(layers, model.norm, model.config.rms_norm_eps, model.cos_sin_cache, first.num_heads,
+                               first.num_kv_heads, first.head_dim, model.config.intermediate_size,
+                               kv_caches[0][0].shape[1], first.scale)
+        return CpuDecodeStep(model, step, PanelDecodeStep.max_rows, torch.bfloat16)
 
 
 class CpuDecodeStep:
-    """A decode step of up to WEIGHT_GEMV_MAX_ROWS sequences in one C call, for one model and KV cache:
-    the same hidden states and KV-cache writes as the model's layer-by-layer path, bit for bit."""
+    """A decode step of up to ``max_rows`` sequences in one C call, for one model and KV cache: the same
+    hidden states and KV-cache writes as the model's layer-by-layer path, bit for bit."""
 
-    def __init__(self, model: LlamaForCausalLM, step: DecodeStep) -> None:
+    def __init__(self, model: LlamaForCausalLM, step: DecodeStep | PanelDecodeStep, max_rows: int,
+                 dtype: torch.dtype) -> None:
         self.model = model
         self.step = step
+        self.max_rows = max_rows
+        self.dtype = dtype  # of the embeddings the step takes and the hidden states it returns
 
-    @staticmethod
-    def can_run(num_tokens: int, attn: AttentionMetadata) -> bool:
+    def can_run(self, num_tokens: int, attn: AttentionMetadata) -> bool:
         """Whether it takes this step: one new token per sequence, few enough sequences."""
-        return attn.max_query_len == 1 and num_tokens <= WEIGHT_GEMV_MAX_ROWS
+        return attn.max_query_len == 1 and num_tokens <= self.max_rows
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states [T, hidden], float32 also in a bfloat16 model (its LM head casts them)."""
-        hidden = self.model.embed(input_ids).float()
+        """Final hidden states [T, hidden] (float32 from the stored-weight step also in a bfloat16 model: its
+        LM head casts them)."""
+        hidden = self.model.embed(input_ids).to(self.dtype).contiguous()
         return self.step(hidden, positions, attn.slot_mapping, attn.block_tables, attn.context_lens)

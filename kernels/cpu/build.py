@@ -93,6 +93,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.panel_product_bf16.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp, i64, vp, nthreads]
     lib.panel_product_bf16.restype = None
     lib.panel_product_simd.restype = ctypes.c_int
+    lib.panel_decode_step_bf16.argtypes = [vp, i64, vp, f32, vp, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64,
+                                           i64, i64, i64, f32, nthreads]
+    lib.panel_decode_step_bf16.restype = None
+    lib.panel_layer_fields.restype = i64
 
 
 def _build() -> ctypes.CDLL:

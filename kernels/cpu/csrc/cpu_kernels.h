@@ -48,6 +48,10 @@ void rms_norm_row_f32(const float* x, const float* residual, const float* weight
                       float* residual_out, int64_t cols);
 /* elementwise.c: out[c] = silu(gate[c]) * up[c] for c in [c0, c1). */
 void silu_and_mul_span_f32(const float* gate, const float* up, float* out, int64_t c0, int64_t c1);
+/* elementwise.c: the bfloat16 versions of the two above (rms_norm_bf16's and silu_and_mul_bf16's rounding). */
+void rms_norm_row_bf16(const uint16_t* x, const uint16_t* residual, const uint16_t* weight, float eps,
+                       uint16_t* out, uint16_t* residual_out, int64_t cols);
+void silu_and_mul_span_bf16(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t c0, int64_t c1);
 
 /* rotary_store_kv.c: one token of rotary_store_kv_f32 (slot < 0 stores nothing). */
 void rotary_store_kv_token_f32(float* q, float* k, const float* v, int64_t position, const float* cos_sin,
@@ -58,6 +62,11 @@ void rotary_store_kv_token_f32(float* q, float* k, const float* v, int64_t posit
 void rotary_store_kv_token_f32_bf16_cache(float* q, float* k, const float* v, int64_t position,
                                           const float* cos_sin, int64_t heads, int64_t kv_heads, int64_t d,
                                           uint16_t* k_cache, uint16_t* v_cache, int64_t slot);
+
+/* rotary_store_kv.c: one token of rotary_store_kv_bf16 (bfloat16 q, k, v and cache). */
+void rotary_store_kv_token_bf16(uint16_t* q, uint16_t* k, const uint16_t* v, int64_t position, const float* cos_sin,
+                                int64_t heads, int64_t kv_heads, int64_t d, uint16_t* k_cache, uint16_t* v_cache,
+                                int64_t slot);
 
 /* weight_gemv.c: inside a parallel region, this thread's contiguous share of the N rows of
  * y = x @ W^T (+ bias); x [m_rows <= 8, k], y [m_rows, n_rows]. */
@@ -77,4 +86,14 @@ void paged_decode_attention_item_f32_bf16_cache(const float* q, const uint16_t* 
                                                 const int64_t* table, int64_t ctx, float* out, int64_t group,
                                                 int64_t head_dim, int64_t kv_heads, int64_t block_size,
                                                 float scale, float* scratch);
+/* The item of paged_decode_attention_bf16 (bfloat16 queries, cache and output). */
+void paged_decode_attention_item_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                                      const int64_t* table, int64_t ctx, uint16_t* out, int64_t group,
+                                      int64_t head_dim, int64_t kv_heads, int64_t block_size, float scale,
+                                      float* scratch);
+
+/* panel_product.c: inside a parallel region, this thread's contiguous share of the 16-column groups of
+ * panel_product_bf16 (rows <= 4). */
+void panel_product_share_bf16(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
+                              int64_t n, int64_t k, int64_t k_block, const uint16_t* x, int64_t rows, uint16_t* y);
 #endif

@@ -43,8 +43,8 @@ void rms_norm_f32(const float* x, const float* residual, const float* weight, fl
 /* rms_norm_f32 for bfloat16 x, residual, weight and outputs. As reference.rms_norm in bfloat16: x +
  * residual rounded (the residual stream), the normalised value rounded, then the product with the
  * weight rounded. */
-static void rms_norm_row_bf16(const uint16_t* x, const uint16_t* residual, const uint16_t* weight, float eps,
-                              uint16_t* out, uint16_t* residual_out, int64_t cols) {
+void rms_norm_row_bf16(const uint16_t* x, const uint16_t* residual, const uint16_t* weight, float eps,
+                       uint16_t* out, uint16_t* residual_out, int64_t cols) {
     const uint16_t* src = x;
     if (residual) {
         _Pragma("omp simd")
@@ -72,18 +72,20 @@ void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, const uint16_t* 
 }
 
 /* silu_and_mul_f32 for bfloat16: silu(gate) rounded, then its product with up rounded (torch's two ops). */
+void silu_and_mul_span_bf16(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t c0, int64_t c1) {
+    _Pragma("omp simd")
+    for (int64_t c = c0; c < c1; c++) {
+        const float g = f32_from_bf16(gate[c]);
+        const float silu = f32_from_bf16(bf16_from_f32(g / (1.f + exp_f32(-g))));
+        out[c] = bf16_from_f32(silu * f32_from_bf16(up[c]));
+    }
+}
+
 void silu_and_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t cols, int num_threads) {
     _Pragma("omp parallel for num_threads(num_threads) schedule(static)")
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t* gate = x + r * 2 * cols;
-        const uint16_t* up = gate + cols;
-        uint16_t* o = out + r * cols;
-        _Pragma("omp simd")
-        for (int64_t c = 0; c < cols; c++) {
-            const float g = f32_from_bf16(gate[c]);
-            const float silu = f32_from_bf16(bf16_from_f32(g / (1.f + exp_f32(-g))));
-            o[c] = bf16_from_f32(silu * f32_from_bf16(up[c]));
-        }
+        silu_and_mul_span_bf16(gate, gate + cols, out + r * cols, 0, cols);
     }
 }
 

@@ -284,3 +284,11 @@ void paged_decode_attention_item_f32_bf16_cache(const float* q, const uint16_t* 
     run_item_f32_bf16_cache(q, k_cache, v_cache, table, ctx, out, group, group, head_dim, kv_heads * head_dim,
                             block_size, 0, scale, scratch, NULL, NULL, 0);
 }
+
+void paged_decode_attention_item_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                                      const int64_t* table, int64_t ctx, uint16_t* out, int64_t group,
+                                      int64_t head_dim, int64_t kv_heads, int64_t block_size, float scale,
+                                      float* scratch) {
+    run_item_bf16(q, k_cache, v_cache, table, ctx, out, group, group, head_dim, kv_heads * head_dim, block_size, 0,
+                  scale, scratch, NULL, NULL, 0);
+}

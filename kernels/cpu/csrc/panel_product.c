@@ -17,6 +17,8 @@
 #include <string.h>
 #include <omp.h>
 
+#include "cpu_kernels.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define PANEL_PRODUCT_SIMD 1
@@ -91,20 +93,22 @@ static void panel_groups(const uint8_t* values, const uint16_t* scales, const ui
 }
 #endif
 
+void panel_product_share_bf16(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
+                              int64_t n, int64_t k, int64_t k_block, const uint16_t* x, int64_t rows, uint16_t* y) {
+#ifdef PANEL_PRODUCT_SIMD
+    const int64_t groups = n / 16, t = omp_get_thread_num(), nt = omp_get_num_threads();
+    panel_groups(values, scales, mins, type, k, k_block, x, rows, y, n, groups * t / nt, groups * (t + 1) / nt);
+#else
+    (void)values; (void)scales; (void)mins; (void)type; (void)n; (void)k; (void)k_block; (void)x; (void)rows;
+    (void)y;
+#endif
+}
+
 /* x [rows, k] bfloat16 (rows <= PANEL_MAX_ROWS) times the panels of an [n, k] weight -> y [rows, n]
  * bfloat16; n a multiple of 16, k of 32 and k_block a multiple of 32. Threads take contiguous column
  * groups (a column's sum never depends on the thread count). */
 void panel_product_bf16(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t n,
                         int64_t k, int64_t k_block, const uint16_t* x, int64_t rows, uint16_t* y, int num_threads) {
-#ifdef PANEL_PRODUCT_SIMD
-    const int64_t groups = n / 16;
     _Pragma("omp parallel num_threads(num_threads)")
-    {
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        panel_groups(values, scales, mins, type, k, k_block, x, rows, y, n, groups * t / nt, groups * (t + 1) / nt);
-    }
-#else
-    (void)values; (void)scales; (void)mins; (void)type; (void)n; (void)k; (void)k_block; (void)x; (void)rows;
-    (void)y; (void)num_threads;
-#endif
+    panel_product_share_bf16(values, scales, mins, type, n, k, k_block, x, rows, y);
 }

@@ -66,18 +66,22 @@ __attribute__((optimize("fp-contract=off"))) static void rotate_heads_bf16(uint1
 void rotary_store_kv_bf16(uint16_t* q, uint16_t* k, const uint16_t* v, int64_t stride, const int64_t* positions,
                           const float* cos_sin, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d,
                           uint16_t* k_cache, uint16_t* v_cache, const int64_t* slots, int num_threads) {
-    const int64_t kv_row = kv_heads * d;
     _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(tokens > 4)")
-    for (int64_t t = 0; t < tokens; t++) {
-        const float* cs = cos_sin + positions[t] * d;
-        uint16_t* qt = q + t * stride;
-        uint16_t* kt = k + t * stride;
-        rotate_heads_bf16(qt, heads, d, cs, cs + d / 2);
-        rotate_heads_bf16(kt, kv_heads, d, cs, cs + d / 2);
-        if (slots[t] >= 0) {
-            memcpy(k_cache + slots[t] * kv_row, kt, (size_t)kv_row * sizeof(uint16_t));
-            memcpy(v_cache + slots[t] * kv_row, v + t * stride, (size_t)kv_row * sizeof(uint16_t));
-        }
+    for (int64_t t = 0; t < tokens; t++)
+        rotary_store_kv_token_bf16(q + t * stride, k + t * stride, v + t * stride, positions[t], cos_sin, heads,
+                                   kv_heads, d, k_cache, v_cache, slots[t]);
+}
+
+void rotary_store_kv_token_bf16(uint16_t* q, uint16_t* k, const uint16_t* v, int64_t position, const float* cos_sin,
+                                int64_t heads, int64_t kv_heads, int64_t d, uint16_t* k_cache, uint16_t* v_cache,
+                                int64_t slot) {
+    const int64_t kv_row = kv_heads * d;
+    const float* cs = cos_sin + position * d;
+    rotate_heads_bf16(q, heads, d, cs, cs + d / 2);
+    rotate_heads_bf16(k, kv_heads, d, cs, cs + d / 2);
+    if (slot >= 0) {
+        memcpy(k_cache + slot * kv_row, k, (size_t)kv_row * sizeof(uint16_t));
+        memcpy(v_cache + slot * kv_row, v, (size_t)kv_row * sizeof(uint16_t));
     }
 }
 
