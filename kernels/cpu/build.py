@@ -93,6 +93,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.panel_product_bf16.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp, i64, vp, nthreads]
     lib.panel_product_bf16.restype = None
     lib.panel_product_simd.restype = ctypes.c_int
+    lib.panel_repack.argtypes = [ctypes.c_int, vp, vp, vp, i64, i64, vp, vp, vp]
+    lib.panel_repack.restype = None
     lib.panel_decode_step_bf16.argtypes = [vp, i64, vp, f32, vp, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64,
                                            i64, i64, i64, f32, nthreads]
     lib.panel_decode_step_bf16.restype = None

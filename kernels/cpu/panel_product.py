@@ -11,12 +11,13 @@ bits on probe rows; where none does (another oneDNN kernel, e.g. AMX), the weigh
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from . import onednn_packed
-from .build import available, lib
+from .build import available, lib, ptr
 from .stored import StoredWeight
 
 # Rows a panel product takes at once (csrc: PANEL_MAX_ROWS); more rows loop over groups of these.
@@ -53,23 +54,18 @@ class PanelWeight:
         n, k = stored.rows, stored.cols
         if not cls.supports(stored):
             raise ValueError(f"cannot repack a {stored.fmt} weight [{n}, {k}] into panels")
-        if stored.fmt == "Q4_1":
-            nibbles = stored.values.reshape(n, k // 32, 16)
-            q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2).reshape(n, k)  # element j low, j + 16 high
-            pairs = q.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3)
-            values = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()  # [groups, k/2, 16]
-        else:
-            q = stored.values.view(torch.int8).reshape(n // 16, 16, k // 2, 2)
-            values = q.permute(0, 2, 3, 1).contiguous()  # [groups, k/2, 2, 16]
+        values = torch.empty(n * k // (2 if stored.fmt == "Q4_1" else 1), dtype=torch.uint8)
+        scales = torch.empty(n * k // 32, dtype=torch.float16)
+        mins = None if stored.mins is None else torch.empty(n * k // 32, dtype=torch.float16)
+        src, src_scales = stored.values.contiguous(), stored.scales.contiguous()
+        src_mins = None if stored.mins is None else stored.mins.contiguous()
+        lib().panel_repack(_TYPE_IDS[stored.fmt], src.data_ptr(), src_scales.data_ptr(), ptr(src_mins),
+                           n, k, values.data_ptr(), scales.data_ptr(), ptr(mins))
+        return cls(stored.fmt, values, scales, mins, n, k, k_block)
 
-        def panels(per_block: torch.Tensor | None) -> torch.Tensor | None:
-            if per_block is None:
-                return None  # float32 copies of float16 values: back to float16 exactly
-            return per_block.half().reshape(n // 16, 16, k // 32).permute(0, 2, 1).contiguous()
-
-        scales = panels(stored.scales)
-        assert scales is not None
-        return cls(stored.fmt, values.view(torch.uint8), scales, panels(stored.mins), n, k, k_block)
+    def with_k_block(self, k_block: int) -> PanelWeight:
+        """The same panels summed in another k-block order."""
+        return PanelWeight(self.fmt, self.values, self.scales, self.mins, self.n, self.k, k_block)
 
 
 def available_here() -> bool:
@@ -92,8 +88,9 @@ def panel_product(x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def probe_rows(k: int, seed: int = 0) -> torch.Tensor:
-    """Heavy-tailed bfloat16 rows [PROBE_ROWS, k] for the bit check."""
+    """Heavy-tailed bfloat16 rows [PROBE_ROWS, k] for the bit check (made once per width)."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(PROBE_ROWS, k, generator=g) * torch.exp(2 * torch.randn(PROBE_ROWS, k, generator=g))
             ).bfloat16()
@@ -110,10 +107,11 @@ def match_onednn(stored: StoredWeight, packed: onednn_packed.OneDnnWeight, k_blo
         return None
     x = probe_rows(stored.cols)[:probe]
     expected = onednn_packed.linear(x, packed)
+    panels = PanelWeight.from_stored(stored, k_blocks[0])
     for k_block in k_blocks:
         if k_block % 32:
             continue
-        panel = PanelWeight.from_stored(stored, k_block)
+        panel = panels.with_k_block(k_block)
         if torch.equal(panel_product(x, panel), expected):
             return panel
         if k_block >= stored.cols:

@@ -112,3 +112,38 @@ void panel_product_bf16(const uint8_t* values, const uint16_t* scales, const uin
     _Pragma("omp parallel num_threads(num_threads)")
     panel_product_share_bf16(values, scales, mins, type, n, k, k_block, x, rows, y);
 }
+
+/* Repack an [n, k] weight from StoredWeight's layout (per row: Q4_1 16 bytes of nibbles per 32-k block,
+ * element j low and j + 16 high; Q8_0 32 int8 per block; float32 scales / minimums [n, k / 32], exact
+ * float16 values) into the panels above. */
+void panel_repack(int type, const uint8_t* values, const float* scales, const float* mins, int64_t n, int64_t k,
+                  uint8_t* out_values, uint16_t* out_scales, uint16_t* out_mins) {
+#ifdef PANEL_PRODUCT_SIMD
+    const int64_t blocks = k / 32, groups = n / 16, row_bytes = type == PANEL_TYPE_Q4_1 ? k / 2 : k;
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t j = 0; j < 16; j++) {
+            const int64_t row = g * 16 + j;
+            const uint8_t* src = values + row * row_bytes;
+            for (int64_t kk = 0; kk < k; kk += 2) {
+                const int64_t p = kk / 2;
+                if (type == PANEL_TYPE_Q4_1) {
+                    const int64_t b = kk / 32, e = kk % 32;  /* element e of block b: byte e % 16, high if >= 16 */
+                    const uint8_t* blk = src + b * 16;
+                    const uint8_t lo = e < 16 ? (blk[e] & 0x0F) : (blk[e - 16] >> 4);
+                    const uint8_t hi = e + 1 < 16 ? (blk[e + 1] & 0x0F) : (blk[e + 1 - 16] >> 4);
+                    out_values[(g * (k / 2) + p) * 16 + j] = (uint8_t)(lo | (hi << 4));
+                } else {
+                    out_values[(g * (k / 2) + p) * 32 + j] = src[kk];
+                    out_values[(g * (k / 2) + p) * 32 + 16 + j] = src[kk + 1];
+                }
+            }
+            for (int64_t b = 0; b < blocks; b++) {
+                out_scales[(g * blocks + b) * 16 + j] = (uint16_t)_cvtss_sh(scales[row * blocks + b], 0);
+                if (mins) out_mins[(g * blocks + b) * 16 + j] = (uint16_t)_cvtss_sh(mins[row * blocks + b], 0);
+            }
+        }
+#else
+    (void)type; (void)values; (void)scales; (void)mins; (void)n; (void)k; (void)out_values; (void)out_scales;
+    (void)out_mins;
+#endif
+}
