@@ -25,9 +25,17 @@ PANEL_MAX_ROWS = 4
 _TYPE_IDS = {"Q4_1": 3, "Q8_0": 8}
 # oneDNN's k-blocking candidates, the likeliest first; the whole k (one sequential sum) last.
 K_BLOCKS = (512, 1024, 256, 2048)
-# Probe rows for the bit check: heavy-tailed, as real activations are (an order difference shows up in
-# about one output of 10^4 with these; 64 rows of a 576-column weight give ~4 expected mismatches).
-PROBE_ROWS = 64
+# The bit check's probe: heavy-tailed rows (as real activations are), enough of them that the outputs
+# number PROBE_OUTPUTS. A wrong order changes about one bfloat16 output in 10^4 to 10^5 (measured: k=576,
+# one sequential sum against oneDNN's 512-blocks, 18 of 276,480), so 2^18 outputs expect ~17 mismatches
+# and miss them all with probability ~e^-17.
+PROBE_OUTPUTS = 1 << 18
+MAX_PROBE_ROWS = 512
+
+
+def probe_row_count(n: int) -> int:
+    """How many probe rows a weight with ``n`` outputs needs to find its order."""
+    return max(16, min(MAX_PROBE_ROWS, -(-PROBE_OUTPUTS // n)))
 
 
 @dataclass(frozen=True)
@@ -90,22 +98,22 @@ def panel_product(x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def probe_rows(k: int, seed: int = 0) -> torch.Tensor:
-    """Heavy-tailed bfloat16 rows [PROBE_ROWS, k] for the bit check (made once per width)."""
+    """Heavy-tailed bfloat16 rows [MAX_PROBE_ROWS, k] for the bit check (made once per width)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(PROBE_ROWS, k, generator=g) * torch.exp(2 * torch.randn(PROBE_ROWS, k, generator=g))
-            ).bfloat16()
+    shape = (MAX_PROBE_ROWS, k)
+    return (torch.randn(shape, generator=g) * torch.exp(2 * torch.randn(shape, generator=g))).bfloat16()
 
 
 @torch.inference_mode()
 def match_onednn(stored: StoredWeight, packed: onednn_packed.OneDnnWeight, k_blocks: tuple[int, ...] = K_BLOCKS,
-                 probe: int = PROBE_ROWS) -> PanelWeight | None:
+                 probe: int | None = None) -> PanelWeight | None:
     """``stored`` repacked with the first of ``k_blocks`` whose products equal oneDNN's on ``packed`` (the same
-    weight as the model holds it) bit for bit on ``probe`` heavy-tailed rows, or None where none does. Finding
-    a shape's order takes PROBE_ROWS; a few rows suffice to check another weight of a shape whose order is
-    known (a wrong weight or layout shows in most outputs, a wrong order in about one in 10^4)."""
+    weight as the model holds it) bit for bit on ``probe`` heavy-tailed rows (default: probe_row_count, what
+    finding a shape's order takes), or None where none does. A few rows suffice to check another weight of a
+    shape whose order is known: a wrong weight or layout shows in most outputs."""
     if not (available_here() and PanelWeight.supports(stored)) or (stored.rows, stored.cols) != (packed.n, packed.k):
         return None
-    x = probe_rows(stored.cols)[:probe]
+    x = probe_rows(stored.cols)[:probe or probe_row_count(stored.rows)]
     expected = onednn_packed.linear(x, packed)
     panels = PanelWeight.from_stored(stored, k_blocks[0])
     for k_block in k_blocks:
