@@ -118,3 +118,31 @@ def test_engine_panels_change_no_bit_of_any_logit(tmp_path, monkeypatch, tempera
     assert not isinstance(without.model.layers[0].qkv_proj, PanelLinear)
     reference = generate_runs(without, PROMPTS, 12, temperature)
     assert together == reference and alone == reference
+
+
+def test_engine_remembers_each_shapes_order_and_then_checks_weights_on_a_few_rows(tmp_path, monkeypatch):
+    """The first load on a machine probes each weight shape's order with hundreds of rows and writes it down;
+    the next load checks every weight on PANEL_MAX_ROWS rows only, and its panels are the same."""
+    orders = tmp_path / "orders.json"
+    monkeypatch.setattr(pp, "_orders_path", lambda: orders)
+    probes = []  # rows of each probe that found panels
+    real = pp.match_onednn
+
+    def match(stored, packed, k_blocks=pp.K_BLOCKS, probe=None):
+        panel = real(stored, packed, k_blocks, probe)
+        if panel is not None:
+            probes.append(probe or pp.probe_row_count(stored.rows))
+        return panel
+
+    monkeypatch.setattr(pp, "match_onednn", match)
+    path = _tiny_q4_model(tmp_path)
+    first = LLM(path, device="cpu", dtype="bfloat16")
+    matmuls = [m for layer in first.model.layers
+               for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)] + [first.model.lm_head]
+    shapes = {f"{m.panel.n}x{m.panel.k}": m.panel.k_block for m in matmuls if isinstance(m, PanelLinear)}
+    assert pp.remembered_k_blocks() == shapes
+    assert sum(p > pp.PANEL_MAX_ROWS for p in probes) == len(shapes)  # one full probe per shape
+    probes.clear()
+    second = LLM(path, device="cpu", dtype="bfloat16")
+    assert probes and max(probes) == pp.PANEL_MAX_ROWS
+    assert second.model.layers[1].down_proj.panel.k_block == first.model.layers[1].down_proj.panel.k_block

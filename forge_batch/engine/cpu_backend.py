@@ -169,17 +169,26 @@ class CpuBackend:
             raw.clear()
             return 0
         kept = 0
-        k_blocks: dict[tuple[int, int], int] = {}  # oneDNN's order is the shape's: found once, checked per weight
+        # oneDNN's order is the shape's: found once (or remembered from an earlier load), checked per weight
+        k_blocks = panel_product.remembered_k_blocks()
+        found: dict[str, int] = {}
         for owner, name, linear, s in _stored_forms(model, raw):
             if not isinstance(linear, OneDnnLinear) or linear.bias is not None:
                 continue
-            known = k_blocks.get((s.rows, s.cols))
-            panel = (panel_product.match_onednn(s, linear.packed, (known,), probe=panel_product.PANEL_MAX_ROWS)
-                     if known else panel_product.match_onednn(s, linear.packed))
+            shape = f"{s.rows}x{s.cols}"
+            known = k_blocks.get(shape)
+            panel = None
+            if known:
+                panel = panel_product.match_onednn(s, linear.packed, (known,), probe=panel_product.PANEL_MAX_ROWS)
+            if panel is None:  # a new shape (or a remembered order that no longer holds): the full probe
+                panel = panel_product.match_onednn(s, linear.packed)
+                if panel is not None:
+                    k_blocks[shape] = found[shape] = panel.k_block
             if panel is not None:
-                k_blocks[(s.rows, s.cols)] = panel.k_block
                 setattr(owner, name, PanelLinear(linear, panel))
                 kept += 1
+        if found:
+            panel_product.remember_k_blocks(found)
         return kept
 
     def decode_step(self, model: LlamaForCausalLM,

@@ -35,7 +35,7 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     base = os.environ.get("FORGE_BATCH_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "forge-batch"
     )
@@ -115,7 +115,7 @@ def _build() -> ctypes.CDLL:
     # panel_product.c reproduces torch's separately rounded multiply and add
     per_file["panel_product.c"] = ["-ffp-contract=off"]
     tag = hashlib.sha256(src + " ".join(flags).encode() + repr(per_file).encode() + os.uname().machine.encode())
-    out = _cache_dir() / f"forge_batch_cpu-{tag.hexdigest()[:16]}.so"
+    out = cache_dir() / f"forge_batch_cpu-{tag.hexdigest()[:16]}.so"
     if not out.exists():
         # the first run on a machine (or after the sources change) compiles: say so, it takes seconds
         log.info("compiling CPU kernels (%d C files with %s)...", len(_SOURCES), cc,

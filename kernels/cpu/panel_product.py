@@ -12,12 +12,17 @@ bits on probe rows; where none does (another oneDNN kernel, e.g. AMX), the weigh
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from . import onednn_packed
-from .build import available, lib, ptr
+from .build import available, cache_dir, lib, ptr
 from .stored import StoredWeight
 
 # Rows a panel product takes at once (csrc: PANEL_MAX_ROWS); more rows loop over groups of these.
@@ -125,3 +130,46 @@ def match_onednn(stored: StoredWeight, packed: onednn_packed.OneDnnWeight, k_blo
         if k_block >= stored.cols:
             break  # larger blocks sum the same way
     return None
+
+
+# -- the orders found, remembered per machine ----------------------------------------------------------
+# Finding a shape's order costs a few hundred probe rows per shape at load; what oneDNN picks depends on the
+# CPU, the torch build (its oneDNN) and the thread count, so those key a small file in the kernel cache, and a
+# later load checks each weight on a few rows only.
+
+
+def _machine_key() -> str:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        pass
+    text = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _orders_path() -> Path:
+    return cache_dir() / f"panel-orders-{_machine_key()}.json"
+
+
+def remembered_k_blocks() -> dict[str, int]:
+    """{"n x k": k_block} found on this machine, torch build and thread count before (empty if none)."""
+    try:
+        found = json.loads(_orders_path().read_text())
+        return {str(key): int(v) for key, v in found.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def remember_k_blocks(found: dict[str, int]) -> None:
+    """Add shapes' orders to this machine's file (written whole and renamed: concurrent loads are safe)."""
+    merged = {**remembered_k_blocks(), **found}
+    path = _orders_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the probe again next time
