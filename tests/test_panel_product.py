@@ -146,3 +146,25 @@ def test_engine_remembers_each_shapes_order_and_then_checks_weights_on_a_few_row
     second = LLM(path, device="cpu", dtype="bfloat16")
     assert probes and max(probes) == pp.PANEL_MAX_ROWS
     assert second.model.layers[1].down_proj.panel.k_block == first.model.layers[1].down_proj.panel.k_block
+
+
+def test_a_shape_no_order_reproduces_is_remembered_and_keeps_onednn(tmp_path, monkeypatch):
+    """Where oneDNN sums in an order no candidate reproduces (an AMX machine), every weight keeps oneDNN, the
+    engine still gives the same bits, and the next load does not probe again."""
+    orders = tmp_path / "orders.json"
+    monkeypatch.setattr(pp, "_orders_path", lambda: orders)
+    monkeypatch.setattr(pp, "K_BLOCKS", (32,))  # tiny models' k <= 96: blocks of 32 are not oneDNN's sums
+    real = pp.match_onednn
+    calls = []
+    monkeypatch.setattr(pp, "match_onednn", lambda s, p, k_blocks=(32,), probe=None: calls.append(1) or real(
+        s, p, k_blocks, probe))
+    path = _tiny_q4_model(tmp_path)
+    llm = LLM(path, device="cpu", dtype="bfloat16")
+    assert not any(isinstance(getattr(layer, name), PanelLinear) for layer in llm.model.layers
+                   for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    assert llm.runner.cpu_decode is None
+    assert set(pp.remembered_k_blocks().values()) == {pp.NO_ORDER}
+    calls.clear()
+    again = LLM(path, device="cpu", dtype="bfloat16")
+    assert calls == []
+    assert generate_runs(again, PROMPTS[:2], 6) == generate_runs(llm, PROMPTS[:2], 6)

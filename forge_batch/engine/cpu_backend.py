@@ -177,13 +177,14 @@ class CpuBackend:
                 continue
             shape = f"{s.rows}x{s.cols}"
             known = k_blocks.get(shape)
+            if known == panel_product.NO_ORDER or not panel_product.PanelWeight.supports(s):
+                continue  # no candidate reproduces oneDNN for this shape here (e.g. AMX): it keeps oneDNN
             panel = None
             if known:
                 panel = panel_product.match_onednn(s, linear.packed, (known,), probe=panel_product.PANEL_MAX_ROWS)
             if panel is None:  # a new shape (or a remembered order that no longer holds): the full probe
                 panel = panel_product.match_onednn(s, linear.packed)
-                if panel is not None:
-                    k_blocks[shape] = found[shape] = panel.k_block
+                k_blocks[shape] = found[shape] = panel_product.NO_ORDER if panel is None else panel.k_block
             if panel is not None:
                 setattr(owner, name, PanelLinear(linear, panel))
                 kept += 1

@@ -153,8 +153,13 @@ def _orders_path() -> Path:
     return cache_dir() / f"panel-orders-{_machine_key()}.json"
 
 
+# Remembered for a shape whose products no candidate order reproduces on this machine (it keeps oneDNN).
+NO_ORDER = 0
+
+
 def remembered_k_blocks() -> dict[str, int]:
-    """{"n x k": k_block} found on this machine, torch build and thread count before (empty if none)."""
+    """{"NxK": k_block, or NO_ORDER} found on this machine, torch build and thread count before (empty if
+    none)."""
     try:
         found = json.loads(_orders_path().read_text())
         return {str(key): int(v) for key, v in found.items()}
