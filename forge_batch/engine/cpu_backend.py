@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from forge_batch.kernels import KernelBackend, Linear
 from forge_batch.kernels.cpu import build, mkl_packed, onednn_packed
@@ -45,7 +44,7 @@ from forge_batch.kernels.cpu.stored import (
     StoredWeight,
     weight_gemv_fast,
 )
-from forge_batch.models.llama import LM_HEAD_SOURCE, MATMUL_SOURCES, AttentionMetadata, LlamaForCausalLM
+from forge_batch.models.llama import MATMUL_SOURCES, AttentionMetadata, LlamaForCausalLM, matmul_slots
 from forge_batch.models.raw_weights import RawWeight
 
 
@@ -57,15 +56,6 @@ class PreparedWeights:
     packed: bool = False
     stored: int = 0
     int8: bool = False
-
-
-def _linears(model: LlamaForCausalLM, layers: bool = True) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
-    """(owner, attribute, checkpoint tensors) of every matmul: the decoder layers' (unless ``layers`` is
-    False), then the LM head."""
-    found: list[tuple[nn.Module, str, tuple[str, ...]]] = []
-    for i, layer in enumerate(model.layers if layers else []):
-        found += [(layer, name, tuple(f"model.layers.{i}.{s}" for s in srcs)) for name, srcs in MATMUL_SOURCES.items()]
-    return found + [(model, "lm_head", (LM_HEAD_SOURCE[model.config.tie_word_embeddings],))]
 
 
 class CpuBackend:
@@ -94,7 +84,7 @@ class CpuBackend:
         ``raw``: the checkpoint's weights as stored, from ``load_model_files(..., stored_weights=...)``."""
         int8 = self.quantization == "int8"
         if int8:
-            for owner, name, _ in _linears(model)[:-1]:
+            for owner, name, _ in matmul_slots(model)[:-1]:
                 setattr(owner, name, Int8Linear(getattr(owner, name)))
         packed = self.pack(model, layers=not int8)
         stored = self.keep_stored(model, raw, layers=not int8) if raw and weight_gemv_fast() else 0
@@ -115,7 +105,7 @@ class CpuBackend:
             form = PaddedLinear
         else:
             return False
-        for owner, name, _ in _linears(model, layers):
+        for owner, name, _ in matmul_slots(model, layers):
             setattr(owner, name, form(getattr(owner, name)))
         return form is not PaddedLinear
 
@@ -132,7 +122,7 @@ class CpuBackend:
                 r.fmt, r.data, r.rows, r.cols)
 
         kept = 0
-        for owner, name, sources in _linears(model, layers):
+        for owner, name, sources in matmul_slots(model, layers):
             parts = [stored(s) for s in sources]
             if any(p is None for p in parts):
                 continue
