@@ -18,6 +18,7 @@ the bits on a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -34,7 +35,7 @@ ROW_COUNTS = [1, 2, 3, 5, 8, 17, 33, 64, 65, 100]
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # A relative bound per product for the comparison with float64: the output's rounding (bfloat16 rounds by
 # truncation in the interpreter: one unit in the last place) and float32 accumulation over K.
-OUTPUT_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7}
+OUTPUT_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
 def _heavy_tailed(rows: int, cols: int, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -68,12 +69,13 @@ class _LaunchRecorder:
 
 
 def _check_same_rows(fn, full: tuple[torch.Tensor, ...], g: torch.Generator, what: str,
-                     counts: list[int] = ROW_COUNTS) -> None:
+                     counts: Sequence[int] = ROW_COUNTS) -> None:
     """``fn(rows)`` (the op on those rows of its inputs) gives those rows of ``full`` bit for bit: at every
     row count, shuffled, rows alone and in windows (a row at another position beside other neighbours)."""
     total = full[0].shape[0]
 
     def same(rows: torch.Tensor, label: str) -> None:
+        rows = rows.to(full[0].device)
         got = fn(rows)
         for a, b in zip(got, full):
             assert torch.equal(a, b[rows]), f"{what}: {label}"
@@ -87,11 +89,13 @@ def _check_same_rows(fn, full: tuple[torch.Tensor, ...], g: torch.Generator, wha
     same(torch.arange(63, 66), "rows 63..65 (across a row tile)")
 
 
-def _check_matmul(ops: ModuleType, dtype: torch.dtype, out_features: int, in_features: int, bias: bool) -> None:
+def check_matmul_invariance(ops: ModuleType, dtype: torch.dtype, out_features: int, in_features: int, bias: bool,
+                            device: str = "cpu", counts: Sequence[int] = ROW_COUNTS) -> None:
+    """``ops.matmul`` against float64, and row bits across ``counts`` rows and orders, one launch config."""
     g = torch.Generator().manual_seed(out_features * 7 + in_features)
-    weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(dtype)
-    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
-    x = _heavy_tailed(max(ROW_COUNTS), in_features, g, dtype)
+    weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(dtype).to(device)
+    b = torch.randn(out_features, generator=g).to(dtype).to(device) if bias else None
+    x = _heavy_tailed(max(counts), in_features, g, dtype).to(device)
     full = ops.matmul(x, weight, b)
     assert full.dtype == dtype and full.shape == (x.shape[0], out_features)
     exact = x.double() @ weight.double().T + (0 if b is None else b.double())
@@ -99,7 +103,7 @@ def _check_matmul(ops: ModuleType, dtype: torch.dtype, out_features: int, in_fea
     bound = OUTPUT_ULP[dtype] * exact.abs() + in_features * 2.0**-23 * magnitude
     assert ((full.double() - exact).abs() <= bound).all(), "matmul vs float64"
     with _LaunchRecorder(ops, "_matmul_kernel") as launches:
-        _check_same_rows(lambda rows: (ops.matmul(x[rows], weight, b),), (full,), g, "matmul")
+        _check_same_rows(lambda rows: (ops.matmul(x[rows], weight, b),), (full,), g, "matmul", counts)
     assert len(launches.configs) == 1, launches.configs
 
 
@@ -112,67 +116,78 @@ MATMUL_CASES = [(torch.float32, 128, 64, True), (torch.bfloat16, 128, 64, True),
 @pytest.mark.parametrize(("dtype", "out_features", "in_features", "bias"), MATMUL_CASES,
                          ids=[f"{DTYPE_IDS[d]}-{o}x{i}{'-bias' if b else ''}" for d, o, i, b in MATMUL_CASES])
 def test_matmul_row_bits_do_not_depend_on_the_row_count_or_order(interpreter, dtype, out_features, in_features, bias):
-    interpreter(_check_matmul, dtype, out_features, in_features, bias)
+    interpreter(check_matmul_invariance, dtype, out_features, in_features, bias)
 
 
-def _check_rms_norm(ops: ModuleType, dtype: torch.dtype, hidden: int) -> None:
+def check_rms_norm_invariance(ops: ModuleType, dtype: torch.dtype, hidden: int, device: str = "cpu",
+                              counts: Sequence[int] = (1, 3, 17, 65)) -> None:
+    """``ops.rms_norm`` (with a residual) row bits across ``counts`` rows and orders, one launch config (one
+    program per row: fewer row counts than the matmul's keep the interpreter quick)."""
     g = torch.Generator().manual_seed(hidden)
-    x = _heavy_tailed(max(ROW_COUNTS), hidden, g, dtype)
-    residual = _heavy_tailed(max(ROW_COUNTS), hidden, g, dtype)
-    weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    total = max(100, *counts)
+    x = _heavy_tailed(total, hidden, g, dtype).to(device)
+    residual = _heavy_tailed(total, hidden, g, dtype).to(device)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).to(device)
     full = ops.rms_norm(x, weight, 1e-5, residual)
-    # one program per row: fewer row counts keep the interpreter quick
     with _LaunchRecorder(ops, "_rms_norm_kernel") as launches:
         _check_same_rows(lambda rows: ops.rms_norm(x[rows], weight, 1e-5, residual[rows]), full, g, "rms_norm",
-                         counts=[1, 3, 17, 65])
+                         counts)
     assert len(launches.configs) == 1, launches.configs
 
 
 @pytest.mark.parametrize(("dtype", "hidden"), [(torch.float32, 100), (torch.bfloat16, 576)], ids=["f32-100", "bf16-576"])
 def test_rms_norm_row_bits_do_not_depend_on_the_row_count_or_order(interpreter, dtype, hidden):
-    interpreter(_check_rms_norm, dtype, hidden)
+    interpreter(check_rms_norm_invariance, dtype, hidden)
 
 
 class _PagedCase:
-    """A paged KV cache of 16-token blocks holding sequences of 1..70 tokens (the last two share their first
-    two blocks, like a common system prompt), and one fixed query per token of each."""
+    """A paged KV cache of 16-token blocks holding sequences of 1..70 tokens and ``longer`` ones after them
+    (the last two share their first two blocks, like a common system prompt), and one fixed query per token
+    of each."""
 
     block_size = 16
 
-    def __init__(self, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, device: str = "cpu",
+                 longer: Sequence[int] = ()) -> None:
         g = torch.Generator().manual_seed(num_heads * 10 + head_dim)
         shared = 2
-        self.lens = [1, 17, 40, 70] + [shared * self.block_size + 1 + 14 * i for i in range(2)]
+        self.lens = [1, 17, 40, 70, *longer] + [shared * self.block_size + 1 + 14 * i for i in range(2)]
+        self.num_shared = 2
         widths = [-(-n // self.block_size) for n in self.lens]
         num_blocks = sum(widths) + 2
         shape = (num_blocks, self.block_size, num_kv_heads, head_dim)
-        self.k_cache = torch.randn(*shape, generator=g).to(dtype)
-        self.v_cache = torch.randn(*shape, generator=g).to(dtype)
+        self.k_cache = torch.randn(*shape, generator=g).to(dtype).to(device)
+        self.v_cache = torch.randn(*shape, generator=g).to(dtype).to(device)
+        self.device = device
         free = iter(torch.randperm(num_blocks - shared, generator=g).add(shared).tolist())
         self.tables = []
         for i, w in enumerate(widths):
-            head = list(range(shared)) if i >= 4 else []
+            head = list(range(shared)) if i >= len(self.lens) - self.num_shared else []
             self.tables.append(head + [next(free) for _ in range(w - len(head))])
-        self.queries = [torch.randn(n, num_heads, head_dim, generator=g).to(dtype) for n in self.lens]
+        self.queries = [torch.randn(n, num_heads, head_dim, generator=g).to(dtype).to(device) for n in self.lens]
 
     def attend(self, ops: ModuleType, parts: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """One step: each part (sequence, first query position, context length) brings its queries from
         that position up to its context length. Returns each part's output rows."""
         q = torch.cat([self.queries[s][first:ctx] for s, first, ctx in parts])
         width = max(len(self.tables[s]) for s, _, _ in parts)
-        block_tables = torch.tensor([self.tables[s] + [0] * (width - len(self.tables[s])) for s, _, _ in parts])
+        block_tables = torch.tensor([self.tables[s] + [0] * (width - len(self.tables[s])) for s, _, _ in parts],
+                                    device=self.device)
         q_lens = [ctx - first for _, first, ctx in parts]
-        loc = torch.tensor([0] + q_lens).cumsum(0)
-        ctx = torch.tensor([c for _, _, c in parts])
+        loc = torch.tensor([0] + q_lens, device=self.device).cumsum(0)
+        ctx = torch.tensor([c for _, _, c in parts], device=self.device)
         out = ops.paged_attention_invariant(q, self.k_cache, self.v_cache, block_tables, loc, ctx,
                                             q.shape[-1] ** -0.5, max(q_lens), int(ctx.max()))
         return list(out.split(q_lens))
 
 
-def _check_attention(ops: ModuleType, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+def check_attention_invariance(ops: ModuleType, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
+                               head_dim: int, device: str = "cpu", longer: Sequence[int] = ()) -> None:
+    """``ops.paged_attention_invariant``: each query row's bits the same in every kind of step, one launch
+    config, never a split of the keys (``longer``: contexts long enough that a split would pay on a GPU)."""
     with _LaunchRecorder(ops, "_paged_attention_kernel") as launches, \
             _LaunchRecorder(ops, "_merge_segments_kernel") as merges:
-        _check_attention_steps(ops, _PagedCase(dtype, num_heads, num_kv_heads, head_dim))
+        _check_attention_steps(ops, _PagedCase(dtype, num_heads, num_kv_heads, head_dim, device, longer))
     assert len(launches.configs) == 1 and not merges.configs, (launches.configs, merges.configs)
     assert dict(next(iter(launches.configs)))["NUM_SEGMENTS"] == 1
 
@@ -189,7 +204,7 @@ def _check_attention_steps(ops: ModuleType, case: _PagedCase) -> None:
 
     for s, n in enumerate(lens):
         check([(s, 0, n)], "a prompt alone")
-    check([(s, 0, n) for s, n in enumerate(lens) if s >= 4], "prompts behind a shared prefix")
+    check([(s, 0, n) for s, n in enumerate(lens) if s >= len(lens) - case.num_shared], "prompts behind a shared prefix")
     check([(s, n // 2, n) for s, n in enumerate(lens)], "chunks over cached prefixes")
     check([(s, n - 1, n) if s % 2 else (s, n // 3, n) for s, n in reversed(list(enumerate(lens)))],
           "decodes mixed with chunks")
@@ -207,7 +222,7 @@ ATTENTION_CASES = [(torch.float32, 4, 2, 16), (torch.bfloat16, 9, 3, 64)]
 @pytest.mark.parametrize(("dtype", "num_heads", "num_kv_heads", "head_dim"), ATTENTION_CASES,
                          ids=[f"{DTYPE_IDS[d]}-{h}x{kv}x{hd}" for d, h, kv, hd in ATTENTION_CASES])
 def test_attention_row_bits_do_not_depend_on_the_step(interpreter, dtype, num_heads, num_kv_heads, head_dim):
-    interpreter(_check_attention, dtype, num_heads, num_kv_heads, head_dim)
+    interpreter(check_attention_invariance, dtype, num_heads, num_kv_heads, head_dim)
 
 
 # Two prompts share a first KV block (16 tokens) for the prefix cache; chunks of 7 tokens split every prompt.
@@ -217,16 +232,20 @@ PROMPTS = [SHARED + "Paged attention stores", "def add(a, b):", SHARED + "Number
 MAX_TOKENS = 3
 
 
-def _check_engine(ops: ModuleType, tmp_path: Path, dtype: str) -> None:
+def check_engine_invariance(ops: ModuleType | None, tmp_path: Path, dtype: str, device: str = "cpu",
+                            kernel_backend: str = "triton") -> None:
+    """An engine on the Triton kernels (``ops``: the module its backend uses, e.g. interpreted; None: the
+    imported one) gives each prompt the same tokens and logits bits alone, together, chunked, cached."""
     previous = (dispatch._triton, dispatch._triton_checked)
-    dispatch._triton, dispatch._triton_checked = ops, True  # the interpreted kernels
+    if ops is not None:
+        dispatch._triton, dispatch._triton_checked = ops, True
     try:
         # small weights: flat next-token distributions, where a last-bit difference soon changes a token
         model_dir = make_tiny_model(tmp_path / "flat", "llama", num_layers=1, init_std=0.02, seed=3)
 
         def engine(**options: object) -> LLM:
             options = {"max_num_seqs": 8, "enable_prefix_caching": False, **options}
-            return LLM(str(model_dir), device="cpu", dtype=dtype, kernel_backend="triton", **options)
+            return LLM(str(model_dir), device=device, dtype=dtype, kernel_backend=kernel_backend, **options)
 
         wide = engine()
         assert wide.engine_info["batch_invariant"] is True and wide.engine_info["kernel_path"] == "triton"
@@ -240,13 +259,14 @@ def _check_engine(ops: ModuleType, tmp_path: Path, dtype: str) -> None:
         cached = engine(enable_prefix_caching=True)
         assert generate_runs(cached, PROMPTS, MAX_TOKENS) == alone, "prefix cache"
         assert cached.block_manager.prefix_hits > 0
+        assert cached.model.kernels.triton_disabled_reason() is None
     finally:
         dispatch._triton, dispatch._triton_checked = previous
 
 
 def test_engine_logits_do_not_depend_on_the_batch_on_triton(interpreter, tmp_path):
     """bfloat16, the dtype ``auto`` picks on a GPU (float32 rows are covered op by op above)."""
-    interpreter(_check_engine, tmp_path, "bfloat16")
+    interpreter(check_engine_invariance, tmp_path, "bfloat16")
 
 
 def test_triton_path_without_batch_invariance_keeps_plain_matmuls(tiny_model_dir):
