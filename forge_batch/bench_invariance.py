@@ -1,10 +1,11 @@
 """Batch invariance on a device, bit for bit, and its cost: a random-weight model with ``batch_invariant`` on
 gives each prompt the same token ids and the same logits bits at every position alone as among all the
 others (CUDA graphs, prefix cache on: half the prompts share a prefix) and in chunked steps of a few
-sequences; then the whole batch is timed with ``batch_invariant`` on and off.
+sequences, sampled with a seed per prompt (``--temperature 0``: greedy); then the whole batch is timed
+with ``batch_invariant`` on and off.
 
     python -m forge_batch.bench_invariance [--device cuda] [--shape smollm2-135m] [--dtype bfloat16]
-        [--num-prompts 64] [--alone 8] [--max-tokens 32] [--json PATH]
+        [--num-prompts 64] [--alone 8] [--max-tokens 32] [--temperature 0.8] [--json PATH]
 
 Weights are random with std 0.02 (load_format="dummy"): flat next-token distributions, where a last-bit
 difference in a row's logits soon changes a token. Prints one JSON object (also written to --json); exits 1
@@ -48,9 +49,10 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def rows(llm: Any, work: list[list[int]], max_tokens: int, digests: bool) -> list[tuple[list[int], list[str]]]:
-    """Per prompt (greedy, EOS ignored): its token ids and, with ``digests``, a digest of its logits' bits
-    at each generated position."""
+def rows(llm: Any, work: list[list[int]], max_tokens: int, digests: bool, temperature: float = 0.0,
+         first: int = 0) -> list[tuple[list[int], list[str]]]:
+    """Per prompt (EOS ignored; sampled with seed 1000 + its index ``first`` + i in the whole list): its token
+    ids and, with ``digests``, a digest of its logits' bits at each generated position."""
     from forge_batch import SamplingParams
 
     seen: list[list[str]] = [[] for _ in work]
@@ -61,7 +63,8 @@ def rows(llm: Any, work: list[list[int]], max_tokens: int, digests: bool) -> lis
             return logits
         return record
 
-    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True,
+                             seed=None if temperature == 0 else 1000 + first + i,
                              logits_processors=[recorder(i)] if digests else []) for i in range(len(work))]
     outs = llm.generate([{"prompt_token_ids": p} for p in work], params)
     return [(list(o.outputs[0].token_ids), d) for o, d in zip(outs, seen)]
@@ -84,12 +87,12 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def timed(llm: Any, work: list[list[int]], max_tokens: int, device: str) -> float:
+def timed(llm: Any, work: list[list[int]], max_tokens: int, device: str, temperature: float) -> float:
     """Seconds for the whole batch (after one untimed run of it: compiles and graph buckets warm)."""
-    rows(llm, work, max_tokens, digests=False)
+    rows(llm, work, max_tokens, False, temperature)
     sync(device)
     t = time.perf_counter()
-    rows(llm, work, max_tokens, digests=False)
+    rows(llm, work, max_tokens, False, temperature)
     sync(device)
     return time.perf_counter() - t
 
@@ -105,23 +108,24 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     cfg = INVARIANCE_SHAPES[args.shape]
     work = make_prompts(args.num_prompts, cfg["vocab_size"])
     res: dict[str, Any] = {"shape": args.shape, "dtype": args.dtype, "prompts": len(work), "alone": args.alone,
-                           "max_tokens": args.max_tokens}
+                           "max_tokens": args.max_tokens, "temperature": args.temperature}
+    temp = args.temperature
     llm = engine(cfg, args.device, args.dtype, True)
     res["engine"] = {k: llm.engine_info[k] for k in ("device", "dtype", "kernel_path", "batch_invariant")}
     res["cuda_graphs"] = llm.runner.decode_graphs is not None
-    alone = [r for p in work[: args.alone] for r in rows(llm, [p], args.max_tokens, digests=True)]
-    res["differ_in_batch"] = differing(alone, rows(llm, work, args.max_tokens, digests=True)[: args.alone])
+    alone = [r for i, p in enumerate(work[: args.alone]) for r in rows(llm, [p], args.max_tokens, True, temp, i)]
+    res["differ_in_batch"] = differing(alone, rows(llm, work, args.max_tokens, True, temp)[: args.alone])
     res["prefix_hits"] = llm.block_manager.prefix_hits
-    on = timed(llm, work, args.max_tokens, args.device)
+    on = timed(llm, work, args.max_tokens, args.device, temp)
     res["triton_fallback"] = llm.model.kernels.triton_disabled_reason()
     del llm
     release(args.device)
     chunked = engine(cfg, args.device, args.dtype, True, max_num_seqs=4, max_num_batched_tokens=64)
-    res["differ_chunked_4_seqs"] = differing(alone, rows(chunked, work[: args.alone], args.max_tokens, digests=True))
+    res["differ_chunked_4_seqs"] = differing(alone, rows(chunked, work[: args.alone], args.max_tokens, True, temp))
     del chunked
     release(args.device)
     off_engine = engine(cfg, args.device, args.dtype, False)
-    off = timed(off_engine, work, args.max_tokens, args.device)
+    off = timed(off_engine, work, args.max_tokens, args.device, temp)
     del off_engine
     release(args.device)
     tokens = len(work) * args.max_tokens
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--alone", type=int, default=8, help="prompts also run one at a time (the reference)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch

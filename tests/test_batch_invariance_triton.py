@@ -233,9 +233,10 @@ MAX_TOKENS = 3
 
 
 def check_engine_invariance(ops: ModuleType | None, tmp_path: Path, dtype: str, device: str = "cpu",
-                            kernel_backend: str = "triton") -> None:
+                            kernel_backend: str = "triton", temperature: float = 0.0) -> None:
     """An engine on the Triton kernels (``ops``: the module its backend uses, e.g. interpreted; None: the
-    imported one) gives each prompt the same tokens and logits bits alone, together, chunked, cached."""
+    imported one) gives each prompt the same tokens and logits bits alone, together, chunked, cached
+    (sampled with a seed per prompt when ``temperature`` > 0)."""
     previous = (dispatch._triton, dispatch._triton_checked)
     if ops is not None:
         dispatch._triton, dispatch._triton_checked = ops, True
@@ -250,14 +251,17 @@ def check_engine_invariance(ops: ModuleType | None, tmp_path: Path, dtype: str, 
         wide = engine()
         assert wide.engine_info["batch_invariant"] is True and wide.engine_info["kernel_path"] == "triton"
         assert isinstance(wide.model.lm_head, TritonLinear)
-        alone = [run for p in PROMPTS for run in generate_runs(wide, [p], MAX_TOKENS)]
+        def runs(llm: LLM) -> list:
+            return generate_runs(llm, PROMPTS, MAX_TOKENS, temperature)
+
+        alone = [run for i, p in enumerate(PROMPTS) for run in generate_runs(wide, [p], MAX_TOKENS, temperature, i)]
         assert len({tuple(r.tokens) for r in alone}) == len(PROMPTS)
-        assert generate_runs(wide, PROMPTS, MAX_TOKENS) == alone, "all together"
+        assert runs(wide) == alone, "all together"
         # two at a time, prefills in chunks of 7 tokens mixed with decodes
         chunked = engine(max_num_seqs=2, max_num_batched_tokens=7)
-        assert generate_runs(chunked, PROMPTS, MAX_TOKENS) == alone, "chunked prefill"
+        assert runs(chunked) == alone, "chunked prefill"
         cached = engine(enable_prefix_caching=True)
-        assert generate_runs(cached, PROMPTS, MAX_TOKENS) == alone, "prefix cache"
+        assert runs(cached) == alone, "prefix cache"
         assert cached.block_manager.prefix_hits > 0
         assert cached.model.kernels.triton_disabled_reason() is None
     finally:

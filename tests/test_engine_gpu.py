@@ -47,12 +47,29 @@ def test_engine_greedy_tokens_on_triton_equal_the_reference_on_cuda(tiny_model_d
     assert ours == reference
 
 
-def test_engine_rows_do_not_depend_on_the_batch_on_cuda(tmp_path):
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_engine_rows_do_not_depend_on_the_batch_on_cuda(tmp_path, temperature):
     """The default engine on a GPU (auto: Triton kernels, the fixed-tile GEMM, CUDA graphs; bfloat16): each
     prompt's tokens and logits bits alone, together, chunked a few sequences at a time, and cached."""
     from test_batch_invariance_triton import check_engine_invariance
 
-    check_engine_invariance(None, tmp_path, "bfloat16", device="cuda", kernel_backend="auto")
+    check_engine_invariance(None, tmp_path, "bfloat16", device="cuda", kernel_backend="auto",
+                            temperature=temperature)
+
+
+def test_sampler_cumsum_rows_do_not_depend_on_the_row_count_on_cuda():
+    """torch's cumsum on CUDA scans one row with CUB and several with threads per row set by the row
+    count; the sampler's row_cumsum gives each row one order."""
+    from forge_batch.engine.sampler import row_cumsum
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(300, 49152, generator=g).pow(8).softmax(dim=-1).cuda()
+    full = row_cumsum(probs)
+    torch.testing.assert_close(full.double(), probs.double().cumsum(dim=-1), rtol=0, atol=1e-4)
+    for m in range(1, 301):
+        assert torch.equal(row_cumsum(probs[:m]), full[:m]), f"{m} rows"
+    perm = torch.randperm(300, generator=g).cuda()
+    assert torch.equal(row_cumsum(probs[perm]), full[perm])
 
 
 def test_batch_invariant_off_keeps_cublas_on_cuda(tiny_model_dir):
