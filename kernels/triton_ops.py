@@ -202,7 +202,9 @@ def _store_attention(
         tl.store(l_ptr + row, l_i, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["num_seqs"])  # the batch size changes every step: one compile for all
+# The batch size and the block table's width change every step: one compile for all (and no variant whose
+# code differs with them, which batch invariance needs as much as the tiling does).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr,  # [T, H, D] (NUM_SEGMENTS == 1) or float32 [T, H, NUM_SEGMENTS, HEAD_PAD] partials
     m_ptr,  # float32 [T, H, NUM_SEGMENTS] running max (log2 domain); unused when NUM_SEGMENTS == 1
