@@ -10,6 +10,8 @@ achieved in decode (bytes a decode step must read, weights + KV, over the step's
 then the same step eager): the top ops by device and by host time, and the step's GPU time by kind of
 kernel (attention, matmuls, ...), plus a Chrome trace beside it (``profile_trace.json``).
 ``--json`` writes every figure as it is measured, so a run cut short still leaves what it got.
+``--batch-invariant off`` measures the engine with ``batch_invariant=False`` (cuBLAS and the step-dependent
+attention tiling) instead of its default.
 
 Needs a CUDA device; elsewhere it says so and exits 0 (nothing to measure). ``--device cpu --shape tiny``
 runs the same code on a tiny model on the CPU (to check the script, not to measure anything).
@@ -234,7 +236,7 @@ def gpu_time_by_kind(events: Any) -> tuple[dict[str, float], float]:
 
 
 def run_ours(cfg: dict, work: list[list[int]], max_tokens: int, max_num_seqs: int, device: str, dtype: str,
-             decode_steps: int, profile_path: str | None, results: Results) -> dict:
+             decode_steps: int, profile_path: str | None, results: Results, batch_invariant: bool = True) -> dict:
     import torch
 
     from forge_batch import LLM, SamplingParams
@@ -243,7 +245,7 @@ def run_ours(cfg: dict, work: list[list[int]], max_tokens: int, max_num_seqs: in
 
     t0 = time.monotonic()
     llm = LLM(ModelConfig(**cfg), load_format="dummy", device=device, dtype=dtype,
-              max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
+              max_num_seqs=max_num_seqs, max_num_batched_tokens=8192, batch_invariant=batch_invariant)
     load = time.monotonic() - t0
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
@@ -267,6 +269,7 @@ def run_ours(cfg: dict, work: list[list[int]], max_tokens: int, max_num_seqs: in
     ours: dict[str, Any] = {
         "tok_s": tokens / wall, "wall_s": wall, "output_tokens": tokens, "load_s": load,
         "cuda_graphs": llm.runner.decode_graphs is not None, "kernel_path": llm.engine_info["kernel_path"],
+        "batch_invariant": llm.engine_info["batch_invariant"],
         "triton_fallback": llm.model.kernels.triton_disabled_reason(), "weight_bytes": weight_bytes,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, torch.empty((), dtype=llm.dtype).element_size()),
         "decode": [],
@@ -360,6 +363,7 @@ def report(args: argparse.Namespace, argv: list[str], name: str, torch_version: 
            theirs: dict) -> str:
     peak = peak_bandwidth(name)
     path = ours["kernel_path"] + (", CUDA graphs" if ours["cuda_graphs"] else "")
+    path += ", batch-invariant" if ours.get("batch_invariant") else ", not batch-invariant"
     if ours["triton_fallback"]:
         path += f"; Triton fell back to the reference: {ours['triton_fallback']}"
     lines = [f"### {date.today().isoformat()} · {name} · torch {torch_version}", "",
@@ -415,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to check the script on a tiny shape")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--batch-invariant", choices=["on", "off"], default="on",
+                    help="the engine's batch_invariant (on, its default: the fixed-tile Triton GEMM; off: cuBLAS)")
     args = ap.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
 
@@ -439,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SHAPES[args.shape]
     work = prompts(args.num_prompts, cfg["vocab_size"])
     ours = run_ours(cfg, work, args.max_tokens, args.max_num_seqs, args.device, args.dtype, args.decode_steps,
-                    args.profile, results)
+                    args.profile, results, batch_invariant=args.batch_invariant == "on")
     theirs: dict[str, Any] = {}
 
     def publish() -> None:

@@ -254,9 +254,9 @@ class EngineSpec(_Strict):
         None, description="int8: W8A8 decoder matmuls on the CPU (faster, not bit-identical to float32)."
     )
     batch_invariant: bool | None = Field(
-        None, description="A row's tokens do not depend on what else shares its steps (default true; CPU); false "
-                          "keeps the faster few-row matmul and dense prefill attention paths, whose numbers "
-                          "depend on the step."
+        None, description="A row's tokens do not depend on what else shares its steps (default true; CPU and "
+                          "Triton paths); false keeps the faster few-row matmul and dense prefill attention "
+                          "paths (on a GPU cuBLAS and split-KV attention), whose numbers depend on the step."
     )
     max_in_flight: int | None = Field(
         None, ge=1, description="Rows admitted but unfinished at once (default: 2 x max_num_seqs)."

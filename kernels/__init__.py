@@ -7,13 +7,14 @@ object per engine:
 
 ``KernelBackend("reference")`` forces the torch reference (``reference.py``) everywhere;
 ``KernelBackend("triton")`` forces Triton (with TRITON_INTERPRET=1 it runs on the CPU, used by the tests).
-``linear.Linear`` is a matmul weight as a callable; ``cpu/linear.py`` holds its faster CPU forms.
+``linear.Linear`` is a matmul weight as a callable; ``cpu/linear.py`` holds its faster CPU forms,
+``linear.TritonLinear`` the Triton path's batch-invariant one.
 """
 
 from __future__ import annotations
 
 from . import reference
 from .dispatch import BACKENDS, KernelBackend
-from .linear import Linear
+from .linear import Linear, TritonLinear
 
-__all__ = ["BACKENDS", "KernelBackend", "Linear", "reference"]
+__all__ = ["BACKENDS", "KernelBackend", "Linear", "TritonLinear", "reference"]

@@ -71,7 +71,8 @@ class KernelBackend:
         if name not in BACKENDS:
             raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r}")
         self.name = name
-        # attention with one reduction order per query row, whatever the step (cpu.attention.paged_attention_per_row)
+        # attention with one reduction order per query row, whatever the step: on the CPU
+        # cpu.attention.paged_attention_per_row, on the Triton path triton_ops.paged_attention_invariant
         self.batch_invariant = batch_invariant
         self._triton_failed: str | None = None  # why "auto" stopped using Triton, once it has
         # decode and prefill attention on the CPU: the C decode kernel and the shared-prefix cascade
@@ -191,6 +192,13 @@ class KernelBackend:
         """See ``reference.store_kv`` (in place; a failed Triton attempt is simply redone by the reference)."""
         return self._call("store_kv", key, reference.store_kv, key, value, k_cache, v_cache, slot_mapping)
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """See ``reference.linear`` (F.linear). Where Triton runs: its GEMM with one tile shape for every row
+        count (triton_ops.matmul), so a row's result does not depend on the rows beside it. Only the
+        batch-invariant weight form (linear.TritonLinear) calls this; plain matmul weights stay F.linear
+        (cuBLAS on a GPU, which picks its kernel and split-K by shape)."""
+        return self._call("matmul", x, reference.linear, x, weight, bias)
+
     def paged_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
         query_start_loc: torch.Tensor, context_lens: torch.Tensor, scale: float,
@@ -200,7 +208,8 @@ class KernelBackend:
         kernel, which reads the paged cache in place instead of gathering it into padded tensors, and
         prefill rows behind a shared cached prefix attend to it once (cpu.attention.paged_prefill_attention).
         With ``batch_invariant`` every row there takes the C decode kernel as a row of its own
-        (cpu.attention.paged_attention_per_row): the same bits in a prefill, a chunk or a decode step."""
+        (cpu.attention.paged_attention_per_row): the same bits in a prefill, a chunk or a decode step; on the
+        Triton path the Triton kernel's one tiling, without split-KV (triton_ops.paged_attention_invariant)."""
         ref = reference.paged_attention
         if self.name == "auto" and q.device.type == "cpu" and _cpu_decode_ok(q):
             if self.batch_invariant:
@@ -209,7 +218,7 @@ class KernelBackend:
                     max_context_len)
             ref = self._cpu_attention
         return self._call(
-            "paged_attention", q, ref,
+            "paged_attention_invariant" if self.batch_invariant else "paged_attention", q, ref,
             q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, max_query_len, max_context_len,
         )
 

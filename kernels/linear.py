@@ -1,13 +1,19 @@
 """A matmul weight as a callable: ``Linear(weight, bias)(x)`` is ``F.linear(x, weight, bias)``.
 
 Models hold every matmul weight as one of these and call it; a backend may put another form of the
-same product in its place (kernels/cpu/linear.py: packed, int8, stored blocks) without the model knowing.
+same product in its place (kernels/cpu/linear.py: packed, int8, stored blocks; ``TritonLinear`` here)
+without the model knowing.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .dispatch import KernelBackend
 
 
 class Linear:
@@ -28,3 +34,20 @@ class Linear:
     def plain(self) -> Linear:
         """This product as plain F.linear on the same tensors (what every other form must equal)."""
         return Linear(self.weight, self.bias)
+
+
+class TritonLinear(Linear):
+    """The product through a kernel backend's ``linear``: where Triton runs, its GEMM with one tile shape for
+    every row count (triton_ops.matmul), so a row's result has the same bits however many rows share the
+    call; where it does not (or after an ``auto`` backend fell back), F.linear."""
+
+    __slots__ = ("kernels",)
+
+    def __init__(self, base: Linear, kernels: KernelBackend) -> None:
+        super().__init__(base.weight, base.bias)
+        self.kernels = kernels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
+        return self.kernels.linear(x, self.weight, self.bias)

@@ -64,6 +64,11 @@ def rms_norm(
     return weight * out, residual_out
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias (F.linear): x [..., K], weight [N, K], bias [N]."""
+    return F.linear(x, weight, bias)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x = [gate | up] on the last dim; returns silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)

@@ -14,10 +14,19 @@ Kernels:
   Programs map to sequences by a binary search over ``query_start_loc`` (no host sync, graph-safe).
   When few programs would cover a long context (small decode batches), the key range is split into
   segments whose partial results a second kernel merges (flash-decoding).
+  ``paged_attention_invariant`` is the same kernel with one tiling for every step and no split.
+- ``matmul``: F.linear with one tile shape for every row count (the batch-invariant mode's matmuls).
 - ``store_kv``: scatter this step's K/V rows into the paged cache through ``slot_mapping`` (-1 skips).
 - ``rms_norm``: RMSNorm with the residual add fused in front, float32 statistics.
 - ``rotary_embedding``: Hugging Face rotate_half layout, cos/sin from ``cos_sin_cache``.
 - ``silu_and_mul``: SwiGLU's ``silu(gate) * up``.
+
+Batch invariance (``paged_attention_invariant``, ``matmul``, and ``rms_norm`` as it is): a row's result has
+the same bits whatever else is computed with it, because nothing that shapes its arithmetic (tile sizes,
+warps, the instruction ``tl.dot`` lowers to, the order its sums are taken in) is chosen from the number of
+rows, sequences or tokens of a call: only from the weight's or the model's shape and the dtype. An output
+element of a program's tile depends on its own row of the inputs only; other rows of the tile (another
+sequence's queries, padding) never enter its sums.
 
 Rounding follows the reference step by step (e.g. the residual sum is rounded to the activation dtype
 before its statistics are taken) so that low-precision results agree to the last bit or two.
@@ -193,7 +202,9 @@ def _store_attention(
         tl.store(l_ptr + row, l_i, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["num_seqs"])  # the batch size changes every step: one compile for all
+# The batch size and the block table's width change every step: one compile for all (and no variant whose
+# code differs with them, which batch invariance needs as much as the tiling does).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr,  # [T, H, D] (NUM_SEGMENTS == 1) or float32 [T, H, NUM_SEGMENTS, HEAD_PAD] partials
     m_ptr,  # float32 [T, H, NUM_SEGMENTS] running max (log2 domain); unused when NUM_SEGMENTS == 1
@@ -317,8 +328,13 @@ class _AttentionConfig(NamedTuple):
     num_stages: int
 
 
+# Rows per program of the batch-invariant attention, for every step (or the GQA group, when larger).
+INVARIANT_ATTENTION_BLOCK_M = 64
+
+
 def _attention_config(
-    t: int, b: int, group: int, head_pad: int, dtype: torch.dtype, max_query_len: int | None
+    t: int, b: int, group: int, head_pad: int, dtype: torch.dtype, max_query_len: int | None,
+    batch_invariant: bool = False,
 ) -> _AttentionConfig:
     """Tiling for a step with t query tokens over b sequences, chosen without reading device memory.
 
@@ -327,11 +343,16 @@ def _attention_config(
     (16 rows: mma.sync on Hopper). Prefill-heavy steps take 64 or 128 rows (wgmma) so each K/V tile
     loaded is reused across many queries. float32 tiles are twice as large, so they get smaller tiles
     and one stage less to stay inside shared memory (and registers) on an H100.
+
+    ``batch_invariant``: one tiling for every step, from the model's shape and the dtype alone (64 rows:
+    a decode step's tile is mostly padding, but decode attention waits on K/V reads, not on the MMA).
     """
     group_pad = triton.next_power_of_2(group)
     wide = dtype == torch.float32
     decode_only = max_query_len == 1 if max_query_len is not None else t == b
-    if decode_only:
+    if batch_invariant:
+        block_m = max(INVARIANT_ATTENTION_BLOCK_M, group_pad)
+    elif decode_only:
         block_m = max(16, group_pad)
     else:
         longest = max_query_len if max_query_len is not None else max(1, t - b + 1)
@@ -393,9 +414,13 @@ def paged_attention_impl(
     num_segments: int | None = None,
     block_m: int | None = None,
     tile_n: int | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
-    """``paged_attention`` with its tiling exposed (tests force the split-KV and tile paths through this)."""
+    """``paged_attention`` with its tiling exposed (tests force the split-KV and tile paths through this).
+    ``batch_invariant``: the one tiling of ``paged_attention_invariant`` (no tiling may be forced then)."""
     _check_attention_shapes(q, k_cache, v_cache, block_tables, query_start_loc, context_lens)
+    if batch_invariant and (num_segments not in (None, 1) or block_m or tile_n):
+        raise ValueError("batch-invariant attention has one tiling: no num_segments, block_m or tile_n")
     t, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     b = block_tables.shape[0]
@@ -413,13 +438,15 @@ def paged_attention_impl(
 
     group = h // hkv
     head_pad = max(16, triton.next_power_of_2(d))
-    cfg = _attention_config(t, b, group, head_pad, q.dtype, max_query_len)
+    cfg = _attention_config(t, b, group, head_pad, q.dtype, max_query_len, batch_invariant)
     block_m = max(block_m or cfg.block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group
     tile_n = max(16, tile_n or cfg.tile_n)
     num_q_blocks = t // block_q + b  # upper bound over any split of t tokens into b sequences
 
-    if num_segments is None:
+    if batch_invariant:
+        num_segments = 1  # a split's count would follow the step's programs, and its merge the count
+    elif num_segments is None:
         num_segments = _default_num_segments(q, min(num_q_blocks, t) * hkv, max_context_len, tile_n)
     num_segments = triton.next_power_of_2(max(1, int(num_segments)))
 
@@ -472,6 +499,31 @@ def paged_attention(
     """
     return paged_attention_impl(
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, max_query_len, max_context_len
+    )
+
+
+def paged_attention_invariant(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+    max_context_len: int | None = None,
+) -> torch.Tensor:
+    """``paged_attention`` whose query rows each get the same bits in any step: a prefill, a chunk over a
+    cached prefix, a decode, a mixed step, with any number or order of sequences.
+
+    One tiling for every step (INVARIANT_ATTENTION_BLOCK_M rows, the dtype's key tile, fixed warps) and no
+    split of the keys: a row walks its keys in TILE_N tiles from the first, in order, with one online
+    softmax. Its program may walk further tiles for later queries of its tile; there every key is masked,
+    so the row's max, denominator and accumulator come out unchanged (x * 1 + 0). The hints are unused.
+    """
+    return paged_attention_impl(
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, max_query_len, max_context_len,
+        batch_invariant=True,
     )
 
 
@@ -641,6 +693,96 @@ def rms_norm(
 
 
 # --------------------------------------------------------------------------------------------------
+# Matmul with one tiling for every row count
+# --------------------------------------------------------------------------------------------------
+
+# The tile of every batch-invariant product, whatever the number of rows: an output element is its row's
+# float32 sum over K in BLOCK_K chunks, in order, each chunk one tl.dot of this shape (no split-K, no
+# choice by shape as cuBLAS makes). 64 x 64: a wgmma-sized tile on Hopper for prefills; a decode step
+# pads its few rows into it, which costs MMA work but not weight reads (what a decode step waits on).
+MATMUL_BLOCK_M = 64
+MATMUL_BLOCK_N = 64
+MATMUL_BLOCK_K = 64
+MATMUL_NUM_WARPS = 4
+MATMUL_NUM_STAGES = 3
+
+
+@triton.jit(do_not_specialize=["M"])  # the row count changes every step: one compile, no special M == 1 code
+def _matmul_kernel(
+    out_ptr,  # [M, N]
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    bias_ptr,  # [N]; unused without HAS_BIAS
+    M,
+    N,
+    K,
+    stride_x,
+    stride_w,
+    stride_o,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # widen dot operands to fp32 (interpreter + bfloat16)
+    FP32_DOT: tl.constexpr,  # float32 inputs: 3xTF32 dot (fp32-accurate on tensor cores) instead of TF32
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_w
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_ok = k < K
+        a = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        b = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if FP32_DOT:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (x [..., K], weight [N, K], bias [N]; all of one dtype) with one tiling
+    for every row count: row i of the result has the same bits whether x holds 1 row or 10,000, in any
+    order (float32 accumulation, the bias added in float32, one rounding to the dtype)."""
+    n, k = weight.shape
+    if x.shape[-1] != k or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"matmul of x {tuple(x.shape)} with weight {tuple(weight.shape)}"
+                         f"{'' if bias is None else f' and bias {tuple(bias.shape)}'} does not fit")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError(f"matmul needs one dtype, got x {x.dtype}, weight {weight.dtype}"
+                         f"{'' if bias is None else f', bias {bias.dtype}'}")
+    x2 = _rows(x)
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    out2 = out.view(-1, n)
+    m = x2.shape[0]
+    if m == 0 or n == 0:
+        return out
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    grid = (triton.cdiv(m, MATMUL_BLOCK_M), triton.cdiv(n, MATMUL_BLOCK_N))
+    _matmul_kernel[grid](
+        out2, x2, weight, weight if bias is None else bias.contiguous(), m, n, k,
+        x2.stride(0), weight.stride(0), out2.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=MATMUL_BLOCK_M, BLOCK_N=MATMUL_BLOCK_N, BLOCK_K=MATMUL_BLOCK_K,
+        UPCAST=_upcast_dot(x.dtype), FP32_DOT=x.dtype == torch.float32,
+        num_warps=MATMUL_NUM_WARPS, num_stages=MATMUL_NUM_STAGES,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # SiLU-and-mul
 # --------------------------------------------------------------------------------------------------
 
@@ -767,8 +909,10 @@ def rotary_embedding(
 
 
 __all__ = [
+    "matmul",
     "paged_attention",
     "paged_attention_impl",
+    "paged_attention_invariant",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",

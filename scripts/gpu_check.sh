@@ -11,15 +11,19 @@
 #           project, both without dependencies and with no index, into a --target folder on PYTHONPATH
 #   env     nvidia-smi, versions, CUDA visible or not, a copy-bandwidth and a bf16-matmul ceiling
 #   pytest  pytest -m gpu (Triton kernels vs the reference, CUDA graphs vs eager vs CPU, the engine's
-#           greedy tokens on Triton vs the reference)
+#           greedy tokens on Triton vs the reference, batch invariance of the kernels and the engine)
+#   invariance  python -m forge_batch.bench_invariance: SmolLM2-135M shape, random bf16 weights, batch_invariant
+#           on: 8 prompts alone vs among 64 and in chunked steps of 4 sequences, token ids and logits bits
+#           identical; then the 64 timed with batch_invariant on and off (the cost)
 #   bench   python -m forge_batch.bench_gpu: Llama-3.1-8B shape, random bf16 weights, 256 prompts x 128
 #           tokens, ours vs transformers, decode bandwidth fraction, torch profile of one decode step
 #
 # OUTDIR receives at most 7 files (the device tool brings back 8): results.json, setup.log, pytest.log,
 # bench.log, bench.md, profile.txt, profile_trace.json.
 # The whole run stays inside GPU_CHECK_DEADLINE_S (default 450 s), each stage inside its own timeout.
-# Knobs for a second, narrower run: GPU_CHECK_STAGES (default "setup env pytest bench"),
+# Knobs for a second, narrower run: GPU_CHECK_STAGES (default "setup env pytest invariance bench"),
 # GPU_CHECK_PYTEST_ARGS (e.g. "-k attention"), GPU_CHECK_BENCH_ARGS (replaces the bench options below),
+# GPU_CHECK_INVARIANCE_ARGS (replaces the invariance options below),
 # GPU_CHECK_PROFILE (set empty to leave out the profile), GPU_CHECK_SITE (the --target folder, default
 # /tmp/site).
 set -u
@@ -33,7 +37,7 @@ OUTDIR="$(cd "$1" && pwd)"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO" || exit 2
 SITE="${GPU_CHECK_SITE:-/tmp/site}"
-STAGES="${GPU_CHECK_STAGES:-setup env pytest bench}"
+STAGES="${GPU_CHECK_STAGES:-setup env pytest invariance bench}"
 WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"
 STAGE_TSV="$WORK/stages.tsv"
 : >"$STAGE_TSV"
@@ -196,6 +200,13 @@ if want pytest; then
     run_stage pytest 150 "$OUTDIR/pytest.log" python3 -m pytest -m gpu -p no:cacheprovider -rfEs --durations=15 \
         ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} --junitxml="$WORK/pytest.xml" ${GPU_CHECK_PYTEST_ARGS:-}
 fi
+if want invariance; then
+    # one model's rows alone vs batched, bit for bit, batch_invariant on; and the cost of it (its log goes to
+    # bench.log: OUTDIR keeps to 7 files)
+    # shellcheck disable=SC2086
+    run_stage invariance 90 "$OUTDIR/bench.log" python3 -m forge_batch.bench_invariance \
+        ${GPU_CHECK_INVARIANCE_ARGS:---num-prompts 64 --alone 8 --max-tokens 32} --json "$WORK/invariance.json"
+fi
 if want bench; then
     # 256 prompts x 128 tokens as the issue asks; transformers' static batches 64 and 256, then its
     # continuous batching last (slowest, and the JSON keeps everything measured before a timeout).
@@ -235,6 +246,9 @@ if os.path.exists(xml):
     skipped = sorted({(c.find("skipped").get("message") or "")[:200] for c in suite.iter("testcase")
                       if c.find("skipped") is not None})
     res["pytest"] = {**counts, "failed": failed, "skip_reasons": skipped}
+invariance = os.path.join(work, "invariance.json")
+if os.path.exists(invariance):
+    res["invariance"] = json.load(open(invariance))
 bench = os.path.join(work, "bench.json")
 if os.path.exists(bench):
     res["bench"] = json.load(open(bench))
@@ -252,6 +266,10 @@ if "pytest" in res:
         problems.append(f"pytest: {p['failures']} failed, {p['errors']} errors")
     if p["skipped"]:
         problems.append(f"pytest: {p['skipped']} gpu tests skipped ({'; '.join(p['skip_reasons'])})")
+if "invariance" in res and not res["invariance"].get("ok"):
+    inv = res["invariance"]
+    problems.append(f"invariance: engine {inv.get('engine')}, rows differing in the batch "
+                    f"{inv.get('differ_in_batch')}, in chunked steps {inv.get('differ_chunked_4_seqs')}")
 if "bench" in res:
     b = res["bench"]
     if b.get("status") != "done":

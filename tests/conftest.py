@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from tiny_models import make_tiny_model  # noqa: E402
+from triton_interpreter import interpreter  # noqa: E402, F401  (the fixture, for every test module)
 
 
 @pytest.fixture(scope="session")

@@ -173,7 +173,7 @@ def generate_runs(llm: LLM, prompts: list, max_tokens: int, temperature: float =
 
     def recorder(i: int):
         def record(_output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-            digests[i].append(hashlib.blake2b(logits.numpy().tobytes(), digest_size=8).hexdigest())
+            digests[i].append(hashlib.blake2b(logits.cpu().numpy().tobytes(), digest_size=8).hexdigest())
             return logits
         return record
 

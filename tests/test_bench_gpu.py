@@ -1,6 +1,7 @@
-"""`python -m forge_batch.bench_gpu` and `scripts/gpu_check.sh` without a GPU: the benchmark's whole code
-path on a tiny shape on the CPU (JSON, profile, report), its no-CUDA answer, and the check script's set-up
-stages (the GPU run itself happens on a GPU machine; the speed numbers here mean nothing)."""
+"""`python -m forge_batch.bench_gpu`, `python -m forge_batch.bench_invariance` and `scripts/gpu_check.sh`
+without a GPU: the benchmark's and the invariance check's whole code paths on a tiny shape on the CPU (JSON,
+profile, report), their no-CUDA answers, and the check script's set-up stages (the GPU run itself happens
+on a GPU machine; the speed numbers here mean nothing)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from forge_batch import bench_gpu
+from forge_batch import bench_gpu, bench_invariance
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,6 +62,25 @@ def test_bench_gpu_without_cuda_says_so_and_records_it(tmp_path, monkeypatch, ca
     assert json.loads((tmp_path / "bench.json").read_text())["status"] == "no CUDA device"
 
 
+def test_bench_invariance_checks_rows_and_times_both_modes_on_a_tiny_cpu_model(tmp_path, capsys):
+    """The device check's whole code path on the CPU (whose compiled kernels are batch-invariant too)."""
+    rc = bench_invariance.main(["--device", "cpu", "--shape", "tiny", "--dtype", "float32", "--num-prompts", "4",
+                                "--alone", "2", "--max-tokens", "3", "--json", str(tmp_path / "inv.json")])
+    res = json.loads((tmp_path / "inv.json").read_text())
+    assert rc == 0 and res["ok"] and res["status"] == "done"
+    assert res["engine"]["batch_invariant"] is True and res["prefix_hits"] > 0
+    assert res["differ_in_batch"] == res["differ_chunked_4_seqs"] == {"tokens": 0, "logits": 0}
+    assert res["tok_s"]["batch_invariant"] > 0 and res["tok_s"]["not_invariant"] > 0
+    assert json.loads(capsys.readouterr().out) == res
+
+
+def test_bench_invariance_without_cuda_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_invariance.main(["--json", str(tmp_path / "inv.json")]) == 0
+    assert "no CUDA device" in capsys.readouterr().err
+    assert json.loads((tmp_path / "inv.json").read_text())["status"] == "no CUDA device"
+
+
 @pytest.mark.parametrize("name, kind", [
     ("_paged_attention_kernel", "attention"),
     ("_merge_segments_kernel", "attention"),
@@ -84,8 +104,10 @@ def test_gpu_check_script_installs_runs_and_fails_only_for_want_of_cuda(tmp_path
     pytest.importorskip("transformers")
     bench_args = ("--device cpu --shape tiny --dtype float32 --num-prompts 3 --max-tokens 3 --max-num-seqs 2 "
                   "--decode-steps 2 --hf-batch-sizes 2 --skip-generate-batch")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GPU_CHECK_STAGES": "setup env bench",
-           "GPU_CHECK_BENCH_ARGS": bench_args, "GPU_CHECK_SITE": str(tmp_path / "site"),
+    invariance_args = "--device cpu --shape tiny --dtype float32 --num-prompts 4 --alone 2 --max-tokens 3"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GPU_CHECK_STAGES": "setup env invariance bench",
+           "GPU_CHECK_BENCH_ARGS": bench_args, "GPU_CHECK_INVARIANCE_ARGS": invariance_args,
+           "GPU_CHECK_SITE": str(tmp_path / "site"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     out = tmp_path / "out"
     run = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out)],
@@ -94,7 +116,8 @@ def test_gpu_check_script_installs_runs_and_fails_only_for_want_of_cuda(tmp_path
     assert run.returncode == 1, run.stdout + run.stderr  # not a pass: there is no GPU
     assert res["problems"] == ["no CUDA device visible to torch"], res
     assert {name: s["rc"] for name, s in res["stages"].items()} == {
-        "setup-wheels": 0, "setup-project": 0, "env": 0, "bench": 0}
+        "setup-wheels": 0, "setup-project": 0, "env": 0, "invariance": 0, "bench": 0}
+    assert res["invariance"]["ok"] and res["invariance"]["differ_in_batch"] == {"tokens": 0, "logits": 0}
     # the installed copy, kernels and plugins mapped into forge_batch, not the checkout
     assert f"forge_batch.kernels from {tmp_path / 'site'}/forge_batch/kernels/__init__.py" in (
         out / "setup.log").read_text()

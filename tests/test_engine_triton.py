@@ -33,8 +33,8 @@ CHILD = textwrap.dedent(
     other = LLM(path, device="cpu", dtype="float32", kernel_backend="reference", max_num_seqs=3,
                 max_num_batched_tokens=24)
     calls = []
-    real = triton_ops.paged_attention
-    triton_ops.paged_attention = lambda *a: calls.append(1) or real(*a)
+    real = triton_ops.paged_attention_impl  # under paged_attention and paged_attention_invariant
+    triton_ops.paged_attention_impl = lambda *a, **kw: calls.append(1) or real(*a, **kw)
     params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
 
     def run(engine):

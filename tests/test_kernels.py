@@ -8,26 +8,19 @@ Three layers, each checked against the one below:
 3. ``forge_batch.kernels.triton_ops``: the Triton kernels, run by Triton's interpreter on CPU tensors
    (tested against 2, and attention against 1 as well).
 
-Triton decides between interpreting and compiling when ``triton`` is first imported (its own
-``tl.sum``/``tl.max`` are built then), so one process cannot do both. When this process already has
-Triton in compiled mode (another test imported transformers/torch pieces that import it) or has a GPU
-whose Triton must stay compiled for ``test_kernels_gpu.py``, the interpreter tests run once in a child
-pytest with TRITON_INTERPRET=1 and each test here reports its own case's outcome from the child's
-junit XML. ``TRITON_INTERPRET=1 pytest tests/test_kernels.py`` runs them in-process.
+The interpreted tests take the ``interpreter`` fixture (tests/triton_interpreter.py: in this process under
+TRITON_INTERPRET=1, else in one child pytest per test module).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 import math
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,108 +352,6 @@ def test_kernel_backend_names_are_checked():
 
 
 # --------------------------------------------------------------------------------------------------
-# running the Triton interpreter: here, or in a child pytest
-# --------------------------------------------------------------------------------------------------
-
-_CHILD_FLAG = "FORGE_BATCH_KERNEL_TESTS_CHILD"
-_mode_cache: list[str] = []
-_child_cache: dict[str, tuple[str, str]] = {}
-_ops_cache: list[ModuleType] = []
-
-
-def _interpreter_mode() -> str:
-    """'here' if this process runs Triton's interpreter, 'child' if a subprocess must, 'none' without triton."""
-    if _mode_cache:
-        return _mode_cache[0]
-    if importlib.util.find_spec("triton") is None:
-        mode = "none"
-    elif "triton" in sys.modules:
-        from triton.language import standard
-        from triton.runtime.interpreter import InterpretedFunction
-
-        mode = "here" if isinstance(standard.sum, InterpretedFunction) else "child"
-    else:
-        mode = "here" if os.environ.get("TRITON_INTERPRET") == "1" else "child"
-    if mode == "child" and os.environ.get(_CHILD_FLAG) == "1":
-        raise RuntimeError("the interpreter child process could not start Triton in interpreter mode")
-    _mode_cache.append(mode)
-    return mode
-
-
-def _interpreted_ops() -> ModuleType:
-    """forge_batch.kernels.triton_ops with interpreted kernels (a private copy if it was loaded compiled)."""
-    if not _ops_cache:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        from forge_batch.kernels import triton_ops
-
-        if not isinstance(triton_ops._paged_attention_kernel, InterpretedFunction):
-            path = Path(triton_ops.__file__)
-            spec = importlib.util.spec_from_file_location("forge_batch.kernels._triton_ops_interpreted", path)
-            assert spec is not None and spec.loader is not None
-            triton_ops = importlib.util.module_from_spec(spec)
-            prev = os.environ.get("TRITON_INTERPRET")
-            os.environ["TRITON_INTERPRET"] = "1"
-            try:
-                spec.loader.exec_module(triton_ops)
-            finally:
-                if prev is None:
-                    os.environ.pop("TRITON_INTERPRET", None)
-                else:
-                    os.environ["TRITON_INTERPRET"] = prev
-        _ops_cache.append(triton_ops)
-    return _ops_cache[0]
-
-
-def _run_child(session: pytest.Session, rootdir: Path) -> dict[str, tuple[str, str]]:
-    """Run every selected interpreter test of this module in one child pytest; outcome per test name."""
-    if _child_cache:
-        return _child_cache
-    me = Path(__file__).resolve()
-    nodeids = [
-        item.nodeid for item in session.items
-        if Path(str(item.path)).resolve() == me and "interpreter" in getattr(item, "fixturenames", ())
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        xml_path = Path(tmp) / "child.xml"
-        env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_FLAG: "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-               f"--junitxml={xml_path}", *nodeids]
-        proc = subprocess.run(cmd, cwd=rootdir, env=env, capture_output=True, text=True, timeout=1800)
-        if not xml_path.exists():
-            raise RuntimeError(f"interpreter child pytest produced no report (rc={proc.returncode}):\n"
-                               f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-        for tc in ET.parse(xml_path).getroot().iter("testcase"):
-            outcome, detail = "passed", ""
-            for child in tc:
-                if child.tag in ("failure", "error"):
-                    outcome, detail = "failed", f"{child.get('message', '')}\n{child.text or ''}"
-                elif child.tag == "skipped":
-                    outcome, detail = "skipped", child.get("message", "")
-            _child_cache[tc.get("name", "")] = (outcome, detail)
-    return _child_cache
-
-
-@pytest.fixture
-def interpreter(request: pytest.FixtureRequest) -> Callable[..., None]:
-    """Run ``check(ops, *args)`` with interpreted Triton ops: in this process, or report the child's result."""
-    mode = _interpreter_mode()
-    if mode == "none":
-        pytest.skip("triton is not installed")
-    if mode == "here":
-        ops = _interpreted_ops()
-        return lambda check, *args, **kwargs: check(ops, *args, **kwargs)
-    outcome, detail = _run_child(request.session, Path(str(request.config.rootpath))).get(
-        request.node.name, ("failed", "the interpreter child did not run this test")
-    )
-    if outcome == "skipped":
-        pytest.skip(detail)
-    if outcome == "failed":
-        pytest.fail(f"[in the TRITON_INTERPRET=1 child] {detail}", pytrace=False)
-    return lambda check, *args, **kwargs: None
-
-
-# --------------------------------------------------------------------------------------------------
 # Triton kernels (interpreted) against the reference
 # --------------------------------------------------------------------------------------------------
 
@@ -657,6 +548,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
         T.paged_attention(*case.args(hints=hints))
     case = make_attention_case([1, 1], [900, 900], 32, 8, 128, 16, torch.bfloat16)
     T.paged_attention_impl(*case.args(), num_segments=8)
+    for dtype, layout in [(torch.float32, (32, 8, 128, 16)), (torch.bfloat16, (32, 8, 128, 16)),
+                          (torch.float16, (9, 3, 64, 16)), (torch.bfloat16, (64, 1, 64, 16))]:
+        case = make_attention_case([1, 40], [40, 300], *layout, dtype)  # the batch-invariant tiling
+        T.paged_attention_invariant(*case.args())
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):  # the batch-invariant GEMM, with a bias
+        T.matmul(torch.randn(3, 576, dtype=dtype), torch.randn(960, 576, dtype=dtype), torch.randn(960, dtype=dtype))
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(4, 576, dtype=dtype)
         T.rms_norm(x, torch.ones(576, dtype=dtype), 1e-6, x)
@@ -688,4 +585,4 @@ def test_triton_kernels_compile_for_hopper():
     if proc.returncode != 0 and "No such file or directory" in proc.stderr and "ptxas" in proc.stderr:
         pytest.skip("this Triton build has no ptxas to compile with")
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "compiled:" in proc.stdout
+    assert "compiled:" in proc.stdout and "_matmul_kernel" in proc.stdout

@@ -3,6 +3,7 @@
 Same comparisons as ``test_kernels.py`` (whose case builders, naive implementations and tolerance
 table this file reuses) with shapes closer to real models: long and ragged prompts, cached prefixes
 of thousands of tokens, decode batches, GQA layouts of Llama-3-8B (32/8, D=128) and SmolLM2 (9/3, D=64).
+And the batch-invariant kernels' row bits (test_batch_invariance_triton.py's checks, compiled, 1..300 rows).
 Skipped without a CUDA device, or when this process's Triton was started in interpreter mode.
 """
 
@@ -15,6 +16,11 @@ from types import ModuleType
 
 import pytest
 import torch
+from test_batch_invariance_triton import (
+    check_attention_invariance,
+    check_matmul_invariance,
+    check_rms_norm_invariance,
+)
 from test_kernels import (
     DTYPE_IDS,
     DTYPES,
@@ -178,3 +184,34 @@ def test_dispatch_auto_uses_triton_on_cuda(ops):
     assert backend.triton_disabled_reason() is None, backend.triton_disabled_reason()
     assert_close(out, reference.paged_attention(*case.args(hints=False)), torch.bfloat16, "dispatch attention")
     assert_close(act, reference.silu_and_mul(x), torch.bfloat16, "dispatch silu")
+
+
+# --------------------------------------------------------------------------------------------------
+# batch invariance of the compiled kernels: what the interpreter cannot show (the instruction a tile
+# lowers to must give a row the same bits at every row count and position)
+# --------------------------------------------------------------------------------------------------
+
+GPU_ROW_COUNTS = range(1, 301)
+# (out, in, bias): SmolLM2-135M's QKV (with a bias, as Qwen2's), down projection and a cut of its LM head;
+# Llama-3-8B's QKV
+MATMUL_SHAPES = [(960, 576, True), (576, 1536, False), (4096, 576, False), (6144, 4096, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(("out_features", "in_features", "bias"), MATMUL_SHAPES,
+                         ids=[f"{o}x{i}" for o, i, _ in MATMUL_SHAPES])
+def test_matmul_row_bits_do_not_depend_on_the_row_count(ops, dtype, out_features, in_features, bias):
+    check_matmul_invariance(ops, dtype, out_features, in_features, bias, DEVICE, GPU_ROW_COUNTS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("hidden", [576, 4096])
+def test_rms_norm_row_bits_do_not_depend_on_the_row_count(ops, dtype, hidden):
+    check_rms_norm_invariance(ops, dtype, hidden, DEVICE, GPU_ROW_COUNTS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("layout", [(32, 8, 128), (9, 3, 64)], ids=["H32kv8-D128", "H9kv3-D64"])
+def test_attention_row_bits_do_not_depend_on_the_step(ops, dtype, layout):
+    # contexts of 700 and 2100 tokens: where the step-dependent path splits the keys of a small decode step
+    check_attention_invariance(ops, dtype, *layout, DEVICE, longer=(700, 2100))

@@ -11,6 +11,8 @@ from forge_batch.engine.sampler import (
     argmax_rows,
     default_sampler,
     filter_logits,
+    fixed_order_cumsum,
+    row_cumsum,
     uniform_for,
 )
 from forge_batch.engine.sampling_params import SamplingParams
@@ -156,3 +158,20 @@ def test_a_raising_logits_processor_is_reported_for_its_row_only():
     assert list(b.row_errors) == [1] and "ValueError: bad state" in b.row_errors[1] and "boom" in b.row_errors[1]
     assert torch.equal(out[0], expected_first) and out[2, 1] == float("-inf")
     assert torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("width", [1, 7, 256, 257, 1000, 49152])
+def test_fixed_order_cumsum_is_a_cumsum_with_one_order_per_row(width):
+    """The CUDA sampler's cumulative sum (here on the CPU: the same arithmetic, in the same order): within
+    float32 rounding of the exact sums, and a row's bits the same at every row count and position."""
+    g = torch.Generator().manual_seed(width)
+    probs = torch.rand(40, width, generator=g).pow(8).softmax(dim=-1)
+    full = fixed_order_cumsum(probs)
+    exact = probs.double().cumsum(dim=-1)
+    assert full.dtype == probs.dtype and full.shape == probs.shape
+    torch.testing.assert_close(full.double(), exact, rtol=0, atol=4 * width**0.5 * 2.0**-24)
+    for m in (1, 2, 3, 17, 40):
+        assert torch.equal(fixed_order_cumsum(probs[:m]), full[:m]), f"{m} rows"
+    perm = torch.randperm(40, generator=g)
+    assert torch.equal(fixed_order_cumsum(probs[perm]), full[perm])
+    assert torch.equal(row_cumsum(probs), probs.cumsum(dim=-1))  # the CPU keeps torch's own (sequential)

@@ -67,7 +67,8 @@ class EngineArgs:
     seed: int = 0
     # A row's tokens independent of what else shares its steps (one matmul path per weight whatever the row
     # count, one attention reduction order per query row whatever the step); False keeps the faster paths
-    # whose numbers depend on the step (few-row matmuls, dense prefill attention, the shared-prefix cascade).
+    # whose numbers depend on the step (few-row matmuls, dense prefill attention, the shared-prefix cascade;
+    # on a GPU cuBLAS and split-KV decode attention).
     batch_invariant: bool = True
 
     def __post_init__(self) -> None:
@@ -119,8 +120,10 @@ class EngineConfig:
 
     @classmethod
     def resolve(cls, args: EngineArgs, model: str, model_config: ModelConfig, device: torch.device,
-                dtype: torch.dtype, kernel_path: str, kv_bytes_per_token: int) -> EngineConfig:
-        """Sizes from the model's shape and the device's free memory (call once the weights are in place)."""
+                dtype: torch.dtype, kernel_path: str, kv_bytes_per_token: int, *,
+                triton_matmuls: bool = False) -> EngineConfig:
+        """Sizes from the model's shape and the device's free memory (call once the weights are in place).
+        ``triton_matmuls``: every matmul weight is the Triton path's fixed-tile GEMM (triton_backend.py)."""
         max_model_len = min(args.max_model_len or model_config.max_position_embeddings,
                             model_config.max_position_embeddings)
         max_num_seqs = args.max_num_seqs if args.max_num_seqs is not None else default_max_num_seqs(device, dtype)
@@ -141,9 +144,11 @@ class EngineConfig:
             enable_prefix_caching=prefix_caching, kv_cache=args.kv_cache,
             # CUDA graphs for decode steps on a GPU (enforce_eager=True turns them off, e.g. to debug)
             cuda_graphs=device.type == "cuda" and not args.enforce_eager, seed=args.seed,
-            # what was asked and can be kept: the per-row kernels exist on the CPU's compiled path only (the
-            # torch reference pads a step's rows together; the Triton kernels are not checked for it)
-            batch_invariant=args.batch_invariant and device.type == "cpu" and kernel_path == "cpu-c",
+            # what was asked and can be kept: on the CPU's compiled path (its per-row kernels), and on the
+            # Triton path with its fixed-tile GEMM in every matmul's place; not on the torch reference
+            # (it pads a step's rows together; cuBLAS picks its kernel by shape)
+            batch_invariant=args.batch_invariant and (
+                (device.type == "cpu" and kernel_path == "cpu-c") or (kernel_path == "triton" and triton_matmuls)),
         )
 
     def to_dict(self) -> dict[str, object]:

@@ -49,7 +49,7 @@ from forge_batch.kernels.cpu.stored import (
     StoredWeight,
     weight_gemv_fast,
 )
-from forge_batch.models.llama import LM_HEAD_SOURCE, MATMUL_SOURCES, AttentionMetadata, LlamaForCausalLM
+from forge_batch.models.llama import MATMUL_SOURCES, AttentionMetadata, LlamaForCausalLM, matmul_slots
 from forge_batch.models.raw_weights import RawWeight
 
 
@@ -63,15 +63,6 @@ class PreparedWeights:
     int8: bool = False
 
 
-def _linears(model: LlamaForCausalLM, layers: bool = True) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
-    """(owner, attribute, checkpoint tensors) of every matmul: the decoder layers' (unless ``layers`` is
-    False), then the LM head."""
-    found: list[tuple[nn.Module, str, tuple[str, ...]]] = []
-    for i, layer in enumerate(model.layers if layers else []):
-        found += [(layer, name, tuple(f"model.layers.{i}.{s}" for s in srcs)) for name, srcs in MATMUL_SOURCES.items()]
-    return found + [(model, "lm_head", (LM_HEAD_SOURCE[model.config.tie_word_embeddings],))]
-
-
 def _stored_forms(model: LlamaForCausalLM, raw: dict[str, RawWeight], layers: bool = True,
                   ) -> Iterator[tuple[nn.Module, str, Linear, StoredWeight]]:
     """(owner, attribute, matmul, its weight in the checkpoint's storage format) for each of the model's
@@ -83,7 +74,7 @@ def _stored_forms(model: LlamaForCausalLM, raw: dict[str, RawWeight], layers: bo
         return None if r is None or r.fmt not in WEIGHT_FORMATS else StoredWeight.from_blocks(
             r.fmt, r.data, r.rows, r.cols)
 
-    for owner, name, sources in _linears(model, layers):
+    for owner, name, sources in matmul_slots(model, layers):
         parts = [stored(s) for s in sources]
         if any(p is None for p in parts):
             continue
@@ -121,7 +112,7 @@ class CpuBackend:
         ``raw``: the checkpoint's weights as stored, from ``load_model_files(..., stored_weights=...)``."""
         int8 = self.quantization == "int8"
         if int8:
-            for owner, name, _ in _linears(model)[:-1]:
+            for owner, name, _ in matmul_slots(model)[:-1]:
                 setattr(owner, name, Int8Linear(getattr(owner, name)))
         packed = self.pack(model, layers=not int8)
         if self.batch_invariant:
@@ -145,7 +136,7 @@ class CpuBackend:
             form = PaddedLinear
         else:
             return False
-        for owner, name, _ in _linears(model, layers):
+        for owner, name, _ in matmul_slots(model, layers):
             setattr(owner, name, form(getattr(owner, name)))
         return form is not PaddedLinear
 

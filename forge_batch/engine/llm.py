@@ -6,7 +6,8 @@ runner uses). A bad request (empty prompt, unrenderable chat, prompt longer than
 with ``finish_reason == "error"`` and a message; it never raises for the batch.
 
 Building one: the options resolve into an ``EngineConfig`` (config.py), the model loads onto its device,
-the CPU backend prepares its weights (cpu_backend.py), and an ``LLMEngine`` runs it.
+the CPU backend (cpu_backend.py) or, where the Triton kernels run, the Triton backend (triton_backend.py)
+prepares its weights, and an ``LLMEngine`` runs it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .prompts import PromptError, PromptType, check_prompt
 from .request import GenerationRequest
 from .sampler import Sampler
 from .sampling_params import SamplingParams
+from .triton_backend import TritonBackend
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,17 @@ def _gpu_kv_blocks(net: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     return int(blocks)
 
 
+def _weight_backends(kernels: KernelBackend, args: EngineArgs, device: torch.device, dtype: torch.dtype,
+                     ) -> tuple[TritonBackend | None, CpuBackend | None]:
+    """Who prepares the matmul weights: the Triton backend where the Triton kernels run, else on the CPU
+    the CPU backend (also for int8, a CPU product, under kernel_backend="triton")."""
+    triton = (TritonBackend(kernels, batch_invariant=args.batch_invariant)
+              if args.quantization != "int8" and TritonBackend.runs(kernels, device, dtype) else None)
+    cpu = (CpuBackend(kernels, dtype, args.quantization, batch_invariant=args.batch_invariant)
+           if device.type == "cpu" and triton is None else None)
+    return triton, cpu
+
+
 def _prepare_cpu_weights(cpu: CpuBackend, net: torch.nn.Module, raw: dict[str, RawWeight] | None,
                          dtype: torch.dtype) -> PreparedWeights:
     # packing weights for the C kernels can take longer than loading them: say so
@@ -245,8 +258,7 @@ class LLM:
             raise ValueError("gpu_memory_utilization is a GPU's memory share; on the CPU size the KV cache with "
                              "num_blocks= (or max_model_len= and max_num_seqs=)")
         kernels = KernelBackend(args.kernel_name, batch_invariant=args.batch_invariant)
-        cpu = (CpuBackend(kernels, dtype_, args.quantization, batch_invariant=args.batch_invariant)
-               if device_.type == "cpu" else None)
+        triton, cpu = _weight_backends(kernels, args, device_, dtype_)
         raw: dict[str, RawWeight] | None = {} if cpu is not None and cpu.keeps_stored_weights else None
         model_config, net, tokenizer_ = load_model(model, args, device_, dtype_, kernels, raw)
         if tokenizer is not None:
@@ -257,9 +269,10 @@ class LLM:
         tokenizer = tokenizer_
         prepared = _prepare_cpu_weights(cpu, net, raw, dtype_) if cpu is not None else PreparedWeights()
         del raw
+        triton_matmuls = triton is not None and triton.prepare_weights(net) > 0
         name = model if isinstance(model, str) else model_config.architecture
         config = EngineConfig.resolve(args, name, model_config, device_, dtype_, kernels.path(device_, dtype_),
-                                      kv_bytes_per_token(net, dtype_))
+                                      kv_bytes_per_token(net, dtype_), triton_matmuls=triton_matmuls)
         self.engine = LLMEngine(config, net, model_config, tokenizer, cpu_backend=cpu, samplers=samplers,
                                 constraints=constraints, max_logprobs=max_logprobs)
         self.engine_config = config
@@ -279,8 +292,10 @@ class LLM:
     @property
     def engine_info(self) -> dict[str, Any]:
         """What decides this engine's numbers, resolved (never ``auto``): the model's content digest, device,
-        dtype, quantization, context length, kernel path and whether the matmuls are batch-invariant. Recorded with a job's output, and compared
-        when a job resumes, because any of them can change a row's tokens."""
+        dtype, quantization, context length, kernel path and whether a row's numbers are batch-invariant
+        (no longer, once an ``auto`` backend's Triton kernels failed and the torch reference took over).
+        Recorded with a job's output, and compared when a job resumes, because any of them can change a
+        row's tokens."""
         if self._model_digest is None and self.model_source is not None:
             from forge_batch.models.registry import model_digest
 
@@ -293,7 +308,7 @@ class LLM:
             "quantization": config.quantization,
             "max_model_len": config.max_model_len,
             "kernel_path": config.kernel_path,
-            "batch_invariant": config.batch_invariant,
+            "batch_invariant": config.batch_invariant and self.model.kernels.triton_disabled_reason() is None,
         }
 
     def get_tokenizer(self) -> Tokenizer:

@@ -11,7 +11,8 @@ Two stages, both on [S, V] float32 tensors:
 
 Randomness: each row gets one uniform number derived from its sequence seed and the position of the
 token being sampled (a counter-based generator), and samples by inverse CDF. So a seeded request gives
-the same tokens whatever else is in the batch, after a preemption, and in a resumed job.
+the same tokens whatever else is in the batch, after a preemption, and in a resumed job. Every reduction
+here works row by row with one order per row (``row_cumsum``: on CUDA torch's cumsum would not).
 """
 
 from __future__ import annotations
@@ -68,8 +69,39 @@ class Sampler(Protocol):
         ...
 
 
+# Elements a row's cumulative sum adds one after another before carrying to the next chunk (on CUDA).
+_SCAN_CHUNK = 256
+
+
+def fixed_order_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """``x.cumsum(dim=-1)`` of a [S, V] tensor, each row summed in one order whatever S: within chunks of
+    _SCAN_CHUNK elements one after another, then the chunks' totals one after another, and each element's
+    chunk prefix plus the total of the chunks before it.
+
+    torch's cumsum on CUDA is not that: a single row goes through CUB's device-wide scan (not even the
+    same bits run to run), several rows through a block scan whose threads per row follow the row count.
+    Here every scan runs along a dimension that is not the innermost one, which torch's CUDA kernel walks
+    sequentially for each column (and never of a tensor that is one long column, which would take CUB)."""
+    rows, width = x.shape
+    chunks = max(2, -(-width // _SCAN_CHUNK))
+    padded = torch.nn.functional.pad(x, (0, chunks * _SCAN_CHUNK - width))  # zeros after the end change nothing
+    # [S, chunks, C] -> [S, C, chunks]: the scan along C walks each (row, chunk) column in order
+    within = padded.view(rows, chunks, _SCAN_CHUNK).transpose(1, 2).contiguous().cumsum(dim=1)
+    totals = within[:, -1, :]
+    # a zero column beside the totals keeps them off the one-long-column path
+    running = torch.stack([totals, torch.zeros_like(totals)], dim=-1).cumsum(dim=1)[..., 0]
+    before = torch.cat([torch.zeros_like(running[:, :1]), running[:, :-1]], dim=1)
+    return (within + before[:, None, :]).transpose(1, 2).reshape(rows, -1)[:, :width]
+
+
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums along the rows of a [S, V] tensor, a row's bits independent of the other rows: torch's
+    own on the CPU (one row after another, sequentially), ``fixed_order_cumsum`` elsewhere."""
+    return x.cumsum(dim=-1) if x.device.type == "cpu" else fixed_order_cumsum(x)
+
+
 def _sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    cdf = probs.cumsum(dim=-1)
+    cdf = row_cumsum(probs)
     target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
     return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
@@ -93,10 +125,10 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
         kth = top.gather(1, torch.tensor(ks_eff, device=device).unsqueeze(1) - 1)
         logits.masked_fill_(logits < kth, float("-inf"))
     if any(p.top_p < 1.0 for p in params):
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # ties: index order, any batch
         sorted_probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the mass of the tokens strictly above it already reaches top_p.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        mass_before = row_cumsum(sorted_probs) - sorted_probs
         drop_sorted = mass_before >= _column([p.top_p for p in params], device)
         drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
         logits.masked_fill_(drop, float("-inf"))

@@ -221,3 +221,13 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [S, vocab] in float32 for the rows that sample (only the last position of each)."""
         return self.lm_head(hidden).float()
+
+
+def matmul_slots(model: LlamaForCausalLM, layers: bool = True) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
+    """(owner, attribute, checkpoint tensors) of every matmul weight (a ``kernels.Linear``): the decoder
+    layers' (unless ``layers`` is False), then the LM head's. An engine backend puts its forms of the
+    products there with ``setattr(owner, attribute, form)``."""
+    found: list[tuple[nn.Module, str, tuple[str, ...]]] = []
+    for i, layer in enumerate(model.layers if layers else []):
+        found += [(layer, name, tuple(f"model.layers.{i}.{s}" for s in srcs)) for name, srcs in MATMUL_SOURCES.items()]
+    return found + [(model, "lm_head", (LM_HEAD_SOURCE[model.config.tie_word_embeddings],))]
