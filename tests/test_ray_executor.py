@@ -199,18 +199,21 @@ def wait_for_parts(proc: subprocess.Popen, ledger: Path, n: int, timeout: float 
 
 @pytest.mark.slow
 def test_a_stopped_or_killed_job_process_resumes_exactly_once(ray_address: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """`forge-batch run` (joining the module's Ray instance) is stopped by SIGTERM after its first parts (it
-    commits what came back and exits 143 saying to rerun), the rerun is SIGKILLed after more parts, and the
-    last rerun generates only the rest: the output is what the local executor writes."""
+    """`forge-batch run` starting its own Ray instance is stopped by SIGTERM after its first parts (it commits
+    what came back, stops its Ray and exits 143 saying to rerun), a rerun joining the module's Ray instance is
+    SIGKILLed after more parts, and the last rerun generates only the rest: the output is what the local
+    executor writes."""
     mixed_input(tmp_path / "in.jsonl", 30)
     flag = tmp_path / "slow"
     flag.touch()
     (tmp_path / "slow_rows.py").write_text(SLOW.format(flag=str(flag)))
-    executor = {"kind": "ray", "replicas": 1, "batch_rows": 2, "address": ray_address}
+    executor = {"kind": "ray", "replicas": 1, "batch_rows": 2}
     data = job_data(tiny_model_dir, "ray", executor=executor, plugins=["./slow_rows.py"])
     job_file = write_job_file(tmp_path / "job.yaml", data)
     ledger = state_dir_for(tmp_path / "ray") / "ledger"
-    stopped = popen(["run", str(job_file), "--progress", "none"], cli_env(fake=False))
+    own_ray = cli_env(fake=False)
+    own_ray.pop("RAY_ADDRESS", None)
+    stopped = popen(["run", str(job_file), "--progress", "none"], own_ray)
     wait_for_parts(stopped, ledger, 2)
     stopped.send_signal(signal.SIGTERM)
     _, err = stopped.communicate(timeout=120)
@@ -218,7 +221,8 @@ def test_a_stopped_or_killed_job_process_resumes_exactly_once(ray_address: str, 
     assert "SIGTERM" in err and "rerun" in err, err
     after_stop = len(read_output(tmp_path / "ray"))
     assert 0 < after_stop < 35 * 2
-    killed = popen(["run", str(job_file), "--progress", "none"], cli_env(fake=False))
+    killed = popen(["run", str(job_file), "--progress", "none", "--set", f"executor.address={ray_address}"],
+                   cli_env(fake=False))
     wait_for_parts(killed, ledger, len(list(ledger.glob("part-*.parquet"))) + 2)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()

@@ -71,11 +71,17 @@ def quiet_ray_data() -> None:
 
 
 class RayStart:
-    """:func:`connect_ray` on a thread, begun at construction; :meth:`wait` for it, :meth:`close` at the end."""
+    """:func:`connect_ray` on a thread, begun at construction; :meth:`wait` for it, :meth:`close` at the end.
+
+    A Ray instance this thread starts lives as long as the thread: Ray's processes get the parent-death
+    signal when the thread that spawned them ends (Linux ties it to the thread, not the process), so the
+    thread stays, waiting, until :meth:`close` has shut Ray down."""
 
     def __init__(self, executor: ExecutorSpec) -> None:
         self.started = False
         self._error: BaseException | None = None
+        self._connected = threading.Event()
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._connect, args=(executor,), name="forge-batch-ray-start", daemon=True)
         self._thread.start()
 
@@ -84,19 +90,27 @@ class RayStart:
             self.started = connect_ray(executor)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
             self._error = e
+        finally:
+            self._connected.set()
+        if self.started:
+            self._closed.wait()
 
     def wait(self) -> None:
-        """Until Ray is connected; raises what stopped it. Short joins, so a signal's handler runs meanwhile."""
-        while self._thread.is_alive():
-            self._thread.join(0.1)
+        """Until Ray is connected; raises what stopped it. Short waits, so a signal's handler runs meanwhile."""
+        while not self._connected.wait(0.1):
+            pass
         if self._error is not None:
             raise self._error
 
     def close(self) -> None:
         """Shut Ray down if this run started it (after a start still under way: a run stopped early)."""
-        self._thread.join()
-        if self.started:
-            import ray
+        self._connected.wait()
+        try:
+            if self.started:
+                import ray
 
-            ray.shutdown()
-            self.started = False
+                ray.shutdown()
+                self.started = False
+        finally:
+            self._closed.set()
+            self._thread.join()
