@@ -27,6 +27,7 @@ import os
 import pickle
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,12 +146,14 @@ class _Pipeline:
 
 
 def _stop_pipeline(pipeline: _Pipeline) -> None:
+    """The feed stops packing, its queue goes (a put waiting on it returns), Ray Data's execution ends."""
     pipeline.feed.stop()
-    _close_quietly(pipeline.results)
     try:
-        pipeline.queue.shutdown(force=True)
+        pipeline.queue.close()
     except Exception:  # noqa: BLE001 - Ray already gone
         pass
+    _close_quietly(pipeline.results)
+    pipeline.feed.join(timeout=5)
 
 
 def _no_cpu() -> dict[str, Any]:
@@ -252,16 +255,16 @@ class RayJobRunner(JobRunner):
         ray_start = self._ray = self._ray or RayStart(run.job.executor)
         quiet_ray_data()  # imports Ray Data here while Ray starts on its thread
         ray_start.wait()
-        from forge_batch.runner.ray_source import shard_queue
+        from forge_batch.runner.ray_source import ShardQueueClient
 
         self.flags.starting = "starting the Ray replicas"
         ex = run.job.executor
         window = self.shards_in_flight or 2 * ex.replicas
-        queue = shard_queue(window)
+        queue = ShardQueueClient(f"forge-batch-shards-{uuid.uuid4().hex}")
         feed = ShardFeed(rows, ex.batch_rows, window, queue.put)
         feed.start()
         try:
-            results = _result_rows(self._dataset(run, schema, queue))
+            results = _result_rows(self._dataset(run, schema, queue.name))
         except BaseException:
             _stop_pipeline(_Pipeline(feed, queue, None))
             raise
@@ -275,7 +278,7 @@ class RayJobRunner(JobRunner):
             file_meta, id_column, self.flags, self._say,
         )
 
-    def _dataset(self, run: _Run, schema: pa.Schema, queue: Any) -> Any:
+    def _dataset(self, run: _Run, schema: pa.Schema, queue_name: str) -> Any:
         import ray.data
 
         from forge_batch.runner.ray_source import ShardSource
@@ -292,7 +295,7 @@ class RayJobRunner(JobRunner):
         context.target_max_block_size = 1
         try:
             # The relay reserves no CPU: the replicas may take them all.
-            source = ray.data.read_datasource(ShardSource(queue), override_num_blocks=1, **_no_cpu())
+            source = ray.data.read_datasource(ShardSource(queue_name), override_num_blocks=1, **_no_cpu())
             return source.map_batches(
                 EngineReplica,
                 batch_size=1,

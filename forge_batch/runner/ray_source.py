@@ -1,14 +1,19 @@
 """Ray's side of the Ray executor's input: the driver's shards as Ray Data blocks, streamed.
 
-The driver puts each packed shard on a Ray queue (:func:`shard_queue`, an actor on the driver's node); a single
-read task on the driver's node (:class:`ShardSource`) takes them off one by one and yields each as a block of
-one row, so Ray Data starts the replicas and sends them work while the driver is still reading, and holds only
-what the driver's window lets out. Imported once Ray is connected (it imports Ray Data).
+One read task on the driver's node (:class:`ShardSource`) creates a queue actor (:class:`ShardQueue`), takes
+the shards the driver puts on it (:class:`ShardQueueClient`) one by one and yields each as a block of one row,
+so Ray Data starts the replicas and sends them work while the driver is still reading, and holds only what the
+driver's window lets out. The read task makes the queue, not the driver, so that the replicas, asked for when
+Ray Data starts, come before it for the worker processes Ray started in advance. Imported once Ray is
+connected (it imports Ray Data).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,29 +21,64 @@ import pyarrow as pa
 import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
-from ray.util.queue import Queue
 
 from forge_batch.runner.shard_feed import END
 
 
-def shard_queue(window: int) -> Queue:
-    """The queue the driver puts its shards on: room for the window and END, on the driver's node when Ray
-    says which that is (results then cross no network before the replicas)."""
-    options: dict[str, Any] = {"num_cpus": 0}
+@ray.remote(num_cpus=0)
+class ShardQueue:
+    """The driver's shards on their way to the read task, in order."""
+
+    def __init__(self) -> None:
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def put(self, item: Any) -> None:
+        await self._items.put(item)
+
+    async def get(self) -> Any:
+        return await self._items.get()
+
+
+def _near_here() -> dict[str, Any]:
+    """Actor options that keep the queue on this node (shards then cross no network to reach the read task)."""
     try:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    except Exception:  # noqa: BLE001 - e.g. a Ray Client driver, which is no node: anywhere will do
-        pass
-    return Queue(maxsize=window + 1, actor_options=options)
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
+    except Exception:  # noqa: BLE001 - anywhere will do
+        return {}
 
 
-def relay_shards(queue: Queue) -> Iterator[pa.Table]:
-    """Each shard the driver puts on ``queue`` as a block of one row (``shard``, ``rows``), until END."""
-    while (item := queue.get(block=True)) is not END:
+def relay_shards(name: str) -> Iterator[pa.Table]:
+    """Each shard the driver puts on the queue ``name`` as a block of one row (``shard``, ``rows``), until END."""
+    queue = ShardQueue.options(name=name, get_if_exists=True, **_near_here()).remote()  # type: ignore[attr-defined]
+    while (item := ray.get(queue.get.remote())) is not END:
         key, payload = item
         yield pa.table({"shard": pa.array([key], pa.int64()), "rows": pa.array([payload], pa.large_binary())})
+
+
+class ShardQueueClient:
+    """The driver's end of the queue ``name``: :meth:`put` waits for the read task to have made it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._actor: Any = None
+        self._closed = threading.Event()
+
+    def put(self, item: Any) -> None:
+        while self._actor is None:
+            if self._closed.is_set():
+                raise RuntimeError("the run stopped before Ray Data started its input")
+            try:
+                self._actor = ray.get_actor(self.name)
+            except ValueError:  # not made yet
+                time.sleep(0.02)
+        ray.get(self._actor.put.remote(item))
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._actor is not None:
+            ray.kill(self._actor)
 
 
 def _unknown_size() -> BlockMetadata:
@@ -49,17 +89,17 @@ def _unknown_size() -> BlockMetadata:
 
 
 class ShardSource(Datasource):
-    """One read task, on the driver's node, relaying the shards of ``queue`` (:func:`relay_shards`)."""
+    """One read task, on the driver's node, relaying the shards of the queue ``name`` (:func:`relay_shards`)."""
 
-    def __init__(self, queue: Queue) -> None:
+    def __init__(self, name: str) -> None:
         super().__init__()
-        self._queue = queue
+        self._name = name
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, *args: Any, **kwargs: Any) -> list[ReadTask]:
-        return [ReadTask(functools.partial(relay_shards, self._queue), _unknown_size())]
+        return [ReadTask(functools.partial(relay_shards, self._name), _unknown_size())]
 
     @property
     def supports_distributed_reads(self) -> bool:

@@ -113,6 +113,8 @@ class ShardFeed:
         return self.done and self.out == 0
 
     def stop(self) -> None:
-        """Pack no more (a run stopped early); returns once the thread has left its wait."""
+        """Pack no more (a run stopped early)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
