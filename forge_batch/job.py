@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -327,12 +329,27 @@ class ExecutorSpec(_Strict):
 
 
 def ray_missing_problem() -> str | None:
-    """Why the Ray executor cannot run here (Ray Data is not importable), or None."""
+    """Why the Ray executor cannot run here (Ray Data or the package it needs beyond ours is not installed),
+    or None. Found without importing Ray, which takes seconds: the run imports it while Ray starts."""
+    missing = None
+    ray_spec = _find_spec("ray")
+    if ray_spec is None:
+        missing = "ray"
+    elif ray_spec.submodule_search_locations is None or importlib.machinery.PathFinder.find_spec(
+            "ray.data", list(ray_spec.submodule_search_locations)) is None:
+        missing = "ray.data"
+    elif _find_spec("pandas") is None:  # Ray Data imports it (numpy, pyarrow and fsspec are ours too)
+        missing = "pandas"
+    if missing is None:
+        return None
+    return f"executor kind ray needs Ray Data, which is not installed (no module named {missing!r}); install it with {RAY_EXTRA}"
+
+
+def _find_spec(name: str) -> Any:
     try:
-        import ray.data  # noqa: F401
-    except ImportError as e:
-        return f"executor kind ray needs Ray Data, which is not installed ({e}); install it with {RAY_EXTRA}"
-    return None
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a module set to None in sys.modules, or one without a spec
+        return None
 
 
 class MetricsSpec(_Strict):

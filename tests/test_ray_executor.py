@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runner_helpers import cli_env, popen, read_output, write_job_file, write_jsonl
+from runner_helpers import cli_env, popen, prompts, read_output, write_job_file, write_jsonl
 
 from forge_batch.io.output_dir import state_dir_for
 from forge_batch.job import JobError, job_from_dict
 from forge_batch.runner import JobRunner, prepare_job, runner_for, validate_job_file
+from forge_batch.runner.commit import Committer
+from forge_batch.runner.inputs import InputPlan
 
 COMPARED = ("id", "row_index", "sample_index", "text", "finish_reason", "completion_tokens", "prompt_tokens", "error",
             "error_kind")
@@ -137,6 +140,41 @@ def test_a_replica_killed_mid_run_loses_and_repeats_nothing(ray_address: str, ti
     assert rows_of(tmp_path / "ray") == rows_of(tmp_path / "local")
 
 
+def test_the_driver_packs_a_window_of_shards_ahead_of_its_commits(ray_address: str, tiny_model_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver reads and packs shards while results come back, never more than ``shards_in_flight``
+    ahead of what it committed: it does not hold the whole input (the rows its reader has handed out are
+    counted at each commit)."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(24))
+    data = job_data(tiny_model_dir, "ray", executor={"kind": "ray", "replicas": 1, "batch_rows": 2})
+    data["input"] = {"path": "in.jsonl", "batch_size": 1}
+    read = Counter()
+    real_batches = InputPlan.batches
+
+    def counted_batches(self: InputPlan) -> Any:
+        for batch in real_batches(self):
+            read["rows"] += len(batch)
+            yield batch
+
+    at_commit: list[tuple[int, int]] = []  # (rows read so far, rows committed before this part)
+    real_commit = Committer.commit
+
+    def counted_commit(self: Committer, part_index: int | None = None) -> None:
+        at_commit.append((read["rows"], self.run_tally.rows))
+        real_commit(self, part_index)
+
+    monkeypatch.setattr(InputPlan, "batches", counted_batches)
+    monkeypatch.setattr(Committer, "commit", counted_commit)
+    runner = runner_for(job_from_dict(data, base_dir=tmp_path), progress="none", install_signal_handlers=False)
+    runner.shards_in_flight = 2
+    result = runner.run()
+    assert result.status == "completed", result.message
+    assert result.summary["rows"] == 24 and len(at_commit) == 12
+    # two shards of two rows ahead of the commits at most; packing everything first would have read all 24
+    assert max(rows_read - committed for rows_read, committed in at_commit) <= 2 * 2
+    assert at_commit[0][0] <= 4
+
+
 SLOW = """
 import os
 import time
@@ -150,29 +188,46 @@ def prepare_request(request, row, context):
 """
 
 
+def wait_for_parts(proc: subprocess.Popen, ledger: Path, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ledger.is_dir() and len(list(ledger.glob("part-*.parquet"))) >= n:
+            return
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+
+
 @pytest.mark.slow
-def test_a_killed_job_process_resumes_exactly_once(ray_address: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """`forge-batch run` (joining the module's Ray instance) is SIGKILLed after its first parts; the rerun
-    generates only the rest, and the output is what the local executor writes."""
+def test_a_stopped_or_killed_job_process_resumes_exactly_once(ray_address: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`forge-batch run` starting its own Ray instance is stopped by SIGTERM after its first parts (it commits
+    what came back, stops its Ray and exits 143 saying to rerun), a rerun joining the module's Ray instance is
+    SIGKILLed after more parts, and the last rerun generates only the rest: the output is what the local
+    executor writes."""
     mixed_input(tmp_path / "in.jsonl", 30)
     flag = tmp_path / "slow"
     flag.touch()
     (tmp_path / "slow_rows.py").write_text(SLOW.format(flag=str(flag)))
-    executor = {"kind": "ray", "replicas": 1, "batch_rows": 2, "address": ray_address}
+    executor = {"kind": "ray", "replicas": 1, "batch_rows": 2}
     data = job_data(tiny_model_dir, "ray", executor=executor, plugins=["./slow_rows.py"])
     job_file = write_job_file(tmp_path / "job.yaml", data)
-    proc = popen(["run", str(job_file), "--progress", "none"], cli_env(fake=False))
     ledger = state_dir_for(tmp_path / "ray") / "ledger"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ledger.is_dir() and len(list(ledger.glob("part-*.parquet"))) >= 2:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    own_ray = cli_env(fake=False)
+    own_ray.pop("RAY_ADDRESS", None)
+    stopped = popen(["run", str(job_file), "--progress", "none"], own_ray)
+    wait_for_parts(stopped, ledger, 2)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 143, err
+    assert "SIGTERM" in err and "rerun" in err, err
+    after_stop = len(read_output(tmp_path / "ray"))
+    assert 0 < after_stop < 35 * 2
+    killed = popen(["run", str(job_file), "--progress", "none", "--set", f"executor.address={ray_address}"],
+                   cli_env(fake=False))
+    wait_for_parts(killed, ledger, len(list(ledger.glob("part-*.parquet"))) + 2)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
     committed = len(read_output(tmp_path / "ray"))
-    assert 0 < committed < 35 * 2
+    assert after_stop < committed < 35 * 2
     flag.unlink()
     result = run_job(prepare_job(job_file))
     assert result.status == "completed", result.message

@@ -2,14 +2,17 @@
 
 The driver (this process) does what needs the whole job in one place, with the local executor's parts:
 
+* starts (or joins) Ray on a thread (:class:`RayStart`) while it opens the output directory and reads;
 * reads the input with the job's readers (:class:`InputPlan`), so ids, row positions and unreadable rows are
   exactly the local executor's (Ray Data's own JSON reader would fail a whole block on one malformed line);
 * admits rows (:meth:`RequestBuilder.admitted`): committed ids are left out first (resume), duplicates and bad
   ids fail on their row, as locally;
-* packs the admitted rows into shards of ``executor.batch_rows`` rows, numbered in input order;
-* runs ``map_batches`` over an actor pool of :class:`EngineReplica` (one shard per call), each replica one
-  engine with the job's engine options, plugins, samplers and constraints, building requests (seeds from the
-  job seed and the row id, never from where a row runs) and records with the same parts as the local runner;
+* packs the admitted rows into shards of ``executor.batch_rows`` rows, numbered in input order, on a thread
+  (:class:`ShardFeed`), a window of shards ahead of the commits: the driver never holds the whole input;
+* streams them to Ray Data (:class:`~forge_batch.runner.ray_source.ShardSource`) and runs ``map_batches``
+  over an actor pool of :class:`EngineReplica` (one shard per call), each replica one engine with the job's
+  engine options, plugins, samplers and constraints, building requests (seeds from the job seed and the row
+  id, never from where a row runs) and records with the same parts as the local runner;
 * commits what comes back through the same :class:`Committer` and :class:`OutputDir`: one part per shard,
   named after the shard, with its ledger, by rename. Only the driver writes, so a task Ray retries (a replica
   killed mid-shard, restarted) cannot write a row twice: a shard is committed once, when its result reaches
@@ -18,11 +21,13 @@ The driver (this process) does what needs the whole job in one place, with the l
 
 from __future__ import annotations
 
-import logging
+import inspect
+import itertools
 import os
 import pickle
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,15 +39,7 @@ from forge_batch.io.meta import file_metadata
 from forge_batch.io.output_dir import CommitError, OutputDirError, ResumeState
 from forge_batch.io.progress import Progress
 from forge_batch.io.schema import id_column_name, schema_from_str, schema_to_str
-from forge_batch.job import (
-    RAY_EXTRA,
-    ExecutorSpec,
-    InputSpec,
-    JobError,
-    JobSpec,
-    Problem,
-    ray_missing_problem,
-)
+from forge_batch.job import RAY_EXTRA, InputSpec, JobError, JobSpec, ray_missing_problem
 from forge_batch.plugin_manager import call_impl, collect_registry, get_plugin_manager, iter_impls
 from forge_batch.runner.commit import Committer
 from forge_batch.runner.engine_factory import (
@@ -52,31 +49,12 @@ from forge_batch.runner.engine_factory import (
     load_engine_factory,
 )
 from forge_batch.runner.job_runner import JobRunner, RunResult, _chain, _close_quietly, _Run, run_context
+from forge_batch.runner.ray_session import RayStart, connect_ray, quiet_ray_data
 from forge_batch.runner.records import Group, RecordBuilder
 from forge_batch.runner.requests import AdmittedRow, RequestBuilder
+from forge_batch.runner.shard_feed import Shard, ShardFeed, shards
 from forge_batch.runner.signals import Abort, RunFlags
 from forge_batch.runner.summary import RunEnd
-
-
-@dataclass
-class Shard:
-    """Admitted rows sent to a replica as one unit: one ``map_batches`` call, one committed part."""
-
-    key: int
-    rows: list[AdmittedRow]
-
-
-def shards(rows: Iterator[AdmittedRow], batch_rows: int) -> Iterator[Shard]:
-    """The admitted rows in shards of ``batch_rows``, keyed 0, 1, ... in input order."""
-    batch: list[AdmittedRow] = []
-    key = 0
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= batch_rows:
-            yield Shard(key, batch)
-            key, batch = key + 1, []
-    if batch:
-        yield Shard(key, batch)
 
 
 class EngineReplica:
@@ -158,40 +136,69 @@ class _Driver:
     replicas: dict[str, ReplicaStats] = field(default_factory=dict)
 
 
-def connect_ray(executor: ExecutorSpec) -> bool:
-    """Connect to (or start) Ray as ``executor.address`` says; True when this call started the connection
-    (the caller then shuts it down). An already connected process (a test, a notebook) is used as it is."""
-    problem = ray_missing_problem()
-    if problem is not None:
-        raise JobError([Problem("executor.kind", problem)])
-    import ray
+@dataclass
+class _Pipeline:
+    """A run's way through Ray: the driver's shard feed, the queue it fills, the results coming back."""
 
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if executor.address is not None:
-        kwargs["address"] = executor.address
-    ray.init(**kwargs)
-    return True
+    feed: ShardFeed
+    queue: Any
+    results: Any
 
 
-def _quiet_ray_data() -> None:
-    """One progress bar / log line for the job: Ray Data's own bars and execution logs off."""
+def _stop_pipeline(pipeline: _Pipeline) -> None:
+    """The feed stops packing, its queue goes (a put waiting on it returns), Ray Data's execution ends."""
+    pipeline.feed.stop()
+    try:
+        pipeline.queue.close()
+    except Exception:  # noqa: BLE001 - Ray already gone
+        pass
+    _close_quietly(pipeline.results)
+    pipeline.feed.join(timeout=5)
+
+
+def _no_cpu() -> dict[str, Any]:
+    """``read_datasource``'s arguments for a read that reserves no CPU (named since Ray 2.4x, before in
+    ``ray_remote_args``)."""
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if "num_cpus" in inspect.signature(ray.data.read_datasource).parameters:
+        return {"num_cpus": 0}
+    return {"ray_remote_args": {"num_cpus": 0}}
+
+
+def _result_rows(dataset: Any) -> Iterator[dict[str, Any]]:
+    """The results as they come: one block at a time and no prefetch, which would hold each result back
+    until the next one arrived (the last until the end)."""
+    batches = iter(dataset.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"))
+    try:
+        for batch in batches:
+            for i in range(len(batch["shard"])):
+                yield {name: column[i] for name, column in batch.items()}
+    finally:
+        _close_quietly(batches)
+
+
+def _feed_problem(feed: ShardFeed) -> str | None:
+    """Why a run whose results stopped coming is not complete: the input's reader failed, or shards sent to
+    Ray never came back (both leave their rows for a rerun), or None."""
+    if feed.error is not None:
+        return f"run stopped by an error: {type(feed.error).__name__}: {feed.error}"
+    if not feed.finished:
+        return f"{feed.out} shards sent to Ray did not come back; rerun the same command to run their rows"
+    return None
 
 
 class RayJobRunner(JobRunner):
     """:class:`JobRunner` with the rows run on a Ray Data actor pool (see the module docstring); opening the
     output directory, checks, the outcome and the summary are the local runner's."""
 
+    # Shards packed and not yet committed, at most (None: two per replica): what the driver holds of the input.
+    shards_in_flight: int | None = None
+
     def __init__(self, job: Any, **kwargs: Any) -> None:
         super().__init__(job, **kwargs)
         self._replica_stats: dict[str, ReplicaStats] = {}
+        self._ray: RayStart | None = None
 
     def _executor_summary(self) -> dict[str, Any]:
         ex = self.job.executor
@@ -202,8 +209,19 @@ class RayJobRunner(JobRunner):
         }
 
     def _run(self, run: _Run) -> RunResult:
-        job = run.job
         run.total = run.plan.total_rows()
+        # Ray's processes start while the driver reads; not when the ledger already holds every input row.
+        if run.total is None or run.resume.tally.rows < run.total:
+            self._ray = RayStart(run.job.executor)
+        try:
+            return self._run_rows(run)
+        finally:
+            if self._ray is not None:
+                self._ray.close()
+                self._ray = None
+
+    def _run_rows(self, run: _Run) -> RunResult:
+        job = run.job
         batches = run.plan.batches()
         first = next(batches, [])
         schema = run.resume.schema if run.resume.schema is not None else run.plan.output_schema(job, first)
@@ -213,31 +231,44 @@ class RayJobRunner(JobRunner):
             call_impl(impl, "job_start", {"job": job, "context": context})
         id_column = id_column_name(run.plan.spec.id_field)
         admitter = RequestBuilder(job, run.plan.spec, schema.field(id_column).type, run.resume, context, self.flags)
-        # Every admitted row is packed before the pool starts (Ray Data plans a dataset from its items):
-        # the driver holds the pending rows' input, never their outputs.
         self.flags.starting = "reading the input"
-        pending = list(shards(admitter.admitted(_chain(first, batches)), job.executor.batch_rows))
-        self.flags.starting = "starting the Ray replicas"
+        rows = admitter.admitted(_chain(first, batches))
+        first_row = next(rows, None)  # None: every row is committed, no Ray needed
+        pipeline = self._start_pipeline(run, schema, itertools.chain([first_row], rows)) if first_row is not None else None
         driver = _Driver(part_base=run.resume.next_part)
         self._progress = Progress(
             run.total, initial=run.resume.tally.rows, mode=self.progress_mode, stream=self.stream,
             log_interval=self.log_interval, desc=job.display_name(),
         )
         t_gen = time.monotonic()
-        started = connect_ray(job.executor) if pending else False  # nothing left to run: no Ray needed
-        try:
-            end = self._generate_on_ray(run, schema, id_column, pending, driver)
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
+        end = self._generate_on_ray(run, schema, id_column, pipeline, driver)
         gen_s = time.monotonic() - t_gen
         run.engine_info = driver.engine_info
         run.load_s = max((s.engine_load_s for s in driver.replicas.values()), default=0.0)
         self._replica_stats = driver.replicas
         committer = driver.committer or self._committer(run, schema, id_column, None)
         return self._finish(run, context, committer, end, gen_s)
+
+    def _start_pipeline(self, run: _Run, schema: pa.Schema, rows: Any) -> _Pipeline:
+        """Wait for Ray, start packing shards and plan the dataset (it runs when its results are asked for)."""
+        self.flags.starting = "starting Ray"
+        ray_start = self._ray = self._ray or RayStart(run.job.executor)
+        quiet_ray_data()  # imports Ray Data here while Ray starts on its thread
+        ray_start.wait()
+        from forge_batch.runner.ray_source import ShardQueueClient
+
+        self.flags.starting = "starting the Ray replicas"
+        ex = run.job.executor
+        window = self.shards_in_flight or 2 * ex.replicas
+        queue = ShardQueueClient(f"forge-batch-shards-{uuid.uuid4().hex}")
+        feed = ShardFeed(rows, ex.batch_rows, window, queue.put)
+        feed.start()
+        try:
+            results = _result_rows(self._dataset(run, schema, queue.name))
+        except BaseException:
+            _stop_pipeline(_Pipeline(feed, queue, None))
+            raise
+        return _Pipeline(feed, queue, results)
 
     def _committer(self, run: _Run, schema: pa.Schema, id_column: str, engine_info: dict[str, Any] | None) -> Committer:
         file_meta = file_metadata(run.job, engine_info)
@@ -247,24 +278,36 @@ class RayJobRunner(JobRunner):
             file_meta, id_column, self.flags, self._say,
         )
 
-    def _dataset(self, run: _Run, schema: pa.Schema, pending: list[Shard]) -> Any:
+    def _dataset(self, run: _Run, schema: pa.Schema, queue_name: str) -> Any:
         import ray.data
 
-        _quiet_ray_data()
+        from forge_batch.runner.ray_source import ShardSource
+
         ex = run.job.executor
-        items = [{"shard": s.key, "rows": pickle.dumps(s.rows, protocol=pickle.HIGHEST_PROTOCOL)} for s in pending]
         remote_args: dict[str, Any] = {"num_cpus": ex.num_cpus_per_replica}
         if ex.num_gpus_per_replica:
             remote_args["num_gpus"] = ex.num_gpus_per_replica
-        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            EngineReplica,
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=ex.replicas),
-            fn_constructor_kwargs={"job": run.job, "spec": run.plan.spec, "schema": schema_to_str(schema),
-                                   "engine_factory": self._engine_factory_name()},
-            **remote_args,
-        )
+        # Every shard and every result its own block, passed on at once: Ray Data would otherwise gather small
+        # blocks up to its target size, holding shards back while the driver waits for their results. A
+        # dataset keeps the context it was made in, so the setting is the run's alone.
+        context = ray.data.DataContext.get_current()
+        target = context.target_max_block_size
+        context.target_max_block_size = 1
+        try:
+            # The relay reserves no CPU: the replicas may take them all.
+            source = ray.data.read_datasource(ShardSource(queue_name), override_num_blocks=1, **_no_cpu())
+            return source.map_batches(
+                EngineReplica,
+                batch_size=1,
+                batch_format="numpy",
+                # two shards per replica at most: one running, one waiting, so no replica takes the whole window
+                compute=ray.data.ActorPoolStrategy(size=ex.replicas, max_tasks_in_flight_per_actor=2),
+                fn_constructor_kwargs={"job": run.job, "spec": run.plan.spec, "schema": schema_to_str(schema),
+                                       "engine_factory": self._engine_factory_name()},
+                **remote_args,
+            )
+        finally:
+            context.target_max_block_size = target
 
     def _engine_factory_name(self) -> str | None:
         """How a replica finds this run's engine factory: by ``module:function`` (None: the default engine),
@@ -278,24 +321,26 @@ class RayJobRunner(JobRunner):
                              f"(set {ENGINE_FACTORY_ENV}=module:function to a module-level function)")
         return name
 
-    def _generate_on_ray(self, run: _Run, schema: pa.Schema, id_column: str, pending: list[Shard],
+    def _generate_on_ray(self, run: _Run, schema: pa.Schema, id_column: str, pipeline: _Pipeline | None,
                          driver: _Driver) -> RunEnd:
         """Commit each shard's result as it comes back, until every shard is done, a signal or the error
         budget stops the run, or something breaks."""
         flags, end = self.flags, RunEnd(committed_rows=0)
         progress = self._progress
         assert progress is not None
-        results = None
         try:
-            if pending:
-                results = iter(self._dataset(run, schema, pending).iter_rows())
             flags.starting = None  # from here a first signal stops the run after the result at hand
-            for result in results or ():
-                self._commit_result(run, schema, id_column, driver, result, progress)
-                if driver.committer is not None:
-                    driver.committer.check_error_rate(run.total)
-                if flags.stop_admitting:
-                    break
+            if pipeline is not None and pipeline.results is not None:
+                feed = pipeline.feed
+                for result in pipeline.results:
+                    self._commit_result(run, schema, id_column, driver, result, progress, feed)
+                    if driver.committer is not None:
+                        driver.committer.check_error_rate(run.total)
+                    # every shard committed: done, without waiting for Ray Data to wind down
+                    if flags.stop_admitting or feed.finished:
+                        break
+                if not flags.stop_admitting:
+                    end.error_message = _feed_problem(feed)
         except (Abort, KeyboardInterrupt):
             flags.stop_now()
         except (CommitError, OutputDirError, JobError) as e:
@@ -306,7 +351,8 @@ class RayJobRunner(JobRunner):
         except Exception as e:  # a replica that cannot start, Ray lost: keep what is committed
             end.error_message = f"run stopped by an error: {type(e).__name__}: {_last_line(e)}"
         finally:
-            _close_quietly(results)  # stops Ray Data's execution when the run ends early
+            if pipeline is not None:
+                _stop_pipeline(pipeline)  # stops Ray Data's execution when the run ends early
             self.signals.restore()
             progress.close()
         committer = driver.committer
@@ -316,7 +362,7 @@ class RayJobRunner(JobRunner):
         return end
 
     def _commit_result(self, run: _Run, schema: pa.Schema, id_column: str, driver: _Driver, result: dict[str, Any],
-                       progress: Progress) -> None:
+                       progress: Progress, feed: ShardFeed) -> None:
         key = int(result["shard"])
         if key in driver.committed_shards:  # a second result for one shard (a retried task): already written
             return
@@ -342,6 +388,7 @@ class RayJobRunner(JobRunner):
                 committer.add(group)
             committer.commit(part_index=driver.part_base + key)
             driver.committed_shards.add(key)
+            feed.committed(key)
         finally:
             flags.critical -= 1
         tokens = sum(r.get("completion_tokens") or 0 for g in groups for r in g.records)
@@ -370,4 +417,5 @@ def ray_available() -> bool:
     return ray_missing_problem() is None
 
 
-__all__ = ["RAY_EXTRA", "EngineReplica", "RayJobRunner", "ReplicaStats", "Shard", "connect_ray", "ray_available", "shards"]
+__all__ = ["RAY_EXTRA", "EngineReplica", "RayJobRunner", "ReplicaStats", "Shard", "ShardFeed", "connect_ray", "ray_available",
+           "shards"]

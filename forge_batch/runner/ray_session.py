@@ -1,0 +1,116 @@
+"""The driver's connection to Ray for the Ray executor (docs/scale-out.md).
+
+Starting a local Ray instance takes many seconds on a small machine (its own processes import Ray), most of a
+short job's overhead, so :class:`RayStart` runs it on a thread while the driver opens the output directory,
+reads the input and imports Ray Data. On a thread, ``ray.init`` also leaves the run's SIGTERM handler in place
+(on the main thread it replaces it with one that exits at once, without committing what came back).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from forge_batch.job import RAY_EXTRA, ExecutorSpec, JobError, Problem, ray_missing_problem
+
+
+class _NotOnMainThread(logging.Filter):
+    """Drops Ray's warning that it set no SIGTERM handler: not setting one is why ``ray.init`` runs on a thread."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def connect_ray(executor: ExecutorSpec) -> bool:
+    """Connect to (or start) Ray as ``executor.address`` says; True when this call started the connection
+    (the caller then shuts it down). An already connected process (a test, a notebook) is used as it is."""
+    problem = ray_missing_problem()
+    if problem is not None:
+        raise JobError([Problem("executor.kind", problem)])
+    try:
+        import ray
+    except ImportError as e:  # installed but not importable (a missing or broken dependency)
+        raise JobError([Problem("executor.kind", f"executor kind ray cannot import Ray ({e}); reinstall it with {RAY_EXTRA}")]) from e
+
+    if ray.is_initialized():
+        return False
+    # No dashboard, and the replicas' log lines stay in Ray's log files: one progress line for the job.
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    if executor.address is not None:
+        kwargs["address"] = executor.address
+    quiet = _NotOnMainThread()
+    worker_log = logging.getLogger("ray._private.worker")
+    worker_log.addFilter(quiet)
+    try:
+        ray.init(**kwargs)
+    finally:
+        worker_log.removeFilter(quiet)
+    return True
+
+
+class _NoBarsNotice(logging.Filter):
+    """Drops Ray Data's notice that its progress bars are off: they are, for the job's own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
+
+
+def quiet_ray_data() -> None:
+    """One progress bar / log line for the job: Ray Data's own bars and execution logs off (its warnings
+    stay: a replica that cannot be placed says so)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    bars_log = logging.getLogger("ray.data._internal.progress")  # a filter sees only its own logger's records
+    if not any(isinstance(f, _NoBarsNotice) for f in bars_log.filters):
+        bars_log.addFilter(_NoBarsNotice())
+
+
+class RayStart:
+    """:func:`connect_ray` on a thread, begun at construction; :meth:`wait` for it, :meth:`close` at the end.
+
+    A Ray instance this thread starts lives as long as the thread: Ray's processes get the parent-death
+    signal when the thread that spawned them ends (Linux ties it to the thread, not the process), so the
+    thread stays, waiting, until :meth:`close` has shut Ray down."""
+
+    def __init__(self, executor: ExecutorSpec) -> None:
+        self.started = False
+        self._error: BaseException | None = None
+        self._connected = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._connect, args=(executor,), name="forge-batch-ray-start", daemon=True)
+        self._thread.start()
+
+    def _connect(self, executor: ExecutorSpec) -> None:
+        try:
+            self.started = connect_ray(executor)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
+            self._error = e
+        finally:
+            self._connected.set()
+        if self.started:
+            self._closed.wait()
+
+    def wait(self) -> None:
+        """Until Ray is connected; raises what stopped it. Short waits, so a signal's handler runs meanwhile."""
+        while not self._connected.wait(0.1):
+            pass
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Shut Ray down if this run started it (after a start still under way: a run stopped early)."""
+        self._connected.wait()
+        try:
+            if self.started:
+                import ray
+
+                ray.shutdown()
+                self.started = False
+        finally:
+            self._closed.set()
+            self._thread.join()
