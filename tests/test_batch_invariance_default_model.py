@@ -1,71 +1,264 @@
 """Batch invariance on the default model (SmolLM2-135M-Instruct GGUF), in the dtype ``auto`` picks on this
-machine (and float32): each chat prompt's token ids, and the bits of its logits at every generated
-position, are the same alone, all together, with chunked prefill and with the prefix cache and preemption;
-greedy and seeded sampling.
+machine and in float32: 48 chat prompts, 64 tokens each with EOS ignored, greedy and sampled at temperature
+0.8 with a seed per row. Every way of running them gives each prompt the same token ids, and the same bits
+of its logits at every generated position, as all 48 together in one call (``max_num_seqs`` 256, no prefix
+cache): each prompt alone, in batches of 3, with ``max_num_seqs`` 4, in batches of 24 with the prefix
+cache, with chunked prefill (a token budget smaller than every prompt: chunks mix with decodes), with
+forced preemption (too few KV blocks: rows recomputed over their cached prefix), and through
+``forge-batch run`` killed after its first committed parts and resumed (its token ids, from the logprobs
+column, equal the engine's; its ids and texts equal an uninterrupted run's).
 
-Sized for a 2-core CI machine shared with other jobs: 9 chats x 24 tokens (the issue's probe was 48 x 64),
-float32 only alone vs together on 4 of them; max_num_seqs and groups of 3 are covered on the tiny models.
+Sized for a 2-core CI machine (about 7-8 minutes idle). The auto dtype runs every case on all 48 chats x 64
+tokens, greedy and sampled. float32, where auto is not float32, is trimmed (its steps cost 3-5 times
+bfloat16's here): greedy only, 12 chats x 32 tokens in every case but the job, 4 of them alone. Its kernels
+(MKL's packed GEMM, float32 attention) are also checked op by op in test_batch_invariance.py; the job path
+does not depend on the dtype. Where auto is float32 (a CPU without native bfloat16) the full set runs in
+float32 and takes about three times as long.
 """
 
 from __future__ import annotations
 
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
 import pytest
 from conftest import requires_default_model
-from test_batch_invariance import generate_runs
+from runner_helpers import cli, cli_env, popen, read_output, write_job_file, write_jsonl
+from test_batch_invariance import Run, generate_runs
 
 from forge_batch import LLM
 from forge_batch.engine.device import resolve_device, resolve_dtype
+from forge_batch.io.output_dir import state_dir_for
+from forge_batch.runner.requests import row_seed
 
 pytestmark = [requires_default_model, pytest.mark.slow]
 
 MODEL = "smollm2-135m-instruct"
-QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Opposite of hot?",
-    "List three prime numbers.", "Translate 'good morning' into Spanish.", "What is 17 times 3?",
-    "Name a famous painter.", "Explain gravity to a child.", "Give me a word that rhymes with cat.",
+MAX_TOKENS = 64
+SEED = 7  # the job seed: a sampled chat's seed derives from it and its row id (at the engine level too)
+
+# A shared system prompt of more than two 16-token KV blocks (with the template's header), so the prefix
+# cache serves it; four chats have none (the template adds its own), four are three turns long and four
+# carry a paragraph of notes (38 to 169 prompt tokens).
+SYSTEM = ("You are a careful assistant for a small data team. Answer in plain English, briefly and "
+          "exactly, and say so when you are not sure of something.")
+TOPICS = ["the moon", "sourdough bread", "rivers", "chess openings", "volcanoes", "honey bees",
+          "night trains", "jazz", "glass making", "old maps", "ocean tides", "owls"]
+FORMS = [
+    "What is {}?",
+    "Write two short sentences about {} for a ten-year-old.",
+    "Give me three surprising facts about {}, and for each one explain in a sentence or two why it matters "
+    "to ordinary people today, what most people get wrong about it, and where I could read more.",
+    "Compare {} with something from everyday life.",
 ]
-CHATS = [[{"role": "user", "content": q}] for q in QUESTIONS]  # the template's system prompt is shared
-MAX_TOKENS = 24
-CHUNK_TOKENS = 16  # smaller than every chat prompt: each prefills in chunks, mixed with decodes
-FEW_BLOCKS = 16  # 16-token blocks: a prompt and its tokens need about 4, so 9 of them preempt
+NOTES = ("Here are my notes so far, which may contain mistakes: it is older than most people think; it "
+         "changed a great deal in the last two hundred years; people in different countries describe it in "
+         "quite different ways; children often find it more interesting than adults do; and there is a long "
+         "argument among experts about where it first came from and why it matters. Please correct anything "
+         "that is wrong before you answer.")
 
 
-def _dtypes() -> list[str]:
-    auto = str(resolve_dtype("auto", resolve_device("cpu"))).removeprefix("torch.")
-    return [auto] if auto == "float32" else [auto, "float32"]
+def _chat(i: int) -> list[dict[str, str]]:
+    topic, form = TOPICS[i // len(FORMS)], FORMS[i % len(FORMS)]
+    turns = [{"role": "user", "content": form.format(topic)}]
+    if i % 12 == 5:  # three turns: a question, an answer, a follow-up
+        turns = [{"role": "user", "content": f"Tell me about {topic}."},
+                 {"role": "assistant", "content": f"Happy to. What would you like to know about {topic}?"},
+                 {"role": "user", "content": form.format(topic)}]
+    if i % 12 == 2:  # a long one
+        turns[-1]["content"] += " " + NOTES
+    return turns if i % 12 == 11 else [{"role": "system", "content": SYSTEM}, *turns]
 
 
-def _engine(dtype: str, **options) -> LLM:
-    options = {"max_num_seqs": 256, "enable_prefix_caching": False, **options}
-    return LLM(MODEL, device="cpu", dtype=dtype, **options)
+CHATS = [_chat(i) for i in range(len(TOPICS) * len(FORMS))]
+TEMPERATURES = {"greedy": 0.0, "sampled": 0.8}
+# a sampled chat's seed is what a job with this seed and id_field gives its row (the job test's ids)
+SEEDS = [row_seed(SEED, f"id:{i:02d}-sampled") for i in range(len(CHATS))]
+CHUNK_TOKENS = 24  # smaller than every prompt, and not a block multiple: chunks end inside blocks
 
 
-def _run(llm: LLM, size: int = len(CHATS), temperature: float = 0.0, chats: list = CHATS):
-    return [r for i in range(0, len(chats), size)
-            for r in generate_runs(llm, chats[i:i + size], MAX_TOKENS, temperature, first=i)]
+class Sizes(NamedTuple):
+    tokens: int  # generated per chat
+    chats: int  # the first this many chats run in every case
+    alone: int  # the first this many of them also run alone
+    cached_batch: int  # chats per call with the prefix cache
+    few_blocks: int  # 16-token KV blocks of the preempting engine: fewer than the chats need at once
 
 
-def test_default_model_tokens_do_not_depend_on_the_batch():
-    """In the dtype auto picks: alone, together, chunked prefill, prefix cache with forced preemption;
-    seeded sampling together vs preempted (max_num_seqs and groups of 3 are covered on the tiny models)."""
-    dtype = _dtypes()[0]
-    wide = _engine(dtype)
-    assert wide.engine_info["batch_invariant"] is True
-    greedy = _run(wide)
-    assert _run(wide, 1) == greedy
-    chunked = _engine(dtype, max_num_batched_tokens=CHUNK_TOKENS)
+FULL = Sizes(tokens=MAX_TOKENS, chats=len(CHATS), alone=len(CHATS), cached_batch=24, few_blocks=96)
+TRIMMED = Sizes(tokens=32, chats=12, alone=4, cached_batch=6, few_blocks=48)  # float32: see the module docstring
+
+
+def _auto_dtype() -> str:
+    return str(resolve_dtype("auto", resolve_device("cpu"))).removeprefix("torch.")
+
+
+AUTO = _auto_dtype()
+DTYPES = [AUTO] if AUTO == "float32" else [AUTO, "float32"]
+
+
+def _sizes(dtype: str) -> Sizes:
+    return FULL if dtype == AUTO else TRIMMED
+
+
+def _options(dtype: str, name: str) -> dict:
+    return {
+        "wide": {},  # the reference's
+        "four": {"max_num_seqs": 4},
+        "cached": {"enable_prefix_caching": True},
+        "chunked": {"max_num_batched_tokens": CHUNK_TOKENS},
+        "cramped": {"num_blocks": _sizes(dtype).few_blocks, "enable_prefix_caching": True},
+    }[name]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Callable[[str, str], LLM]]:
+    """One LLM per (dtype, configuration), built on first use and shared by the tests of this module."""
+    built: dict[tuple[str, str], LLM] = {}
+
+    def get(dtype: str, name: str) -> LLM:
+        if (dtype, name) not in built:
+            options = {"max_num_seqs": 256, "enable_prefix_caching": False, **_options(dtype, name)}
+            built[dtype, name] = LLM(MODEL, device="cpu", dtype=dtype, **options)
+        return built[dtype, name]
+
+    yield get
+    built.clear()
+
+
+def _runs(llm: LLM, temperature: float, sizes: Sizes, count: int | None = None, size: int | None = None,
+          ) -> list[Run]:
+    """The first ``count`` chats' runs (``sizes.chats`` by default), generated ``size`` chats per call (all
+    in one by default)."""
+    count = count or sizes.chats
+    size = size or count
+    return [r for i in range(0, count, size)
+            for r in generate_runs(llm, CHATS[i:min(i + size, count)], sizes.tokens, temperature, first=i,
+                                   seeds=SEEDS)]
+
+
+@pytest.fixture(scope="module")
+def reference(engine) -> Callable[[str, float], list[Run]]:
+    """Per (dtype, temperature): the chats all in one call on an engine with max_num_seqs 256 and no prefix
+    cache."""
+    made: dict[tuple[str, float], list[Run]] = {}
+
+    def get(dtype: str, temperature: float) -> list[Run]:
+        if (dtype, temperature) not in made:
+            wide = engine(dtype, "wide")
+            assert wide.engine_info["batch_invariant"] is True
+            sizes = _sizes(dtype)
+            made[dtype, temperature] = runs = _runs(wide, temperature, sizes)
+            # the chats lead to different continuations (a broken model repeating itself would prove little)
+            assert len({tuple(r.tokens) for r in runs}) == len(runs)
+            assert all(len(r.tokens) == sizes.tokens for r in runs)
+        return made[dtype, temperature]
+
+    return get
+
+
+def _differing(runs: list[Run], expected: list[Run]) -> list[str]:
+    """The chats whose logits (hence maybe tokens) differ, each with its first differing position."""
+    assert 0 < len(runs) <= len(expected)
+    out = []
+    for i, (run, ref) in enumerate(zip(runs, expected)):
+        if run != ref:
+            at = next(p for p, (a, b) in enumerate(zip(run.logits_digests, ref.logits_digests)) if a != b)
+            out.append(f"chat {i} from position {at} (tokens {'differ' if run.tokens != ref.tokens else 'equal'})")
+    return out
+
+
+def _params() -> list:
+    """(dtype, temperature): the auto dtype greedy and sampled, float32 greedy."""
+    return [pytest.param(dtype, t, id=f"{dtype}-{name}") for dtype in DTYPES for name, t in TEMPERATURES.items()
+            if dtype == AUTO or name == "greedy"]
+
+
+@pytest.mark.parametrize("dtype, temperature", _params())
+def test_alone_and_in_batches_of_3(engine, reference, dtype, temperature):
+    expected, wide, sizes = reference(dtype, temperature), engine(dtype, "wide"), _sizes(dtype)
+    assert _differing(_runs(wide, temperature, sizes, size=3), expected) == []
+    assert _differing(_runs(wide, temperature, sizes, sizes.alone, 1), expected) == []
+
+
+@pytest.mark.parametrize("dtype, temperature", _params())
+def test_max_num_seqs_prefix_cache_chunked_prefill_and_preemption(engine, reference, dtype, temperature):
+    """With max_num_seqs 4; in batches with the prefix cache (the shared system prompt computed by one row
+    and reused by the others, and by the next batch; in the sampled run, whole prompts cached by the
+    greedy one); with chunked prefill; with preemption (rows recomputed, over their cached prefix)."""
+    expected, sizes = reference(dtype, temperature), _sizes(dtype)
+    assert _differing(_runs(engine(dtype, "four"), temperature, sizes), expected) == []
+
+    cached = engine(dtype, "cached")
+    hits = cached.block_manager.prefix_hits
+    assert _differing(_runs(cached, temperature, sizes, size=sizes.cached_batch), expected) == []
+    assert cached.block_manager.prefix_hits > hits
+
+    chunked = engine(dtype, "chunked")
     assert min(len(chunked.tokenizer.encode_chat(c)) for c in CHATS) > CHUNK_TOKENS
-    assert _run(chunked) == greedy
-    cramped = _engine(dtype, num_blocks=FEW_BLOCKS, enable_prefix_caching=True)
-    assert _run(cramped) == greedy
-    assert cramped.scheduler.num_preemptions > 0 and cramped.block_manager.prefix_hits > 0
-    sampled = _run(wide, temperature=0.8)
-    assert [r.tokens for r in sampled] != [r.tokens for r in greedy]
-    assert _run(cramped, temperature=0.8) == sampled
+    assert _differing(_runs(chunked, temperature, sizes), expected) == []
+
+    cramped = engine(dtype, "cramped")
+    preemptions, hits = cramped.scheduler.num_preemptions, cramped.block_manager.prefix_hits
+    assert _differing(_runs(cramped, temperature, sizes), expected) == []
+    assert cramped.scheduler.num_preemptions > preemptions and cramped.block_manager.prefix_hits > hits
 
 
-@pytest.mark.skipif(_dtypes() == ["float32"], reason="the test above ran in float32")
-def test_default_model_tokens_do_not_depend_on_the_batch_in_float32():
-    wide = _engine("float32")
-    chats = CHATS[:4]
-    assert _run(wide, 1, chats=chats) == _run(wide, chats=chats)
+def _wait_for_parts(out: Path, n: int, proc, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(out.glob("part-*.parquet"))) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out waiting for the first parts"
+        time.sleep(0.05)
+
+
+def _job_output(out: Path) -> dict[str, tuple[list[int], str]]:
+    """Per id: the token ids (from the logprobs column) and the text a job wrote."""
+    rows = read_output(out)
+    assert len(rows) == len({r["id"] for r in rows}), "an id written twice"
+    assert all(r["error"] is None for r in rows)
+    return {r["id"]: ([p["token_id"] for p in r["logprobs"]], r["text"]) for r in rows}
+
+
+def test_job_killed_after_its_first_parts_and_resumed(tmp_path, reference):
+    """``forge-batch run`` on every chat greedy and sampled (96 rows; ``max_num_seqs`` 4, prefix cache on,
+    parts of 4 rows) killed with SIGKILL after its first committed parts, then rerun: every row's token ids
+    equal the engine-level reference's (the sampled rows' seeds derive from the job seed and their ids, as
+    there), and ids and texts equal the same job's run uninterrupted (with max_num_seqs 256: cheaper, and
+    batched differently)."""
+    rows = [{"id": f"{i:02d}-{name}", "messages": chat, "sampling": {"temperature": t}}
+            for name, t in TEMPERATURES.items() for i, chat in enumerate(CHATS)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    spec = {
+        "model": MODEL,
+        "input": {"path": "in.jsonl", "id_field": "id", "messages_field": "messages", "sampling_field": "sampling"},
+        "output": {"path": "out", "rows_per_file": 4, "flush_seconds": 0.5},
+        "sampling": {"max_tokens": MAX_TOKENS, "ignore_eos": True, "seed": SEED, "logprobs": 0},
+        "engine": {"max_num_seqs": 4, "enable_prefix_caching": True},
+    }
+    job = write_job_file(tmp_path / "job.yaml", spec)
+    env = cli_env(fake=False)
+    out = tmp_path / "out"
+    proc = popen(["run", str(job), "--quiet"], env)
+    _wait_for_parts(out, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    committed = len(read_output(out))
+    assert 0 < committed < len(rows)
+    resumed = cli(["run", str(job), "--quiet"], env=env, timeout=1800)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((state_dir_for(out) / "summary.json").read_text())["resumed_rows"] == committed
+    whole = cli(["run", str(job), "--quiet", "--set", "output.path=whole", "--set", "engine.max_num_seqs=256"],
+                env=env, timeout=1800)
+    assert whole.returncode == 0, whole.stderr
+
+    got, uninterrupted = _job_output(out), _job_output(tmp_path / "whole")
+    assert sorted(got) == sorted(r["id"] for r in rows)
+    assert [i for i in got if got[i] != uninterrupted[i]] == []
+    for name, t in TEMPERATURES.items():
+        expected = [run.tokens for run in reference(AUTO, t)]
+        assert [got[f"{i:02d}-{name}"][0] for i in range(len(CHATS))] == expected, name
