@@ -89,7 +89,9 @@ def _run_child(session: pytest.Session, rootdir: Path, module: Path) -> dict[str
     with tempfile.TemporaryDirectory() as tmp:
         xml_path = Path(tmp) / "child.xml"
         env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_FLAG: "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+        # -P: not the working directory first on sys.path, where the repo's kernels/ would shadow the HF
+        # `kernels` package that transformers imports when it is installed
+        cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                f"--junitxml={xml_path}", *nodeids]
         proc = subprocess.run(cmd, cwd=rootdir, env=env, capture_output=True, text=True, timeout=1800)
         if not xml_path.exists():
