@@ -59,7 +59,6 @@ def first_output(stream: Any, on_first: Any) -> Any:
 def main(argv: list[str]) -> int:
     mark("python started")
     from forge_batch import cli
-    from forge_batch.engine.llm import LLM
     from forge_batch.runner import job_runner, ray_executor, ray_session
 
     mark("forge_batch imported")
@@ -69,9 +68,14 @@ def main(argv: list[str]) -> int:
     timed(ray_executor, "quiet_ray_data", "ray: importing Ray Data")
     timed(ray_executor.RayJobRunner, "_start_pipeline", "ray: starting the pipeline")
     timed(job_runner.JobRunner, "_finish", "summary")
-    generate_stream = LLM.generate_stream
-    LLM.generate_stream = lambda self, *a, **k: first_output(generate_stream(self, *a, **k),  # type: ignore[method-assign]
-                                                             lambda: mark("local: first output"))
+    generate = job_runner.JobRunner._generate
+
+    def generate_timed(self: Any, run: Any, *args: Any, **kwargs: Any) -> Any:  # the local engine's first output
+        stream = run.engine.generate_stream
+        run.engine.generate_stream = lambda *a, **k: first_output(stream(*a, **k), lambda: mark("local: first output"))
+        return generate(self, run, *args, **kwargs)
+
+    job_runner.JobRunner._generate = generate_timed  # type: ignore[method-assign]
     trace = tempfile.NamedTemporaryFile(prefix="replica-timeline-", suffix=".jsonl", delete=False).name
 
     class TimedReplica(ray_executor.EngineReplica):  # shipped by value: defined in __main__
