@@ -28,7 +28,7 @@ import pickle
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,21 +149,30 @@ def _stop_pipeline(pipeline: _Pipeline) -> None:
     """The feed stops packing, its queue goes (a put waiting on it returns), Ray Data's execution ends."""
     pipeline.feed.stop()
     try:
-        pipeline.queue.close()
+        if pipeline.queue is not None:
+            pipeline.queue.close()
     except Exception:  # noqa: BLE001 - Ray already gone
         pass
     _close_quietly(pipeline.results)
     pipeline.feed.join(timeout=5)
 
 
-def _no_cpu() -> dict[str, Any]:
-    """``read_datasource``'s arguments for a read that reserves no CPU (named since Ray 2.4x, before in
+def _read_shards(source: Any) -> Any:
+    """The relay's dataset: one read task reserving no CPU (an argument of its own since Ray 2.4x, before in
     ``ray_remote_args``)."""
     import ray.data
 
     if "num_cpus" in inspect.signature(ray.data.read_datasource).parameters:
-        return {"num_cpus": 0}
-    return {"ray_remote_args": {"num_cpus": 0}}
+        return ray.data.read_datasource(source, override_num_blocks=1, num_cpus=0)
+    return ray.data.read_datasource(source, override_num_blocks=1, ray_remote_args={"num_cpus": 0})
+
+
+def _shard_items(packed: list[Shard]) -> Any:
+    """Shards packed at once as a dataset of items, one block each."""
+    import ray.data
+
+    items = [{"shard": s.key, "rows": pickle.dumps(s.rows, protocol=pickle.HIGHEST_PROTOCOL)} for s in packed]
+    return ray.data.from_items(items, override_num_blocks=len(items))
 
 
 def _result_rows(dataset: Any) -> Iterator[dict[str, Any]]:
@@ -250,21 +259,36 @@ class RayJobRunner(JobRunner):
         return self._finish(run, context, committer, end, gen_s)
 
     def _start_pipeline(self, run: _Run, schema: pa.Schema, rows: Any) -> _Pipeline:
-        """Wait for Ray, start packing shards and plan the dataset (it runs when its results are asked for)."""
-        self.flags.starting = "starting Ray"
+        """Read the input's first window, wait for Ray, start packing shards and plan the dataset (it runs
+        when its results are asked for)."""
         ray_start = self._ray = self._ray or RayStart(run.job.executor)
-        quiet_ray_data()  # imports Ray Data here while Ray starts on its thread
-        ray_start.wait()
-        from forge_batch.runner.ray_source import ShardQueueClient
-
-        self.flags.starting = "starting the Ray replicas"
         ex = run.job.executor
         window = self.shards_in_flight or 2 * ex.replicas
+        head: list[AdmittedRow] = []
+        head_error = None
+        try:
+            head.extend(itertools.islice(rows, window * ex.batch_rows + 1))  # one row more: does the input go on?
+        except Exception as e:  # noqa: BLE001 - a reader that fails: what it read runs, then the run says so
+            head_error = e
+        self.flags.starting = "starting Ray"
+        quiet_ray_data()  # imports Ray Data here while Ray starts on its thread
+        ray_start.wait()
+        self.flags.starting = "starting the Ray replicas"
+        if head_error is not None or len(head) <= window * ex.batch_rows:
+            # All of it fits in the window: Ray Data gets the shards as items, no queue and no relay task (two
+            # worker processes fewer to start, which is most of a short job's wait on a small machine).
+            packed = list(shards(iter(head), ex.batch_rows))
+            feed = ShardFeed.all_packed([shard.key for shard in packed])
+            feed.error = head_error
+            return _Pipeline(feed, None, _result_rows(self._dataset(run, schema, lambda: _shard_items(packed))))
+        from forge_batch.runner.ray_source import ShardQueueClient, ShardSource
+
         queue = ShardQueueClient(f"forge-batch-shards-{uuid.uuid4().hex}")
-        feed = ShardFeed(rows, ex.batch_rows, window, queue.put)
+        feed = ShardFeed(shards(itertools.chain(head, rows), ex.batch_rows), window, queue.put)
         feed.start()
         try:
-            results = _result_rows(self._dataset(run, schema, queue.name))
+            # The relay reserves no CPU: the replicas may take them all.
+            results = _result_rows(self._dataset(run, schema, lambda: _read_shards(ShardSource(queue.name))))
         except BaseException:
             _stop_pipeline(_Pipeline(feed, queue, None))
             raise
@@ -278,10 +302,9 @@ class RayJobRunner(JobRunner):
             file_meta, id_column, self.flags, self._say,
         )
 
-    def _dataset(self, run: _Run, schema: pa.Schema, queue_name: str) -> Any:
+    def _dataset(self, run: _Run, schema: pa.Schema, source: Callable[[], Any]) -> Any:
+        """The replicas' ``map_batches`` over the shards ``source()`` makes into a dataset."""
         import ray.data
-
-        from forge_batch.runner.ray_source import ShardSource
 
         ex = run.job.executor
         remote_args: dict[str, Any] = {"num_cpus": ex.num_cpus_per_replica}
@@ -294,9 +317,7 @@ class RayJobRunner(JobRunner):
         target = context.target_max_block_size
         context.target_max_block_size = 1
         try:
-            # The relay reserves no CPU: the replicas may take them all.
-            source = ray.data.read_datasource(ShardSource(queue_name), override_num_blocks=1, **_no_cpu())
-            return source.map_batches(
+            return source().map_batches(
                 EngineReplica,
                 batch_size=1,
                 batch_format="numpy",

@@ -42,16 +42,16 @@ def shards(rows: Iterator[AdmittedRow], batch_rows: int) -> Iterator[Shard]:
 
 
 class ShardFeed:
-    """Packs ``rows`` into shards on a thread and hands each to ``put`` as ``(key, pickled rows)``, then
-    :data:`END`. A shard is packed only when fewer than ``window`` are out (packed and not committed):
+    """Takes the shards of ``stream`` on a thread and hands each to ``put`` as ``(key, pickled rows)``, then
+    :data:`END`. A shard is taken only when fewer than ``window`` are out (taken and not committed):
     :meth:`committed` frees a place. A reader that fails ends the stream; its error is :attr:`error`."""
 
-    def __init__(self, rows: Iterator[AdmittedRow], batch_rows: int, window: int, put: Callable[[Any], None]) -> None:
+    def __init__(self, stream: Iterator[Shard], window: int, put: Callable[[Any], None]) -> None:
         self.window = window
         self.error: BaseException | None = None
         self.done = False  # every shard and END were put
         self.packed = 0
-        self._shards = shards(rows, batch_rows)
+        self._shards = stream
         self._put = put
         self._places = threading.Semaphore(window)
         self._stop = threading.Event()
@@ -59,6 +59,13 @@ class ShardFeed:
         self._out: set[int] = set()
         self._committed: set[int] = set()
         self._thread = threading.Thread(target=self._produce, name="forge-batch-shard-feed", daemon=True)
+
+    @classmethod
+    def all_packed(cls, keys: list[int]) -> ShardFeed:
+        """A feed whose shards (``keys``) went to Ray another way, all at once: it only counts their commits."""
+        feed = cls(iter(()), max(len(keys), 1), lambda item: None)
+        feed._out, feed.packed, feed.done = set(keys), len(keys), True
+        return feed
 
     def start(self) -> None:
         self._thread.start()
@@ -117,4 +124,5 @@ class ShardFeed:
         self._stop.set()
 
     def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
