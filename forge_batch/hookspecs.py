@@ -57,7 +57,8 @@ def register_samplers() -> dict[str, Callable[..., Any]]:
 
     A sampler is ``f(logits: torch.Tensor[S, V], batch: forge_batch.engine.sampler.SamplingBatch) ->
     torch.Tensor[S]`` (int64 token ids); the engine calls it after logit bias, penalties and constraint masks
-    are applied. A request picks one with ``sampling.sampler: <name>`` (job) or a per-row override.
+    are applied. ``logits`` is the engine's for this step only (its memory holds the next step's): copy what
+    must outlive the call. A request picks one with ``sampling.sampler: <name>`` (job) or a per-row override.
     """
 
 

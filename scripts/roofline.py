@@ -128,11 +128,11 @@ def instrument(llm: LLM, rec: Recorder) -> None:
 
     compute_logits = model.compute_logits
 
-    def timed_logits(hidden):
+    def timed_logits(hidden, out=None):
         # the LM head's matmul is timed by its TimedLinear; the rest of compute_logits is the float32 cast
         before = rec.classes["LM head matmul"].seconds
         t = time.perf_counter()
-        out = compute_logits(hidden)
+        out = compute_logits(hidden, out=out)
         cast = time.perf_counter() - t - (rec.classes["LM head matmul"].seconds - before)
         rec.add("LM head float32 logits", cast, 0.0, out.numel() * (2 + 4.0))  # read bf16, write float32
         return out

@@ -164,7 +164,7 @@ def test_logits_are_computed_only_for_each_sequences_last_position(llm, monkeypa
     vocab-wide matmul per row) only over one row per sampling sequence."""
     heads = []
     real = llm.model.compute_logits
-    monkeypatch.setattr(llm.model, "compute_logits", lambda hidden: heads.append(hidden.shape[0]) or real(hidden))
+    monkeypatch.setattr(llm.model, "compute_logits", lambda hidden, out=None: heads.append(hidden.shape[0]) or real(hidden, out=out))
     llm.generate(PROMPTS, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     prompt_tokens = sum(len(llm.tokenizer.encode(p)) for p in PROMPTS)
     assert heads and max(heads) <= len(PROMPTS) < prompt_tokens

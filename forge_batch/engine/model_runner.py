@@ -40,6 +40,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = device
+        self._logits_buffer: torch.Tensor | None = None  # see _logits_out
         self.block_size = block_size
         c = model.config
         shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
@@ -157,11 +158,23 @@ class ModelRunner:
         logits = None
         if sample_rows:
             rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, rows))
+            logits = self.model.compute_logits(hidden.index_select(0, rows), out=self._logits_out(len(sample_rows)))
         prompt_logits: list[tuple[int, torch.Tensor]] = []
         for index, first, count in prompt_rows:
             prompt_logits.append((index, hidden[first : first + count]))
         return logits, prompt_logits
+
+    def _logits_out(self, rows: int) -> torch.Tensor | None:
+        """Where a step's float32 logits go on the CPU: a buffer kept from step to step. A fresh tensor each
+        step ([256, 49152] floats: 50 MB) is memory the allocator maps anew and the cast then page-faults in,
+        ten times the cast's own cost. The logits live until the step has sampled; the next step overwrites
+        them. None elsewhere (a GPU's caching allocator already reuses its memory)."""
+        if self.device.type != "cpu":
+            return None
+        vocab = self.model.config.vocab_size
+        if self._logits_buffer is None or self._logits_buffer.shape[0] < rows:
+            self._logits_buffer = torch.empty(rows, vocab, dtype=torch.float32)
+        return self._logits_buffer[:rows]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """Final hidden states of the step's tokens, through a decode fast path where one applies."""

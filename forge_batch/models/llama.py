@@ -218,9 +218,13 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.kernels.rms_norm(hidden, self.norm, self.config.rms_norm_eps, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [S, vocab] in float32 for the rows that sample (only the last position of each)."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [S, vocab] in float32 for the rows that sample (only the last position of each), written
+        into ``out`` where it is a float32 tensor of that shape (the same bits either way)."""
+        logits = self.lm_head(hidden)
+        if out is None or out.shape != logits.shape or out.dtype != torch.float32 or out.device != logits.device:
+            return logits.float()
+        return out.copy_(logits)
 
 
 def matmul_slots(model: LlamaForCausalLM, layers: bool = True) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
