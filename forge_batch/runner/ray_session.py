@@ -15,11 +15,20 @@ from typing import Any
 from forge_batch.job import RAY_EXTRA, ExecutorSpec, JobError, Problem, ray_missing_problem
 
 
-class _NotOnMainThread(logging.Filter):
-    """Drops Ray's warning that it set no SIGTERM handler: not setting one is why ``ray.init`` runs on a thread."""
+class _QuietStart(logging.Filter):
+    """Drops two of ``ray.init``'s warnings that say nothing wrong: that it set no SIGTERM handler (not setting
+    one is why it runs on a thread), and that the local instance it starts uses token authentication (Ray's
+    default, kept)."""
+
+    NOTICES = ("SIGTERM handler is not set", "Token authentication is enabled for this Ray cluster")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
+
+
+# the loggers of those two warnings
+_START_LOGGERS = ("ray._private.worker", "ray._private.authentication.authentication_token_setup")
 
 
 def connect_ray(executor: ExecutorSpec) -> bool:
@@ -39,13 +48,14 @@ def connect_ray(executor: ExecutorSpec) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if executor.address is not None:
         kwargs["address"] = executor.address
-    quiet = _NotOnMainThread()
-    worker_log = logging.getLogger("ray._private.worker")
-    worker_log.addFilter(quiet)
+    quiet = _QuietStart()
+    for name in _START_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         ray.init(**kwargs)
     finally:
-        worker_log.removeFilter(quiet)
+        for name in _START_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
     return True
 
 
