@@ -82,7 +82,7 @@ run_stage() {
 # Every module the project imports from its dependencies (yaml: pyyaml, dateutil: python-dateutil; six:
 # rfc3339-validator's, whose absence silently drops jsonschema's date-time/time checks).
 DEP_MODULES="pydantic jsonschema llguidance gguf yaml tqdm numpy pyarrow pluggy safetensors tokenizers jinja2
-fqdn isoduration jsonpointer rfc3339_validator rfc3986_validator rfc3987_syntax uri_template webcolors six
+fqdn isoduration jsonpointer rfc3339_validator rfc3986_validator uri_template webcolors six
 dateutil attrs requests idna"
 
 missing_modules() {

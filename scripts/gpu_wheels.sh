@@ -15,10 +15,10 @@ WHEELS=(
     # pydantic and its closure (typing-extensions too: pydantic needs >= 4.16, newer than the image may hold)
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
     typing-extensions==4.16.0
-    # jsonschema, its closure, and the format-nongpl checkers pyproject asks for
+    # jsonschema, its closure, and the format checkers pyproject asks for
     jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
     fqdn==1.6.0 isoduration==20.11.0 arrow==1.4.0 tzdata==2026.6 jsonpointer==3.12 rfc3339-validator==0.1.4
-    rfc3986-validator==0.1.1 rfc3987-syntax==1.1.0 lark==1.3.1 uri-template==1.3.0 webcolors==25.10.0
+    rfc3986-validator==0.1.1 uri-template==1.3.0 webcolors==25.10.0
     # constrained decoding and GGUF loading
     llguidance==1.9.1 gguf==0.19.0
 )
