@@ -4,6 +4,7 @@ the machine's measured peaks (bfloat16 / float32 GEMM at a large square shape, m
 
     python scripts/roofline.py                  # 256 rows, 32 tokens each, the dtype `auto` picks
     python scripts/roofline.py --rows 128 --dtype float32
+    python scripts/roofline.py --workload W2   # the chats behind W2's shared ~400-token system prompt
 
 Op classes: the layers' matmuls (qkv, o, gate_up, down), the LM head (its matmul and the float32 logits),
 decode attention (the C kernel reading the paged KV cache), element-wise (RMSNorm, rotary + KV store,
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from forge_batch import LLM, SamplingParams
-from forge_batch.bench import chat_prompts
+from forge_batch.bench import SYSTEM_PROMPT, chat_prompts
 from forge_batch.engine.device import resolve_device, resolve_dtype
 
 
@@ -194,6 +195,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--workload", choices=("W1", "W2"), default="W1",
+                    help="W1's chats, or W2's: the same behind one shared system prompt (prefix cache on)")
     args = ap.parse_args()
     dtype = str(resolve_dtype(args.dtype, resolve_device("cpu"))).removeprefix("torch.")
     peaks = measure_peaks()
@@ -203,9 +206,9 @@ def main() -> None:
     instrument(llm, rec)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     t = time.perf_counter()
-    llm.chat(chat_prompts(args.rows), params, use_tqdm=False)
+    llm.chat(chat_prompts(args.rows, SYSTEM_PROMPT if args.workload == "W2" else None), params, use_tqdm=False)
     wall = time.perf_counter() - t
-    print(f"{args.rows} rows x {args.max_tokens} tokens, {dtype}, batch_invariant "
+    print(f"{args.workload}: {args.rows} rows x {args.max_tokens} tokens, {dtype}, batch_invariant "
           f"{llm.engine_info['batch_invariant']}: {rec.steps} full decode steps, "
           f"{rec.rows * rec.steps / rec.step_seconds:.0f} tok/s in them; wall {wall:.1f} s")
     print(table(rec, peaks, dtype))
