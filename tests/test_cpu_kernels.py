@@ -17,7 +17,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "num_heads,num_kv_heads,head_dim,block_size",
-    [(9, 3, 64, 16), (8, 8, 64, 16), (8, 2, 128, 32), (4, 1, 128, 16), (12, 4, 64, 32)],
+    [(9, 3, 64, 16), (8, 8, 64, 16), (8, 2, 128, 32), (4, 1, 128, 16), (12, 4, 64, 32), (8, 4, 64, 8)],
 )
 @pytest.mark.parametrize("batch", [6, 20])  # 20: one work item per sequence (ITEM_PER_SEQ_MIN), not per KV head
 def test_decode_attention_matches_reference(dtype, num_heads, num_kv_heads, head_dim, block_size, batch):

@@ -20,6 +20,10 @@
  * than per KV head (batch 128, context ~94, the same build in one process): 1.54-1.80 ms against 1.91-2.11.
  * With AVX512-BF16 (Sapphire Rapids and later) the bfloat16 kernel's q . k products run as vdpbf16ps on
  * the stored rows (dot_bf16): 1.06 -> 0.87 ms at batch 128, context ~100, bfloat16, 2 threads.
+ * W2's shape (batch 256, context ~440 behind a shared prefix, one row each: batch-invariant mode), AVX512-BF16
+ * without AMX: 2.83 -> 1.99 ms (bfloat16), 2.71 -> 2.43 ms (float32) from widening each V row once for the
+ * query heads of its KV head (their accumulators side by side in registers) and keeping the softmax's max
+ * and sum in vectors (the sum had become a chain of sixteen scalar adds per head and block).
  * Compiled at first use by forge_batch.kernels.cpu_ops (-O3 -march=native -fopenmp).
  * Reference: kernels/reference.py::_decode_attention.
  */
@@ -90,17 +94,73 @@ static inline v16 reduce16(const v16* t) {
          + __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+typedef int32_t i16v __attribute__((vector_size(64)));
+static inline v16 vmax16(v16 x, v16 y) {
+    const i16v gt = x > y; /* all-ones lanes where x is larger */
+    return (v16)(((i16v)x & gt) | ((i16v)y & ~gt));
+}
+
+/* The largest of sixteen lanes (NaN-free scores), by halving. */
+static inline float max16(v16 x) {
+    v16 y = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x = vmax16(x, y);
+    y = __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    x = vmax16(x, y);
+    y = __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    x = vmax16(x, y);
+    y = __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    x = vmax16(x, y);
+    return x[0];
+}
+
+static const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static inline v16 select16(i16v mask, v16 yes, v16 no) { return (v16)(((i16v)yes & mask) | ((i16v)no & ~mask)); }
+
+/* exp_f32's steps on sixteen lanes at once (exp_f32 in a loop leaves the compiler masked code and a
+ * scalar sum after it). */
+static inline v16 exp16(v16 arg) {
+    const v16 lo = (v16){0} - 87.3f, hi = (v16){0} + 88.3f, round = (v16){0} + 12582912.f;
+    v16 x = select16(arg < lo, lo, arg);
+    x = select16(x > hi, hi, x);
+    const v16 n = (x * 1.44269504088896341f + round) - round;
+    v16 r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    v16 p = (v16){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const v16 two_n = (v16)((__builtin_convertvector(n, i16v) + 127) << 23);
+    const v16 e = p * two_n;
+    return select16(arg < lo, (v16){0}, select16(arg > hi, (v16){0} + INFINITY, e));
+}
+
+/* The sum of sixteen lanes, by halving (one fixed order). */
+static inline float sum16(v16 x) {
+    x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return x[0];
+}
+
 /* One work item: `group` consecutive query heads of one sequence, `per_kv` of them to each KV head from
  * the item's first: either one KV head and its query heads (group == per_kv) or the whole sequence.
- * `nv` = head_dim / 16 is a compile-time constant in the specialised copies below (64 and 128 cover
- * nearly every model), so rows live in registers. Loops run head-outer, position-inner: a block's K (or
- * V) rows for one KV head are 16 x head_dim floats, read from memory by its first query head and from
- * L1 by the others. Cascade state of query head g is at row (g / per_kv) * init_kv_rows + g % per_kv. */
+ * `nv` = head_dim / 16 and `hg` (query heads whose V pass runs together, a divisor of per_kv) are
+ * compile-time constants in the specialised copies below, so rows and accumulators live in registers.
+ * Per block: each head's scores and softmax state in turn (a block's K rows for one KV head are read
+ * from memory by its first query head and from L1 by the others), then one pass over the V rows for
+ * hg heads at a time. The softmax sum stays in sixteen lanes (lsum) until the end, summed in one fixed
+ * tree, so every row's order depends only on its own context length: the same bits alone or in any
+ * batch. Cascade state of query head g is at row (g / per_kv) * init_kv_rows + g % per_kv. */
 #define DEFINE_ITEM(NAME, T, LOADV, STOREV, TC, LOADC, DPBF16)                                        \
 static inline __attribute__((always_inline)) void NAME(                                                 \
         const T* q, const TC* k_cache, const TC* v_cache, const int64_t* table, int64_t ctx, T* out,    \
-        int64_t group, int64_t per_kv, const int64_t nv, int64_t slot_stride, int64_t block_stride,     \
-        int64_t block_size, int64_t first_block, float scale, float* s, float* m, float* l, v16* acc,  \
+        int64_t group, int64_t per_kv, const int64_t nv, const int64_t hg, int64_t slot_stride,         \
+        int64_t block_stride,                                                                           \
+        int64_t block_size, int64_t first_block, float scale, float* s, float* m, v16* lsum, v16* acc, \
         const T* init_out, const float* init_lse, int64_t init_kv_rows) {                               \
     const int64_t head_dim = nv * 16;                                                                   \
     const int64_t nblocks = (ctx + block_size - 1) / block_size;                                        \
@@ -110,11 +170,11 @@ static inline __attribute__((always_inline)) void NAME(                         
         if (init_out) { /* positions before first_block already attended: output o, log-sum-exp L */   \
             const int64_t row = g / per_kv * init_kv_rows + g % per_kv;                                 \
             m[g] = init_lse[row]; /* == the state (max L, sum 1, acc o) */                              \
-            l[g] = 1.f;                                                                                 \
+            lsum[g] = (v16){1.f}; /* lane 0: 1, the others 0 */                                \
             for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = LOADV(init_out + row * head_dim + 16 * i); \
         } else {                                                                                        \
             m[g] = -INFINITY;                                                                           \
-            l[g] = 0.f;                                                                                 \
+            lsum[g] = (v16){0};                                                                 \
             for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = (v16){0};                                \
         }                                                                                               \
     }                                                                                                   \
@@ -131,9 +191,9 @@ static inline __attribute__((always_inline)) void NAME(                         
                     __builtin_prefetch((const char*)(nvb + j * slot_stride) + c);                       \
                 }                                                                                       \
         }                                                                                               \
-        for (int64_t g = 0; g < group; g++) {                                                           \
+        for (int64_t g0 = 0; g0 < group; g0 += hg) { /* hg query heads of one KV head */               \
+        for (int64_t g = g0; g < g0 + hg; g++) { /* each head's scores and softmax state */             \
             const TC* kbase = kblock + g / per_kv * head_dim;                                            \
-            const TC* vbase = vblock + g / per_kv * head_dim;                                            \
             v16 qg[nv];                                                                                 \
             for (int64_t i = 0; i < nv; i++) qg[i] = LOADV(q + g * head_dim + 16 * i) * scale;          \
             float* sg = s + g * block_size;                                                             \
@@ -153,51 +213,62 @@ static inline __attribute__((always_inline)) void NAME(                         
                     for (int64_t i = 1; i < nv; i++) dot += qg[i] * LOADC(krow + 16 * i);               \
                     t[j] = dot;                                                                         \
                 }                                                                                       \
-                store_f32(sg + j0, dp ? reduce16(t) * scale : reduce16(t));                             \
-                for (int64_t j = 0; j < cnt; j++) bmax = sg[j0 + j] > bmax ? sg[j0 + j] : bmax;         \
+                v16 sc = dp ? reduce16(t) * scale : reduce16(t);                                        \
+                if (cnt < 16) sc = select16(lane < (float)cnt, sc, (v16){0} - INFINITY);               \
+                store_f32(sg + j0, sc);                                                                 \
+                const float top = max16(sc); /* max is exact: any order gives the same value */        \
+                bmax = top > bmax ? top : bmax;                                                         \
             }                                                                                           \
-            v16 a[nv];                                                                                  \
-            for (int64_t i = 0; i < nv; i++) a[i] = acc[g * nv + i];                                    \
             if (bmax > m[g]) { /* online softmax: rescale what came before to the new max */            \
                 const float c = exp_f32(m[g] - bmax); /* 0 on the first block */                        \
-                l[g] *= c;                                                                              \
-                for (int64_t i = 0; i < nv; i++) a[i] *= c;                                             \
+                lsum[g] *= c;                                                                           \
+                for (int64_t i = 0; i < nv; i++) acc[g * nv + i] *= c;                                  \
                 m[g] = bmax;                                                                            \
             }                                                                                           \
-            float sum = 0.f;                                                                            \
-            _Pragma("omp simd reduction(+:sum)")                                                        \
-            for (int64_t j = 0; j < n; j++) {                                                           \
-                sg[j] = exp_f32(sg[j] - bmax);                                                          \
-                sum += sg[j];                                                                           \
+            for (int64_t j0 = 0; j0 < n; j0 += 16) { /* weights; the sum stays in lanes to the end */   \
+                const v16 w = exp16(load_f32(sg + j0) - bmax);                                          \
+                store_f32(sg + j0, w);                                                                  \
+                lsum[g] += w;                                                                           \
             }                                                                                           \
-            l[g] += sum;                                                                                \
-            /* weighted V rows; two accumulator sets (even, odd positions) halve the FMA latency chain */ \
-            v16 a2[nv];                                                                                 \
-            for (int64_t i = 0; i < nv; i++) a2[i] = (v16){0};                                          \
+        }                                                                                               \
+        {   /* weighted V rows, each widened once for the hg heads; per head two accumulator sets (even, \
+             * odd positions) halve the FMA latency chain */                                            \
+            const TC* vbase = vblock + g0 / per_kv * head_dim;                                           \
+            const float* s0 = s + g0 * block_size;                                                      \
+            v16 a[hg][nv], a2[hg][nv];                                                                  \
+            for (int64_t h = 0; h < hg; h++)                                                            \
+                for (int64_t i = 0; i < nv; i++) { a[h][i] = acc[(g0 + h) * nv + i]; a2[h][i] = (v16){0}; } \
             int64_t j = 0;                                                                              \
             for (; j + 1 < n; j += 2) {                                                                 \
                 const TC* vrow = vbase + j * slot_stride;                                                \
                 for (int64_t i = 0; i < nv; i++) {                                                      \
-                    a[i] += sg[j] * LOADC(vrow + 16 * i);                                               \
-                    a2[i] += sg[j + 1] * LOADC(vrow + slot_stride + 16 * i);                            \
+                    const v16 ve = LOADC(vrow + 16 * i), vo = LOADC(vrow + slot_stride + 16 * i);       \
+                    for (int64_t h = 0; h < hg; h++) {                                                  \
+                        a[h][i] += s0[h * block_size + j] * ve;                                         \
+                        a2[h][i] += s0[h * block_size + j + 1] * vo;                                    \
+                    }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
             if (j < n)                                                                                  \
-                for (int64_t i = 0; i < nv; i++) a[i] += sg[j] * LOADC(vbase + j * slot_stride + 16 * i); \
-            for (int64_t i = 0; i < nv; i++) a[i] += a2[i];                                             \
-            for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = a[i];                                    \
+                for (int64_t i = 0; i < nv; i++) {                                                      \
+                    const v16 ve = LOADC(vbase + j * slot_stride + 16 * i);                             \
+                    for (int64_t h = 0; h < hg; h++) a[h][i] += s0[h * block_size + j] * ve;            \
+                }                                                                                       \
+            for (int64_t h = 0; h < hg; h++)                                                            \
+                for (int64_t i = 0; i < nv; i++) acc[(g0 + h) * nv + i] = a[h][i] + a2[h][i];           \
+        }                                                                                               \
         }                                                                                               \
     }                                                                                                   \
     for (int64_t g = 0; g < group; g++) {                                                               \
-        const float inv = 1.f / l[g];                                                                   \
+        const float inv = 1.f / sum16(lsum[g]);                                                 \
         for (int64_t i = 0; i < nv; i++) STOREV(out + g * head_dim + 16 * i, acc[g * nv + i] * inv);    \
     }                                                                                                   \
 }
 
-/* Per-thread scratch of an item: acc [group x head_dim] (64-byte aligned at the start) | scores
- * [group x block_size] + 16 floats of slack | running max [group] | running sum [group]. */
+/* Per-thread scratch of an item: acc [group x head_dim] (64-byte aligned at the start) | running sums
+ * [group x 16 lanes] | scores [group x block_size] + 16 floats of slack | running max [group]. */
 int64_t decode_attention_scratch_floats(int64_t group, int64_t head_dim, int64_t block_size) {
-    return group * head_dim + group * block_size + 16 + 2 * group;
+    return group * head_dim + 16 * group + group * block_size + 16 + group;
 }
 
 /* An item with its scratch carved out and head_dim's vector count as a constant where it is common. */
@@ -208,18 +279,25 @@ static void NAME(const T* q, const TC* k_cache, const TC* v_cache, const int64_t
                  int64_t init_kv_rows) {                                                                \
     const int64_t nv = head_dim / 16, block_stride = block_size * slot_stride;                          \
     v16* acc = (v16*)scratch;                                                                           \
-    float* s = scratch + group * head_dim;                                                              \
+    v16* lsum = (v16*)(scratch + group * head_dim);                                                     \
+    float* s = scratch + group * head_dim + 16 * group;                                                 \
     float* m = s + group * block_size + 16;                                                             \
-    float* l = m + group;                                                                               \
-    if (nv == 4)                                                                                        \
-        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 4, slot_stride, block_stride,         \
-             block_size, first_block, scale, s, m, l, acc, init_out, init_lse, init_kv_rows);           \
+    /* hg: query heads sharing a KV head whose V pass runs together (their accumulators in registers) */ \
+    if (nv == 4 && per_kv % 3 == 0)                                                                     \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 4, 3, slot_stride, block_stride,      \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
+    else if (nv == 4 && per_kv % 2 == 0)                                                                \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 4, 2, slot_stride, block_stride,      \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
+    else if (nv == 4)                                                                                   \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 4, 1, slot_stride, block_stride,      \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
     else if (nv == 8)                                                                                   \
-        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 8, slot_stride, block_stride,         \
-             block_size, first_block, scale, s, m, l, acc, init_out, init_lse, init_kv_rows);           \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 8, 1, slot_stride, block_stride,      \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
     else                                                                                                \
-        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, nv, slot_stride, block_stride,        \
-             block_size, first_block, scale, s, m, l, acc, init_out, init_lse, init_kv_rows);           \
+        ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, nv, 1, slot_stride, block_stride,     \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
 }
 
 /* Items: with at least ITEM_PER_SEQ_MIN sequences, one per sequence (all its heads), so a thread reads
