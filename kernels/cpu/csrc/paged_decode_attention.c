@@ -25,7 +25,8 @@
  * query heads of its KV head (their accumulators side by side in registers) and keeping the softmax's max
  * and sum in vectors (the sum had become a chain of sixteen scalar adds per head and block); then
  * 1.99 -> 1.67 ms (bfloat16), 2.43 -> 2.06 ms (float32) from testing a chunk's scores against the running
- * max with one mask compare before taking their max (any_above), and no branch per key in the scores.
+ * max with one mask compare before taking their max (any_above), and no branch per key in the scores; then 1.67 -> 1.37 ms
+ * (bfloat16) from scores_bf16_pairs: K transposed in registers once for the group's heads, scores in lanes.
  * Compiled at first use by forge_batch.kernels.cpu_ops (-O3 -march=native -fopenmp).
  * Reference: kernels/reference.py::_decode_attention.
  */
@@ -57,26 +58,6 @@ static inline void store_bf16(uint16_t* p, v16 x) {  /* round to nearest even, l
     rounded = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
     *(h16u*)p = __builtin_convertvector(rounded, h16u);
 }
-
-/* q . k over a bfloat16 row pair with AVX512-BF16's pairwise dot product (vdpbf16ps): 32 products per
- * instruction, exact, summed in float32, and no conversion of the K row to float32 first (in the plain
- * path each 16 values cost a widening, a shift and an FMA). Lanes hold partial sums, like the plain path's
- * dot vectors. nv = head_dim / 16 must be even. Unscaled: the caller scales the scores. */
-#if defined(__AVX512BF16__)
-#define HAVE_DPBF16 1
-static inline v16 dot_bf16(const uint16_t* q, const uint16_t* k, int64_t nv) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < nv / 2; i++)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + 32 * i), (__m512bh)_mm512_loadu_si512(k + 32 * i));
-    return (v16)acc;
-}
-#else
-#define HAVE_DPBF16 0
-static inline v16 dot_bf16(const uint16_t* q, const uint16_t* k, int64_t nv) {
-    (void)q, (void)k, (void)nv;
-    return (v16){0};
-}
-#endif
 
 /* Sixteen horizontal sums at once: lane j of the result is the sum of t[j]'s lanes. A pairwise
  * transpose-and-add tree (8 + 4 + 2 + 1 steps of two shuffles and an add) in place of sixteen
@@ -130,6 +111,69 @@ static inline int any_above(v16 x, float y) {
 static const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 static inline v16 select16(i16v mask, v16 yes, v16 no) { return (v16)(((i16v)yes & mask) | ((i16v)no & ~mask)); }
 
+/* The scores of up to sixteen keys for hg query heads of one KV head, bfloat16 q and K, with AVX512-BF16's
+ * pairwise dot product (vdpbf16ps: 32 products an instruction, exact, summed in float32). A chunk of K rows
+ * is transposed in registers, 16 x 16 (bf16 pairs) at a time, so that lane j of a vector is key j's pair:
+ * then every instruction adds one q pair (broadcast) times that pair of sixteen keys, and the scores come
+ * out in lanes with no horizontal sums, for every head of the group from one transpose. Four accumulators
+ * (pair p in p % 4) break the add chain; one fixed order per row. Lanes past cnt hold -inf. */
+#if defined(__AVX512BF16__)
+#define HAVE_DPBF16 1
+static inline void transpose16(__m512i r[16]) {  /* 16 x 16 dwords: r[c] lane j = r_in[j] lane c */
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int a = 0; a < 4; a++) {  /* u[4a + e]: rows 4a..4a+3 of element 4k + e in 128-bit lane k */
+        u[4 * a] = _mm512_unpacklo_epi64(t[4 * a], t[4 * a + 2]);
+        u[4 * a + 1] = _mm512_unpackhi_epi64(t[4 * a], t[4 * a + 2]);
+        u[4 * a + 2] = _mm512_unpacklo_epi64(t[4 * a + 1], t[4 * a + 3]);
+        u[4 * a + 3] = _mm512_unpackhi_epi64(t[4 * a + 1], t[4 * a + 3]);
+    }
+    for (int e = 0; e < 4; e++) {
+        const __m512i v = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88), w = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xdd), w2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xdd);
+        r[e] = _mm512_shuffle_i32x4(v, w, 0x88);
+        r[8 + e] = _mm512_shuffle_i32x4(v, w, 0xdd);
+        r[4 + e] = _mm512_shuffle_i32x4(v2, w2, 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(v2, w2, 0xdd);
+    }
+}
+
+static inline __attribute__((always_inline)) void scores_bf16_pairs(
+        const uint16_t* q, const uint16_t* kbase, int64_t slot_stride, int64_t cnt, const int64_t nv,
+        const int64_t hg, float scale, float* s, int64_t srow) {
+    const uint32_t* qd = (const uint32_t*)(const void*)q;  /* q pairs of head h: qd[h * 8 * nv ...] */
+    __m512 acc[hg][4];
+    for (int64_t h = 0; h < hg; h++)
+        for (int a = 0; a < 4; a++) acc[h][a] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nv / 2; c++) {  /* 16 pairs (32 values) of the head dim at a time */
+        __m512i r[16];
+        for (int64_t j = 0; j < 16; j++)  /* a short chunk repeats its last key (masked below) */
+            r[j] = _mm512_loadu_si512(kbase + (j < cnt ? j : cnt - 1) * slot_stride + 32 * c);
+        transpose16(r);
+#pragma GCC unroll 16
+        for (int p = 0; p < 16; p++)
+#pragma GCC unroll 4
+            for (int64_t h = 0; h < hg; h++)
+                acc[h][p % 4] = _mm512_dpbf16_ps(acc[h][p % 4], (__m512bh)_mm512_set1_epi32((int)qd[h * 8 * nv + 16 * c + p]),
+                                                 (__m512bh)r[p]);
+    }
+    for (int64_t h = 0; h < hg; h++) {
+        v16 sc = (v16)_mm512_add_ps(_mm512_add_ps(acc[h][0], acc[h][1]), _mm512_add_ps(acc[h][2], acc[h][3])) * scale;
+        if (cnt < 16) sc = select16(lane < (float)cnt, sc, (v16){0} - INFINITY);
+        store_f32(s + h * srow, sc);
+    }
+}
+#else
+#define HAVE_DPBF16 0
+static inline void scores_bf16_pairs(const uint16_t* q, const uint16_t* kbase, int64_t slot_stride, int64_t cnt,
+                                     int64_t nv, int64_t hg, float scale, float* s, int64_t srow) {
+    (void)q, (void)kbase, (void)slot_stride, (void)cnt, (void)nv, (void)hg, (void)scale, (void)s, (void)srow;
+}
+#endif
+
 /* exp_f32's steps on sixteen lanes at once (exp_f32 in a loop leaves the compiler masked code and a
  * scalar sum after it). */
 static inline v16 exp16(v16 arg) {
@@ -178,6 +222,7 @@ static inline __attribute__((always_inline)) void NAME(                         
         const T* init_out, const float* init_lse, int64_t init_kv_rows) {                               \
     const int64_t head_dim = nv * 16;                                                                   \
     const int64_t nblocks = (ctx + block_size - 1) / block_size;                                        \
+    const int64_t srow = (block_size + 15) / 16 * 16; /* a head's scores: whole 16-lane chunks */       \
     const int64_t span = group / per_kv * head_dim * (int64_t)sizeof(TC); /* bytes of a row it reads */ \
     const int dp = DPBF16 && nv % 2 == 0; /* q and K both bfloat16: pairwise dot products */           \
     for (int64_t g = 0; g < group; g++) {                                                               \
@@ -206,29 +251,34 @@ static inline __attribute__((always_inline)) void NAME(                         
                 }                                                                                       \
         }                                                                                               \
         for (int64_t g0 = 0; g0 < group; g0 += hg) { /* hg query heads of one KV head */               \
+        if (dp) /* every head of the group at once, from one transpose of each chunk */               \
+            for (int64_t j0 = 0; j0 < n; j0 += 16)                                                      \
+                scores_bf16_pairs((const uint16_t*)(const void*)(q + g0 * head_dim),                    \
+                                  (const uint16_t*)(const void*)(kblock + g0 / per_kv * head_dim + j0 * slot_stride), \
+                                  slot_stride, n - j0 < 16 ? n - j0 : 16, nv, hg, scale, s + g0 * srow + j0, srow);                                                          \
         for (int64_t g = g0; g < g0 + hg; g++) { /* each head's scores and softmax state */             \
             const TC* kbase = kblock + g / per_kv * head_dim;                                            \
             v16 qg[nv];                                                                                 \
             for (int64_t i = 0; i < nv; i++) qg[i] = LOADV(q + g * head_dim + 16 * i) * scale;          \
-            float* sg = s + g * block_size;                                                             \
+            float* sg = s + g * srow;                                                                   \
             float bmax = m[g];                                                                          \
             for (int64_t j0 = 0; j0 < n; j0 += 16) { /* scores, sixteen positions at a time */          \
                 const int64_t cnt = n - j0 < 16 ? n - j0 : 16;                                          \
-                v16 t[16];                                                                              \
-                for (int64_t j = 0; j < 16; j++) { /* no branch: a short chunk repeats its last key */  \
-                    const TC* krow = kbase + (j0 + (j < cnt ? j : cnt - 1)) * slot_stride;               \
-                    if (dp) {                                                                           \
-                        t[j] = dot_bf16((const uint16_t*)(const void*)(q + g * head_dim),               \
-                                        (const uint16_t*)(const void*)krow, nv);                        \
-                        continue;                                                                       \
+                v16 sc;                                                                                 \
+                if (dp)                                                                                 \
+                    sc = load_f32(sg + j0);                                                             \
+                else {                                                                                  \
+                    v16 t[16];                                                                          \
+                    for (int64_t j = 0; j < 16; j++) { /* no branch: a short chunk repeats its last key */ \
+                        const TC* krow = kbase + (j0 + (j < cnt ? j : cnt - 1)) * slot_stride;           \
+                        v16 dot = qg[0] * LOADC(krow);                                                  \
+                        for (int64_t i = 1; i < nv; i++) dot += qg[i] * LOADC(krow + 16 * i);           \
+                        t[j] = dot;                                                                     \
                     }                                                                                   \
-                    v16 dot = qg[0] * LOADC(krow);                                                      \
-                    for (int64_t i = 1; i < nv; i++) dot += qg[i] * LOADC(krow + 16 * i);               \
-                    t[j] = dot;                                                                         \
+                    sc = reduce16(t); /* lane j: t[j]'s lanes alone */                                  \
+                    if (cnt < 16) sc = select16(lane < (float)cnt, sc, (v16){0} - INFINITY);           \
+                    store_f32(sg + j0, sc);                                                             \
                 }                                                                                       \
-                v16 sc = dp ? reduce16(t) * scale : reduce16(t); /* lane j: t[j]'s lanes alone */       \
-                if (cnt < 16) sc = select16(lane < (float)cnt, sc, (v16){0} - INFINITY);               \
-                store_f32(sg + j0, sc);                                                                 \
                 if (any_above(sc, bmax)) { /* the max is exact: any order gives the same value */       \
                     const float top = max16(sc);                                                        \
                     bmax = top > bmax ? top : bmax;                                                     \
@@ -249,7 +299,7 @@ static inline __attribute__((always_inline)) void NAME(                         
         {   /* weighted V rows, each widened once for the hg heads; per head two accumulator sets (even, \
              * odd positions) halve the FMA latency chain */                                            \
             const TC* vbase = vblock + g0 / per_kv * head_dim;                                           \
-            const float* s0 = s + g0 * block_size;                                                      \
+            const float* s0 = s + g0 * srow;                                                            \
             v16 a[hg][nv], a2[hg][nv];                                                                  \
             for (int64_t h = 0; h < hg; h++)                                                            \
                 for (int64_t i = 0; i < nv; i++) { a[h][i] = acc[(g0 + h) * nv + i]; a2[h][i] = (v16){0}; } \
@@ -259,15 +309,15 @@ static inline __attribute__((always_inline)) void NAME(                         
                 for (int64_t i = 0; i < nv; i++) {                                                      \
                     const v16 ve = LOADC(vrow + 16 * i), vo = LOADC(vrow + slot_stride + 16 * i);       \
                     for (int64_t h = 0; h < hg; h++) {                                                  \
-                        a[h][i] += s0[h * block_size + j] * ve;                                         \
-                        a2[h][i] += s0[h * block_size + j + 1] * vo;                                    \
+                        a[h][i] += s0[h * srow + j] * ve;                                               \
+                        a2[h][i] += s0[h * srow + j + 1] * vo;                                          \
                     }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
             if (j < n)                                                                                  \
                 for (int64_t i = 0; i < nv; i++) {                                                      \
                     const v16 ve = LOADC(vbase + j * slot_stride + 16 * i);                             \
-                    for (int64_t h = 0; h < hg; h++) a[h][i] += s0[h * block_size + j] * ve;            \
+                    for (int64_t h = 0; h < hg; h++) a[h][i] += s0[h * srow + j] * ve;                  \
                 }                                                                                       \
             for (int64_t h = 0; h < hg; h++)                                                            \
                 for (int64_t i = 0; i < nv; i++) acc[(g0 + h) * nv + i] = a[h][i] + a2[h][i];           \
@@ -281,9 +331,9 @@ static inline __attribute__((always_inline)) void NAME(                         
 }
 
 /* Per-thread scratch of an item: acc [group x head_dim] (64-byte aligned at the start) | running sums
- * [group x 16 lanes] | scores [group x block_size] + 16 floats of slack | running max [group]. */
+ * [group x 16 lanes] | scores [group x block_size rounded up to 16] | running max [group]. */
 int64_t decode_attention_scratch_floats(int64_t group, int64_t head_dim, int64_t block_size) {
-    return group * head_dim + 16 * group + group * block_size + 16 + group;
+    return group * head_dim + 16 * group + group * ((block_size + 15) / 16 * 16) + group;
 }
 
 /* An item with its scratch carved out and head_dim's vector count as a constant where it is common. */
@@ -296,7 +346,7 @@ static void NAME(const T* q, const TC* k_cache, const TC* v_cache, const int64_t
     v16* acc = (v16*)scratch;                                                                           \
     v16* lsum = (v16*)(scratch + group * head_dim);                                                     \
     float* s = scratch + group * head_dim + 16 * group;                                                 \
-    float* m = s + group * block_size + 16;                                                             \
+    float* m = s + group * ((block_size + 15) / 16 * 16);                                                          \
     /* hg: query heads sharing a KV head whose V pass runs together (their accumulators in registers) */ \
     if (nv == 4 && per_kv % 3 == 0)                                                                     \
         ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 4, 3, slot_stride, block_stride,      \
