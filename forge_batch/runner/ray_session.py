@@ -80,6 +80,36 @@ def quiet_ray_data() -> None:
         bars_log.addFilter(_NoBarsNotice())
 
 
+def _autoscaler_monitor_ends_at_once() -> None:
+    """Make the coming ``ray.shutdown`` of the local instance this run started skip its one slow step.
+
+    ``ray.shutdown`` sends SIGTERM to each of Ray's processes in turn and gives each a second before SIGKILL;
+    all but one exit in milliseconds, but the autoscaler's monitor sits out its whole second (measured: 1.02 of
+    the 1.35 s a shutdown takes here, all of it after the job's last commit). So its process killer is wrapped
+    to SIGKILL the monitor (it keeps no state for a local instance) before Ray's own sequence runs, once the
+    driver has disconnected. A private hook: where Ray lays it out otherwise, the plain shutdown runs."""
+    try:
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        if node is None or not node.is_head() or not isinstance(node.all_processes, dict):
+            return
+        kill_all = node.kill_all_processes
+    except Exception:  # noqa: BLE001 - Ray's internals moved: keep its shutdown as it is
+        return
+
+    def monitor_first_then_kill_all(*args: Any, **kwargs: Any) -> Any:
+        try:
+            for info in node.all_processes.get("monitor", ()):
+                if info.process is not None and info.process.poll() is None:
+                    info.process.kill()
+        except Exception:  # noqa: BLE001 - Ray's sequence below ends it as it always does
+            pass
+        return kill_all(*args, **kwargs)
+
+    node.kill_all_processes = monitor_first_then_kill_all
+
+
 class RayStart:
     """:func:`connect_ray` on a thread, begun at construction; :meth:`wait` for it, :meth:`close` at the end.
 
@@ -119,6 +149,7 @@ class RayStart:
             if self.started:
                 import ray
 
+                _autoscaler_monitor_ends_at_once()
                 ray.shutdown()
                 self.started = False
         finally:
