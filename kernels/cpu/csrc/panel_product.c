@@ -7,12 +7,21 @@
  *
  * Why: a one-row decode step reads every weight once; from 4-bit blocks that is a third of the bytes of
  * the bfloat16 weight oneDNN reads, and the batch-invariant engine needs a one-row product with a batch's
- * bits. Compiled with -ffp-contract=off (build.py): q * d + m must round twice, as torch computes it.
+ * bits. Compiled with -ffp-contract=off (build.py): the only fused multiply-add is the explicit decode below,
+ * which gives the loader's twice-rounded bits (see the end of this comment).
  *
- * Weight layout ("panels"): output columns in groups of 16; per group and per pair of k, the 16 columns'
- * two quantised values (Q4_1: one byte per column, k in the low nibble and k + 1 in the high one; Q8_0: 16
- * int8 for k, then 16 for k + 1); per group and 32-k block, the 16 columns' float16 scales (and Q4_1's
- * minimums). */
+ * Weight layout ("panels"): output columns in groups of 16; per group and per pair of k, the 32 quantised
+ * values in the order vdpbf16ps takes them, split in two halves: "A" = columns 0-7 and "B" = columns 8-15, each
+ * half as (column c, k), (column c, k + 1) for its 8 columns. Q4_1: 16 bytes, byte e holding A's value e in its
+ * low nibble and B's value e in its high one; Q8_0: A's 16 int8, then B's 16. So decoding yields the two halves
+ * as float32 lanes that one bfloat16 conversion packs in vdpbf16ps's order, with no shuffle. Per group and
+ * 32-k block, the 16 columns' float16 scales (and Q4_1's minimums), in column order.
+ *
+ * With one row, several column groups are in flight (panel_tile) so that vdpbf16ps's latency is not a chain,
+ * and each stream is prefetched a few blocks ahead: a one-row step streams the whole model from memory.
+ *
+ * Exactness of the fused decode: q * d is exact in float32 (q has at most 8 bits, d is a float16 with 11), so
+ * rounding q * d and then q * d + m (as the loader does) equals one fused multiply-add's single rounding. */
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
@@ -27,6 +36,7 @@
 #define PANEL_TYPE_Q4_1 3
 #define PANEL_TYPE_Q8_0 8
 #define PANEL_MAX_ROWS 4
+#define PANEL_PREFETCH_BLOCKS 8
 
 int panel_product_simd(void) {
 #ifdef PANEL_PRODUCT_SIMD
@@ -37,59 +47,98 @@ int panel_product_simd(void) {
 }
 
 #ifdef PANEL_PRODUCT_SIMD
-/* The 16 columns' weights at k (even) and k + 1 (odd), decoded to float32 and rounded to bfloat16, as the
- * 32-bit lanes vdpbf16ps takes: lane j = (w[j][k], w[j][k + 1]). */
-static inline __m512bh decode_pair(int type, const uint8_t* q, __m512 d, __m512 m, __m512i interleave) {
-    __m512 even, odd;
+/* The 16 columns' weights at k and k + 1, decoded to float32 and rounded to bfloat16, as the 32-bit lanes
+ * vdpbf16ps takes: lane j = (w[j][k], w[j][k + 1]). dA, mA / dB, mB: the scales and minimums of halves A and B
+ * (each column's twice, see the layout above). */
+static inline __m512bh decode_pair(int type, const uint8_t* q, __m512 dA, __m512 mA, __m512 dB, __m512 mB) {
+    __m512 a, b;
     if (type == PANEL_TYPE_Q4_1) {
+        /* a nibble to float32 by a permute of 0.0 .. 15.0 (vpermps reads only an index's low 4 bits) */
+        const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)q));
-        even = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
-        odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-        even = _mm512_add_ps(_mm512_mul_ps(even, d), m);
-        odd = _mm512_add_ps(_mm512_mul_ps(odd, d), m);
+        a = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, values), dA, mA);
+        b = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), values), dB, mB);
     } else {
-        even = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q))), d);
-        odd = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16)))), d);
+        a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q))), dA);
+        b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16)))), dB);
     }
-    /* [even 0..15, odd 0..15] as bfloat16, then interleaved to (even j, odd j) pairs */
-    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
-    return (__m512bh)_mm512_permutexvar_epi16(interleave, both);
+    return _mm512_cvtne2ps_pbh(b, a);  /* A's 16 bfloat16 in the low half, B's in the high half */
 }
 
-/* Output columns [16 g0, 16 g1) for rows (at most PANEL_MAX_ROWS). */
+/* Output columns [16 g, 16 (g + NG)) for R rows. NG groups are in flight at once so that NG x R
+ * accumulators are independent: with one row and one group each pair product waited for the previous
+ * one (vdpbf16ps's latency), which bounded a one-row step. Each output's sum is still its own chain in the
+ * same order, so the bits do not depend on NG. Inlined with constant NG and R (the loops unroll). */
+static inline __attribute__((always_inline)) void panel_tile(
+    const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t k, int64_t k_block,
+    const uint16_t* x, uint16_t* y, int64_t n, int64_t g, __m512i halfA, __m512i halfB, const int NG, const int R) {
+    const int64_t pair_bytes = type == PANEL_TYPE_Q4_1 ? 16 : 32, blocks = k / 32;
+    const uint8_t* q[4];
+    const uint16_t* gs[4];
+    const uint16_t* gm[4];
+    for (int i = 0; i < NG; i++) {
+        q[i] = values + (g + i) * (k / 2) * pair_bytes;
+        gs[i] = scales + (g + i) * blocks * 16;
+        gm[i] = mins ? mins + (g + i) * blocks * 16 : NULL;
+    }
+    __m512 total[4][PANEL_MAX_ROWS], acc[4][PANEL_MAX_ROWS];
+    for (int64_t k0 = 0; k0 < k; k0 += k_block) {
+        const int64_t k1 = k0 + k_block < k ? k0 + k_block : k;
+        for (int i = 0; i < NG; i++)
+            for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
+        for (int64_t b = k0 / 32; b < k1 / 32; b++) {
+            __m512 dA[4], mA[4], dB[4], mB[4];
+            for (int i = 0; i < NG; i++) {
+                /* a few blocks ahead in each of the NG streams (a one-row step streams the weights from memory) */
+                const uint8_t* ahead = q[i] + (b + PANEL_PREFETCH_BLOCKS) * 16 * pair_bytes;
+                for (int64_t line = 0; line < 16 * pair_bytes; line += 64) _mm_prefetch((const char*)ahead + line, _MM_HINT_T0);
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gs[i] + b * 16)));
+                const __m512 m = gm[i] ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gm[i] + b * 16)))
+                                       : _mm512_setzero_ps();
+                dA[i] = _mm512_permutexvar_ps(halfA, d);
+                dB[i] = _mm512_permutexvar_ps(halfB, d);
+                mA[i] = _mm512_permutexvar_ps(halfA, m);
+                mB[i] = _mm512_permutexvar_ps(halfB, m);
+            }
+            for (int64_t p = b * 16; p < b * 16 + 16; p++) {
+                __m512bh xp[PANEL_MAX_ROWS];
+                for (int r = 0; r < R; r++) {
+                    int32_t pair;
+                    memcpy(&pair, x + r * k + 2 * p, 4);
+                    xp[r] = (__m512bh)_mm512_set1_epi32(pair);
+                }
+                for (int i = 0; i < NG; i++) {
+                    const __m512bh w = decode_pair(type, q[i] + p * pair_bytes, dA[i], mA[i], dB[i], mB[i]);
+                    for (int r = 0; r < R; r++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xp[r], w);
+                }
+            }
+        }
+        for (int i = 0; i < NG; i++)
+            for (int r = 0; r < R; r++) total[i][r] = k0 == 0 ? acc[i][r] : _mm512_add_ps(total[i][r], acc[i][r]);
+    }
+    for (int i = 0; i < NG; i++)
+        for (int r = 0; r < R; r++)
+            _mm256_storeu_si256((__m256i*)(y + r * n + (g + i) * 16), (__m256i)_mm512_cvtneps_pbh(total[i][r]));
+}
+
+/* Output columns [16 g0, 16 g1) for rows (at most PANEL_MAX_ROWS): as many groups in flight as keep about
+ * four accumulators busy. */
 static void panel_groups(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
                          int64_t k, int64_t k_block, const uint16_t* x, int64_t rows, uint16_t* y, int64_t n,
                          int64_t g0, int64_t g1) {
-    const int64_t pair_bytes = type == PANEL_TYPE_Q4_1 ? 16 : 32, blocks = k / 32;
-    int16_t order[32];
-    for (int j = 0; j < 16; j++) { order[2 * j] = (int16_t)j; order[2 * j + 1] = (int16_t)(16 + j); }
-    const __m512i interleave = _mm512_loadu_si512(order);
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t* q = values + g * (k / 2) * pair_bytes;
-        const uint16_t* gs = scales + g * blocks * 16;
-        const uint16_t* gm = mins ? mins + g * blocks * 16 : NULL;
-        __m512 total[PANEL_MAX_ROWS], acc[PANEL_MAX_ROWS];
-        for (int64_t k0 = 0; k0 < k; k0 += k_block) {
-            const int64_t k1 = k0 + k_block < k ? k0 + k_block : k;
-            for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
-            for (int64_t b = k0 / 32; b < k1 / 32; b++) {
-                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gs + b * 16)));
-                const __m512 m = gm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gm + b * 16)))
-                                    : _mm512_setzero_ps();
-                for (int64_t p = b * 16; p < b * 16 + 16; p++) {
-                    const __m512bh w = decode_pair(type, q + p * pair_bytes, d, m, interleave);
-                    for (int r = 0; r < rows; r++) {
-                        int32_t pair;
-                        memcpy(&pair, x + r * k + 2 * p, 4);
-                        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), w);
-                    }
-                }
-            }
-            for (int r = 0; r < rows; r++) total[r] = k0 == 0 ? acc[r] : _mm512_add_ps(total[r], acc[r]);
-        }
-        for (int r = 0; r < rows; r++)
-            _mm256_storeu_si256((__m256i*)(y + r * n + g * 16), (__m256i)_mm512_cvtneps_pbh(total[r]));
+    int32_t a_cols[16], b_cols[16];  /* lane e of half A / B: column e / 2 / 8 + e / 2 */
+    for (int e = 0; e < 16; e++) { a_cols[e] = e / 2; b_cols[e] = 8 + e / 2; }
+    const __m512i halfA = _mm512_loadu_si512(a_cols), halfB = _mm512_loadu_si512(b_cols);
+    int64_t g = g0;
+#define PANEL_TILES(NG, R)                                                                                   \
+    for (; g + (NG) <= g1; g += (NG)) panel_tile(values, scales, mins, type, k, k_block, x, y, n, g, halfA, halfB, NG, R)
+    switch (rows) {
+    case 1: PANEL_TILES(4, 1); PANEL_TILES(3, 1); PANEL_TILES(2, 1); PANEL_TILES(1, 1); break;
+    case 2: PANEL_TILES(2, 2); PANEL_TILES(1, 2); break;
+    case 3: PANEL_TILES(1, 3); break;
+    default: PANEL_TILES(1, 4); break;
     }
+#undef PANEL_TILES
 }
 #endif
 
@@ -120,21 +169,25 @@ void panel_repack(int type, const uint8_t* values, const float* scales, const fl
                   uint8_t* out_values, uint16_t* out_scales, uint16_t* out_mins) {
 #ifdef PANEL_PRODUCT_SIMD
     const int64_t blocks = k / 32, groups = n / 16, row_bytes = type == PANEL_TYPE_Q4_1 ? k / 2 : k;
+    if (type == PANEL_TYPE_Q4_1) memset(out_values, 0, (size_t)(n * k / 2));  /* nibbles are or-ed in */
     for (int64_t g = 0; g < groups; g++)
         for (int64_t j = 0; j < 16; j++) {
             const int64_t row = g * 16 + j;
             const uint8_t* src = values + row * row_bytes;
+            /* column j's place in a pair: half B if j >= 8, lanes 2 (j % 8) (k) and 2 (j % 8) + 1 (k + 1) */
+            const int64_t half = j / 8, lane = 2 * (j % 8);
             for (int64_t kk = 0; kk < k; kk += 2) {
                 const int64_t p = kk / 2;
                 if (type == PANEL_TYPE_Q4_1) {
-                    const int64_t b = kk / 32, e = kk % 32;  /* element e of block b: byte e % 16, high if >= 16 */
-                    const uint8_t* blk = src + b * 16;
-                    const uint8_t lo = e < 16 ? (blk[e] & 0x0F) : (blk[e - 16] >> 4);
-                    const uint8_t hi = e + 1 < 16 ? (blk[e + 1] & 0x0F) : (blk[e + 1 - 16] >> 4);
-                    out_values[(g * (k / 2) + p) * 16 + j] = (uint8_t)(lo | (hi << 4));
+                    for (int64_t t = 0; t < 2; t++) {
+                        const int64_t b = (kk + t) / 32, e = (kk + t) % 32;  /* block b's element e: byte e % 16 */
+                        const uint8_t* blk = src + b * 16;
+                        const uint8_t v = e < 16 ? (blk[e] & 0x0F) : (blk[e - 16] >> 4);
+                        out_values[(g * (k / 2) + p) * 16 + lane + t] |= (uint8_t)(v << (4 * half));
+                    }
                 } else {
-                    out_values[(g * (k / 2) + p) * 32 + j] = src[kk];
-                    out_values[(g * (k / 2) + p) * 32 + 16 + j] = src[kk + 1];
+                    for (int64_t t = 0; t < 2; t++)
+                        out_values[(g * (k / 2) + p) * 32 + 16 * half + lane + t] = src[kk + t];
                 }
             }
             for (int64_t b = 0; b < blocks; b++) {
