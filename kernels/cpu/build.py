@@ -112,7 +112,7 @@ def _build() -> ctypes.CDLL:
         # GCC vectorises plain loops 256 bits wide by default even on AVX-512 CPUs; at 512 the bfloat16
         # silu_and_mul and rms_norm take 25% less time (weight_gemv's one-stream steps 3% more: not there)
         per_file["elementwise.c"] = ["-mprefer-vector-width=512"]
-    # panel_product.c reproduces torch's separately rounded multiply and add
+    # panel_product.c must give the loader's bits: no fused multiply-add but its one explicit, exact one
     per_file["panel_product.c"] = ["-ffp-contract=off"]
     tag = hashlib.sha256(src + " ".join(flags).encode() + repr(per_file).encode() + os.uname().machine.encode())
     out = cache_dir() / f"forge_batch_cpu-{tag.hexdigest()[:16]}.so"

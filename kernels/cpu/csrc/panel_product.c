@@ -37,6 +37,7 @@
 #define PANEL_TYPE_Q8_0 8
 #define PANEL_MAX_ROWS 4
 #define PANEL_PREFETCH_BLOCKS 8
+#define PANEL_MAX_GROUPS 4  /* column groups one panel_tile keeps in flight */
 
 int panel_product_simd(void) {
 #ifdef PANEL_PRODUCT_SIMD
@@ -73,21 +74,21 @@ static inline __attribute__((always_inline)) void panel_tile(
     const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t k, int64_t k_block,
     const uint16_t* x, uint16_t* y, int64_t n, int64_t g, __m512i halfA, __m512i halfB, const int NG, const int R) {
     const int64_t pair_bytes = type == PANEL_TYPE_Q4_1 ? 16 : 32, blocks = k / 32;
-    const uint8_t* q[4];
-    const uint16_t* gs[4];
-    const uint16_t* gm[4];
+    const uint8_t* q[PANEL_MAX_GROUPS];
+    const uint16_t* gs[PANEL_MAX_GROUPS];
+    const uint16_t* gm[PANEL_MAX_GROUPS];
     for (int i = 0; i < NG; i++) {
         q[i] = values + (g + i) * (k / 2) * pair_bytes;
         gs[i] = scales + (g + i) * blocks * 16;
         gm[i] = mins ? mins + (g + i) * blocks * 16 : NULL;
     }
-    __m512 total[4][PANEL_MAX_ROWS], acc[4][PANEL_MAX_ROWS];
+    __m512 total[PANEL_MAX_GROUPS][PANEL_MAX_ROWS], acc[PANEL_MAX_GROUPS][PANEL_MAX_ROWS];
     for (int64_t k0 = 0; k0 < k; k0 += k_block) {
         const int64_t k1 = k0 + k_block < k ? k0 + k_block : k;
         for (int i = 0; i < NG; i++)
             for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
         for (int64_t b = k0 / 32; b < k1 / 32; b++) {
-            __m512 dA[4], mA[4], dB[4], mB[4];
+            __m512 dA[PANEL_MAX_GROUPS], mA[PANEL_MAX_GROUPS], dB[PANEL_MAX_GROUPS], mB[PANEL_MAX_GROUPS];
             for (int i = 0; i < NG; i++) {
                 /* a few blocks ahead in each of the NG streams (a one-row step streams the weights from memory) */
                 const uint8_t* ahead = q[i] + (b + PANEL_PREFETCH_BLOCKS) * 16 * pair_bytes;
@@ -133,7 +134,7 @@ static void panel_groups(const uint8_t* values, const uint16_t* scales, const ui
 #define PANEL_TILES(NG, R)                                                                                   \
     for (; g + (NG) <= g1; g += (NG)) panel_tile(values, scales, mins, type, k, k_block, x, y, n, g, halfA, halfB, NG, R)
     switch (rows) {
-    case 1: PANEL_TILES(4, 1); PANEL_TILES(3, 1); PANEL_TILES(2, 1); PANEL_TILES(1, 1); break;
+    case 1: PANEL_TILES(PANEL_MAX_GROUPS, 1); PANEL_TILES(3, 1); PANEL_TILES(2, 1); PANEL_TILES(1, 1); break;
     case 2: PANEL_TILES(2, 2); PANEL_TILES(1, 2); break;
     case 3: PANEL_TILES(1, 3); break;
     default: PANEL_TILES(1, 4); break;
