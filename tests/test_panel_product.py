@@ -1,6 +1,7 @@
 """The panel product (kernels/cpu/panel_product.py): a few bfloat16 rows times a weight read from its GGUF
-blocks, with the bits oneDNN's bfloat16 GEMM gives the same rows inside a batch; and the batch-invariant
-engine using it for small steps without changing a bit of any logit."""
+blocks, with the bits oneDNN's bfloat16 GEMM gives the same rows inside a batch (float32 rows: the bits of
+MKL's packed GEMM); and the batch-invariant engine using it for small steps without changing a bit of any
+logit."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from test_batch_invariance import generate_runs
 from test_weight_gemv import _stored, _write_gguf
 
 from forge_batch.engine.llm import LLM
-from forge_batch.kernels.cpu import onednn_packed
+from forge_batch.kernels.cpu import mkl_packed, onednn_packed
 from forge_batch.kernels.cpu import panel_product as pp
-from forge_batch.kernels.cpu.linear import OneDnnLinear, PanelLinear
+from forge_batch.kernels.cpu.linear import MklPackedLinear, MklPanelLinear, OneDnnLinear, PanelLinear
 
-pytestmark = pytest.mark.skipif(not (pp.available_here() and onednn_packed.available()),
+needs_bf16 = pytest.mark.skipif(not (pp.available_here() and onednn_packed.available()),
                                 reason="no AVX512-BF16 panel product or no oneDNN bfloat16 path on this CPU")
+needs_f32 = pytest.mark.skipif(not (pp.available_here(torch.float32) and mkl_packed.available()),
+                               reason="no AVX-512 float32 panel product or no MKL packed GEMM here")
+# the engine's products with panels, and without (the packed GEMM alone), per dtype
+PANEL_FORMS = {"bfloat16": (PanelLinear, OneDnnLinear), "float32": (MklPanelLinear, MklPackedLinear)}
 
 FORMATS = ["Q4_1", "Q8_0"]
 
@@ -32,6 +37,7 @@ def _heavy_tailed(rows: int, k: int, seed: int) -> torch.Tensor:
     return (torch.randn(rows, k, generator=g) * torch.exp(2 * torch.randn(rows, k, generator=g))).bfloat16()
 
 
+@needs_bf16
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("k_block", [64, 512])
 def test_panel_product_equals_the_bfloat16_weight_times_the_rows(fmt, k_block):
@@ -45,6 +51,7 @@ def test_panel_product_equals_the_bfloat16_weight_times_the_rows(fmt, k_block):
         torch.testing.assert_close(pp.panel_product(x, panel).double(), expected, rtol=1e-2, atol=1e-3)
 
 
+@needs_bf16
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", [(96, 576), (64, 1536), (48, 96)])
 def test_panel_product_gives_onednns_bits_for_rows_inside_a_batch(fmt, shape):
@@ -63,6 +70,30 @@ def test_panel_product_gives_onednns_bits_for_rows_inside_a_batch(fmt, shape):
             assert torch.equal(pp.panel_product(x[start:start + rows], panel), batch[start:start + rows])
 
 
+@needs_f32
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(96, 576), (64, 1536), (48, 96)])
+def test_float32_panel_product_gives_mkls_bits_for_rows_inside_a_batch(fmt, shape):
+    """Float32 rows 1..4 at a time, heavy-tailed, equal to the same rows inside a 64-row product of MKL's packed
+    GEMM (the batch-invariant float32 engine's) bit for bit, from the panels of the 4/8-bit blocks."""
+    n, k = shape
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05
+    stored, weight = _stored(fmt, w)  # weight: the loader's float32 values, the float32 model's weight
+    packed = mkl_packed.pack(weight)
+    panel = pp.match_mkl(stored, packed)
+    if panel is None:
+        pytest.skip("MKL sums in an order none of the candidates reproduces on this CPU")
+    x = _heavy_tailed(64, k, seed=7).float() * torch.exp(torch.randn(64, k, generator=torch.Generator().manual_seed(1)))
+    batch = mkl_packed.linear(x, packed)
+    for rows in range(1, pp.PANEL_MAX_ROWS + 1):
+        for start in range(0, 64 - rows, 9):
+            assert torch.equal(pp.panel_product(x[start:start + rows], panel), batch[start:start + rows])
+    # a weight that is not the packed one is refused whatever the order
+    other, _ = _stored(fmt, torch.randn(n, k, generator=torch.Generator().manual_seed(99)) * 0.05)
+    assert pp.match_mkl(other, packed, (panel.k_block,)) is None
+
+
+@needs_bf16
 def test_match_refuses_an_order_that_is_not_onednns():
     """A sequential sum over all of k=1536 differs from oneDNN's blocked one somewhere on the probe rows, so
     the weight keeps oneDNN rather than a product with other bits."""
@@ -89,15 +120,17 @@ PROMPTS = [{"prompt_token_ids": ids} for ids in [
     [258, 11, 12, 13, 14, 15, 16, 17, 18], [258, 200]]]
 
 
+@pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=needs_bf16), pytest.param("float32", marks=needs_f32)])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_engine_panels_change_no_bit_of_any_logit(tmp_path, monkeypatch, temperature):
-    """A 4-bit GGUF model in bfloat16, batch-invariant: its few-row steps run panel products (decode steps
-    of up to 4 rows in one C call), and every position's logits have the same bits as an engine without
-    panels (oneDNN and the layer-by-layer path), alone or all together."""
+def test_engine_panels_change_no_bit_of_any_logit(tmp_path, monkeypatch, temperature, dtype):
+    """A 4-bit GGUF model, batch-invariant: its few-row steps run panel products (decode steps of up to 4 rows
+    in one C call), and every position's logits have the same bits as an engine without panels (the packed
+    GEMM, oneDNN's or MKL's, and the layer-by-layer path), alone or all together."""
     path = _tiny_q4_model(tmp_path)
-    with_panels = LLM(path, device="cpu", dtype="bfloat16", batch_invariant=True)
+    panel_form, packed_form = PANEL_FORMS[dtype]
+    with_panels = LLM(path, device="cpu", dtype=dtype, batch_invariant=True)
     layer = with_panels.model.layers[0]
-    assert all(isinstance(getattr(layer, name), PanelLinear)
+    assert all(isinstance(getattr(layer, name), panel_form)
                for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
     one_call = with_panels.runner.cpu_decode
     assert one_call is not None and one_call.max_rows == pp.PANEL_MAX_ROWS  # decode steps of <= 4 rows: one C call
@@ -112,14 +145,15 @@ def test_engine_panels_change_no_bit_of_any_logit(tmp_path, monkeypatch, tempera
     assert calls and max(calls) <= pp.PANEL_MAX_ROWS
     assert steps.count(1) >= 11 * len(PROMPTS) and max(steps) <= pp.PANEL_MAX_ROWS
 
-    monkeypatch.setattr(pp, "available_here", lambda: False)
-    without = LLM(path, device="cpu", dtype="bfloat16", batch_invariant=True)
-    assert isinstance(without.model.layers[0].qkv_proj, OneDnnLinear)
-    assert not isinstance(without.model.layers[0].qkv_proj, PanelLinear)
+    monkeypatch.setattr(pp, "available_here", lambda dtype=None: False)
+    without = LLM(path, device="cpu", dtype=dtype, batch_invariant=True)
+    assert isinstance(without.model.layers[0].qkv_proj, packed_form)
+    assert not isinstance(without.model.layers[0].qkv_proj, panel_form) and without.runner.cpu_decode is None
     reference = generate_runs(without, PROMPTS, 12, temperature)
     assert together == reference and alone == reference
 
 
+@needs_bf16
 def test_engine_remembers_each_shapes_order_and_then_checks_weights_on_a_few_rows(tmp_path, monkeypatch):
     """The first load on a machine probes each weight shape's order with hundreds of rows and writes it down;
     the next load checks every weight on PANEL_MAX_ROWS rows only, and its panels are the same."""
@@ -148,6 +182,7 @@ def test_engine_remembers_each_shapes_order_and_then_checks_weights_on_a_few_row
     assert second.model.layers[1].down_proj.panel.k_block == first.model.layers[1].down_proj.panel.k_block
 
 
+@needs_bf16
 def test_a_shape_no_order_reproduces_is_remembered_and_keeps_onednn(tmp_path, monkeypatch):
     """Where oneDNN sums in an order no candidate reproduces (an AMX machine), every weight keeps oneDNN, the
     engine still gives the same bits, and the next load does not probe again."""

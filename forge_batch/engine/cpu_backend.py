@@ -10,13 +10,13 @@ one-call decode step.
   bfloat16 safetensors): the same products from a fraction of the bytes (``weight_gemv``).
 
 With ``batch_invariant`` (the default) a row's numbers must not depend on how many rows share its step,
-so each matmul computes a row's sums one way for every row count: no float32 stored forms (they compute
-with the checkpoint's exact values, not the packed weight's, so a few-row step would differ from a larger
-one), hence no one-call decode step (it runs on the stored forms); float32 products always take MKL's
-packed GEMM (or F.linear) with the rows padded up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``); oneDNN's
-bfloat16 product pads a single row to two (its one-row kernel sums some rows in another order), and where
-the checkpoint stores a weight as 4/8-bit blocks, steps of a few rows read those blocks instead with
-oneDNN's bits (``PanelLinear``: kernels/cpu/panel_product.py checks the bits against oneDNN per weight).
+so each matmul computes a row's sums one way for every row count: no ``weight_gemv`` stored forms (they sum
+in their own order, so a few-row step would differ from a larger one); float32 products take MKL's packed
+GEMM (or F.linear) with the rows padded up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``); oneDNN's
+bfloat16 product pads a single row to two (its one-row kernel sums some rows in another order). Where the
+checkpoint stores a weight as 4/8-bit blocks, steps of a few rows read those blocks instead with the
+library's bits (``PanelLinear`` with oneDNN's, ``MklPanelLinear`` with MKL's: kernels/cpu/panel_product.py
+checks the bits per weight), and the one-call decode step runs over those panels.
 
 ``CpuBackend.decode_step`` builds, for one KV cache, the C decode step that runs a whole few-row decode
 step in one call (kernels/cpu/decode_step.py); the engine's model runner calls it where the layer-by-layer
@@ -37,6 +37,7 @@ from forge_batch.kernels.cpu.decode_step import DecodeLayerWeights, DecodeStep
 from forge_batch.kernels.cpu.linear import (
     Int8Linear,
     MklPackedLinear,
+    MklPanelLinear,
     OneDnnLinear,
     PaddedLinear,
     PanelLinear,
@@ -45,7 +46,6 @@ from forge_batch.kernels.cpu.linear import (
 from forge_batch.kernels.cpu.panel_decode_step import PanelDecodeStep, PanelLayerWeights
 from forge_batch.kernels.cpu.stored import (
     WEIGHT_FORMATS,
-    WEIGHT_GEMV_MAX_ROWS,
     StoredWeight,
     weight_gemv_fast,
 )
@@ -100,10 +100,8 @@ class CpuBackend:
 
     @property
     def keeps_stored_weights(self) -> bool:
-        """Whether the model's checkpoint formats are worth loading (``prepare_weights(..., raw)``): in
-        batch-invariant mode only for a bfloat16 model's panel products (see the module docstring)."""
-        if self.batch_invariant:
-            return self.dtype == torch.bfloat16
+        """Whether the model's checkpoint formats are worth loading (``prepare_weights(..., raw)``): for the
+        few-row products (panel products in batch-invariant mode, see the module docstring)."""
         return self.dtype in (torch.float32, torch.bfloat16)
 
     @torch.inference_mode()
@@ -153,31 +151,36 @@ class CpuBackend:
         return kept
 
     def keep_panels(self, model: LlamaForCausalLM, raw: dict[str, RawWeight]) -> int:
-        """Batch-invariant bfloat16: give each oneDNN product whose checkpoint stores 4/8-bit blocks a panel
-        product with oneDNN's bits for steps of a few rows (``PanelLinear``). Consumes ``raw``; returns how
-        many products got one."""
-        if not panel_product.available_here():
+        """Batch-invariant: give each packed product whose checkpoint stores 4/8-bit blocks a panel product
+        with the GEMM library's bits for steps of a few rows (``PanelLinear`` with oneDNN's for bfloat16,
+        ``MklPanelLinear`` with MKL's for float32). Consumes ``raw``; returns how many products got one."""
+        if not panel_product.available_here(self.dtype):
             raw.clear()
             return 0
         kept = 0
-        # oneDNN's order is the shape's: found once (or remembered from an earlier load), checked per weight
+        # the library's order is the shape's: found once (or remembered from an earlier load), checked per weight
         k_blocks = panel_product.remembered_k_blocks()
         found: dict[str, int] = {}
         for owner, name, linear, s in _stored_forms(model, raw):
-            if not isinstance(linear, OneDnnLinear) or linear.bias is not None:
+            if linear.bias is not None:
                 continue
-            shape = f"{s.rows}x{s.cols}"
+            if isinstance(linear, OneDnnLinear):
+                match, form, shape = panel_product.match_onednn, PanelLinear, f"{s.rows}x{s.cols}"
+            elif isinstance(linear, MklPackedLinear):
+                match, form, shape = panel_product.match_mkl, MklPanelLinear, f"float32:{s.rows}x{s.cols}"
+            else:
+                continue
             known = k_blocks.get(shape)
             if known == panel_product.NO_ORDER or not panel_product.PanelWeight.supports(s):
-                continue  # no candidate reproduces oneDNN for this shape here (e.g. AMX): it keeps oneDNN
+                continue  # no candidate reproduces the library for this shape here (e.g. AMX): it keeps it
             panel = None
             if known:
-                panel = panel_product.match_onednn(s, linear.packed, (known,), probe=panel_product.PANEL_MAX_ROWS)
+                panel = match(s, linear.packed, (known,), probe=panel_product.PANEL_MAX_ROWS)
             if panel is None:  # a new shape (or a remembered order that no longer holds): the full probe
-                panel = panel_product.match_onednn(s, linear.packed)
+                panel = match(s, linear.packed)
                 k_blocks[shape] = found[shape] = panel_product.NO_ORDER if panel is None else panel.k_block
             if panel is not None:
-                setattr(owner, name, PanelLinear(linear, panel))
+                setattr(owner, name, form(linear, panel))
                 kept += 1
         if found:
             panel_product.remember_k_blocks(found)
@@ -190,16 +193,18 @@ class CpuBackend:
         backend other than ``auto``."""
         if not self.kernels.uses_cpu_kernels or not self.keeps_stored_weights:
             return None
-        if self.batch_invariant:
+        if self.batch_invariant and self.dtype == torch.bfloat16:
             return self._panel_decode_step(model, kv_caches)
+        # stored weights (weight_gemv's order), or in a batch-invariant float32 model panels (MKL's bits)
+        form, weight_of = (MklPanelLinear, "panel") if self.batch_invariant else (StoredLinear, "stored")
         layers = []
         for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
             matmuls = [getattr(layer, name) for name in MATMUL_SOURCES]
-            if not all(isinstance(m, StoredLinear) for m in matmuls):
+            if not all(isinstance(m, form) for m in matmuls):
                 return None
             bias = None if layer.qkv_bias is None else layer.qkv_bias.float()  # copies in a bf16 model
             lw = DecodeLayerWeights(layer.input_norm.float(), layer.post_attn_norm.float(), bias,
-                                    *(m.stored for m in matmuls), k_cache, v_cache)
+                                    *(getattr(m, weight_of) for m in matmuls), k_cache, v_cache)
             if not DecodeStep.supports(lw):
                 return None
             layers.append(lw)
@@ -207,7 +212,7 @@ class CpuBackend:
         step = DecodeStep(layers, model.norm.float(), model.config.rms_norm_eps, model.cos_sin_cache,
                           first.num_heads, first.num_kv_heads, first.head_dim, model.config.intermediate_size,
                           kv_caches[0][0].shape[1], first.scale)
-        return CpuDecodeStep(model, step, WEIGHT_GEMV_MAX_ROWS, torch.float32)
+        return CpuDecodeStep(model, step, step.max_rows, torch.float32)
 
     @staticmethod
     def _panel_decode_step(model: LlamaForCausalLM,

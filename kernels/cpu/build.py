@@ -85,7 +85,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.weight_gemv_f32.restype = lib.weight_decode_f32.restype = None
     lib.weight_gemv_simd.restype = ctypes.c_int
     lib.decode_step_f32.argtypes = [vp, i64, vp, f32, vp, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, i64,
-                                    i64, f32, ctypes.c_int, nthreads]
+                                    i64, f32, ctypes.c_int, ctypes.c_int, nthreads]
     lib.decode_step_f32.restype = None
     lib.decode_layer_fields.restype = i64
     lib.ban_masked_f32.argtypes = [vp, vp, i64, i64, i64, f32, nthreads]
@@ -93,6 +93,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.panel_product_bf16.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp, i64, vp, nthreads]
     lib.panel_product_bf16.restype = None
     lib.panel_product_simd.restype = ctypes.c_int
+    lib.panel_product_f32.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp, i64, vp, nthreads]
+    lib.panel_product_f32.restype = None
+    lib.panel_product_f32_simd.restype = ctypes.c_int
     lib.panel_repack.argtypes = [ctypes.c_int, vp, vp, vp, i64, i64, vp, vp, vp]
     lib.panel_repack.restype = None
     lib.panel_decode_step_bf16.argtypes = [vp, i64, vp, f32, vp, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64,

@@ -107,6 +107,25 @@ class PanelLinear(OneDnnLinear):
         return onednn_packed.linear(x, self.packed, self.bias)
 
 
+class MklPanelLinear(MklPackedLinear):
+    """A batch-invariant float32 product (MKL's packed GEMM, rows padded to a multiple of 4) whose steps of up
+    to PANEL_MAX_ROWS rows read the checkpoint's 4/8-bit blocks (panel_product: a quarter to an eighth of the
+    float32 weight's bytes) with MKL's bits."""
+
+    __slots__ = ("panel",)
+
+    def __init__(self, base: MklPackedLinear, panel: panel_product.PanelWeight) -> None:
+        Linear.__init__(self, base.weight, base.bias)
+        self.packed = base.packed
+        self.batch_invariant = True
+        self.panel = panel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= panel_product.PANEL_MAX_ROWS:
+            return panel_product.panel_product(x.float(), self.panel)
+        return super().__call__(x)
+
+
 class Int8Linear(Linear):
     """W8A8 (quantization="int8"): the weight int8 per output channel, rows quantized at run time
     (int8.int8_linear). Not F.linear's numbers, but a row's result is the same in any batch."""

@@ -11,8 +11,6 @@ import torch
 from .build import lib
 from .panel_product import PANEL_MAX_ROWS, PanelWeight, available_here
 
-_TYPE_IDS = {"Q4_1": 3, "Q8_0": 8}
-
 
 @dataclass
 class PanelLayerWeights:
@@ -26,12 +24,6 @@ class PanelLayerWeights:
     down: PanelWeight
     k_cache: torch.Tensor
     v_cache: torch.Tensor
-
-
-def _panel_fields(w: PanelWeight) -> list[int]:
-    """panel_decode_step.c's panel_weight fields, in its order."""
-    mins = 0 if w.mins is None else w.mins.data_ptr()
-    return [w.values.data_ptr(), w.scales.data_ptr(), mins, _TYPE_IDS[w.fmt], w.n, w.k, w.k_block]
 
 
 class PanelDecodeStep:
@@ -55,7 +47,7 @@ class PanelDecodeStep:
         for lw in layers:
             row = [lw.input_norm.data_ptr(), lw.post_attn_norm.data_ptr()]
             for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
-                row += _panel_fields(w)
+                row += w.c_fields()
             rows.append(row + [lw.k_cache.data_ptr(), lw.v_cache.data_ptr()])
         self.table = torch.tensor(rows, dtype=torch.int64)
         assert self.table.shape[1] == lib().panel_layer_fields()

@@ -1,5 +1,6 @@
 """A few bfloat16 rows times a weight read from its GGUF blocks, with the bits oneDNN's bfloat16 GEMM gives
-the same rows inside a batch (csrc/panel_product.c).
+the same rows inside a batch (csrc/panel_product.c); and a few float32 rows with the bits of MKL's packed
+float32 GEMM (the float32 engine's product), from the same panels.
 
 A batch-invariant bfloat16 engine runs every product through oneDNN, whose results for a row are the same
 at 2 to 300 rows (a single row is padded to two). A one-row decode step then reads the whole bfloat16
@@ -7,6 +8,8 @@ model per token; from the checkpoint's 4-bit blocks it reads a third of the byte
 repacks a stored weight into 16-column panels and finds the k-block order that reproduces oneDNN's sums on
 this CPU (it varies with the shape: 512 for k <= 1024 on an AVX512-BF16 EPYC, 1024 above), checking the
 bits on probe rows; where none does (another oneDNN kernel, e.g. AMX), the weight keeps oneDNN.
+``match_mkl`` does the same for a float32 weight against MKL's packed GEMM (rows padded to a multiple of 4,
+as the batch-invariant float32 engine runs it).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import onednn_packed
+from . import mkl_packed, onednn_packed
 from .build import available, cache_dir, lib, ptr
 from .stored import StoredWeight
 
@@ -30,6 +33,10 @@ PANEL_MAX_ROWS = 4
 _TYPE_IDS = {"Q4_1": 3, "Q8_0": 8}
 # oneDNN's k-blocking candidates, the likeliest first; the whole k (one sequential sum) last.
 K_BLOCKS = (512, 1024, 256, 2048)
+# MKL's float32 k-blocking candidates (192 on an AVX-512 EPYC for every shape of the default model).
+F32_K_BLOCKS = (192, 256, 384, 512, 1024, 2048)
+# MKL's float32 GEMM sums a row one way at row counts that are multiples of this (kernels/cpu/linear.py).
+MKL_ROW_MULTIPLE = 4
 # The bit check's probe: heavy-tailed rows (as real activations are), enough of them that the outputs
 # number PROBE_OUTPUTS. A wrong order changes about one bfloat16 output in 10^4 to 10^5 (measured: k=576,
 # one sequential sum against oneDNN's 512-blocks, 18 of 276,480), so 2^18 outputs expect ~17 mismatches
@@ -76,37 +83,47 @@ class PanelWeight:
                            n, k, values.data_ptr(), scales.data_ptr(), ptr(mins))
         return cls(stored.fmt, values, scales, mins, n, k, k_block)
 
+    def c_fields(self) -> list[int]:
+        """The seven fields the C steps take for a panel weight (values, scales, mins, type, n, k, k_block)."""
+        mins = 0 if self.mins is None else self.mins.data_ptr()
+        return [self.values.data_ptr(), self.scales.data_ptr(), mins, _TYPE_IDS[self.fmt], self.n, self.k, self.k_block]
+
     def with_k_block(self, k_block: int) -> PanelWeight:
         """The same panels summed in another k-block order."""
         return PanelWeight(self.fmt, self.values, self.scales, self.mins, self.n, self.k, k_block)
 
 
-def available_here() -> bool:
-    """Whether the compiled kernels have the AVX512-BF16 panel product (built for this CPU)."""
-    return available() and bool(lib().panel_product_simd())
+def available_here(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the compiled kernels have the panel product for ``dtype`` rows on this CPU: bfloat16 needs
+    AVX512-BF16, float32 AVX-512F."""
+    if not available():
+        return False
+    return bool(lib().panel_product_f32_simd() if dtype == torch.float32 else lib().panel_product_simd())
 
 
 def panel_product(x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
-    """x [rows, k] (bfloat16) times ``weight`` -> [rows, n] bfloat16."""
-    x = x.to(torch.bfloat16).contiguous()
+    """x [rows, k] times ``weight`` -> [rows, n]: float32 rows give float32 (MKL's bits), any other dtype is
+    taken as bfloat16 (oneDNN's bits)."""
+    f32 = x.dtype == torch.float32
+    x = x.contiguous() if f32 else x.to(torch.bfloat16).contiguous()
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"panel_product takes [rows, {weight.k}], got {list(x.shape)}")
-    out = torch.empty((x.shape[0], weight.n), dtype=torch.bfloat16)
+    out = torch.empty((x.shape[0], weight.n), dtype=x.dtype)
     mins = 0 if weight.mins is None else weight.mins.data_ptr()
+    fn = lib().panel_product_f32 if f32 else lib().panel_product_bf16
     for r0 in range(0, x.shape[0], PANEL_MAX_ROWS):
         rows = min(PANEL_MAX_ROWS, x.shape[0] - r0)
-        lib().panel_product_bf16(weight.values.data_ptr(), weight.scales.data_ptr(), mins, _TYPE_IDS[weight.fmt],
-                                 weight.n, weight.k, weight.k_block, x[r0].data_ptr(), rows, out[r0].data_ptr(),
-                                 torch.get_num_threads())
+        fn(weight.values.data_ptr(), weight.scales.data_ptr(), mins, _TYPE_IDS[weight.fmt], weight.n, weight.k,
+           weight.k_block, x[r0].data_ptr(), rows, out[r0].data_ptr(), torch.get_num_threads())
     return out
 
 
 @functools.lru_cache(maxsize=8)
-def probe_rows(k: int, seed: int = 0) -> torch.Tensor:
-    """Heavy-tailed bfloat16 rows [MAX_PROBE_ROWS, k] for the bit check (made once per width)."""
+def probe_rows(k: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Heavy-tailed rows [MAX_PROBE_ROWS, k] for the bit check (made once per width and dtype)."""
     g = torch.Generator().manual_seed(seed)
     shape = (MAX_PROBE_ROWS, k)
-    return (torch.randn(shape, generator=g) * torch.exp(2 * torch.randn(shape, generator=g))).bfloat16()
+    return (torch.randn(shape, generator=g) * torch.exp(2 * torch.randn(shape, generator=g))).to(dtype)
 
 
 @torch.inference_mode()
@@ -119,7 +136,25 @@ def match_onednn(stored: StoredWeight, packed: onednn_packed.OneDnnWeight, k_blo
     if not (available_here() and PanelWeight.supports(stored)) or (stored.rows, stored.cols) != (packed.n, packed.k):
         return None
     x = probe_rows(stored.cols)[:probe or probe_row_count(stored.rows)]
-    expected = onednn_packed.linear(x, packed)
+    return _first_matching(stored, x, onednn_packed.linear(x, packed), k_blocks)
+
+
+@torch.inference_mode()
+def match_mkl(stored: StoredWeight, packed: mkl_packed.PackedWeight, k_blocks: tuple[int, ...] = F32_K_BLOCKS,
+              probe: int | None = None) -> PanelWeight | None:
+    """``match_onednn`` for a float32 model: products with the bits of MKL's packed GEMM on ``packed`` (probe
+    rows a multiple of MKL_ROW_MULTIPLE, as the batch-invariant engine pads them)."""
+    if not (available_here(torch.float32) and PanelWeight.supports(stored)) or (
+            (stored.rows, stored.cols) != (packed.n, packed.k)):
+        return None
+    rows = probe or probe_row_count(stored.rows)
+    x = probe_rows(stored.cols, dtype=torch.float32)[:-(-rows // MKL_ROW_MULTIPLE) * MKL_ROW_MULTIPLE]
+    return _first_matching(stored, x, mkl_packed.linear(x, packed), k_blocks)
+
+
+def _first_matching(stored: StoredWeight, x: torch.Tensor, expected: torch.Tensor,
+                    k_blocks: tuple[int, ...]) -> PanelWeight | None:
+    """``stored`` as panels in the first of ``k_blocks`` whose product of ``x`` equals ``expected`` bit for bit."""
     panels = PanelWeight.from_stored(stored, k_blocks[0])
     for k_block in k_blocks:
         if k_block % 32:

@@ -9,7 +9,8 @@
  *
  * Each stage calls the same single-threaded function the stand-alone kernel uses (cpu_kernels.h), in the
  * same order, so a step computes what the layer-by-layer path computes with stored weights
- * (LlamaForCausalLM.forward with keep_stored_weights): matmuls through weight_gemv, rms_norm,
+ * (LlamaForCausalLM.forward with keep_stored_weights): matmuls through weight_gemv (or, in a batch-invariant
+ * float32 model, panel products with MKL's bits: `panels`), rms_norm,
  * rotary + KV store, paged decode attention (without a cascade prefix), silu_and_mul. A bfloat16 model
  * runs it too (kv_bf16): its stored weights are the same, activations stay float32 here, and only the K/V
  * it writes and reads are bfloat16, which makes a one-stream step read fewer bytes than bfloat16 matmuls.
@@ -38,10 +39,16 @@ typedef struct {
 
 #define PTR(T, v) ((T*)(intptr_t)(v))
 
-/* This thread's contiguous share of the weight's output rows. */
-static void gemv_share(const stored_weight* w, const float* x, int64_t m, const float* bias, float* y) {
-    weight_gemv_share_f32(PTR(const uint8_t, w->values), PTR(const float, w->scales), PTR(const float, w->mins),
-                          (int)w->type, w->rows, w->cols, w->row_bytes, x, m, bias, y);
+/* This thread's contiguous share of the weight's outputs: weight_gemv on a stored weight, or with `panels` the
+ * panel product with MKL's bits (the batch-invariant step), whose seven fields (values, scales, mins, type, n,
+ * k, k_block: panel_product.c) the same slots hold; a panel weight has no bias. */
+static void gemv_share(const stored_weight* w, const float* x, int64_t m, const float* bias, float* y, int panels) {
+    if (panels)
+        panel_product_share_f32(PTR(const uint8_t, w->values), PTR(const uint16_t, w->scales),
+                                PTR(const uint16_t, w->mins), (int)w->type, w->rows, w->cols, w->row_bytes, x, m, y);
+    else
+        weight_gemv_share_f32(PTR(const uint8_t, w->values), PTR(const float, w->scales), PTR(const float, w->mins),
+                              (int)w->type, w->rows, w->cols, w->row_bytes, x, m, bias, y);
 }
 
 int64_t decode_layer_fields(void) { return (int64_t)(sizeof(decode_layer) / sizeof(int64_t)); }
@@ -52,7 +59,7 @@ void decode_step_f32(const decode_layer* layers, int64_t num_layers, const float
                      float* hidden, float* out, int64_t m, const int64_t* positions, const int64_t* slots,
                      const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
                      const float* cos_sin, int64_t hidden_size, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                     int64_t intermediate, int64_t block_size, float scale, int kv_bf16, int num_threads) {
+                     int64_t intermediate, int64_t block_size, float scale, int kv_bf16, int panels, int num_threads) {
     const int64_t h = hidden_size, q_size = heads * head_dim, kv_size = kv_heads * head_dim;
     const int64_t qkv_cols = q_size + 2 * kv_size, inter = intermediate, group = heads / kv_heads;
     const int64_t att_floats = (decode_attention_scratch_floats(group, head_dim, block_size) + 15) / 16 * 16;
@@ -83,7 +90,7 @@ void decode_step_f32(const decode_layer* layers, int64_t num_layers, const float
                                      x + r * h, residual + r * h, h);
                 }
             }
-            gemv_share(&L->qkv, x, m, PTR(const float, L->qkv_bias), qkv);
+            gemv_share(&L->qkv, x, m, PTR(const float, L->qkv_bias), qkv, panels);
             _Pragma("omp barrier")
             _Pragma("omp for schedule(static)")
             for (int64_t r = 0; r < m; r++) {
@@ -115,13 +122,13 @@ void decode_step_f32(const decode_layer* layers, int64_t num_layers, const float
                         context_lens[b], att + b * q_size + q_off, group, head_dim, kv_heads, block_size, scale,
                         scratch);
             }
-            gemv_share(&L->o, att, m, NULL, hidden);
+            gemv_share(&L->o, att, m, NULL, hidden, panels);
             _Pragma("omp barrier")
             _Pragma("omp for schedule(static)")
             for (int64_t r = 0; r < m; r++)
                 rms_norm_row_f32(hidden + r * h, residual + r * h, PTR(const float, L->post_attn_norm), eps,
                                  x + r * h, residual + r * h, h);
-            gemv_share(&L->gate_up, x, m, NULL, gate_up);
+            gemv_share(&L->gate_up, x, m, NULL, gate_up, panels);
             _Pragma("omp barrier")
             _Pragma("omp for schedule(static)")
             for (int64_t item = 0; item < m * silu_chunks; item++) {
@@ -130,7 +137,7 @@ void decode_step_f32(const decode_layer* layers, int64_t num_layers, const float
                 const float* g = gate_up + r * 2 * inter;
                 silu_and_mul_span_f32(g, g + inter, act + r * inter, c0, c1);
             }
-            gemv_share(&L->down, act, m, NULL, hidden);
+            gemv_share(&L->down, act, m, NULL, hidden, panels);
             _Pragma("omp barrier")
         }
         _Pragma("omp for schedule(static)")

@@ -21,15 +21,24 @@
  * and each stream is prefetched a few blocks ahead: a one-row step streams the whole model from memory.
  *
  * Exactness of the fused decode: q * d is exact in float32 (q has at most 8 bits, d is a float16 with 11), so
- * rounding q * d and then q * d + m (as the loader does) equals one fused multiply-add's single rounding. */
+ * rounding q * d and then q * d + m (as the loader does) equals one fused multiply-add's single rounding.
+ *
+ * float32 rows (panel_product_f32) read the same panels for a float32 model, with the bits of MKL's packed
+ * sgemm (the float32 engine's product, rows padded to a multiple of 4) on these CPUs: per output one fused
+ * multiply-add chain over k in order, in blocks of k_block (192 on an AVX-512 EPYC) each from zero, the
+ * blocks' sums added in order. Each pair's two halves become the 16 columns' weights at k and at k + 1 by one
+ * two-source permute each. Needs only AVX-512F, so it also runs on CPUs without bfloat16. */
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
 
 #include "cpu_kernels.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#define PANEL_PRODUCT_F32_SIMD 1
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define PANEL_PRODUCT_SIMD 1
 #endif
 
@@ -47,11 +56,20 @@ int panel_product_simd(void) {
 #endif
 }
 
-#ifdef PANEL_PRODUCT_SIMD
-/* The 16 columns' weights at k and k + 1, decoded to float32 and rounded to bfloat16, as the 32-bit lanes
- * vdpbf16ps takes: lane j = (w[j][k], w[j][k + 1]). dA, mA / dB, mB: the scales and minimums of halves A and B
- * (each column's twice, see the layout above). */
-static inline __m512bh decode_pair(int type, const uint8_t* q, __m512 dA, __m512 mA, __m512 dB, __m512 mB) {
+int panel_product_f32_simd(void) {
+#ifdef PANEL_PRODUCT_F32_SIMD
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef PANEL_PRODUCT_F32_SIMD
+/* A pair's two halves decoded to float32: *a = half A's lanes (column e / 2, k + e % 2) for columns 0-7,
+ * *b = half B's for columns 8-15. dA, mA / dB, mB: the scales and minimums of halves A and B (each column's
+ * twice, see the layout above). */
+static inline void decode_halves(int type, const uint8_t* q, __m512 dA, __m512 mA, __m512 dB, __m512 mB,
+                                 __m512* a_out, __m512* b_out) {
     __m512 a, b;
     if (type == PANEL_TYPE_Q4_1) {
         /* a nibble to float32 by a permute of 0.0 .. 15.0 (vpermps reads only an index's low 4 bits) */
@@ -63,16 +81,31 @@ static inline __m512bh decode_pair(int type, const uint8_t* q, __m512 dA, __m512
         a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q))), dA);
         b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16)))), dB);
     }
+    *a_out = a;
+    *b_out = b;
+}
+#endif
+
+#ifdef PANEL_PRODUCT_SIMD
+/* The 16 columns' weights at k and k + 1, decoded to float32 and rounded to bfloat16, as the 32-bit lanes
+ * vdpbf16ps takes: lane j = (w[j][k], w[j][k + 1]). */
+static inline __m512bh decode_pair(int type, const uint8_t* q, __m512 dA, __m512 mA, __m512 dB, __m512 mB) {
+    __m512 a, b;
+    decode_halves(type, q, dA, mA, dB, mB, &a, &b);
     return _mm512_cvtne2ps_pbh(b, a);  /* A's 16 bfloat16 in the low half, B's in the high half */
 }
+#endif
 
+#ifdef PANEL_PRODUCT_F32_SIMD
 /* Output columns [16 g, 16 (g + NG)) for R rows. NG groups are in flight at once so that NG x R
  * accumulators are independent: with one row and one group each pair product waited for the previous
  * one (vdpbf16ps's latency), which bounded a one-row step. Each output's sum is still its own chain in the
- * same order, so the bits do not depend on NG. Inlined with constant NG and R (the loops unroll). */
+ * same order, so the bits do not depend on NG. F32: float32 rows and outputs (MKL's order, see the top),
+ * else bfloat16 (oneDNN's). Inlined with constant NG, R and F32 (the loops unroll, the branches fold). */
 static inline __attribute__((always_inline)) void panel_tile(
     const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t k, int64_t k_block,
-    const uint16_t* x, uint16_t* y, int64_t n, int64_t g, __m512i halfA, __m512i halfB, const int NG, const int R) {
+    const void* x, void* y, int64_t n, int64_t g, __m512i halfA, __m512i halfB, __m512i at_k, __m512i at_k1,
+    const int NG, const int R, const int F32) {
     const int64_t pair_bytes = type == PANEL_TYPE_Q4_1 ? 16 : 32, blocks = k / 32;
     const uint8_t* q[PANEL_MAX_GROUPS];
     const uint16_t* gs[PANEL_MAX_GROUPS];
@@ -102,15 +135,32 @@ static inline __attribute__((always_inline)) void panel_tile(
                 mB[i] = _mm512_permutexvar_ps(halfB, m);
             }
             for (int64_t p = b * 16; p < b * 16 + 16; p++) {
-                __m512bh xp[PANEL_MAX_ROWS];
-                for (int r = 0; r < R; r++) {
-                    int32_t pair;
-                    memcpy(&pair, x + r * k + 2 * p, 4);
-                    xp[r] = (__m512bh)_mm512_set1_epi32(pair);
-                }
-                for (int i = 0; i < NG; i++) {
-                    const __m512bh w = decode_pair(type, q[i] + p * pair_bytes, dA[i], mA[i], dB[i], mB[i]);
-                    for (int r = 0; r < R; r++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xp[r], w);
+                if (F32) {
+                    __m512 x0[PANEL_MAX_ROWS], x1[PANEL_MAX_ROWS];
+                    for (int r = 0; r < R; r++) {
+                        x0[r] = _mm512_set1_ps(((const float*)x)[r * k + 2 * p]);
+                        x1[r] = _mm512_set1_ps(((const float*)x)[r * k + 2 * p + 1]);
+                    }
+                    for (int i = 0; i < NG; i++) {
+                        __m512 a, bh;
+                        decode_halves(type, q[i] + p * pair_bytes, dA[i], mA[i], dB[i], mB[i], &a, &bh);
+                        const __m512 w0 = _mm512_permutex2var_ps(a, at_k, bh), w1 = _mm512_permutex2var_ps(a, at_k1, bh);
+                        for (int r = 0; r < R; r++)
+                            acc[i][r] = _mm512_fmadd_ps(x1[r], w1, _mm512_fmadd_ps(x0[r], w0, acc[i][r]));
+                    }
+                } else {
+#ifdef PANEL_PRODUCT_SIMD
+                    __m512bh xp[PANEL_MAX_ROWS];
+                    for (int r = 0; r < R; r++) {
+                        int32_t pair;
+                        memcpy(&pair, (const uint16_t*)x + r * k + 2 * p, 4);
+                        xp[r] = (__m512bh)_mm512_set1_epi32(pair);
+                    }
+                    for (int i = 0; i < NG; i++) {
+                        const __m512bh w = decode_pair(type, q[i] + p * pair_bytes, dA[i], mA[i], dB[i], mB[i]);
+                        for (int r = 0; r < R; r++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xp[r], w);
+                    }
+#endif
                 }
             }
         }
@@ -118,21 +168,35 @@ static inline __attribute__((always_inline)) void panel_tile(
             for (int r = 0; r < R; r++) total[i][r] = k0 == 0 ? acc[i][r] : _mm512_add_ps(total[i][r], acc[i][r]);
     }
     for (int i = 0; i < NG; i++)
-        for (int r = 0; r < R; r++)
-            _mm256_storeu_si256((__m256i*)(y + r * n + (g + i) * 16), (__m256i)_mm512_cvtneps_pbh(total[i][r]));
+        for (int r = 0; r < R; r++) {
+            if (F32) {
+                _mm512_storeu_ps((float*)y + r * n + (g + i) * 16, total[i][r]);
+            } else {
+#ifdef PANEL_PRODUCT_SIMD
+                _mm256_storeu_si256((__m256i*)((uint16_t*)y + r * n + (g + i) * 16), (__m256i)_mm512_cvtneps_pbh(total[i][r]));
+#endif
+            }
+        }
 }
 
 /* Output columns [16 g0, 16 g1) for rows (at most PANEL_MAX_ROWS): as many groups in flight as keep about
  * four accumulators busy. */
-static void panel_groups(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
-                         int64_t k, int64_t k_block, const uint16_t* x, int64_t rows, uint16_t* y, int64_t n,
-                         int64_t g0, int64_t g1) {
-    int32_t a_cols[16], b_cols[16];  /* lane e of half A / B: column e / 2 / 8 + e / 2 */
-    for (int e = 0; e < 16; e++) { a_cols[e] = e / 2; b_cols[e] = 8 + e / 2; }
+static inline __attribute__((always_inline)) void panel_groups(
+    const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t k, int64_t k_block,
+    const void* x, int64_t rows, void* y, int64_t n, int64_t g0, int64_t g1, const int F32) {
+    int32_t a_cols[16], b_cols[16], k_lanes[16], k1_lanes[16];
+    for (int e = 0; e < 16; e++) {
+        a_cols[e] = e / 2; b_cols[e] = 8 + e / 2;  /* lane e of half A / B: column e / 2 / 8 + e / 2 */
+        /* the 16 columns at k (k + 1): the even (odd) lanes of half A, then of half B (index 16 + ...) */
+        k_lanes[e] = e < 8 ? 2 * e : 16 + 2 * (e - 8);
+        k1_lanes[e] = k_lanes[e] + 1;
+    }
     const __m512i halfA = _mm512_loadu_si512(a_cols), halfB = _mm512_loadu_si512(b_cols);
+    const __m512i at_k = _mm512_loadu_si512(k_lanes), at_k1 = _mm512_loadu_si512(k1_lanes);
     int64_t g = g0;
 #define PANEL_TILES(NG, R)                                                                                   \
-    for (; g + (NG) <= g1; g += (NG)) panel_tile(values, scales, mins, type, k, k_block, x, y, n, g, halfA, halfB, NG, R)
+    for (; g + (NG) <= g1; g += (NG))                                                                        \
+        panel_tile(values, scales, mins, type, k, k_block, x, y, n, g, halfA, halfB, at_k, at_k1, NG, R, F32)
     switch (rows) {
     case 1: PANEL_TILES(PANEL_MAX_GROUPS, 1); PANEL_TILES(3, 1); PANEL_TILES(2, 1); PANEL_TILES(1, 1); break;
     case 2: PANEL_TILES(2, 2); PANEL_TILES(1, 2); break;
@@ -147,11 +211,30 @@ void panel_product_share_bf16(const uint8_t* values, const uint16_t* scales, con
                               int64_t n, int64_t k, int64_t k_block, const uint16_t* x, int64_t rows, uint16_t* y) {
 #ifdef PANEL_PRODUCT_SIMD
     const int64_t groups = n / 16, t = omp_get_thread_num(), nt = omp_get_num_threads();
-    panel_groups(values, scales, mins, type, k, k_block, x, rows, y, n, groups * t / nt, groups * (t + 1) / nt);
+    panel_groups(values, scales, mins, type, k, k_block, x, rows, y, n, groups * t / nt, groups * (t + 1) / nt, 0);
 #else
     (void)values; (void)scales; (void)mins; (void)type; (void)n; (void)k; (void)k_block; (void)x; (void)rows;
     (void)y;
 #endif
+}
+
+void panel_product_share_f32(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
+                             int64_t n, int64_t k, int64_t k_block, const float* x, int64_t rows, float* y) {
+#ifdef PANEL_PRODUCT_F32_SIMD
+    const int64_t groups = n / 16, t = omp_get_thread_num(), nt = omp_get_num_threads();
+    panel_groups(values, scales, mins, type, k, k_block, x, rows, y, n, groups * t / nt, groups * (t + 1) / nt, 1);
+#else
+    (void)values; (void)scales; (void)mins; (void)type; (void)n; (void)k; (void)k_block; (void)x; (void)rows;
+    (void)y;
+#endif
+}
+
+/* x [rows, k] float32 (rows <= PANEL_MAX_ROWS) times the panels of an [n, k] weight -> y [rows, n] float32,
+ * MKL's bits (see the top); the same shapes and threads as panel_product_bf16 below. */
+void panel_product_f32(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t n,
+                       int64_t k, int64_t k_block, const float* x, int64_t rows, float* y, int num_threads) {
+    _Pragma("omp parallel num_threads(num_threads)")
+    panel_product_share_f32(values, scales, mins, type, n, k, k_block, x, rows, y);
 }
 
 /* x [rows, k] bfloat16 (rows <= PANEL_MAX_ROWS) times the panels of an [n, k] weight -> y [rows, n]
@@ -168,7 +251,7 @@ void panel_product_bf16(const uint8_t* values, const uint16_t* scales, const uin
  * float16 values) into the panels above. */
 void panel_repack(int type, const uint8_t* values, const float* scales, const float* mins, int64_t n, int64_t k,
                   uint8_t* out_values, uint16_t* out_scales, uint16_t* out_mins) {
-#ifdef PANEL_PRODUCT_SIMD
+#ifdef PANEL_PRODUCT_F32_SIMD
     const int64_t blocks = k / 32, groups = n / 16, row_bytes = type == PANEL_TYPE_Q4_1 ? k / 2 : k;
     if (type == PANEL_TYPE_Q4_1) memset(out_values, 0, (size_t)(n * k / 2));  /* nibbles are or-ed in */
     for (int64_t g = 0; g < groups; g++)
