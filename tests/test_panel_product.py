@@ -130,8 +130,10 @@ def test_engine_panels_change_no_bit_of_any_logit(tmp_path, monkeypatch, tempera
     panel_form, packed_form = PANEL_FORMS[dtype]
     with_panels = LLM(path, device="cpu", dtype=dtype, batch_invariant=True)
     layer = with_panels.model.layers[0]
-    assert all(isinstance(getattr(layer, name), panel_form)
-               for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    if not any(isinstance(getattr(layer, name), panel_form) for name in names):
+        pytest.skip(f"the {dtype} GEMM library sums in an order no panel candidate reproduces on this CPU (e.g. AMX)")
+    assert all(isinstance(getattr(layer, name), panel_form) for name in names)
     one_call = with_panels.runner.cpu_decode
     assert one_call is not None and one_call.max_rows == pp.PANEL_MAX_ROWS  # decode steps of <= 4 rows: one C call
     steps = []
