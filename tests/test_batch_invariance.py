@@ -35,7 +35,7 @@ def _forms(dtype: torch.dtype) -> list[tuple[str, type]]:
     forms: list[tuple[str, type]] = [("padded F.linear", PaddedLinear)]
     if dtype == torch.float32 and mkl_packed.available():
         forms.append(("MKL packed", MklPackedLinear))
-    if dtype == torch.bfloat16 and onednn_packed.available():
+    if onednn_packed.available(dtype):  # bfloat16, and float32 where torch has oneDNN's float32 path
         forms.append(("oneDNN packed", OneDnnLinear))
     return forms
 

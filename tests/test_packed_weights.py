@@ -67,16 +67,20 @@ def test_onednn_reordered_bfloat16_weight_gives_f_linear_bit_for_bit(rows, with_
 
 @onednn
 def test_onednn_pack_rejects_what_it_cannot_reorder():
-    with pytest.raises(ValueError, match="bfloat16"):
-        onednn_packed.pack(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        onednn_packed.pack(torch.randn(8, 16).half())
+    with pytest.raises(ValueError, match="2-D"):
+        onednn_packed.pack(torch.randn(8))
 
 
 @pytest.mark.parametrize(
     ("dtype", "weight_type"),
-    [("float32", MklPackedLinear), pytest.param("bfloat16", OneDnnLinear, marks=onednn)],
+    [("float32", OneDnnLinear if onednn_packed.available(torch.float32) else MklPackedLinear),
+     pytest.param("bfloat16", OneDnnLinear, marks=onednn)],
 )
 def test_engine_packs_cpu_weights_and_matches_unpacked(tiny_model_dir, dtype, weight_type):
-    """MKL's packed float32 weights, oneDNN's reordered bfloat16 ones: the same tokens as plain F.linear."""
+    """oneDNN's reordered weights (float32: MKL's packed ones where torch lacks oneDNN's float32 path): the same
+    tokens as plain F.linear."""
     prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), device="cpu", dtype=dtype, max_num_seqs=32)

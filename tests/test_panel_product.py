@@ -20,8 +20,12 @@ needs_bf16 = pytest.mark.skipif(not (pp.available_here() and onednn_packed.avail
                                 reason="no AVX512-BF16 panel product or no oneDNN bfloat16 path on this CPU")
 needs_f32 = pytest.mark.skipif(not (pp.available_here(torch.float32) and mkl_packed.available()),
                                reason="no AVX-512 float32 panel product or no MKL packed GEMM here")
-# the engine's products with panels, and without (the packed GEMM alone), per dtype
-PANEL_FORMS = {"bfloat16": (PanelLinear, OneDnnLinear), "float32": (MklPanelLinear, MklPackedLinear)}
+needs_f32_onednn = pytest.mark.skipif(not (pp.available_here(torch.float32) and onednn_packed.available(torch.float32)),
+                                      reason="no AVX-512 float32 panel product or no oneDNN float32 path here")
+# the engine's products with panels, and without (the packed GEMM alone), per dtype: a float32 engine takes
+# oneDNN where torch has it for float32, else MKL
+PANEL_FORMS = {"bfloat16": (PanelLinear, OneDnnLinear), "float32": (
+    (PanelLinear, OneDnnLinear) if onednn_packed.available(torch.float32) else (MklPanelLinear, MklPackedLinear))}
 
 FORMATS = ["Q4_1", "Q8_0"]
 
@@ -51,19 +55,23 @@ def test_panel_product_equals_the_bfloat16_weight_times_the_rows(fmt, k_block):
         torch.testing.assert_close(pp.panel_product(x, panel).double(), expected, rtol=1e-2, atol=1e-3)
 
 
-@needs_bf16
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_bf16),
+                                   pytest.param(torch.float32, marks=needs_f32_onednn)], ids=["bfloat16", "float32"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", [(96, 576), (64, 1536), (48, 96)])
-def test_panel_product_gives_onednns_bits_for_rows_inside_a_batch(fmt, shape):
+def test_panel_product_gives_onednns_bits_for_rows_inside_a_batch(fmt, shape, dtype):
     """The order found on the probe rows holds on other rows: rows 1..4 at a time, heavy-tailed, equal to
-    the same rows inside a 64-row oneDNN product bit for bit."""
+    the same rows inside a 64-row oneDNN product bit for bit (bfloat16, and float32: the float32 engine's
+    product where torch has oneDNN's float32 path)."""
     n, k = shape
     stored, weight = _weight(fmt, n, k, seed=n + k)
+    if dtype == torch.float32:  # the float32 model's weight: the loader's values, not rounded to bfloat16
+        stored, weight = _stored(fmt, torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05)
     packed = onednn_packed.pack(weight)
     panel = pp.match_onednn(stored, packed)
     if panel is None:
         pytest.skip("oneDNN sums in an order none of the candidates reproduces on this CPU (e.g. AMX)")
-    x = _heavy_tailed(64, k, seed=7)
+    x = _heavy_tailed(64, k, seed=7).to(dtype)
     batch = onednn_packed.linear(x, packed)
     for rows in range(1, pp.PANEL_MAX_ROWS + 1):
         for start in range(0, 64 - rows, 9):

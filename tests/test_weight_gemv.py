@@ -16,7 +16,7 @@ from forge_batch.engine.sampling_params import SamplingParams
 from forge_batch.kernels import KernelBackend, reference
 from forge_batch.kernels.cpu import build, elementwise
 from forge_batch.kernels.cpu import stored as cpu_stored
-from forge_batch.kernels.cpu.linear import MklPanelLinear, StoredLinear
+from forge_batch.kernels.cpu.linear import MklPanelLinear, PanelLinear, StoredLinear
 from forge_batch.kernels.cpu.stored import (
     WEIGHT_FORMATS,
     WEIGHT_GEMV_MAX_ROWS,
@@ -206,11 +206,11 @@ def test_dispatch_fuses_rotary_and_store_only_for_cpu_float32_and_bfloat16(monke
 def test_batch_invariant_engine_keeps_no_stored_weights(tmp_path):
     # weight_gemv's stored forms sum in their own order, not the packed GEMM's: a row's numbers would depend
     # on whether its step has few rows. The default (batch-invariant) engine keeps none of them; its few-row
-    # products read the blocks only as panel products with MKL's bits (tests/test_panel_product.py).
+    # products read the blocks only as panel products with the GEMM library's bits (test_panel_product.py).
     types = {"attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "ffn_gate": Q.Q8_0, "ffn_up": Q.Q8_0}
     llm = LLM(str(_write_gguf(tmp_path, types)), device="cpu", dtype="float32")
     assert llm.engine_info["batch_invariant"] is True
     panels = [m for layer in llm.model.layers for name in MATMUL_SOURCES
-              if isinstance(m := getattr(layer, name), MklPanelLinear)]
+              if isinstance(m := getattr(layer, name), (PanelLinear, MklPanelLinear))]
     assert llm.stored_weights == len(panels)
     assert not any(isinstance(getattr(layer, name), StoredLinear) for layer in llm.model.layers for name in MATMUL_SOURCES)

@@ -4,16 +4,17 @@ one-call decode step.
 ``CpuBackend.prepare_weights`` puts faster forms of the model's matmul weights in place of the plain
 ``kernels.Linear`` ones (kernels/cpu/linear.py), all computing F.linear's numbers except int8:
 
-- packed for the GEMM library: MKL's layout for float32, oneDNN's for bfloat16 (10-40% faster products);
+- packed for the GEMM library: oneDNN's layout (bfloat16, and float32 where torch has it: twice MKL's
+  float32 speed on AMD CPUs, where MKL runs AVX2 code), else MKL's for float32 (10-40% faster products);
 - with quantization="int8", the decoder's matmuls as W8A8 int8 (the LM head stays packed float32);
 - for steps of a few rows, the checkpoint's own storage format when it is smaller (a 4-bit GGUF,
   bfloat16 safetensors): the same products from a fraction of the bytes (``weight_gemv``).
 
 With ``batch_invariant`` (the default) a row's numbers must not depend on how many rows share its step,
 so each matmul computes a row's sums one way for every row count: no ``weight_gemv`` stored forms (they sum
-in their own order, so a few-row step would differ from a larger one); float32 products take MKL's packed
-GEMM (or F.linear) with the rows padded up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``); oneDNN's
-bfloat16 product pads a single row to two (its one-row kernel sums some rows in another order). Where the
+in their own order, so a few-row step would differ from a larger one); oneDNN's product (bfloat16, and
+float32 where torch has it) pads a single row to two (its one-row kernel sums some rows in another order);
+MKL's float32 GEMM (or F.linear) pads the rows up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``). Where the
 checkpoint stores a weight as 4/8-bit blocks, steps of a few rows read those blocks instead with the
 library's bits (``PanelLinear`` with oneDNN's, ``MklPanelLinear`` with MKL's: kernels/cpu/panel_product.py
 checks the bits per weight), and the one-call decode step runs over those panels.
@@ -124,12 +125,12 @@ class CpuBackend:
         the decoder layers' unless ``layers`` is False. Returns whether packing applies here. In
         batch-invariant mode products without MKL's or oneDNN's packed forms become ``PaddedLinear``."""
         form: Callable[[Linear], Linear]
-        if self.dtype == torch.float32 and mkl_packed.available():
-            def form(base: Linear) -> Linear:
-                return MklPackedLinear(base, batch_invariant=self.batch_invariant)
-        elif self.dtype == torch.bfloat16 and onednn_packed.available():
+        if self.dtype in (torch.float32, torch.bfloat16) and onednn_packed.available(self.dtype):
             def form(base: Linear) -> Linear:
                 return OneDnnLinear(base, batch_invariant=self.batch_invariant)
+        elif self.dtype == torch.float32 and mkl_packed.available():
+            def form(base: Linear) -> Linear:
+                return MklPackedLinear(base, batch_invariant=self.batch_invariant)
         elif self.batch_invariant and self.dtype in (torch.float32, torch.bfloat16):
             form = PaddedLinear
         else:
@@ -164,10 +165,12 @@ class CpuBackend:
         for owner, name, linear, s in _stored_forms(model, raw):
             if linear.bias is not None:
                 continue
+            # the order remembered per library and dtype (bfloat16's key is the bare shape)
+            dtype = "" if self.dtype == torch.bfloat16 else "float32:"
             if isinstance(linear, OneDnnLinear):
-                match, form, shape = panel_product.match_onednn, PanelLinear, f"{s.rows}x{s.cols}"
+                match, form, shape = panel_product.match_onednn, PanelLinear, f"{dtype}{s.rows}x{s.cols}"
             elif isinstance(linear, MklPackedLinear):
-                match, form, shape = panel_product.match_mkl, MklPanelLinear, f"float32:{s.rows}x{s.cols}"
+                match, form, shape = panel_product.match_mkl, MklPanelLinear, f"mkl-float32:{s.rows}x{s.cols}"
             else:
                 continue
             known = k_blocks.get(shape)
@@ -195,8 +198,9 @@ class CpuBackend:
             return None
         if self.batch_invariant and self.dtype == torch.bfloat16:
             return self._panel_decode_step(model, kv_caches)
-        # stored weights (weight_gemv's order), or in a batch-invariant float32 model panels (MKL's bits)
-        form, weight_of = (MklPanelLinear, "panel") if self.batch_invariant else (StoredLinear, "stored")
+        # stored weights (weight_gemv's order), or in a batch-invariant float32 model panels (the library's bits)
+        form: tuple[type, ...]
+        form, weight_of = ((PanelLinear, MklPanelLinear), "panel") if self.batch_invariant else ((StoredLinear,), "stored")
         layers = []
         for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
             matmuls = [getattr(layer, name) for name in MATMUL_SOURCES]

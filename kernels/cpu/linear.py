@@ -69,12 +69,14 @@ class PaddedLinear(Linear):
 
 
 class OneDnnLinear(Linear):
-    """A bfloat16 weight reordered once into oneDNN's blocked layout (onednn_packed): F.linear's numbers
-    at any row count, without its reorder on every call.
+    """A bfloat16 or float32 weight reordered once into oneDNN's blocked layout (onednn_packed): in bfloat16
+    F.linear's numbers at any row count, without its reorder on every call; in float32 oneDNN's own (F.linear
+    is MKL there), twice MKL's speed on AMD CPUs.
 
     ``batch_invariant``: a single row is padded to two. oneDNN's one-row product (and F.linear's) sums some
     rows in another order than at 2 or more rows, which agree with each other (measured: K = 1536, heavy-
-    tailed activations, about one row in six differed by a bfloat16 ulp in an output; M = 2..300 never)."""
+    tailed activations, about one row in six differed by a bfloat16 ulp in an output; M = 2..300 never;
+    float32 alike)."""
 
     __slots__ = ("packed", "batch_invariant")
 
@@ -91,7 +93,8 @@ class OneDnnLinear(Linear):
 
 class PanelLinear(OneDnnLinear):
     """A batch-invariant oneDNN product whose steps of up to PANEL_MAX_ROWS rows read the checkpoint's
-    4/8-bit blocks (panel_product: a third of the bfloat16 weight's bytes) with oneDNN's bits."""
+    4/8-bit blocks (panel_product: a third of the bfloat16 weight's bytes, a sixth of the float32 one's) with
+    oneDNN's bits."""
 
     __slots__ = ("panel",)
 

@@ -133,9 +133,10 @@ def match_onednn(stored: StoredWeight, packed: onednn_packed.OneDnnWeight, k_blo
     weight as the model holds it) bit for bit on ``probe`` heavy-tailed rows (default: probe_row_count, what
     finding a shape's order takes), or None where none does. A few rows suffice to check another weight of a
     shape whose order is known: a wrong weight or layout shows in most outputs."""
-    if not (available_here() and PanelWeight.supports(stored)) or (stored.rows, stored.cols) != (packed.n, packed.k):
+    if not (available_here(packed.dtype) and PanelWeight.supports(stored)) or (
+            (stored.rows, stored.cols) != (packed.n, packed.k)):
         return None
-    x = probe_rows(stored.cols)[:probe or probe_row_count(stored.rows)]
+    x = probe_rows(stored.cols, dtype=packed.dtype)[:probe or probe_row_count(stored.rows)]
     return _first_matching(stored, x, onednn_packed.linear(x, packed), k_blocks)
 
 
