@@ -96,3 +96,27 @@ def test_engine_packs_cpu_weights_and_matches_unpacked(tiny_model_dir, dtype, we
         setattr(owner, name, getattr(owner, name).plain())  # F.linear on the same weights
     plain = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]
     assert packed == plain
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_float32_logits_into_a_buffer_in_pieces_have_the_whole_products_bits(tiny_model_dir, batch_invariant):
+    """A float32 step's logits written into the runner's buffer go through the LM head 64-127 rows at a time
+    (a whole 256-row result is past glibc's mmap threshold and was page-faulted in each step): the same bits as
+    one call on all the rows, for every packed form the engine picks."""
+    from forge_batch.models.llama import LOGITS_ROWS_PER_CALL
+
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", batch_invariant=batch_invariant)
+    model = llm.model
+    g = torch.Generator().manual_seed(0)
+    calls: list[int] = []
+    real = type(model.lm_head).__call__
+    for rows in (1, LOGITS_ROWS_PER_CALL - 1, 2 * LOGITS_ROWS_PER_CALL + 5, 300):
+        hidden = torch.randn(rows, model.config.hidden_size, generator=g) * 3
+        out = torch.empty(rows, model.lm_head.weight.shape[0])
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(model.lm_head), "__call__", lambda self, x: calls.append(x.shape[0]) or real(self, x))
+            into = model.compute_logits(hidden, out=out)
+        assert into.data_ptr() == out.data_ptr() and sum(calls) == rows
+        assert all(LOGITS_ROWS_PER_CALL <= n < 2 * LOGITS_ROWS_PER_CALL for n in calls) or calls == [rows]
+        assert torch.equal(into, model.lm_head(hidden).float())
