@@ -35,7 +35,8 @@ def _forms(dtype: torch.dtype) -> list[tuple[str, type]]:
     forms: list[tuple[str, type]] = [("padded F.linear", PaddedLinear)]
     if dtype == torch.float32 and mkl_packed.available():
         forms.append(("MKL packed", MklPackedLinear))
-    if onednn_packed.available(dtype):  # bfloat16, and float32 where torch has oneDNN's float32 path
+    if (dtype == torch.bfloat16 and onednn_packed.available()) or (
+            dtype == torch.float32 and onednn_packed.float32_preferred()):  # float32: on AMD CPUs
         forms.append(("oneDNN packed", OneDnnLinear))
     return forms
 

@@ -75,12 +75,12 @@ def test_onednn_pack_rejects_what_it_cannot_reorder():
 
 @pytest.mark.parametrize(
     ("dtype", "weight_type"),
-    [("float32", OneDnnLinear if onednn_packed.available(torch.float32) else MklPackedLinear),
+    [("float32", OneDnnLinear if onednn_packed.float32_preferred() else MklPackedLinear),
      pytest.param("bfloat16", OneDnnLinear, marks=onednn)],
 )
 def test_engine_packs_cpu_weights_and_matches_unpacked(tiny_model_dir, dtype, weight_type):
-    """oneDNN's reordered weights (float32: MKL's packed ones where torch lacks oneDNN's float32 path): the same
-    tokens as plain F.linear."""
+    """oneDNN's reordered weights (float32: MKL's packed ones but on AMD CPUs): the same tokens as plain
+    F.linear."""
     prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), device="cpu", dtype=dtype, max_num_seqs=32)

@@ -23,9 +23,9 @@ needs_f32 = pytest.mark.skipif(not (pp.available_here(torch.float32) and mkl_pac
 needs_f32_onednn = pytest.mark.skipif(not (pp.available_here(torch.float32) and onednn_packed.available(torch.float32)),
                                       reason="no AVX-512 float32 panel product or no oneDNN float32 path here")
 # the engine's products with panels, and without (the packed GEMM alone), per dtype: a float32 engine takes
-# oneDNN where torch has it for float32, else MKL
+# oneDNN on AMD CPUs, else MKL
 PANEL_FORMS = {"bfloat16": (PanelLinear, OneDnnLinear), "float32": (
-    (PanelLinear, OneDnnLinear) if onednn_packed.available(torch.float32) else (MklPanelLinear, MklPackedLinear))}
+    (PanelLinear, OneDnnLinear) if onednn_packed.float32_preferred() else (MklPanelLinear, MklPackedLinear))}
 
 FORMATS = ["Q4_1", "Q8_0"]
 

@@ -4,8 +4,8 @@ one-call decode step.
 ``CpuBackend.prepare_weights`` puts faster forms of the model's matmul weights in place of the plain
 ``kernels.Linear`` ones (kernels/cpu/linear.py), all computing F.linear's numbers except int8:
 
-- packed for the GEMM library: oneDNN's layout (bfloat16, and float32 where torch has it: twice MKL's
-  float32 speed on AMD CPUs, where MKL runs AVX2 code), else MKL's for float32 (10-40% faster products);
+- packed for the GEMM library: oneDNN's layout (bfloat16, and float32 on AMD CPUs, where MKL runs AVX2
+  code and oneDNN is twice as fast), else MKL's for float32 (10-40% faster products);
 - with quantization="int8", the decoder's matmuls as W8A8 int8 (the LM head stays packed float32);
 - for steps of a few rows, the checkpoint's own storage format when it is smaller (a 4-bit GGUF,
   bfloat16 safetensors): the same products from a fraction of the bytes (``weight_gemv``).
@@ -13,7 +13,7 @@ one-call decode step.
 With ``batch_invariant`` (the default) a row's numbers must not depend on how many rows share its step,
 so each matmul computes a row's sums one way for every row count: no ``weight_gemv`` stored forms (they sum
 in their own order, so a few-row step would differ from a larger one); oneDNN's product (bfloat16, and
-float32 where torch has it) pads a single row to two (its one-row kernel sums some rows in another order);
+float32 on AMD CPUs) pads a single row to two (its one-row kernel sums some rows in another order);
 MKL's float32 GEMM (or F.linear) pads the rows up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``). Where the
 checkpoint stores a weight as 4/8-bit blocks, steps of a few rows read those blocks instead with the
 library's bits (``PanelLinear`` with oneDNN's, ``MklPanelLinear`` with MKL's: kernels/cpu/panel_product.py
@@ -125,7 +125,8 @@ class CpuBackend:
         the decoder layers' unless ``layers`` is False. Returns whether packing applies here. In
         batch-invariant mode products without MKL's or oneDNN's packed forms become ``PaddedLinear``."""
         form: Callable[[Linear], Linear]
-        if self.dtype in (torch.float32, torch.bfloat16) and onednn_packed.available(self.dtype):
+        if (self.dtype == torch.bfloat16 and onednn_packed.available()) or (
+                self.dtype == torch.float32 and onednn_packed.float32_preferred()):
             def form(base: Linear) -> Linear:
                 return OneDnnLinear(base, batch_invariant=self.batch_invariant)
         elif self.dtype == torch.float32 and mkl_packed.available():

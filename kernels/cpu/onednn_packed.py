@@ -71,6 +71,19 @@ def available(dtype: torch.dtype = torch.bfloat16) -> bool:
     return _available[dtype]
 
 
+def float32_preferred() -> bool:
+    """Whether a float32 model takes oneDNN's product rather than MKL's: on AMD CPUs, where MKL runs its AVX2
+    code and oneDNN's is twice as fast. Elsewhere (Intel: MKL runs AVX-512) MKL's packed GEMM keeps the
+    float32 path whose row-count invariance was measured there (kernels/cpu/linear.py)."""
+    if not available(torch.float32):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return False
+
+
 @torch.inference_mode()
 def pack(weight: torch.Tensor) -> OneDnnWeight:
     """Reorder a [n, k] bfloat16 or float32 CPU weight (copied; the original stays as it is)."""
