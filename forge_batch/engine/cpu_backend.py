@@ -163,11 +163,10 @@ class CpuBackend:
         # the library's order is the shape's: found once (or remembered from an earlier load), checked per weight
         k_blocks = panel_product.remembered_k_blocks()
         found: dict[str, int] = {}
+        dtype = "" if self.dtype == torch.bfloat16 else "float32:"  # orders are remembered per library and dtype
         for owner, name, linear, s in _stored_forms(model, raw):
             if linear.bias is not None:
                 continue
-            # the order remembered per library and dtype (bfloat16's key is the bare shape)
-            dtype = "" if self.dtype == torch.bfloat16 else "float32:"
             if isinstance(linear, OneDnnLinear):
                 match, form, shape = panel_product.match_onednn, PanelLinear, f"{dtype}{s.rows}x{s.cols}"
             elif isinstance(linear, MklPackedLinear):

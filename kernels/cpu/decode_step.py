@@ -1,6 +1,6 @@
 """A whole decode step of a Llama-family model in one C call (csrc/decode_step.c), over weights kept in
-their stored format (stored.py), or, for a batch-invariant float32 model, as panels with MKL's bits
-(panel_product.py). Built by the engine's CPU backend for one model and KV cache."""
+their stored format (stored.py), or, for a batch-invariant float32 model, as panels with the GEMM library's
+bits (panel_product.py). Built by the engine's CPU backend for one model and KV cache."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ class DecodeLayerWeights:
 class DecodeStep:
     """A whole decode step of a Llama-family model in one C call (csrc/decode_step.c) for up to ``max_rows``
     sequences with one new token each: the layer-by-layer path with stored weights (weight_gemv, rms_norm,
-    rotary_store_kv, paged decode attention, silu_and_mul), or with panel weights (panel products with MKL's
-    bits: a batch-invariant float32 model's few-row path), without its ~300 Python-level kernel calls. Built
+    rotary_store_kv, paged decode attention, silu_and_mul), or with panel weights (panel products with the
+    GEMM library's bits: a batch-invariant float32 model's few-row path), without its ~300 Python-level kernel calls. Built
     once per model and KV cache: the pointer table below holds the addresses of the weights and caches,
     which never move."""
 

@@ -15,10 +15,8 @@ from . import int8, mkl_packed, onednn_packed, panel_product, stored
 # Below 16 rows MKL's packed GEMM sums in another order than F.linear (and the few-row steps have their
 # own paths), so those rows keep F.linear.
 PACKED_MIN_ROWS = 16
-# float32 GEMMs (MKL's packed one and F.linear) sum a row in one order whenever the row count is a multiple
-# of 4 or at least 12, and in others for the last rows of 1-11 (measured on AVX-512, 1-4 threads, M=1..300);
-# a batch-invariant product pads its rows up to a multiple of this.
-INVARIANT_ROW_MULTIPLE = 4
+# a batch-invariant product pads its rows up to a multiple of this (mkl_packed says why)
+INVARIANT_ROW_MULTIPLE = mkl_packed.INVARIANT_ROW_MULTIPLE
 
 
 def pad_rows(x: torch.Tensor, multiple: int = INVARIANT_ROW_MULTIPLE) -> torch.Tensor:
@@ -91,42 +89,38 @@ class OneDnnLinear(Linear):
         return onednn_packed.linear(x, self.packed, self.bias)
 
 
-class PanelLinear(OneDnnLinear):
+class _PanelSteps:
+    """Mixed in before a batch-invariant packed product: its steps of up to PANEL_MAX_ROWS rows read the
+    checkpoint's 4/8-bit blocks (panel_product) with that product's bits; larger steps take the product."""
+
+    __slots__ = ()
+
+    def __init__(self, base: OneDnnLinear | MklPackedLinear, panel: panel_product.PanelWeight) -> None:
+        Linear.__init__(self, base.weight, base.bias)  # type: ignore[arg-type]
+        self.packed = base.packed
+        self.batch_invariant = True
+        self.panel = panel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= panel_product.PANEL_MAX_ROWS:
+            return panel_product.panel_product(x.to(self.weight.dtype), self.panel)
+        return super().__call__(x)  # type: ignore[misc]
+
+
+class PanelLinear(_PanelSteps, OneDnnLinear):
     """A batch-invariant oneDNN product whose steps of up to PANEL_MAX_ROWS rows read the checkpoint's
     4/8-bit blocks (panel_product: a third of the bfloat16 weight's bytes, a sixth of the float32 one's) with
     oneDNN's bits."""
 
     __slots__ = ("panel",)
 
-    def __init__(self, base: OneDnnLinear, panel: panel_product.PanelWeight) -> None:
-        Linear.__init__(self, base.weight, base.bias)
-        self.packed = base.packed
-        self.batch_invariant = True
-        self.panel = panel
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= panel_product.PANEL_MAX_ROWS:
-            return panel_product.panel_product(x, self.panel)
-        return onednn_packed.linear(x, self.packed, self.bias)
-
-
-class MklPanelLinear(MklPackedLinear):
+class MklPanelLinear(_PanelSteps, MklPackedLinear):
     """A batch-invariant float32 product (MKL's packed GEMM, rows padded to a multiple of 4) whose steps of up
     to PANEL_MAX_ROWS rows read the checkpoint's 4/8-bit blocks (panel_product: a quarter to an eighth of the
     float32 weight's bytes) with MKL's bits."""
 
     __slots__ = ("panel",)
-
-    def __init__(self, base: MklPackedLinear, panel: panel_product.PanelWeight) -> None:
-        Linear.__init__(self, base.weight, base.bias)
-        self.packed = base.packed
-        self.batch_invariant = True
-        self.panel = panel
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= panel_product.PANEL_MAX_ROWS:
-            return panel_product.panel_product(x.float(), self.panel)
-        return super().__call__(x)
 
 
 class Int8Linear(Linear):

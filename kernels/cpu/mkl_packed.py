@@ -33,6 +33,10 @@ log = logging.getLogger("forge_batch.kernels")
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 # The row count MKL's packing API asks for; its layout is the same for every m (see the module docstring).
 _NOMINAL_ROWS = 128
+# float32 GEMMs (MKL's packed one and F.linear) sum a row in one order whenever the row count is a multiple
+# of 4 or at least 12, and in others for the last rows of 1-11 (measured on AVX-512, 1-4 threads, M=1..300);
+# a batch-invariant product pads its rows up to a multiple of this.
+INVARIANT_ROW_MULTIPLE = 4
 _lib: ctypes.CDLL | None = None
 _tried = False
 

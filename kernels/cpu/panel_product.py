@@ -1,6 +1,6 @@
 """A few bfloat16 rows times a weight read from its GGUF blocks, with the bits oneDNN's bfloat16 GEMM gives
-the same rows inside a batch (csrc/panel_product.c); and a few float32 rows with the bits of MKL's packed
-float32 GEMM (the float32 engine's product), from the same panels.
+the same rows inside a batch (csrc/panel_product.c); and a few float32 rows with the bits of the float32
+engine's product (oneDNN's or MKL's packed GEMM), from the same panels.
 
 A batch-invariant bfloat16 engine runs every product through oneDNN, whose results for a row are the same
 at 2 to 300 rows (a single row is padded to two). A one-row decode step then reads the whole bfloat16
@@ -35,8 +35,6 @@ _TYPE_IDS = {"Q4_1": 3, "Q8_0": 8}
 K_BLOCKS = (512, 1024, 256, 2048)
 # MKL's float32 k-blocking candidates (192 on an AVX-512 EPYC for every shape of the default model).
 F32_K_BLOCKS = (192, 256, 384, 512, 1024, 2048)
-# MKL's float32 GEMM sums a row one way at row counts that are multiples of this (kernels/cpu/linear.py).
-MKL_ROW_MULTIPLE = 4
 # The bit check's probe: heavy-tailed rows (as real activations are), enough of them that the outputs
 # number PROBE_OUTPUTS. A wrong order changes about one bfloat16 output in 10^4 to 10^5 (measured: k=576,
 # one sequential sum against oneDNN's 512-blocks, 18 of 276,480), so 2^18 outputs expect ~17 mismatches
@@ -102,8 +100,8 @@ def available_here(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 def panel_product(x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
-    """x [rows, k] times ``weight`` -> [rows, n]: float32 rows give float32 (MKL's bits), any other dtype is
-    taken as bfloat16 (oneDNN's bits)."""
+    """x [rows, k] times ``weight`` -> [rows, n]: float32 rows give float32, any other dtype is taken as
+    bfloat16; the bits are those of the library whose order ``weight.k_block`` was matched to."""
     f32 = x.dtype == torch.float32
     x = x.contiguous() if f32 else x.to(torch.bfloat16).contiguous()
     if x.dim() != 2 or x.shape[1] != weight.k:
@@ -143,13 +141,14 @@ def match_onednn(stored: StoredWeight, packed: onednn_packed.OneDnnWeight, k_blo
 @torch.inference_mode()
 def match_mkl(stored: StoredWeight, packed: mkl_packed.PackedWeight, k_blocks: tuple[int, ...] = F32_K_BLOCKS,
               probe: int | None = None) -> PanelWeight | None:
-    """``match_onednn`` for a float32 model: products with the bits of MKL's packed GEMM on ``packed`` (probe
-    rows a multiple of MKL_ROW_MULTIPLE, as the batch-invariant engine pads them)."""
+    """``match_onednn`` for a float32 model on MKL: products with the bits of MKL's packed GEMM on ``packed``
+    (probe rows a multiple of its INVARIANT_ROW_MULTIPLE, as the batch-invariant engine pads them)."""
     if not (available_here(torch.float32) and PanelWeight.supports(stored)) or (
             (stored.rows, stored.cols) != (packed.n, packed.k)):
         return None
     rows = probe or probe_row_count(stored.rows)
-    x = probe_rows(stored.cols, dtype=torch.float32)[:-(-rows // MKL_ROW_MULTIPLE) * MKL_ROW_MULTIPLE]
+    multiple = mkl_packed.INVARIANT_ROW_MULTIPLE
+    x = probe_rows(stored.cols, dtype=torch.float32)[:-(-rows // multiple) * multiple]
     return _first_matching(stored, x, mkl_packed.linear(x, packed), k_blocks)
 
 

@@ -96,7 +96,7 @@ void paged_decode_attention_item_bf16(const uint16_t* q, const uint16_t* k_cache
  * panel_product_bf16 (rows <= 4). */
 void panel_product_share_bf16(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
                               int64_t n, int64_t k, int64_t k_block, const uint16_t* x, int64_t rows, uint16_t* y);
-/* ... and of panel_product_f32 (float32 rows and outputs, MKL's order). */
+/* ... and of panel_product_f32 (float32 rows and outputs). */
 void panel_product_share_f32(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
                              int64_t n, int64_t k, int64_t k_block, const float* x, int64_t rows, float* y);
 #endif

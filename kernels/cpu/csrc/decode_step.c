@@ -10,7 +10,7 @@
  * Each stage calls the same single-threaded function the stand-alone kernel uses (cpu_kernels.h), in the
  * same order, so a step computes what the layer-by-layer path computes with stored weights
  * (LlamaForCausalLM.forward with keep_stored_weights): matmuls through weight_gemv (or, in a batch-invariant
- * float32 model, panel products with MKL's bits: `panels`), rms_norm,
+ * float32 model, panel products with the GEMM library's bits: `panels`), rms_norm,
  * rotary + KV store, paged decode attention (without a cascade prefix), silu_and_mul. A bfloat16 model
  * runs it too (kv_bf16): its stored weights are the same, activations stay float32 here, and only the K/V
  * it writes and reads are bfloat16, which makes a one-stream step read fewer bytes than bfloat16 matmuls.
@@ -40,7 +40,7 @@ typedef struct {
 #define PTR(T, v) ((T*)(intptr_t)(v))
 
 /* This thread's contiguous share of the weight's outputs: weight_gemv on a stored weight, or with `panels` the
- * panel product with MKL's bits (the batch-invariant step), whose seven fields (values, scales, mins, type, n,
+ * panel product with the GEMM library's bits (the batch-invariant step), whose seven fields (values, scales, mins, type, n,
  * k, k_block: panel_product.c) the same slots hold; a panel weight has no bias. */
 static void gemv_share(const stored_weight* w, const float* x, int64_t m, const float* bias, float* y, int panels) {
     if (panels)

@@ -23,11 +23,12 @@
  * Exactness of the fused decode: q * d is exact in float32 (q has at most 8 bits, d is a float16 with 11), so
  * rounding q * d and then q * d + m (as the loader does) equals one fused multiply-add's single rounding.
  *
- * float32 rows (panel_product_f32) read the same panels for a float32 model, with the bits of MKL's packed
- * sgemm (the float32 engine's product, rows padded to a multiple of 4) on these CPUs: per output one fused
- * multiply-add chain over k in order, in blocks of k_block (192 on an AVX-512 EPYC) each from zero, the
- * blocks' sums added in order. Each pair's two halves become the 16 columns' weights at k and at k + 1 by one
- * two-source permute each. Needs only AVX-512F, so it also runs on CPUs without bfloat16. */
+ * float32 rows (panel_product_f32) read the same panels for a float32 model, with the bits of its product
+ * (oneDNN's float32 matmul, or MKL's packed sgemm with rows padded to a multiple of 4), which on these CPUs
+ * both sum in the same shape of order: per output one fused multiply-add chain over k in order, in blocks of
+ * k_block (oneDNN 512 / 1024, MKL 192 on an AVX-512 EPYC) each from zero, the blocks' sums added in order.
+ * Each pair's two halves become the 16 columns' weights at k and at k + 1 by one two-source permute each.
+ * Needs only AVX-512F, so it also runs on CPUs without bfloat16. */
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
@@ -100,7 +101,7 @@ static inline __m512bh decode_pair(int type, const uint8_t* q, __m512 dA, __m512
 /* Output columns [16 g, 16 (g + NG)) for R rows. NG groups are in flight at once so that NG x R
  * accumulators are independent: with one row and one group each pair product waited for the previous
  * one (vdpbf16ps's latency), which bounded a one-row step. Each output's sum is still its own chain in the
- * same order, so the bits do not depend on NG. F32: float32 rows and outputs (MKL's order, see the top),
+ * same order, so the bits do not depend on NG. F32: float32 rows and outputs (see the top),
  * else bfloat16 (oneDNN's). Inlined with constant NG, R and F32 (the loops unroll, the branches fold). */
 static inline __attribute__((always_inline)) void panel_tile(
     const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t k, int64_t k_block,
@@ -230,7 +231,7 @@ void panel_product_share_f32(const uint8_t* values, const uint16_t* scales, cons
 }
 
 /* x [rows, k] float32 (rows <= PANEL_MAX_ROWS) times the panels of an [n, k] weight -> y [rows, n] float32,
- * MKL's bits (see the top); the same shapes and threads as panel_product_bf16 below. */
+ * the float32 product's bits (see the top); the same shapes and threads as panel_product_bf16 below. */
 void panel_product_f32(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t n,
                        int64_t k, int64_t k_block, const float* x, int64_t rows, float* y, int num_threads) {
     _Pragma("omp parallel num_threads(num_threads)")
