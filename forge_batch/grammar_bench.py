@@ -513,4 +513,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from forge_batch.checkout_path import drop_checkout_root
+
+    drop_checkout_root()  # before anything imports transformers
     raise SystemExit(main())

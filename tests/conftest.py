@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from forge_batch.checkout_path import drop_checkout_root
+
+drop_checkout_root()  # `python -m pytest` from the checkout: its ./kernels must not shadow transformers' `kernels`
 sys.path.insert(0, str(Path(__file__).parent))
 # Two cores here and in CI: keep torch from oversubscribing when tests spawn subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
