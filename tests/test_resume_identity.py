@@ -81,3 +81,25 @@ def test_other_prompts_under_the_same_ids_are_refused(job_dir: Path) -> None:
     r = run(job_dir, "--set", "input.path=moved.jsonl")
     assert r.returncode == 0, r.stderr
     assert len(read_output(job_dir / "out")) == 6
+
+
+def test_an_engine_on_another_gemm_library_or_instruction_set_is_refused(job_dir: Path) -> None:
+    """Two machines whose GEMM library or instruction set differ (oneDNN on AMX or on AVX512-BF16, MKL or
+    oneDNN in float32) sum a product in different orders: resuming on one the rows of the other is refused.
+    Rows committed before the engine recorded `matmul` resume without that check."""
+    assert run(job_dir, "--limit", "2").returncode == 0
+    manifest_path = state_dir_for(job_dir / "out") / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    here = manifest["engine"]["matmul"]
+    library, _, isa = here.partition(" on ")
+    assert library in ("onednn", "mkl", "torch") and isa, here
+    manifest["engine"]["matmul"] = "onednn on amx" if isa != "amx" else "onednn on avx512_bf16"
+    manifest_path.write_text(json.dumps(manifest))
+    r = run(job_dir, "--limit", "4")
+    assert r.returncode == 2 and f"matmul: '{manifest['engine']['matmul']}' -> '{here}'" in r.stderr, r.stderr
+    del manifest["engine"]["matmul"]  # as an older version recorded it
+    manifest_path.write_text(json.dumps(manifest))
+    r = run(job_dir, "--limit", "4")
+    assert r.returncode == 0, r.stderr
+    assert len(read_output(job_dir / "out")) == 4
+    assert json.loads(manifest_path.read_text())["engine"]["matmul"] == here

@@ -57,11 +57,13 @@ from forge_batch.models.raw_weights import RawWeight
 @dataclass
 class PreparedWeights:
     """What ``prepare_weights`` did: whether the matmuls are packed for the GEMM library, how many are
-    kept in stored form, whether the decoder's are int8."""
+    kept in stored form, whether the decoder's are int8, and which library computes the matmuls ("onednn",
+    "mkl", or "torch": F.linear's own choice), as the engine's identity names it."""
 
     packed: bool = False
     stored: int = 0
     int8: bool = False
+    matmul: str = "torch"
 
 
 def _stored_forms(model: LlamaForCausalLM, raw: dict[str, RawWeight], layers: bool = True,
@@ -118,18 +120,28 @@ class CpuBackend:
             stored = self.keep_panels(model, raw) if raw and not int8 else 0
         else:
             stored = self.keep_stored(model, raw, layers=not int8) if raw and weight_gemv_fast() else 0
-        return PreparedWeights(packed=packed, stored=stored, int8=int8)
+        return PreparedWeights(packed=packed, stored=stored, int8=int8, matmul=self.matmul_library())
+
+    def matmul_library(self) -> str:
+        """Which GEMM library computes this engine's matmuls (``pack`` uses the same test): "onednn" (its
+        reordered weights), "mkl" (its packed float32 GEMM) or "torch" (F.linear's own choice)."""
+        if (self.dtype == torch.bfloat16 and onednn_packed.available()) or (
+                self.dtype == torch.float32 and onednn_packed.float32_preferred()):
+            return "onednn"
+        if self.dtype == torch.float32 and mkl_packed.available():
+            return "mkl"
+        return "torch"
 
     def pack(self, model: LlamaForCausalLM, layers: bool = True) -> bool:
         """Pack the matmul weights for the GEMM library (MKL float32, oneDNN bfloat16): the LM head's, and
         the decoder layers' unless ``layers`` is False. Returns whether packing applies here. In
         batch-invariant mode products without MKL's or oneDNN's packed forms become ``PaddedLinear``."""
         form: Callable[[Linear], Linear]
-        if (self.dtype == torch.bfloat16 and onednn_packed.available()) or (
-                self.dtype == torch.float32 and onednn_packed.float32_preferred()):
+        library = self.matmul_library()
+        if library == "onednn":
             def form(base: Linear) -> Linear:
                 return OneDnnLinear(base, batch_invariant=self.batch_invariant)
-        elif self.dtype == torch.float32 and mkl_packed.available():
+        elif library == "mkl":
             def form(base: Linear) -> Linear:
                 return MklPackedLinear(base, batch_invariant=self.batch_invariant)
         elif self.batch_invariant and self.dtype in (torch.float32, torch.bfloat16):

@@ -7,6 +7,7 @@ torch is imported only by the functions that need it: the option names are read 
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,26 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return ("avx512_bf16" in flags or "amx_bf16" in flags) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def matmul_isa(device: torch.device) -> str:
+    """What a device's matmuls run on, as far as it decides the order of their sums: a CUDA device's compute
+    capability ("sm_90"); on the CPU the widest extension torch's GEMM libraries pick from ("amx",
+    "avx512_bf16", "avx512", "avx2" or "baseline"), and a cap put on oneDNN's (ONEDNN_MAX_CPU_ISA) when set."""
+    import torch
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    isa = next((name for name, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"),
+                                        ("avx2", "avx2")) if flag in flags), "baseline")
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{isa}, ONEDNN_MAX_CPU_ISA={cap}" if cap else isa
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

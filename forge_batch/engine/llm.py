@@ -31,6 +31,7 @@ from forge_batch.models.tokenizer import Tokenizer
 from .config import EngineArgs, EngineConfig
 from .constraints import ConstraintFactory
 from .cpu_backend import CpuBackend, PreparedWeights
+from .device import matmul_isa
 from .llm_engine import LLMEngine
 from .model_runner import kv_bytes_per_token
 from .outputs import RequestOutput
@@ -286,6 +287,10 @@ class LLM:
         self.runner, self.scheduler, self.block_manager = self.engine.runner, self.engine.scheduler, self.engine.block_manager
         self.samplers, self.constraints = self.engine.samplers, self.engine.constraints
         self.packed_weights, self.stored_weights = prepared.packed, prepared.stored
+        # which library's kernels compute the matmuls, on which instruction set: two machines that differ here
+        # sum a product in different orders (oneDNN on AMX or not, MKL or oneDNN in float32, the GPU's arch)
+        library = "triton" if triton_matmuls else prepared.matmul
+        self._matmul = f"{library} on {matmul_isa(config.device)}"
         self.model_source = model if isinstance(model, str) else None
         self._model_digest: str | None = None
 
@@ -308,6 +313,7 @@ class LLM:
             "quantization": config.quantization,
             "max_model_len": config.max_model_len,
             "kernel_path": config.kernel_path,
+            "matmul": self._matmul,
             "batch_invariant": config.batch_invariant and self.model.kernels.triton_disabled_reason() is None,
         }
 

@@ -68,9 +68,10 @@ def check_identity(
     kernel path, ...); the keys in ``compare`` must be equal, the others only describe. With ``force``
     (``--force-resume``) the change is accepted and recorded in ``manifest``. Either way ``current`` is
     what the manifest records from now on."""
-    compare = list(compare)
     old = manifest.get(kind)
     if holds_rows and isinstance(old, dict):
+        # a key the committed rows' version did not record yet is unknown, not changed
+        compare = [k for k in compare if k in old]
         diffs = [f"{k}: {old.get(k)!r} -> {current.get(k)!r}" for k in compare if old.get(k) != current.get(k)]
         if diffs and not force:
             described = [k for k in current if k not in compare and old.get(k) != current.get(k)]

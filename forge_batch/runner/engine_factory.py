@@ -18,8 +18,9 @@ from forge_batch.job import JobSpec
 ENGINE_FACTORY_ENV = "FORGE_BATCH_ENGINE_FACTORY"
 
 # What an engine must keep for a resumed run to write what the interrupted one would have: each of these
-# can change a row's tokens (the model's content, not its name; the resolved dtype, not "auto").
-ENGINE_IDENTITY = ("model_digest", "device", "dtype", "quantization", "max_model_len", "kernel_path",
+# can change a row's tokens (the model's content, not its name; the resolved dtype, not "auto"; the GEMM
+# library and instruction set, which decide the order of a product's sums).
+ENGINE_IDENTITY = ("model_digest", "device", "dtype", "quantization", "max_model_len", "kernel_path", "matmul",
                    "batch_invariant")
 
 
