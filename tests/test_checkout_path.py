@@ -35,4 +35,3 @@ def test_the_checkout_root_leaves_sys_path_and_its_kernels_folder_is_forgotten()
     before, after = out.stdout.split("\n")[:2]
     assert Path(before).resolve() == ROOT / "kernels" / "__init__.py"
     assert after == "None" or not Path(after).resolve().is_relative_to(ROOT)
-

@@ -196,6 +196,13 @@ def _prepare_cpu_weights(cpu: CpuBackend, net: torch.nn.Module, raw: dict[str, R
     return prepared
 
 
+def _matmul_identity(prepared: PreparedWeights, triton_matmuls: bool, device: torch.device) -> str:
+    """The GEMM library and the instruction set it runs on ("onednn on avx512_bf16", "triton on sm_90"): two
+    machines that differ here sum a product in different orders (oneDNN on AMX or not, MKL or oneDNN in
+    float32, the GPU's architecture)."""
+    return f"{'triton' if triton_matmuls else prepared.matmul} on {matmul_isa(device)}"
+
+
 class LLM:
     """An offline engine for one model on one device.
 
@@ -287,18 +294,16 @@ class LLM:
         self.runner, self.scheduler, self.block_manager = self.engine.runner, self.engine.scheduler, self.engine.block_manager
         self.samplers, self.constraints = self.engine.samplers, self.engine.constraints
         self.packed_weights, self.stored_weights = prepared.packed, prepared.stored
-        # which library's kernels compute the matmuls, on which instruction set: two machines that differ here
-        # sum a product in different orders (oneDNN on AMX or not, MKL or oneDNN in float32, the GPU's arch)
-        library = "triton" if triton_matmuls else prepared.matmul
-        self._matmul = f"{library} on {matmul_isa(config.device)}"
+        self._matmul = _matmul_identity(prepared, triton_matmuls, config.device)
         self.model_source = model if isinstance(model, str) else None
         self._model_digest: str | None = None
 
     @property
     def engine_info(self) -> dict[str, Any]:
         """What decides this engine's numbers, resolved (never ``auto``): the model's content digest, device,
-        dtype, quantization, context length, kernel path and whether a row's numbers are batch-invariant
-        (no longer, once an ``auto`` backend's Triton kernels failed and the torch reference took over).
+        dtype, quantization, context length, kernel path, GEMM library and its instruction set (``matmul``)
+        and whether a row's numbers are batch-invariant (no longer, once an ``auto`` backend's Triton
+        kernels failed and the torch reference took over).
         Recorded with a job's output, and compared when a job resumes, because any of them can change a
         row's tokens."""
         if self._model_digest is None and self.model_source is not None:
