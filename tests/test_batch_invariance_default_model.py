@@ -4,7 +4,7 @@ machine and in float32: 48 chat prompts, 64 tokens each with EOS ignored, greedy
 of its logits at every generated position, as all 48 together in one call (``max_num_seqs`` 256, no prefix
 cache): each prompt alone, in batches of 3, with ``max_num_seqs`` 4, in batches of 24 with the prefix
 cache, with chunked prefill (a token budget smaller than every prompt: chunks mix with decodes), with
-forced preemption (too few KV blocks: rows recomputed over their cached prefix), and through
+forced preemption (too few KV blocks: rows recomputed over their cached prefix), on one thread, and through
 ``forge-batch run`` killed after its first committed parts and resumed (its token ids, from the logprobs
 column, equal the engine's; its ids and texts equal an uninterrupted run's).
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 from conftest import requires_default_model
 from runner_helpers import cli, cli_env, popen, read_output, write_job_file, write_jsonl
 from test_batch_invariance import Run, generate_runs
@@ -211,6 +212,27 @@ def test_max_num_seqs_prefix_cache_chunked_prefill_and_preemption(engine, refere
     preemptions, hits = cramped.scheduler.num_preemptions, cramped.block_manager.prefix_hits
     assert _differing(_runs(cramped, temperature, sizes), expected) == []
     assert cramped.scheduler.num_preemptions > preemptions and cramped.block_manager.prefix_hits > hits
+
+
+THREAD_CHATS = 12  # the first this many chats, greedy, on one thread
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_thread_gives_the_bits_of_several(engine, reference, dtype):
+    """A row's logits do not depend on the thread count either (a Ray replica given one CPU computes what a
+    local run on all of them does): the first chats on one thread equal the reference, run on the machine's
+    threads (the GEMM library's order, the kernels' split of work and the panel products' thread shares)."""
+    expected, wide = reference(dtype, 0.0), engine(dtype, "wide")
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("the reference already ran on one thread")
+    sizes = _sizes(dtype)
+    torch.set_num_threads(1)
+    try:
+        runs = _runs(wide, 0.0, sizes, min(THREAD_CHATS, sizes.chats))
+    finally:
+        torch.set_num_threads(threads)
+    assert _differing(runs, expected) == []
 
 
 def _wait_for_parts(out: Path, n: int, proc, timeout: float = 900) -> None:
