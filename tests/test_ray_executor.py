@@ -143,6 +143,41 @@ def test_a_replica_killed_mid_run_loses_and_repeats_nothing(ray_address: str, ti
     assert rows_of(tmp_path / "ray") == rows_of(tmp_path / "local")
 
 
+def test_the_end_of_the_shards_is_sent_without_waiting_for_the_queue_that_the_relay_drops(ray_address: str) -> None:
+    """On END the relay task ends and drops its queue, which Ray destroys, at times before the driver's put of
+    END has its reply: waiting for it reported a dead queue in a run whose every shard was committed. Here a
+    queue that dies the moment END reaches it: the shards' puts are waited for, END's is not, and nothing
+    raises (a put that waited would raise ActorDiedError)."""
+    import ray
+
+    from forge_batch.runner.ray_source import ShardQueueClient
+    from forge_batch.runner.shard_feed import END
+
+    @ray.remote(num_cpus=0)
+    class QueueGoneAtEnd:
+        def __init__(self) -> None:
+            self.items: list = []
+
+        def put(self, item: Any) -> None:
+            if item is END:
+                ray.actor.exit_actor()
+            self.items.append(item)
+
+        def seen(self) -> list:
+            return self.items
+
+    name = f"test-shards-{time.monotonic_ns()}"
+    queue = QueueGoneAtEnd.options(name=name).remote()
+    client = ShardQueueClient(name)
+    for key in range(3):
+        client.put((key, b"rows"))
+    assert ray.get(queue.seen.remote()) == [(0, b"rows"), (1, b"rows"), (2, b"rows")]
+    client.put(END)
+    with pytest.raises(ray.exceptions.RayActorError):  # the queue is gone, as a relay's queue goes at END
+        ray.get(queue.seen.remote(), timeout=60)
+    client.close()
+
+
 def test_the_driver_packs_a_window_of_shards_ahead_of_its_commits(ray_address: str, tiny_model_dir: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver reads and packs shards while results come back, never more than ``shards_in_flight``

@@ -73,7 +73,13 @@ class ShardQueueClient:
                 self._actor = ray.get_actor(self.name)
             except ValueError:  # not made yet
                 time.sleep(0.02)
-        ray.get(self._actor.put.remote(item))
+        delivered = self._actor.put.remote(item)
+        if item is END:
+            # Not waited for: on END the relay task ends and drops the queue, which Ray then destroys, at times
+            # before this call's reply is back, and waiting would report a queue that died although END (and
+            # every shard) arrived. A queue lost before END shows as shards that did not come back.
+            return
+        ray.get(delivered)
 
     def close(self) -> None:
         self._closed.set()
