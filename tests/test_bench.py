@@ -72,6 +72,9 @@ def test_bench_repeat_interleaves_rounds_and_reports_medians_and_our_own_ratios(
     assert m and float(m[2]) <= float(m[1]) <= float(m[3])
 
 
+COMPILE_S = 3.0  # a stand-in compile: longer than the tiny model's load on a loaded machine
+
+
 def test_bench_compiles_the_cpu_kernels_before_it_times_the_load(tiny_model_dir, monkeypatch, capsys):
     """A first run on a machine compiles the CPU kernels (seconds, once): the bench does it before its "load to
     first token" clock starts and reports it beside that figure, not inside it."""
@@ -79,7 +82,7 @@ def test_bench_compiles_the_cpu_kernels_before_it_times_the_load(tiny_model_dir,
 
     def compile_slowly() -> bool:  # the first call compiles; every kernel dispatch asks again later
         if not built:
-            time.sleep(1.5)
+            time.sleep(COMPILE_S)
             built.append("compiled")
         return real()
 
@@ -88,7 +91,7 @@ def test_bench_compiles_the_cpu_kernels_before_it_times_the_load(tiny_model_dir,
                      "--device", "cpu"])
     assert rc == 0 and len(built) == 1
     m = re.search(r"load to first token ([0-9.]+) s; CPU kernels compiled first, in ([0-9.]+) s", capsys.readouterr().out)
-    assert m and float(m[2]) >= 1.5 and float(m[1]) < 1.5
+    assert m and float(m[2]) >= COMPILE_S and float(m[1]) < COMPILE_S  # the tiny model loads in well under it
     asked = []
     monkeypatch.setattr(build, "available", lambda: asked.append("cpu kernels") or True)
     assert bench.prepare_cpu_kernels("cuda:0") == 0.0 and asked == []  # off the CPU: nothing to build
