@@ -50,6 +50,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (/proc/cpuinfo; none where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bfloat16 matmul (AVX512-BF16 or AMX), where bf16 is the faster dtype.
 
@@ -58,11 +67,7 @@ def cpu_supports_bf16() -> bool:
     """
     import torch
 
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return ("avx512_bf16" in flags or "amx_bf16" in flags) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -75,11 +80,7 @@ def matmul_isa(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"sm_{major}{minor}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        flags = set()
+    flags = _cpu_flags()
     isa = next((name for name, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"),
                                         ("avx2", "avx2")) if flag in flags), "baseline")
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
