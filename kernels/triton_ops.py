@@ -696,15 +696,25 @@ def rms_norm(
 # Matmul with one tiling for every row count
 # --------------------------------------------------------------------------------------------------
 
+class MatmulTile(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
 # The tile of every batch-invariant product, whatever the number of rows: an output element is its row's
 # float32 sum over K in BLOCK_K chunks, in order, each chunk one tl.dot of this shape (no split-K, no
-# choice by shape as cuBLAS makes). 64 x 64: a wgmma-sized tile on Hopper for prefills; a decode step
-# pads its few rows into it, which costs MMA work but not weight reads (what a decode step waits on).
-MATMUL_BLOCK_M = 64
-MATMUL_BLOCK_N = 64
-MATMUL_BLOCK_K = 64
-MATMUL_NUM_WARPS = 4
-MATMUL_NUM_STAGES = 3
+# choice by shape as cuBLAS makes). A decode step pads its few rows into BLOCK_M, which costs MMA work but
+# not weight reads (what a decode step waits on). bfloat16 and float16: the fastest of 16 tiles timed on an
+# H200 at Llama-3.1-8B's shapes and 256 rows (scripts/matmul_tiles.py; BENCHMARKS.md), and no slower than
+# 64 x 64 x 64 at 1, 64 or 2048 rows. float32 operands take twice the shared memory: its tile stays small.
+MATMUL_TILES: dict[torch.dtype, MatmulTile] = {
+    torch.bfloat16: MatmulTile(64, 128, 64, num_warps=8, num_stages=4),
+    torch.float16: MatmulTile(64, 128, 64, num_warps=8, num_stages=4),
+    torch.float32: MatmulTile(64, 64, 64, num_warps=4, num_stages=3),
+}
 
 
 @triton.jit(do_not_specialize=["M"])  # the row count changes every step: one compile, no special M == 1 code
@@ -763,6 +773,9 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError(f"matmul needs one dtype, got x {x.dtype}, weight {weight.dtype}"
                          f"{'' if bias is None else f', bias {bias.dtype}'}")
+    tile = MATMUL_TILES.get(x.dtype)
+    if tile is None:
+        raise ValueError(f"matmul has no tile for {x.dtype}; it takes {', '.join(map(str, MATMUL_TILES))}")
     x2 = _rows(x)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, n)
@@ -771,13 +784,13 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return out
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    grid = (triton.cdiv(m, MATMUL_BLOCK_M), triton.cdiv(n, MATMUL_BLOCK_N))
+    grid = (triton.cdiv(m, tile.block_m), triton.cdiv(n, tile.block_n))
     _matmul_kernel[grid](
         out2, x2, weight, weight if bias is None else bias.contiguous(), m, n, k,
         x2.stride(0), weight.stride(0), out2.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=MATMUL_BLOCK_M, BLOCK_N=MATMUL_BLOCK_N, BLOCK_K=MATMUL_BLOCK_K,
+        HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         UPCAST=_upcast_dot(x.dtype), FP32_DOT=x.dtype == torch.float32,
-        num_warps=MATMUL_NUM_WARPS, num_stages=MATMUL_NUM_STAGES,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out
 

@@ -197,7 +197,7 @@ if want pytest; then
     TIMEOUT_ARGS=()
     python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout=120)
     # shellcheck disable=SC2086
-    run_stage pytest 150 "$OUTDIR/pytest.log" python3 -m pytest -m gpu -p no:cacheprovider -rfEs --durations=15 \
+    run_stage pytest 210 "$OUTDIR/pytest.log" python3 -m pytest -m gpu -p no:cacheprovider -rfEs --durations=15 \
         ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} --junitxml="$WORK/pytest.xml" ${GPU_CHECK_PYTEST_ARGS:-}
 fi
 if want invariance; then
