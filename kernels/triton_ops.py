@@ -707,12 +707,12 @@ class MatmulTile(NamedTuple):
 # The tile of every batch-invariant product, whatever the number of rows: an output element is its row's
 # float32 sum over K in BLOCK_K chunks, in order, each chunk one tl.dot of this shape (no split-K, no
 # choice by shape as cuBLAS makes). A decode step pads its few rows into BLOCK_M, which costs MMA work but
-# not weight reads (what a decode step waits on). bfloat16 and float16: the fastest of 16 tiles timed on an
+# not weight reads (what a decode step waits on). bfloat16 and float16: the fastest of the tiles timed on an
 # H200 at Llama-3.1-8B's shapes and 256 rows (scripts/matmul_tiles.py; BENCHMARKS.md), and no slower than
 # 64 x 64 x 64 at 1, 64 or 2048 rows. float32 operands take twice the shared memory: its tile stays small.
 MATMUL_TILES: dict[torch.dtype, MatmulTile] = {
-    torch.bfloat16: MatmulTile(64, 128, 64, num_warps=8, num_stages=4),
-    torch.float16: MatmulTile(64, 128, 64, num_warps=8, num_stages=4),
+    torch.bfloat16: MatmulTile(64, 128, 128, num_warps=8, num_stages=4),
+    torch.float16: MatmulTile(64, 128, 128, num_warps=8, num_stages=4),
     torch.float32: MatmulTile(64, 64, 64, num_warps=4, num_stages=3),
 }
 
