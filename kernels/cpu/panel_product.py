@@ -93,7 +93,7 @@ class PanelWeight:
 
 def available_here(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the compiled kernels have the panel product for ``dtype`` rows on this CPU: bfloat16 needs
-    AVX512-BF16, float32 AVX-512F."""
+    AVX512-BF16, float32 AVX-512F or AVX2 with FMA and F16C."""
     if not available():
         return False
     return bool(lib().panel_product_f32_simd() if dtype == torch.float32 else lib().panel_product_simd())

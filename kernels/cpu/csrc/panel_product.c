@@ -17,6 +17,11 @@
  * as float32 lanes that one bfloat16 conversion packs in vdpbf16ps's order, with no shuffle. Per group and
  * 32-k block, the 16 columns' float16 scales (and Q4_1's minimums), in column order.
  *
+ * On CPUs with AVX2 but no AVX-512 (float32 rows only) the pairs are laid out for 8-lane vectors instead, so
+ * that decoding needs no shuffle: Q4_1's byte j holds column j at k in its low nibble and at k + 1 in its
+ * high one; Q8_0's 32 bytes are columns 0-7 at k, 0-7 at k + 1, 8-15 at k, 8-15 at k + 1. panel_repack
+ * writes the layout of the build it is in, so a panel never meets the other layout's kernel.
+ *
  * With one row, several column groups are in flight (panel_tile) so that vdpbf16ps's latency is not a chain,
  * and each stream is prefetched a few blocks ahead: a one-row step streams the whole model from memory.
  *
@@ -28,7 +33,8 @@
  * both sum in the same shape of order: per output one fused multiply-add chain over k in order, in blocks of
  * k_block (oneDNN 512 / 1024, MKL 192 on an AVX-512 EPYC) each from zero, the blocks' sums added in order.
  * Each pair's two halves become the 16 columns' weights at k and at k + 1 by one two-source permute each.
- * Needs only AVX-512F, so it also runs on CPUs without bfloat16. */
+ * Needs only AVX-512F, or AVX2 with FMA and F16C (its own tile and layout), so it also runs on CPUs without
+ * bfloat16. */
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
@@ -37,6 +43,11 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#define PANEL_PRODUCT_AVX512 1
+#define PANEL_PRODUCT_F32_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define PANEL_PRODUCT_F32_AVX2 1
 #define PANEL_PRODUCT_F32_SIMD 1
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -65,7 +76,7 @@ int panel_product_f32_simd(void) {
 #endif
 }
 
-#ifdef PANEL_PRODUCT_F32_SIMD
+#ifdef PANEL_PRODUCT_AVX512
 /* A pair's two halves decoded to float32: *a = half A's lanes (column e / 2, k + e % 2) for columns 0-7,
  * *b = half B's for columns 8-15. dA, mA / dB, mB: the scales and minimums of halves A and B (each column's
  * twice, see the layout above). */
@@ -97,7 +108,7 @@ static inline __m512bh decode_pair(int type, const uint8_t* q, __m512 dA, __m512
 }
 #endif
 
-#ifdef PANEL_PRODUCT_F32_SIMD
+#ifdef PANEL_PRODUCT_AVX512
 /* Output columns [16 g, 16 (g + NG)) for R rows. NG groups are in flight at once so that NG x R
  * accumulators are independent: with one row and one group each pair product waited for the previous
  * one (vdpbf16ps's latency), which bounded a one-row step. Each output's sum is still its own chain in the
@@ -208,6 +219,94 @@ static inline __attribute__((always_inline)) void panel_groups(
 }
 #endif
 
+#ifdef PANEL_PRODUCT_F32_AVX2
+/* The float32 panel product on AVX2 (8 lanes): the same sums in the same order as the AVX-512 tile above, so
+ * the same bits, over the AVX2 layout (see the top), which decodes each pair into the 8 columns at k and at
+ * k + 1 with no shuffle: fewer vector operations matter here, the decode bounds a one-row step. */
+static inline __attribute__((always_inline)) void panel_tile_avx2(
+    const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t k, int64_t k_block,
+    const float* x, float* y, int64_t n, int64_t g, const int NG, const int R) {
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    const int q4 = type == PANEL_TYPE_Q4_1;
+    const int64_t pair_bytes = q4 ? 16 : 32, blocks = k / 32;
+    const uint8_t* q[PANEL_MAX_GROUPS];
+    const uint16_t* gs[PANEL_MAX_GROUPS];
+    const uint16_t* gm[PANEL_MAX_GROUPS];
+    for (int i = 0; i < NG; i++) {
+        q[i] = values + (g + i) * (k / 2) * pair_bytes;
+        gs[i] = scales + (g + i) * blocks * 16;
+        gm[i] = mins ? mins + (g + i) * blocks * 16 : NULL;
+    }
+    /* [group][row][columns 0-7, 8-15] */
+    __m256 total[PANEL_MAX_GROUPS][PANEL_MAX_ROWS][2], acc[PANEL_MAX_GROUPS][PANEL_MAX_ROWS][2];
+    for (int64_t k0 = 0; k0 < k; k0 += k_block) {
+        const int64_t k1 = k0 + k_block < k ? k0 + k_block : k;
+        for (int i = 0; i < NG; i++)
+            for (int r = 0; r < R; r++) acc[i][r][0] = acc[i][r][1] = _mm256_setzero_ps();
+        for (int64_t b = k0 / 32; b < k1 / 32; b++) {
+            __m256 d[PANEL_MAX_GROUPS][2], m[PANEL_MAX_GROUPS][2];  /* columns 0-7, 8-15 */
+            for (int i = 0; i < NG; i++) {
+                const uint8_t* ahead = q[i] + (b + PANEL_PREFETCH_BLOCKS) * 16 * pair_bytes;
+                for (int64_t line = 0; line < 16 * pair_bytes; line += 64) _mm_prefetch((const char*)ahead + line, _MM_HINT_T0);
+                for (int h = 0; h < 2; h++) {
+                    d[i][h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gs[i] + b * 16 + 8 * h)));
+                    m[i][h] = gm[i] ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gm[i] + b * 16 + 8 * h)))
+                                    : _mm256_setzero_ps();
+                }
+            }
+            for (int64_t p = b * 16; p < b * 16 + 16; p++) {
+                __m256 x0[PANEL_MAX_ROWS], x1[PANEL_MAX_ROWS];
+                for (int r = 0; r < R; r++) {
+                    x0[r] = _mm256_broadcast_ss(x + r * k + 2 * p);
+                    x1[r] = _mm256_broadcast_ss(x + r * k + 2 * p + 1);
+                }
+                for (int i = 0; i < NG; i++) {
+                    const uint8_t* qp = q[i] + p * pair_bytes;
+                    for (int h = 0; h < 2; h++) {  /* columns 8 h .. 8 h + 7 */
+                        __m256 w0, w1;  /* at k, at k + 1 */
+                        if (q4) {
+                            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qp + 8 * h)));
+                            w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), d[i][h], m[i][h]);
+                            w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d[i][h], m[i][h]);
+                        } else {
+                            const uint8_t* qh = qp + 16 * h;
+                            w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)qh))),
+                                               d[i][h]);
+                            w1 = _mm256_mul_ps(
+                                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qh + 8)))), d[i][h]);
+                        }
+                        for (int r = 0; r < R; r++)
+                            acc[i][r][h] = _mm256_fmadd_ps(x1[r], w1, _mm256_fmadd_ps(x0[r], w0, acc[i][r][h]));
+                    }
+                }
+            }
+        }
+        for (int i = 0; i < NG; i++)
+            for (int r = 0; r < R; r++)
+                for (int h = 0; h < 2; h++)
+                    total[i][r][h] = k0 == 0 ? acc[i][r][h] : _mm256_add_ps(total[i][r][h], acc[i][r][h]);
+    }
+    for (int i = 0; i < NG; i++)
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + r * n + (g + i) * 16 + 8 * h, total[i][r][h]);
+}
+
+static void panel_groups_avx2(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t k,
+                              int64_t k_block, const float* x, int64_t rows, float* y, int64_t n, int64_t g0,
+                              int64_t g1) {
+    int64_t g = g0;
+#define PANEL_TILES(NG, R) \
+    for (; g + (NG) <= g1; g += (NG)) panel_tile_avx2(values, scales, mins, type, k, k_block, x, y, n, g, NG, R)
+    switch (rows) {
+    case 1: PANEL_TILES(2, 1); PANEL_TILES(1, 1); break;
+    case 2: PANEL_TILES(1, 2); break;
+    case 3: PANEL_TILES(1, 3); break;
+    default: PANEL_TILES(1, 4); break;
+    }
+#undef PANEL_TILES
+}
+#endif
+
 void panel_product_share_bf16(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
                               int64_t n, int64_t k, int64_t k_block, const uint16_t* x, int64_t rows, uint16_t* y) {
 #ifdef PANEL_PRODUCT_SIMD
@@ -221,9 +320,12 @@ void panel_product_share_bf16(const uint8_t* values, const uint16_t* scales, con
 
 void panel_product_share_f32(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
                              int64_t n, int64_t k, int64_t k_block, const float* x, int64_t rows, float* y) {
-#ifdef PANEL_PRODUCT_F32_SIMD
+#if defined(PANEL_PRODUCT_AVX512)
     const int64_t groups = n / 16, t = omp_get_thread_num(), nt = omp_get_num_threads();
     panel_groups(values, scales, mins, type, k, k_block, x, rows, y, n, groups * t / nt, groups * (t + 1) / nt, 1);
+#elif defined(PANEL_PRODUCT_F32_AVX2)
+    const int64_t groups = n / 16, t = omp_get_thread_num(), nt = omp_get_num_threads();
+    panel_groups_avx2(values, scales, mins, type, k, k_block, x, rows, y, n, groups * t / nt, groups * (t + 1) / nt);
 #else
     (void)values; (void)scales; (void)mins; (void)type; (void)n; (void)k; (void)k_block; (void)x; (void)rows;
     (void)y;
@@ -259,20 +361,23 @@ void panel_repack(int type, const uint8_t* values, const float* scales, const fl
         for (int64_t j = 0; j < 16; j++) {
             const int64_t row = g * 16 + j;
             const uint8_t* src = values + row * row_bytes;
-            /* column j's place in a pair: half B if j >= 8, lanes 2 (j % 8) (k) and 2 (j % 8) + 1 (k + 1) */
-            const int64_t half = j / 8, lane = 2 * (j % 8);
             for (int64_t kk = 0; kk < k; kk += 2) {
                 const int64_t p = kk / 2;
-                if (type == PANEL_TYPE_Q4_1) {
-                    for (int64_t t = 0; t < 2; t++) {
+                for (int64_t t = 0; t < 2; t++) {  /* column j at k + t: its byte in the pair (and nibble) */
+#ifdef PANEL_PRODUCT_AVX512
+                    const int64_t q4_byte = 2 * (j % 8) + t, q4_shift = 4 * (j / 8);
+                    const int64_t q8_byte = 16 * (j / 8) + 2 * (j % 8) + t;
+#else
+                    const int64_t q4_byte = j, q4_shift = 4 * t, q8_byte = 16 * (j / 8) + 8 * t + j % 8;
+#endif
+                    if (type == PANEL_TYPE_Q4_1) {
                         const int64_t b = (kk + t) / 32, e = (kk + t) % 32;  /* block b's element e: byte e % 16 */
                         const uint8_t* blk = src + b * 16;
                         const uint8_t v = e < 16 ? (blk[e] & 0x0F) : (blk[e - 16] >> 4);
-                        out_values[(g * (k / 2) + p) * 16 + lane + t] |= (uint8_t)(v << (4 * half));
+                        out_values[(g * (k / 2) + p) * 16 + q4_byte] |= (uint8_t)(v << q4_shift);
+                    } else {
+                        out_values[(g * (k / 2) + p) * 32 + q8_byte] = src[kk + t];
                     }
-                } else {
-                    for (int64_t t = 0; t < 2; t++)
-                        out_values[(g * (k / 2) + p) * 32 + 16 * half + lane + t] = src[kk + t];
                 }
             }
             for (int64_t b = 0; b < blocks; b++) {
