@@ -36,8 +36,21 @@
 
 #include "cpu_kernels.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* On AVX2 GCC lowers arithmetic on the 16-lane vectors below poorly (broadcasts built through the stack,
+ * accumulators spilled in halves), so the V pass, the kernel's largest loop, runs on 8-lane vectors there:
+ * the same multiply-adds lane by lane, so the same bits. */
+#define V_PASS_8 1
+static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+#define LOAD8(p) _Generic((p), const float*: load8_f32, const uint16_t*: load8_bf16)(p)
+#else
+#define V_PASS_8 0
 #endif
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -101,6 +114,11 @@ static inline float max16(v16 x) {
 static inline int any_above(v16 x, float y) {
 #if defined(__AVX512F__)
     return _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(y), _CMP_GT_OQ) != 0;
+#elif V_PASS_8
+    const __m256 yy = _mm256_set1_ps(y);
+    const __m256 lo = (__m256)__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 hi = (__m256)__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(lo, yy, _CMP_GT_OQ), _mm256_cmp_ps(hi, yy, _CMP_GT_OQ))) != 0;
 #else
     for (int j = 0; j < 16; j++)
         if (x[j] > y) return 1;
@@ -204,6 +222,42 @@ static inline float sum16(v16 x) {
     return x[0];
 }
 
+#if V_PASS_8
+/* The V pass on 8-lane vectors: per head and per half of head_dim (whose 8 + 8 accumulators fit the 16
+ * registers), positions in pairs into the even and odd accumulators, as the 16-lane pass does. */
+#define V_PASS_8_LANES(TC)                                                                              \
+        for (int64_t g = g0; g < g0 + hg; g++) {                                                        \
+            const TC* vbase = vblock + g / per_kv * head_dim;                                            \
+            const float* sg = s + g * srow;                                                             \
+            float* accg = (float*)(acc + g * nv);                                                       \
+            for (int64_t half = 0; half < nv; half += 2) { /* 32 columns of the head at a time */      \
+                const int64_t w = nv - half < 2 ? 2 * (nv - half) : 4; /* 8-lane vectors in this half */ \
+                __m256 a[4], a2[4];                                                                     \
+                for (int64_t c = 0; c < w; c++) {                                                       \
+                    a[c] = _mm256_loadu_ps(accg + 16 * half + 8 * c);                                   \
+                    a2[c] = _mm256_setzero_ps();                                                        \
+                }                                                                                       \
+                int64_t j = 0;                                                                          \
+                for (; j + 1 < n; j += 2) {                                                             \
+                    const TC* vrow = vbase + j * slot_stride + 16 * half;                               \
+                    const __m256 se = _mm256_set1_ps(sg[j]), so = _mm256_set1_ps(sg[j + 1]);           \
+                    for (int64_t c = 0; c < w; c++) {                                                   \
+                        a[c] = _mm256_fmadd_ps(se, LOAD8((const TC*)(vrow + 8 * c)), a[c]);             \
+                        a2[c] = _mm256_fmadd_ps(so, LOAD8((const TC*)(vrow + slot_stride + 8 * c)), a2[c]); \
+                    }                                                                                   \
+                }                                                                                       \
+                if (j < n) {                                                                            \
+                    const TC* vrow = vbase + j * slot_stride + 16 * half;                               \
+                    const __m256 se = _mm256_set1_ps(sg[j]);                                            \
+                    for (int64_t c = 0; c < w; c++) a[c] = _mm256_fmadd_ps(se, LOAD8((const TC*)(vrow + 8 * c)), a[c]); \
+                }                                                                                       \
+                for (int64_t c = 0; c < w; c++) _mm256_storeu_ps(accg + 16 * half + 8 * c, _mm256_add_ps(a[c], a2[c])); \
+            }                                                                                           \
+        }
+#else
+#define V_PASS_8_LANES(TC) {}
+#endif
+
 /* One work item: `group` consecutive query heads of one sequence, `per_kv` of them to each KV head from
  * the item's first: either one KV head and its query heads (group == per_kv) or the whole sequence.
  * `nv` = head_dim / 16 and `hg` (query heads whose V pass runs together, a divisor of per_kv) are
@@ -296,7 +350,8 @@ static inline __attribute__((always_inline)) void NAME(                         
                 lsum[g] += w;                                                                           \
             }                                                                                           \
         }                                                                                               \
-        {   /* weighted V rows, each widened once for the hg heads; per head two accumulator sets (even, \
+        if (V_PASS_8) V_PASS_8_LANES(TC)                                                                \
+        else {   /* weighted V rows, each widened once for the hg heads; per head two accumulator sets (even, \
              * odd positions) halve the FMA latency chain */                                            \
             const TC* vbase = vblock + g0 / per_kv * head_dim;                                           \
             const float* s0 = s + g0 * srow;                                                            \
