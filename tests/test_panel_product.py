@@ -11,7 +11,9 @@ from gguf import GGMLQuantizationType as Q
 from test_batch_invariance import generate_runs
 from test_weight_gemv import _stored, _write_gguf
 
+from forge_batch.engine import cpu_backend
 from forge_batch.engine.llm import LLM
+from forge_batch.engine.sampling_params import SamplingParams
 from forge_batch.kernels.cpu import mkl_packed, onednn_packed
 from forge_batch.kernels.cpu import panel_product as pp
 from forge_batch.kernels.cpu.linear import MklPackedLinear, MklPanelLinear, OneDnnLinear, PanelLinear
@@ -213,3 +215,36 @@ def test_a_shape_no_order_reproduces_is_remembered_and_keeps_onednn(tmp_path, mo
     again = LLM(path, device="cpu", dtype="bfloat16")
     assert calls == []
     assert generate_runs(again, PROMPTS[:2], 6) == generate_runs(llm, PROMPTS[:2], 6)
+
+
+@needs_f32_onednn
+def test_without_batch_invariance_a_cpu_without_simd_weight_gemv_takes_the_panels(tmp_path, monkeypatch):
+    """Where weight_gemv has no SIMD path (AVX2 without AVX-512), a float32 engine without batch invariance
+    reads its 4/8-bit blocks through the panel products for steps of up to 4 rows, its decode steps in one C
+    call, rather than the library's product on the float32 weights: the same greedy tokens."""
+    monkeypatch.setattr(cpu_backend, "weight_gemv_fast", lambda: False)
+    path = _tiny_q4_model(tmp_path)
+    panel_form, packed_form = PANEL_FORMS["float32"]
+    if not isinstance(LLM(path, device="cpu", dtype="float32").model.layers[0].qkv_proj, panel_form):
+        pytest.skip("the float32 GEMM library sums in an order no panel candidate reproduces on this CPU")
+    llm = LLM(path, device="cpu", dtype="float32", batch_invariant=False)
+    names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert all(isinstance(getattr(layer, name), panel_form) for layer in llm.model.layers for name in names)
+    assert not llm.model.layers[0].qkv_proj.batch_invariant  # larger steps: the library as it is
+    one_call = llm.runner.cpu_decode
+    assert one_call is not None
+    steps = []
+    real_step = one_call.step
+    monkeypatch.setattr(one_call, "step", lambda *a: steps.append(a[0].shape[0]) or real_step(*a))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def alone(engine: LLM) -> list[list[int]]:
+        return [list(engine.generate([p], params)[0].token_ids) for p in PROMPTS]
+
+    got = alone(llm)
+    assert steps.count(1) == 11 * len(PROMPTS)  # every one-row decode step in one C call over the panels
+
+    monkeypatch.setattr(pp, "available_here", lambda dtype=None: False)
+    without = LLM(path, device="cpu", dtype="float32", batch_invariant=False)
+    assert isinstance(without.model.layers[0].qkv_proj, packed_form) and without.runner.cpu_decode is None
+    assert got == alone(without)

@@ -17,7 +17,9 @@ float32 on AMD CPUs) pads a single row to two (its one-row kernel sums some rows
 MKL's float32 GEMM (or F.linear) pads the rows up to a multiple of 4 (``INVARIANT_ROW_MULTIPLE``). Where the
 checkpoint stores a weight as 4/8-bit blocks, steps of a few rows read those blocks instead with the
 library's bits (``PanelLinear`` with oneDNN's, ``MklPanelLinear`` with MKL's: kernels/cpu/panel_product.py
-checks the bits per weight), and the one-call decode step runs over those panels.
+checks the bits per weight), and the one-call decode step runs over those panels. Without batch invariance a
+CPU whose ``weight_gemv`` lacks its SIMD path (AVX2 without AVX-512) takes the panels too: they are its fast
+few-row product.
 
 ``CpuBackend.decode_step`` builds, for one KV cache, the C decode step that runs a whole few-row decode
 step in one call (kernels/cpu/decode_step.py); the engine's model runner calls it where the layer-by-layer
@@ -116,10 +118,12 @@ class CpuBackend:
             for owner, name, _ in matmul_slots(model)[:-1]:
                 setattr(owner, name, Int8Linear(getattr(owner, name)))
         packed = self.pack(model, layers=not int8)
-        if self.batch_invariant:
-            stored = self.keep_panels(model, raw) if raw and not int8 else 0
+        if raw and not self.batch_invariant and weight_gemv_fast():
+            stored = self.keep_stored(model, raw, layers=not int8)
         else:
-            stored = self.keep_stored(model, raw, layers=not int8) if raw and weight_gemv_fast() else 0
+            # batch-invariant, or weight_gemv without its SIMD path here (slower than the library): the panel
+            # products, where this CPU has them, are the fast few-row steps either way
+            stored = self.keep_panels(model, raw) if raw and not int8 else 0
         return PreparedWeights(packed=packed, stored=stored, int8=int8, matmul=self.matmul_library())
 
     def matmul_library(self) -> str:
@@ -165,9 +169,9 @@ class CpuBackend:
         return kept
 
     def keep_panels(self, model: LlamaForCausalLM, raw: dict[str, RawWeight]) -> int:
-        """Batch-invariant: give each packed product whose checkpoint stores 4/8-bit blocks a panel product
-        with the GEMM library's bits for steps of a few rows (``PanelLinear`` with oneDNN's for bfloat16,
-        ``MklPanelLinear`` with MKL's for float32). Consumes ``raw``; returns how many products got one."""
+        """Give each packed product whose checkpoint stores 4/8-bit blocks a panel product
+        with the GEMM library's bits for steps of a few rows (``PanelLinear`` with oneDNN's, ``MklPanelLinear``
+        with MKL's float32 ones). Consumes ``raw``; returns how many products got one."""
         if not panel_product.available_here(self.dtype):
             raw.clear()
             return 0
@@ -210,9 +214,10 @@ class CpuBackend:
             return None
         if self.batch_invariant and self.dtype == torch.bfloat16:
             return self._panel_decode_step(model, kv_caches)
-        # stored weights (weight_gemv's order), or in a batch-invariant float32 model panels (the library's bits)
+        # stored weights (weight_gemv's order), or in a float32 model panels (the library's bits; see prepare_weights)
         form: tuple[type, ...]
-        form, weight_of = ((PanelLinear, MklPanelLinear), "panel") if self.batch_invariant else ((StoredLinear,), "stored")
+        panels = isinstance(model.layers[0].qkv_proj, (PanelLinear, MklPanelLinear))
+        form, weight_of = ((PanelLinear, MklPanelLinear), "panel") if panels else ((StoredLinear,), "stored")
         layers = []
         for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
             matmuls = [getattr(layer, name) for name in MATMUL_SOURCES]

@@ -90,15 +90,16 @@ class OneDnnLinear(Linear):
 
 
 class _PanelSteps:
-    """Mixed in before a batch-invariant packed product: its steps of up to PANEL_MAX_ROWS rows read the
-    checkpoint's 4/8-bit blocks (panel_product) with that product's bits; larger steps take the product."""
+    """Mixed in before a packed product: its steps of up to PANEL_MAX_ROWS rows read the checkpoint's 4/8-bit
+    blocks (panel_product) with that product's bits; larger steps take the product (batch-invariant or not,
+    as ``base`` was)."""
 
     __slots__ = ()
 
     def __init__(self, base: OneDnnLinear | MklPackedLinear, panel: panel_product.PanelWeight) -> None:
         Linear.__init__(self, base.weight, base.bias)  # type: ignore[arg-type]
         self.packed = base.packed
-        self.batch_invariant = True
+        self.batch_invariant = base.batch_invariant
         self.panel = panel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,7 @@ class _PanelSteps:
 
 
 class PanelLinear(_PanelSteps, OneDnnLinear):
-    """A batch-invariant oneDNN product whose steps of up to PANEL_MAX_ROWS rows read the checkpoint's
+    """A oneDNN product whose steps of up to PANEL_MAX_ROWS rows read the checkpoint's
     4/8-bit blocks (panel_product: a third of the bfloat16 weight's bytes, a sixth of the float32 one's) with
     oneDNN's bits."""
 
@@ -116,7 +117,7 @@ class PanelLinear(_PanelSteps, OneDnnLinear):
 
 
 class MklPanelLinear(_PanelSteps, MklPackedLinear):
-    """A batch-invariant float32 product (MKL's packed GEMM, rows padded to a multiple of 4) whose steps of up
+    """A float32 product (MKL's packed GEMM; batch-invariant, rows padded to a multiple of 4) whose steps of up
     to PANEL_MAX_ROWS rows read the checkpoint's 4/8-bit blocks (panel_product: a quarter to an eighth of the
     float32 weight's bytes) with MKL's bits."""
 
