@@ -43,14 +43,14 @@
 /* On AVX2 GCC lowers arithmetic on the 16-lane vectors below poorly (broadcasts built through the stack,
  * accumulators spilled in halves), so the V pass, the kernel's largest loop, runs on 8-lane vectors there:
  * the same multiply-adds lane by lane, so the same bits. */
-#define V_PASS_8 1
+#define ATTENTION_AVX2 1
 static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 #define LOAD8(p) _Generic((p), const float*: load8_f32, const uint16_t*: load8_bf16)(p)
 #else
-#define V_PASS_8 0
+#define ATTENTION_AVX2 0
 #endif
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -114,7 +114,7 @@ static inline float max16(v16 x) {
 static inline int any_above(v16 x, float y) {
 #if defined(__AVX512F__)
     return _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(y), _CMP_GT_OQ) != 0;
-#elif V_PASS_8
+#elif ATTENTION_AVX2
     const __m256 yy = _mm256_set1_ps(y);
     const __m256 lo = (__m256)__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 hi = (__m256)__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -222,10 +222,10 @@ static inline float sum16(v16 x) {
     return x[0];
 }
 
-#if V_PASS_8
+#if ATTENTION_AVX2
 /* The V pass on 8-lane vectors: per head and per half of head_dim (whose 8 + 8 accumulators fit the 16
  * registers), positions in pairs into the even and odd accumulators, as the 16-lane pass does. */
-#define V_PASS_8_LANES(TC)                                                                              \
+#define V_PASS_AVX2(TC)                                                                              \
         for (int64_t g = g0; g < g0 + hg; g++) {                                                        \
             const TC* vbase = vblock + g / per_kv * head_dim;                                            \
             const float* sg = s + g * srow;                                                             \
@@ -255,7 +255,7 @@ static inline float sum16(v16 x) {
             }                                                                                           \
         }
 #else
-#define V_PASS_8_LANES(TC) {}
+#define V_PASS_AVX2(TC) {}
 #endif
 
 /* One work item: `group` consecutive query heads of one sequence, `per_kv` of them to each KV head from
@@ -350,7 +350,7 @@ static inline __attribute__((always_inline)) void NAME(                         
                 lsum[g] += w;                                                                           \
             }                                                                                           \
         }                                                                                               \
-        if (V_PASS_8) V_PASS_8_LANES(TC)                                                                \
+        if (ATTENTION_AVX2) V_PASS_AVX2(TC)                                                                \
         else {   /* weighted V rows, each widened once for the hg heads; per head two accumulator sets (even, \
              * odd positions) halve the FMA latency chain */                                            \
             const TC* vbase = vblock + g0 / per_kv * head_dim;                                           \

@@ -76,6 +76,19 @@ int panel_product_f32_simd(void) {
 #endif
 }
 
+/* Where column groups g .. g + NG - 1 start: their pairs' quantised values, their blocks' scales and (Q4_1)
+ * minimums (see the layout above). */
+static inline void panel_streams(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
+                                 int64_t k, int64_t g, int NG, const uint8_t** q, const uint16_t** gs,
+                                 const uint16_t** gm) {
+    const int64_t pair_bytes = type == PANEL_TYPE_Q4_1 ? 16 : 32, blocks = k / 32;
+    for (int i = 0; i < NG; i++) {
+        q[i] = values + (g + i) * (k / 2) * pair_bytes;
+        gs[i] = scales + (g + i) * blocks * 16;
+        gm[i] = mins ? mins + (g + i) * blocks * 16 : NULL;
+    }
+}
+
 #ifdef PANEL_PRODUCT_AVX512
 /* A pair's two halves decoded to float32: *a = half A's lanes (column e / 2, k + e % 2) for columns 0-7,
  * *b = half B's for columns 8-15. dA, mA / dB, mB: the scales and minimums of halves A and B (each column's
@@ -118,15 +131,11 @@ static inline __attribute__((always_inline)) void panel_tile(
     const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type, int64_t k, int64_t k_block,
     const void* x, void* y, int64_t n, int64_t g, __m512i halfA, __m512i halfB, __m512i at_k, __m512i at_k1,
     const int NG, const int R, const int F32) {
-    const int64_t pair_bytes = type == PANEL_TYPE_Q4_1 ? 16 : 32, blocks = k / 32;
+    const int64_t pair_bytes = type == PANEL_TYPE_Q4_1 ? 16 : 32;
     const uint8_t* q[PANEL_MAX_GROUPS];
     const uint16_t* gs[PANEL_MAX_GROUPS];
     const uint16_t* gm[PANEL_MAX_GROUPS];
-    for (int i = 0; i < NG; i++) {
-        q[i] = values + (g + i) * (k / 2) * pair_bytes;
-        gs[i] = scales + (g + i) * blocks * 16;
-        gm[i] = mins ? mins + (g + i) * blocks * 16 : NULL;
-    }
+    panel_streams(values, scales, mins, type, k, g, NG, q, gs, gm);
     __m512 total[PANEL_MAX_GROUPS][PANEL_MAX_ROWS], acc[PANEL_MAX_GROUPS][PANEL_MAX_ROWS];
     for (int64_t k0 = 0; k0 < k; k0 += k_block) {
         const int64_t k1 = k0 + k_block < k ? k0 + k_block : k;
@@ -228,15 +237,11 @@ static inline __attribute__((always_inline)) void panel_tile_avx2(
     const float* x, float* y, int64_t n, int64_t g, const int NG, const int R) {
     const __m256i low4 = _mm256_set1_epi32(0x0f);
     const int q4 = type == PANEL_TYPE_Q4_1;
-    const int64_t pair_bytes = q4 ? 16 : 32, blocks = k / 32;
+    const int64_t pair_bytes = q4 ? 16 : 32;
     const uint8_t* q[PANEL_MAX_GROUPS];
     const uint16_t* gs[PANEL_MAX_GROUPS];
     const uint16_t* gm[PANEL_MAX_GROUPS];
-    for (int i = 0; i < NG; i++) {
-        q[i] = values + (g + i) * (k / 2) * pair_bytes;
-        gs[i] = scales + (g + i) * blocks * 16;
-        gm[i] = mins ? mins + (g + i) * blocks * 16 : NULL;
-    }
+    panel_streams(values, scales, mins, type, k, g, NG, q, gs, gm);
     /* [group][row][columns 0-7, 8-15] */
     __m256 total[PANEL_MAX_GROUPS][PANEL_MAX_ROWS][2], acc[PANEL_MAX_GROUPS][PANEL_MAX_ROWS][2];
     for (int64_t k0 = 0; k0 < k; k0 += k_block) {
@@ -320,12 +325,13 @@ void panel_product_share_bf16(const uint8_t* values, const uint16_t* scales, con
 
 void panel_product_share_f32(const uint8_t* values, const uint16_t* scales, const uint16_t* mins, int type,
                              int64_t n, int64_t k, int64_t k_block, const float* x, int64_t rows, float* y) {
-#if defined(PANEL_PRODUCT_AVX512)
+#ifdef PANEL_PRODUCT_F32_SIMD
     const int64_t groups = n / 16, t = omp_get_thread_num(), nt = omp_get_num_threads();
+#ifdef PANEL_PRODUCT_AVX512
     panel_groups(values, scales, mins, type, k, k_block, x, rows, y, n, groups * t / nt, groups * (t + 1) / nt, 1);
-#elif defined(PANEL_PRODUCT_F32_AVX2)
-    const int64_t groups = n / 16, t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
     panel_groups_avx2(values, scales, mins, type, k, k_block, x, rows, y, n, groups * t / nt, groups * (t + 1) / nt);
+#endif
 #else
     (void)values; (void)scales; (void)mins; (void)type; (void)n; (void)k; (void)k_block; (void)x; (void)rows;
     (void)y;
