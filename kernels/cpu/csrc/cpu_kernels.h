@@ -30,6 +30,37 @@ static inline float exp_f32(float arg) {
     return arg > 88.3f ? INFINITY : (arg < -87.3f ? 0.f : p * two_n.f);
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* CPUs with AVX2 but no AVX-512: where GCC cannot vectorise a loop of exp_f32 (its selects become a compare and
+ * a branch per lane) or lowers the attention's 16-lane vectors badly, the kernels use 8-lane intrinsics. */
+#define CPU_KERNELS_AVX2 1
+#include <immintrin.h>
+
+/* exp_f32's steps on eight lanes, fused as GCC fuses exp_f32 (-ffp-contract=fast), so the same bits (checked
+ * against the scalar and 16-lane code's output). max(lo, a) and min(hi, x) are the selects' exact
+ * equivalents, NaN included. */
+static inline __m256 exp8(__m256 arg) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f), round = _mm256_set1_ps(12582912.f);
+    const __m256 x = _mm256_min_ps(hi, _mm256_max_ps(lo, arg));
+    const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), round), round);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+    return _mm256_andnot_ps(_mm256_cmp_ps(arg, lo, _CMP_LT_OQ),
+                            _mm256_blendv_ps(e, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(arg, hi, _CMP_GT_OQ)));
+}
+#else
+#define CPU_KERNELS_AVX2 0
+#endif
+
 /* bfloat16 (the top half of a float32) -> float32, exactly. */
 static inline float f32_from_bf16(uint16_t h) {
     union { uint32_t u; float f; } v = { .u = (uint32_t)h << 16 };

@@ -90,8 +90,17 @@ void silu_and_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t c
 }
 
 void silu_and_mul_span_f32(const float* gate, const float* up, float* out, int64_t c0, int64_t c1) {
+    int64_t c = c0;
+#if CPU_KERNELS_AVX2  /* GCC leaves the loop below scalar there: 11 cycles an element */
+    const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+    for (; c + 8 <= c1; c += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + c);
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign))));
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(silu, _mm256_loadu_ps(up + c)));
+    }
+#endif
     _Pragma("omp simd")
-    for (int64_t c = c0; c < c1; c++) out[c] = gate[c] / (1.f + exp_f32(-gate[c])) * up[c];
+    for (int64_t i = c; i < c1; i++) out[i] = gate[i] / (1.f + exp_f32(-gate[i])) * up[i];
 }
 
 /* x [rows, 2 * cols] = [gate | up] -> out [rows, cols] = silu(gate) * up. */

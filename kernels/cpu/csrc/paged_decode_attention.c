@@ -41,18 +41,15 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if CPU_KERNELS_AVX2
 /* On AVX2 GCC lowers arithmetic on the 16-lane vectors below poorly (broadcasts built through the stack,
- * accumulators spilled in halves), so the V pass, the kernel's largest loop, runs on 8-lane vectors there:
- * the same multiply-adds lane by lane, so the same bits. */
-#define ATTENTION_AVX2 1
+ * accumulators spilled in halves, selects scalarised), so the scores, the softmax weights and the V pass run
+ * on 8-lane vectors there: the same operations lane by lane, so the same bits. */
 static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 #define LOAD8(p) _Generic((p), const float*: load8_f32, const uint16_t*: load8_bf16)(p)
-#else
-#define ATTENTION_AVX2 0
 #endif
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -116,7 +113,7 @@ static inline float max16(v16 x) {
 static inline int any_above(v16 x, float y) {
 #if defined(__AVX512F__)
     return _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(y), _CMP_GT_OQ) != 0;
-#elif ATTENTION_AVX2
+#elif CPU_KERNELS_AVX2
     const __m256 yy = _mm256_set1_ps(y);
     const __m256 lo = (__m256)__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 hi = (__m256)__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -194,30 +191,6 @@ static inline void scores_bf16_pairs(const uint16_t* q, const uint16_t* kbase, i
 }
 #endif
 
-#if ATTENTION_AVX2
-/* exp16's steps (below) on eight lanes, fused as GCC fuses them there (-ffp-contract=fast), so the same bits:
- * on AVX2 GCC turns exp16's selects into a compare and a branch per lane, and moves its results through the
- * stack a float at a time. max(lo, a) and min(hi, x) are the selects' exact equivalents, NaN included. */
-static inline __m256 exp8(__m256 arg) {
-    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f), round = _mm256_set1_ps(12582912.f);
-    const __m256 x = _mm256_min_ps(hi, _mm256_max_ps(lo, arg));
-    const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), round), round);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
-    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-    return _mm256_andnot_ps(_mm256_cmp_ps(arg, lo, _CMP_LT_OQ),
-                            _mm256_blendv_ps(e, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(arg, hi, _CMP_GT_OQ)));
-}
-#endif
-
 /* exp_f32's steps on sixteen lanes at once (exp_f32 in a loop leaves the compiler masked code and a
  * scalar sum after it). */
 static inline v16 exp16(v16 arg) {
@@ -242,7 +215,7 @@ static inline v16 exp16(v16 arg) {
 /* A head's softmax weights over a block, in place of its scores (exp(score - max)), added into its sixteen
  * running sums lane by lane. */
 static inline void softmax_weights(float* sg, int64_t n, float max, v16* lsum) {
-#if ATTENTION_AVX2
+#if CPU_KERNELS_AVX2
     float* sums = (float*)lsum;
     __m256 s0 = _mm256_loadu_ps(sums), s1 = _mm256_loadu_ps(sums + 8);
     const __m256 mx = _mm256_set1_ps(max);
@@ -274,7 +247,7 @@ static inline float sum16(v16 x) {
     return x[0];
 }
 
-#if ATTENTION_AVX2
+#if CPU_KERNELS_AVX2
 /* Lane j: key j's full sum of the 8 lanes of f[j], in reduce16's order after its first step
  * ((f0 + f4) + (f2 + f6)) + ((f1 + f5) + (f3 + f7)), by three steps of two shuffles and an add. */
 static inline __m256 reduce8(const __m256 f[8]) {
@@ -428,7 +401,7 @@ static inline __attribute__((always_inline)) void NAME(                         
             for (int64_t i = 0; i < nv; i++) qg[i] = LOADV(q + g * head_dim + 16 * i) * scale;          \
             float* sg = s + g * srow;                                                                   \
             float bmax = m[g];                                                                          \
-            if (ATTENTION_AVX2 && !dp)                                                                  \
+            if (CPU_KERNELS_AVX2 && !dp)                                                                \
                 bmax = SCORES_AVX2(kbase, (const float*)qg, slot_stride, n, nv, sg, bmax);              \
             else for (int64_t j0 = 0; j0 < n; j0 += 16) { /* scores, sixteen positions at a time */     \
                 const int64_t cnt = n - j0 < 16 ? n - j0 : 16;                                          \
@@ -460,7 +433,7 @@ static inline __attribute__((always_inline)) void NAME(                         
             }                                                                                           \
             softmax_weights(sg, n, bmax, lsum + g); /* the sum stays in lanes to the end */              \
         }                                                                                               \
-        if (ATTENTION_AVX2) V_PASS_AVX2(TC)                                                                \
+        if (CPU_KERNELS_AVX2) V_PASS_AVX2(TC)                                                           \
         else {   /* weighted V rows, each widened once for the hg heads; per head two accumulator sets (even, \
              * odd positions) halve the FMA latency chain */                                            \
             const TC* vbase = vblock + g0 / per_kv * head_dim;                                           \
