@@ -113,11 +113,6 @@ static inline float max16(v16 x) {
 static inline int any_above(v16 x, float y) {
 #if defined(__AVX512F__)
     return _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(y), _CMP_GT_OQ) != 0;
-#elif CPU_KERNELS_AVX2
-    const __m256 yy = _mm256_set1_ps(y);
-    const __m256 lo = (__m256)__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 hi = (__m256)__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(lo, yy, _CMP_GT_OQ), _mm256_cmp_ps(hi, yy, _CMP_GT_OQ))) != 0;
 #else
     for (int j = 0; j < 16; j++)
         if (x[j] > y) return 1;
@@ -291,7 +286,7 @@ static inline __attribute__((always_inline)) float NAME(const TC* kbase, const f
         }                                                                                               \
         _mm256_storeu_ps(sg + j0, sc[0]);                                                               \
         _mm256_storeu_ps(sg + j0 + 8, sc[1]);                                                           \
-        const __m256 mx = _mm256_set1_ps(bmax);                                                         \
+        const __m256 mx = _mm256_set1_ps(bmax); /* any_above, then max16, on the two halves */          \
         if (_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(sc[0], mx, _CMP_GT_OQ), _mm256_cmp_ps(sc[1], mx, _CMP_GT_OQ)))) { \
             __m256 top = _mm256_max_ps(sc[0], sc[1]); /* the max is exact in any order */             \
             top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 0x01));                          \
