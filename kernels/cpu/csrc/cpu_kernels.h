@@ -57,6 +57,28 @@ static inline __m256 exp8(__m256 arg) {
     return _mm256_andnot_ps(_mm256_cmp_ps(arg, lo, _CMP_LT_OQ),
                             _mm256_blendv_ps(e, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(arg, hi, _CMP_GT_OQ)));
 }
+/* Eight bfloat16 -> float32, exactly (f32_from_bf16). */
+static inline __m256 load8_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+/* bf16_from_f32 on eight lanes, each result in its lane's low 16 bits: to nearest even, NaN stays NaN. */
+static inline __m256i bf16_bits8(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x), high = _mm256_srli_epi32(u, 16);
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(high, _mm256_set1_epi32(1)))), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+}
+
+/* x rounded to bfloat16 and back: f32_from_bf16(bf16_from_f32(x)) on eight lanes. */
+static inline __m256 round8_bf16(__m256 x) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(x), 16)); }
+
+/* Eight float32 rounded to bfloat16 (bf16_from_f32) and stored. */
+static inline void store8_bf16(uint16_t* p, __m256 x) {
+    const __m256i bits = bf16_bits8(x);  /* 0..0xffff a lane, so the unsigned saturating pack keeps them */
+    _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
 #else
 #define CPU_KERNELS_AVX2 0
 #endif

@@ -73,11 +73,20 @@ void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, const uint16_t* 
 
 /* silu_and_mul_f32 for bfloat16: silu(gate) rounded, then its product with up rounded (torch's two ops). */
 void silu_and_mul_span_bf16(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t c0, int64_t c1) {
+    int64_t c = c0;
+#if CPU_KERNELS_AVX2  /* GCC leaves the loop below scalar there, as in silu_and_mul_span_f32 */
+    const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+    for (; c + 8 <= c1; c += 8) {
+        const __m256 g = load8_bf16(gate + c);
+        const __m256 silu = round8_bf16(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign)))));
+        store8_bf16(out + c, _mm256_mul_ps(silu, load8_bf16(up + c)));
+    }
+#endif
     _Pragma("omp simd")
-    for (int64_t c = c0; c < c1; c++) {
-        const float g = f32_from_bf16(gate[c]);
+    for (int64_t i = c; i < c1; i++) {
+        const float g = f32_from_bf16(gate[i]);
         const float silu = f32_from_bf16(bf16_from_f32(g / (1.f + exp_f32(-g))));
-        out[c] = bf16_from_f32(silu * f32_from_bf16(up[c]));
+        out[i] = bf16_from_f32(silu * f32_from_bf16(up[i]));
     }
 }
 
@@ -124,6 +133,18 @@ void ban_masked_f32(float* logits, const int32_t* mask, int64_t rows, int64_t vo
             const uint32_t word = bits[w];
             if (word == 0xffffffffu) continue;
             const int64_t base = w * 32, n = vocab - base < 32 ? vocab - base : 32;
+#if CPU_KERNELS_AVX2  /* GCC leaves the loop below scalar there: a whole word's 32 logits as four 8-lane steps */
+            if (n == 32) {
+                const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+                for (int q = 0; q < 4; q++) {
+                    const __m256i set = _mm256_and_si256(_mm256_set1_epi32((int32_t)(word >> (8 * q))), lane_bit);
+                    const __m256 banned = _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, _mm256_setzero_si256()));
+                    float* at = row + base + 8 * q;  /* minus the penalty where banned, minus +0 elsewhere, as below */
+                    _mm256_storeu_ps(at, _mm256_sub_ps(_mm256_loadu_ps(at), _mm256_and_ps(banned, _mm256_set1_ps(penalty))));
+                }
+                continue;
+            }
+#endif
             _Pragma("omp simd")
             for (int i = 0; i < (int)n; i++) row[base + i] -= ((word >> i) & 1u) ? 0.f : penalty;
         }

@@ -46,9 +46,6 @@
  * accumulators spilled in halves, selects scalarised), so the scores, the softmax weights and the V pass run
  * on 8-lane vectors there: the same operations lane by lane, so the same bits. */
 static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8_bf16(const uint16_t* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
 #define LOAD8(p) _Generic((p), const float*: load8_f32, const uint16_t*: load8_bf16)(p)
 #endif
 
