@@ -57,6 +57,7 @@ static inline __m256 exp8(__m256 arg) {
     return _mm256_andnot_ps(_mm256_cmp_ps(arg, lo, _CMP_LT_OQ),
                             _mm256_blendv_ps(e, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(arg, hi, _CMP_GT_OQ)));
 }
+
 /* Eight bfloat16 -> float32, exactly (f32_from_bf16). */
 static inline __m256 load8_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
