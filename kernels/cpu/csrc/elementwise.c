@@ -71,16 +71,19 @@ void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, const uint16_t* 
                           residual ? residual_out + r * cols : NULL, cols);
 }
 
+#if CPU_KERNELS_AVX2
+/* g / (1 + exp(-g)) on eight lanes: the scalar loops' silu, step for step. */
+static inline __m256 silu8(__m256 g) {
+    return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_xor_ps(g, _mm256_set1_ps(-0.f)))));
+}
+#endif
+
 /* silu_and_mul_f32 for bfloat16: silu(gate) rounded, then its product with up rounded (torch's two ops). */
 void silu_and_mul_span_bf16(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t c0, int64_t c1) {
     int64_t c = c0;
 #if CPU_KERNELS_AVX2  /* GCC leaves the loop below scalar there, as in silu_and_mul_span_f32 */
-    const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
-    for (; c + 8 <= c1; c += 8) {
-        const __m256 g = load8_bf16(gate + c);
-        const __m256 silu = round8_bf16(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign)))));
-        store8_bf16(out + c, _mm256_mul_ps(silu, load8_bf16(up + c)));
-    }
+    for (; c + 8 <= c1; c += 8)
+        store8_bf16(out + c, _mm256_mul_ps(round8_bf16(silu8(load8_bf16(gate + c))), load8_bf16(up + c)));
 #endif
     _Pragma("omp simd")
     for (int64_t i = c; i < c1; i++) {
@@ -101,12 +104,8 @@ void silu_and_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t c
 void silu_and_mul_span_f32(const float* gate, const float* up, float* out, int64_t c0, int64_t c1) {
     int64_t c = c0;
 #if CPU_KERNELS_AVX2  /* GCC leaves the loop below scalar there: 11 cycles an element */
-    const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
-    for (; c + 8 <= c1; c += 8) {
-        const __m256 g = _mm256_loadu_ps(gate + c);
-        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign))));
-        _mm256_storeu_ps(out + c, _mm256_mul_ps(silu, _mm256_loadu_ps(up + c)));
-    }
+    for (; c + 8 <= c1; c += 8)
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + c)), _mm256_loadu_ps(up + c)));
 #endif
     _Pragma("omp simd")
     for (int64_t i = c; i < c1; i++) out[i] = gate[i] / (1.f + exp_f32(-gate[i])) * up[i];
