@@ -12,7 +12,7 @@ from typing import Any
 
 from forge_batch.engine.constraints import ConstraintFactory
 from forge_batch.engine.llm import LLM as EngineLLM
-from forge_batch.plugin_manager import collect_registry, get_plugin_manager
+from forge_batch.plugin_manager import CONSTRAINT_PLUGINS, collect_registry, get_plugin_manager
 
 
 def builtin_constraints() -> dict[str, ConstraintFactory]:
@@ -22,8 +22,9 @@ def builtin_constraints() -> dict[str, ConstraintFactory]:
 
 @functools.cache
 def _builtin_constraints() -> dict[str, ConstraintFactory]:
-    # a plugin manager imports every built-in plugin (readers, writers ...): once per process is enough
-    return collect_registry(get_plugin_manager(entry_points=False), "register_constraints")
+    # only the built-ins that register kinds: the readers and writers would import pyarrow for nothing
+    return collect_registry(get_plugin_manager(entry_points=False, builtins=CONSTRAINT_PLUGINS),
+                            "register_constraints")
 
 
 class LLM(EngineLLM):

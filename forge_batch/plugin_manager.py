@@ -40,6 +40,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "forge_batch.plugins.run_history",
     "forge_batch.plugins.metrics",
 )
+# The built-ins that implement ``register_constraints``: ``forge_batch.LLM`` loads just these (the others
+# import pyarrow, pydantic and yaml, a quarter second that an engine's load need not pay).
+CONSTRAINT_PLUGINS: tuple[str, ...] = ("forge_batch.plugins.constraints",)
 
 
 class PluginLoadError(Exception):
@@ -181,9 +184,11 @@ def get_plugin_manager(
     env: Mapping[str, str] | None = None,
     extra_plugins: Sequence[tuple[str, Any]] = (),
     search_paths: Sequence[str | os.PathLike[str]] = (),
+    builtins: Sequence[str] = BUILTIN_PLUGINS,
 ) -> pluggy.PluginManager:
     """A fresh plugin manager with built-ins, allowed entry-point plugins and the job's plugins.
 
+    ``builtins`` names the built-in plugin modules to register (all of them unless told);
     ``extra_plugins`` registers (name, object) pairs directly (tests and embedding applications use it);
     ``search_paths`` are folders where job plugins named by module are also looked for.
     Raises :class:`PluginLoadError` listing every job plugin that failed to import; a broken *installed*
@@ -195,7 +200,7 @@ def get_plugin_manager(
     warnings: list[str] = []
     failures: list[tuple[str, str]] = []
 
-    for mod_name in BUILTIN_PLUGINS:
+    for mod_name in builtins:
         module = importlib.import_module(mod_name)
         pm.register(module, name=mod_name)
         sources[mod_name] = PluginInfo(mod_name, "builtin", mod_name)

@@ -3,6 +3,7 @@ plugins named in a job, overriding a built-in, broken plugins."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 import types
@@ -13,6 +14,7 @@ import pytest
 from forge_batch.hookspecs import hookimpl
 from forge_batch.plugin_manager import (
     BUILTIN_PLUGINS,
+    CONSTRAINT_PLUGINS,
     LOAD_PLUGINS_ENV,
     PluginLoadError,
     collect_registry,
@@ -68,6 +70,25 @@ def test_builtins_are_plugins_through_the_same_hooks() -> None:
     assert {"default", "greedy", "multinomial"} <= set(collect_registry(pm, "register_samplers"))
     assert "register_readers" in infos["forge_batch.plugins.readers"].hooks
     assert infos["forge_batch.plugins.writers"].provides["writers"] == ["jsonl", "openai-batch", "parquet"]
+
+
+def test_the_constraint_plugins_are_every_builtin_that_registers_kinds() -> None:
+    # forge_batch.LLM loads only CONSTRAINT_PLUGINS: a built-in kind registered elsewhere would go missing there
+    pm = get_plugin_manager(entry_points=False)
+    registering = {i.name for i in list_plugins(pm) if "register_constraints" in i.hooks}
+    assert registering == set(CONSTRAINT_PLUGINS)
+    from forge_batch.api import builtin_constraints
+
+    assert builtin_constraints().keys() == collect_registry(pm, "register_constraints").keys()
+
+
+def test_the_python_api_gets_its_constraint_kinds_without_the_io_plugins() -> None:
+    # the readers and writers import pyarrow, pydantic and yaml: an engine's load should not pay for them
+    code = ("import sys; from forge_batch.api import builtin_constraints; kinds = builtin_constraints(); "
+            "print(sorted(kinds), [m for m in ('pyarrow', 'pydantic', 'yaml') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("] [")[1].strip() == "]", out
+    assert "'json_schema'" in out and "'regex'" in out and "'choice'" in out
 
 
 def test_entry_point_plugin_is_found_and_attributed(site: Path) -> None:

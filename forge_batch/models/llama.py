@@ -176,10 +176,15 @@ class LlamaForCausalLM(nn.Module):
             return state_dict[name]
 
         def put(dst: torch.Tensor, *srcs: torch.Tensor) -> None:
-            src = torch.cat(srcs, dim=0) if len(srcs) > 1 else srcs[0]
-            if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"shape mismatch: checkpoint {tuple(src.shape)} vs model {tuple(dst.shape)}")
-            dst.copy_(src.to(dst.dtype))
+            # fused parts go straight into their rows, cast by copy_: no concatenated or cast copy on the way
+            shape = (sum(s.shape[0] for s in srcs), *srcs[0].shape[1:])
+            if any(s.shape[1:] != srcs[0].shape[1:] for s in srcs) or shape != tuple(dst.shape):
+                got = tuple(srcs[0].shape) if len(srcs) == 1 else " + ".join(str(tuple(s.shape)) for s in srcs)
+                raise ValueError(f"shape mismatch: checkpoint {got} vs model {tuple(dst.shape)}")
+            row = 0
+            for src in srcs:
+                dst[row:row + src.shape[0]].copy_(src)
+                row += src.shape[0]
 
         put(self.embed_tokens, get("model.embed_tokens.weight"))
         put(self.norm, get("model.norm.weight"))
