@@ -358,39 +358,52 @@ void panel_product_bf16(const uint8_t* values, const uint16_t* scales, const uin
 /* Repack an [n, k] weight from StoredWeight's layout (per row: Q4_1 16 bytes of nibbles per 32-k block,
  * element j low and j + 16 high; Q8_0 32 int8 per block; float32 scales / minimums [n, k / 32], exact
  * float16 values) into the panels above. */
+/* Element e (0-31) of a Q4_1 block's 16 bytes: the low nibble of byte e below 16, else the high one of e - 16. */
+static inline uint8_t q4_element(const uint8_t* block, int e) {
+    return e < 16 ? (uint8_t)(block[e] & 0x0F) : (uint8_t)(block[e - 16] >> 4);
+}
+
 void panel_repack(int type, const uint8_t* values, const float* scales, const float* mins, int64_t n, int64_t k,
                   uint8_t* out_values, uint16_t* out_scales, uint16_t* out_mins) {
 #ifdef PANEL_PRODUCT_F32_SIMD
     const int64_t blocks = k / 32, groups = n / 16, row_bytes = type == PANEL_TYPE_Q4_1 ? k / 2 : k;
-    if (type == PANEL_TYPE_Q4_1) memset(out_values, 0, (size_t)(n * k / 2));  /* nibbles are or-ed in */
-    for (int64_t g = 0; g < groups; g++)
-        for (int64_t j = 0; j < 16; j++) {
-            const int64_t row = g * 16 + j;
-            const uint8_t* src = values + row * row_bytes;
-            for (int64_t kk = 0; kk < k; kk += 2) {
-                const int64_t p = kk / 2;
-                for (int64_t t = 0; t < 2; t++) {  /* column j at k + t: its byte in the pair (and nibble) */
-#ifdef PANEL_PRODUCT_AVX512
-                    const int64_t q4_byte = 2 * (j % 8) + t, q4_shift = 4 * (j / 8);
-                    const int64_t q8_byte = 16 * (j / 8) + 2 * (j % 8) + t;
-#else
-                    const int64_t q4_byte = j, q4_shift = 4 * t, q8_byte = 16 * (j / 8) + 8 * t + j % 8;
+    const int64_t block_bytes = type == PANEL_TYPE_Q4_1 ? 16 : 32;  /* also a pair's bytes in the panels */
+    /* Each output byte is computed once, from the 16 rows' block (in L1 together); groups write disjoint
+     * bytes, so a load repacks on every core. */
+    _Pragma("omp parallel for schedule(static)")
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t* rows[16];  /* the group's 16 rows' block b */
+            for (int j = 0; j < 16; j++) rows[j] = values + (g * 16 + j) * row_bytes + b * block_bytes;
+            uint8_t* pairs = out_values + (g * (k / 2) + b * 16) * block_bytes;  /* block b's 16 pairs */
+            if (type == PANEL_TYPE_Q4_1) {
+                for (int p = 0; p < 16; p++)
+                    for (int o = 0; o < 16; o++) {
+#ifdef PANEL_PRODUCT_AVX512  /* byte 2j + t: column j at k + t low, column j + 8 high */
+                        const int e = 2 * p + o % 2;
+                        pairs[p * 16 + o] = (uint8_t)(q4_element(rows[o / 2], e) | q4_element(rows[o / 2 + 8], e) << 4);
+#else  /* byte j: column j at k low, at k + 1 high */
+                        pairs[p * 16 + o] = (uint8_t)(q4_element(rows[o], 2 * p) | q4_element(rows[o], 2 * p + 1) << 4);
 #endif
-                    if (type == PANEL_TYPE_Q4_1) {
-                        const int64_t b = (kk + t) / 32, e = (kk + t) % 32;  /* block b's element e: byte e % 16 */
-                        const uint8_t* blk = src + b * 16;
-                        const uint8_t v = e < 16 ? (blk[e] & 0x0F) : (blk[e - 16] >> 4);
-                        out_values[(g * (k / 2) + p) * 16 + q4_byte] |= (uint8_t)(v << q4_shift);
-                    } else {
-                        out_values[(g * (k / 2) + p) * 32 + q8_byte] = src[kk + t];
                     }
-                }
+            } else {
+                for (int j = 0; j < 16; j++)
+                    for (int t = 0; t < 2; t++) {  /* column j at k + t: its byte in every pair */
+#ifdef PANEL_PRODUCT_AVX512  /* columns 0-7 interleaved at k, k + 1, then 8-15 */
+                        const int at = 16 * (j / 8) + 2 * (j % 8) + t;
+#else  /* columns 0-7 at k, 0-7 at k + 1, then 8-15 likewise */
+                        const int at = 16 * (j / 8) + 8 * t + j % 8;
+#endif
+                        for (int p = 0; p < 16; p++) pairs[p * 32 + at] = rows[j][2 * p + t];
+                    }
             }
-            for (int64_t b = 0; b < blocks; b++) {
+            for (int j = 0; j < 16; j++) {
+                const int64_t row = g * 16 + j;
                 out_scales[(g * blocks + b) * 16 + j] = (uint16_t)_cvtss_sh(scales[row * blocks + b], 0);
                 if (mins) out_mins[(g * blocks + b) * 16 + j] = (uint16_t)_cvtss_sh(mins[row * blocks + b], 0);
             }
         }
+    }
 #else
     (void)type; (void)values; (void)scales; (void)mins; (void)n; (void)k; (void)out_values; (void)out_scales;
     (void)out_mins;
