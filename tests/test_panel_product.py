@@ -43,6 +43,50 @@ def _heavy_tailed(rows: int, k: int, seed: int) -> torch.Tensor:
     return (torch.randn(rows, k, generator=g) * torch.exp(2 * torch.randn(rows, k, generator=g))).bfloat16()
 
 
+def _built_for_avx512() -> bool:
+    # the kernels are compiled with -march=native: AVX-512F picks the AVX-512 panel layout
+    with open("/proc/cpuinfo") as f:
+        return any(line.startswith("flags") and " avx512f" in line for line in f)
+
+
+def _panels_by_hand(stored, avx512: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The panels' bytes and float16 scales (see csrc/panel_product.c), from the layout's description: per
+    group of 16 columns and pair of k, Q4_1 one byte per column (AVX2: k low, k + 1 high) or per two columns
+    (AVX-512: column j low, j + 8 high, k then k + 1); Q8_0 the 32 int8 values, columns 0-7 then 8-15 (AVX2: all
+    at k, then all at k + 1; AVX-512: k and k + 1 side by side)."""
+    n, k = stored.rows, stored.cols
+    blocks = stored.values.reshape(n, k // 32, -1)
+    if stored.fmt == "Q4_1":  # element e of a block: byte e's low nibble below 16, else byte e - 16's high one
+        values = torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, k)
+    else:
+        values = blocks.reshape(n, k)
+    v = values.reshape(n // 16, 2, 8, k // 2, 2)  # [group, column // 8, column % 8, pair, k or k + 1]
+    if stored.fmt == "Q4_1":
+        if avx512:
+            panel = v[:, 0] | (v[:, 1] << 4)  # [group, column % 8, pair, t]
+            panel = panel.permute(0, 2, 1, 3)
+        else:
+            panel = (v[..., 0] | (v[..., 1] << 4)).reshape(n // 16, 16, k // 2).permute(0, 2, 1)
+    else:
+        panel = v.permute(0, 3, 1, 2, 4) if avx512 else v.permute(0, 3, 1, 4, 2)
+    scales = stored.scales.reshape(n // 16, 16, k // 32).permute(0, 2, 1).half()
+    return panel.reshape(-1), scales.reshape(-1)
+
+
+@pytest.mark.skipif(not pp.available_here(torch.float32), reason="no SIMD panel product on this CPU")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(16, 32), (48, 96), (64, 576), (32, 1536)])
+def test_repack_lays_the_blocks_out_as_the_layout_says(fmt, shape):
+    stored, _ = _weight(fmt, *shape)
+    panel = pp.PanelWeight.from_stored(stored, 512)
+    values, scales = _panels_by_hand(stored, _built_for_avx512())
+    assert torch.equal(panel.values, values)
+    assert torch.equal(panel.scales, scales)
+    if fmt == "Q4_1":
+        mins = stored.mins.reshape(shape[0] // 16, 16, -1).permute(0, 2, 1).half().reshape(-1)
+        assert torch.equal(panel.mins, mins)
+
+
 @needs_bf16
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("k_block", [64, 512])
