@@ -7,6 +7,7 @@ without the model knowing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,6 +15,22 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .dispatch import KernelBackend
+
+
+@dataclass(frozen=True)
+class FreedWeight:
+    """What a matmul weight's plain tensor becomes once its engine freed it (a packed form holds its numbers):
+    its shape and dtype, no values. Not a tensor, so any product still given it fails loudly (a meta tensor
+    would not: F.linear of a CPU input and a meta weight returns uninitialised memory)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
 
 
 class Linear:
@@ -34,6 +51,12 @@ class Linear:
     def plain(self) -> Linear:
         """This product as plain F.linear on the same tensors (what every other form must equal)."""
         return Linear(self.weight, self.bias)
+
+    @property
+    def reads_weight(self) -> bool:
+        """Whether a call reads ``weight``'s values. A form that computes from its own copy of them (packed,
+        int8) says no, and its engine may free the plain tensor."""
+        return True
 
 
 class TritonLinear(Linear):

@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from forge_batch.engine import cpu_backend
 from forge_batch.engine.llm import LLM
 from forge_batch.engine.sampling_params import SamplingParams
 from forge_batch.kernels import Linear
 from forge_batch.kernels.cpu import mkl_packed, onednn_packed
 from forge_batch.kernels.cpu.linear import PACKED_MIN_ROWS, MklPackedLinear, OneDnnLinear
+from forge_batch.kernels.linear import FreedWeight
 from forge_batch.models.llama import MATMUL_SOURCES
 
 pytestmark = pytest.mark.skipif(not mkl_packed.available(), reason="torch built without MKL")
@@ -78,9 +80,10 @@ def test_onednn_pack_rejects_what_it_cannot_reorder():  # checked before any one
     [("float32", OneDnnLinear if onednn_packed.float32_preferred() else MklPackedLinear),
      pytest.param("bfloat16", OneDnnLinear, marks=onednn)],
 )
-def test_engine_packs_cpu_weights_and_matches_unpacked(tiny_model_dir, dtype, weight_type):
+def test_engine_packs_cpu_weights_and_matches_unpacked(tiny_model_dir, monkeypatch, dtype, weight_type):
     """oneDNN's reordered weights (float32: MKL's packed ones but on AMD CPUs): the same tokens as plain
     F.linear."""
+    monkeypatch.setattr(cpu_backend, "release_plain_weights", lambda model: 0)  # plain F.linear needs them
     prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), device="cpu", dtype=dtype, max_num_seqs=32)
@@ -96,6 +99,42 @@ def test_engine_packs_cpu_weights_and_matches_unpacked(tiny_model_dir, dtype, we
         setattr(owner, name, getattr(owner, name).plain())  # F.linear on the same weights
     plain = [o.outputs[0].token_ids for o in llm.generate(prompts * 8, params)]
     assert packed == plain
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False])
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_engine_frees_the_plain_weights_no_product_reads(tiny_model_dir, monkeypatch, batch_invariant, quantization):
+    """A packed (or int8) product computes from its own copy of the weight: the plain one is freed (a
+    FreedWeight of its shape and dtype in the model's place and the product's), the same tokens come out, and
+    a plain F.linear still given it fails instead of computing. MKL's non-invariant product reads the plain
+    weight under PACKED_MIN_ROWS rows, and a tied LM head is the embedding: those stay."""
+    prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    args = dict(device="cpu", dtype="float32", batch_invariant=batch_invariant, quantization=quantization)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_backend, "release_plain_weights", lambda model: 0)
+        kept = LLM(str(tiny_model_dir), **args)
+    expected = [o.outputs[0].token_ids for o in kept.generate(prompts * 3, params)]
+    shapes = {name: w.shape for name, w in kept.model.layers[0].matmul_weights().items()}
+    del kept
+    llm = LLM(str(tiny_model_dir), **args)
+    model = llm.model
+    for layer in model.layers:
+        for name, weight in layer.matmul_weights().items():
+            form = getattr(layer, name)
+            assert form.weight is weight
+            assert isinstance(weight, torch.Tensor) == form.reads_weight, (name, type(form).__name__)
+            assert weight.shape == shapes[name] and weight.dtype == torch.float32
+    freed = [isinstance(layer.qkv_weight, FreedWeight) for layer in model.layers]
+    reads = isinstance(model.layers[0].qkv_proj, MklPackedLinear) and not batch_invariant and quantization is None
+    assert all(freed) != reads and any(freed) == all(freed)
+    if all(freed):
+        assert "qkv_weight" not in dict(model.layers[0].named_parameters())
+        with pytest.raises(TypeError):
+            Linear(model.layers[0].o_weight)(torch.randn(3, model.config.hidden_size))
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.embed_tokens
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts * 3, params)] == expected
 
 
 @pytest.mark.parametrize("batch_invariant", [True, False])

@@ -28,6 +28,7 @@ model would run, as it replays CUDA graphs on a GPU.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ from forge_batch.kernels.cpu.stored import (
     StoredWeight,
     weight_gemv_fast,
 )
+from forge_batch.kernels.linear import FreedWeight
 from forge_batch.models.llama import MATMUL_SOURCES, AttentionMetadata, LlamaForCausalLM, matmul_slots
 from forge_batch.models.raw_weights import RawWeight
 
@@ -89,6 +91,41 @@ def _stored_forms(model: LlamaForCausalLM, raw: dict[str, RawWeight], layers: bo
             yield owner, name, linear, s
 
 
+def release_plain_weights(model: LlamaForCausalLM) -> int:
+    """Free the plain tensors of the matmul weights that no product reads any more (``Linear.reads_weight``:
+    their packed or int8 forms hold the numbers), which would otherwise sit in memory twice. Each becomes a
+    ``FreedWeight`` (its shape and dtype) in the model's place and the product's, so a path that still read
+    it would fail loudly. The LM head's stays while the embedding shares it. Returns how many were freed."""
+    released = 0
+    for owner, name, _ in matmul_slots(model):
+        form = getattr(owner, name)
+        weight = form.weight
+        if form.reads_weight or isinstance(weight, FreedWeight) or weight is model.embed_tokens:
+            continue
+        freed = FreedWeight(weight.shape, weight.dtype)
+        for attribute, param in list(owner.named_parameters(recurse=False)):
+            if param is weight:
+                delattr(owner, attribute)  # a parameter no more: an attribute holding its description
+                setattr(owner, attribute, freed)
+        linear: Linear | None = form
+        while linear is not None:  # a stored form's fallback holds the same tensor
+            linear.weight = freed  # type: ignore[assignment]
+            linear = getattr(linear, "fallback", None)
+        released += 1
+    if released:
+        _return_freed_memory()
+    return released
+
+
+def _return_freed_memory() -> None:
+    # glibc keeps freed heap memory for reuse, and the weights sit on the heap (below its mmap threshold once
+    # the loader's large buffers were freed): without a trim they would stay in the process's RSS
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class CpuBackend:
     """The CPU's fast paths for one engine: float32 or bfloat16 models (other dtypes run as they are)."""
 
@@ -124,6 +161,7 @@ class CpuBackend:
             # batch-invariant, or weight_gemv without its SIMD path here (slower than the library): the panel
             # products, where this CPU has them, are the fast few-row steps either way
             stored = self.keep_panels(model, raw) if raw and not int8 else 0
+        release_plain_weights(model)
         return PreparedWeights(packed=packed, stored=stored, int8=int8, matmul=self.matmul_library())
 
     def matmul_library(self) -> str:

@@ -49,6 +49,10 @@ class MklPackedLinear(Linear):
             return mkl_packed.linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    @property
+    def reads_weight(self) -> bool:
+        return not self.batch_invariant  # steps under PACKED_MIN_ROWS rows take F.linear
+
 
 class PaddedLinear(Linear):
     """F.linear with the rows padded up to a multiple of INVARIANT_ROW_MULTIPLE: the batch-invariant product
@@ -87,6 +91,10 @@ class OneDnnLinear(Linear):
         if self.batch_invariant and x.shape[0] == 1:
             return onednn_packed.linear(torch.cat([x, x.new_zeros(x.shape)]), self.packed, self.bias)[:1]
         return onednn_packed.linear(x, self.packed, self.bias)
+
+    @property
+    def reads_weight(self) -> bool:
+        return False
 
 
 class _PanelSteps:
@@ -139,6 +147,10 @@ class Int8Linear(Linear):
             x = x.to(self.weight.dtype)
         return int8.int8_linear(x, self.quantized, self.bias)
 
+    @property
+    def reads_weight(self) -> bool:
+        return False
+
 
 class StoredLinear(Linear):
     """Steps of up to WEIGHT_GEMV_MAX_ROWS rows read the weight in its checkpoint's storage format
@@ -157,3 +169,7 @@ class StoredLinear(Linear):
             # a bfloat16 model's rows go in and come back as bfloat16
             return stored.weight_gemv(x.float(), self.stored, self.bias).to(x.dtype)
         return self.fallback(x)
+
+    @property
+    def reads_weight(self) -> bool:
+        return self.fallback.reads_weight
