@@ -3,6 +3,8 @@ cast to the model's dtype, and a clear error for a checkpoint of another shape."
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -67,3 +69,23 @@ def test_a_missing_tensor_is_named() -> None:
     del state["model.layers.0.mlp.up_proj.weight"]
     with pytest.raises(KeyError, match="model.layers.0.mlp.up_proj.weight"):
         LlamaForCausalLM(CONFIG).load_weights(state)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("own_head", [True, False])
+def test_a_consumed_state_dict_is_emptied_as_the_load_goes_with_the_same_weights(tied: bool, own_head: bool) -> None:
+    # the engine's load consumes the loader's tensors so that its buffers go as they are copied
+    config = dataclasses.replace(CONFIG, tie_word_embeddings=tied)
+    state = _checkpoint(seed=1)
+    if own_head:
+        state["lm_head.weight"] = torch.randn(96, 48)
+    kept, consumed = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    kept.load_weights(dict(state))
+    taken = dict(state)
+    consumed.load_weights(taken, consume=True)
+    assert taken == ({"lm_head.weight": state["lm_head.weight"]} if own_head and tied else {})
+    for (name, a), (_, b) in zip(kept.named_parameters(), consumed.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    if not tied:
+        head = state["lm_head.weight"] if own_head else state["model.embed_tokens.weight"]
+        assert torch.equal(consumed.lm_head_weight, head)

@@ -83,7 +83,7 @@ def test_onednn_pack_rejects_what_it_cannot_reorder():  # checked before any one
 def test_engine_packs_cpu_weights_and_matches_unpacked(tiny_model_dir, monkeypatch, dtype, weight_type):
     """oneDNN's reordered weights (float32: MKL's packed ones but on AMD CPUs): the same tokens as plain
     F.linear."""
-    monkeypatch.setattr(cpu_backend, "release_plain_weights", lambda model: 0)  # plain F.linear needs them
+    monkeypatch.setattr(cpu_backend, "release_plain_weight", lambda *args: False)  # plain F.linear needs them
     prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 2, 7], list(range(3, 40)), [4] * 20)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), device="cpu", dtype=dtype, max_num_seqs=32)
@@ -112,7 +112,7 @@ def test_engine_frees_the_plain_weights_no_product_reads(tiny_model_dir, monkeyp
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     args = dict(device="cpu", dtype="float32", batch_invariant=batch_invariant, quantization=quantization)
     with monkeypatch.context() as m:
-        m.setattr(cpu_backend, "release_plain_weights", lambda model: 0)
+        m.setattr(cpu_backend, "release_plain_weight", lambda *args: False)
         kept = LLM(str(tiny_model_dir), **args)
     expected = [o.outputs[0].token_ids for o in kept.generate(prompts * 3, params)]
     shapes = {name: w.shape for name, w in kept.model.layers[0].matmul_weights().items()}

@@ -95,26 +95,30 @@ def release_plain_weights(model: LlamaForCausalLM) -> int:
     """Free the plain tensors of the matmul weights that no product reads any more (``Linear.reads_weight``:
     their packed or int8 forms hold the numbers), which would otherwise sit in memory twice. Each becomes a
     ``FreedWeight`` (its shape and dtype) in the model's place and the product's, so a path that still read
-    it would fail loudly. The LM head's stays while the embedding shares it. Returns how many were freed."""
-    released = 0
-    for owner, name, _ in matmul_slots(model):
-        form = getattr(owner, name)
-        weight = form.weight
-        if form.reads_weight or isinstance(weight, FreedWeight) or weight is model.embed_tokens:
-            continue
-        freed = FreedWeight(weight.shape, weight.dtype)
-        for attribute, param in list(owner.named_parameters(recurse=False)):
-            if param is weight:
-                delattr(owner, attribute)  # a parameter no more: an attribute holding its description
-                setattr(owner, attribute, freed)
-        linear: Linear | None = form
-        while linear is not None:  # a stored form's fallback holds the same tensor
-            linear.weight = freed  # type: ignore[assignment]
-            linear = getattr(linear, "fallback", None)
-        released += 1
-    if released:
-        _return_freed_memory()
+    it would fail loudly. The LM head's stays while the embedding shares it. Then asks the C library to hand
+    the freed memory back. Returns how many were freed now (``pack`` frees each as it packs it)."""
+    released = sum(release_plain_weight(model, owner, name) for owner, name, _ in matmul_slots(model))
+    _return_freed_memory()
     return released
+
+
+def release_plain_weight(model: LlamaForCausalLM, owner: nn.Module, name: str) -> bool:
+    """``release_plain_weights`` for one matmul (``owner``'s attribute ``name``), without the hand-back:
+    whether it freed it."""
+    form = getattr(owner, name)
+    weight = form.weight
+    if form.reads_weight or isinstance(weight, FreedWeight) or weight is model.embed_tokens:
+        return False
+    freed = FreedWeight(weight.shape, weight.dtype)
+    for attribute, param in list(owner.named_parameters(recurse=False)):
+        if param is weight:
+            delattr(owner, attribute)  # a parameter no more: an attribute holding its description
+            setattr(owner, attribute, freed)
+    linear: Linear | None = form
+    while linear is not None:  # a stored form's fallback holds the same tensor
+        linear.weight = freed  # type: ignore[assignment]
+        linear = getattr(linear, "fallback", None)
+    return True
 
 
 def _return_freed_memory() -> None:
@@ -154,6 +158,7 @@ class CpuBackend:
         if int8:
             for owner, name, _ in matmul_slots(model)[:-1]:
                 setattr(owner, name, Int8Linear(getattr(owner, name)))
+                release_plain_weight(model, owner, name)  # one at a time: the model is held about once
         packed = self.pack(model, layers=not int8)
         if raw and not self.batch_invariant and weight_gemv_fast():
             stored = self.keep_stored(model, raw, layers=not int8)
@@ -192,6 +197,7 @@ class CpuBackend:
             return False
         for owner, name, _ in matmul_slots(model, layers):
             setattr(owner, name, form(getattr(owner, name)))
+            release_plain_weight(model, owner, name)  # the next weight's packed form reuses its memory
         return form is not PaddedLinear
 
     def keep_stored(self, model: LlamaForCausalLM, raw: dict[str, RawWeight] | None, layers: bool = True) -> int:

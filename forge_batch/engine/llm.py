@@ -123,7 +123,8 @@ def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device,
     if state_dict is None:
         net.init_random_weights(args.seed)
     else:
-        net.load_weights(state_dict)
+        net.load_weights(state_dict, consume=True)  # the loader's buffers go as their tensors are copied
+        del state_dict
     net.eval()
     params = sum(p.numel() for p in net.parameters())
     seconds = time.monotonic() - t0

@@ -167,13 +167,15 @@ class LlamaForCausalLM(nn.Module):
                              persistent=False)
 
     @torch.inference_mode()
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named weights in, fusing q/k/v and gate/up. Raises on a missing tensor."""
+    def load_weights(self, state_dict: dict[str, torch.Tensor], consume: bool = False) -> None:
+        """Copy Hugging Face-named weights in, fusing q/k/v and gate/up. Raises on a missing tensor.
+        ``consume``: take each tensor out of ``state_dict`` once copied, so that a loader's buffers are freed
+        as the load goes (the load holds the model about once, not twice)."""
 
-        def get(name: str) -> torch.Tensor:
+        def get(name: str, keep: bool = False) -> torch.Tensor:
             if name not in state_dict:
                 raise KeyError(f"weight {name!r} missing from the checkpoint")
-            return state_dict[name]
+            return state_dict.pop(name) if consume and not keep else state_dict[name]
 
         def put(dst: torch.Tensor, *srcs: torch.Tensor) -> None:
             # fused parts go straight into their rows, cast by copy_: no concatenated or cast copy on the way
@@ -186,10 +188,11 @@ class LlamaForCausalLM(nn.Module):
                 dst[row:row + src.shape[0]].copy_(src)
                 row += src.shape[0]
 
+        if not self.config.tie_word_embeddings:  # first: without a tensor of its own it copies the embedding
+            own = "lm_head.weight" in state_dict
+            put(self.lm_head_weight, get("lm_head.weight") if own else get("model.embed_tokens.weight", keep=True))
         put(self.embed_tokens, get("model.embed_tokens.weight"))
         put(self.norm, get("model.norm.weight"))
-        if not self.config.tie_word_embeddings:
-            put(self.lm_head_weight, state_dict.get("lm_head.weight", get("model.embed_tokens.weight")))
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             for name, weight in layer.matmul_weights().items():
