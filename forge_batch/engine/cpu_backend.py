@@ -10,6 +10,9 @@ one-call decode step.
 - for steps of a few rows, the checkpoint's own storage format when it is smaller (a 4-bit GGUF,
   bfloat16 safetensors): the same products from a fraction of the bytes (``weight_gemv``).
 
+A packed or int8 form computes from its own copy of the weight, so the plain tensor is freed as soon as the
+form exists (``release_plain_weights``; a ``FreedWeight`` keeps its shape and dtype): each weight is held once.
+
 With ``batch_invariant`` (the default) a row's numbers must not depend on how many rows share its step,
 so each matmul computes a row's sums one way for every row count: no ``weight_gemv`` stored forms (they sum
 in their own order, so a few-row step would differ from a larger one); oneDNN's product (bfloat16, and
