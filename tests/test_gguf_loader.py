@@ -201,6 +201,32 @@ def test_dequantize_hand_built_blocks() -> None:
     assert torch.equal(dequantize(q8_0, int(Q.Q8_0), (32,)), torch.tensor(ints * 0.25, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_the_compiled_dequantize_gives_the_torch_ops_bits(monkeypatch: pytest.MonkeyPatch, qtype: Q) -> None:
+    """Where the CPU kernels are loaded, a load decodes 4/8-bit blocks in C: the same bits as the torch ops,
+    over random bytes and scales that include zero, -0, subnormals, the largest float16 and infinity."""
+    from forge_batch.kernels.cpu import build
+    from forge_batch.models import gguf_loader
+
+    if not build.available():
+        pytest.skip("no compiled CPU kernels here")
+    width = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}[qtype]
+    rng = np.random.default_rng(int(qtype))
+    blocks = rng.integers(0, 256, (4099, width), dtype=np.uint8)  # an odd count: uneven thread shares
+    heads = (rng.standard_normal((4099, 2)) * 4).astype(np.float16)
+    heads[:6, 0] = [0.0, -0.0, 6e-8, 65504.0, np.inf, -np.inf]
+    heads[6:12, 1] = [0.0, -0.0, 6e-8, -65504.0, np.inf, 1.0]
+    blocks[:, :4] = heads.view(np.uint8)
+    if qtype != Q.Q4_1:
+        blocks[:, 2:4] = rng.integers(0, 256, (4099, 2), dtype=np.uint8)  # values, not a minimum
+    raw = blocks.reshape(-1)
+    compiled = dequantize(raw, int(qtype), (4099 * 32,))
+    monkeypatch.setattr(gguf_loader, "dequantize_blocks", lambda *args: None)
+    torch_ops = dequantize(raw, int(qtype), (4099 * 32,))
+    assert torch.equal(compiled.view(torch.int32), torch_ops.view(torch.int32))
+    assert compiled.isnan().any() and compiled.isinf().any()  # the special scales were decoded
+
+
 def test_exotic_type_falls_back_to_gguf() -> None:
     values = np.random.default_rng(2).standard_normal((2, 256)).astype(np.float32)
     raw = gguf.quants.quantize(values, Q.Q5_0)

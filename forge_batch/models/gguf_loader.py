@@ -1,8 +1,10 @@
 """Load a GGUF file (llama.cpp's format) into Hugging Face-named float32 tensors.
 
 The header (metadata, tensor table) is read by ``gguf_file.GGUFFile``, which refuses a file that is not
-GGUF, is corrupt or is truncated, naming it. The common quantisations (F32/F16/BF16/Q8_0/Q4_0/Q4_1) are dequantised with vectorised torch ops;
-anything else (K-quants, IQ*) falls back to ``gguf.quants.dequantize`` (correct, slower).
+GGUF, is corrupt or is truncated, naming it. The common quantisations (F32/F16/BF16/Q8_0/Q4_0/Q4_1) are
+dequantised with vectorised torch ops (the 4/8-bit ones by a compiled kernel with the same bits, in one pass,
+where the CPU kernels are loaded already); anything else (K-quants, IQ*) falls back to
+``gguf.quants.dequantize`` (correct, slower).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from forge_batch.kernels.cpu.stored import dequantize_blocks
 
 from .config import ModelConfig
 from .gguf_file import (
@@ -85,20 +89,26 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: Iterable[int]) -> torch.T
     elif ggml_type == GGML_Q8_0:
         blocks = data.view(-1, 34)
         scale = blocks[:, :2].view(torch.float16).float()
-        out = blocks[:, 2:].view(torch.int8).float().mul_(scale)
+        compiled = dequantize_blocks(blocks, "Q8_0", scale)  # the same bits in one pass, where loaded
+        out = blocks[:, 2:].view(torch.int8).float().mul_(scale) if compiled is None else compiled
     elif ggml_type in (GGML_Q4_0, GGML_Q4_1):
         width = 18 if ggml_type == GGML_Q4_0 else 20
         blocks = data.view(-1, width)
         head = blocks[:, : width - 16].view(torch.float16).float()  # d (and m for Q4_1)
-        packed = blocks[:, width - 16 :]
-        q = torch.empty(packed.shape[0], 32, dtype=torch.uint8)
-        torch.bitwise_and(packed, 0x0F, out=q[:, :16])
-        torch.bitwise_right_shift(packed, 4, out=q[:, 16:])
-        out = q.float()
-        if ggml_type == GGML_Q4_0:
-            out.sub_(8.0).mul_(head[:, 0:1])
+        q4_1 = ggml_type == GGML_Q4_1
+        compiled = dequantize_blocks(blocks, "Q4_1" if q4_1 else "Q4_0", head[:, 0], head[:, 1] if q4_1 else None)
+        if compiled is not None:
+            out = compiled
         else:
-            out.mul_(head[:, 0:1]).add_(head[:, 1:2])
+            packed = blocks[:, width - 16 :]
+            q = torch.empty(packed.shape[0], 32, dtype=torch.uint8)
+            torch.bitwise_and(packed, 0x0F, out=q[:, :16])
+            torch.bitwise_right_shift(packed, 4, out=q[:, 16:])
+            out = q.float()
+            if q4_1:
+                out.mul_(head[:, 0:1]).add_(head[:, 1:2])
+            else:
+                out.sub_(8.0).mul_(head[:, 0:1])
     else:
         out = _dequantize_with_gguf(raw, ggml_type, shape)
     return out.reshape(shape)

@@ -83,6 +83,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.weight_gemv_f32.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp, i64, vp, vp, nthreads]
     lib.weight_decode_f32.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp]
     lib.weight_gemv_f32.restype = lib.weight_decode_f32.restype = None
+    lib.dequantize_gguf_blocks.argtypes = [ctypes.c_int, vp, i64, vp, vp, vp, nthreads]
+    lib.dequantize_gguf_blocks.restype = None
     lib.weight_gemv_simd.restype = ctypes.c_int
     lib.decode_step_f32.argtypes = [vp, i64, vp, f32, vp, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, i64,
                                     i64, f32, ctypes.c_int, ctypes.c_int, nthreads]
@@ -148,6 +150,12 @@ def available() -> bool:
                     _lib = None
             _tried = True
     return _lib is not None
+
+
+def ready() -> bool:
+    """Whether the compiled kernels are loaded already: ``available()`` without waiting for a build (for
+    callers with a torch path of the same bits, which a first run's compile should not hold up)."""
+    return _tried and _lib is not None
 
 
 def lib() -> ctypes.CDLL:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .build import available, lib, ptr
+from .build import available, lib, ptr, ready
 
 # ggml type ids of the storage formats weight_gemv reads (ggml.h), with bytes per block of 32 weights
 # in the file: an fp16 scale (Q4_1: and an fp16 minimum) before the quantised values.
@@ -16,6 +16,28 @@ WEIGHT_FORMATS = {"F16": (1, 64), "Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 
 _HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}
 # Up to this many rows weight_gemv reads the stored weights once for all rows (its kernel's MAX_ROWS).
 WEIGHT_GEMV_MAX_ROWS = 8
+
+
+def dequantize_blocks(blocks: torch.Tensor, fmt: str, scales: torch.Tensor,
+                      mins: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A GGUF tensor's Q4_0 / Q4_1 / Q8_0 blocks (uint8 [n_blocks, bytes per block], as the file stores them)
+    decoded to float32 [n_blocks * 32] with the loader's arithmetic, bit for bit, in one pass on every core;
+    ``scales`` (and Q4_1's ``mins``) are the blocks' float16 values as float32 [n_blocks]. None where the
+    compiled kernels are not loaded yet (a load never waits for their first compile) or for another format."""
+    if fmt not in _HEADER_BYTES or not ready():
+        return None
+    type_id, width = WEIGHT_FORMATS[fmt]
+    n_blocks = blocks.shape[0]
+    if blocks.dtype != torch.uint8 or tuple(blocks.shape) != (n_blocks, width) or not blocks.is_contiguous():
+        raise ValueError(f"{fmt} blocks must be contiguous uint8 [n, {width}], got {blocks.dtype} {list(blocks.shape)}")
+    scales = scales.float().contiguous()
+    mins = None if mins is None else mins.float().contiguous()
+    if scales.numel() != n_blocks or (mins is not None and mins.numel() != n_blocks) or ((mins is None) != (fmt != "Q4_1")):
+        raise ValueError(f"{fmt}: one scale{' and one minimum' if fmt == 'Q4_1' else ''} per block needed")
+    out = torch.empty(n_blocks * 32, dtype=torch.float32)
+    lib().dequantize_gguf_blocks(type_id, blocks.data_ptr(), n_blocks, scales.data_ptr(), ptr(mins), out.data_ptr(),
+                                 torch.get_num_threads())
+    return out
 
 
 @dataclass

@@ -303,3 +303,15 @@ void weight_decode_f32(const uint8_t* weight, const float* scales, const float* 
                          out + n * k + blk * 32);
         }
 }
+
+/* A GGUF tensor's Q4_0 / Q4_1 / Q8_0 blocks as the file stores them (the float16 scale, Q4_1's float16 minimum,
+ * then the values) to float32 [n_blocks * 32]: the loader's dequantisation (models/gguf_loader.py), bit for bit,
+ * split over the threads (a load decodes the whole model). The scales and minimums come in as float32
+ * [n_blocks], converted by the caller (exactly). */
+void dequantize_gguf_blocks(int type, const uint8_t* blocks, int64_t n_blocks, const float* scales,
+                            const float* mins, float* out, int num_threads) {
+    const int64_t head = type == W_Q4_1 ? 4 : 2, stride = head + block_bytes(type);
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static)")
+    for (int64_t i = 0; i < n_blocks; i++)
+        decode_block(type, blocks + i * stride + head, scales[i], mins ? mins[i] : 0.f, out + i * 32);
+}
