@@ -11,7 +11,7 @@ one-call decode step.
   bfloat16 safetensors): the same products from a fraction of the bytes (``weight_gemv``).
 
 A packed or int8 form computes from its own copy of the weight, so the plain tensor is freed as soon as the
-form exists (``release_plain_weights``; a ``FreedWeight`` keeps its shape and dtype): each weight is held once.
+form exists (``release_plain_weight``; a ``FreedWeight`` keeps its shape and dtype): each weight is held once.
 
 With ``batch_invariant`` (the default) a row's numbers must not depend on how many rows share its step,
 so each matmul computes a row's sums one way for every row count: no ``weight_gemv`` stored forms (they sum
@@ -94,20 +94,12 @@ def _stored_forms(model: LlamaForCausalLM, raw: dict[str, RawWeight], layers: bo
             yield owner, name, linear, s
 
 
-def release_plain_weights(model: LlamaForCausalLM) -> int:
-    """Free the plain tensors of the matmul weights that no product reads any more (``Linear.reads_weight``:
-    their packed or int8 forms hold the numbers), which would otherwise sit in memory twice. Each becomes a
-    ``FreedWeight`` (its shape and dtype) in the model's place and the product's, so a path that still read
-    it would fail loudly. The LM head's stays while the embedding shares it. Then asks the C library to hand
-    the freed memory back. Returns how many were freed now (``pack`` frees each as it packs it)."""
-    released = sum(release_plain_weight(model, owner, name) for owner, name, _ in matmul_slots(model))
-    _return_freed_memory()
-    return released
-
-
 def release_plain_weight(model: LlamaForCausalLM, owner: nn.Module, name: str) -> bool:
-    """``release_plain_weights`` for one matmul (``owner``'s attribute ``name``), without the hand-back:
-    whether it freed it."""
+    """Free the plain tensor of ``owner``'s matmul ``name`` if no product reads it any more
+    (``Linear.reads_weight``: its packed or int8 form holds the numbers), which would otherwise sit in memory
+    twice. It becomes a ``FreedWeight`` (its shape and dtype) in the model's place and the product's, so a path
+    that still read it would fail loudly. The LM head's stays while the embedding shares it. Returns whether it
+    freed it; ``prepare_weights`` then asks the C library to hand the memory back."""
     form = getattr(owner, name)
     weight = form.weight
     if form.reads_weight or isinstance(weight, FreedWeight) or weight is model.embed_tokens:
@@ -117,10 +109,7 @@ def release_plain_weight(model: LlamaForCausalLM, owner: nn.Module, name: str) -
         if param is weight:
             delattr(owner, attribute)  # a parameter no more: an attribute holding its description
             setattr(owner, attribute, freed)
-    linear: Linear | None = form
-    while linear is not None:  # a stored form's fallback holds the same tensor
-        linear.weight = freed  # type: ignore[assignment]
-        linear = getattr(linear, "fallback", None)
+    form.weight = freed  # (the stored and panel forms, made later, take it from here)
     return True
 
 
@@ -169,7 +158,7 @@ class CpuBackend:
             # batch-invariant, or weight_gemv without its SIMD path here (slower than the library): the panel
             # products, where this CPU has them, are the fast few-row steps either way
             stored = self.keep_panels(model, raw) if raw and not int8 else 0
-        release_plain_weights(model)
+        _return_freed_memory()  # pack (and the int8 forms) freed the plain weights as it went
         return PreparedWeights(packed=packed, stored=stored, int8=int8, matmul=self.matmul_library())
 
     def matmul_library(self) -> str:
