@@ -25,6 +25,7 @@ from forge_batch.models.config import ModelConfig
 from forge_batch.models.gguf_loader import (
     GGUFFile,
     dequantize,
+    dequantize_into,
     llama3_rope_factors,
     load_gguf,
     read_gguf_metadata,
@@ -39,6 +40,7 @@ from forge_batch.models.registry import (
 from forge_batch.models.safetensors_loader import load_hf_dir
 
 Q = gguf.GGMLQuantizationType
+QUANT_DTYPES = {Q.F32: np.float32, Q.F16: np.float16}  # the float formats numpy can write (BF16: by gguf)
 
 
 
@@ -227,6 +229,41 @@ def test_the_compiled_dequantize_gives_the_torch_ops_bits(monkeypatch: pytest.Mo
     assert compiled.isnan().any() and compiled.isinf().any()  # the special scales were decoded
 
 
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_a_destination_gives_dequantizes_values(qtype: Q, dtype: torch.dtype) -> None:
+    """A load decodes straight into the model's parameters: the loader's values, cast as copy_ casts."""
+    from forge_batch.kernels.cpu import build
+
+    values = np.random.default_rng(int(qtype)).standard_normal((24, 64)).astype(np.float32)
+    raw = (values.astype(QUANT_DTYPES[qtype]) if qtype in QUANT_DTYPES else gguf.quants.quantize(values, qtype))
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    expected = dequantize(raw, int(qtype), values.shape).to(dtype)
+    rows = torch.full((30, 64), 7.0, dtype=dtype)  # a parameter; the destination is some of its rows
+    compiled = build.available()  # loads (or compiles) the CPU kernels, so the blocks' compiled pass is there
+    written = dequantize_into(raw, int(qtype), rows[3:27])
+    assert written == (qtype not in (Q.Q8_0, Q.Q4_0, Q.Q4_1) or compiled)  # blocks: the compiled pass only
+    if written:
+        assert torch.equal(rows[3:27].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert (rows[:3] == 7).all() and (rows[27:] == 7).all()  # nothing outside the destination
+    assert not dequantize_into(raw, int(qtype), torch.empty(64, 24, dtype=dtype).t())  # not contiguous
+
+
+def test_dequantize_into_leaves_other_formats_and_unloaded_kernels_to_the_batches(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from forge_batch.models import gguf_loader
+
+    values = np.random.default_rng(5).standard_normal((2, 256)).astype(np.float32)
+    k_quant = gguf.quants.quantize(values, Q.Q5_0).reshape(-1)
+    dst = torch.full((2, 256), 7.0)
+    assert not dequantize_into(k_quant, int(Q.Q5_0), dst) and (dst == 7).all()
+    q4 = gguf.quants.quantize(values, Q.Q4_1).reshape(-1)
+    monkeypatch.setattr(gguf_loader, "dequantize_blocks", lambda *args: None)  # a first run: still compiling
+    assert not dequantize_into(q4, int(Q.Q4_1), dst) and (dst == 7).all()
+    assert not dequantize_into(q4, int(Q.Q4_1), dst.bfloat16())
+
+
 def test_exotic_type_falls_back_to_gguf() -> None:
     values = np.random.default_rng(2).standard_normal((2, 256)).astype(np.float32)
     raw = gguf.quants.quantize(values, Q.Q5_0)
@@ -263,6 +300,83 @@ def test_tiny_llama_gguf_round_trip(tmp_path: Path) -> None:
     )
     assert tokenizer.bos_token_id == 258 and 259 in tokenizer.eos_token_ids
     assert tokenizer.encode("hello")[0] == 258  # add_bos_token=True in this file
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernels_loaded", [True, False])
+def test_load_gguf_decodes_straight_into_the_models_parameters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, kernels_loaded: bool) -> None:
+    """``into``: the weights are written into the model's parameter rows (Q/K un-permuted, parts fused), the
+    same values as a state dict copied in, and the stored blocks the same. Before the CPU kernels are loaded
+    (a first run's compile) the 4/8-bit blocks are decoded in batches and copied, as before."""
+    from forge_batch.kernels.cpu import build
+    from forge_batch.models import gguf_loader
+    from forge_batch.models.llama import LlamaForCausalLM
+
+    if kernels_loaded and not build.available():
+        pytest.skip("no compiled CPU kernels here")
+    types = {"token_embd.weight": Q.Q8_0, "attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.F16,
+             "ffn_gate": Q.Q8_0, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_0, "output.weight": Q.BF16}
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "llama", types, untied=True)
+    plain_stored: dict = {}
+    config, plain, _ = load_gguf(path, plain_stored)
+    reference = LlamaForCausalLM(config, dtype)
+    reference.load_weights(plain)
+
+    if not kernels_loaded:
+        monkeypatch.setattr(gguf_loader, "dequantize_blocks", lambda *args: None)
+    built: list[LlamaForCausalLM] = []
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def into(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        seen.update(shapes)
+        built.append(LlamaForCausalLM(config, dtype))
+        return built[0].weight_destinations(shapes)
+
+    stored: dict = {}
+    _, state, _ = load_gguf(path, stored, into)
+    assert seen == {name: tuple(t.shape) for name, t in plain.items()}
+    model = built[0]
+    dests = model.weight_destinations(seen)
+    in_place = {name for name, t in state.items() if t.data_ptr() == dests[name].data_ptr()}
+    floats = {name for name in state if any(part in name for part in ("norm", "v_proj", "o_proj", "lm_head"))}
+    assert in_place == (set(state) if kernels_loaded else floats)  # k_proj: permuted Q4_1 rows, in place
+    model.load_weights(state, consume=True)
+    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert stored.keys() == plain_stored.keys()
+    for name, kept in stored.items():
+        assert kept.fmt == plain_stored[name].fmt and torch.equal(kept.data, plain_stored[name].data), name
+
+
+def test_the_engine_loads_a_gguf_into_its_parameters_without_a_second_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from forge_batch.engine.llm import LLM
+    from forge_batch.engine.sampling_params import SamplingParams
+    from forge_batch.kernels.cpu import build
+    from forge_batch.models.llama import LlamaForCausalLM
+
+    if not build.available():
+        pytest.skip("no compiled CPU kernels here")
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "llama", {"token_embd.weight": Q.Q8_0, "attn_q": Q.Q4_0, "ffn_up": Q.Q4_1})
+    copied: list[str] = []
+    real = LlamaForCausalLM.load_weights
+
+    def load_weights(self: LlamaForCausalLM, state: dict[str, torch.Tensor], consume: bool = False) -> None:
+        mine = {p.data_ptr(): p.data_ptr() + p.numel() * p.element_size() for p in self.parameters()}
+        copied.extend(n for n, t in state.items() if not any(lo <= t.data_ptr() < hi for lo, hi in mine.items()))
+        real(self, state, consume)
+
+    monkeypatch.setattr(LlamaForCausalLM, "load_weights", load_weights)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    direct = LLM(str(path), device="cpu", dtype="float32").generate([{"prompt_token_ids": [258, 5, 6]}], params)
+    assert copied == []  # every tensor was decoded into the model's own memory
+    monkeypatch.setattr(LlamaForCausalLM, "weight_destinations", lambda self, shapes: {})
+    plain = LLM(str(path), device="cpu", dtype="float32").generate([{"prompt_token_ids": [258, 5, 6]}], params)
+    assert len(copied) > 10
+    assert direct[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
 
 
 def test_tiny_qwen2_gguf_has_bias_and_no_permutation(tmp_path: Path) -> None:

@@ -89,3 +89,57 @@ def test_a_consumed_state_dict_is_emptied_as_the_load_goes_with_the_same_weights
     if not tied:
         head = state["lm_head.weight"] if own_head else state["model.embed_tokens.weight"]
         assert torch.equal(consumed.lm_head_weight, head)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_written_into_their_destinations_load_as_copied_ones(tied: bool, dtype: torch.dtype) -> None:
+    # a loader that decodes straight into weight_destinations leaves load_weights nothing to copy
+    config = dataclasses.replace(CONFIG, tie_word_embeddings=tied)
+    state = _checkpoint(seed=2)
+    if not tied:
+        state["lm_head.weight"] = torch.randn(96, 48)
+    copied, written = LlamaForCausalLM(config, dtype), LlamaForCausalLM(config, dtype)
+    copied.load_weights(dict(state))
+    into = written.weight_destinations({name: tuple(t.shape) for name, t in state.items()})
+    assert set(into) == set(state)
+    params = {p.data_ptr(): (p.data_ptr() + p.numel() * p.element_size()) for p in written.parameters()}
+    for name, dst in into.items():  # views of the parameters' rows, in the fused order
+        assert dst.dtype == dtype and tuple(dst.shape) == tuple(state[name].shape) and dst.is_contiguous(), name
+        assert any(lo <= dst.data_ptr() < hi for lo, hi in params.items()), name
+        dst.copy_(state[name])
+    layer = written.layers[1]
+    assert into["model.layers.1.self_attn.k_proj.weight"].data_ptr() == layer.qkv_weight[48].data_ptr()
+    assert into["model.layers.1.mlp.up_proj.weight"].data_ptr() == layer.gate_up_weight[80].data_ptr()
+
+    copies = []
+    real_copy = torch.Tensor.copy_
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "copy_", lambda self, src, *a: copies.append(src.shape) or real_copy(self, src, *a))
+        written.load_weights(dict(into), consume=True)
+    assert copies == []  # every tensor was its destination already
+    for (name, a), (_, b) in zip(copied.named_parameters(), written.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+    partial = dict(state)  # some written in place, the others copied as before
+    fresh = LlamaForCausalLM(config, dtype)
+    for name, dst in fresh.weight_destinations({n: tuple(t.shape) for n, t in state.items()}).items():
+        if "mlp" in name:
+            dst.copy_(state[name])
+            partial[name] = dst
+    fresh.load_weights(partial)
+    for (name, a), (_, b) in zip(copied.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_slot_of_other_shapes_gets_no_destinations() -> None:
+    # load_weights, not a half-written parameter, reports a checkpoint of another shape
+    shapes = {name: tuple(t.shape) for name, t in _checkpoint().items()}
+    shapes["model.layers.0.self_attn.k_proj.weight"] = (24, 48)
+    shapes["model.layers.1.mlp.down_proj.weight"] = (48, 81)
+    del shapes["model.layers.1.mlp.up_proj.weight"]
+    into = LlamaForCausalLM(CONFIG).weight_destinations(shapes)
+    for gone in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.gate_proj.weight"):
+        assert gone not in into
+    assert "model.layers.1.self_attn.q_proj.weight" in into and "model.layers.0.mlp.up_proj.weight" in into

@@ -105,6 +105,7 @@ def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device,
     from forge_batch.models.registry import load_model_files, resolve_model_path
 
     t0 = time.monotonic()
+    built: list[LlamaForCausalLM] = []
     if isinstance(model, ModelConfig):
         if args.load_format != "dummy":
             raise ValueError("a ModelConfig as model needs load_format='dummy' (random weights)")
@@ -117,9 +118,14 @@ def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device,
         where = "" if Path(name).expanduser().absolute() == path.absolute() else f", {path}"
         log.info("loading model %s (%s%s)...", name, fmt, where,
                  extra={"fields": {"model": name, "format": fmt, "path": str(path)}})
-        config, state_dict, tokenizer = load_model_files(path, raw)
-    with torch.device(device):
-        net = LlamaForCausalLM(config, dtype, kernels)
+
+        def into(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+            # the model first, so that a GGUF file's weights are decoded straight into its parameters
+            built.append(_build_model(config, dtype, kernels, device))
+            return built[0].weight_destinations(shapes) if device.type == "cpu" else {}
+
+        config, state_dict, tokenizer = load_model_files(path, raw, into)
+    net = built[0] if built else _build_model(config, dtype, kernels, device)
     if state_dict is None:
         net.init_random_weights(args.seed)
     else:
@@ -133,6 +139,12 @@ def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device,
              extra={"fields": {"model": name, "format": fmt, "params": params, "dtype": str(dtype).removeprefix("torch."),
                                "device": str(device), "seconds": round(seconds, 3)}})
     return config, net, tokenizer
+
+
+def _build_model(config: ModelConfig, dtype: torch.dtype, kernels: KernelBackend,
+                 device: torch.device) -> LlamaForCausalLM:
+    with torch.device(device):
+        return LlamaForCausalLM(config, dtype, kernels)
 
 
 def load_tokenizer(source: str, model_config: ModelConfig) -> Tokenizer:

@@ -4,7 +4,8 @@ The header (metadata, tensor table) is read by ``gguf_file.GGUFFile``, which ref
 GGUF, is corrupt or is truncated, naming it. The common quantisations (F32/F16/BF16/Q8_0/Q4_0/Q4_1) are
 dequantised with vectorised torch ops (the 4/8-bit ones by a compiled kernel with the same bits, in one pass,
 where the CPU kernels are loaded already); anything else (K-quants, IQ*) falls back to
-``gguf.quants.dequantize`` (correct, slower).
+``gguf.quants.dequantize`` (correct, slower). Given a model's parameters (``load_gguf(into=...)``), each
+tensor that decodes in one pass is written straight into its rows, so a load holds no second copy of the model.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from .gguf_file import (
 from .raw_weights import RAW_FORMATS, RawWeight
 from .tokenizer import Tokenizer
 
-__all__ = ["GGUFError", "GGUFFile", "dequantize", "llama3_rope_factors", "load_gguf", "read_gguf_metadata",
+__all__ = ["GGUFError", "GGUFFile", "dequantize", "dequantize_into", "llama3_rope_factors", "load_gguf", "read_gguf_metadata",
            "read_tensor", "unpermute_rotary"]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ _GLOBAL_TENSORS = {
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
+# ``load_gguf(into=...)``: (config, the file's tensor shapes by Hugging Face name) -> where to write them
+WeightDestinations = Callable[[ModelConfig, dict[str, tuple[int, ...]]], Mapping[str, torch.Tensor]]
+
+
 # -- dequantisation ---------------------------------------------------------------------------------
 
 
@@ -80,38 +85,73 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: Iterable[int]) -> torch.T
     """
     shape = tuple(shape)
     data = torch.from_numpy(raw)  # uint8 view; every op below writes to fresh memory
-    if ggml_type == GGML_F32:
-        out = data.view(torch.float32).clone()
-    elif ggml_type == GGML_F16:
-        out = data.view(torch.float16).float()
-    elif ggml_type == GGML_BF16:
-        out = data.view(torch.bfloat16).float()
-    elif ggml_type == GGML_Q8_0:
-        blocks = data.view(-1, 34)
-        scale = blocks[:, :2].view(torch.float16).float()
-        compiled = dequantize_blocks(blocks, "Q8_0", scale)  # the same bits in one pass, where loaded
-        out = blocks[:, 2:].view(torch.int8).float().mul_(scale) if compiled is None else compiled
-    elif ggml_type in (GGML_Q4_0, GGML_Q4_1):
-        width = 18 if ggml_type == GGML_Q4_0 else 20
-        blocks = data.view(-1, width)
-        head = blocks[:, : width - 16].view(torch.float16).float()  # d (and m for Q4_1)
-        q4_1 = ggml_type == GGML_Q4_1
-        compiled = dequantize_blocks(blocks, "Q4_1" if q4_1 else "Q4_0", head[:, 0], head[:, 1] if q4_1 else None)
+    if ggml_type in _FLOAT_TYPES:
+        out = data.view(_FLOAT_TYPES[ggml_type]).float() if ggml_type != GGML_F32 else data.view(torch.float32).clone()
+    elif ggml_type in _BLOCK_FORMATS:
+        blocks, head = _blocks(data, ggml_type)
+        compiled = _dequantize_compiled(blocks, head, ggml_type)  # the same bits in one pass, where loaded
         if compiled is not None:
             out = compiled
+        elif ggml_type == GGML_Q8_0:
+            out = blocks[:, 2:].view(torch.int8).float().mul_(head)
         else:
-            packed = blocks[:, width - 16 :]
+            packed = blocks[:, -16:]
             q = torch.empty(packed.shape[0], 32, dtype=torch.uint8)
             torch.bitwise_and(packed, 0x0F, out=q[:, :16])
             torch.bitwise_right_shift(packed, 4, out=q[:, 16:])
             out = q.float()
-            if q4_1:
+            if ggml_type == GGML_Q4_1:
                 out.mul_(head[:, 0:1]).add_(head[:, 1:2])
             else:
                 out.sub_(8.0).mul_(head[:, 0:1])
     else:
         out = _dequantize_with_gguf(raw, ggml_type, shape)
     return out.reshape(shape)
+
+
+def dequantize_into(raw: np.ndarray, ggml_type: int, out: torch.Tensor) -> bool:
+    """Decode ``raw`` as ``dequantize`` does, straight into ``out`` (a contiguous CPU tensor of the tensor's
+    element count, e.g. a model parameter's rows; another dtype is cast as ``copy_`` casts). Returns False,
+    writing nothing, where that would take several passes (the torch ops of the 4/8-bit formats before the
+    compiled kernels are loaded, other formats' decoders): the caller dequantizes those in batches."""
+    if out.device.type != "cpu" or not out.is_contiguous():
+        return False
+    data = torch.from_numpy(raw)
+    if ggml_type in _FLOAT_TYPES:
+        values = data.view(_FLOAT_TYPES[ggml_type])
+        if values.numel() != out.numel():
+            raise ValueError(f"{values.numel()} values in the file for a destination of {out.numel()}")
+        out.copy_(values.view(out.shape))  # one pass: the cast (or copy) is the whole decode
+        return True
+    if ggml_type not in _BLOCK_FORMATS:
+        return False
+    blocks, head = _blocks(data, ggml_type)
+    if out.dtype == torch.float32:
+        return _dequantize_compiled(blocks, head, ggml_type, out.view(-1)) is not None
+    decoded = _dequantize_compiled(blocks, head, ggml_type)
+    if decoded is None:
+        return False
+    out.copy_(decoded.view(out.shape))
+    return True
+
+
+# The 4/8-bit block formats: their name in the kernels, and each block's bytes and header bytes (fp16 d, and
+# Q4_1's fp16 m); the values follow the header. Float formats: their torch dtype.
+_BLOCK_FORMATS = {GGML_Q8_0: ("Q8_0", 34, 2), GGML_Q4_0: ("Q4_0", 18, 2), GGML_Q4_1: ("Q4_1", 20, 4)}
+_FLOAT_TYPES = {GGML_F32: torch.float32, GGML_F16: torch.float16, GGML_BF16: torch.bfloat16}
+
+
+def _blocks(data: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [n_blocks, block bytes], and the blocks' header values in float32 [n_blocks, 1 or 2]."""
+    _, width, header = _BLOCK_FORMATS[ggml_type]
+    blocks = data.view(-1, width)
+    return blocks, blocks[:, :header].view(torch.float16).float()
+
+
+def _dequantize_compiled(blocks: torch.Tensor, head: torch.Tensor, ggml_type: int,
+                         out: torch.Tensor | None = None) -> torch.Tensor | None:
+    fmt = _BLOCK_FORMATS[ggml_type][0]
+    return dequantize_blocks(blocks, fmt, head[:, 0], head[:, 1] if ggml_type == GGML_Q4_1 else None, out)
 
 
 def _dequantize_with_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -146,9 +186,11 @@ _BATCH_ELEMENTS = 1 << 26
 
 
 def _dequantize_all(
-    f: GGUFFile, plan: list[tuple[str, str, np.ndarray | None]], stored: dict[str, RawWeight] | None = None
+    f: GGUFFile, plan: list[tuple[str, str, np.ndarray | None]], stored: dict[str, RawWeight] | None = None,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Dequantise ``plan`` entries ``(gguf_name, hf_name, row_order)``, batching same-type tensors.
+    """Dequantise ``plan`` entries ``(gguf_name, hf_name, row_order)``: straight into ``into[hf_name]`` where
+    ``dequantize_into`` can (the entry is then that tensor), else batching same-type tensors.
 
     Returned tensors of one batch are views into one float32 buffer (freed when all are dropped).
     With ``stored``, 2-D tensors in one of RAW_FORMATS are also kept there, as the file stores them."""
@@ -156,6 +198,13 @@ def _dequantize_all(
     by_type: dict[int, list[tuple[str, str, np.ndarray | None]]] = {}
     for entry in plan:
         info = f.tensors[entry[0]]
+        dst = into.get(entry[1]) if into else None
+        if dst is not None and tuple(dst.shape) == tuple(info.shape):
+            raw = _reorder_raw(f, entry[0], entry[2])
+            if dequantize_into(raw, info.ggml_type, dst):
+                _keep_stored(stored, entry[1], raw, info.ggml_type, info.shape)
+                out[entry[1]] = dst
+                continue
         if info.ggml_type in NATIVE_TYPES:
             by_type.setdefault(info.ggml_type, []).append(entry)
         else:
@@ -167,11 +216,8 @@ def _dequantize_all(
             n = math.prod(f.tensors[entry[0]].shape) if entry else 0
             if batch and (entry is None or count + n > _BATCH_ELEMENTS):
                 raws = [_reorder_raw(f, name, order) for name, _, order in batch]
-                if stored is not None:
-                    for (name, hf_name, _), raw in zip(batch, raws):
-                        kept = _stored_weight(raw, ggml_type, f.tensors[name].shape)
-                        if kept is not None:
-                            stored[hf_name] = kept
+                for (name, hf_name, _), raw in zip(batch, raws):
+                    _keep_stored(stored, hf_name, raw, ggml_type, f.tensors[name].shape)
                 flat = dequantize(raws[0] if len(raws) == 1 else np.concatenate(raws), ggml_type, (count,))
                 offset = 0
                 for name, hf_name, _ in batch:
@@ -189,12 +235,14 @@ def _dequantize_all(
 _STORED_FORMATS = {type_id: name for name, type_id in RAW_FORMATS.items()}
 
 
-def _stored_weight(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> RawWeight | None:
-    """A matrix's blocks as a RawWeight (a copy: the file's map closes after loading), or None."""
-    if ggml_type not in _STORED_FORMATS or not RawWeight.fits(shape):
-        return None
+def _keep_stored(stored: dict[str, RawWeight] | None, hf_name: str, raw: np.ndarray, ggml_type: int,
+                 shape: tuple[int, ...]) -> None:
+    """Put a matrix's blocks into ``stored`` as a RawWeight (a copy: the file's map closes after loading),
+    where it is one of RAW_FORMATS."""
+    if stored is None or ggml_type not in _STORED_FORMATS or not RawWeight.fits(shape):
+        return
     data = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(-1)
-    return RawWeight(_STORED_FORMATS[ggml_type], data, shape[0], shape[1])
+    stored[hf_name] = RawWeight(_STORED_FORMATS[ggml_type], data, shape[0], shape[1])
 
 
 def _reorder_raw(f: GGUFFile, name: str, order: np.ndarray | None) -> np.ndarray:
@@ -359,7 +407,7 @@ def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) ->
 
 
 def load_gguf(
-    path: str | Path, stored_weights: dict[str, RawWeight] | None = None
+    path: str | Path, stored_weights: dict[str, RawWeight] | None = None, into: WeightDestinations | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Read a GGUF file into ``(config, state_dict, tokenizer)``.
 
@@ -368,6 +416,10 @@ def load_gguf(
     same ggml type share one buffer (they are views), so don't resize them in place. When a dict is
     passed as ``stored_weights``, matrices stored as Q4_0/Q4_1/Q8_0/F16/BF16 are also put there, by the
     same names, in their file format (see raw_weights).
+
+    ``into`` is called once the config is read, with the file's tensor shapes by Hugging Face name; it returns
+    tensors to write those weights into (a model's parameter rows: ``LlamaForCausalLM.weight_destinations``),
+    of any dtype. Each tensor written there is its own entry in the state dict, so a load holds no second copy.
     """
     path = Path(path)
     with GGUFFile(path) as f:
@@ -386,7 +438,8 @@ def load_gguf(
                 heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
                 order = rotary_row_order(info.shape[0], heads)
             plan.append((name, hf_name, order))
-        state = _dequantize_all(f, plan, stored_weights)
+        destinations = into(config, {hf: f.tensors[name].shape for name, hf, _ in plan}) if into else None
+        state = _dequantize_all(f, plan, stored_weights, destinations)
     _check_complete(state, config, path)
     return config, state, tokenizer
 

@@ -137,6 +137,12 @@ class DecoderLayer(nn.Module):
         return hidden, residual
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` is ``a``'s very elements (a loader wrote the weight in place)."""
+    return (a.device == b.device and a.dtype == b.dtype and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride())
+
+
 # Rows per LM-head call when the logits go into a caller's buffer (see compute_logits): 64 x 49152 float32 is
 # 12.6 MB, and at 64 rows MKL's and oneDNN's packed GEMMs sum each row as at 256.
 LOGITS_ROWS_PER_CALL = 64
@@ -167,10 +173,47 @@ class LlamaForCausalLM(nn.Module):
                              persistent=False)
 
     @torch.inference_mode()
+    def weight_slots(self) -> list[tuple[torch.Tensor, tuple[str, ...]]]:
+        """Each parameter with the Hugging Face tensors its rows come from, in row order (q/k/v and gate/up
+        are fused). The LM head's slot is first and only where it is untied; without a tensor of its own in
+        the checkpoint it takes the embedding's (``load_weights``)."""
+        slots: list[tuple[torch.Tensor, tuple[str, ...]]] = []
+        if not self.config.tie_word_embeddings:
+            slots.append((self.lm_head_weight, (LM_HEAD_SOURCE[False],)))
+        slots += [(self.embed_tokens, ("model.embed_tokens.weight",)), (self.norm, ("model.norm.weight",))]
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            for name, weight in layer.matmul_weights().items():
+                slots.append((weight, tuple(p + src for src in MATMUL_SOURCES[name])))
+            if layer.qkv_bias is not None:
+                slots.append((layer.qkv_bias, tuple(p + src.replace(".weight", ".bias")
+                                                    for src in MATMUL_SOURCES["qkv_proj"])))
+            slots += [(layer.input_norm, (p + "input_layernorm.weight",)),
+                      (layer.post_attn_norm, (p + "post_attention_layernorm.weight",))]
+        return slots
+
+    def weight_destinations(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Where each checkpoint tensor goes, as views of the parameters' rows, for a loader that writes
+        the tensors in place (``load_weights`` then copies nothing for them). ``shapes``: the checkpoint's
+        tensor shapes by name; a slot whose parts do not fill its parameter exactly gets no views, and
+        ``load_weights`` reports the mismatch."""
+        out: dict[str, torch.Tensor] = {}
+        for dst, names in self.weight_slots():
+            parts = [tuple(shapes[name]) for name in names if name in shapes]
+            if len(parts) != len(names) or any(s[1:] != tuple(dst.shape[1:]) for s in parts) or (
+                    sum(s[0] for s in parts) != dst.shape[0]):
+                continue
+            row = 0
+            for name, shape in zip(names, parts):
+                out[name] = dst[row:row + shape[0]]
+                row += shape[0]
+        return out
+
     def load_weights(self, state_dict: dict[str, torch.Tensor], consume: bool = False) -> None:
         """Copy Hugging Face-named weights in, fusing q/k/v and gate/up. Raises on a missing tensor.
         ``consume``: take each tensor out of ``state_dict`` once copied, so that a loader's buffers are freed
-        as the load goes (the load holds the model about once, not twice)."""
+        as the load goes (the load holds the model about once, not twice). A tensor that is already its
+        destination (``weight_destinations``) is not copied."""
 
         def get(name: str, keep: bool = False) -> torch.Tensor:
             if name not in state_dict:
@@ -185,22 +228,17 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"shape mismatch: checkpoint {got} vs model {tuple(dst.shape)}")
             row = 0
             for src in srcs:
-                dst[row:row + src.shape[0]].copy_(src)
+                rows = dst[row:row + src.shape[0]]
+                if not _same_memory(rows, src):
+                    rows.copy_(src)
                 row += src.shape[0]
 
+        slots = self.weight_slots()
         if not self.config.tie_word_embeddings:  # first: without a tensor of its own it copies the embedding
-            own = "lm_head.weight" in state_dict
-            put(self.lm_head_weight, get("lm_head.weight") if own else get("model.embed_tokens.weight", keep=True))
-        put(self.embed_tokens, get("model.embed_tokens.weight"))
-        put(self.norm, get("model.norm.weight"))
-        for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            for name, weight in layer.matmul_weights().items():
-                put(weight, *(get(p + src) for src in MATMUL_SOURCES[name]))
-            if layer.qkv_bias is not None:
-                put(layer.qkv_bias, *(get(p + src.replace(".weight", ".bias")) for src in MATMUL_SOURCES["qkv_proj"]))
-            put(layer.input_norm, get(p + "input_layernorm.weight"))
-            put(layer.post_attn_norm, get(p + "post_attention_layernorm.weight"))
+            own = LM_HEAD_SOURCE[False] in state_dict
+            put(slots.pop(0)[0], get(LM_HEAD_SOURCE[False]) if own else get("model.embed_tokens.weight", keep=True))
+        for dst, names in slots:
+            put(dst, *(get(name) for name in names))
 
     @torch.inference_mode()
     def init_random_weights(self, seed: int = 0, std: float = 0.02) -> None:

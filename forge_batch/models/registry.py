@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # resolving a name must stay cheap: no torch/tokenizers impor
     import torch
 
     from .config import ModelConfig
+    from .gguf_loader import WeightDestinations
     from .raw_weights import RawWeight
     from .tokenizer import Tokenizer
 
@@ -171,13 +172,15 @@ def check_model(name_or_path: str | Path) -> Path | None:
 
 
 def load_model_files(
-    name_or_path: str | Path, stored_weights: dict[str, RawWeight] | None = None
+    name_or_path: str | Path, stored_weights: dict[str, RawWeight] | None = None,
+    into: WeightDestinations | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Resolve and load a model: ``(config, HF-named state dict, tokenizer)``; the caller casts dtypes.
 
     With a ``stored_weights`` dict, the 2-D weights in a format of raw_weights.RAW_FORMATS (GGUF
     Q4_0/Q4_1/Q8_0/F16/BF16 blocks; float16/bfloat16 safetensors) are also put there as they are
-    stored, by their Hugging Face names."""
+    stored, by their Hugging Face names. ``into``: where a GGUF file's weights are decoded straight to
+    (``gguf_loader.load_gguf``); a safetensors directory's loader does not call it."""
     path = resolve_model_path(name_or_path)
     if path.is_dir():
         from .safetensors_loader import load_hf_dir
@@ -185,7 +188,7 @@ def load_model_files(
         return load_hf_dir(path, stored_weights)
     from .gguf_loader import load_gguf
 
-    return load_gguf(path, stored_weights)
+    return load_gguf(path, stored_weights, into)
 
 
 # Files up to this size are hashed whole; larger ones by their size and evenly spaced samples, so that an
