@@ -103,6 +103,30 @@ def test_shared_prefix_cascade_matches_reference(monkeypatch, dtype, num_heads, 
         assert not torch.equal(got, plain)  # the cascade path really ran (a different summation order)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_sequences_visited_in_tiles_over_a_shared_prefix_keep_their_bits_alone(dtype, block_size):
+    """Where a whole batch shares its leading blocks, the kernel visits them block by block across tiles of
+    sequences (each read once a tile): every sequence's output has the bits it has alone, and sequences
+    whose context ends at the prefix or inside it are among them."""
+    batch, shared = 80, 6
+    q, k, v, tables, ctx = _shared_prefix_case(dtype, block_size=block_size, batch=batch, shared=shared)
+    ctx[5] = shared * block_size - 3  # ends inside the last shared block: the tile shares one block fewer
+    scale = 64**-0.5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # tiles of batch / 16 sequences
+    try:
+        together = attention.paged_decode_attention(q, k, v, tables, ctx, scale, cascade=False)
+        for i in range(batch):
+            alone = attention.paged_decode_attention(q[i:i + 1], k, v, tables[i:i + 1], ctx[i:i + 1], scale,
+                                                     cascade=False)
+            assert torch.equal(together[i], alone[0]), i
+    finally:
+        torch.set_num_threads(threads)
+    expected = reference._decode_attention(q, k, v, tables, ctx, scale, None)
+    torch.testing.assert_close(together.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
 @pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (130, 96)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(rows, hidden, with_residual):

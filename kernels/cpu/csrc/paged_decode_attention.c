@@ -29,6 +29,9 @@
  * (bfloat16) from scores_bf16_pairs: K transposed in registers once for the group's heads, scores in lanes.
  * AVX2 without AVX-512 (Zen 2, float32, 2 threads): scores, exp and the V pass on 8-lane intrinsics, where GCC
  * had scalarised the 16-lane selects: W2's shape 8.1 -> 5.6 ms, 256 sequences of context 20-300 7.0 -> 5.8 ms.
+ * Tiles of sequences over a shared prefix (see DEFINE_KERNEL), same machine: W2's shape 5.8-6.0 -> 5.1-5.3 ms,
+ * once the tile's first sequence alone prefetches the shared blocks (every sequence asking for blocks already
+ * in cache cost more than the tiles saved); the same bits as before over 720 cases.
  * Compiled at first use by forge_batch.kernels.cpu_ops (-O3 -march=native -fopenmp).
  * Reference: kernels/reference.py::_decode_attention.
  */
@@ -350,12 +353,15 @@ static inline __attribute__((always_inline)) void NAME(                         
         int64_t group, int64_t per_kv, const int64_t nv, const int64_t hg, int64_t slot_stride,         \
         int64_t block_stride,                                                                           \
         int64_t block_size, int64_t first_block, float scale, float* s, float* m, v16* lsum, v16* acc, \
-        const T* init_out, const float* init_lse, int64_t init_kv_rows) {                               \
+        const T* init_out, const float* init_lse, int64_t init_kv_rows, int64_t blk_from, int64_t blk_to, \
+        int64_t prefetch_from) {                                                                        \
     const int64_t head_dim = nv * 16;                                                                   \
     const int64_t nblocks = (ctx + block_size - 1) / block_size;                                        \
     const int64_t srow = (block_size + 15) / 16 * 16; /* a head's scores: whole 16-lane chunks */       \
     const int64_t span = group / per_kv * head_dim * (int64_t)sizeof(TC); /* bytes of a row it reads */ \
     const int dp = DPBF16 && nv % 2 == 0; /* q and K both bfloat16: pairwise dot products */           \
+    const int64_t blk_end = blk_to < nblocks ? blk_to : nblocks;                                        \
+    if (blk_from <= first_block) /* the first visit: the softmax state from nothing or the cascade's */ \
     for (int64_t g = 0; g < group; g++) {                                                               \
         if (init_out) { /* positions before first_block already attended: output o, log-sum-exp L */   \
             const int64_t row = g / per_kv * init_kv_rows + g % per_kv;                                 \
@@ -368,11 +374,13 @@ static inline __attribute__((always_inline)) void NAME(                         
             for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = (v16){0};                                \
         }                                                                                               \
     }                                                                                                   \
-    for (int64_t blk = first_block; blk < nblocks; blk++) {                                             \
+    for (int64_t blk = blk_from > first_block ? blk_from : first_block; blk < blk_end; blk++) {          \
         const TC* kblock = k_cache + table[blk] * block_stride;                                          \
         const TC* vblock = v_cache + table[blk] * block_stride;                                          \
         const int64_t n = (blk + 1) * block_size <= ctx ? block_size : ctx - blk * block_size;          \
-        if (blk + 1 < nblocks) { /* the next block is elsewhere in memory: ask for it while this one runs */ \
+        if (blk + 1 < nblocks && blk >= prefetch_from) { /* the next block is elsewhere in memory: ask for it \
+                                                          * while this one runs (a tile's first sequence asks \
+                                                          * for the shared ones) */                    \
             const TC* nk = k_cache + table[blk + 1] * block_stride;                                      \
             const TC* nvb = v_cache + table[blk + 1] * block_stride;                                     \
             for (int64_t j = 0; j < block_size; j++)                                                    \
@@ -454,6 +462,7 @@ static inline __attribute__((always_inline)) void NAME(                         
         }                                                                                               \
         }                                                                                               \
     }                                                                                                   \
+    if (blk_to < nblocks) return; /* the sequence's state waits in the scratch for its next visit */    \
     for (int64_t g = 0; g < group; g++) {                                                               \
         const float inv = 1.f / sum16(lsum[g]);                                                 \
         for (int64_t i = 0; i < nv; i++) STOREV(out + g * head_dim + 16 * i, acc[g * nv + i] * inv);    \
@@ -471,7 +480,7 @@ int64_t decode_attention_scratch_floats(int64_t group, int64_t head_dim, int64_t
 static void NAME(const T* q, const TC* k_cache, const TC* v_cache, const int64_t* table, int64_t ctx, T* out, \
                  int64_t group, int64_t per_kv, int64_t head_dim, int64_t slot_stride, int64_t block_size, \
                  int64_t first_block, float scale, float* scratch, const T* init_out, const float* init_lse, \
-                 int64_t init_kv_rows) {                                                                \
+                 int64_t init_kv_rows, int64_t blk_from, int64_t blk_to, int64_t prefetch_from) {       \
     const int64_t nv = head_dim / 16, block_stride = block_size * slot_stride;                          \
     v16* acc = (v16*)scratch;                                                                           \
     v16* lsum = (v16*)(scratch + group * head_dim);                                                     \
@@ -480,26 +489,36 @@ static void NAME(const T* q, const TC* k_cache, const TC* v_cache, const int64_t
     /* hg: query heads sharing a KV head whose V pass runs together (their accumulators in registers) */ \
     if (nv == 4 && per_kv % 3 == 0)                                                                     \
         ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 4, 3, slot_stride, block_stride,      \
-             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows, blk_from, blk_to, prefetch_from); \
     else if (nv == 4 && per_kv % 2 == 0)                                                                \
         ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 4, 2, slot_stride, block_stride,      \
-             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows, blk_from, blk_to, prefetch_from); \
     else if (nv == 4)                                                                                   \
         ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 4, 1, slot_stride, block_stride,      \
-             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows, blk_from, blk_to, prefetch_from); \
     else if (nv == 8)                                                                                   \
         ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, 8, 1, slot_stride, block_stride,      \
-             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows, blk_from, blk_to, prefetch_from); \
     else                                                                                                \
         ITEM(q, k_cache, v_cache, table, ctx, out, group, per_kv, nv, 1, slot_stride, block_stride,     \
-             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows);           \
+             block_size, first_block, scale, s, m, lsum, acc, init_out, init_lse, init_kv_rows, blk_from, blk_to, prefetch_from); \
 }
 
-/* Items: with at least ITEM_PER_SEQ_MIN sequences, one per sequence (all its heads), so a thread reads
- * each block's K and V as two contiguous runs of block_size x Hkv x head_dim values, which the hardware
- * prefetcher streams (per KV head, the rows it needs are strided by Hkv x head_dim). With fewer
- * sequences, one per (sequence, KV head), so the threads have enough items to share. */
+/* Items: with at least ITEM_PER_SEQ_MIN sequences, one per tile of up to TILE_SEQS consecutive sequences (all
+ * their heads), so a thread reads each block's K and V as two contiguous runs of block_size x Hkv x head_dim
+ * values, which the hardware prefetcher streams (per KV head, the rows it needs are strided by Hkv x head_dim).
+ * With fewer sequences, one per (sequence, KV head), so the threads have enough items to share.
+ *
+ * A tile's leading blocks that are the same blocks for all its sequences (a shared system prompt, prefix
+ * caching) are visited block by block across the tile, each sequence's state waiting in its own scratch
+ * between visits, so a shared block is read from memory once a tile and from cache by the others: W2's
+ * 400 shared positions had every sequence stream ~0.6 MB a layer from L3. The rest of each sequence follows
+ * alone. Each sequence's blocks run in the same order with the same arithmetic either way, so the tiles
+ * change no bits (the tile a sequence falls in depends on the batch; its output must not). */
 #define ITEM_PER_SEQ_MIN 16
+#ifndef TILE_SEQS
+#define TILE_SEQS 8
+#endif
 #define DEFINE_KERNEL(NAME, RUN_ITEM, T)                                                               \
 void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,                  \
           const int64_t* context_lens, T* out, const T* init_out, const float* init_lse,                \
@@ -510,22 +529,52 @@ void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_t
     const int64_t slot_stride = num_kv_heads * head_dim; /* between positions in a block */             \
     const int64_t kv_split = num_seqs >= ITEM_PER_SEQ_MIN ? 1 : num_kv_heads; /* items per sequence */  \
     const int64_t group = num_heads / kv_split; /* query heads per item */                              \
+    /* sequences per item: tiles where the whole batch shares its first block, still 8 items a thread */ \
+    int64_t tile = num_seqs / (8 * (int64_t)num_threads);                                              \
+    for (int64_t b = 0; b < num_seqs && tile > 1; b++)                                                  \
+        if (context_lens[b] <= first_block * block_size                                                 \
+            || block_tables[b * max_blocks + first_block] != block_tables[first_block]) tile = 1;      \
+    tile = kv_split > 1 || tile < 1 ? 1 : tile > TILE_SEQS ? TILE_SEQS : tile;                          \
     const int64_t floats = (decode_attention_scratch_floats(group, head_dim, block_size) + 15) / 16 * 16; \
+    const int64_t items = (num_seqs + tile - 1) / tile * kv_split;                                      \
     _Pragma("omp parallel num_threads(num_threads)")                                                    \
     {                                                                                                   \
-        float* scratch = (float*)aligned_alloc(64, sizeof(float) * floats);                             \
+        float* scratch = (float*)aligned_alloc(64, sizeof(float) * floats * tile);                      \
         _Pragma("omp for schedule(dynamic, 1)")                                                         \
-        for (int64_t item = 0; item < num_seqs * kv_split; item++) {                                    \
-            const int64_t b = item / kv_split, kh = item % kv_split; /* kh: the item's first KV head */  \
-            const int64_t head0 = (b * num_heads + kh * per_kv) * head_dim;                             \
-            /* init_out [Hkv, B, G, D] and init_lse [Hkv, B, G]: the layout attention over a shared      \
-             * prefix comes out in (cpu_ops.paged_decode_attention) */                                  \
-            const int64_t init_row = (kh * num_seqs + b) * per_kv;                                      \
-            RUN_ITEM(q + head0, k_cache + kh * head_dim, v_cache + kh * head_dim,                       \
-                     block_tables + b * max_blocks, context_lens[b], out + head0, group, per_kv,        \
-                     head_dim, slot_stride, block_size, first_block, scale, scratch,                    \
-                     init_out ? init_out + init_row * head_dim : NULL,                                  \
-                     init_out ? init_lse + init_row : NULL, num_seqs * per_kv);                         \
+        for (int64_t item = 0; item < items; item++) {                                                  \
+            const int64_t b0 = item / kv_split * tile, kh = item % kv_split; /* kh: the first KV head */ \
+            const int64_t nb = num_seqs - b0 < tile ? num_seqs - b0 : tile;                             \
+            int64_t shared = first_block; /* blocks [first_block, shared): the same for the whole tile */ \
+            if (nb > 1) {                                                                               \
+                int64_t common = max_blocks;                                                            \
+                for (int64_t i = 0; i < nb; i++) {                                                      \
+                    const int64_t n = (context_lens[b0 + i] + block_size - 1) / block_size;             \
+                    common = n < common ? n : common;                                                   \
+                }                                                                                       \
+                for (; shared < common; shared++) {                                                     \
+                    int64_t i = 1;                                                                      \
+                    while (i < nb && block_tables[(b0 + i) * max_blocks + shared] == block_tables[b0 * max_blocks + shared]) i++; \
+                    if (i < nb) break;                                                                  \
+                }                                                                                       \
+            }                                                                                           \
+            /* visits: the shared blocks one at a time across the tile, then each sequence's rest */    \
+            for (int64_t from = shared > first_block ? first_block : shared; ; from++) {                \
+                const int64_t to = from < shared ? from + 1 : INT64_MAX;                                 \
+                for (int64_t i = 0; i < nb; i++) {                                                      \
+                    const int64_t b = b0 + i;                                                           \
+                    const int64_t head0 = (b * num_heads + kh * per_kv) * head_dim;                     \
+                    /* init_out [Hkv, B, G, D] and init_lse [Hkv, B, G]: the layout attention over a shared \
+                     * prefix comes out in (cpu_ops.paged_decode_attention) */                          \
+                    const int64_t init_row = (kh * num_seqs + b) * per_kv;                              \
+                    RUN_ITEM(q + head0, k_cache + kh * head_dim, v_cache + kh * head_dim,               \
+                             block_tables + b * max_blocks, context_lens[b], out + head0, group, per_kv, \
+                             head_dim, slot_stride, block_size, first_block, scale, scratch + i * floats, \
+                             init_out ? init_out + init_row * head_dim : NULL,                          \
+                             init_out ? init_lse + init_row : NULL, num_seqs * per_kv, from, to,        \
+                             i == 0 ? 0 : shared - 1);                                                  \
+                }                                                                                       \
+                if (to == INT64_MAX) break;                                                             \
+            }                                                                                           \
         }                                                                                               \
         free(scratch);                                                                                  \
     }                                                                                                   \
@@ -547,7 +596,7 @@ void paged_decode_attention_item_f32(const float* q, const float* k_cache, const
                                      int64_t head_dim, int64_t kv_heads, int64_t block_size, float scale,
                                      float* scratch) {
     run_item_f32(q, k_cache, v_cache, table, ctx, out, group, group, head_dim, kv_heads * head_dim, block_size, 0,
-                 scale, scratch, NULL, NULL, 0);
+                 scale, scratch, NULL, NULL, 0, 0, INT64_MAX, 0);
 }
 
 void paged_decode_attention_item_f32_bf16_cache(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
@@ -555,7 +604,7 @@ void paged_decode_attention_item_f32_bf16_cache(const float* q, const uint16_t* 
                                                 int64_t head_dim, int64_t kv_heads, int64_t block_size,
                                                 float scale, float* scratch) {
     run_item_f32_bf16_cache(q, k_cache, v_cache, table, ctx, out, group, group, head_dim, kv_heads * head_dim,
-                            block_size, 0, scale, scratch, NULL, NULL, 0);
+                            block_size, 0, scale, scratch, NULL, NULL, 0, 0, INT64_MAX, 0);
 }
 
 void paged_decode_attention_item_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
@@ -563,5 +612,5 @@ void paged_decode_attention_item_bf16(const uint16_t* q, const uint16_t* k_cache
                                       int64_t head_dim, int64_t kv_heads, int64_t block_size, float scale,
                                       float* scratch) {
     run_item_bf16(q, k_cache, v_cache, table, ctx, out, group, group, head_dim, kv_heads * head_dim, block_size, 0,
-                  scale, scratch, NULL, NULL, 0);
+                  scale, scratch, NULL, NULL, 0, 0, INT64_MAX, 0);
 }
