@@ -223,15 +223,21 @@ def test_the_compiled_dequantize_gives_the_torch_ops_bits(monkeypatch: pytest.Mo
         blocks[:, 2:4] = rng.integers(0, 256, (4099, 2), dtype=np.uint8)  # values, not a minimum
     raw = blocks.reshape(-1)
     compiled = dequantize(raw, int(qtype), (4099 * 32,))
+    rounded = torch.empty(4099 * 32, dtype=torch.bfloat16)  # a bfloat16 model's parameters, decoded into
+    assert dequantize_into(raw, int(qtype), rounded)
     monkeypatch.setattr(gguf_loader, "dequantize_blocks", lambda *args: None)
     torch_ops = dequantize(raw, int(qtype), (4099 * 32,))
     assert torch.equal(compiled.view(torch.int32), torch_ops.view(torch.int32))
     assert compiled.isnan().any() and compiled.isinf().any()  # the special scales were decoded
+    cast = torch_ops.to(torch.bfloat16)  # torch's rounding (ties to even: products of few bits tie often)
+    nan = cast.isnan()
+    assert torch.equal(rounded.isnan(), nan)  # a NaN's payload is the platform's: only NaN-ness is compared
+    assert torch.equal(rounded[~nan].view(torch.int16), cast[~nan].view(torch.int16))
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_into_a_destination_gives_dequantizes_values(qtype: Q, dtype: torch.dtype) -> None:
+def test_dequantize_into_a_destination_writes_what_dequantize_returns(qtype: Q, dtype: torch.dtype) -> None:
     """A load decodes straight into the model's parameters: the loader's values, cast as copy_ casts."""
     from forge_batch.kernels.cpu import build
 

@@ -126,7 +126,7 @@ def dequantize_into(raw: np.ndarray, ggml_type: int, out: torch.Tensor) -> bool:
     if ggml_type not in _BLOCK_FORMATS:
         return False
     blocks, head = _blocks(data, ggml_type)
-    if out.dtype == torch.float32:
+    if out.dtype in (torch.float32, torch.bfloat16):  # the compiled pass writes (and rounds) these itself
         return _dequantize_compiled(blocks, head, ggml_type, out.view(-1)) is not None
     decoded = _dequantize_compiled(blocks, head, ggml_type)
     if decoded is None:

@@ -83,7 +83,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.weight_gemv_f32.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp, i64, vp, vp, nthreads]
     lib.weight_decode_f32.argtypes = [vp, vp, vp, ctypes.c_int, i64, i64, i64, vp]
     lib.weight_gemv_f32.restype = lib.weight_decode_f32.restype = None
-    lib.dequantize_gguf_blocks.argtypes = [ctypes.c_int, vp, i64, vp, vp, vp, nthreads]
+    lib.dequantize_gguf_blocks.argtypes = [ctypes.c_int, vp, i64, vp, vp, vp, ctypes.c_int, nthreads]
     lib.dequantize_gguf_blocks.restype = None
     lib.weight_gemv_simd.restype = ctypes.c_int
     lib.decode_step_f32.argtypes = [vp, i64, vp, f32, vp, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, i64,

@@ -23,7 +23,8 @@ def dequantize_blocks(blocks: torch.Tensor, fmt: str, scales: torch.Tensor,
     """A GGUF tensor's Q4_0 / Q4_1 / Q8_0 blocks (uint8 [n_blocks, bytes per block], as the file stores them)
     decoded to float32 [n_blocks * 32] with the loader's arithmetic, bit for bit, in one pass on every core;
     ``scales`` (and Q4_1's ``mins``) are the blocks' float16 values as float32 [n_blocks]. Written into
-    ``out`` where given (contiguous float32 of n_blocks * 32 elements, any shape: a model's parameter rows).
+    ``out`` where given (contiguous float32 or bfloat16 of n_blocks * 32 elements, any shape: a model's
+    parameter rows); into bfloat16 as ``.to(torch.bfloat16)`` rounds the float32 values.
     None where the compiled kernels are not loaded yet (a load never waits for their first compile) or for
     another format."""
     if fmt not in _HEADER_BYTES or not ready():
@@ -38,12 +39,12 @@ def dequantize_blocks(blocks: torch.Tensor, fmt: str, scales: torch.Tensor,
         raise ValueError(f"{fmt}: one scale{' and one minimum' if fmt == 'Q4_1' else ''} per block needed")
     if out is None:
         out = torch.empty(n_blocks * 32, dtype=torch.float32)
-    elif out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or (
+    elif out.dtype not in (torch.float32, torch.bfloat16) or out.device.type != "cpu" or not out.is_contiguous() or (
             out.numel() != n_blocks * 32):
-        raise ValueError(f"{fmt}: out must be contiguous float32 on the CPU with {n_blocks * 32} elements, got "
-                         f"{out.dtype} {list(out.shape)} on {out.device}")
+        raise ValueError(f"{fmt}: out must be contiguous float32 or bfloat16 on the CPU with {n_blocks * 32} "
+                         f"elements, got {out.dtype} {list(out.shape)} on {out.device}")
     lib().dequantize_gguf_blocks(type_id, blocks.data_ptr(), n_blocks, scales.data_ptr(), ptr(mins), out.data_ptr(),
-                                 torch.get_num_threads())
+                                 int(out.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 
