@@ -172,7 +172,6 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(config, config.max_position_embeddings),
                              persistent=False)
 
-    @torch.inference_mode()
     def weight_slots(self) -> list[tuple[torch.Tensor, tuple[str, ...]]]:
         """Each parameter with the Hugging Face tensors its rows come from, in row order (q/k/v and gate/up
         are fused). The LM head's slot is first and only where it is untied; without a tensor of its own in
@@ -209,6 +208,7 @@ class LlamaForCausalLM(nn.Module):
                 row += shape[0]
         return out
 
+    @torch.inference_mode()
     def load_weights(self, state_dict: dict[str, torch.Tensor], consume: bool = False) -> None:
         """Copy Hugging Face-named weights in, fusing q/k/v and gate/up. Raises on a missing tensor.
         ``consume``: take each tensor out of ``state_dict`` once copied, so that a loader's buffers are freed
