@@ -37,8 +37,8 @@ from .gguf_file import (
 from .raw_weights import RAW_FORMATS, RawWeight
 from .tokenizer import Tokenizer
 
-__all__ = ["GGUFError", "GGUFFile", "dequantize", "dequantize_into", "llama3_rope_factors", "load_gguf", "read_gguf_metadata",
-           "read_tensor", "unpermute_rotary"]
+__all__ = ["GGUFError", "GGUFFile", "dequantize", "dequantize_into", "llama3_rope_factors", "load_gguf",
+           "read_gguf_metadata", "read_tensor", "unpermute_rotary"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: Iterable[int]) -> torch.T
     shape = tuple(shape)
     data = torch.from_numpy(raw)  # uint8 view; every op below writes to fresh memory
     if ggml_type in _FLOAT_TYPES:
-        out = data.view(_FLOAT_TYPES[ggml_type]).float() if ggml_type != GGML_F32 else data.view(torch.float32).clone()
+        values = data.view(_FLOAT_TYPES[ggml_type])
+        out = values.clone() if ggml_type == GGML_F32 else values.float()
     elif ggml_type in _BLOCK_FORMATS:
         blocks, head = _blocks(data, ggml_type)
         compiled = _dequantize_compiled(blocks, head, ggml_type)  # the same bits in one pass, where loaded
@@ -150,6 +151,7 @@ def _blocks(data: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Ten
 
 def _dequantize_compiled(blocks: torch.Tensor, head: torch.Tensor, ggml_type: int,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The compiled kernel's decode (into ``out`` where given), or None before the CPU kernels are loaded."""
     fmt = _BLOCK_FORMATS[ggml_type][0]
     return dequantize_blocks(blocks, fmt, head[:, 0], head[:, 1] if ggml_type == GGML_Q4_1 else None, out)
 
