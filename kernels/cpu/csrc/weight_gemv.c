@@ -304,14 +304,6 @@ void weight_decode_f32(const uint8_t* weight, const float* scales, const float* 
         }
 }
 
-/* float32 to bfloat16, rounded to nearest even as torch rounds; a NaN stays a (quiet) NaN of its sign. */
-static inline uint16_t float_to_bf16(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 /* A GGUF tensor's Q4_0 / Q4_1 / Q8_0 blocks as the file stores them (the float16 scale, Q4_1's float16 minimum,
  * then the values) to float32 [n_blocks * 32]: the loader's dequantisation (models/gguf_loader.py), bit for bit,
  * split over the threads (a load decodes the whole model). The scales and minimums come in as float32
@@ -330,6 +322,6 @@ void dequantize_gguf_blocks(int type, const uint8_t* blocks, int64_t n_blocks, c
         float w[32];
         decode_block(type, b, scales[i], mins ? mins[i] : 0.f, w);
         uint16_t* o = (uint16_t*)out + i * 32;
-        for (int j = 0; j < 32; j++) o[j] = float_to_bf16(w[j]);
+        for (int j = 0; j < 32; j++) o[j] = bf16_from_f32(w[j]);
     }
 }
