@@ -88,7 +88,7 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: Iterable[int]) -> torch.T
     if ggml_type in _FLOAT_TYPES:
         values = data.view(_FLOAT_TYPES[ggml_type])
         out = values.clone() if ggml_type == GGML_F32 else values.float()
-    elif ggml_type in _BLOCK_FORMATS:
+    elif ggml_type in _BLOCK_HEADER_BYTES:
         blocks, head = _blocks(data, ggml_type)
         compiled = _dequantize_compiled(blocks, head, ggml_type)  # the same bits in one pass, where loaded
         if compiled is not None:
@@ -124,7 +124,7 @@ def dequantize_into(raw: np.ndarray, ggml_type: int, out: torch.Tensor) -> bool:
             raise ValueError(f"{values.numel()} values in the file for a destination of {out.numel()}")
         out.copy_(values.view(out.shape))  # one pass: the cast (or copy) is the whole decode
         return True
-    if ggml_type not in _BLOCK_FORMATS:
+    if ggml_type not in _BLOCK_HEADER_BYTES:
         return False
     blocks, head = _blocks(data, ggml_type)
     if out.dtype in (torch.float32, torch.bfloat16):  # the compiled pass writes (and rounds) these itself
@@ -136,23 +136,22 @@ def dequantize_into(raw: np.ndarray, ggml_type: int, out: torch.Tensor) -> bool:
     return True
 
 
-# The 4/8-bit block formats: their name in the kernels, and each block's bytes and header bytes (fp16 d, and
-# Q4_1's fp16 m); the values follow the header. Float formats: their torch dtype.
-_BLOCK_FORMATS = {GGML_Q8_0: ("Q8_0", 34, 2), GGML_Q4_0: ("Q4_0", 18, 2), GGML_Q4_1: ("Q4_1", 20, 4)}
+# The 4/8-bit block formats (name and bytes per block: gguf_file.NATIVE_TYPES) by their header's bytes: the fp16
+# d, and Q4_1's fp16 m; the values follow. Float formats: their torch dtype.
+_BLOCK_HEADER_BYTES = {GGML_Q8_0: 2, GGML_Q4_0: 2, GGML_Q4_1: 4}
 _FLOAT_TYPES = {GGML_F32: torch.float32, GGML_F16: torch.float16, GGML_BF16: torch.bfloat16}
 
 
 def _blocks(data: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [n_blocks, block bytes], and the blocks' header values in float32 [n_blocks, 1 or 2]."""
-    _, width, header = _BLOCK_FORMATS[ggml_type]
-    blocks = data.view(-1, width)
-    return blocks, blocks[:, :header].view(torch.float16).float()
+    blocks = data.view(-1, NATIVE_TYPES[ggml_type][2])
+    return blocks, blocks[:, :_BLOCK_HEADER_BYTES[ggml_type]].view(torch.float16).float()
 
 
 def _dequantize_compiled(blocks: torch.Tensor, head: torch.Tensor, ggml_type: int,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:
     """The compiled kernel's decode (into ``out`` where given), or None before the CPU kernels are loaded."""
-    fmt = _BLOCK_FORMATS[ggml_type][0]
+    fmt = NATIVE_TYPES[ggml_type][0]
     return dequantize_blocks(blocks, fmt, head[:, 0], head[:, 1] if ggml_type == GGML_Q4_1 else None, out)
 
 
