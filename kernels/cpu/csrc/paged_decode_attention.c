@@ -557,9 +557,9 @@ void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_t
                     if (i < nb) break;                                                                  \
                 }                                                                                       \
             }                                                                                           \
-            /* visits: the shared blocks one at a time across the tile, then each sequence's rest */    \
-            for (int64_t from = shared > first_block ? first_block : shared; ; from++) {                \
-                const int64_t to = from < shared ? from + 1 : INT64_MAX;                                 \
+            /* visits: the shared blocks one at a time across the tile, the last with each sequence's rest */ \
+            for (int64_t from = first_block; ; from++) {                                                \
+                const int64_t to = from + 1 < shared ? from + 1 : INT64_MAX;                             \
                 for (int64_t i = 0; i < nb; i++) {                                                      \
                     const int64_t b = b0 + i;                                                           \
                     const int64_t head0 = (b * num_heads + kh * per_kv) * head_dim;                     \
