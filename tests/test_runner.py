@@ -165,6 +165,8 @@ BAD_ROWS = [
     {"id": "badsamp", "prompt": "p", "sampling": {"temprature": 1}},
     {"id": "badmsgs", "messages": [{"content": "no role"}]},
     {"id": "ok2", "messages": [{"role": "user", "content": "chat"}]},
+    {"id": 3.5, "prompt": "a float id"},
+    {"id": True, "prompt": "a bool id"},
 ]
 
 
@@ -178,15 +180,16 @@ def test_each_bad_row_kind_gets_its_error(tmp_path: Path) -> None:
     assert len(rows) == len(BAD_ROWS)  # never skipped silently
     kinds = [r["error_kind"] for r in rows]
     assert kinds == [None, "malformed_json", "missing_prompt", "empty_prompt", "duplicate_id", "prompt_too_long",
-                     "missing_id", "bad_sampling", "bad_messages", None]
+                     "missing_id", "bad_sampling", "bad_messages", None, "bad_id", "bad_id"]
     by_kind = {r["error_kind"]: r for r in rows}
     assert "line 2" in by_kind["malformed_json"]["error"] or "in.jsonl:2" in by_kind["malformed_json"]["error"]
     assert "'prompt'" in by_kind["missing_prompt"]["error"]
     assert "duplicate id 'ok1'" in by_kind["duplicate_id"]["error"]
     assert "max_model_len" in by_kind["prompt_too_long"]["error"]
-    assert "temprature" in by_kind["bad_sampling"]["error"]
+    assert "temprature" in rows[7]["error"]
+    assert "float" in rows[10]["error"] and "bool" in rows[11]["error"]
     assert all(r["text"] is None and r["finish_reason"] == "error" for r in rows if r["error"])
-    assert result.summary["failed_by_kind"]["duplicate_id"] == 1 and result.summary["rows_failed"] == 8
+    assert result.summary["failed_by_kind"]["duplicate_id"] == 1 and result.summary["rows_failed"] == 10
 
 
 def test_a_prompt_that_is_not_text_is_a_bad_prompt_row(tmp_path: Path) -> None:

@@ -245,6 +245,34 @@ def test_a_plugin_logits_processor_that_raises_fails_only_its_row(tiny_model_dir
     assert sorted(r["id"] for r in read_output(tmp_path / "out")) == [f"r{i:04d}" for i in range(6)]
 
 
+def test_token_ids_outside_the_vocabulary_fail_their_rows_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A row's logit_bias naming an id past the vocabulary (a GPT id on a smaller model), and a plugin that sets
+    out-of-vocabulary prompt_token_ids for one row: each such row is an error row of its kind, the job
+    completes with the others generated, and a rerun has nothing left to do."""
+    (tmp_path / "ids_plugin.py").write_text(
+        "from forge_batch.hookspecs import hookimpl\n\n"
+        "@hookimpl\n"
+        "def prepare_request(request, row, context):\n"
+        "    if row['id'] == 'r0002':\n"
+        "        request.prompt_token_ids = [1, 99999]\n"
+    )
+    rows = prompts(5)
+    rows[3]["s"] = {"logit_bias": {"50256": -100}}
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    job = job_from_dict(
+        {"model": str(tiny_model_dir), "input": {"path": "in.jsonl", "sampling_field": "s"}, "output": {"path": "out"},
+         "sampling": {"temperature": 0, "max_tokens": 4}, "plugins": ["./ids_plugin.py"], "max_error_rate": 0.5},
+        base_dir=tmp_path,
+    )
+    result = run_real(job)
+    assert result.status == "completed", result.message
+    out = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert out["r0002"]["error_kind"] == "bad_prompt" and "99999" in out["r0002"]["error"]
+    assert out["r0003"]["error_kind"] == "bad_sampling" and "50256" in out["r0003"]["error"]
+    assert all(out[k]["error"] is None and out[k]["text"] is not None for k in ("r0000", "r0001", "r0004"))
+    assert run_real(job).summary["this_run"]["rows"] == 0
+
+
 def test_structured_output_cut_short_is_invalid_output_on_the_real_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A json_schema job whose max_tokens cannot hold the smallest conforming object: the engine finishes
     every sample at max_tokens with its error, and each row says invalid_output (as docs/jobs.md promises),

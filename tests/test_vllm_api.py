@@ -103,10 +103,62 @@ def test_dict_prompts_are_vllms_text_and_tokens_prompts(llm):
     ({"prompt": 5}, "string"),
     ([{"content": "hi"}], "role"),
     ({"prompt_token_ids": ["a"]}, "ints"),
+    ({"prompt_token_ids": [1, 10_000]}, "outside the model's vocabulary"),
+    ({"prompt_token_ids": [-1, 2]}, "outside the model's vocabulary"),
+    ({"prompt_token_ids": [True, 2]}, "ints"),
 ])
 def test_a_malformed_prompt_raises_value_error(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
         llm.generate([prompt, "fine"], greedy(2))
+
+
+def test_an_out_of_vocabulary_id_fails_its_request_alone_and_the_engine_stays_usable(llm):
+    vocab = llm.config.vocab_size
+    ok, bias = llm.generate(["fine", "biased"], [greedy(3), greedy(3, logit_bias={vocab: 5.0})])
+    assert ok.error is None and len(ok.token_ids) == 3
+    assert bias.finish_reason == "error" and bias.error_kind == "bad_sampling" and "vocabulary" in bias.error
+    # a plugin's (or a caller's) ids set on the request skip the prompt checks of generate()
+    from forge_batch.engine.request import GenerationRequest
+
+    out = list(llm.generate_stream([GenerationRequest("x", "", greedy(2), prompt_token_ids=[1, vocab + 7])]))[0]
+    assert out.error_kind == "bad_prompt" and str(vocab + 7) in out.error
+    again = llm.generate("fine", greedy(3))[0]
+    assert again.error is None and again.token_ids == ok.token_ids
+
+
+def test_logit_bias_takes_ids_as_text_and_refuses_what_is_not_an_id():
+    assert SamplingParams(logit_bias={"12": 1.5, 3: -2}).logit_bias == {12: 1.5, 3: -2}
+    for bias, message in (({-1: 1.0}, "ints >= 0"), ({"x": 1.0}, "ints >= 0"), ({True: 1.0}, "ints >= 0"),
+                          ({4: float("nan")}, "finite"), ({4: "a"}, "finite"), ([1, 2], "map")):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(logit_bias=bias)
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", None), ("n", 1.5), ("min_tokens", "2"),
+                                         ("temperature", None), ("top_p", float("nan"))])
+def test_an_option_of_the_wrong_type_is_a_value_error_naming_it(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_a_failed_step_leaves_no_request_in_flight(llm, monkeypatch):
+    def broken(plan):
+        raise RuntimeError("a step that failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(llm.engine.runner, "run", broken)
+        with pytest.raises(RuntimeError, match="a step that failed"):
+            llm.generate(["one", "two"], greedy(3))
+    assert not llm.has_unfinished() and llm.block_manager.num_used_blocks == 0
+    outs = llm.generate(["one", "two"], greedy(3))  # the same request ids again
+    assert [o.error for o in outs] == [None, None]
+
+
+def test_a_stream_closed_early_aborts_what_it_added(llm):
+    stream = llm.generate_stream(["a", "b", "c", "d"], greedy(4), max_in_flight=4)
+    next(stream)  # (one finished; the rest in flight)
+    stream.close()
+    assert not llm.has_unfinished() and llm.block_manager.num_used_blocks == 0
 
 
 def test_use_tqdm_shows_a_bar(llm, capsys):
@@ -168,6 +220,13 @@ def test_truncate_prompt_tokens_keeps_the_end(llm):
     assert out.token_ids == same.token_ids
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         SamplingParams(truncate_prompt_tokens=0)
+
+
+def test_truncate_prompt_tokens_minus_one_leaves_room_to_generate(llm):
+    ids = [5 + i % 300 for i in range(llm.max_model_len + 50)]
+    out = llm.generate({"prompt_token_ids": ids}, greedy(3, truncate_prompt_tokens=-1))[0]
+    assert out.error is None and len(out.prompt_token_ids) == llm.max_model_len - 1 and len(out.token_ids) == 1
+    assert out.prompt_token_ids == ids[-(llm.max_model_len - 1):]
 
 
 def test_clone_is_a_deep_copy_that_shares_logits_processors():

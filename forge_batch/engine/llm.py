@@ -354,12 +354,12 @@ class LLM:
         ...}``, ``{"prompt_token_ids": [...]}`` or a chat raises ValueError before anything runs; a
         request that fails in the engine (too long, a constraint that does not compile) comes back with
         ``finish_reason == "error"``. ``use_tqdm``: a progress bar over the prompts (stderr)."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], dict) and "role" in prompts[0]):
-            prompts = [prompts]  # type: ignore[list-item]
+        if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], dict) and "role" in prompts[0]):
+            prompts = [prompts]  # type: ignore[list-item]  # one prompt (or not a prompt: check_prompt says so)
         prompts = list(prompts)
         for i, prompt in enumerate(prompts):
             try:
-                check_prompt(prompt, has_tokenizer=self.tokenizer is not None)
+                check_prompt(prompt, has_tokenizer=self.tokenizer is not None, vocab_size=self.config.vocab_size)
             except PromptError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from None
         if sampling_params is None:
@@ -416,29 +416,35 @@ class LLM:
         limit = max_in_flight or 2 * engine.config.max_num_seqs
         it = iter(requests)
         exhausted = False
-        in_flight = 0
-        while True:
-            while not exhausted and in_flight < limit:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                if not isinstance(item, GenerationRequest):
-                    item = GenerationRequest(request_id=str(engine.next_index()), prompt=item,
-                                             params=sampling_params or SamplingParams())
-                failed = engine.add_request(item)
-                if failed is not None:
-                    yield failed
-                else:
-                    in_flight += 1
-            if in_flight == 0:
-                if exhausted:
-                    return
-                continue
-            for out in engine.step():
-                in_flight -= 1
-                yield out
+        in_flight: set[str] = set()
+        try:
+            while True:
+                while not exhausted and len(in_flight) < limit:
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if not isinstance(item, GenerationRequest):
+                        item = GenerationRequest(request_id=str(engine.next_index()), prompt=item,
+                                                 params=sampling_params or SamplingParams())
+                    failed = engine.add_request(item)
+                    if failed is not None:
+                        yield failed
+                    else:
+                        in_flight.add(item.request_id)
+                if not in_flight:
+                    if exhausted:
+                        return
+                    continue
+                for out in engine.step():
+                    in_flight.discard(out.request_id)
+                    yield out
+        finally:
+            # a step that raised, or a caller that stopped reading: what this stream added leaves the engine,
+            # which stays usable for the next call
+            for request_id in in_flight:
+                engine.abort_request(request_id)
 
     # ---- the engine underneath --------------------------------------------------------------------
     def add_request(self, request: GenerationRequest) -> RequestOutput | None:

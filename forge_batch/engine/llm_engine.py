@@ -28,7 +28,7 @@ from .cpu_backend import CpuBackend
 from .histogram import LogHistogram
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, EngineErrorKind, PositionLogprobs, RequestOutput
-from .prompts import PromptError, prompt_token_ids
+from .prompts import PromptError, check_token_ids, given_token_ids, prompt_token_ids
 from .request import GenerationRequest
 from .sampler import (
     BUILTIN_SAMPLERS,
@@ -41,7 +41,7 @@ from .sampler import (
 )
 from .sampling_params import SamplingParams, check_params_for_engine
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 from .stopping import check_stop, constraint_stop, settle_text
 
 
@@ -221,8 +221,8 @@ class LLMEngine:
             return failed_output(request, index, request.error)
         if request.request_id in self._requests:
             return failed_output(request, index, f"duplicate request id {request.request_id!r} already in flight")
+        params = request.params
         try:
-            params = request.params
             if not isinstance(params, SamplingParams):
                 raise ValueError("params must be a SamplingParams")
             params.validate()
@@ -230,12 +230,17 @@ class LLMEngine:
                 raise ValueError(f"unknown sampler {params.sampler!r}; known: {sorted(self.samplers)}")
             check_params_for_engine(params, self.max_logprobs, self.model_config.vocab_size,
                                     self.tokenizer.encode if self.tokenizer is not None else None)
+        except Exception as exc:
+            return failed_output(request, index, f"{type(exc).__name__}: {exc}", kind=EngineErrorKind.BAD_SAMPLING)
+        try:
             if request.prompt_token_ids is not None:
-                prompt_ids, prompt_text = list(request.prompt_token_ids), None
+                prompt_ids, prompt_text = given_token_ids(request.prompt_token_ids), None
             else:
                 prompt_ids, prompt_text = prompt_token_ids(request.prompt, self.tokenizer)
+            check_token_ids(prompt_ids, self.model_config.vocab_size)
             if params.truncate_prompt_tokens is not None:
-                keep = self.config.max_model_len if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
+                # -1: as many as the context holds with room for one generated token
+                keep = self.config.max_model_len - 1 if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
                 if len(prompt_ids) > keep:  # vLLM keeps the end of the prompt, nearest to what comes next
                     prompt_ids, prompt_text = prompt_ids[-keep:], None
         except PromptError as exc:
@@ -282,6 +287,15 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop an unfinished request (vLLM's ``abort_request``): its sequences leave the scheduler and their
+        blocks go back, with no output. An id that is not in flight is ignored."""
+        state = self._requests.pop(request_id, None)
+        if state is not None:
+            for seq in state.seqs:
+                if seq.status != SequenceStatus.FINISHED:
+                    self.scheduler.abort(seq)
 
     # ---- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -17,6 +17,7 @@ class EngineErrorKind(str, enum.Enum):
     PROMPT_TOO_LONG = "prompt_too_long"
     BAD_PROMPT = "bad_prompt"  # not text, chat messages or token ids; or text for an engine without tokenizer
     BAD_MESSAGES = "bad_messages"  # a chat message without role or content
+    BAD_SAMPLING = "bad_sampling"  # sampling options this engine cannot run (e.g. a token id outside its vocabulary)
     CONSTRAINT_ERROR = "constraint_error"  # the constraint does not compile, or the grammar broke
     INVALID_OUTPUT = "invalid_output"  # a constrained output that does not conform (e.g. cut by max_tokens)
     PLUGIN_ERROR = "plugin_error"  # a request's logits processor raised

@@ -5,6 +5,7 @@ length against the context) gets exactly the ids the engine would have made.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from .outputs import EngineErrorKind
@@ -22,11 +23,14 @@ class PromptError(ValueError):
         self.kind = kind.value
 
 
-def check_prompt(prompt: Any, *, has_tokenizer: bool) -> None:
+def check_prompt(prompt: Any, *, has_tokenizer: bool, vocab_size: int | None = None) -> None:
     """Raise :class:`PromptError` for a prompt of a shape :func:`prompt_token_ids` refuses, without
-    tokenizing it (the offline API checks every prompt before running any)."""
+    tokenizing it (the offline API checks every prompt before running any); token ids given as the prompt
+    must lie in ``vocab_size``'s range."""
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-        prompt_token_ids(prompt, None)
+        ids, _ = prompt_token_ids(prompt, None)
+        if vocab_size is not None:
+            check_token_ids(ids, vocab_size)
         return
     if isinstance(prompt, str) or (isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str)):
         if not has_tokenizer:
@@ -43,6 +47,26 @@ def check_prompt(prompt: Any, *, has_tokenizer: bool) -> None:
                               EngineErrorKind.BAD_PROMPT)
         return
     raise _bad_prompt(prompt)
+
+
+def given_token_ids(ids: Any) -> list[int]:
+    """Token ids given as a prompt (a list or tuple of ints; numpy's integers too) as a list of ints; raises
+    :class:`PromptError` (bad_prompt) for anything else."""
+    if isinstance(ids, (list, tuple)) and not any(isinstance(i, bool) for i in ids):
+        try:
+            return [operator.index(i) for i in ids]
+        except TypeError:
+            pass
+    raise PromptError("prompt_token_ids must be a list of ints", EngineErrorKind.BAD_PROMPT)
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Raise :class:`PromptError` (bad_prompt) for a token id outside the model's vocabulary: the embedding
+    would fail on it for the whole step, not for this prompt alone."""
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise PromptError(f"prompt token id {bad} is outside the model's vocabulary (ids 0 to {vocab_size - 1})",
+                          EngineErrorKind.BAD_PROMPT)
 
 
 def _bad_prompt(prompt: Any) -> PromptError:
@@ -64,10 +88,7 @@ def prompt_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None
             raise PromptError("{'prompt': ...} must hold a string", EngineErrorKind.BAD_PROMPT)
         prompt = prompt["prompt"]
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-        ids = prompt["prompt_token_ids"]
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
-            raise PromptError("prompt_token_ids must be a list of ints", EngineErrorKind.BAD_PROMPT)
-        return list(ids), None
+        return given_token_ids(prompt["prompt_token_ids"]), None
     if tokenizer is None:
         raise PromptError("this engine has no tokenizer (random weights): give prompt_token_ids", EngineErrorKind.BAD_PROMPT)
     if isinstance(prompt, str):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,10 +101,20 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k is None or self.top_k < 0:
             self.top_k = 0
+        if isinstance(self.logit_bias, Mapping):  # JSON (an OpenAI body, a row's overrides) names ids as text
+            self.logit_bias = {_text_to_int(token): bias for token, bias in self.logit_bias.items()}
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
+        for name in ("n", "max_tokens", "min_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.max_tokens < 1:
@@ -128,6 +140,14 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be None or an int >= 0 (the top tokens per position), got {value!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise ValueError(f"logit_bias must map token ids to biases, got {type(self.logit_bias).__name__}")
+            for token, bias in self.logit_bias.items():
+                if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+                    raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
+                if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not math.isfinite(bias):
+                    raise ValueError(f"logit_bias[{token}] must be a finite number, got {bias!r}")
         if self.allowed_token_ids is not None:
             if not self.allowed_token_ids:
                 raise ValueError("allowed_token_ids is empty: no token could be generated")
@@ -164,6 +184,16 @@ class SamplingParams:
         return None
 
 
+def _text_to_int(value: Any) -> Any:
+    """``"42"`` as 42; anything else as it is (validate judges it)."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
+
+
 def check_params_for_engine(params: SamplingParams, max_logprobs: int, vocab_size: int,
                             encode: Callable[..., list[int]] | None) -> None:
     """What a request asks that only the engine it is added to can check (raises ValueError): logprobs
@@ -175,6 +205,8 @@ def check_params_for_engine(params: SamplingParams, max_logprobs: int, vocab_siz
                              "(raise it with LLM(max_logprobs=...) or engine.max_logprobs in a job)")
     if params.allowed_token_ids is not None and any(t >= vocab_size for t in params.allowed_token_ids):
         raise ValueError(f"allowed_token_ids holds ids outside the vocabulary (size {vocab_size})")
+    if params.logit_bias and max(params.logit_bias) >= vocab_size:
+        raise ValueError(f"logit_bias names token id {max(params.logit_bias)}, outside the vocabulary (size {vocab_size})")
     if params.bad_words:
         if encode is None:
             raise ValueError("bad_words needs a tokenizer (this engine has random weights and none)")

@@ -86,6 +86,12 @@ class Scheduler:
             self.running.remove(seq)
         self.block_manager.free_seq(seq)
 
+    def abort(self, seq: Sequence) -> None:
+        """Remove an unfinished sequence whose request was aborted, and release its blocks."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.finish(seq)
+
     def _why_impossible(self, seq: Sequence) -> str | None:
         cfg, bm = self.config, self.block_manager
         if seq.num_prompt_tokens == 0:

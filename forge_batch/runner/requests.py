@@ -183,8 +183,8 @@ class RequestBuilder:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise RowError(f"id {value!r} is not an integer like the other ids of this input", ErrorKind.BAD_ID)
             return value
-        if isinstance(value, (dict, list)):
-            raise RowError(f"id must be text or a number, got {type(value).__name__}", ErrorKind.BAD_ID)
+        if isinstance(value, bool) or not isinstance(value, (str, int)):  # 3.5 and "3.5" must not collide
+            raise RowError(f"id must be text or an integer, got {type(value).__name__}", ErrorKind.BAD_ID)
         return value if isinstance(value, str) else str(value)
 
     def _admit(self, row_index: int, id_value: Any) -> bool:
