@@ -178,6 +178,17 @@ class SamplingSpec(_Strict):
     sampler: str | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_kinds_out_of_constraint(cls, data: Any) -> Any:
+        """``constraint: {json_schema: ...}`` (or regex, choice) is the same as ``json_schema: ...``."""
+        if isinstance(data, dict) and isinstance(data.get("constraint"), dict):
+            builtin = {k: v for k, v in data["constraint"].items() if k in BUILTIN_CONSTRAINT_KINDS}
+            if builtin and not any(data.get(k) is not None for k in builtin):
+                rest = {k: v for k, v in data["constraint"].items() if k not in builtin}
+                data = {**data, **builtin, "constraint": rest or None}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> SamplingSpec:
         problem = one_constraint_problem(constraints_given(dict(self)))

@@ -280,3 +280,17 @@ def test_a_cpu_engine_writes_only_the_kv_blocks_it_holds_at_once(tiny_model_dir)
     ref = roomy.generate(prompts, params)
     assert roomy.block_manager.num_blocks_ever_used > 16
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+
+
+def test_a_cache_smaller_than_the_context_caps_it_so_a_long_generation_ends_at_length(tiny_model_dir, caplog):
+    """Four blocks of 16 tokens hold 64: a sequence that would grow past them (alone, it could only preempt
+    itself) ends at 64 tokens with "length"; a prompt longer than that is its own error; the others run."""
+    small = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_blocks=4, block_size=16, max_num_seqs=4)
+    assert small.max_model_len == 64 and "max_model_len lowered" in caplog.text
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    grows, short, too_long = small.generate([{"prompt_token_ids": list(range(5, 50))},
+                                             {"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": list(range(5, 75))}],
+                                            [params, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), params])
+    assert grows.finish_reason == "length" and len(grows.token_ids) == 64 - 45
+    assert short.error is None and len(short.token_ids) == 4
+    assert too_long.error_kind == "prompt_too_long"

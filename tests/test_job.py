@@ -133,6 +133,18 @@ def test_reserved_keep_fields_and_sampling_checks(tmp_path: Path) -> None:
     assert {"output.keep_fields", "sampling"} <= paths
 
 
+@pytest.mark.parametrize("kind,spec", [("json_schema", {"type": "integer"}), ("regex", "[0-9]+"), ("choice", ["a", "b"])])
+def test_sampling_constraint_with_a_builtin_kind_is_that_kind(tmp_path: Path, kind: str, spec: object) -> None:
+    """The README's ``sampling.constraint: {json_schema: {...}}`` (or regex, choice) means ``sampling.json_schema``."""
+    base = {"input": {"path": "x"}, "output": {"path": "o"}}
+    job = job_from_dict({**base, "sampling": {"constraint": {kind: spec}}}, base_dir=tmp_path)
+    assert job.job_constraint() == (kind, spec) and job.sampling_dict()[kind] == spec
+    assert job.fingerprint() == job_from_dict({**base, "sampling": {kind: spec}}, base_dir=tmp_path).fingerprint()
+    with pytest.raises(JobError, match="mutually exclusive"):
+        job_from_dict({**base, "sampling": {"constraint": {kind: spec}, "json_schema" if kind != "json_schema" else "regex": "a"}},
+                      base_dir=tmp_path)
+
+
 def test_fingerprint_tracks_output_affecting_options(tmp_path: Path) -> None:
     base = {"input": {"path": "x"}, "output": {"path": "o"}}
     a = job_from_dict(base, base_dir=tmp_path)

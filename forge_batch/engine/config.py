@@ -4,6 +4,7 @@ exposed as ``LLM.engine_config`` (``to_dict()`` for a run's metadata)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass
 
@@ -13,6 +14,8 @@ from forge_batch.kernels import BACKENDS
 from forge_batch.models.config import ModelConfig
 
 from .device import int8_problem, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 KV_CACHE_KINDS = ("paged", "naive")
 def default_max_num_seqs(device: torch.device, dtype: torch.dtype) -> int:
@@ -136,6 +139,12 @@ class EngineConfig:
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len, block_size=block_size,
                 bytes_per_block=kv_bytes_per_token * block_size, available_bytes=_available_memory_bytes(device),
             )
+        if num_blocks * block_size < max_model_len:
+            # a sequence alone may never outgrow the cache: past it, it would preempt itself for ever; capped, it
+            # ends at max_model_len ("length") and a prompt too long for it is that row's error
+            log.warning("max_model_len lowered from %d to %d: the KV cache (%d blocks of %d tokens) holds no more",
+                        max_model_len, num_blocks * block_size, num_blocks, block_size)
+            max_model_len = num_blocks * block_size
         return cls(
             model=model, device=device, dtype=dtype, kernel_backend=args.kernel_name, kernel_path=kernel_path,
             quantization=args.quantization if args.quantization != "none" else None,
