@@ -8,8 +8,10 @@ gets them from its caller (the job runner, or ``forge_batch.LLM`` through the pl
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -181,11 +183,15 @@ def _parse_schema(spec: Any) -> tuple[Any, Any]:
         raise ConstraintError(f"json_schema is a string but not JSON: {exc}") from exc
     if not isinstance(schema, dict | bool):
         raise ConstraintError(f"json_schema must be a JSON object, got {type(schema).__name__}")
-    try:
-        validator_cls = jsonschema.validators.validator_for(schema)
-        validator_cls.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise ConstraintError(f"json_schema is not a valid JSON Schema: {exc.message}") from exc
+    validator_cls = jsonschema.validators.validator_for(schema)
+    # check_schema's own, except "format: regex": a pattern is in llguidance's (Rust's) dialect, which the
+    # grammar compile judges; Python's re would refuse \p{L} and misread [[:digit:]]
+    formats = jsonschema.FormatChecker()
+    formats.checkers = {name: check for name, check in formats.checkers.items() if name != "regex"}
+    meta = jsonschema.validators.validator_for(validator_cls.META_SCHEMA, default=validator_cls)
+    err = jsonschema.exceptions.best_match(meta(validator_cls.META_SCHEMA, format_checker=formats).iter_errors(schema))
+    if err is not None:
+        raise ConstraintError(f"json_schema is not a valid JSON Schema: {err.message}")
     return schema, validator_cls
 
 
@@ -207,6 +213,7 @@ def json_schema_validator(spec: Any) -> Validator:
     import jsonschema
 
     schema, validator_cls = _parse_schema(spec)
+    validator_cls = jsonschema.validators.extend(validator_cls, {"pattern": _pattern_python_reads_alike})
     checker = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
 
     def validate(text: str) -> tuple[bool, str | None]:
@@ -257,13 +264,32 @@ def check_regex(spec: Any) -> None:
     _grammar_problem("regex", _ll().LLMatcher.grammar_from_regex(_regex(spec)))
 
 
+@functools.lru_cache(maxsize=256)
+def python_regex(pattern: str) -> re.Pattern[str] | None:
+    """``pattern`` compiled by Python's re where it reads it as llguidance (Rust's dialect) does, else None
+    (the grammar is then the only judge). Rust's class syntax (``[[:digit:]]``, ``[a&&b]``) means something
+    else to re, which only warns (FutureWarning) on its first compile, hence the purge of re's cache."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        re.purge()
+        try:
+            return re.compile(pattern)
+        except (re.error, FutureWarning):
+            return None
+
+
+def _pattern_python_reads_alike(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    """jsonschema's ``pattern`` keyword (a search), for the patterns :func:`python_regex` reads."""
+    import jsonschema
+
+    compiled = python_regex(pattern) if validator.is_type(instance, "string") else None
+    if compiled is not None and not compiled.search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 def regex_validator(spec: Any) -> Validator:
     """The independent check of a finished regex output: a full match of the pattern the grammar used."""
-    pattern = _regex(spec)
-    try:
-        compiled = re.compile(pattern)
-    except re.error:
-        compiled = None  # a pattern Python's re cannot read (Rust syntax); llguidance is the judge
+    compiled = python_regex(_regex(spec))
 
     def validate(text: str) -> tuple[bool, str | None]:
         if compiled is None or compiled.fullmatch(text):

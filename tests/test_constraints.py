@@ -239,3 +239,29 @@ def test_result_validation_is_the_engines_check_formats_included():
     record = {"text": text, "sample_index": 0, "finish_reason": "stop", "error": None}
     validate.process_result(record, out)
     assert record["valid"] is False and record["error_kind"] == "invalid_output" and record["error"] == reason
+
+
+@pytest.mark.parametrize("pattern,good,bad", [
+    ("[[:digit:]]{3}", "934", "93a"),  # Rust's POSIX class: re reads a nested set and only warns
+    (r"\p{Lu}[a-z]{2}", "Par", "par"),  # Rust's Unicode class: re cannot read it
+    ("[0-9]{3}", "934", "93a"),  # both read it alike: re checks it too
+])
+def test_regex_in_the_grammars_dialect_is_generated_and_judged_valid(llm, pattern, good, bad, recwarn):
+    """Patterns are llguidance's (Rust's) dialect: an output it generates is written as valid, as a regex and as
+    a JSON schema's ``pattern``; Python's re judges only the patterns it reads the same way, and says nothing."""
+    from forge_batch.plugins.constraints import check_json_schema, output_problem
+
+    schema = {"type": "object", "properties": {"v": {"type": "string", "pattern": f"^{pattern}$"}}, "required": ["v"],
+              "additionalProperties": False}
+    check_json_schema(schema)  # a pattern re refuses is no reason to refuse the schema
+    for kind, spec in (("regex", pattern), ("json_schema", schema)):
+        outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=24, temperature=0.0, **{kind: spec}))
+        for o in outs:
+            assert o.finish_reason == "stop" and o.samples[0].valid is True, o.samples[0]
+            assert output_problem(kind, spec, o.text) is None
+    assert output_problem("regex", pattern, good) is None
+    assert output_problem("json_schema", schema, json.dumps({"v": good})) is None
+    if pattern == "[0-9]{3}":
+        assert output_problem("regex", pattern, bad) is not None
+        assert output_problem("json_schema", schema, json.dumps({"v": bad})) is not None
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
