@@ -824,6 +824,55 @@ def load_job(
     return job_from_dict(data, base_dir=Path(path).resolve().parent, overrides=overrides, env=env, source=str(path))
 
 
+def load_job_for_checks(
+    path: str | os.PathLike[str], overrides: Iterable[str] = (), env: Mapping[str, str] | None = None
+) -> tuple[JobSpec | None, list[Problem]]:
+    """``load_job`` for ``validate``, which reports every problem at once: the job's problems, and the job as if
+    the keys they name were not given (their defaults), so that the model, input and output checks still run
+    on the rest. The job is None where it cannot be had so (the file itself, a required key, the whole job)."""
+    try:
+        return load_job(path, overrides, env), []
+    except JobError as e:
+        problems = e.problems
+    try:
+        raw = read_job_file(path)
+    except JobError:
+        return None, problems
+    if apply_overrides(raw, overrides):
+        return None, problems
+    raw = interpolate_env(raw, env, "", [])
+    current = problems
+    for _ in range(8):  # each round drops the keys the last one refused (a dropped key may hide another)
+        keys = [_key_of(p.path) for p in current]
+        if not keys or not all(keys) or not any([_drop_key(raw, key) for key in keys]):
+            return None, problems
+        try:
+            return resolve_paths(JobSpec.model_validate(raw), Path(path).resolve().parent), problems
+        except ValidationError as e:
+            current = _pydantic_problems(e)
+    return None, problems
+
+
+def _key_of(path: str) -> list[str]:
+    """The key path a problem names, up to its first list index (``output.keep_fields[0]``: output, keep_fields)."""
+    keys = []
+    for part in path.split(".") if path else ():
+        name, bracket, _ = part.partition("[")
+        keys.append(name)
+        if bracket:
+            break
+    return keys
+
+
+def _drop_key(data: Any, keys: list[str]) -> bool:
+    for key in keys[:-1]:
+        data = data.get(key) if isinstance(data, dict) else None
+    if isinstance(data, dict) and keys and keys[-1] in data:
+        del data[keys[-1]]
+        return True
+    return False
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checks that need the file system but no plugin (the plugin-dependent ones: forge_batch.runner.checks)
 
@@ -911,7 +960,32 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
             problems.append(Problem("output.path", f"{out} is a directory; an openai-batch output ending in .jsonl is one file"))
     elif out.exists() and not out.is_dir():
         problems.append(Problem("output.path", f"{out} exists and is not a directory"))
+    else:  # the output folder, and its state folder beside it (in its parent), are created at the start of run
+        problem = _cannot_create(out) or _cannot_create(out.parent)
+        if problem is not None:
+            problems.append(Problem("output.path", problem))
+    if job.metrics is not None and job.metrics.textfile is not None:
+        folder = Path(job.metrics.textfile).parent
+        if not folder.is_dir():
+            problems.append(Problem("metrics.textfile", f"{folder} is not a folder (node_exporter's textfile folder must exist)"))
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            problems.append(Problem("metrics.textfile", f"{folder} is not writable"))
     return problems
+
+
+def _cannot_create(path: Path) -> str | None:
+    """Why ``path`` could not be written (made, if it is not there): a file where a folder on its way should be,
+    or a folder that is not writable (permissions, a read-only file system); None when it can."""
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot create {path}: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {ancestor} is not writable"
+    return None
 
 
 def _check_model(model: str) -> list[Problem]:

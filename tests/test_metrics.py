@@ -104,7 +104,7 @@ def test_a_failed_run_sets_run_success_0_and_keeps_the_last_success(tmp_path: Pa
 
 def test_a_textfile_in_a_missing_folder_fails_the_job_before_generating(tmp_path: Path) -> None:
     job = metrics_job(tmp_path, prompts(3), {"textfile": str(tmp_path / "nope" / "x.prom")})
-    with pytest.raises(Exception, match="metrics.*job_start.*No such file"):
+    with pytest.raises(Exception, match="metrics.textfile.*not a folder"):
         run(job)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
 

@@ -105,3 +105,27 @@ def test_an_input_url_whose_filesystem_is_not_installed_says_what_to_install(tmp
     [problem] = [p for p in problems if p.path == "input.path"]
     assert "cannot read s3://bucket/in.jsonl" in problem.message and "s3fs" in problem.message
     assert not (tmp_path / "s3:").exists()
+
+
+class _Unreachable(fsspec.AbstractFileSystem):
+    """A file system whose server cannot be reached: its network library raises its own error, not an OSError
+    (hf:// offline raises httpx's ConnectError)."""
+
+    protocol = "unreachable"
+
+    def _fail(self, *args, **kwargs):
+        raise RuntimeError("ConnectError: Name or service not known")
+
+    isdir = isfile = glob = find = info = _fail
+
+
+def test_an_input_url_that_cannot_be_reached_is_a_problem_not_a_traceback(tmp_path: Path, capsys) -> None:
+    fsspec.register_implementation("unreachable", _Unreachable, clobber=True)
+    job = write_job_file(tmp_path / "job.yaml", {"model": "fake", "input": {"path": "unreachable://host/x.jsonl"},
+                                                 "output": {"path": "out"}})
+    _, problems = validate_job_file(job)
+    [problem] = [p for p in problems if p.path == "input.path"]
+    assert "cannot list unreachable://host/x.jsonl" in problem.message and "Name or service not known" in problem.message
+    assert main(["validate", str(job)]) == 2
+    err = capsys.readouterr()
+    assert "Traceback" not in err.out + err.err and "cannot list" in err.out + err.err

@@ -106,3 +106,55 @@ def test_set_values_keep_the_type_of_their_key(tmp_path: Path) -> None:
     assert loaded.sampling.temperature == 0 and loaded.input.id_field is None and loaded.sampling.ignore_eos is True
     assert loaded.sampling.stop_token_ids == [1, 2]
     assert validate_job_file(job, ["name=2024-06-01"])[1] == []
+
+
+def test_every_problem_is_reported_at_once_even_beside_a_key_that_does_not_parse(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown key or a bad option does not hide the model, input and output checks: they run as if the keys
+    at fault were not given, and validate reports everything in one go."""
+    monkeypatch.delenv("FORGE_BATCH_ENGINE_FACTORY")  # the model is checked here
+    write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    job = write_job_file(tmp_path / "job.yaml", {
+        "model": str(tmp_path / "no-such-model.gguf"), "unknown_top": 1,
+        "input": {"path": "in.jsonl", "id_field": "idx", "prompt_field": "promptx"},
+        "output": {"path": "out", "keep_fields": ["nosuch"]}, "engine": {"dtype": "float8"},
+    })
+    job_spec, problems = validate_job_file(job)
+    assert job_spec is None
+    assert {p.path for p in problems} == {"unknown_top", "engine.dtype", "model", "input.id_field", "input.prompt_field",
+                                          "output.keep_fields[0]"}
+
+
+def test_an_output_run_could_not_create_and_a_missing_metrics_folder_are_refused(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    (tmp_path / "afile").write_text("not a folder")
+    job = job_file(tmp_path, {"path": "in.jsonl"}, {"path": "afile/sub/out"},
+                   metrics={"textfile": str(tmp_path / "nope" / "x.prom")})
+    problems = {p.path: p.message for p in validate_job_file(job)[1]}
+    assert problems.keys() == {"output.path", "metrics.textfile"}
+    assert "afile is a file, not a folder" in problems["output.path"] and "nope is not a folder" in problems["metrics.textfile"]
+
+
+def test_a_prompt_column_that_is_not_text_is_refused_unless_every_row_may_fail(tmp_path: Path) -> None:
+    """run writes each such row as a bad_prompt; with max_error_rate below 1 it would then fail, so validate says
+    so first. An int64 Parquet column, and JSONL numbers in every first row (one text among them is fine)."""
+    pq.write_table(pa.table({"uid": [1, 2], "prompt": pa.array([7, 8], pa.int64())}), tmp_path / "in.parquet")
+    write_jsonl(tmp_path / "nums.jsonl", [{"id": "a", "prompt": 1}, {"id": "b", "prompt": 2.5}])
+    write_jsonl(tmp_path / "mixed.jsonl", [{"id": "a", "prompt": 1}, {"id": "b", "prompt": "text"}])
+    for path, message in (("in.parquet", "'prompt' is a column of int64"), ("nums.jsonl", "not text in any of the first 2 rows")):
+        problems = validate_job_file(job_file(tmp_path, {"path": path, "id_field": "uid" if "parquet" in path else "id"}))[1]
+        assert [p.path for p in problems] == ["input.prompt_field"] and message in problems[0].message
+        assert "max_error_rate 0.1" in problems[0].message
+        assert validate_job_file(job_file(tmp_path, {"path": path, "id_field": "uid" if "parquet" in path else "id"},
+                                          max_error_rate=1.0))[1] == []
+    assert validate_job_file(job_file(tmp_path, {"path": "mixed.jsonl"}))[1] == []
+
+
+def test_rows_of_a_folder_mixing_jsonl_and_parquet_are_counted_each_by_its_reader(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", prompts(2))
+    write_jsonl(tmp_path / "in" / "b.jsonl", prompts(2, start=2))
+    pq.write_table(pa.table({"id": ["p1", "p2"], "prompt": ["x", "y"]}), tmp_path / "in" / "c.parquet")
+    facts: dict = {}
+    assert validate_job_file(job_file(tmp_path, {"path": "in"}), facts=facts)[1] == []
+    assert facts["rows"] == 6

@@ -56,8 +56,18 @@ def _fs(url: str) -> tuple[Any, str]:
 
 def list_files(pattern: str, extensions: Iterable[str]) -> list[str]:
     """The files a URL names: one file, a folder's files with one of ``extensions`` (hidden and ``_`` names
-    skipped, as for local folders), or a glob; sorted URLs."""
+    skipped, as for local folders), or a glob; sorted URLs. Raises OSError where it cannot be listed (no
+    network, no access: each file system raises its own errors, a network library's included)."""
     fs, root = _fs(pattern)
+    try:
+        return _list(fs, root, pattern, extensions)
+    except OSError:
+        raise
+    except Exception as e:
+        raise OSError(f"cannot list {pattern}: {type(e).__name__}: {e}") from e
+
+
+def _list(fs: Any, root: str, pattern: str, extensions: Iterable[str]) -> list[str]:
     if any(ch in root for ch in "*?["):
         found = [p for p in fs.glob(root) if fs.isfile(p)]
     elif fs.isdir(root):

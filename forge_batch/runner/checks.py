@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 from pluggy import PluginManager
 
 from forge_batch.engine.sampling_params import BUILTIN_CONSTRAINT_KINDS
@@ -25,10 +26,11 @@ from forge_batch.job import (
     compile_template,
     input_files,
     load_job,
+    load_job_for_checks,
 )
 from forge_batch.plugin_manager import PluginLoadError, collect_registry, find_plugin, get_plugin_manager
 from forge_batch.runner.engine_factory import ENGINE_FACTORY_ENV
-from forge_batch.runner.inputs import count_rows, effective_input, reader_for_file
+from forge_batch.runner.inputs import InputPlan, effective_input, reader_for_file
 
 
 @dataclass(frozen=True)
@@ -188,11 +190,6 @@ def _prompt_chars(row: dict[str, Any], spec: InputSpec, template: Any) -> int:
     return len(str(prompt)) if prompt is not None else 0
 
 
-def _count_rows(files: list[str], reader: Any, spec: InputSpec) -> int | None:
-    """The input's rows when that is cheap (the run's own rule, so validate and the progress bar agree)."""
-    return count_rows([(f, reader) for f in files], spec)
-
-
 def _read_sample(reader: Any, path: str, spec: InputSpec) -> tuple[Any, list[dict[str, Any]], str | None]:
     """(schema or None, the first readable rows up to SAMPLE_ROWS, the first unreadable row's error)."""
     schema = reader.schema(path)
@@ -214,6 +211,24 @@ def _read_sample(reader: Any, path: str, spec: InputSpec) -> tuple[Any, list[dic
         if close is not None:
             close()
     return schema, sample, first_error
+
+
+def _prompt_not_text(field: str, schema: Any, sample: list[dict[str, Any]], where: str) -> str | None:
+    """Why every row's prompt would be a bad_prompt: a Parquet column that is not text, or first rows whose
+    prompts are all something else (numbers); None otherwise (single odd rows are their own errors)."""
+    if schema is not None:
+        kind = schema.field(field).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            return (f"{field!r} is a column of {kind} in {where}, not text (render it with input.template, e.g. "
+                    "'{{ " + field + " }}'): every row would be a bad_prompt")
+        return None
+    given = [row[field] for row in sample if row.get(field) is not None]
+    if given and not any(isinstance(v, str) for v in given):
+        return (f"{field!r} is not text in any of the first {len(sample)} rows of {where} (e.g. {given[0]!r}; "
+                "render it with input.template): every row would be a bad_prompt")
+    return None
 
 
 def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any], facts: dict[str, Any] | None) -> list[Problem]:
@@ -264,6 +279,9 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
             f"neither {spec.prompt_field!r} nor {spec.messages_field!r} {neither_in}; "
             "set input.prompt_field, input.messages_field or input.template",
         ))
+    elif spec.prompt_field in names and spec.messages_field not in names and facts is not None:
+        # run writes each such row as a bad_prompt (so does a JSONL number among text); validate says it first
+        facts["prompt_not_text"] = _prompt_not_text(spec.prompt_field, schema, sample, where)
     if facts is not None:
         chars = []
         for row in sample:
@@ -275,7 +293,7 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
         facts["sampled_rows"] = len(sample)
         facts["prompt_chars_per_row"] = sum(chars) / len(chars) if chars else 0.0
         try:
-            facts["rows"] = _count_rows(files, reader, spec)
+            facts["rows"] = InputPlan.for_job(job, readers).total_rows()  # the run's own count: each file by its reader
         except Exception:  # counting is a courtesy; the checks above are what matter
             facts["rows"] = None
     return problems
@@ -293,11 +311,10 @@ def validate_job_file(
     plugin checks. The job's own plugins are found but not imported (importing runs their code): one that
     cannot be found is a problem at ``plugins[i]``. Warnings (installed plugins skipped, names an unloaded
     job plugin may register) are appended to ``warnings``; what reading the input found goes to ``facts``."""
-    try:
-        job = load_job(path, overrides, env)
-    except JobError as e:
-        return None, e.problems
-    problems: list[Problem] = []
+    job, problems = load_job_for_checks(path, overrides, env)
+    if job is None:
+        return None, problems
+    parsed = not problems  # else the rest is checked as if the keys at fault were not given
     found = []
     for i, name in enumerate(job.plugins):
         missing = find_plugin(name, job.plugin_search_paths())
@@ -309,9 +326,13 @@ def validate_job_file(
         pm = get_plugin_manager([])  # built-ins and installed plugins
     except PluginLoadError as e:
         problems.extend(Problem("plugins", f"{name}: {msg}") for name, msg in e.failures)
-        return job, problems
+        return (job if parsed else None), problems
     if warnings is not None:
         warnings.extend(getattr(pm, "forge_warnings", []))
+    facts = {} if facts is None else facts
     problems.extend(check_job_with_plugins(job, pm, check_model=model_is_checked(), unloaded_plugins=found,
                                            warnings=warnings, facts=facts))
-    return job, problems
+    if facts.get("prompt_not_text") and job.max_error_rate < 1:
+        problems.append(Problem("input.prompt_field", f"{facts['prompt_not_text']}, more than max_error_rate "
+                                                      f"{job.max_error_rate:g} allows"))
+    return (job if parsed else None), problems
