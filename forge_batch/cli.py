@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from forge_batch.io.base import DamagedOutputError
 from forge_batch.job import JobError, Problem
 
 EXIT_OK = 0
@@ -199,10 +200,6 @@ def _validate_facts(job: Any, facts: dict[str, Any]) -> list[str]:
     return lines
 
 
-class DamagedOutputError(Exception):
-    """A file of an output directory cannot be read (corrupt, truncated); the message names it."""
-
-
 def _read_json_file(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -361,6 +358,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         _err(f"forge-batch: {e}")
         return EXIT_USAGE
+    except DamagedOutputError as e:
+        _err(f"forge-batch: {e}")
+        return EXIT_FAILED
     print(path)
     return EXIT_OK
 

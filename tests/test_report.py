@@ -216,6 +216,18 @@ def test_report_of_a_missing_directory_is_a_usage_error(tmp_path: Path, capsys: 
     assert "no output directory" in capsys.readouterr().err
 
 
+def test_report_of_an_output_with_a_damaged_part_names_it_as_inspect_does(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    run(make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out", "rows_per_file": 2}}))
+    part = sorted((tmp_path / "out").glob("part-*.parquet"))[-1]
+    part.write_bytes(part.read_bytes()[:40])  # truncated
+    for command in ("report", "inspect"):
+        assert main([command, str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert f"{part} is corrupt or truncated" in err and "Traceback" not in err, err
+
+
 def _write_million_rows(out: Path, rows: int = 1_000_000, chunk: int = 100_000) -> None:
     """One part of ``rows`` rows shaped like a real output, with 400-character texts: loading the text
     column alone would take 400 MB."""

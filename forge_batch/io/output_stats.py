@@ -10,6 +10,7 @@ row), for percentiles and histograms. No row ever becomes a Python object except
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 from collections import Counter
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from forge_batch.io.base import DamagedOutputError
 from forge_batch.io.meta import META_ENGINE, META_JOB
 from forge_batch.io.output_dir import MANIFEST, PART_RE, SUMMARY, find_state_dir, parts_dir_for
 from forge_batch.io.schema import TAIL_COLUMNS, id_column_name, schema_from_str
@@ -709,8 +711,17 @@ def _throughput_from_commits(run: RunInfo) -> Throughput | None:
     return Throughput(run.number, t0, max(width, 1.0), np.array(rates_rows), np.array(rates_tok), "committed_at")
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (pa.ArrowException, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedOutputError(f"{path} is corrupt or truncated, not readable ({e})") from e
+
+
 def collect_output_stats(path: str | Path) -> OutputStats:
-    """Scan an output directory (see the module docstring); raises FileNotFoundError if it is not one."""
+    """Scan an output directory (see the module docstring); raises FileNotFoundError if it is not one, and
+    DamagedOutputError naming the first part that cannot be read."""
     out = Path(path)
     state = find_state_dir(out)
     if not out.is_dir() and not state.is_dir():
@@ -731,16 +742,19 @@ def collect_output_stats(path: str | Path) -> OutputStats:
         id_column = "id"
     scanner = _PartScanner(output_format, id_column, schema)
     if job is None and parts:
-        job = scanner.job_of(parts[0])
+        with _reading(parts[0]):
+            job = scanner.job_of(parts[0])
 
     committed = {p.get("file"): p for p in manifest.get("parts") or [] if p.get("file")}
     agg = _Aggregator(id_column)
     infos: list[PartInfo] = []
     for p in parts:
         entry = committed.get(p.name) or {}
-        info = PartInfo(p.name, committed_at=entry.get("committed_at"), engine=scanner.engine_of(p), record_offset=agg.n_time_records)
-        for batch in scanner.scan(p):
-            agg.add(batch, info)
+        with _reading(p):
+            info = PartInfo(p.name, committed_at=entry.get("committed_at"), engine=scanner.engine_of(p),
+                            record_offset=agg.n_time_records)
+            for batch in scanner.scan(p):
+                agg.add(batch, info)
         infos.append(info)
 
     status, notes = _status(summary, manifest, infos)
