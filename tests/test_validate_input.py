@@ -35,14 +35,16 @@ def job_file(tmp_path: Path, input_: dict, output: dict | None = None, **extra: 
         ({}, {"path": "out", "keep_fields": ["topic", "lang"]}, "output.keep_fields[1]", "'lang' is in none of the first 5 rows"),
         ({"sampling_field": "params"}, None, "input.sampling_field", "'params' is in none"),
         ({"template": "Q: {{ question }}"}, None, "input.template", "does not render on the first row"),
+        ({"template": "{{ prompt }}"}, None, "constraint.json_schema_field", "'schemaa' is in none of the first 5 rows"),
     ],
-    ids=["prompt_field", "id_field", "keep_fields", "sampling_field", "template"],
+    ids=["prompt_field", "id_field", "keep_fields", "sampling_field", "template", "constraint_field"],
 )
 def test_a_field_run_would_miss_is_refused_by_validate_and_run(
     tmp_path: Path, capsys: pytest.CaptureFixture, input_: dict, output: dict | None, key: str, fragment: str
 ) -> None:
     write_jsonl(tmp_path / "in.jsonl", prompts(5))
-    job = job_file(tmp_path, {"path": "in.jsonl", **input_}, output)
+    extra = {"constraint": {"json_schema_field": "schemaa"}} if key.startswith("constraint") else {}
+    job = job_file(tmp_path, {"path": "in.jsonl", **input_}, output, **extra)
     for command in (["validate", str(job)], ["run", str(job), "--quiet"]):
         assert main(command) == 2, command
         err = capsys.readouterr().err

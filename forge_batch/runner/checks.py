@@ -263,6 +263,9 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
             problems.append(Problem(f"output.keep_fields[{i}]", f"{name!r} {lacks}"))
     if spec.sampling_field is not None and spec.sampling_field not in names:
         problems.append(Problem("input.sampling_field", f"{spec.sampling_field!r} {lacks}"))
+    row_constraint = job.constraint.row_field() if job.constraint is not None else None
+    if row_constraint is not None and row_constraint[1] not in names:  # else every row would run unconstrained
+        problems.append(Problem(f"constraint.{row_constraint[0]}_field", f"{row_constraint[1]!r} {lacks}"))
     template = None
     if spec.template is not None:
         try:
