@@ -131,6 +131,17 @@ def process_result(
 
 
 @hookspec
+def result_recorded(record: dict[str, Any], context: RunContext) -> None:
+    """Watch one output record (one sample) as the runner hands it to the output, after ``process_result``.
+
+    Called where the output is written: in the runner's process for the local executor and on the Ray
+    driver (``process_result`` runs on the replicas there), so counters kept in ``context.state`` (the
+    built-in metrics plugin's) see every record of the run. Observation only: changing ``record`` changes
+    nothing written. Exceptions are reported once as a warning and never fail a row or the job.
+    """
+
+
+@hookspec
 def job_start(job: JobSpec, context: RunContext) -> None:
     """Called once before the first row is read (after resume state is loaded and the engine is built).
 

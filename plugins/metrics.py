@@ -259,9 +259,10 @@ def job_start(job: Any, context: Any) -> None:
     context.state[STATE_KEY] = exporter
 
 
-@hookimpl(trylast=True)
-def process_result(record: dict[str, Any], context: Any) -> None:
-    # last in the chain: it sees the record as written, after validation and the job's own plugins
+@hookimpl
+def result_recorded(record: dict[str, Any], context: Any) -> None:
+    # the record as written (after validation and the job's own plugins), where it is written: under Ray
+    # on the driver, whose context holds the exporter
     exporter = context.state.get(STATE_KEY)
     if exporter is not None:
         exporter.observe(record)

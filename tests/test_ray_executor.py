@@ -86,8 +86,19 @@ def test_two_replicas_write_what_the_local_executor_writes(ray_address: str, tin
     # 19 rows in shards of 5 fit in the window (two shards per replica): Ray Data gets them as items here;
     # the other tests stream theirs
     executor = {**RAY, "batch_rows": 5}
-    result = run_job(job_from_dict(job_data(tiny_model_dir, "ray", executor=executor), base_dir=tmp_path))
+    prom = tmp_path / "ray.prom"
+    result = run_job(job_from_dict(job_data(tiny_model_dir, "ray", executor=executor, metrics={"textfile": str(prom)}),
+                                   base_dir=tmp_path))
     assert result.status == "completed", result.message
+    # the figures the replicas' engines and rows give: as the local run's, the caches added up
+    for key in ("ttft_s", "latency_s", "itl_s"):
+        assert result.summary["latency"][key]["count"] == local.summary["latency"][key]["count"] > 0, key
+    kv, local_kv = result.summary["kv_cache"], local.summary["kv_cache"]
+    replicas_that_ran = len(result.summary["executor"]["per_replica"])  # Ray Data may give one replica every shard
+    assert kv["blocks_total"] == replicas_that_ran * local_kv["blocks_total"] and kv["peak_blocks"] > 0
+    assert result.summary["preemptions"] == 0 and result.summary["prefix_cache"]["queries"] > 0
+    ttft_count = next(line for line in prom.read_text().splitlines() if line.startswith("forge_batch_ttft_seconds_count"))
+    assert float(ttft_count.split()[-1]) == local.summary["latency"]["ttft_s"]["count"]
     ray_rows, local_rows = rows_of(tmp_path / "ray"), rows_of(tmp_path / "local")
     assert ray_rows == local_rows
     # greedy and seeded rows both ran; the bad rows carry the local executor's kinds

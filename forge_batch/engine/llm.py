@@ -32,6 +32,7 @@ from .config import EngineArgs, EngineConfig
 from .constraints import ConstraintFactory
 from .cpu_backend import CpuBackend, PreparedWeights
 from .device import matmul_isa
+from .histogram import LogHistogram
 from .llm_engine import LLMEngine
 from .model_runner import kv_bytes_per_token
 from .outputs import RequestOutput
@@ -473,3 +474,9 @@ class LLM:
         """Peak KV use, preemptions, prefix-cache hits and inter-token latency since the engine was built
         (see LLMEngine.engine_metrics)."""
         return self.engine.engine_metrics()
+
+    @property
+    def inter_token_latency(self) -> LogHistogram:
+        """The inter-token latencies since the engine was built, as a mergeable histogram (several engines'
+        figures, e.g. Ray replicas', add up into one)."""
+        return self.engine.inter_token_latency

@@ -31,7 +31,7 @@ from forge_batch.runner.checks import CheckedJob, prepare_loaded_job
 from forge_batch.runner.commit import Committer
 from forge_batch.runner.engine_factory import ENGINE_IDENTITY, default_engine_factory, engine_factory_from_env
 from forge_batch.runner.inputs import InputPlan
-from forge_batch.runner.records import RecordBuilder
+from forge_batch.runner.records import RecordBuilder, ResultObservers
 from forge_batch.runner.requests import RequestBuilder, has_chat_template
 from forge_batch.runner.run_figures import RunFigures
 from forge_batch.runner.signals import Abort, RunFlags, SignalHandlers, StartInterrupted
@@ -86,6 +86,8 @@ class _Run:
     load_s: float = 0.0
     total: int | None = None
     figures: RunFigures | None = None  # built when generation starts
+    observers: ResultObservers | None = None  # the result_recorded hooks, once the run context exists
+    engine_metrics: dict[str, Any] | None = None  # the engine's figures where run.engine cannot say (Ray's replicas)
 
 
 class JobRunner:
@@ -194,6 +196,7 @@ class JobRunner:
         )
         t_gen = time.monotonic()
         run.figures = RunFigures()
+        run.observers = ResultObservers(run.pm, context, self._say)
         end = self._generate(run, requests.requests(_chain(first, batches)), records, committer, self._progress)
         gen_s = time.monotonic() - t_gen
         return self._finish(run, context, committer, end, gen_s)
@@ -263,6 +266,8 @@ class JobRunner:
                 committer.add(group)
                 flags.in_flight -= 1
                 figures.observe(group.records)
+                if run.observers is not None:
+                    run.observers(group)
                 progress.update(1, sum(r.get("completion_tokens") or 0 for r in group.records), getattr(engine, "stats", None))
                 if committer.should_commit():
                     committer.commit()
@@ -310,7 +315,7 @@ class JobRunner:
             input_rows=run.total, failed=failed, counted=counted, resumed_rows=run.resume.tally.rows,
             parts=len(run.out.part_files()),
             timings=Timings(run.started_at, time.monotonic() - run.t_start, run.load_s, gen_s),
-            figures=(run.figures or RunFigures()).summary(run.engine, gen_s),
+            figures=(run.figures or RunFigures()).summary(run.engine, gen_s, measured=run.engine_metrics),
         )
         summary["executor"] = self._executor_summary()
         for impl in iter_impls(run.pm, "job_end"):

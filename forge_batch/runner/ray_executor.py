@@ -51,8 +51,9 @@ from forge_batch.runner.engine_factory import (
 )
 from forge_batch.runner.job_runner import JobRunner, RunResult, _chain, _close_quietly, _Run, run_context
 from forge_batch.runner.ray_session import RayStart, connect_ray, quiet_ray_data
-from forge_batch.runner.records import Group, RecordBuilder
+from forge_batch.runner.records import Group, RecordBuilder, ResultObservers
 from forge_batch.runner.requests import AdmittedRow, RequestBuilder
+from forge_batch.runner.run_figures import RunFigures, merged_engine_metrics, replica_engine_figures
 from forge_batch.runner.shard_feed import Shard, ShardFeed, shards
 from forge_batch.runner.signals import Abort, RunFlags
 from forge_batch.runner.summary import RunEnd
@@ -111,6 +112,8 @@ class EngineReplica:
             "replica": np.array([self.replica] * n, dtype=object),
             "load_s": np.array([self.load_s] * n, dtype=np.float64),
             "engine_info": np.array([_json(self.engine_info)] * n, dtype=object),
+            # the figures after the batch, on each of its results (the driver keeps a replica's latest)
+            "engine_figures": np.array([pickle.dumps(replica_engine_figures(self.engine))] * n, dtype=object),
         }
 
 
@@ -147,6 +150,8 @@ class _Driver:
     engine_info: dict[str, Any] | None = None
     committed_shards: set[int] = field(default_factory=set)
     replicas: dict[str, ReplicaStats] = field(default_factory=dict)
+    # each replica's engine figures as of its latest result (they count from the engine's start: this run's)
+    engine_figures: dict[str, tuple[dict[str, Any], Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,6 +256,7 @@ class RayJobRunner(JobRunner):
         context = run_context(job, run.pm, run.plan.spec, None, run.resume.tally.rows)
         for impl in iter_impls(run.pm, "job_start"):
             call_impl(impl, "job_start", {"job": job, "context": context})
+        run.observers = ResultObservers(run.pm, context, self._say)
         id_column = id_column_name(run.plan.spec.id_field)
         admitter = RequestBuilder(job, run.plan.spec, schema.field(id_column).type, run.resume, context, self.flags)
         self.flags.starting = "reading the input"
@@ -263,8 +269,10 @@ class RayJobRunner(JobRunner):
             log_interval=self.log_interval, desc=job.display_name(),
         )
         t_gen = time.monotonic()
+        run.figures = RunFigures()
         end = self._generate_on_ray(run, schema, id_column, pipeline, driver)
         gen_s = time.monotonic() - t_gen
+        run.engine_metrics = merged_engine_metrics(list(driver.engine_figures.values()))
         run.engine_info = driver.engine_info
         run.load_s = max((s.engine_load_s for s in driver.replicas.values()), default=0.0)
         self._replica_stats = driver.replicas
@@ -425,6 +433,13 @@ class RayJobRunner(JobRunner):
             feed.committed(key)
         finally:
             flags.critical -= 1
+        for group in groups:  # as the local runner does with each finished row
+            if run.figures is not None:
+                run.figures.observe(group.records)
+            if run.observers is not None:
+                run.observers(group)
+        if result.get("engine_figures") is not None:
+            driver.engine_figures[str(result["replica"])] = pickle.loads(result["engine_figures"])
         tokens = sum(r.get("completion_tokens") or 0 for g in groups for r in g.records)
         stats = driver.replicas.setdefault(str(result["replica"]), ReplicaStats())
         stats.shards += 1

@@ -30,6 +30,27 @@ def _engine_kind(kind: Any) -> str:
     return ErrorKind(kind).value if kind in ErrorKind._value2member_map_ else ErrorKind.ENGINE_ERROR.value
 
 
+class ResultObservers:
+    """Calls the ``result_recorded`` hooks for each record handed to the output. A hook that raises is
+    reported once (per plugin) through ``warn`` and never fails a row or the run."""
+
+    def __init__(self, pm: Any, context: RunContext, warn: Any) -> None:
+        self.impls = list(iter_impls(pm, "result_recorded"))
+        self.context = context
+        self.warn = warn
+        self._warned: set[str] = set()
+
+    def __call__(self, group: Group) -> None:
+        for impl in self.impls:
+            for rec in group.records:
+                try:
+                    call_impl(impl, "result_recorded", {"record": rec, "context": self.context})
+                except Exception as e:  # observation never fails a row
+                    if impl.plugin_name not in self._warned:
+                        self._warned.add(impl.plugin_name)
+                        self.warn(f"forge-batch: warning: {e}")
+
+
 class RecordBuilder:
     """Turns each finished request into a :class:`Group` of records with the run's output columns."""
 

@@ -105,10 +105,11 @@ class RunFigures:
         if isinstance(first.get("latency_s"), (int, float)):
             self.latency.add(float(first["latency_s"]))
 
-    def summary(self, engine: Any, generation_s: float) -> dict[str, Any]:
+    def summary(self, engine: Any, generation_s: float, measured: dict[str, Any] | None = None) -> dict[str, Any]:
         """The summary's ``latency``, ``throughput_over_time``, ``kv_cache``, ``preemptions`` and
-        ``prefix_cache``: None where the engine does not measure it."""
-        measured = _engine_metrics(engine)
+        ``prefix_cache``: None where the engine does not measure it. ``measured``: the engine's figures
+        (``engine_metrics()``'s keys) where ``engine`` cannot give them (replicas elsewhere)."""
+        measured = measured if measured is not None else _engine_metrics(engine)
         latency = {"ttft_s": self.ttft.to_dict(), "itl_s": measured.get("itl_s") or {"count": 0},
                    "latency_s": self.latency.to_dict()}
         kv = None
@@ -126,6 +127,42 @@ class RunFigures:
             "preemptions": measured.get("preemptions"),
             "prefix_cache": prefix,
         }
+
+
+def replica_engine_figures(engine: Any) -> tuple[dict[str, Any], Any]:
+    """What a replica sends with its results for :func:`merged_engine_metrics`: its engine's figures and its
+    inter-token latencies as a mergeable ``LogHistogram`` (None for an engine without one)."""
+    return _engine_metrics(engine), getattr(engine, "inter_token_latency", None)
+
+
+def merged_engine_metrics(replicas: list[tuple[dict[str, Any], Any]]) -> dict[str, Any] | None:
+    """Several engines' figures as one engine's (``engine_metrics()``'s keys): KV blocks and their peaks,
+    preemptions and prefix-cache counts summed, the peak ratio of the fullest cache, the inter-token
+    latencies merged. None without replicas."""
+    if not replicas:
+        return None
+    figures = [m for m, _ in replicas]
+    out: dict[str, Any] = {}
+    if all(m.get("kv_blocks_total") and m.get("kv_blocks_peak") is not None for m in figures):
+        out["kv_blocks_total"] = sum(m["kv_blocks_total"] for m in figures)
+        out["kv_blocks_peak"] = sum(m["kv_blocks_peak"] for m in figures)
+        out["kv_peak_ratio"] = max(m.get("kv_peak_ratio") or 0.0 for m in figures)
+    if all(m.get("preemptions") is not None for m in figures):
+        out["preemptions"] = sum(m["preemptions"] for m in figures)
+    if all("prefix_cache_queries" in m for m in figures):
+        hits = sum(m.get("prefix_cache_hits") or 0 for m in figures)
+        queries = sum(m["prefix_cache_queries"] or 0 for m in figures)
+        out.update(prefix_cache_hits=hits, prefix_cache_queries=queries,
+                   prefix_cache_hit_rate=round(hits / queries, 4) if queries else None)
+    histograms = [h for _, h in replicas]
+    if all(isinstance(h, LogHistogram) for h in histograms):
+        itl = LogHistogram()
+        for h in histograms:
+            itl.merge(h)
+        out["itl_s"] = itl.to_dict()
+    elif len(figures) == 1 and figures[0].get("itl_s"):
+        out["itl_s"] = figures[0]["itl_s"]
+    return out
 
 
 def _engine_metrics(engine: Any) -> dict[str, Any]:
