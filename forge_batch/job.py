@@ -114,6 +114,8 @@ class OutputSpec(_Strict):
     def _local(cls, v: str) -> str:
         from forge_batch.io.remote import output_url_problem
 
+        if not v.strip():  # it would resolve to the job's own folder and put parts among its files
+            raise ValueError("output.path is empty: name the folder the output goes to (e.g. out/run1)")
         problem = output_url_problem(v)
         if problem is not None:
             raise ValueError(problem)
@@ -921,6 +923,7 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
     from forge_batch.engine.sampling_params import SamplingParams
 
     problems: list[Problem] = []
+    files: list[str] = []
     try:
         files = input_files(job.input.path)
     except OSError as e:
@@ -961,7 +964,7 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
     elif out.exists() and not out.is_dir():
         problems.append(Problem("output.path", f"{out} exists and is not a directory"))
     else:  # the output folder, and its state folder beside it (in its parent), are created at the start of run
-        problem = _cannot_create(out) or _cannot_create(out.parent)
+        problem = _cannot_create(out) or _cannot_create(out.parent) or _output_among_inputs(out, job.input.path, files)
         if problem is not None:
             problems.append(Problem("output.path", problem))
     if job.metrics is not None and job.metrics.textfile is not None:
@@ -971,6 +974,28 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
         elif not os.access(folder, os.W_OK | os.X_OK):
             problems.append(Problem("metrics.textfile", f"{folder} is not writable"))
     return problems
+
+
+def _output_among_inputs(out: Path, input_path: str, files: list[str]) -> str | None:
+    """Why parts written to ``out`` would mix with the input (the next run would read them as input, or refuse
+    it as a "different input"); None when they would not."""
+    inside = next((f for f in files if _relative(Path(f), out) is not None), None)
+    if inside is not None:
+        return f"{out} holds input files ({inside}): give the output a folder of its own"
+    rel = _relative(out, Path(input_path)) if os.path.isdir(input_path) else None
+    # a folder named .x or _x is skipped when an input folder is listed: the output may live there
+    if rel is not None and not any(part.startswith((".", "_")) for part in rel.parts):
+        return (f"{out} is inside the input folder {input_path}: its parts would be read as input by the next run; "
+                "give the output a folder of its own")
+    return None
+
+
+def _relative(path: Path, folder: Path) -> Path | None:
+    """``path`` relative to ``folder`` when it is inside it (or is it), else None."""
+    try:
+        return path.resolve().relative_to(folder.resolve())
+    except (OSError, ValueError):  # not inside, a URL, an unreadable path
+        return None
 
 
 def _cannot_create(path: Path) -> str | None:

@@ -58,15 +58,23 @@ def test_per_row_constraints_mix_kinds_in_one_job(tmp_path, tiny_model_dir):
         {"id": 1, "prompt": "b", "pattern": r"(yes|no)"},
         {"id": 2, "prompt": "c", "pattern": None},  # no row constraint: the job-wide one applies
         {"id": 3, "prompt": "d", "pattern": "(unclosed"},  # cannot compile: this row fails alone
+        {"id": 4, "prompt": "e", "pattern": ""},  # an empty cell too: the job-wide one
+        {"id": 5, "prompt": "f", "pattern": None, "opts": {"regex": "[a-c]{4}"}},  # the row's sampling overrides
+        {"id": 6, "prompt": "g", "pattern": None, "opts": {"constraint": {"json_schema": SCHEMA}, "max_tokens": 30}},
     ]
     path = write_job(tmp_path, tiny_model_dir, rows, max_error_rate=0.5,
                      constraint={"regex_field": "pattern", "choice": ["alpha", "beta"]})
+    data = yaml.safe_load(path.read_text())
+    data["input"]["sampling_field"] = "opts"
+    path.write_text(yaml.safe_dump(data))
     result = JobRunner(load_job(path), progress="none").run()
     assert result.exit_code == 0, result.message
     out = read(tmp_path)
     assert re.fullmatch(r"[0-9]{3}", out[0]["text"]) and out[1]["text"] in ("yes", "no")
-    assert out[2]["text"] in ("alpha", "beta")
+    assert out[2]["text"] in ("alpha", "beta") and out[4]["text"] in ("alpha", "beta")
     assert out[3]["error_kind"] == "constraint_error" and "unclosed" in out[3]["error"]
+    assert re.fullmatch(r"[a-c]{4}", out[5]["text"]) and out[5]["valid"] is True
+    assert out[6]["valid"] is True and set(json.loads(out[6]["text"])) == {"n"}
 
 
 def test_uncompilable_job_constraint_fails_before_any_generation(tmp_path, tiny_model_dir):

@@ -160,3 +160,20 @@ def test_rows_of_a_folder_mixing_jsonl_and_parquet_are_counted_each_by_its_reade
     facts: dict = {}
     assert validate_job_file(job_file(tmp_path, {"path": "in"}), facts=facts)[1] == []
     assert facts["rows"] == 6
+
+
+@pytest.mark.parametrize(("input_path", "output_path", "says"), [
+    (".", ".", "holds input files"),
+    ("data", "data/out", "is inside the input folder"),
+    ("data/in.jsonl", "data", "holds input files"),
+    ("data", "", "output.path is empty"),
+])
+def test_an_output_among_the_inputs_is_refused(tmp_path: Path, input_path: str, output_path: str, says: str) -> None:
+    """Parts written among the inputs would be read as input by the next run (or make it refuse a "different
+    input"): refused before any work. A folder named _x or .x inside an input folder is skipped when listing."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "in.jsonl", prompts(2))
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    problems = validate_job_file(job_file(tmp_path, {"path": input_path}, {"path": output_path}))[1]
+    assert [p.path for p in problems] == ["output.path"] and says in problems[0].message
+    assert validate_job_file(job_file(tmp_path, {"path": "data"}, {"path": "data/_out"}))[1] == []

@@ -18,7 +18,7 @@ import pyarrow as pa
 from forge_batch.contract import ErrorKind, RawRow, RowError, RunContext, SkipRow
 from forge_batch.engine.prompts import PromptError, prompt_token_ids
 from forge_batch.engine.request import GenerationRequest
-from forge_batch.engine.sampling_params import SamplingParams, constraint_options
+from forge_batch.engine.sampling_params import SamplingParams, constraint_options, constraints_given
 from forge_batch.io.ledger import ResumeState
 from forge_batch.job import InputSpec, JobSpec
 from forge_batch.plugin_manager import PluginHookError, call_impl, iter_impls
@@ -214,6 +214,11 @@ class RequestBuilder:
             own_seed = False
             if spec.sampling_field is not None and data.get(spec.sampling_field) is not None:
                 override = self._override(data[spec.sampling_field], kw)
+                given = constraints_given(override)
+                if len(given) == 1:  # the row's own constraint replaces the job's, as a constraint column's does
+                    kind = given[0]
+                    kw.update(constraint_options(kind, override[kind] if kind in override else override["constraint"][kind]))
+                    override = {k: v for k, v in override.items() if k not in (kind, "constraint")}
                 kw.update(override)
                 n = int(kw.get("n") or 1)
                 own_seed = override.get("seed") is not None
@@ -255,7 +260,7 @@ class RequestBuilder:
             return {}
         kind, column = field
         value = data.get(column)
-        if value is None or (isinstance(value, float) and value != value):  # null / NaN: job-wide or none
+        if value is None or value == "" or (isinstance(value, float) and value != value):  # empty: job-wide or none
             return {}
         if kind in ("json_schema", "choice") and isinstance(value, str):  # JSON text in a string column
             try:
