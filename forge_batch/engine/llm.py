@@ -355,9 +355,11 @@ class LLM:
         ...}``, ``{"prompt_token_ids": [...]}`` or a chat raises ValueError before anything runs; a
         request that fails in the engine (too long, a constraint that does not compile) comes back with
         ``finish_reason == "error"``. ``use_tqdm``: a progress bar over the prompts (stderr)."""
-        if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], dict) and "role" in prompts[0]):
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, Iterable):
             prompts = [prompts]  # type: ignore[list-item]  # one prompt (or not a prompt: check_prompt says so)
         prompts = list(prompts)
+        if prompts and isinstance(prompts[0], dict) and "role" in prompts[0]:
+            prompts = [prompts]  # one chat
         for i, prompt in enumerate(prompts):
             try:
                 check_prompt(prompt, has_tokenizer=self.tokenizer is not None, vocab_size=self.config.vocab_size)
