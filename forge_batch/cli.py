@@ -308,8 +308,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  rows:     {info.get('rows', 0):,} ({info.get('rows_ok', 0):,} ok, {info.get('rows_failed', 0):,} failed{kind_text}, "
         f"{info.get('rows_skipped', 0):,} skipped) in {info.get('parts', 0)} part file(s)"
     )
-    if "samples" in info:
-        print(f"  samples:  {info['samples']:,}; finish reasons {info.get('finish_reasons')}")
+    if "samples" in info:  # a JSONL or openai-batch output is summed from the ledger, which has no finish reasons
+        finish = info.get("finish_reasons")
+        print(f"  samples:  {info['samples']:,}" + (f"; finish reasons {finish}" if finish else ""))
     print(f"  tokens:   {info.get('prompt_tokens', 0):,} prompt, {info.get('completion_tokens', 0):,} completion")
     if info.get("latency_s"):
         print(f"  latency:  p50 {info['latency_s']['p50']} s, p95 {info['latency_s']['p95']} s")

@@ -149,6 +149,9 @@ def test_inspect_non_parquet_output_uses_the_ledger(fake_engine, tmp_path: Path,
     assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rows"] == 4 and info["rows_ok"] == 4 and info["status"] == "completed"
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "4 ok" in text and "None" not in text  # the ledger has no finish reasons: none printed
 
 
 def test_engine_failure_mid_run_commits_and_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
