@@ -80,7 +80,8 @@ class LLGuidanceState:
         return self.matcher.is_stopped()
 
     def error(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
+        # llguidance appends its parser's state and the grammar (dozens of lines): the first line says it
+        return self.matcher.get_error().split("\n<state>")[0] if self.matcher.is_error() else None
 
 
 class LLGuidanceConstraint:
@@ -98,6 +99,13 @@ class LLGuidanceConstraint:
         self._template = ll.LLMatcher(self._lltok, grammar, log_level=0)
         if self._template.is_error():
             raise ConstraintError(f"{kind} could not be compiled: {self._template.get_error()}")
+        import torch  # here, not at load (see above): a constraint is compiled for an engine, which has torch
+
+        first = self._template.deep_copy()  # a language with no text (a regex [a&&b]) fails at the first mask
+        mask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        first.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * mask.element_size())
+        if first.is_error() and not first.is_accepting():
+            raise ConstraintError(f"{kind} admits no text at all: no output can satisfy it")
 
     def new_state(self) -> LLGuidanceState:
         return LLGuidanceState(self._template.deep_copy())

@@ -265,3 +265,13 @@ def test_regex_in_the_grammars_dialect_is_generated_and_judged_valid(llm, patter
         assert output_problem("regex", pattern, bad) is not None
         assert output_problem("json_schema", schema, json.dumps({"v": bad})) is not None
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_a_constraint_no_text_satisfies_is_refused_when_compiled(llm):
+    """A regex (or a schema's pattern) whose language is empty compiles in llguidance but allows no first token:
+    refused at compile with a plain message, not a sample failing with the parser's state dump."""
+    empty_schema = {"type": "object", "properties": {"v": {"type": "string", "pattern": "^[a&&b]$"}}, "required": ["v"]}
+    for kind, spec in (("regex", "[a&&b]"), ("json_schema", empty_schema)):
+        out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=5, **{kind: spec}))[0]
+        assert out.error_kind == "constraint_error" and "<state>" not in out.error, out.error
+        assert ("admits no text at all" if kind == "regex" else "unsatisfiable") in out.error  # (llguidance's own check)
