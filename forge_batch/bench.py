@@ -40,6 +40,9 @@ TASKS = [
     "What would a scientist say about {t}?", "Teach {t} step by step.", "Debate the pros and cons of {t}.",
     "Write a haiku about {t}.", "Tell a short story involving {t}.",
 ]
+# W0: one stream of 256 tokens; W1: the chats; W2: behind a shared system prompt; W3: under a JSON schema
+WORKLOADS = ("W0", "W1", "W2", "W3")
+
 SYSTEM_PROMPT = (
     "You are a meticulous research assistant working for a team that produces educational material. "
     "Follow these rules in every answer. First, be accurate: if you are not sure of a fact, say so "
@@ -326,21 +329,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.against == "vllm" and not args.vllm_python:
         ap.error("--against vllm needs --vllm-python PATH (or FORGE_BATCH_VLLM_PYTHON): vLLM runs from its own "
                  "environment, see docs/benchmarks.md")
-
-    from forge_batch import LLM, SamplingParams
-
+    for name in ("num_prompts", "max_tokens"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        ap.error(f"--workloads takes a comma-separated subset of {','.join(WORKLOADS)}, got {args.workloads!r}")
+    try:
+        if any(int(x) < 1 for x in args.hf_batch_sizes.split(",")):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--hf-batch-sizes takes comma-separated batch sizes (ints >= 1), got {args.hf_batch_sizes!r}")
     engine_kwargs: dict[str, Any] = {}
     for kv in args.engine_arg:
-        k, _, v = kv.partition("=")
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            ap.error(f"--engine-arg takes KEY=VALUE, got {kv!r}")
         try:
             engine_kwargs[k] = json.loads(v)
         except json.JSONDecodeError:
             engine_kwargs[k] = v
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+
+    from forge_batch import LLM, SamplingParams
 
     kernels_s = prepare_cpu_kernels(args.device)
     t0 = time.monotonic()
-    llm: Any = LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
+    try:
+        llm: Any = LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
+    except (TypeError, ValueError) as e:  # an --engine-arg the engine does not take, or a bad value
+        ap.error(f"the engine refused its options: {e}")
     first = llm.generate(["Hello"], SamplingParams(max_tokens=1, temperature=0.0))[0]
     load_to_first = time.monotonic() - t0
     assert first.error is None, first.error

@@ -1025,15 +1025,19 @@ def _check_model(model: str) -> list[Problem]:
 
 def _check_engine(engine: EngineSpec) -> list[Problem]:
     """What the engine refuses on this machine: a CUDA device torch cannot see, int8 with a device or dtype
-    other than CPU float32. torch is imported only when one of those options is set."""
-    if not (engine.device.startswith("cuda") or engine.quantization == "int8"):
+    other than CPU float32, the Triton backend without a GPU. torch is imported only when one of those options
+    is set."""
+    if not (engine.device.startswith("cuda") or engine.quantization == "int8" or engine.kernel_backend == "triton"):
         return []
-    from forge_batch.engine.device import int8_problem, resolve_device, resolve_dtype
+    from forge_batch.engine.device import int8_problem, resolve_device, resolve_dtype, triton_problem
 
     try:
         device = resolve_device(engine.device)
     except ValueError as e:
         return [Problem("engine.device", str(e))]
+    problem = triton_problem(engine.kernel_backend or "auto", device)
+    if problem is not None:
+        return [Problem("engine.kernel_backend", problem)]
     if engine.quantization == "int8":
         problem = int8_problem(engine.device, engine.dtype, device, resolve_dtype(engine.dtype, device), job_options=True)
         if problem is not None:

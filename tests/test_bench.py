@@ -8,6 +8,8 @@ import json
 import re
 import time
 
+import pytest
+
 from forge_batch import bench
 from forge_batch.kernels.cpu import build
 
@@ -119,3 +121,18 @@ def test_prefix_cache_hit_rate_is_the_workloads_own():
     assert bench._delta_rate(before, {"prefix_cache_hits": 90, "prefix_cache_queries": 150}) == 0.0
     assert bench._delta_rate(before, {"prefix_cache_hits": 100, "prefix_cache_queries": 120}) == 0.5
     assert bench._delta_rate(before, before) == 0.0
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--workloads", "W9"], "--workloads takes a comma-separated subset of W0,W1,W2,W3"),
+    (["--engine-arg", "max_num_seqs"], "--engine-arg takes KEY=VALUE"),
+    (["--hf-batch-sizes", "x"], "--hf-batch-sizes takes"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--engine-arg", "bogus=1"], "the engine refused its options"),
+    (["--engine-arg", "block_size=0"], "block_size must be an int >= 1"),
+])
+def test_bench_arguments_it_cannot_use_are_a_usage_error(tiny_model_dir, capsys, args, says):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--model", str(tiny_model_dir), "--device", "cpu", *args])
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+

@@ -96,6 +96,15 @@ def test_engine_option_refused_before_the_model_loads(
     assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
 
 
+def test_the_triton_backend_without_a_gpu_is_refused_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert_refused(job_file(tmp_path, tiny_model_dir, engine={"kernel_backend": "triton", "device": "cpu"}), capsys,
+                   "engine.kernel_backend", "needs a CUDA device", "'auto'")
+
+
 def test_a_valid_constraint_passes(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     job = job_file(tmp_path, tiny_model_dir, constraint={"regex": r"[0-9]{3}"})
     assert validate(job, capsys)[0] == 0

@@ -240,3 +240,25 @@ def test_clone_is_a_deep_copy_that_shares_logits_processors():
     twin.logit_bias[4] = 2.0
     assert params.stop == ["x"] and params.logit_bias == {3: 1.0}
     assert twin.logits_processors[0] is proc
+
+
+@pytest.mark.parametrize("option,value", [("block_size", 0), ("max_num_seqs", 0), ("max_num_seqs", -1),
+                                          ("max_model_len", 0), ("max_model_len", -5), ("num_blocks", 0),
+                                          ("max_num_batched_tokens", 1.5)])
+def test_an_engine_size_below_one_is_refused_by_name(tiny_model_dir, option, value):
+    with pytest.raises(ValueError, match=f"{option} must be an int >= 1"):
+        LLM(str(tiny_model_dir), device="cpu", dtype="float32", **{option: value})
+
+
+def test_the_triton_backend_without_a_gpu_is_refused_when_built(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="kernel_backend 'triton' needs a CUDA device"):
+        LLM(str(tiny_model_dir), device="cpu", dtype="float32", kernel_backend="triton")
+
+
+def test_engine_info_records_the_cache_and_batch_sizes(llm):
+    info, config = llm.engine_info, llm.engine_config
+    assert (info["num_blocks"], info["block_size"], info["max_num_seqs"]) == (config.num_blocks, config.block_size,
+                                                                           config.max_num_seqs)
+    assert info["kv_cache"] == "paged" and info["enable_prefix_caching"] is True and info["max_num_batched_tokens"] > 0
+

@@ -75,6 +75,10 @@ class EngineArgs:
     batch_invariant: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"kv_cache must be 'paged' or 'naive', got {self.kv_cache!r}")
         if self.quantization not in (None, "none", "int8"):

@@ -102,6 +102,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return getattr(torch, DTYPE_NAMES[dtype])
 
 
+def triton_problem(kernel_name: str, device: torch.device) -> str | None:
+    """Why ``kernel_backend='triton'`` cannot run on ``device`` (None when it can): Triton compiles for a GPU;
+    on the CPU only its interpreter (TRITON_INTERPRET=1, which the tests use) runs its kernels."""
+    if kernel_name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("kernel_backend 'triton' needs a CUDA device (on the CPU only Triton's interpreter runs it: "
+                "TRITON_INTERPRET=1, for tests); use 'auto' (the CPU's compiled kernels) or 'reference'")
+    return None
+
+
 def int8_problem(device_option: str, dtype_option: str | torch.dtype, device: torch.device, dtype: torch.dtype,
                  *, job_options: bool = False) -> str | None:
     """Why ``quantization='int8'`` cannot run on the resolved ``device`` / ``dtype`` (None when it can).

@@ -31,7 +31,7 @@ from forge_batch.models.tokenizer import Tokenizer
 from .config import EngineArgs, EngineConfig
 from .constraints import ConstraintFactory
 from .cpu_backend import CpuBackend, PreparedWeights
-from .device import matmul_isa
+from .device import matmul_isa, triton_problem
 from .histogram import LogHistogram
 from .llm_engine import LLMEngine
 from .model_runner import kv_bytes_per_token
@@ -279,6 +279,9 @@ class LLM:
         if gpu_memory_utilization is not None and device_.type != "cuda":
             raise ValueError("gpu_memory_utilization is a GPU's memory share; on the CPU size the KV cache with "
                              "num_blocks= (or max_model_len= and max_num_seqs=)")
+        problem = triton_problem(args.kernel_name, device_)
+        if problem is not None:
+            raise ValueError(problem)
         kernels = KernelBackend(args.kernel_name, batch_invariant=args.batch_invariant)
         triton, cpu = _weight_backends(kernels, args, device_, dtype_)
         raw: dict[str, RawWeight] | None = {} if cpu is not None and cpu.keeps_stored_weights else None
@@ -319,7 +322,7 @@ class LLM:
         and whether a row's numbers are batch-invariant (no longer, once an ``auto`` backend's Triton
         kernels failed and the torch reference took over).
         Recorded with a job's output, and compared when a job resumes, because any of them can change a
-        row's tokens."""
+        row's tokens; with them, the cache's and the batch's sizes (recorded only)."""
         if self._model_digest is None and self.model_source is not None:
             from forge_batch.models.registry import model_digest
 
@@ -334,6 +337,11 @@ class LLM:
             "kernel_path": config.kernel_path,
             "matmul": self._matmul,
             "batch_invariant": config.batch_invariant and self.model.kernels.triton_disabled_reason() is None,
+            # how the cache and the batch were sized: recorded with the output, not compared on resume (a row's
+            # tokens do not depend on them)
+            "kv_cache": config.kv_cache, "block_size": config.block_size, "num_blocks": config.num_blocks,
+            "enable_prefix_caching": config.enable_prefix_caching, "max_num_seqs": config.max_num_seqs,
+            "max_num_batched_tokens": config.max_num_batched_tokens,
         }
 
     def get_tokenizer(self) -> Tokenizer:
