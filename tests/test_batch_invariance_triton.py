@@ -275,10 +275,10 @@ def test_engine_logits_do_not_depend_on_the_batch_on_triton(interpreter, tmp_pat
 
 def test_triton_path_without_batch_invariance_keeps_plain_matmuls(tiny_model_dir, monkeypatch):
     """batch_invariant=False on the Triton path: F.linear (cuBLAS on a GPU) stays, and the engine says so."""
-    from forge_batch.engine import llm as llm_module
+    from forge_batch.engine import config as config_module
     from forge_batch.kernels import Linear
 
-    monkeypatch.setattr(llm_module, "triton_problem", lambda *a: None)  # built only, never run: no GPU needed
+    monkeypatch.setattr(config_module, "triton_problem", lambda *a: None)  # built only, never run: no GPU needed
     llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", kernel_backend="triton", batch_invariant=False)
     assert type(llm.model.lm_head) is Linear and type(llm.model.layers[0].qkv_proj) is Linear
     assert llm.engine_info["batch_invariant"] is False and llm.engine_info["kernel_path"] == "triton"

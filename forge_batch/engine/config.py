@@ -13,7 +13,7 @@ import torch
 from forge_batch.kernels import BACKENDS
 from forge_batch.models.config import ModelConfig
 
-from .device import int8_problem, resolve_device, resolve_dtype
+from .device import int8_problem, resolve_device, resolve_dtype, triton_problem
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,15 @@ class EngineArgs:
         return self.kernel_backend or os.environ.get("FORGE_BATCH_KERNELS", "auto")
 
     def placement(self) -> tuple[torch.device, torch.dtype]:
-        """Device and dtype: what the model is built for, known before it loads."""
+        """Device and dtype: what the model is built for, known before it loads (ValueError for options that
+        cannot run there: int8 off CPU float32, the Triton backend without a GPU)."""
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, device)
-        if self.quantization == "int8":
+        problem = triton_problem(self.kernel_name, device)
+        if problem is None and self.quantization == "int8":
             problem = int8_problem(self.device, self.dtype, device, dtype)
-            if problem is not None:
-                raise ValueError(problem)
+        if problem is not None:
+            raise ValueError(problem)
         return device, dtype
 
 
