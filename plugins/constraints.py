@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from forge_batch.engine.constraints import ConstraintError
+from forge_batch.engine.constraints import ConstraintError, bitmask_words
 from forge_batch.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # no torch import at load: `forge-batch validate` / `plugins` load every built-in
@@ -101,10 +101,9 @@ class LLGuidanceConstraint:
             raise ConstraintError(f"{kind} could not be compiled: {self._template.get_error()}")
         import torch  # here, not at load (see above): a constraint is compiled for an engine, which has torch
 
-        first = self._template.deep_copy()  # a language with no text (a regex [a&&b]) fails at the first mask
-        mask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
-        first.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * mask.element_size())
-        if first.is_error() and not first.is_accepting():
+        first = LLGuidanceState(self._template.deep_copy())  # a language with no text ([a&&b]) fails at the first mask
+        first.fill_bitmask(torch.zeros(1, bitmask_words(vocab_size), dtype=torch.int32), 0)
+        if first.error() and not first.is_accepting():
             raise ConstraintError(f"{kind} admits no text at all: no output can satisfy it")
 
     def new_state(self) -> LLGuidanceState:
