@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from forge_batch.engine.sampling_params import (
     BUILTIN_CONSTRAINT_KINDS,
+    constraint_of,
     constraint_options,
     constraints_given,
     one_constraint_problem,
@@ -458,12 +459,7 @@ class JobSpec(_Strict):
 
     def job_constraint(self) -> tuple[str, Any] | None:
         """The constraint every row gets, from ``constraint:`` or ``sampling.*``; None if none."""
-        d = self.sampling_dict()
-        given = constraints_given(d)
-        if not given:
-            return None
-        kind = given[0]
-        return (kind, d[kind]) if kind in BUILTIN_CONSTRAINT_KINDS else (kind, d["constraint"][kind])
+        return constraint_of(self.sampling_dict())
 
     @model_validator(mode="after")
     def _logprobs_within_engine_limit(self) -> JobSpec:

@@ -22,6 +22,16 @@ def constraints_given(options: Mapping[str, Any]) -> list[str]:
     return given
 
 
+def constraint_of(options: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(kind, spec) of the first constraint set in sampling options (see :func:`constraints_given`): a
+    built-in kind's own key, else its entry in ``constraint``; None when none is set."""
+    given = constraints_given(options)
+    if not given:
+        return None
+    kind = given[0]
+    return (kind, options[kind]) if options.get(kind) is not None else (kind, options["constraint"][kind])
+
+
 def one_constraint_problem(given: Sequence[str]) -> str | None:
     """The rule for structured output, wherever constraints are given (a request, a job's sampling, its
     ``constraint`` block, a row's column): at most one, because two grammars cannot both steer one sample.
@@ -176,12 +186,7 @@ class SamplingParams:
     @property
     def constraint_spec(self) -> tuple[str, Any] | None:
         """(kind, spec) of the structured-output constraint, or None."""
-        for kind in BUILTIN_CONSTRAINT_KINDS:
-            if getattr(self, kind) is not None:
-                return (kind, getattr(self, kind))
-        if self.constraint:
-            return next(iter(self.constraint.items()))
-        return None
+        return constraint_of(vars(self))
 
 
 def _text_to_int(value: Any) -> Any:

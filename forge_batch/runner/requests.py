@@ -18,7 +18,12 @@ import pyarrow as pa
 from forge_batch.contract import ErrorKind, RawRow, RowError, RunContext, SkipRow
 from forge_batch.engine.prompts import PromptError, prompt_token_ids
 from forge_batch.engine.request import GenerationRequest
-from forge_batch.engine.sampling_params import SamplingParams, constraint_options, constraints_given
+from forge_batch.engine.sampling_params import (
+    SamplingParams,
+    constraint_of,
+    constraint_options,
+    constraints_given,
+)
 from forge_batch.io.ledger import ResumeState
 from forge_batch.job import InputSpec, JobSpec
 from forge_batch.plugin_manager import PluginHookError, call_impl, iter_impls
@@ -214,11 +219,10 @@ class RequestBuilder:
             own_seed = False
             if spec.sampling_field is not None and data.get(spec.sampling_field) is not None:
                 override = self._override(data[spec.sampling_field], kw)
-                given = constraints_given(override)
-                if len(given) == 1:  # the row's own constraint replaces the job's, as a constraint column's does
-                    kind = given[0]
-                    kw.update(constraint_options(kind, override[kind] if kind in override else override["constraint"][kind]))
-                    override = {k: v for k, v in override.items() if k not in (kind, "constraint")}
+                own = constraint_of(override) if len(constraints_given(override)) == 1 else None
+                if own is not None:  # the row's own constraint replaces the job's, as a constraint column's does
+                    kw.update(constraint_options(*own))
+                    override = {k: v for k, v in override.items() if k not in (own[0], "constraint")}
                 kw.update(override)
                 n = int(kw.get("n") or 1)
                 own_seed = override.get("seed") is not None
