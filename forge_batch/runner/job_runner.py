@@ -31,7 +31,7 @@ from forge_batch.runner.checks import CheckedJob, prepare_loaded_job
 from forge_batch.runner.commit import Committer
 from forge_batch.runner.engine_factory import ENGINE_IDENTITY, default_engine_factory, engine_factory_from_env
 from forge_batch.runner.inputs import InputPlan
-from forge_batch.runner.records import RecordBuilder, ResultObservers
+from forge_batch.runner.records import Group, RecordBuilder, ResultObservers
 from forge_batch.runner.requests import RequestBuilder, has_chat_template
 from forge_batch.runner.run_figures import RunFigures
 from forge_batch.runner.signals import Abort, RunFlags, SignalHandlers, StartInterrupted
@@ -88,6 +88,13 @@ class _Run:
     figures: RunFigures | None = None  # built when generation starts
     observers: ResultObservers | None = None  # the result_recorded hooks, once the run context exists
     engine_metrics: dict[str, Any] | None = None  # the engine's figures where run.engine cannot say (Ray's replicas)
+
+    def observe(self, group: Group) -> None:
+        """A finished row handed to the output: the run's figures and the result_recorded hooks see it."""
+        if self.figures is not None:
+            self.figures.observe(group.records)
+        if self.observers is not None:
+            self.observers(group)
 
 
 class JobRunner:
@@ -257,7 +264,6 @@ class JobRunner:
         end = RunEnd(committed_rows=0)
         max_in_flight = job.engine.max_in_flight or (2 * job.engine.max_num_seqs if job.engine.max_num_seqs else None)
         stream = None
-        figures = run.figures or RunFigures()
         flags.starting = None  # from here a first signal lets in-flight rows finish
         try:
             stream = engine.generate_stream(requests, max_in_flight=max_in_flight)
@@ -265,9 +271,7 @@ class JobRunner:
                 group = records.group_for(out)
                 committer.add(group)
                 flags.in_flight -= 1
-                figures.observe(group.records)
-                if run.observers is not None:
-                    run.observers(group)
+                run.observe(group)
                 progress.update(1, sum(r.get("completion_tokens") or 0 for r in group.records), getattr(engine, "stats", None))
                 if committer.should_commit():
                     committer.commit()

@@ -434,10 +434,7 @@ class RayJobRunner(JobRunner):
         finally:
             flags.critical -= 1
         for group in groups:  # as the local runner does with each finished row
-            if run.figures is not None:
-                run.figures.observe(group.records)
-            if run.observers is not None:
-                run.observers(group)
+            run.observe(group)
         if result.get("engine_figures") is not None:
             driver.engine_figures[str(result["replica"])] = pickle.loads(result["engine_figures"])
         tokens = sum(r.get("completion_tokens") or 0 for g in groups for r in g.records)
