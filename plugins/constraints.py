@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from forge_batch.engine.constraints import ConstraintError, bitmask_words
+from forge_batch.engine.constraints import ConstraintError
 from forge_batch.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # no torch import at load: `forge-batch validate` / `plugins` load every built-in
@@ -99,11 +99,7 @@ class LLGuidanceConstraint:
         self._template = ll.LLMatcher(self._lltok, grammar, log_level=0)
         if self._template.is_error():
             raise ConstraintError(f"{kind} could not be compiled: {self._template.get_error()}")
-        import torch  # here, not at load (see above): a constraint is compiled for an engine, which has torch
-
-        first = LLGuidanceState(self._template.deep_copy())  # a language with no text ([a&&b]) fails at the first mask
-        first.fill_bitmask(torch.zeros(1, bitmask_words(vocab_size), dtype=torch.int32), 0)
-        if first.error() and not first.is_accepting():
+        if _admits_no_text(self._template.deep_copy()):
             raise ConstraintError(f"{kind} admits no text at all: no output can satisfy it")
 
     def new_state(self) -> LLGuidanceState:
@@ -164,11 +160,30 @@ def exact_formats(node: Any) -> Any:
 
 
 def _grammar_problem(kind: str, grammar: str) -> None:
-    """Raise ConstraintError when llguidance cannot compile ``grammar``. No tokenizer is needed, so the job
-    checks (validate, and run before the model loads) ask exactly what compiling it for the model would."""
-    problem = _ll().LLMatcher.validate_grammar(grammar)
+    """Raise ConstraintError when llguidance cannot compile ``grammar``, or when it admits no text at all.
+    No model tokenizer is needed, so the job checks (validate, and run before the model loads) ask exactly
+    what compiling it for the model would."""
+    ll = _ll()
+    problem = ll.LLMatcher.validate_grammar(grammar)
     if problem and not problem.startswith("WARNING"):
         raise ConstraintError(f"{kind} could not be compiled: {_tidy(problem)}")
+    if _admits_no_text(ll.LLMatcher(_byte_tokenizer(), grammar, log_level=0)):
+        raise ConstraintError(f"{kind} admits no text at all: no output can satisfy it")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_tokenizer() -> Any:
+    """The 256 bytes and an EOS. Whether a grammar admits any text does not hang on a model's vocabulary
+    (any text is some bytes), so the job checks ask this one."""
+    encoder = {bytes([b]): b for b in range(256)}
+    return _ll().LLTokenizer.from_tiktoken(encoder=encoder, special_tokens={"<eos>": 256}, pattern=r"[\s\S]",
+                                           eos_token=256)
+
+
+def _admits_no_text(matcher: Any) -> bool:
+    """True for a language with no text in it (``[a&&b]``): llguidance finds out at the first mask."""
+    matcher.compute_bitmask()
+    return matcher.is_error() and not matcher.is_accepting()
 
 
 def _tidy(problem: str) -> str:
@@ -203,6 +218,8 @@ def _parse_schema(spec: Any) -> tuple[Any, Any]:
 
 
 def _schema_grammar(schema: Any) -> str:
+    if isinstance(schema, bool):  # JSON Schema's true / false; llguidance options need an object around them
+        schema = {"anyOf": [schema]}
     return _ll().LLMatcher.grammar_from_json_schema(exact_formats(schema), defaults={"whitespace_flexible": False})
 
 

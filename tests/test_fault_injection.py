@@ -158,6 +158,7 @@ def run_fault_injection(root: Path, model: Path, kills: int = KILLS, rows: int =
             done = PROGRESS_LINE.findall(text())
             return int(done[-1]) if done else -1
 
+        enough: Any = lambda: False  # noqa: E731
         if planned == "loading" and committed_before:
             # printed right before the engine is built: kill somewhere inside the model load
             reached = _wait(proc, lambda: "resuming" in text())
@@ -166,8 +167,12 @@ def run_fault_injection(root: Path, model: Path, kills: int = KILLS, rows: int =
             target = committed_before + rng.randint(1, int(2 * mean_rows))
             reached = _wait(proc, lambda target=target: finished_rows() >= target)
             delay = rng.uniform(0, MAX_NUM_SEQS / rows_per_s)
+            # at most one more batch of rows, however fast this run goes next to the reference's pace
+            enough = lambda target=target: finished_rows() >= target + MAX_NUM_SEQS  # noqa: E731
         if reached:
-            time.sleep(delay)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and not enough():
+                time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)

@@ -84,6 +84,23 @@ def test_uncompilable_job_constraint_fails_before_any_generation(tmp_path, tiny_
     assert not (tmp_path / "out").exists()  # refused before the output directory (and the model)
 
 
+@pytest.mark.parametrize("constraint", [{"regex": "[a&&b]"}, {"regex": "x[^\\s\\S]"}, {"json_schema": "false"}])
+def test_a_job_constraint_no_text_satisfies_is_a_validation_problem(tmp_path, tiny_model_dir, constraint):
+    path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}], constraint=constraint)
+    kind = next(iter(constraint))
+    _, problems = validate_job_file(path)
+    assert [p.path for p in problems] == [f"constraint.{kind}"], problems
+    assert "admits no text at all" in problems[0].message or "schema is false" in problems[0].message
+    with pytest.raises(JobError, match=f"constraint.{kind}"):
+        JobRunner(load_job(path), progress="none").run()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_true_json_schema_is_any_json(tmp_path, tiny_model_dir):
+    path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}], constraint={"json_schema": "true"})
+    assert validate_job_file(path)[1] == []
+
+
 def test_constraint_key_errors(tmp_path, tiny_model_dir):
     path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}],
                      constraint={"json_schema": SCHEMA, "regex": "a+"})

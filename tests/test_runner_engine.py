@@ -290,4 +290,5 @@ def test_structured_output_cut_short_is_invalid_output_on_the_real_engine(tiny_m
     assert len(rows) == 4
     assert {(r["error_kind"], r["finish_reason"], r["valid"]) for r in rows} == {("invalid_output", "length", False)}
     assert all("max_tokens" in r["error"] for r in rows)
+    assert all(isinstance(r["text"], str) and r["text"].startswith("{") for r in rows)  # what it wrote is kept
     assert result.summary["failed_by_kind"] == {"invalid_output": 4}

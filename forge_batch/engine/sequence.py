@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .detokenizer import IncrementalText
 from .outputs import PositionLogprobs
 from .sampling_params import SamplingParams
 
@@ -41,6 +42,7 @@ class Sequence:
     error: str | None = None
     error_kind: str | None = None  # an EngineErrorKind value, set with ``error``
     text: str = ""
+    detok: IncrementalText | None = None  # the output's text so far, kept where stop strings are searched
     num_preemptions: int = 0
     first_token_time: float | None = None
     last_token_time: float | None = None  # when its latest token was sampled (inter-token latency)

@@ -6,12 +6,9 @@ sample; ``decode`` turns token ids into text (the engine's tokenizer)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from .detokenizer import Decode, IncrementalText
 from .outputs import EngineErrorKind
 from .sequence import Sequence
-
-Decode = Callable[[list[int], bool], str]
 
 
 def constraint_stop(seq: Sequence, tok: int, eos_token_ids: frozenset[int]) -> bool:
@@ -40,17 +37,31 @@ def check_stop(seq: Sequence, tok: int, eos_token_ids: frozenset[int], max_model
     if n_out > p.min_tokens and ((not p.ignore_eos and tok in eos_token_ids) or tok in p.stop_token_ids):
         seq.finish_reason, seq.stop_reason = "stop", tok
         return True
-    if p.stop and n_out >= p.min_tokens:
-        text = decode(seq.output_token_ids, p.skip_special_tokens)
-        cut = min(((text.find(s), s) for s in p.stop if s and s in text), default=None)
-        if cut is not None:
-            seq.text = text[: cut[0] + (len(cut[1]) if p.include_stop_str_in_output else 0)]
-            seq.finish_reason, seq.stop_reason = "stop", cut[1]
-            return True
+    hit = _stop_string(seq, decode) if p.stop else None
+    if hit is not None:
+        seq.text = seq.detok.text[: hit[0] + (len(hit[1]) if p.include_stop_str_in_output else 0)]  # type: ignore[union-attr]
+        seq.finish_reason, seq.stop_reason = "stop", hit[1]
+        return True
     if n_out >= p.max_tokens or seq.num_tokens >= max_model_len:
         seq.finish_reason = "length"
         return True
     return False
+
+
+def _stop_string(seq: Sequence, decode: Decode) -> tuple[int, str] | None:
+    """The first stop string that ends in the text the latest token added (where it starts, which), once
+    min_tokens tokens are out; a stop string inside the first min_tokens tokens' text does not count."""
+    p = seq.params
+    if seq.detok is None:
+        seq.detok = IncrementalText()
+    searched = len(seq.detok.text)
+    seq.detok.extend(seq.output_token_ids, decode, p.skip_special_tokens)
+    if len(seq.output_token_ids) < p.min_tokens:
+        return None
+    text = seq.detok.text
+    # from len(s) - 1 characters back: a stop string may begin in text an earlier token added
+    hits = [(at, s) for s in p.stop if s and (at := text.find(s, max(0, searched - len(s) + 1))) >= 0]
+    return min(hits, default=None)
 
 
 def settle_text(seq: Sequence, decode: Decode) -> None:

@@ -115,10 +115,13 @@ class RecordBuilder:
             err = s.error if s.finish_reason == "error" or s.error else None
             if s.finish_reason == "error" and not err:
                 err = "generation failed"
+            kind = _engine_kind(getattr(s, "error_kind", None)) if err else None
+            # an output that does not conform keeps its text: what the model wrote is what a user inspects
+            text = s.text if err is None or kind == ErrorKind.INVALID_OUTPUT else None
             records.append(
-                {**base, "sample_index": s.index, "text": None if err else s.text, "finish_reason": s.finish_reason,
+                {**base, "sample_index": s.index, "text": text, "finish_reason": s.finish_reason,
                  "valid": getattr(s, "valid", None), "completion_tokens": len(s.token_ids or []), "error": err,
-                 "error_kind": _engine_kind(getattr(s, "error_kind", None)) if err else None}
+                 "error_kind": kind}
             )
         return records
 
