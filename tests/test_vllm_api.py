@@ -102,6 +102,7 @@ def test_dict_prompts_are_vllms_text_and_tokens_prompts(llm):
     (123, "int"),
     ({"prompt": 5}, "string"),
     ([{"content": "hi"}], "role"),
+    ([{"role": "narrator", "content": "hi"}], "allowed roles: system, user, assistant, tool"),
     ({"prompt_token_ids": ["a"]}, "ints"),
     ({"prompt_token_ids": [1, 10_000]}, "outside the model's vocabulary"),
     ({"prompt_token_ids": [-1, 2]}, "outside the model's vocabulary"),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+from forge_batch.models.chat_template import CHAT_ROLES
+
 from .outputs import EngineErrorKind
 
 # A prompt: text (or vLLM's TextPrompt, {"prompt": "..."}), a chat conversation (a list of {"role",
@@ -38,15 +40,24 @@ def check_prompt(prompt: Any, *, has_tokenizer: bool, vocab_size: int | None = N
                               EngineErrorKind.BAD_PROMPT)
         return
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        for m in prompt:
-            if "role" not in m or "content" not in m:
-                raise PromptError(f"chat message needs 'role' and 'content', got keys {sorted(m)}",
-                                  EngineErrorKind.BAD_MESSAGES)
+        check_messages(prompt)
         if not has_tokenizer:
             raise PromptError("this engine has no tokenizer (random weights): give prompt_token_ids",
                               EngineErrorKind.BAD_PROMPT)
         return
     raise _bad_prompt(prompt)
+
+
+def check_messages(messages: list[dict[str, Any]]) -> None:
+    """Raise :class:`PromptError` (bad_messages) for a message without role and content, or with a role the
+    chat templates do not share (a job's rows are held to the same roles)."""
+    for i, m in enumerate(messages):
+        if "role" not in m or "content" not in m:
+            raise PromptError(f"chat message needs 'role' and 'content', got keys {sorted(m)}",
+                              EngineErrorKind.BAD_MESSAGES)
+        if m["role"] not in CHAT_ROLES:
+            raise PromptError(f"chat message {i} has role {m['role']!r}; allowed roles: {', '.join(CHAT_ROLES)}",
+                              EngineErrorKind.BAD_MESSAGES)
 
 
 def given_token_ids(ids: Any) -> list[int]:
@@ -94,11 +105,7 @@ def prompt_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt, add_special_tokens=True)), prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-        for m in prompt:
-            if "role" not in m or "content" not in m:
-                raise PromptError(
-                    f"chat message needs 'role' and 'content', got keys {sorted(m)}", EngineErrorKind.BAD_MESSAGES
-                )
+        check_messages(prompt)
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         return list(tokenizer.encode(text, add_special_tokens=False)), text
     raise _bad_prompt(prompt)
