@@ -126,6 +126,18 @@ def test_all_null_error_column_is_still_string() -> None:
     assert table.column("error").null_count == 1
 
 
+def test_a_kept_column_of_no_known_type_holds_json_text() -> None:
+    schema = output_schema("id", pa.int64(), [("note", None), ("score", pa.null()), ("tag", pa.string())],
+                           include_prompt=False)
+    recs = [{"id": i, "row_index": i, "sample_index": 0, "note": v, "score": v, "tag": v, "text": "ok"}
+            for i, v in enumerate([None, "s", 3, [1, 2]])]
+    table = records_to_table(recs, schema)
+    assert table.column("note").to_pylist() == table.column("score").to_pylist() == [None, "s", "3", "[1, 2]"]
+    # a column typed from the input keeps its type: a value of another type is a type_mismatch
+    assert table.column("tag").to_pylist() == [None, "s", None, None]
+    assert table.column("error_kind").to_pylist() == [None, None, "type_mismatch", "type_mismatch"]
+
+
 def test_records_that_do_not_fit_get_an_error_not_a_crash() -> None:
     schema = output_schema("id", pa.int64(), [("score", pa.int64())], include_prompt=False)
     recs = [

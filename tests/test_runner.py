@@ -50,6 +50,21 @@ def test_jsonl_job_writes_typed_parquet_with_metadata(tmp_path: Path) -> None:
     assert {"wall_time_s", "throughput", "prompt_tokens", "failed_by_kind"} <= set(summary)
 
 
+def test_a_kept_field_the_first_rows_do_not_type_is_written_as_text(tmp_path: Path) -> None:
+    rows = prompts(10)
+    values = [None, None, None, None, 7, "x", {"a": [1, "é"]}, 2.5, True, None]
+    for r, v in zip(rows, values):
+        r["topic"] = v
+    job = basic_job(tmp_path, rows, input={"path": "in.jsonl", "batch_size": 4}, output={"path": "out", "rows_per_file": 3,
+                                                                                           "keep_fields": ["topic"]})
+    result = run(job)
+    assert result.exit_code == 0, result.message
+    got = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert [got[f"r{i:04d}"]["topic"] for i in range(10)] == [None] * 4 + ["7", "x", '{"a": [1, "é"]}', "2.5", "true", None]
+    assert all(r["error"] is None for r in got.values())  # no type_mismatch: the column was never typed
+    assert {pq.read_schema(p).field("topic").type for p in (tmp_path / "out").glob("part-*.parquet")} == {pa.string()}
+
+
 def test_parts_share_one_schema_and_respect_rows_per_file(tmp_path: Path) -> None:
     job = basic_job(tmp_path, prompts(23), output={"path": "out", "rows_per_file": 5, "keep_fields": ["topic"]})
     run(job)

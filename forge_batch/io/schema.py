@@ -62,6 +62,18 @@ def normalize_id_type(t: pa.DataType | None) -> pa.DataType:
     return pa.string()
 
 
+# Field metadata of a kept column whose type the first rows did not tell (all null, or values of several
+# types): it is a string column, and a value that is not a string is written as its JSON text.
+KEEP_AS_TEXT = {b"forge_batch.keep": b"as_text"}
+
+
+def keep_field(name: str, t: pa.DataType | None) -> pa.Field:
+    """A kept column: typed as the input's, or text (:data:`KEEP_AS_TEXT`) when no type is known."""
+    if t is None or pa.types.is_null(t):
+        return pa.field(name, pa.string(), metadata=KEEP_AS_TEXT)
+    return pa.field(name, normalize_keep_type(t))
+
+
 def normalize_keep_type(t: pa.DataType | None) -> pa.DataType:
     """A kept column's type: as in the input, with null (all-missing) widened to string and dictionary /
     large variants simplified so that every part agrees."""
@@ -106,7 +118,7 @@ def output_schema(
     id_name = id_column_name(id_field)
     fields = [pa.field(id_name, id_type)]
     fields += [pa.field(n, t) for n, t in HEAD_COLUMNS]
-    fields += [pa.field(n, normalize_keep_type(t)) for n, t in keep if n != id_name]
+    fields += [keep_field(n, t) for n, t in keep if n != id_name]
     if include_prompt:
         fields.append(pa.field(*PROMPT_COLUMN))
     fields += [pa.field(n, t) for n, t in TAIL_COLUMNS]
@@ -139,11 +151,17 @@ def _fits(value: Any, t: pa.DataType) -> bool:
 def records_to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Arrow table of ``records`` with exactly ``schema``.
 
-    A value that does not fit its column's type (a kept field that is a string in one row and a number in
+    A kept field of no known type (:data:`KEEP_AS_TEXT`) that is not a string is written as its JSON text. A
+    value that does not fit its column's type (a kept field that is a string in one row and a number in
     the first rows) is set to null and the record gets an ``error`` saying so (``error_kind``
     ``type_mismatch``), so one odd row never breaks a part. Records are modified in place in that case.
     """
     names = schema.names
+    for f in schema:
+        if f.metadata == KEEP_AS_TEXT:
+            for r in records:
+                if r.get(f.name) is not None and not isinstance(r[f.name], str):
+                    r[f.name] = json.dumps(r[f.name], ensure_ascii=False, default=str)
     try:
         return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in records], schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
