@@ -29,13 +29,14 @@ class CountingDecode:
         return "".join(chr(ord("a") + i) for i in ids)
 
 
-def _run(text: str, **params) -> tuple[Sequence, CountingDecode]:
-    """Feed ``text``'s characters as tokens until check_stop ends the sample."""
+def _run(text: str, eos: str = "", **params) -> tuple[Sequence, CountingDecode]:
+    """Feed ``text``'s characters as tokens until check_stop ends the sample (``eos``: the EOS characters)."""
     decode = CountingDecode()
     seq = Sequence(seq_id=0, request_id="r", sample_index=0, prompt_token_ids=[0], params=SamplingParams(**params), seed=0)
+    eos_ids = frozenset(ord(ch) - ord("a") for ch in eos)
     for ch in text:
         seq.output_token_ids.append(ord(ch) - ord("a"))
-        if check_stop(seq, seq.output_token_ids[-1], frozenset(), 1 << 20, decode):
+        if check_stop(seq, seq.output_token_ids[-1], eos_ids, 1 << 20, decode):
             break
     settle_text(seq, decode)
     return seq, decode
@@ -56,9 +57,29 @@ def test_a_stop_string_inside_min_tokens_does_not_cut_the_text() -> None:
     assert (seq.finish_reason, seq.text, len(seq.output_token_ids)) == ("stop", "axyzb", 7)
     seq, _ = _run("axyzbcdef", stop=["xy"], min_tokens=5, max_tokens=9)
     assert (seq.finish_reason, seq.text) == ("length", "axyzbcdef")
-    # one that ends with the min_tokens-th token counts, even if it began before
-    seq, _ = _run("abcxyz", stop=["xyz"], min_tokens=6, max_tokens=100)
+    # one that ends with the token after the first min_tokens counts, even if it began among them (vLLM's rule)
+    seq, _ = _run("abcxyz", stop=["xyz"], min_tokens=5, max_tokens=100)
     assert (seq.finish_reason, seq.text, len(seq.output_token_ids)) == ("stop", "abc", 6)
+    seq, _ = _run("abcxyzd", stop=["xyz"], min_tokens=6, max_tokens=7)
+    assert seq.finish_reason == "length"
+    seq, _ = _run("xyz", stop=["x"], min_tokens=1, max_tokens=3)  # a stop string in the first token, min_tokens 1
+    assert seq.finish_reason == "length"
+
+
+def test_a_stop_tokens_text_is_left_out_and_eos_has_no_stop_reason() -> None:
+    """vLLM's rules: the token that stopped the sample stays in its token ids, its text is not in the text
+    (unless include_stop_str_in_output); stop_reason is the stop token's id, None for EOS."""
+    c = ord("c") - ord("a")
+    seq, _ = _run("abcd", stop_token_ids=[c], max_tokens=10)
+    assert (seq.finish_reason, seq.stop_reason, seq.text, len(seq.output_token_ids)) == ("stop", c, "ab", 3)
+    seq, _ = _run("abcd", stop_token_ids=[c], include_stop_str_in_output=True, max_tokens=10)
+    assert seq.text == "abc"
+    seq, _ = _run("abcd", eos="c", max_tokens=10)
+    assert (seq.finish_reason, seq.stop_reason, seq.text, len(seq.output_token_ids)) == ("stop", None, "ab", 3)
+    seq, _ = _run("abcd", eos="c", stop_token_ids=[c], max_tokens=10)  # asked for by id: its id
+    assert seq.stop_reason == c
+    seq, _ = _run("abcd", eos="c", max_tokens=4, ignore_eos=True)
+    assert (seq.finish_reason, seq.text) == ("length", "abcd")
 
 
 def test_the_stop_string_search_is_linear_in_the_output() -> None:

@@ -105,22 +105,35 @@ class SamplingParams:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k is None or self.top_k < 0:
-            self.top_k = 0
         if isinstance(self.logit_bias, Mapping):  # JSON (an OpenAI body, a row's overrides) names ids as text
             self.logit_bias = {_text_to_int(token): bias for token, bias in self.logit_bias.items()}
         self.validate()
 
+    def _normalize(self) -> None:
+        # here, not only at construction: the engine validates again, after a caller may have set a field
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k is None:
+            self.top_k = 0
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
-        for name in ("n", "max_tokens", "min_tokens"):
+        self._normalize()
+        for name in ("n", "max_tokens", "min_tokens", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an int, got {value!r}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or a number of tokens, got {self.top_k}")
+        self.top_k = max(int(self.top_k), 0)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise ValueError(f"seed must be None or an int, got {self.seed!r}")
+        if not all(isinstance(x, str) for x in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -210,6 +223,8 @@ def check_params_for_engine(params: SamplingParams, max_logprobs: int, vocab_siz
                              "(raise it with LLM(max_logprobs=...) or engine.max_logprobs in a job)")
     if params.allowed_token_ids is not None and any(t >= vocab_size for t in params.allowed_token_ids):
         raise ValueError(f"allowed_token_ids holds ids outside the vocabulary (size {vocab_size})")
+    if params.stop_token_ids and max(params.stop_token_ids) >= vocab_size:
+        raise ValueError(f"stop_token_ids holds id {max(params.stop_token_ids)}, outside the vocabulary (size {vocab_size})")
     if params.logit_bias and max(params.logit_bias) >= vocab_size:
         raise ValueError(f"logit_bias names token id {max(params.logit_bias)}, outside the vocabulary (size {vocab_size})")
     if params.bad_words:

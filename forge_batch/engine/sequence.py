@@ -39,6 +39,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    stop_token: bool = False  # it ended on EOS or a stop token (whose text is not part of its text)
     error: str | None = None
     error_kind: str | None = None  # an EngineErrorKind value, set with ``error``
     text: str = ""

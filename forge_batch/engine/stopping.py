@@ -15,7 +15,7 @@ def constraint_stop(seq: Sequence, tok: int, eos_token_ids: frozenset[int]) -> b
     """Advance the sample's grammar; True when the grammar ends (or broke) the sample here."""
     state = seq.constraint_state
     if tok in eos_token_ids and state.is_accepting():  # type: ignore[union-attr]
-        seq.finish_reason, seq.stop_reason = "stop", tok
+        seq.finish_reason, seq.stop_reason, seq.stop_token = "stop", None, True
         return True
     state.advance(tok)  # type: ignore[union-attr]
     err = state.error()  # type: ignore[union-attr]
@@ -31,11 +31,13 @@ def constraint_stop(seq: Sequence, tok: int, eos_token_ids: frozenset[int]) -> b
 
 def check_stop(seq: Sequence, tok: int, eos_token_ids: frozenset[int], max_model_len: int, decode: Decode) -> bool:
     """True when ``tok`` ends the sample: EOS or a stop token (after min_tokens), a stop string (the text
-    is cut there), max_tokens or the model's length."""
+    is cut there), max_tokens or the model's length. The text of a stop token (EOS included) is left out unless
+    include_stop_str_in_output, as vLLM does."""
     p = seq.params
     n_out = len(seq.output_token_ids)
     if n_out > p.min_tokens and ((not p.ignore_eos and tok in eos_token_ids) or tok in p.stop_token_ids):
-        seq.finish_reason, seq.stop_reason = "stop", tok
+        # vLLM's stop_reason: the stop token's id, None for EOS
+        seq.finish_reason, seq.stop_reason, seq.stop_token = "stop", tok if tok in p.stop_token_ids else None, True
         return True
     hit = _stop_string(seq, decode) if p.stop else None
     if hit is not None:
@@ -49,14 +51,14 @@ def check_stop(seq: Sequence, tok: int, eos_token_ids: frozenset[int], max_model
 
 
 def _stop_string(seq: Sequence, decode: Decode) -> tuple[int, str] | None:
-    """The first stop string that ends in the text the latest token added (where it starts, which), once
-    min_tokens tokens are out; a stop string inside the first min_tokens tokens' text does not count."""
+    """The first stop string that ends in the text the latest token added (where it starts, which), after
+    the first min_tokens tokens; one that ends inside their text does not count (vLLM's rule)."""
     p = seq.params
     if seq.detok is None:
         seq.detok = IncrementalText()
     searched = len(seq.detok.text)
     seq.detok.extend(seq.output_token_ids, decode, p.skip_special_tokens)
-    if len(seq.output_token_ids) < p.min_tokens:
+    if len(seq.output_token_ids) <= p.min_tokens:
         return None
     text = seq.detok.text
     # from len(s) - 1 characters back: a stop string may begin in text an earlier token added
@@ -70,7 +72,10 @@ def settle_text(seq: Sequence, decode: Decode) -> None:
     if seq.finish_reason != "error" and seq.finish_reason is not None and not (
         seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)
     ):
-        seq.text = decode(seq.output_token_ids, seq.params.skip_special_tokens)
+        ids = seq.output_token_ids
+        if seq.stop_token and not seq.params.include_stop_str_in_output:
+            ids = ids[:-1]
+        seq.text = decode(ids, seq.params.skip_special_tokens)
     if seq.constraint is None or seq.finish_reason not in ("stop", "length"):
         return
     if seq.finish_reason == "stop":
