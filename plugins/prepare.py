@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from forge_batch.engine.prompts import PromptError, content_text
 from forge_batch.hookspecs import RowError, hookimpl
 from forge_batch.models.chat_template import CHAT_ROLES
 
@@ -24,22 +25,10 @@ if TYPE_CHECKING:
 
 
 def _content_text(content: Any, where: str) -> str:
-    """A message's content as text: a string, or OpenAI's content parts (``[{"type": "text", "text": ...}]``,
-    joined with newlines as vLLM joins them). Other part types (images, audio) have no meaning here."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
-        texts = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
-                got = f"type {kind!r}" if kind is not None else type(part).__name__
-                raise RowError(
-                    f"{where}[{j}] is not a text part ({got}); only text content parts are supported", "bad_messages"
-                )
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise RowError(f"{where} must be text or a list of text parts, got {type(content).__name__}", "bad_messages")
+    try:
+        return content_text(content, where)
+    except PromptError as exc:
+        raise RowError(str(exc), exc.kind) from None
 
 
 def _messages(value: Any, field: str) -> list[dict[str, Any]]:

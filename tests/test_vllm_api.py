@@ -103,6 +103,9 @@ def test_dict_prompts_are_vllms_text_and_tokens_prompts(llm):
     ({"prompt": 5}, "string"),
     ([{"content": "hi"}], "role"),
     ([{"role": "narrator", "content": "hi"}], "allowed roles: system, user, assistant, tool"),
+    ([{"role": "user", "content": None}], "must be text or a list of text parts"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "not a text part"),
+    ({"prompt": "hi", "multi_modal_data": {"image": "x"}}, "'multi_modal_data' not supported"),
     ({"prompt_token_ids": ["a"]}, "ints"),
     ({"prompt_token_ids": [1, 10_000]}, "outside the model's vocabulary"),
     ({"prompt_token_ids": [-1, 2]}, "outside the model's vocabulary"),
@@ -111,6 +114,18 @@ def test_dict_prompts_are_vllms_text_and_tokens_prompts(llm):
 def test_a_malformed_prompt_raises_value_error(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
         llm.generate([prompt, "fine"], greedy(2))
+
+
+def test_chat_takes_text_parts_and_refuses_vllm_options_it_cannot_honour(llm):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name a"}, {"type": "text", "text": "colour."}]}]
+    plain = [{"role": "user", "content": "Name a\ncolour."}]
+    a, b = llm.chat([parts, plain], greedy(4))
+    assert a.prompt == b.prompt and a.token_ids == b.token_ids
+    assert llm.chat(plain, greedy(2), add_generation_prompt=True, chat_template=None)[0].error is None
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(plain, greedy(2), continue_final_message=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
+        llm.chat(plain, greedy(2), temperature=0.5)
 
 
 def test_an_out_of_vocabulary_id_fails_its_request_alone_and_the_engine_stays_usable(llm):
@@ -213,12 +228,25 @@ def test_bad_words_end_to_end(llm):
     assert out.error is None and word_token not in out.token_ids
 
 
+def test_options_that_ban_every_token_fail_that_request_not_with_a_banned_token(llm):
+    eos = min(llm.tokenizer.eos_token_ids)
+    banned = [SamplingParams(max_tokens=4, temperature=0.0, allowed_token_ids=[eos], min_tokens=2),
+              SamplingParams(max_tokens=4, temperature=1.0, seed=1, allowed_token_ids=[eos], min_tokens=2)]
+    outs = llm.generate(["a", "b", "c"], [*banned, greedy(3)])
+    for out in outs[:2]:
+        assert (out.finish_reason, out.error_kind, out.token_ids) == ("error", "bad_sampling", []), out
+        assert "ban every token" in out.error
+    assert outs[2].error is None and len(outs[2].token_ids) == 3
+
+
 def test_truncate_prompt_tokens_keeps_the_end(llm):
     ids = list(range(5, 25))
     out = llm.generate({"prompt_token_ids": ids}, greedy(3, truncate_prompt_tokens=6))[0]
     assert out.prompt_token_ids == ids[-6:]
     same = llm.generate({"prompt_token_ids": ids[-6:]}, greedy(3))[0]
     assert out.token_ids == same.token_ids
+    text = llm.generate("one two three four five six", greedy(2, truncate_prompt_tokens=3))[0]
+    assert text.prompt == "one two three four five six" and len(text.prompt_token_ids) == 3  # the prompt as given
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         SamplingParams(truncate_prompt_tokens=0)
 

@@ -79,15 +79,32 @@ VLLM_ONLY_OPTIONS: dict[str, tuple[Any, str]] = {
 }
 
 
-def check_vllm_options(options: dict[str, Any]) -> None:
+_RENDER_IT = ("render the prompt with llm.get_tokenizer().encode_chat(messages, add_generation_prompt=..., **kwargs) "
+              "and pass generate({'prompt_token_ids': ids})")
+# vLLM's LLM.chat options, the same way: the messages are rendered with the model's own chat template, a
+# generation prompt added.
+VLLM_CHAT_OPTIONS: dict[str, tuple[Any, str]] = {
+    "lora_request": (None, "LoRA adapters are not supported: merge the adapter into the weights first"),
+    "chat_template": (None, "the model's own chat template is used (edit it in the model folder's tokenizer_config.json)"),
+    "chat_template_content_format": ("auto", "content is text or OpenAI-style text parts"),
+    "add_generation_prompt": (True, _RENDER_IT),
+    "continue_final_message": (False, _RENDER_IT),
+    "tools": (None, "tool definitions are not rendered; describe them in a system message"),
+    "chat_template_kwargs": (None, _RENDER_IT),
+    "mm_processor_kwargs": (None, "only text prompts are supported"),
+}
+
+
+def check_vllm_options(options: dict[str, Any], table: dict[str, tuple[Any, str]] = VLLM_ONLY_OPTIONS,
+                       call: str = "LLM") -> None:
     """Refuse vLLM options this engine cannot honour, naming what to use instead (ValueError); an option
     nobody knows is a TypeError, as for any Python function."""
     for name, value in options.items():
-        if name not in VLLM_ONLY_OPTIONS:
-            raise TypeError(f"LLM() got an unexpected keyword argument {name!r}")
-        default, instead = VLLM_ONLY_OPTIONS[name]
-        if value != default:
-            raise ValueError(f"LLM({name}=...) is vLLM's and not supported here: {instead}")
+        if name not in table:
+            raise TypeError(f"{call}() got an unexpected keyword argument {name!r}")
+        default, instead = table[name]
+        if value != default and not (default is None and value == {}):
+            raise ValueError(f"{call}({name}=...) is vLLM's and not supported here: {instead}")
 
 
 def kv_budget_bytes(total: int, free: int, utilization: float) -> int:
@@ -399,9 +416,12 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        **vllm_options: Any,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat``: one conversation (a list of ``{"role", "content"}`` messages) or a list of
-        them, rendered with the model's chat template; results in input order."""
+        them, rendered with the model's chat template; results in input order. vLLM's other chat options
+        are refused by name unless given their defaults (VLLM_CHAT_OPTIONS)."""
+        check_vllm_options(vllm_options, VLLM_CHAT_OPTIONS, "chat")
         if messages and isinstance(messages[0], dict):
             messages = [messages]  # type: ignore[list-item]
         for conv in messages:

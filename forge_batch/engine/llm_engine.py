@@ -242,7 +242,7 @@ class LLMEngine:
                 # -1: as many as the context holds with room for one generated token
                 keep = self.config.max_model_len - 1 if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
                 if len(prompt_ids) > keep:  # vLLM keeps the end of the prompt, nearest to what comes next
-                    prompt_ids, prompt_text = prompt_ids[-keep:], None
+                    prompt_ids = prompt_ids[-keep:]  # (and the prompt as given, in the output)
         except PromptError as exc:
             return failed_output(request, index, str(exc), kind=EngineErrorKind(exc.kind))
         except Exception as exc:  # a bad request fails alone
@@ -406,17 +406,24 @@ class LLMEngine:
                 logits[rows] = sub
         names = {p.sampler or "default" for p in params}
         if len(names) == 1:
-            return self.samplers[names.pop()](logits, batch).tolist()
-        out = [0] * len(seqs)
-        for name in names:
-            rows = [i for i, p in enumerate(params) if (p.sampler or "default") == name]
-            sub_batch = SamplingBatch(params=[params[i] for i in rows],
-                                      output_token_ids=[batch.output_token_ids[i] for i in rows],
-                                      prompt_token_ids=[batch.prompt_token_ids[i] for i in rows],
-                                      uniforms=uniforms[rows], eos_token_ids=self.eos_token_ids)
-            for i, tok in zip(rows, self.samplers[name](logits[rows], sub_batch).tolist()):
-                out[i] = tok
-        return out
+            tokens = torch.as_tensor(self.samplers[names.pop()](logits, batch), device=logits.device).long()
+        else:
+            tokens = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)
+            for name in names:
+                rows = [i for i, p in enumerate(params) if (p.sampler or "default") == name]
+                sub_batch = SamplingBatch(params=[params[i] for i in rows],
+                                          output_token_ids=[batch.output_token_ids[i] for i in rows],
+                                          prompt_token_ids=[batch.prompt_token_ids[i] for i in rows],
+                                          uniforms=uniforms[rows], eos_token_ids=self.eos_token_ids)
+                tokens[rows] = torch.as_tensor(self.samplers[name](logits[rows], sub_batch), device=logits.device).long()
+        # A token whose logit is -inf (or NaN) was never allowed: the row's options banned every token
+        picked = logits.gather(1, tokens.view(-1, 1)).view(-1)
+        chosen, banned = torch.stack([tokens, (torch.isneginf(picked) | torch.isnan(picked)).long()]).tolist()
+        for i in (i for i, b in enumerate(banned) if b and seqs[i].finish_reason != "error"):
+            seqs[i].finish_reason, seqs[i].error_kind = "error", EngineErrorKind.BAD_SAMPLING.value
+            seqs[i].error = ("no token can be sampled: allowed_token_ids, bad_words, min_tokens, logit_bias and the "
+                             "constraint together ban every token")
+        return chosen
 
     # ---- finishing ----------------------------------------------------------------------------------
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:

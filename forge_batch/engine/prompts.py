@@ -29,6 +29,7 @@ def check_prompt(prompt: Any, *, has_tokenizer: bool, vocab_size: int | None = N
     """Raise :class:`PromptError` for a prompt of a shape :func:`prompt_token_ids` refuses, without
     tokenizing it (the offline API checks every prompt before running any); token ids given as the prompt
     must lie in ``vocab_size``'s range."""
+    _check_prompt_keys(prompt)
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         ids, _ = prompt_token_ids(prompt, None)
         if vocab_size is not None:
@@ -49,8 +50,8 @@ def check_prompt(prompt: Any, *, has_tokenizer: bool, vocab_size: int | None = N
 
 
 def check_messages(messages: list[dict[str, Any]]) -> None:
-    """Raise :class:`PromptError` (bad_messages) for a message without role and content, or with a role the
-    chat templates do not share (a job's rows are held to the same roles)."""
+    """Raise :class:`PromptError` (bad_messages) for a message without role and content, with a role the
+    chat templates do not share (a job's rows are held to the same roles), or content that is not text."""
     for i, m in enumerate(messages):
         if "role" not in m or "content" not in m:
             raise PromptError(f"chat message needs 'role' and 'content', got keys {sorted(m)}",
@@ -58,6 +59,32 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
         if m["role"] not in CHAT_ROLES:
             raise PromptError(f"chat message {i} has role {m['role']!r}; allowed roles: {', '.join(CHAT_ROLES)}",
                               EngineErrorKind.BAD_MESSAGES)
+        content_text(m["content"], f"message {i} content")
+
+
+def content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or OpenAI's content parts (``[{"type": "text", "text": ...}]``,
+    joined with newlines as vLLM joins them). Other part types (images, audio) have no meaning here: a
+    :class:`PromptError` (bad_messages) names them."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+                got = f"type {kind!r}" if kind is not None else type(part).__name__
+                raise PromptError(f"{where}[{j}] is not a text part ({got}); only text content parts are supported",
+                                  EngineErrorKind.BAD_MESSAGES)
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise PromptError(f"{where} must be text or a list of text parts, got {type(content).__name__}",
+                      EngineErrorKind.BAD_MESSAGES)
+
+
+def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with each content as text (see :func:`content_text`), as the chat template reads them."""
+    return [{**m, "content": content_text(m["content"], f"message {i} content")} for i, m in enumerate(messages)]
 
 
 def given_token_ids(ids: Any) -> list[int]:
@@ -80,6 +107,19 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
                           EngineErrorKind.BAD_PROMPT)
 
 
+# vLLM's TextPrompt / TokensPrompt keys this engine reads; cache_salt only separates prefix-cache entries, which
+# changes no output, so it is accepted and has no effect.
+PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})
+
+
+def _check_prompt_keys(prompt: Any) -> None:
+    if isinstance(prompt, dict) and ("prompt" in prompt or "prompt_token_ids" in prompt):
+        unknown = sorted(set(prompt) - PROMPT_KEYS)
+        if unknown:  # multi_modal_data, mm_processor_kwargs, lora_request...: never dropped silently
+            raise PromptError(f"prompt key(s) {', '.join(map(repr, unknown))} not supported: only text or token-id "
+                              "prompts ({'prompt': ...} or {'prompt_token_ids': [...]})", EngineErrorKind.BAD_PROMPT)
+
+
 def _bad_prompt(prompt: Any) -> PromptError:
     return PromptError(
         "prompt must be a string, {'prompt': '...'}, a list of chat messages or {'prompt_token_ids': [...]}, got "
@@ -94,6 +134,7 @@ def prompt_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None
     ``prompt``: text (encoded with the tokenizer's special tokens, e.g. BOS), a chat (a list of ``{role,
     content}``, rendered with the chat template, whose text already holds them) or ``{"prompt_token_ids":
     [...]}``. Raises :class:`PromptError`."""
+    _check_prompt_keys(prompt)
     if isinstance(prompt, dict) and "prompt" in prompt and "prompt_token_ids" not in prompt:
         if not isinstance(prompt["prompt"], str):  # vLLM's TextPrompt
             raise PromptError("{'prompt': ...} must hold a string", EngineErrorKind.BAD_PROMPT)
@@ -106,6 +147,6 @@ def prompt_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None
         return list(tokenizer.encode(prompt, add_special_tokens=True)), prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
         check_messages(prompt)
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(text_messages(prompt), add_generation_prompt=True)
         return list(tokenizer.encode(text, add_special_tokens=False)), text
     raise _bad_prompt(prompt)
