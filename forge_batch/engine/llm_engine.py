@@ -52,6 +52,19 @@ def _fail_processor_rows(seqs: list[Sequence], row_errors: dict[int, str]) -> No
         seqs[i].finish_reason, seqs[i].error = "error", error
         seqs[i].error_kind = EngineErrorKind.PLUGIN_ERROR.value
 
+
+def _fail_rows_that_picked_a_banned_token(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """The sampled tokens as ints. A token whose logit is -inf (or NaN) was never allowed: that row's options
+    banned every token, so it fails (bad_sampling) rather than emit it."""
+    picked = logits.gather(1, tokens.view(-1, 1)).view(-1)
+    chosen, banned = torch.stack([tokens, (torch.isneginf(picked) | torch.isnan(picked)).long()]).tolist()
+    for i in (i for i, b in enumerate(banned) if b and seqs[i].finish_reason != "error"):
+        seqs[i].finish_reason, seqs[i].error_kind = "error", EngineErrorKind.BAD_SAMPLING.value
+        seqs[i].error = ("no token can be sampled: allowed_token_ids, bad_words, min_tokens, logit_bias and the "
+                         "constraint together ban every token")
+    return chosen
+
+
 @dataclass
 class EngineStats:
     running: int = 0
@@ -416,14 +429,7 @@ class LLMEngine:
                                           prompt_token_ids=[batch.prompt_token_ids[i] for i in rows],
                                           uniforms=uniforms[rows], eos_token_ids=self.eos_token_ids)
                 tokens[rows] = torch.as_tensor(self.samplers[name](logits[rows], sub_batch), device=logits.device).long()
-        # A token whose logit is -inf (or NaN) was never allowed: the row's options banned every token
-        picked = logits.gather(1, tokens.view(-1, 1)).view(-1)
-        chosen, banned = torch.stack([tokens, (torch.isneginf(picked) | torch.isnan(picked)).long()]).tolist()
-        for i in (i for i, b in enumerate(banned) if b and seqs[i].finish_reason != "error"):
-            seqs[i].finish_reason, seqs[i].error_kind = "error", EngineErrorKind.BAD_SAMPLING.value
-            seqs[i].error = ("no token can be sampled: allowed_token_ids, bad_words, min_tokens, logit_bias and the "
-                             "constraint together ban every token")
-        return chosen
+        return _fail_rows_that_picked_a_banned_token(logits, tokens, seqs)
 
     # ---- finishing ----------------------------------------------------------------------------------
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
