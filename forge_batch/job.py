@@ -56,7 +56,14 @@ RESERVED_COLUMNS = (
     "latency_s",
     "finished_at",
     "extra",
+    "logprobs",
+    "cumulative_logprob",
+    "prompt_logprobs",
 )
+
+
+# The codecs pyarrow writes Parquet with.
+PARQUET_CODECS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
 
 
 class _Strict(BaseModel):
@@ -103,7 +110,20 @@ class OutputSpec(_Strict):
     flush_seconds: float = Field(
         60.0, gt=0, description="Commit a part at least this often while results are coming in."
     )
-    compression: str = "zstd"
+    compression: str = Field("zstd", description="Parquet's codec: zstd, snappy, gzip, brotli, lz4 or none.")
+
+    @field_validator("compression")
+    @classmethod
+    def _parquet_codec(cls, v: str) -> str:
+        if v.lower() not in PARQUET_CODECS:
+            raise ValueError(f"{v!r} is not a Parquet compression; one of {', '.join(PARQUET_CODECS)}")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _compression_is_parquets(self) -> OutputSpec:
+        if "compression" in self.model_fields_set and self.format in ("jsonl", "openai-batch"):
+            raise ValueError(f"compression applies to Parquet output only; {self.format} parts are plain text")
+        return self
 
     def single_file(self) -> bool:
         """``path`` names one file (``results.jsonl``), not a directory of parts: OpenAI batch output as
@@ -936,6 +956,9 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
             problems.append(Problem("input.template", f"template does not compile{f' (line {line})' if line else ''}: {e}"))
     if job.input.id_field in RESERVED_COLUMNS:
         problems.append(Problem("input.id_field", f"{job.input.id_field!r} clashes with an output column"))
+    if job.input.id_field is None and "id" in job.output.keep_fields:  # (the output's id column without one)
+        problems.append(Problem("output.keep_fields", "'id' is the output's id column (the row's position, as "
+                                "input.id_field is null): set input.id_field: id to use the input's ids"))
 
     try:
         s = job.sampling_dict()
@@ -1021,16 +1044,26 @@ def _check_model(model: str) -> list[Problem]:
 
 def _check_engine(engine: EngineSpec) -> list[Problem]:
     """What the engine refuses on this machine: a CUDA device torch cannot see, int8 with a device or dtype
-    other than CPU float32, the Triton backend without a GPU. torch is imported only when one of those options
-    is set."""
-    if not (engine.device.startswith("cuda") or engine.quantization == "int8" or engine.kernel_backend == "triton"):
+    other than CPU float32, the Triton backend without a GPU, a GPU memory share on the CPU. torch is imported
+    only when one of those options is set."""
+    if not (engine.device.startswith("cuda") or engine.quantization == "int8" or engine.kernel_backend == "triton"
+            or engine.gpu_memory_utilization is not None):
         return []
-    from forge_batch.engine.device import int8_problem, resolve_device, resolve_dtype, triton_problem
+    from forge_batch.engine.device import (
+        gpu_memory_problem,
+        int8_problem,
+        resolve_device,
+        resolve_dtype,
+        triton_problem,
+    )
 
     try:
         device = resolve_device(engine.device)
     except ValueError as e:
         return [Problem("engine.device", str(e))]
+    problem = gpu_memory_problem(engine.gpu_memory_utilization, device)
+    if problem is not None:
+        return [Problem("engine.gpu_memory_utilization", problem)]
     problem = triton_problem(engine.kernel_backend or "auto", device)
     if problem is not None:
         return [Problem("engine.kernel_backend", problem)]

@@ -290,6 +290,22 @@ def test_per_row_sampling_overrides(tmp_path: Path) -> None:
     assert next(r for r in out if r["id"] == "a")["completion_tokens"] == 1
 
 
+def test_a_null_sampling_override_is_the_jobs_value_as_a_parquet_struct_column_gives_it(tmp_path: Path) -> None:
+    # a struct column: every row holds every key, null where it set none
+    table = pa.Table.from_pylist([
+        {"id": "a", "prompt": "p", "sp": {"max_tokens": 1, "n": None, "temperature": None}},
+        {"id": "b", "prompt": "p", "sp": {"max_tokens": None, "n": 2, "temperature": None}},
+        {"id": "c", "prompt": "p", "sp": {"max_tokens": None, "n": None, "temperature": 0.0}},
+    ])
+    pq.write_table(table, tmp_path / "in.parquet")
+    result = run(make_job(tmp_path, {"input": {"path": "in.parquet", "sampling_field": "sp"}, "output": {"path": "out"},
+                                     "sampling": {"max_tokens": 8, "temperature": 0.7}}))
+    out = read_output(tmp_path / "out")
+    assert result.exit_code == 0 and all(r["error"] is None for r in out), out
+    assert Counter(r["id"] for r in out) == {"a": 1, "b": 2, "c": 1}
+    assert next(r for r in out if r["id"] == "a")["completion_tokens"] == 1
+
+
 def test_messages_system_prompt_and_include_prompt(tmp_path: Path) -> None:
     rows = [{"id": 1, "messages": [{"role": "user", "content": "hi"}]}, {"id": 2, "prompt": "plain"}]
     write_jsonl(tmp_path / "in.jsonl", rows)

@@ -96,6 +96,27 @@ def test_engine_option_refused_before_the_model_loads(
     assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
 
 
+@pytest.mark.parametrize(
+    ("key", "extra", "fragments"),
+    [
+        ("output.keep_fields", {"output": {"path": "out", "keep_fields": ["cumulative_logprob"]},
+                                "sampling": {"max_tokens": 4, "logprobs": 2}}, ["clash with output columns"]),
+        ("output.keep_fields", {"input": {"path": "in.jsonl", "id_field": None},
+                                "output": {"path": "out", "keep_fields": ["id"]}}, ["the output's id column"]),
+        ("output.compression", {"output": {"path": "out", "compression": "foo"}}, ["not a Parquet compression"]),
+        ("output", {"output": {"path": "out", "format": "jsonl", "compression": "gzip"}}, ["Parquet output only"]),
+        ("engine.gpu_memory_utilization", {"engine": {"device": "cpu", "gpu_memory_utilization": 0.5}},
+         ["a GPU's memory share"]),
+    ],
+    ids=["keep_a_logprobs_column", "keep_id_without_id_field", "compression", "jsonl_compression", "gpu_memory_on_cpu"],
+)
+def test_output_and_engine_options_run_would_refuse_are_refused_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
+    key: str, extra: dict, fragments: list[str],
+) -> None:
+    assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
+
+
 def test_the_triton_backend_without_a_gpu_is_refused_before_the_model_loads(
     tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,

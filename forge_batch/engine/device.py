@@ -111,6 +111,14 @@ def triton_problem(kernel_name: str, device: torch.device) -> str | None:
     return None
 
 
+def gpu_memory_problem(utilization: float | None, device: torch.device) -> str | None:
+    """Why ``gpu_memory_utilization`` means nothing on ``device`` (None when it is unset or a GPU's)."""
+    if utilization is not None and device.type != "cuda":
+        return ("gpu_memory_utilization is a GPU's memory share; on the CPU size the KV cache with num_blocks= "
+                "(or max_model_len= and max_num_seqs=)")
+    return None
+
+
 def int8_problem(device_option: str, dtype_option: str | torch.dtype, device: torch.device, dtype: torch.dtype,
                  *, job_options: bool = False) -> str | None:
     """Why ``quantization='int8'`` cannot run on the resolved ``device`` / ``dtype`` (None when it can).

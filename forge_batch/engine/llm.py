@@ -31,7 +31,7 @@ from forge_batch.models.tokenizer import Tokenizer
 from .config import EngineArgs, EngineConfig
 from .constraints import ConstraintFactory
 from .cpu_backend import CpuBackend, PreparedWeights
-from .device import matmul_isa
+from .device import gpu_memory_problem, matmul_isa
 from .histogram import LogHistogram
 from .llm_engine import LLMEngine
 from .model_runner import kv_bytes_per_token
@@ -293,9 +293,9 @@ class LLM:
                           load_format=load_format, quantization=quantization, seed=seed,
                           batch_invariant=batch_invariant)
         device_, dtype_ = args.placement()
-        if gpu_memory_utilization is not None and device_.type != "cuda":
-            raise ValueError("gpu_memory_utilization is a GPU's memory share; on the CPU size the KV cache with "
-                             "num_blocks= (or max_model_len= and max_num_seqs=)")
+        problem = gpu_memory_problem(gpu_memory_utilization, device_)
+        if problem is not None:
+            raise ValueError(problem)
         kernels = KernelBackend(args.kernel_name, batch_invariant=args.batch_invariant)
         triton, cpu = _weight_backends(kernels, args, device_, dtype_)
         raw: dict[str, RawWeight] | None = {} if cpu is not None and cpu.keeps_stored_weights else None

@@ -29,6 +29,8 @@ from forge_batch.job import InputSpec, JobSpec
 from forge_batch.plugin_manager import PluginHookError, call_impl, iter_impls
 from forge_batch.runner.signals import RunFlags
 
+# The sampling options a row's null clears (docs/jobs.md); any other null is "not set", the job's value.
+_NULLABLE_OPTIONS = frozenset({"logprobs", "prompt_logprobs"})
 
 def row_seed(job_seed: int, key: str) -> int:
     """The seed of one row: a stable 63-bit hash of the job seed and the row's id (``key``).
@@ -254,7 +256,9 @@ class RequestBuilder:
         unknown = sorted(set(value) - set(known))
         if unknown:
             raise ValueError(f"unknown sampling option(s) {unknown}")
-        return value
+        # null is "not set" (a Parquet struct column gives every key a row leaves out as null), except where
+        # it clears the job's option
+        return {k: v for k, v in value.items() if v is not None or k in _NULLABLE_OPTIONS}
 
     def _row_constraint(self, data: dict[str, Any]) -> dict[str, Any]:
         """The row's own constraint from ``constraint.<kind>_field`` (a column), replacing the job-wide one;
