@@ -89,8 +89,16 @@ def _until_the_runner_takes_over(command: Any, args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from forge_batch.job import load_job
+    from forge_batch.runner.checks import validate_job_file
 
-    return _load_and_run(args, args.job, lambda overrides: load_job(args.job, overrides))
+    def load(overrides: list[str]) -> Any:
+        try:
+            return load_job(args.job, overrides)
+        except JobError as e:  # every problem at once, as validate reports them, not only the options'
+            problems = validate_job_file(args.job, overrides)[1]
+            raise JobError(problems or e.problems, source=e.source) from None
+
+    return _load_and_run(args, args.job, load)
 
 
 def _cmd_run_batch(args: argparse.Namespace) -> int:

@@ -778,8 +778,10 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
-def read_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a job file (YAML, which includes JSON) into a dict; raises JobError naming the line."""
+def read_job_file(path: str | os.PathLike[str], *, duplicates: list[Problem] | None = None) -> dict[str, Any]:
+    """Parse a job file (YAML, which includes JSON) into a dict; raises JobError naming the line. A key given
+    twice is one too, unless ``duplicates`` collects those problems (the dict then holds YAML's reading: the
+    last value)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -792,15 +794,17 @@ def read_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             str(path),
         ) from None
     try:
-        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        found = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         raise JobError([Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")], str(path)) from None
-    if duplicates:
+    if found:
         # YAML keeps the last of two equal keys: a second `sampling:` block would silently replace the first.
-        raise JobError(duplicates, str(path))
+        if duplicates is None:
+            raise JobError(found, str(path))
+        duplicates.extend(found)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -852,22 +856,30 @@ def load_job_for_checks(
         return load_job(path, overrides, env), []
     except JobError as e:
         problems = e.problems
+    duplicates: list[Problem] = []
     try:
-        raw = read_job_file(path)
+        raw = read_job_file(path, duplicates=duplicates)
     except JobError:
         return None, problems
     if apply_overrides(raw, overrides):
         return None, problems
     raw = interpolate_env(raw, env, "", [])
+    base = Path(path).resolve().parent
     current = problems
+    if duplicates:  # the rest is checked as YAML reads it (the last of two equal keys)
+        try:
+            return resolve_paths(JobSpec.model_validate(raw), base), problems
+        except ValidationError as e:
+            current = _pydantic_problems(e)
+            problems = problems + current
     for _ in range(8):  # each round drops the keys the last one refused (a dropped key may hide another)
         keys = [_key_of(p.path) for p in current]
         if not keys or not all(keys) or not any([_drop_key(raw, key) for key in keys]):
             return None, problems
         try:
-            return resolve_paths(JobSpec.model_validate(raw), Path(path).resolve().parent), problems
+            return resolve_paths(JobSpec.model_validate(raw), base), problems
         except ValidationError as e:
-            current = _pydantic_problems(e)
+            current = _pydantic_problems(e)  # (what dropping a key caused: not the user's problems)
     return None, problems
 
 

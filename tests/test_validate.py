@@ -117,6 +117,14 @@ def test_output_and_engine_options_run_would_refuse_are_refused_before_the_model
     assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
 
 
+def test_run_reports_every_problem_validate_does(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    job = job_file(tmp_path, tiny_model_dir, sampling={"max_tokens": 0}, input={"path": "nope.jsonl"})
+    for command in (["validate", str(job)], ["run", str(job), "--progress", "none"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "2 problem(s)" in err and "- sampling.max_tokens:" in err and "- input.path:" in err, (command, err)
+
+
 def test_the_triton_backend_without_a_gpu_is_refused_before_the_model_loads(
     tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -255,6 +263,12 @@ def test_duplicate_keys_are_errors_naming_key_and_lines(
     assert_refused(job, capsys, "sampling", "duplicate key", "line 3", "line 6")
     assert main(["validate", str(job)]) == 2
     assert "- engine.dtype: duplicate key" in capsys.readouterr().err
+    # the rest of the file is still checked, as YAML reads it
+    job.write_text(job.read_text().replace("input: {path: in.jsonl}", "input: {path: nope.jsonl, prompt_feild: x}"))
+    for command in (["validate", str(job)], ["run", str(job), "--progress", "none"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert all(f"- {key}:" in err for key in ("sampling", "engine.dtype", "input.prompt_feild", "input.path")), err
 
 
 def test_yaml_merge_keys_may_override(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
