@@ -137,19 +137,24 @@ def test_an_output_run_could_not_create_and_a_missing_metrics_folder_are_refused
     assert "afile is a file, not a folder" in problems["output.path"] and "nope is not a folder" in problems["metrics.textfile"]
 
 
-def test_a_prompt_column_that_is_not_text_is_refused_unless_every_row_may_fail(tmp_path: Path) -> None:
-    """run writes each such row as a bad_prompt; with max_error_rate below 1 it would then fail, so validate says
-    so first. An int64 Parquet column, and JSONL numbers in every first row (one text among them is fine)."""
+def test_a_prompt_column_that_is_not_text_is_a_warning_unless_every_row_may_fail(tmp_path: Path) -> None:
+    """run writes each such row as a bad_prompt; with max_error_rate below 1 it would then fail, so validate warns
+    first (a warning: run does not refuse the job). An int64 Parquet column, and JSONL numbers in every first row
+    (one text among them is fine)."""
     pq.write_table(pa.table({"uid": [1, 2], "prompt": pa.array([7, 8], pa.int64())}), tmp_path / "in.parquet")
     write_jsonl(tmp_path / "nums.jsonl", [{"id": "a", "prompt": 1}, {"id": "b", "prompt": 2.5}])
     write_jsonl(tmp_path / "mixed.jsonl", [{"id": "a", "prompt": 1}, {"id": "b", "prompt": "text"}])
     for path, message in (("in.parquet", "'prompt' is a column of int64"), ("nums.jsonl", "not text in any of the first 2 rows")):
-        problems = validate_job_file(job_file(tmp_path, {"path": path, "id_field": "uid" if "parquet" in path else "id"}))[1]
-        assert [p.path for p in problems] == ["input.prompt_field"] and message in problems[0].message
-        assert "max_error_rate 0.1" in problems[0].message
+        warnings: list[str] = []
+        problems = validate_job_file(job_file(tmp_path, {"path": path, "id_field": "uid" if "parquet" in path else "id"}),
+                                     warnings=warnings)[1]
+        assert problems == [] and len(warnings) == 1 and warnings[0].startswith("input.prompt_field: ")
+        assert message in warnings[0] and "max_error_rate 0.1" in warnings[0]
+        warnings.clear()
         assert validate_job_file(job_file(tmp_path, {"path": path, "id_field": "uid" if "parquet" in path else "id"},
-                                          max_error_rate=1.0))[1] == []
-    assert validate_job_file(job_file(tmp_path, {"path": "mixed.jsonl"}))[1] == []
+                                          max_error_rate=1.0), warnings=warnings)[1] == [] and warnings == []
+    warnings = []
+    assert validate_job_file(job_file(tmp_path, {"path": "mixed.jsonl"}), warnings=warnings)[1] == [] and warnings == []
 
 
 def test_rows_of_a_folder_mixing_jsonl_and_parquet_are_counted_each_by_its_reader(tmp_path: Path) -> None:

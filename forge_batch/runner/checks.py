@@ -335,7 +335,8 @@ def validate_job_file(
     facts = {} if facts is None else facts
     problems.extend(check_job_with_plugins(job, pm, check_model=model_is_checked(), unloaded_plugins=found,
                                            warnings=warnings, facts=facts))
-    if facts.get("prompt_not_text") and job.max_error_rate < 1:
-        problems.append(Problem("input.prompt_field", f"{facts['prompt_not_text']}, more than max_error_rate "
-                                                      f"{job.max_error_rate:g} allows"))
+    if facts.get("prompt_not_text") and job.max_error_rate < 1 and warnings is not None:
+        # a warning, not a problem: run does not refuse it, it writes each such row as a bad_prompt
+        warnings.append(f"input.prompt_field: {facts['prompt_not_text']}, more than max_error_rate "
+                        f"{job.max_error_rate:g} allows, so the run will fail")
     return (job if parsed else None), problems
