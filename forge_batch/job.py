@@ -453,6 +453,22 @@ class JobSpec(_Strict):
             raise ValueError("model is empty: name the default model (smollm2-135m-instruct), a .gguf file or a model directory")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _row_fields_out_of_sampling(cls, data: Any) -> Any:
+        """``sampling.constraint: {regex_field: col}`` (a per-row column, as the README writes it) is the same as
+        ``constraint: {regex_field: col}``."""
+        sampling = data.get("sampling") if isinstance(data, dict) else None
+        inner = sampling.get("constraint") if isinstance(sampling, dict) else None
+        top = data.get("constraint") if isinstance(data, dict) else None
+        if not isinstance(inner, dict) or not (top is None or isinstance(top, dict)):
+            return data
+        fields = {k: v for k, v in inner.items() if isinstance(k, str) and k.endswith("_field")}
+        if not fields or set(fields) & set(top or {}):
+            return data
+        rest = {k: v for k, v in inner.items() if k not in fields}
+        return {**data, "sampling": {**sampling, "constraint": rest or None}, "constraint": {**(top or {}), **fields}}
+
     def model_ref(self) -> str:
         """``model`` as the engine takes it: with ``@model_revision`` when a revision is set."""
         return f"{self.model}@{self.model_revision}" if self.model_revision else self.model

@@ -101,6 +101,29 @@ def test_a_true_json_schema_is_any_json(tmp_path, tiny_model_dir):
     assert validate_job_file(path)[1] == []
 
 
+def test_a_row_column_under_sampling_constraint_is_the_constraint_blocks(tmp_path, tiny_model_dir):
+    """The README writes structured output as ``sampling.constraint``, per job or per row: ``{regex_field: col}``
+    there is the ``constraint:`` block's column, beside a job-wide constraint given either way."""
+    rows = [{"id": 0, "prompt": "a", "pattern": "[0-9]{3}"}, {"id": 1, "prompt": "b", "pattern": None}]
+    forms = {
+        "block": {"constraint": {"regex_field": "pattern", "choice": ["alpha", "beta"]}},
+        "sampling": {"sampling": {"max_tokens": 40, "temperature": 0.9, "seed": 3,
+                                  "constraint": {"regex_field": "pattern", "choice": ["alpha", "beta"]}}},
+        "sampling_key": {"sampling": {"max_tokens": 40, "temperature": 0.9, "seed": 3, "choice": ["alpha", "beta"],
+                                      "constraint": {"regex_field": "pattern"}}},
+    }
+    jobs = {}
+    for name, extra in forms.items():
+        (tmp_path / name).mkdir()
+        jobs[name] = load_job(write_job(tmp_path / name, tiny_model_dir, rows, **extra))
+        assert jobs[name].constraint.row_field() == ("regex", "pattern"), name
+        assert jobs[name].job_constraint() == ("choice", ["alpha", "beta"]), name
+    result = JobRunner(jobs["sampling"], progress="none").run()
+    assert result.exit_code == 0, result.message
+    out = read(tmp_path / "sampling")
+    assert re.fullmatch(r"[0-9]{3}", out[0]["text"]) and out[1]["text"] in ("alpha", "beta")
+
+
 def test_constraint_key_errors(tmp_path, tiny_model_dir):
     path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}],
                      constraint={"json_schema": SCHEMA, "regex": "a+"})
