@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from runner_helpers import prompts, write_job_file, write_jsonl
+from runner_helpers import prompts, run, write_job_file, write_jsonl
 
 from forge_batch.cli import main
 from forge_batch.job import load_job
@@ -155,6 +155,19 @@ def test_a_prompt_column_that_is_not_text_is_a_warning_unless_every_row_may_fail
                                           max_error_rate=1.0), warnings=warnings)[1] == [] and warnings == []
     warnings = []
     assert validate_job_file(job_file(tmp_path, {"path": "mixed.jsonl"}), warnings=warnings)[1] == [] and warnings == []
+
+
+def test_an_input_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["x", "y"]}), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"id": ["c", "d"], "prompt": ["x", "y"]}), tmp_path / "in" / "b.parquet")
+    data = (tmp_path / "in" / "b.parquet").read_bytes()
+    (tmp_path / "in" / "b.parquet").write_bytes(data[: len(data) // 2])
+    problems = validate_job_file(job_file(tmp_path, {"path": "in"}))[1]
+    assert [p.path for p in problems] == ["input.path"]
+    assert f"cannot read input file {tmp_path / 'in' / 'b.parquet'}" in problems[0].message
+    result = run(load_job(tmp_path / "job.yaml"))
+    assert result.exit_code == 1 and f"cannot read input file {tmp_path / 'in' / 'b.parquet'}" in result.message
 
 
 def test_rows_of_a_folder_mixing_jsonl_and_parquet_are_counted_each_by_its_reader(tmp_path: Path) -> None:

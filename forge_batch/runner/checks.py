@@ -30,7 +30,7 @@ from forge_batch.job import (
 )
 from forge_batch.plugin_manager import PluginLoadError, collect_registry, find_plugin, get_plugin_manager
 from forge_batch.runner.engine_factory import ENGINE_FACTORY_ENV
-from forge_batch.runner.inputs import InputPlan, effective_input, reader_for_file
+from forge_batch.runner.inputs import InputFileError, InputPlan, count_rows, effective_input, reader_for_file
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,11 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
         facts["sampled_rows"] = len(sample)
         facts["prompt_chars_per_row"] = sum(chars) / len(chars) if chars else 0.0
         try:
-            facts["rows"] = InputPlan.for_job(job, readers).total_rows()  # the run's own count: each file by its reader
+            plan = InputPlan.for_job(job, readers)
+            facts["rows"] = count_rows(plan.files, plan.spec)  # the run's own count: each file by its reader
+        except InputFileError as e:  # a file past the first that its reader cannot read: the run would stop there
+            problems.append(Problem("input.path", str(e)))
+            facts["rows"] = None
         except Exception:  # counting is a courtesy; the checks above are what matter
             facts["rows"] = None
     return problems

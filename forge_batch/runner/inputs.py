@@ -3,6 +3,7 @@ how many there are, the input's identity for resume, and the output schema the f
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,12 +23,23 @@ COUNT_JSONL_BYTES = 256 << 20
 GZIP_RATIO = 8
 
 
+class InputFileError(ValueError):
+    """An input file its reader cannot read (a truncated Parquet file, say): the message names the file."""
+
+    def __init__(self, path: str, error: Exception) -> None:
+        super().__init__(f"cannot read input file {path}: {type(error).__name__}: {error}")
+        self.path = path
+
+
 def count_rows(files: list[tuple[str, Reader]], spec: InputSpec) -> int | None:
     """The input's rows (``limit`` applied) when that is cheap, else None: Parquet's metadata, or local
-    line-based files up to COUNT_JSONL_BYTES; a reader whose ``count`` says None or fails counts nothing."""
+    line-based files up to COUNT_JSONL_BYTES; a reader whose ``count`` says None counts nothing. A file that
+    cannot be read raises :class:`InputFileError`."""
     scan_bytes = 0
     for path, reader in files:
-        if reader.schema(path) is None:  # line-based: counting reads the whole file
+        with _naming(path):
+            line_based = reader.schema(path) is None
+        if line_based:  # counting reads the whole file
             if is_url(path):
                 return None
             scan_bytes += os.path.getsize(path) * (GZIP_RATIO if path.endswith(".gz") else 1)
@@ -35,11 +47,22 @@ def count_rows(files: list[tuple[str, Reader]], spec: InputSpec) -> int | None:
         return None
     total = 0
     for path, reader in files:
-        n = reader.count(path, spec)
+        with _naming(path):
+            n = reader.count(path, spec)
         if n is None:
             return None
         total += n
     return total if spec.limit is None else min(total, spec.limit)
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    try:
+        yield
+    except InputFileError:
+        raise
+    except Exception as e:  # a reader's own error, whatever its type: say which file
+        raise InputFileError(path, e) from e
 
 
 def reader_for_file(path: str, readers: Mapping[str, Reader], fmt: str = "auto") -> str | None:
@@ -92,7 +115,8 @@ class InputPlan:
     def batches(self) -> Iterator[list[RawRow]]:
         """Every row, lazily, in batches of about ``input.batch_size``, file after file."""
         for path, reader in self.files:
-            yield from reader.read(path, self.spec)
+            with _naming(path):
+                yield from reader.read(path, self.spec)
 
     def total_rows(self) -> int | None:
         """How many rows the run will see (``limit`` applied), or None when that is not cheap to tell
