@@ -61,8 +61,25 @@ class _Terminated(BaseException):
     """SIGTERM before the runner installed its own handlers (while importing, reading the job)."""
 
 
+# The run's exit code once its outcome is final (summary written): a SIGTERM after that, while the result is
+# printed or the process winds down (threads, torch), exits with it at once rather than as killed (143),
+# which a scheduler would read as a run that did not finish.
+_final_exit_code: int | None = None
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    if _final_exit_code is not None:
+        _exit_now(_final_exit_code)
     raise _Terminated()
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -75,16 +92,18 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 
 def _until_the_runner_takes_over(command: Any, args: argparse.Namespace) -> int:
     # Until the runner takes over signals, SIGTERM would kill the process without a word: say what happened.
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    global _final_exit_code
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return command(args)
+        _final_exit_code = command(args)
     except (_Terminated, KeyboardInterrupt) as e:
-        name, code = ("SIGTERM", 143) if isinstance(e, _Terminated) else ("SIGINT", 130)
+        name, _final_exit_code = ("SIGTERM", 143) if isinstance(e, _Terminated) else ("SIGINT", 130)
         _err(f"forge-batch: interrupted by {name} before the run started; nothing was committed this run; "
              "rerun the same command to resume")
-        return code
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # Python's shutdown puts its own handlers back to the default (killed: 143), but leaves an ignored signal
+    # ignored: the process only winds down from here
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return _final_exit_code
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -141,6 +160,8 @@ def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
     )
     try:
         result = runner.run()
+        global _final_exit_code
+        _final_exit_code = result.exit_code
     except OutputDirError as e:
         _err(f"forge-batch: {e}")
         return EXIT_USAGE

@@ -9,11 +9,13 @@ sample index, like a seeded real engine, so a resumed run must reproduce an unin
 Subprocess tests select it with ``FORGE_BATCH_ENGINE_FACTORY=fakes:make_fake_llm`` (tests/ on PYTHONPATH);
 ``FAKE_STEP_DELAY`` (seconds per engine step) slows it down so a run can be killed mid-way;
 ``FAKE_LOAD_DELAY`` (seconds) makes building it slow, like loading a model, and ``FAKE_LOAD_STARTED`` names a
-file it creates when that begins, so a test can signal a run that is loading.
+file it creates when that begins, so a test can signal a run that is loading; ``FAKE_EXIT_DELAY`` (seconds)
+makes the process's exit slow (an atexit sleep), like an engine's teardown.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import time
@@ -222,6 +224,8 @@ def make_fake_llm(job: Any, *, samplers: dict[str, Any] | None = None, constrain
     if started:
         open(started, "w").close()
     time.sleep(float(os.environ.get("FAKE_LOAD_DELAY", "0")))
+    if os.environ.get("FAKE_EXIT_DELAY"):
+        atexit.register(time.sleep, float(os.environ["FAKE_EXIT_DELAY"]))
     max_len = int(os.environ.get("FAKE_MAX_MODEL_LEN", "0")) or job.engine.max_model_len or 512
     return FakeLLM(
         max_model_len=max_len,

@@ -120,3 +120,16 @@ def test_signal_while_loading_the_model_says_so_and_exits(tmp_path: Path, sig: i
     done = run(load_job(path))
     assert done.exit_code == 0
     assert_exactly_once_and_equal(tmp_path, out)
+
+
+def test_sigterm_after_the_run_completed_exits_with_its_outcome(tmp_path: Path) -> None:
+    """A scheduler stopping a job that already printed "completed" (while it winds down) must not read it as
+    killed: the exit code stays the run's own."""
+    path = job_file(tmp_path)
+    proc = popen(["run", str(path), "--progress", "none"], cli_env(FAKE_EXIT_DELAY="3"))
+    first = proc.stdout.readline()  # the summary's first line, printed once the outcome is final
+    assert first.startswith("forge-batch: completed"), (first, proc.communicate())
+    time.sleep(0.5)  # printing done: the process is in its (slow) exit
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
