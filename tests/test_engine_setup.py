@@ -118,3 +118,13 @@ def test_engine_config_is_resolved_once_and_logged(tiny_model_dir, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "forge_batch.engine.llm"]
     ready = [line for line in lines if line.startswith("engine ready")]
     assert len(ready) == 1 and "40 blocks x 16 tokens" in ready[0] and "kernels auto" in ready[0]
+
+
+def test_a_max_model_len_past_the_models_context_is_lowered_with_a_warning(tiny_model_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="forge_batch.engine"):
+        llm = EngineLLM(str(tiny_model_dir), device="cpu", dtype="float32", max_model_len=10**6)
+    limit = llm.config.max_position_embeddings
+    assert llm.max_model_len == limit
+    assert any(f"max_model_len lowered from 1000000 to {limit}" in r.getMessage() for r in caplog.records)

@@ -4,6 +4,7 @@ rows, error budget, per-row sampling, plugins in row-level hooks."""
 from __future__ import annotations
 
 import json
+import logging
 import types
 from collections import Counter
 from pathlib import Path
@@ -317,6 +318,15 @@ def test_messages_system_prompt_and_include_prompt(tmp_path: Path) -> None:
     run(make_job(tmp_path, {"input": {"path": "in.jsonl", "apply_chat_template": False},
                             "output": {"path": "raw", "include_prompt": True}}))
     assert read_output(tmp_path / "raw")[1]["prompt"] == "plain"
+
+
+def test_a_system_prompt_plain_prompts_do_not_get_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"id": 2, "prompt": "plain"}])
+    with caplog.at_level(logging.WARNING, logger="forge_batch.runner"):
+        run(make_job(tmp_path, {"input": {"path": "in.jsonl", "apply_chat_template": False, "system_prompt": "Be brief."},
+                                "output": {"path": "raw", "include_prompt": True}}))
+    assert read_output(tmp_path / "raw")[0]["prompt"] == "plain"
+    assert any("input.system_prompt reaches only rows with a chat" in r.getMessage() for r in caplog.records)
 
 
 def test_in_flight_rows_are_capped(tmp_path: Path) -> None:

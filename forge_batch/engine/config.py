@@ -135,6 +135,9 @@ class EngineConfig:
         ``triton_matmuls``: every matmul weight is the Triton path's fixed-tile GEMM (triton_backend.py)."""
         max_model_len = min(args.max_model_len or model_config.max_position_embeddings,
                             model_config.max_position_embeddings)
+        if args.max_model_len and args.max_model_len > max_model_len:
+            log.warning("max_model_len lowered from %d to %d: the model's context (max_position_embeddings) is no longer",
+                        args.max_model_len, max_model_len)
         max_num_seqs = args.max_num_seqs if args.max_num_seqs is not None else default_max_num_seqs(device, dtype)
         block_size, num_blocks, prefix_caching = args.block_size, args.num_blocks, args.enable_prefix_caching
         if args.kv_cache == "naive":

@@ -341,6 +341,10 @@ def run_context(job: JobSpec, pm: PluginManager, spec: InputSpec, engine: Any, r
     an executor's driver)."""
     tokenizer = getattr(engine, "tokenizer", None)
     chat = job.input.apply_chat_template if job.input.apply_chat_template is not None else has_chat_template(tokenizer)
+    if job.input.system_prompt and not chat and engine is not None:
+        log.warning("input.system_prompt reaches only rows with a chat (messages_field): plain prompts go to the model "
+                    "as they are, without a chat template (%s)", "apply_chat_template is false"
+                    if job.input.apply_chat_template is False else "the model has none")
     return RunContext(
         job=job,
         input=spec,
