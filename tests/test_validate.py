@@ -117,6 +117,14 @@ def test_output_and_engine_options_run_would_refuse_are_refused_before_the_model
     assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
 
 
+def test_a_symlinked_state_folder_is_refused_by_validate_as_by_run(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / ".out.forge_batch").symlink_to(tmp_path / "elsewhere")
+    assert_refused(job_file(tmp_path, tiny_model_dir), capsys, "output.path", ".out.forge_batch is a symlink")
+
+
 def test_run_reports_every_problem_validate_does(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     job = job_file(tmp_path, tiny_model_dir, sampling={"max_tokens": 0}, input={"path": "nope.jsonl"})
     for command in (["validate", str(job)], ["run", str(job), "--progress", "none"]):

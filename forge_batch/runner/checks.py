@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from pluggy import PluginManager
 
 from forge_batch.engine.sampling_params import BUILTIN_CONSTRAINT_KINDS
+from forge_batch.io.output_dir import state_dir_for
+from forge_batch.io.safe_fs import OutputDirError, symlink_error
 from forge_batch.job import (
     InputSpec,
     JobError,
@@ -91,6 +94,19 @@ def check_loaded_job(job: JobSpec, pm: PluginManager, *, check_model: bool = Tru
     return CheckedJob(job, pm)
 
 
+def _state_folder_problem(out: Path) -> str | None:
+    """Why run would refuse the output's state folder (see forge_batch.io.output_dir): a symlink, or not a folder."""
+    try:
+        state = state_dir_for(out)
+    except OutputDirError as e:
+        return str(e)
+    if state.is_symlink():
+        return str(symlink_error(state))
+    if state.exists() and not state.is_dir():
+        return f"{state} (the run's state folder) is not a directory"
+    return None
+
+
 def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool = True,
                            unloaded_plugins: Sequence[str] = (), warnings: list[str] | None = None,
                            facts: dict[str, Any] | None = None) -> list[Problem]:
@@ -100,6 +116,9 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     no loaded plugin registers may be theirs, so it is a warning (appended to ``warnings``), not a problem.
     ``facts`` receives what reading the input's first rows found (see :func:`_check_input_rows`)."""
     problems = check_job(job, check_model=check_model)
+    state_problem = _state_folder_problem(Path(job.output.path))
+    if state_problem is not None and not any(p.path == "output.path" for p in problems):
+        problems.append(Problem("output.path", state_problem))
     try:
         files = input_files(job.input.path)
     except OSError:  # reported by check_job
