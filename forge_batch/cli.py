@@ -46,6 +46,10 @@ def _err(msg: str, level: int = logging.ERROR) -> None:
 
 
 def _print_problems(source: str, problems: list[Problem]) -> None:
+    if _LOG_EVENTS:  # one event a problem, its key path and message as fields a log pipeline can match
+        for p in problems:
+            log.error("%s: %s", source, p, extra={"fields": {"source": source, "path": p.path, "message": p.message}})
+        return
     _err(f"{source}: {len(problems)} problem(s):")
     for p in problems:
         # a multi-line message (a regex error with its caret) stays under its item

@@ -113,6 +113,17 @@ def test_openai_response_line_shapes() -> None:
     )
     assert comp["response"]["body"]["object"] == "text_completion"
     assert comp["response"]["body"]["choices"][0]["text"] == "x"
+    # a constrained output cut by max_tokens is an answer, as vLLM returns it: 200, finish_reason length
+    cut = response_line(
+        [{**base, "sample_index": 0, "text": '{"a": ', "finish_reason": "length", "completion_tokens": 3,
+          "error": "incomplete: max_tokens reached", "error_kind": "invalid_output"}],
+        "custom_id",
+        "tiny",
+    )
+    assert cut["response"]["status_code"] == 200 and cut["error"] is None
+    choice = cut["response"]["body"]["choices"][0]
+    assert choice["message"]["content"] == '{"a": ' and choice["finish_reason"] == "length"
+    assert choice["error"]["code"] == "invalid_output"
 
 
 # ---- schema ---------------------------------------------------------------------------------------------

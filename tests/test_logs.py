@@ -53,6 +53,16 @@ def test_json_logs_are_one_object_a_line_with_the_load_and_the_run(tiny_job: Pat
     assert logging.getLogger("forge_batch").handlers == before
 
 
+def test_json_logs_give_each_job_problem_its_key_path(tiny_job: Path, capsys: pytest.CaptureFixture) -> None:
+    tiny_job.write_text(tiny_job.read_text().replace("max_tokens: 4", "max_tokens: 0").replace("in.jsonl", "nope.jsonl"))
+    for command in ("validate", "run"):
+        assert main(["--log-format", "json", command, str(tiny_job)]) == 2
+        events = _json_lines(capsys.readouterr().err)
+        problems = {e["fields"]["path"]: e["fields"]["message"] for e in events if "path" in e["fields"]}
+        assert set(problems) == {"sampling.max_tokens", "input.path"}, events
+        assert "nope.jsonl" in problems["input.path"]
+
+
 def test_the_level_filters_from_the_option_or_the_environment(tiny_job: Path, capsys: pytest.CaptureFixture,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["--log-level", "warning", "run", str(tiny_job), "--progress", "none", "--overwrite"]) == 0

@@ -195,6 +195,12 @@ def _choice_logprobs(positions: list[Mapping[str, Any]] | None, url: str) -> dic
     ], "refusal": None}
 
 
+def _answered(record: Mapping[str, Any]) -> bool:
+    """The model answered: no error, or one about the answer (a constrained output that does not conform, cut
+    by max_tokens say, which vLLM returns as a 200 with finish_reason "length"); the error is kept beside it."""
+    return not record.get("error") or record.get("error_kind") in ("invalid_output", "type_mismatch")
+
+
 def response_line(records: list[Mapping[str, Any]], id_column: str, model: str) -> dict[str, Any]:
     """One output line for all samples (records) of one request, in the Batch API's shape."""
     first = records[0]
@@ -205,7 +211,7 @@ def response_line(records: list[Mapping[str, Any]], id_column: str, model: str) 
     url = extra.get("openai_url") or CHAT_URL
     finished = first.get("finished_at")
     created = int(finished.timestamp()) if hasattr(finished, "timestamp") else 0
-    ok = [r for r in records if not r.get("error")]
+    ok = [r for r in records if _answered(r)]
     if not ok:
         kind = first.get("error_kind") or "error"
         message = first.get("error") or "failed"
@@ -221,13 +227,13 @@ def response_line(records: list[Mapping[str, Any]], id_column: str, model: str) 
         }
     choices = []
     for r in sorted(records, key=lambda r: r.get("sample_index") or 0):
-        text = r.get("text") if not r.get("error") else None
+        text = r.get("text") if _answered(r) else None
         choice: dict[str, Any] = {"index": r.get("sample_index") or 0}
         if url == COMPLETIONS_URL:
             choice["text"] = text
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = None if r.get("error") else _choice_logprobs(r.get("logprobs"), url)
+        choice["logprobs"] = _choice_logprobs(r.get("logprobs"), url) if _answered(r) else None
         choice["finish_reason"] = r.get("finish_reason")
         if r.get("error"):
             choice["error"] = {"code": r.get("error_kind"), "message": r.get("error")}
