@@ -441,6 +441,47 @@ def test_plugin_hooks_skip_drop_score_and_fail_rows_with_their_name(tmp_path: Pa
     assert holder[0].requests_seen == [] and len(read_output(tmp_path / "out")) == 4
 
 
+def test_result_hooks_cannot_break_the_runners_own_columns_or_stop_the_run(tmp_path: Path) -> None:
+    """process_result may replace a record without the bookkeeping keys or put a wrong type in them, and raise
+    SkipRow; result_recorded may change or empty its record: none of it stops the run or changes what the runner
+    counts, commits and resumes by."""
+    rows = [{"id": i, "prompt": p, **extra} for i, (p, extra) in enumerate(
+        [("a", {"replace": True}), ("b", {"retype": True}), ("c", {"skip": True}), ("d", {"fail": True}), ("e", {})])]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+
+    @hookimpl
+    def process_result(record, row):
+        if row.get("replace"):
+            return {"text": "replaced", "score": 1}
+        if row.get("retype"):
+            record["completion_tokens"], record["row_index"] = "many", None
+        if row.get("skip"):
+            raise SkipRow("not interesting")
+        if row.get("fail"):
+            record["error"] = "banned by policy"  # no kind given
+        return None
+
+    @hookimpl
+    def result_recorded(record):
+        record["text"] = "MUTATED"
+        for key in ("row_index", "completion_tokens", "id"):
+            record.pop(key)
+
+    plugin = types.SimpleNamespace(process_result=process_result, result_recorded=result_recorded, __name__="rough")
+    job = make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}, "max_error_rate": 1.0})
+    result = run(job, plugins=[("rough", plugin)])
+    assert result.exit_code == 0, result.message
+    out = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert [out[i]["row_index"] for i in range(5)] == list(range(5)) and all(r["text"] != "MUTATED" for r in out.values())
+    assert out[0]["text"] == "replaced" and json.loads(out[0]["extra"]) == {"score": 1} and out[0]["completion_tokens"] > 0
+    assert isinstance(out[1]["completion_tokens"], int) and out[1]["error"] is None
+    assert (out[2]["finish_reason"], out[2]["error_kind"], out[2]["error"]) == ("skipped", "skipped", "not interesting")
+    assert (out[3]["error_kind"], out[3]["error"]) == ("row_error", "banned by policy")
+    s = result.summary
+    assert (s["rows_ok"], s["rows_failed"], s["rows_skipped"]) == (3, 1, 1)
+    assert s["completion_tokens"] == sum(r["completion_tokens"] for r in out.values())
+
+
 def test_job_named_plugin_file(tmp_path: Path) -> None:
     (tmp_path / "upper.py").write_text(
         "from forge_batch.hookspecs import hookimpl\n\n"

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from forge_batch.contract import DropResult, ErrorKind, RowError, RunContext
+from forge_batch.contract import DropResult, ErrorKind, RowError, RunContext, SkipRow
 from forge_batch.engine.outputs import RequestOutput
 from forge_batch.plugin_manager import PluginHookError, call_impl, iter_impls
 
@@ -30,6 +30,12 @@ def _engine_kind(kind: Any) -> str:
     return ErrorKind(kind).value if kind in ErrorKind._value2member_map_ else ErrorKind.ENGINE_ERROR.value
 
 
+# The record keys the runner counts, commits and resumes by (with the id column): a process_result hook's change
+# to them, or their removal, is undone.
+RUNNER_COLUMNS = ("row_index", "sample_index", "prompt_tokens", "completion_tokens", "finish_reason", "ttft_s",
+                  "latency_s", "finished_at")
+
+
 class ResultObservers:
     """Calls the ``result_recorded`` hooks for each record handed to the output. A hook that raises is
     reported once (per plugin) through ``warn`` and never fails a row or the run."""
@@ -43,8 +49,8 @@ class ResultObservers:
     def __call__(self, group: Group) -> None:
         for impl in self.impls:
             for rec in group.records:
-                try:
-                    call_impl(impl, "result_recorded", {"record": rec, "context": self.context})
+                try:  # a copy: observation only, whatever the hook does to it
+                    call_impl(impl, "result_recorded", {"record": dict(rec), "context": self.context})
                 except Exception as e:  # observation never fails a row
                     if impl.plugin_name not in self._warned:
                         self._warned.add(impl.plugin_name)
@@ -150,22 +156,27 @@ class RecordBuilder:
             if rec.get("error_kind") == ErrorKind.SKIPPED:
                 kept.append(rec)
                 continue
+            own = {k: rec.get(k) for k in (self.id_column, *RUNNER_COLUMNS)}
             try:
                 for impl in iter_impls(self.pm, "process_result"):
                     result = call_impl(impl, "process_result", {"record": rec, "output": out, "row": row, "context": self.context})
                     if isinstance(result, dict):
                         rec = result
             except DropResult:
-                dropped.append(rec)
+                dropped.append({**rec, **own})
                 continue
+            except SkipRow as e:  # left out on purpose, as from prepare_request: written as skipped
+                own["finish_reason"] = "skipped"
+                rec = {**rec, "text": None, "error": str(e) or "skipped", "error_kind": ErrorKind.SKIPPED.value}
             except (PluginHookError, RowError) as e:
                 if rec.get("error"):
                     rec["error"] = f"{rec['error']}; also {e}"
                 else:
                     kind = e.kind if isinstance(e, RowError) else ErrorKind.PLUGIN_ERROR.value
                     rec["error"], rec["error_kind"], rec["text"] = str(e), kind, None
+            rec.update(own)  # the runner's own columns: what it counts and resumes by, whatever a hook did to them
             if rec.get("error") and not rec.get("error_kind"):
-                rec["error_kind"] = ErrorKind.INVALID_OUTPUT.value  # a hook failed the sample without a kind
+                rec["error_kind"] = ErrorKind.ROW_ERROR.value  # a hook failed the sample without a kind
             kept.append(self._fold_extra(rec))
         return kept, dropped
 
