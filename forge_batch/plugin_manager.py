@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -26,6 +27,8 @@ import pluggy
 
 from forge_batch import hookspecs
 from forge_batch.hookspecs import DropResult, RowError, SkipRow
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "forge_batch"
 LOAD_PLUGINS_ENV = "FORGE_BATCH_LOAD_PLUGINS"
@@ -389,14 +392,28 @@ def call_impl(impl: Any, hook_name: str, kwargs: Mapping[str, Any]) -> Any:
         raise PluginHookError(impl.plugin_name, hook_name, e) from e
 
 
+_REPORTED: set[tuple[str, str]] = set()  # (plugin, hook) whose failure was already logged in this process
+
+
 def collect_registry_with_sources(pm: pluggy.PluginManager, hook_name: str) -> dict[str, tuple[Any, str]]:
     """Merge the mappings a ``register_*`` hook returns: name -> (object, plugin name).
 
     Implementations are merged in registration order, so a plugin registered later (an installed or job
     plugin) replaces a built-in of the same name."""
     merged: dict[str, tuple[Any, str]] = {}
+    sources: dict[str, PluginInfo] = getattr(pm, "forge_sources", {})
     for impl in reversed(list(iter_impls(pm, hook_name))):
-        result = call_impl(impl, hook_name, {})
+        try:
+            result = call_impl(impl, hook_name, {})
+        except PluginHookError as e:
+            info = sources.get(impl.plugin_name)
+            if info is None or not info.source.startswith("entry point"):
+                raise  # a built-in's or the job's own plugin: the job cannot run as written
+            # an installed plugin that breaks is left out, as one that fails to import: it cannot stop every job
+            if (impl.plugin_name, hook_name) not in _REPORTED:
+                _REPORTED.add((impl.plugin_name, hook_name))
+                log.warning("skipping what installed plugin %r registers in %s: %s", impl.plugin_name, hook_name, e)
+            continue
         if not result:
             continue
         if not isinstance(result, Mapping):

@@ -3,6 +3,7 @@ plugins named in a job, overriding a built-in, broken plugins."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from forge_batch.plugin_manager import (
     BUILTIN_PLUGINS,
     CONSTRAINT_PLUGINS,
     LOAD_PLUGINS_ENV,
+    PluginHookError,
     PluginLoadError,
     collect_registry,
     collect_registry_with_sources,
@@ -116,6 +118,21 @@ def test_broken_installed_plugin_is_skipped_with_a_warning(site: Path) -> None:
     pm = get_plugin_manager()
     assert not pm.has_plugin("broken")
     assert any("broken" in w and "missing dependency xyz" in w for w in pm.forge_warnings)
+
+
+def test_an_installed_plugin_whose_registration_raises_is_left_out_a_job_plugins_is_a_problem(
+    site: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = "from forge_batch.hookspecs import hookimpl\n\n@hookimpl\ndef register_readers():\n    raise RuntimeError('no foo')\n"
+    fake_distribution(site, "fb-badreg", "fb_test_plugin_badreg", "badreg", body)
+    with caplog.at_level(logging.WARNING, logger="forge_batch.plugin_manager"):
+        readers = collect_registry(get_plugin_manager(), "register_readers")
+    assert {"jsonl", "parquet"} <= set(readers)  # the built-ins still register
+    assert any("installed plugin 'badreg'" in r.getMessage() and "no foo" in r.getMessage() for r in caplog.records)
+    pfile = tmp_path / "mine.py"
+    pfile.write_text(body)
+    with pytest.raises(PluginHookError, match="plugin 'mine' raised in register_readers"):
+        collect_registry(get_plugin_manager([str(pfile)], entry_points=False), "register_readers")
 
 
 def test_job_plugins_by_module_and_file(site: Path, tmp_path: Path) -> None:

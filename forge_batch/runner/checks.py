@@ -31,7 +31,13 @@ from forge_batch.job import (
     load_job,
     load_job_for_checks,
 )
-from forge_batch.plugin_manager import PluginLoadError, collect_registry, find_plugin, get_plugin_manager
+from forge_batch.plugin_manager import (
+    PluginHookError,
+    PluginLoadError,
+    collect_registry,
+    find_plugin,
+    get_plugin_manager,
+)
 from forge_batch.runner.engine_factory import ENGINE_FACTORY_ENV
 from forge_batch.runner.inputs import InputFileError, InputPlan, count_rows, effective_input, reader_for_file
 
@@ -133,11 +139,15 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
                 f"from {', '.join(unloaded_plugins)}, which validate does not import (run will tell)"
             )
 
-    readers = collect_registry(pm, "register_readers")
-    writers = collect_registry(pm, "register_writers")
-    kinds = collect_registry(pm, "register_constraints")
-    # Only when a sampler is named: collecting samplers imports the engine (torch), which validate avoids.
-    samplers = collect_registry(pm, "register_samplers") if job.sampling.sampler is not None else {}
+    try:
+        readers = collect_registry(pm, "register_readers")
+        writers = collect_registry(pm, "register_writers")
+        kinds = collect_registry(pm, "register_constraints")
+        # Only when a sampler is named: collecting samplers imports the engine (torch), which validate avoids.
+        samplers = collect_registry(pm, "register_samplers") if job.sampling.sampler is not None else {}
+    except PluginHookError as e:  # the job's own plugin (an installed one is left out, see collect_registry)
+        problems.append(Problem("plugins", str(e)))
+        return problems
     if job.input.format != "auto" and job.input.format not in readers:
         unknown("input.format", "input format", job.input.format, ["auto", *readers])
     elif job.input.format == "auto":
