@@ -482,6 +482,24 @@ def test_result_hooks_cannot_break_the_runners_own_columns_or_stop_the_run(tmp_p
     assert s["completion_tokens"] == sum(r["completion_tokens"] for r in out.values())
 
 
+def test_prepare_request_misuse_fails_the_row_naming_the_plugin(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x", "drop": True}, {"id": "b", "prompt": "y"}])
+
+    @hookimpl
+    def prepare_request(request, row):
+        if row.get("drop"):
+            raise DropResult("not wanted")
+        return "a prompt string"  # the request is wanted, not its prompt
+
+    plugin = types.SimpleNamespace(prepare_request=prepare_request, __name__="careless")
+    job = make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}, "max_error_rate": 1.0})
+    run(job, plugins=[("careless", plugin)])
+    out = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert {r["error_kind"] for r in out.values()} == {"plugin_error"}  # not internal_error, and the ids kept
+    assert "plugin 'careless' raised DropResult in prepare_request" in out["a"]["error"] and "SkipRow" in out["a"]["error"]
+    assert "plugin 'careless': prepare_request returned a str" in out["b"]["error"]
+
+
 def test_job_named_plugin_file(tmp_path: Path) -> None:
     (tmp_path / "upper.py").write_text(
         "from forge_batch.hookspecs import hookimpl\n\n"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from forge_batch.contract import ErrorKind, RawRow, RowError, RunContext, SkipRow
+from forge_batch.contract import DropResult, ErrorKind, RawRow, RowError, RunContext, SkipRow
 from forge_batch.engine.prompts import PromptError, prompt_token_ids
 from forge_batch.engine.request import GenerationRequest
 from forge_batch.engine.sampling_params import (
@@ -154,8 +154,8 @@ class RequestBuilder:
         except _RowFailed as e:
             return self.error_request(row.row_index, row.id_value, row.data, e.message, e.kind, e.n)
         except Exception as e:  # never let one row break the stream
-            return self.error_request(row.row_index, None, row.data, f"internal error preparing row: {type(e).__name__}: {e}",
-                                      ErrorKind.INTERNAL_ERROR)
+            return self.error_request(row.row_index, row.id_value, row.data,
+                                      f"internal error preparing row: {type(e).__name__}: {e}", ErrorKind.INTERNAL_ERROR)
         return request
 
     def error_request(self, row_index: int, id_value: Any, data: dict[str, Any] | None, message: str, kind: str,
@@ -290,9 +290,15 @@ class RequestBuilder:
             meta["constraint"] = params.constraint_spec
         request = GenerationRequest(request_id=f"r{row_index}", params=params, metadata={"_forge": meta})
         hook_args = {"row": data, "context": self.context}
+        plugin = None
         try:
             for impl in iter_impls(self.pm, "prepare_request"):
+                plugin = impl.plugin_name
                 result = call_impl(impl, "prepare_request", {"request": request, **hook_args})
+                if result is not None and not isinstance(result, GenerationRequest):
+                    raise _RowFailed(f"plugin {plugin!r}: prepare_request returned a {type(result).__name__}; modify "
+                                     "the request in place (request.prompt = ...) or return a GenerationRequest",
+                                     ErrorKind.PLUGIN_ERROR, params.n)
                 if result is not None:
                     request = result
             for impl in iter_impls(self.pm, "logits_processors"):
@@ -301,6 +307,10 @@ class RequestBuilder:
                     request.params.logits_processors.extend(procs)
         except SkipRow as e:
             raise _RowFailed(f"skipped: {e}", ErrorKind.SKIPPED, params.n) from None
+        except DropResult as e:  # process_result's: before generation there is no result to leave out
+            raise _RowFailed(f"plugin {plugin!r} raised DropResult in prepare_request ({e}): raise SkipRow to leave a "
+                             "row out before generation (DropResult is for process_result)", ErrorKind.PLUGIN_ERROR,
+                             params.n) from None
         except RowError as e:
             raise _RowFailed(str(e), e.kind, params.n) from None
         except PluginHookError as e:
