@@ -275,3 +275,15 @@ def test_a_constraint_no_text_satisfies_is_refused_when_compiled(llm):
         out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=5, **{kind: spec}))[0]
         assert out.error_kind == "constraint_error" and "<state>" not in out.error, out.error
         assert ("admits no text at all" if kind == "regex" else "unsatisfiable") in out.error  # (llguidance's own check)
+
+
+def test_a_stop_string_in_the_token_that_ends_the_grammar_still_cuts_the_text(llm):
+    """As anywhere else in the output: the text is cut, and what is left is judged (here: no choice)."""
+    choice = ["yes.", "no."]
+    cut = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0.0, choice=choice, stop=["."]))
+    for out in cut:
+        assert out.finish_reason == "stop" and out.samples[0].stop_reason == "."
+        assert out.text in ("yes", "no") and out.samples[0].valid is False and out.samples[0].error_kind == "invalid_output"
+    kept = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0.0, choice=choice, stop=["."],
+                                                    include_stop_str_in_output=True))
+    assert all(o.text in choice and o.samples[0].valid is True for o in kept)

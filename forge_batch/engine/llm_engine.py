@@ -42,7 +42,7 @@ from .sampler import (
 from .sampling_params import SamplingParams, check_params_for_engine
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SequenceStatus
-from .stopping import check_stop, constraint_stop, settle_text
+from .stopping import check_stop, constraint_stop, cut_at_stop_string, settle_text
 
 
 def _fail_processor_rows(seqs: list[Sequence], row_errors: dict[int, str]) -> None:
@@ -375,9 +375,10 @@ class LLMEngine:
                 self.inter_token_latency.add(now - seq.last_token_time)  # type: ignore[operator]
             seq.last_token_time = now
             self._stats.output_tokens += 1
-            if (seq.constraint_state is not None and constraint_stop(seq, tok, self.eos_token_ids)) or check_stop(
-                seq, tok, self.eos_token_ids, self.config.max_model_len, self._decode
-            ):
+            ended = seq.constraint_state is not None and constraint_stop(seq, tok, self.eos_token_ids)
+            if ended and seq.finish_reason == "stop" and seq.params.stop:
+                cut_at_stop_string(seq, self._decode)  # the grammar's last token may hold a stop string too
+            if ended or check_stop(seq, tok, self.eos_token_ids, self.config.max_model_len, self._decode):
                 self._finish(seq, done)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence],

@@ -39,15 +39,24 @@ def check_stop(seq: Sequence, tok: int, eos_token_ids: frozenset[int], max_model
         # vLLM's stop_reason: the stop token's id, None for EOS
         seq.finish_reason, seq.stop_reason, seq.stop_token = "stop", tok if tok in p.stop_token_ids else None, True
         return True
-    hit = _stop_string(seq, decode) if p.stop else None
-    if hit is not None:
-        seq.text = seq.detok.text[: hit[0] + (len(hit[1]) if p.include_stop_str_in_output else 0)]  # type: ignore[union-attr]
-        seq.finish_reason, seq.stop_reason = "stop", hit[1]
+    if p.stop and cut_at_stop_string(seq, decode):
         return True
     if n_out >= p.max_tokens or seq.num_tokens >= max_model_len:
         seq.finish_reason = "length"
         return True
     return False
+
+
+def cut_at_stop_string(seq: Sequence, decode: Decode) -> bool:
+    """True when a stop string ends in the text the latest token added: the sample stops there, its text cut
+    (kept up to the stop string's end with include_stop_str_in_output). Also for the token that ends a
+    constrained sample's grammar."""
+    hit = _stop_string(seq, decode)
+    if hit is None:
+        return False
+    seq.text = seq.detok.text[: hit[0] + (len(hit[1]) if seq.params.include_stop_str_in_output else 0)]  # type: ignore[union-attr]
+    seq.finish_reason, seq.stop_reason, seq.stop_token = "stop", hit[1], False
+    return True
 
 
 def _stop_string(seq: Sequence, decode: Decode) -> tuple[int, str] | None:
