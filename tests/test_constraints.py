@@ -98,6 +98,56 @@ def test_plugin_constraint_kind(tiny_model_dir):
     assert out.text in ("ping", "pong") and out.samples[0].valid
 
 
+def test_a_plugin_constraint_or_sampler_that_raises_fails_its_rows_alone(tiny_model_dir):
+    """A constraint whose state raises computing its mask or advancing, one without validate, a sampler that
+    raises: those requests fail (plugin_error, the kind or sampler named), the others in the batch go on."""
+
+    class State:
+        def __init__(self, where: str) -> None:
+            self.where = where
+
+        def fill_bitmask(self, bitmask, row):
+            if self.where == "mask":
+                raise RuntimeError("mask boom")
+
+        def advance(self, token_id):
+            if self.where == "advance":
+                raise RuntimeError("advance boom")
+
+        def is_accepting(self):
+            return True
+
+        def is_stopped(self):
+            return self.where == "novalidate"
+
+        def error(self):
+            return None
+
+    class Rough:  # no validate(): a constraint needs one
+        kind = "rough"
+
+        def __init__(self, spec):
+            self.spec = spec
+
+        def new_state(self):
+            return State(self.spec)
+
+    def boom_sampler(logits, batch):
+        raise ValueError("sampler boom")
+
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", constraints={"rough": lambda spec, t, v: Rough(spec)},
+              samplers={"boom": boom_sampler})
+    params = [SamplingParams(max_tokens=4, constraint={"rough": w}) for w in ("mask", "advance", "novalidate")]
+    params += [SamplingParams(max_tokens=4, sampler="boom"), SamplingParams(max_tokens=4, temperature=0.0)]
+    outs = llm.generate([*PROMPTS, "one more"], params)
+    for out, says in zip(outs, ["raised computing its mask: RuntimeError: mask boom", "raised: RuntimeError: advance boom",
+                                "validate raised: AttributeError", "sampler 'boom' raised: ValueError: sampler boom"]):
+        assert out.finish_reason == "error" and out.samples[0].error_kind == "plugin_error", out
+        assert says in out.samples[0].error, out.samples[0].error
+    assert all("'rough'" in o.samples[0].error for o in outs[:3])
+    assert outs[-1].error is None and len(outs[-1].token_ids) >= 1
+
+
 def test_masks_are_computed_beside_the_forward(llm):
     llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0.0, json_schema=SCHEMA))
     stats = llm.stats()

@@ -58,18 +58,28 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def fill_bitmasks(states: list[ConstraintState], bitmask: torch.Tensor) -> None:
-    """Fill ``bitmask[i]`` for each state; a state class may provide a faster batched ``fill_batch``."""
+def fill_bitmasks(states: list[ConstraintState], bitmask: torch.Tensor) -> dict[int, str]:
+    """Fill ``bitmask[i]`` for each state; a state class may provide a faster batched ``fill_batch``. Returns
+    the rows whose state raised (a plugin's constraint), each with what it raised: those rows fail alone."""
     by_type: dict[type, list[int]] = {}
+    failed: dict[int, str] = {}
     for i, s in enumerate(states):
         by_type.setdefault(type(s), []).append(i)
     for cls, rows in by_type.items():
         batch_fill = getattr(cls, "fill_batch", None)
-        if batch_fill is not None:
-            batch_fill([states[i] for i in rows], rows, bitmask)
-        else:
-            for i in rows:
+        try:
+            if batch_fill is not None:
+                batch_fill([states[i] for i in rows], rows, bitmask)
+                continue
+        except Exception as e:  # noqa: BLE001 - the rows fail, with what was raised
+            failed.update({i: f"{type(e).__name__}: {e}" for i in rows})
+            continue
+        for i in rows:
+            try:
                 states[i].fill_bitmask(bitmask, i)
+            except Exception as e:  # noqa: BLE001 - the row fails, with what was raised
+                failed[i] = f"{type(e).__name__}: {e}"
+    return failed
 
 
 _BIT = None

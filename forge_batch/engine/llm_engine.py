@@ -23,7 +23,14 @@ from forge_batch.models.tokenizer import Tokenizer
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .constraints import ConstraintError, ConstraintFactory, apply_bitmask, bitmask_words, fill_bitmasks
+from .constraints import (
+    BANNED_PENALTY,
+    ConstraintError,
+    ConstraintFactory,
+    apply_bitmask,
+    bitmask_words,
+    fill_bitmasks,
+)
 from .cpu_backend import CpuBackend
 from .histogram import LogHistogram
 from .model_runner import ModelRunner
@@ -53,15 +60,44 @@ def _fail_processor_rows(seqs: list[Sequence], row_errors: dict[int, str]) -> No
         seqs[i].error_kind = EngineErrorKind.PLUGIN_ERROR.value
 
 
+def _fail_row(seq: Sequence, error: str, kind: EngineErrorKind = EngineErrorKind.PLUGIN_ERROR) -> None:
+    """Mark a sequence failed (the step finishes it without its sampled token), unless it already is."""
+    if seq.finish_reason != "error":
+        seq.finish_reason, seq.error, seq.error_kind = "error", error, kind.value
+
+
+def _run_samplers(samplers: dict[str, Sampler], logits: torch.Tensor, seqs: list[Sequence],
+                  batch: SamplingBatch) -> torch.Tensor:
+    """Each row's token from its sampler (the rows of one sampler in one call). A sampler that raises (a
+    plugin's) fails its rows; the others go on."""
+    params = batch.params
+    tokens = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)
+    for name in {p.sampler or "default" for p in params}:
+        rows = [i for i, p in enumerate(params) if (p.sampler or "default") == name]
+        whole = len(rows) == len(seqs)
+        sub_batch = batch if whole else SamplingBatch(
+            params=[params[i] for i in rows], output_token_ids=[batch.output_token_ids[i] for i in rows],
+            prompt_token_ids=[batch.prompt_token_ids[i] for i in rows], uniforms=batch.uniforms[rows],
+            eos_token_ids=batch.eos_token_ids)
+        try:
+            picked = samplers[name](logits if whole else logits[rows], sub_batch)
+            tokens[rows] = torch.as_tensor(picked, device=logits.device).long()
+        except Exception as e:  # noqa: BLE001 - its rows fail, with what it raised
+            for i in rows:
+                _fail_row(seqs[i], f"sampler {name!r} raised: {type(e).__name__}: {e}")
+    return tokens
+
+
 def _fail_rows_that_picked_a_banned_token(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """The sampled tokens as ints. A token whose logit is -inf (or NaN) was never allowed: that row's options
     banned every token, so it fails (bad_sampling) rather than emit it."""
     picked = logits.gather(1, tokens.view(-1, 1)).view(-1)
-    chosen, banned = torch.stack([tokens, (torch.isneginf(picked) | torch.isnan(picked)).long()]).tolist()
-    for i in (i for i, b in enumerate(banned) if b and seqs[i].finish_reason != "error"):
-        seqs[i].finish_reason, seqs[i].error_kind = "error", EngineErrorKind.BAD_SAMPLING.value
-        seqs[i].error = ("no token can be sampled: allowed_token_ids, bad_words, min_tokens, logit_bias and the "
-                         "constraint together ban every token")
+    # (a structured-output mask on the CPU lowers a logit by BANNED_PENALTY rather than to -inf)
+    banned = torch.isneginf(picked) | torch.isnan(picked) | (picked < -BANNED_PENALTY / 2)
+    chosen, banned_rows = torch.stack([tokens, banned.long()]).tolist()
+    for i in (i for i, b in enumerate(banned_rows) if b):
+        _fail_row(seqs[i], "no token can be sampled: allowed_token_ids, bad_words, min_tokens, logit_bias and the "
+                           "constraint together ban every token", EngineErrorKind.BAD_SAMPLING)
     return chosen
 
 
@@ -174,10 +210,11 @@ class _MaskWorker:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forge-batch-masks")
 
-        def work() -> None:
+        def work() -> dict[int, str]:
             t0 = time.monotonic()
-            fill_bitmasks(states, bitmask)  # type: ignore[arg-type]
+            failed = fill_bitmasks(states, bitmask)  # type: ignore[arg-type]
             self.stats.mask_seconds += time.monotonic() - t0
+            return failed
 
         return rows, bitmask, self._pool.submit(work)
 
@@ -335,7 +372,10 @@ class LLMEngine:
         self._stats.forward_seconds += time.monotonic() - t_fwd
         if masks is not None:
             t_wait = time.monotonic()
-            masks[2].result()
+            for j, error in masks[2].result().items():  # a constraint whose mask raised fails its row alone
+                seq = sampling[masks[0][j]]
+                spec = seq.params.constraint_spec
+                _fail_row(seq, f"the {spec[0] if spec else ''!r} constraint raised computing its mask: {error}")
             self._stats.mask_wait_seconds += time.monotonic() - t_wait
         for s in plan.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
@@ -418,18 +458,7 @@ class LLMEngine:
                 sub = logits[rows]
                 apply_bitmask(sub, bitmask)
                 logits[rows] = sub
-        names = {p.sampler or "default" for p in params}
-        if len(names) == 1:
-            tokens = torch.as_tensor(self.samplers[names.pop()](logits, batch), device=logits.device).long()
-        else:
-            tokens = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)
-            for name in names:
-                rows = [i for i, p in enumerate(params) if (p.sampler or "default") == name]
-                sub_batch = SamplingBatch(params=[params[i] for i in rows],
-                                          output_token_ids=[batch.output_token_ids[i] for i in rows],
-                                          prompt_token_ids=[batch.prompt_token_ids[i] for i in rows],
-                                          uniforms=uniforms[rows], eos_token_ids=self.eos_token_ids)
-                tokens[rows] = torch.as_tensor(self.samplers[name](logits[rows], sub_batch), device=logits.device).long()
+        tokens = _run_samplers(self.samplers, logits, seqs, batch)
         return _fail_rows_that_picked_a_banned_token(logits, tokens, seqs)
 
     # ---- finishing ----------------------------------------------------------------------------------

@@ -12,7 +12,22 @@ from .sequence import Sequence
 
 
 def constraint_stop(seq: Sequence, tok: int, eos_token_ids: frozenset[int]) -> bool:
-    """Advance the sample's grammar; True when the grammar ends (or broke) the sample here."""
+    """Advance the sample's grammar; True when the grammar ends (or broke) the sample here. A constraint
+    state that raises (a plugin's) fails the sample alone."""
+    try:
+        return _advance_grammar(seq, tok, eos_token_ids)
+    except Exception as e:  # noqa: BLE001 - the sample fails, with what was raised
+        seq.finish_reason, seq.error_kind = "error", EngineErrorKind.PLUGIN_ERROR.value
+        seq.error = f"the {_kind(seq)} constraint raised: {type(e).__name__}: {e}"
+        return True
+
+
+def _kind(seq: Sequence) -> str:
+    spec = seq.params.constraint_spec
+    return repr(spec[0]) if spec is not None else "request's"
+
+
+def _advance_grammar(seq: Sequence, tok: int, eos_token_ids: frozenset[int]) -> bool:
     state = seq.constraint_state
     if tok in eos_token_ids and state.is_accepting():  # type: ignore[union-attr]
         seq.finish_reason, seq.stop_reason, seq.stop_token = "stop", None, True
@@ -88,7 +103,12 @@ def settle_text(seq: Sequence, decode: Decode) -> None:
     if seq.constraint is None or seq.finish_reason not in ("stop", "length"):
         return
     if seq.finish_reason == "stop":
-        seq.valid, reason = seq.constraint.validate(seq.text)  # type: ignore[attr-defined]
+        try:
+            seq.valid, reason = seq.constraint.validate(seq.text)  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - a plugin's constraint: the sample fails, with what was raised
+            seq.valid, seq.finish_reason, seq.error_kind = None, "error", EngineErrorKind.PLUGIN_ERROR.value
+            seq.error = f"the {_kind(seq)} constraint's validate raised: {type(e).__name__}: {e}"
+            return
         if not seq.valid:
             seq.error = f"invalid output: {reason}"
             seq.error_kind = EngineErrorKind.INVALID_OUTPUT.value
