@@ -124,6 +124,8 @@ _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?(?:[zZ]|[+-
 # Anchored: llguidance gives ``pattern`` JSON Schema's search semantics, so an unanchored one would admit
 # any string that merely contains a date.
 EXACT_FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[tT]{_TIME}$"}
+# The string formats llguidance's JSON-schema grammar knows (1.9; it refuses a schema with any other).
+GRAMMAR_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid"})
 # Keywords whose values are data, not subschemas: never rewritten.
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required"})
 # Keywords whose values map names to subschemas (the mapping itself is not a schema).
@@ -131,7 +133,10 @@ _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitio
 
 
 def exact_formats(node: Any) -> Any:
-    """A copy of a JSON schema in which ``format: date / time / date-time`` become exact patterns.
+    """A copy of a JSON schema in which ``format: date / time / date-time`` become exact patterns, and a
+    ``format`` the grammar engine does not know (``iri``, ``uri-reference``, a pydantic ``binary``...) is left
+    out: JSON Schema makes ``format`` an annotation, so such a schema compiles, and the independent check
+    (jsonschema's format checker) judges the finished output against the formats it knows.
 
     Only the grammar sees the copy; validation still uses the user's schema. Where a subschema already
     has a ``pattern``, the exact one is intersected through ``allOf`` (llguidance supports that).
@@ -149,6 +154,8 @@ def exact_formats(node: Any) -> Any:
         else:
             out[key] = exact_formats(value)
     fmt = out.get("format")
+    if isinstance(fmt, str) and fmt not in GRAMMAR_FORMATS and fmt not in EXACT_FORMAT_PATTERNS:
+        del out["format"]
     if isinstance(fmt, str) and fmt in EXACT_FORMAT_PATTERNS:
         exact = EXACT_FORMAT_PATTERNS[fmt]
         del out["format"]

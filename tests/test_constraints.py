@@ -337,3 +337,15 @@ def test_a_stop_string_in_the_token_that_ends_the_grammar_still_cuts_the_text(ll
     kept = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0.0, choice=choice, stop=["."],
                                                     include_stop_str_in_output=True))
     assert all(o.text in choice and o.samples[0].valid is True for o in kept)
+
+
+@pytest.mark.parametrize("fmt", ["iri", "uri-reference", "idn-email", "json-pointer", "binary", "made-up"])
+def test_a_format_the_grammar_does_not_know_compiles_and_is_judged_after(fmt):
+    """format is an annotation in JSON Schema: the grammar leaves it out, the independent check judges the
+    formats jsonschema knows (a uri-reference that is not one is invalid; an unknown format constrains nothing)."""
+    from forge_batch.plugins.constraints import check_json_schema, json_schema_validator
+
+    schema = {"type": "object", "properties": {"v": {"type": "string", "format": fmt}}, "required": ["v"]}
+    check_json_schema(schema)
+    ok, _ = json_schema_validator(schema)(json.dumps({"v": "has spaces and no scheme: ::"}))
+    assert ok is (fmt not in ("uri-reference", "idn-email", "json-pointer"))
