@@ -358,6 +358,29 @@ def test_names_a_job_plugin_may_register_are_not_errors_for_validate(
     assert list((tmp_path / "out").glob("part-*.tsv"))
 
 
+def test_an_input_only_a_job_plugins_reader_knows_is_a_warning_for_validate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", "fakes:make_fake_llm")
+    (tmp_path / "tsv_plugin.py").write_text(
+        "from forge_batch.contract import RawRow\n"
+        "from forge_batch.hookspecs import hookimpl\n\n"
+        "class TsvReader:\n    name = 'tsv'\n    extensions = ('.tsv',)\n"
+        "    def schema(self, path):\n        return None\n"
+        "    def count(self, path, spec):\n        return None\n"
+        "    def read(self, path, spec):\n"
+        "        rows = [dict(zip(('id', 'prompt'), line.rstrip('\\n').split('\\t'))) for line in open(path)]\n"
+        "        yield [RawRow(r) for r in rows]\n\n"
+        "@hookimpl\ndef register_readers():\n    return {'tsv': TsvReader()}\n"
+    )
+    (tmp_path / "in.tsv").write_text("a\thello\nb\tworld\n")
+    job = write_job_file(tmp_path / "job.yaml", {"model": "fake", "input": {"path": "in.tsv"}, "output": {"path": "out"},
+                                                  "plugins": ["./tsv_plugin.py"]})
+    code, out = validate(job, capsys)
+    assert code == 0 and "warning" in out and "in.tsv" in out and "tsv_plugin.py" in out, out
+    assert main(["run", str(job), "--quiet"]) == 0
+
+
 def test_load_plugins_naming_no_installed_plugin_warns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

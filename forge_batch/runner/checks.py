@@ -152,8 +152,11 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
         unknown("input.format", "input format", job.input.format, ["auto", *readers])
     elif job.input.format == "auto":
         unreadable = next((f for f in files if reader_for_file(f, readers) is None), None)
-        if unreadable is not None:
+        if unreadable is not None and not unloaded_plugins:
             problems.append(Problem("input.path", f"cannot tell the format of {unreadable} from its extension; set input.format"))
+        elif unreadable is not None and warnings is not None:
+            warnings.append(f"input.path: no built-in or installed reader knows {unreadable}; one of "
+                            f"{', '.join(unloaded_plugins)}, which validate does not import, may (run will tell)")
     if job.output.format not in writers:
         unknown("output.format", "output format", job.output.format, writers)
     for where, kind in _constraint_kinds_named(job):
@@ -162,7 +165,8 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     problems.extend(_check_job_constraint(job, kinds))
     if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
         unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
-    if files and not any(p.path == "input.path" for p in problems):
+    if files and not any(p.path == "input.path" for p in problems) and (unreadable is None if job.input.format == "auto"
+                                                                          else job.input.format in readers):
         problems.extend(_check_input_rows(job, files, readers, facts))
     return problems
 
