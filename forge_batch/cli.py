@@ -295,9 +295,12 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
         info["samples"] = samples
         info["rows"] = len(pc.unique(rows_all))
         failed_rows = pc.unique(pc.filter(rows_all, failed_mask))
-        kinds = Counter(
-            k for k, s in zip(table.column("error_kind").to_pylist(), table.column("sample_index").to_pylist()) if k and s == 0
-        )
+        row_kind: dict[int, tuple[int, str]] = {}  # a row's kind: its first failed sample's, as the run counts it
+        for r, s, k in zip(rows_all.to_pylist(), table.column("sample_index").to_pylist(),
+                           table.column("error_kind").to_pylist()):
+            if k and (r not in row_kind or s < row_kind[r][0]):
+                row_kind[r] = (s, k)
+        kinds = Counter(k for _, k in row_kind.values())
         info["rows_skipped"] = kinds.pop("skipped", 0)
         info["rows_failed"] = len(failed_rows) - info["rows_skipped"]
         info["rows_ok"] = info["rows"] - len(failed_rows)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from runner_helpers import make_job, prompts, read_output, run, write_jsonl
 
-from forge_batch.hookspecs import DropResult, SkipRow, hookimpl
+from forge_batch.hookspecs import DropResult, RowError, SkipRow, hookimpl
 from forge_batch.io.output_dir import OutputDirError, state_dir_for
 from forge_batch.runner import row_seed
 
@@ -498,6 +498,26 @@ def test_prepare_request_misuse_fails_the_row_naming_the_plugin(tmp_path: Path) 
     assert {r["error_kind"] for r in out.values()} == {"plugin_error"}  # not internal_error, and the ids kept
     assert "plugin 'careless' raised DropResult in prepare_request" in out["a"]["error"] and "SkipRow" in out["a"]["error"]
     assert "plugin 'careless': prepare_request returned a str" in out["b"]["error"]
+
+
+def test_a_row_failed_by_a_later_sample_is_counted_under_that_samples_kind(tmp_path: Path, capsys) -> None:
+    from forge_batch.cli import main
+
+    write_jsonl(tmp_path / "in.jsonl", prompts(3))
+
+    @hookimpl
+    def process_result(record, row):
+        if row["id"] == "r0001" and record["sample_index"] == 1:
+            raise RowError("second sample rejected", "too_short")
+
+    plugin = types.SimpleNamespace(process_result=process_result, __name__="picky")
+    job = make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}, "max_error_rate": 1.0,
+                              "sampling": {"n": 2}})
+    result = run(job, plugins=[("picky", plugin)])
+    assert result.summary["failed_by_kind"] == {"too_short": 1}
+    assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows_failed"] == 1 and info["failed_by_kind"] == {"too_short": 1}
 
 
 def test_job_named_plugin_file(tmp_path: Path) -> None:

@@ -38,7 +38,13 @@ class Tally:
     completion_tokens: int = 0
 
     def add_ledger(self, entries: Iterable[dict[str, Any]]) -> None:
-        """Count ledger entries (one per sample; a row's sample 0 carries the row's status)."""
+        """Count ledger entries (one per sample; a row's sample 0 carries the row's status, and the row's
+        kind is its first failed sample's: with n > 1 sample 0 may be fine)."""
+        entries = list(entries)
+        row_kind: dict[Any, str] = {}
+        for e in sorted((e for e in entries if e["status"] == "error" and e.get("error_kind")),
+                        key=lambda e: e["sample_index"]):
+            row_kind.setdefault(e["row_index"], e["error_kind"])
         for e in entries:
             status = e["status"]
             if status != "dropped":
@@ -62,7 +68,7 @@ class Tally:
                     self.rows_dropped += 1
                 else:
                     self.rows_failed += 1
-                    self.failed_by_kind[e.get("error_kind") or "error"] += 1
+                    self.failed_by_kind[row_kind.get(e["row_index"]) or e.get("error_kind") or "error"] += 1
 
     def merged(self, other: Tally) -> Tally:
         t = Tally()
