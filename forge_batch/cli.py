@@ -308,7 +308,7 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
         info["finish_reasons"] = dict(Counter(table.column("finish_reason").to_pylist()).most_common())
         info["prompt_tokens"] = int(pc.sum(pc.filter(table.column("prompt_tokens"), pc.equal(table.column("sample_index"), 0))).as_py() or 0)
         info["completion_tokens"] = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
-        lat = table.column("latency_s").drop_null()
+        lat = table.filter(pc.invert(failed_mask)).column("latency_s").drop_null()  # the rows that generated
         if len(lat):
             q = pc.quantile(lat, q=[0.5, 0.95]).to_pylist()
             info["latency_s"] = {"p50": round(q[0], 4), "p95": round(q[1], 4)}

@@ -205,6 +205,7 @@ def test_each_bad_row_kind_gets_its_error(tmp_path: Path) -> None:
     assert "temprature" in rows[7]["error"]
     assert "float" in rows[10]["error"] and "bool" in rows[11]["error"]
     assert all(r["text"] is None and r["finish_reason"] == "error" for r in rows if r["error"])
+    assert all(r["ttft_s"] is None and r["latency_s"] is None for r in rows if r["error"])  # nothing generated
     assert result.summary["failed_by_kind"]["duplicate_id"] == 1 and result.summary["rows_failed"] == 10
 
 

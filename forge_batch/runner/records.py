@@ -111,9 +111,9 @@ class RecordBuilder:
             message = out.error or "failed"
             kind = row_kind or _engine_kind(getattr(out, "error_kind", None))
             reason = "skipped" if kind == ErrorKind.SKIPPED else "error"
-            return [
+            return [  # nothing was generated: no timings (null, not 0.0, so that no average counts them)
                 {**base, "sample_index": i, "text": None, "finish_reason": reason, "completion_tokens": 0,
-                 "error": message, "error_kind": kind}
+                 "error": message, "error_kind": kind, "ttft_s": None, "latency_s": None}
                 for i in range(meta.get("n") or max(1, len(samples)))
             ]
         records = []
