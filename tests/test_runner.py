@@ -16,7 +16,7 @@ from runner_helpers import make_job, prompts, read_output, run, write_jsonl
 
 from forge_batch.hookspecs import DropResult, RowError, SkipRow, hookimpl
 from forge_batch.io.output_dir import OutputDirError, state_dir_for
-from forge_batch.runner import row_seed
+from forge_batch.runner import JobRunner, row_seed
 
 
 def basic_job(tmp_path: Path, rows: list, **extra):
@@ -519,6 +519,19 @@ def test_a_row_failed_by_a_later_sample_is_counted_under_that_samples_kind(tmp_p
     assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rows_failed"] == 1 and info["failed_by_kind"] == {"too_short": 1}
+
+
+def test_an_engine_that_does_not_load_leaves_a_failed_summary_not_the_last_runs(tmp_path: Path) -> None:
+    job = basic_job(tmp_path, prompts(3))
+    assert run(job).status == "completed"
+
+    def broken_engine(job, **kwargs):
+        raise ValueError("no such kernel backend")
+
+    with pytest.raises(ValueError, match="no such kernel backend"):
+        JobRunner(job, engine_factory=broken_engine, progress="none", install_signal_handlers=False).run()
+    summary = json.loads((state_dir_for(tmp_path / "out") / "summary.json").read_text())
+    assert summary["status"] == "failed" and "no such kernel backend" in summary["message"] and summary["rows"] == 3
 
 
 def test_job_named_plugin_file(tmp_path: Path) -> None:

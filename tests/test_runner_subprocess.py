@@ -5,6 +5,7 @@ test_runner_engine.py."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import Counter
@@ -117,6 +118,8 @@ def test_signal_while_loading_the_model_says_so_and_exits(tmp_path: Path, sig: i
     assert "nothing was committed this run" in stderr and "rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
     assert not list(out.glob("part-*")) and not list(out.glob(".*.tmp"))
+    summary = json.loads((state_dir_for(out) / "summary.json").read_text())  # not an earlier run's, nor none
+    assert summary["status"] == "interrupted" and "while loading the model" in summary["message"]
     done = run(load_job(path))
     assert done.exit_code == 0
     assert_exactly_once_and_equal(tmp_path, out)

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from pluggy import PluginManager
 
 from forge_batch.contract import RawRow, RunContext, Writer
-from forge_batch.io.ledger import ResumeState
+from forge_batch.io.ledger import ResumeState, Tally
 from forge_batch.io.meta import file_metadata
 from forge_batch.io.output_dir import SUMMARY, OutputDir
 from forge_batch.io.progress import Progress
@@ -166,6 +166,10 @@ class JobRunner:
             run = self._open()
             try:
                 return self._run(run)
+            except (Exception, StartInterrupted) as e:
+                if run.figures is None:  # before generation: summary.json says so, not what the last run did
+                    _summarize_start_failure(run, e)
+                raise
             finally:
                 run.out.close()
         except StartInterrupted as e:
@@ -334,6 +338,25 @@ class JobRunner:
             outcome = _summary_not_written(outcome, f"could not write {run.out.state_dir / SUMMARY}: {describe_os_error(e)}")
             summary.update(status=outcome.status, message=outcome.message)
         return RunResult(outcome.status, outcome.exit_code, outcome.message, summary, Path(job.output.path), summary_path)
+
+
+def _summarize_start_failure(run: _Run, error: BaseException) -> None:
+    """Write the summary of a run that ended before generating (the engine did not load, a signal came while it
+    loaded): ``failed`` or ``interrupted``, the output's counts as they were."""
+    if isinstance(error, StartInterrupted):
+        outcome = Outcome("interrupted", signal_exit_code(error.signal_name),
+                          f"interrupted by {error.signal_name} while {error.phase}; nothing was committed this run")
+    else:
+        outcome = Outcome("failed", EXIT_FAILED, f"{type(error).__name__}: {error}; nothing was committed this run")
+    summary = build_summary(
+        run.job, outcome, engine_info=run.engine_info, total=run.resume.tally, this_run=Tally(), input_rows=run.total,
+        failed=0, counted=0, resumed_rows=run.resume.tally.rows, parts=len(run.out.part_files()),
+        timings=Timings(run.started_at, time.monotonic() - run.t_start, run.load_s, 0.0),
+    )
+    try:
+        run.out.write_summary(summary)
+    except OSError:  # the error being raised says more than this one
+        pass
 
 
 def run_context(job: JobSpec, pm: PluginManager, spec: InputSpec, engine: Any, resumed_rows: int) -> RunContext:
