@@ -523,14 +523,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bench_arguments(args: list[str]) -> tuple[argparse.Namespace, list[str]] | None:
+    """For ``forge-batch [log options] bench ...``: (the log options, given before or after ``bench``, and
+    bench's own arguments); None for any other command."""
+    if "bench" not in args:
+        return None
+    at = args.index("bench")
+    logs = argparse.ArgumentParser(add_help=False)
+    _log_options(logs, None)
+    before, others = logs.parse_known_args(args[:at])
+    if others:  # another command (`run bench`) or another option before it
+        return None
+    after, bench_args = logs.parse_known_args(args[at + 1 :])
+    for name in ("log_level", "log_format"):
+        if getattr(after, name) is None:
+            setattr(after, name, getattr(before, name))
+    return after, bench_args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``forge-batch`` command."""
     args_list = sys.argv[1:] if argv is None else list(argv)
-    if args_list[:1] == ["bench"]:
+    from forge_batch.logs import LOG_LEVEL_ENV, LoggingState, configure_logging
+
+    bench_args = _bench_arguments(args_list)
+    if bench_args is not None:  # bench parses its own arguments; the log options are the command's
         from forge_batch.bench import main as bench_main
 
-        return bench_main(args_list[1:])
-    from forge_batch.logs import LOG_LEVEL_ENV, LoggingState, configure_logging
+        log_options, rest = bench_args
+        state = LoggingState()
+        try:
+            configure_logging(log_options.log_level, log_options.log_format or "text")
+        except ValueError as e:
+            build_parser().error(str(e))
+        try:
+            return bench_main(rest)
+        finally:
+            state.restore()
 
     global _LOG_EVENTS
     parser = build_parser()

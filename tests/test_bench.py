@@ -136,3 +136,16 @@ def test_bench_arguments_it_cannot_use_are_a_usage_error(tiny_model_dir, capsys,
         bench.main(["--model", str(tiny_model_dir), "--device", "cpu", *args])
     assert exc.value.code == 2 and says in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("argv", [
+    ["--log-level", "warning", "bench", "--workloads", "W9"],
+    ["bench", "--log-format", "json", "--workloads", "W9"],
+    ["--log-format=json", "bench", "--log-level", "error", "--workloads", "W9"],
+])
+def test_the_log_options_go_before_or_after_bench_as_with_every_command(argv, capsys):
+    from forge_batch.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # bench's own argument check is reached: the log options were taken
+        main(argv)
+    assert exc.value.code == 2 and "--workloads takes a comma-separated subset" in capsys.readouterr().err
