@@ -292,8 +292,9 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--workloads", default="W0,W1,W2,W3", help="comma-separated subset of W0,W1,W2,W3")
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--num-prompts", type=int, default=256, help="chats in W1-W3 (W0 is one stream)")
+    ap.add_argument("--max-tokens", type=int, default=128,
+                    help="output tokens per chat in W1-W3 (W0 is one stream of 256 tokens)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--against", choices=["transformers", "vllm"], default=None,
@@ -332,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("num_prompts", "max_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("json", "append_to"):  # found out before the workloads run, not after
+        path = getattr(args, name)
+        if path is not None and not path.parent.is_dir():
+            ap.error(f"--{name.replace('_', '-')}: {path.parent} is not a folder")
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown or not workloads:

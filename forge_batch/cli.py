@@ -157,11 +157,15 @@ def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
         _print_problems(e.source or source, e.problems)
         return EXIT_USAGE
     _print_warnings(warnings)
-    runner = runner_for(
-        checked, progress="none" if args.quiet else args.progress, quiet=args.quiet, overwrite=args.overwrite,
-        force_resume=args.force_resume, grace_seconds=args.grace, log_interval=args.log_interval,
-        log_events=_LOG_EVENTS,
-    )
+    try:
+        runner = runner_for(
+            checked, progress="none" if args.quiet else args.progress, quiet=args.quiet, overwrite=args.overwrite,
+            force_resume=args.force_resume, grace_seconds=args.grace, log_interval=args.log_interval,
+            log_events=_LOG_EVENTS,
+        )
+    except ValueError as e:  # FORGE_BATCH_ENGINE_FACTORY naming nothing usable
+        _err(f"forge-batch: {e}")
+        return EXIT_USAGE
     try:
         result = runner.run()
         global _final_exit_code
@@ -388,11 +392,12 @@ def _last_run_figures(info: dict[str, Any]) -> list[str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from forge_batch.io.output_stats import UnreadableFormatError
     from forge_batch.report import write_report
 
     try:
         path = write_report(args.output, args.html)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UnreadableFormatError, IsADirectoryError) as e:
         _err(f"forge-batch: {e}")
         return EXIT_USAGE
     except DamagedOutputError as e:

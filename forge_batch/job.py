@@ -62,6 +62,8 @@ RESERVED_COLUMNS = (
 )
 
 
+# engine.kernel_backend's values (FORGE_BATCH_KERNELS's too, the default when the job sets none).
+KERNEL_BACKENDS = ("auto", "reference", "triton")
 # The codecs pyarrow writes Parquet with.
 PARQUET_CODECS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
 
@@ -1074,6 +1076,9 @@ def _check_engine(engine: EngineSpec) -> list[Problem]:
     """What the engine refuses on this machine: a CUDA device torch cannot see, int8 with a device or dtype
     other than CPU float32, the Triton backend without a GPU, a GPU memory share on the CPU. torch is imported
     only when one of those options is set."""
+    from_env = os.environ.get("FORGE_BATCH_KERNELS")
+    if engine.kernel_backend is None and from_env is not None and from_env not in KERNEL_BACKENDS:
+        return [Problem("engine.kernel_backend", f"FORGE_BATCH_KERNELS={from_env!r}: one of {', '.join(KERNEL_BACKENDS)}")]
     if not (engine.device.startswith("cuda") or engine.quantization == "int8" or engine.kernel_backend == "triton"
             or engine.gpu_memory_utilization is not None):
         return []

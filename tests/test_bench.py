@@ -130,6 +130,7 @@ def test_prefix_cache_hit_rate_is_the_workloads_own():
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["--engine-arg", "bogus=1"], "the engine refused its options"),
     (["--engine-arg", "block_size=0"], "block_size must be an int >= 1"),
+    (["--json", "/nonexistent-folder/b.json"], "--json: /nonexistent-folder is not a folder"),
 ])
 def test_bench_arguments_it_cannot_use_are_a_usage_error(tiny_model_dir, capsys, args, says):
     with pytest.raises(SystemExit) as exc:

@@ -228,6 +228,43 @@ def test_report_of_an_output_with_a_damaged_part_names_it_as_inspect_does(tmp_pa
         assert f"{part} is corrupt or truncated" in err and "Traceback" not in err, err
 
 
+def test_report_of_an_output_with_a_truncated_summary_names_it_as_inspect_does(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    run(make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}}))
+    summary = state_dir_for(tmp_path / "out") / "summary.json"
+    summary.write_bytes(summary.read_bytes()[:60])
+    for command in ("report", "inspect"):
+        assert main([command, str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert f"{summary} is truncated or corrupt" in err and "Traceback" not in err, err
+
+
+def test_report_of_a_plugin_writers_output_says_what_it_reads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import types
+
+    from forge_batch.plugins.writers import JsonlWriter
+
+    class CsvWriter(JsonlWriter):
+        name, extension = "csv", ".csv"
+
+        def write_part(self, table, path, context):
+            Path(path).write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in zip(table["id"].to_pylist(),
+                                                                                      table["text"].to_pylist())))
+
+    @hookimpl
+    def register_writers():
+        return {"csv": CsvWriter()}
+
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    run(make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out", "format": "csv"}}),
+        plugins=[("csvw", types.SimpleNamespace(register_writers=register_writers))])
+    assert main(["report", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "holds csv parts (a plugin's writer): report reads parquet, jsonl, openai-batch outputs" in err, err
+    assert "corrupt" not in err
+
+
 def _write_million_rows(out: Path, rows: int = 1_000_000, chunk: int = 100_000) -> None:
     """One part of ``rows`` rows shaped like a real output, with 400-character texts: loading the text
     column alone would take 400 MB."""

@@ -125,6 +125,24 @@ def test_a_symlinked_state_folder_is_refused_by_validate_as_by_run(
     assert_refused(job_file(tmp_path, tiny_model_dir), capsys, "output.path", ".out.forge_batch is a symlink")
 
 
+def test_a_kernel_backend_from_the_environment_is_checked_like_the_jobs(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FORGE_BATCH_KERNELS", "bogus")
+    assert_refused(job_file(tmp_path, tiny_model_dir), capsys, "engine.kernel_backend", "FORGE_BATCH_KERNELS='bogus'")
+
+
+def test_an_engine_factory_naming_nothing_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    job = job_file(tmp_path, "fake")
+    for spec, says in (("os:nope", "names no function"), ("nomodule", "must look like package.module:function")):
+        monkeypatch.setenv("FORGE_BATCH_ENGINE_FACTORY", spec)
+        assert main(["run", str(job), "--progress", "none"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+
+
 def test_run_reports_every_problem_validate_does(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     job = job_file(tmp_path, tiny_model_dir, sampling={"max_tokens": 0}, input={"path": "nope.jsonl"})
     for command in (["validate", str(job)], ["run", str(job), "--progress", "none"]):

@@ -217,10 +217,16 @@ def as_numpy(array: pa.Array | pa.ChunkedArray, dtype: Any, fill: Any = 0) -> np
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A state file's JSON (None when it is not there); a file that is there but not JSON is damaged, and
+    said so, as inspect says it."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = path.read_bytes()
+    except OSError:
         return None
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedOutputError(f"{path} is truncated or corrupt (not valid JSON: {e})") from e
     return data if isinstance(data, dict) else None
 
 
@@ -711,6 +717,14 @@ def _throughput_from_commits(run: RunInfo) -> Throughput | None:
     return Throughput(run.number, t0, max(width, 1.0), np.array(rates_rows), np.array(rates_tok), "committed_at")
 
 
+# The output formats whose parts this module reads (the built-in writers').
+READABLE_FORMATS = ("parquet", "jsonl", "openai-batch")
+
+
+class UnreadableFormatError(ValueError):
+    """An output written by a plugin's writer, in a format this module cannot read."""
+
+
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
     try:
@@ -730,6 +744,9 @@ def collect_output_stats(path: str | Path) -> OutputStats:
     summary = _read_json(state / SUMMARY)
     parts = part_files(parts_dir_for(out))
     output_format = manifest.get("output_format") or _sniff_format(parts)
+    if parts and output_format not in READABLE_FORMATS:  # a plugin's writer: its parts are in a format only it knows
+        raise UnreadableFormatError(f"{out} holds {output_format} parts (a plugin's writer): report reads "
+                                    f"{', '.join(READABLE_FORMATS)} outputs (forge-batch inspect summarises any)")
     job = manifest.get("job")
     schema = schema_from_str(manifest["schema"]) if manifest.get("schema") else None
     if output_format == "openai-batch":

@@ -46,7 +46,10 @@ def load_engine_factory(spec: str) -> Callable[..., Any]:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ValueError(f"{ENGINE_FACTORY_ENV} must look like package.module:function, got {spec!r}")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{ENGINE_FACTORY_ENV}={spec!r} names no function: {type(e).__name__}: {e}") from None
 
 
 def engine_factory_from_env() -> Callable[..., Any]:
