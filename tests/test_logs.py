@@ -53,6 +53,13 @@ def test_json_logs_are_one_object_a_line_with_the_load_and_the_run(tiny_job: Pat
     assert logging.getLogger("forge_batch").handlers == before
 
 
+def test_json_logs_with_a_progress_bar_asked_for_are_still_only_json(tiny_job: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--log-format", "json", "run", str(tiny_job), "--overwrite", "--progress", "bar"]) == 0
+    captured = capsys.readouterr()
+    events = _json_lines(captured.err)  # every line parses: no bar lines among them
+    assert any(e["logger"] == "forge_batch.io.progress" for e in events) and captured.out == ""
+
+
 def test_json_logs_give_each_job_problem_its_key_path(tiny_job: Path, capsys: pytest.CaptureFixture) -> None:
     tiny_job.write_text(tiny_job.read_text().replace("max_tokens: 4", "max_tokens: 0").replace("in.jsonl", "nope.jsonl"))
     for command in ("validate", "run"):

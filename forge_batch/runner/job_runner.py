@@ -106,7 +106,7 @@ class JobRunner:
     ``progress``: ``auto`` (bar on a terminal, log lines otherwise), ``bar``, ``log``, ``events`` or ``none``.
     ``overwrite`` discards committed parts instead of resuming. ``grace_seconds`` bounds how long in-flight
     rows may finish after the first Ctrl-C / SIGTERM. ``log_events``: messages and progress go out as log
-    records (with ``progress`` ``auto`` or ``log``: ``events``) instead of lines on ``stream``, for
+    records (any ``progress`` but ``none`` becomes ``events``) instead of lines on ``stream``, for
     ``--log-format json``."""
 
     def __init__(
@@ -130,8 +130,8 @@ class JobRunner:
         self.pm = job.plugin_manager if isinstance(job, CheckedJob) else plugin_manager
         self.engine_factory = engine_factory or engine_factory_from_env()
         self.log_events = log_events
-        if log_events and progress in ("auto", "log"):
-            progress = "events"  # a progress line a JSON log parser can read
+        if log_events and progress != "none":
+            progress = "events"  # a progress record a JSON log parser can read (a bar would be lines it cannot)
         self.progress_mode = "none" if quiet else progress
         self.quiet = quiet
         self.overwrite = overwrite
