@@ -464,7 +464,10 @@ class _Aggregator:
             as_numpy(pc.is_valid(batch.column("error")), bool) if "error" in names else np.zeros(n, bool)
         )
         n_rows = int(first.sum())
-        n_failed = int(has_error.sum())
+        # a skipped sample carries its reason in error but is no failure (as the run counts it)
+        skipped = (as_numpy(pc.fill_null(pc.equal(batch.column("error_kind"), "skipped"), False), bool)
+                   if "error_kind" in names else np.zeros(n, bool))
+        n_failed = int((has_error & ~skipped).sum())
         self.records += n
         self.rows += n_rows
         self.failed += n_failed
