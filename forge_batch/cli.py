@@ -271,9 +271,14 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     info: dict[str, Any] = {"output": str(out)}
     summary_file = state / SUMMARY
     if summary_file.exists():
+        from forge_batch.io.output_dir import MANIFEST
+        from forge_batch.io.output_stats import run_status
+
         saved = _read_json_file(summary_file)
-        info["status"] = saved.get("status")
-        info["message"] = saved.get("message")
+        manifest = _read_json_file(state / MANIFEST) if (state / MANIFEST).exists() else {}
+        # parts committed after summary.json: a run goes on (or was killed), the summary is an earlier run's
+        info["status"], notes = run_status(saved, manifest if isinstance(manifest, dict) else {}, [])
+        info["message"] = "; ".join(notes) if notes else saved.get("message")
         info["wall_time_s"] = saved.get("wall_time_s")
         info["throughput"] = saved.get("throughput")
         for key in ("latency", "kv_cache", "preemptions", "prefix_cache"):  # the last run's (see summary.json)

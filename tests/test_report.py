@@ -240,6 +240,21 @@ def test_report_of_an_output_with_a_truncated_summary_names_it_as_inspect_does(t
         assert f"{summary} is truncated or corrupt" in err and "Traceback" not in err, err
 
 
+def test_inspect_says_a_run_goes_on_when_parts_were_committed_after_the_summary(tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture) -> None:
+    import datetime as dt
+
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    run(make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}}))
+    manifest = state_dir_for(tmp_path / "out") / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["updated_at"] = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)).isoformat()  # a resume commits
+    manifest.write_text(json.dumps(data))
+    assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["status"].startswith("in progress") and "from an earlier run" in info["message"]
+
+
 def test_report_of_a_plugin_writers_output_says_what_it_reads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import types
 

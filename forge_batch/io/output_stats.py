@@ -777,7 +777,7 @@ def collect_output_stats(path: str | Path) -> OutputStats:
                 agg.add(batch, info)
         infos.append(info)
 
-    status, notes = _status(summary, manifest, infos)
+    status, notes = run_status(summary, manifest, infos)
     engine = manifest.get("engine") or (summary or {}).get("engine")
     if engine is None and infos and infos[-1].engine:
         engine = json.loads(infos[-1].engine)
@@ -812,7 +812,7 @@ def collect_output_stats(path: str | Path) -> OutputStats:
     return stats
 
 
-def _status(summary: dict[str, Any] | None, manifest: dict[str, Any], parts: list[PartInfo]) -> tuple[str, list[str]]:
+def run_status(summary: dict[str, Any] | None, manifest: dict[str, Any], parts: list[PartInfo]) -> tuple[str, list[str]]:
     """The run's status, saying so when the summary is missing or older than the parts (a run in progress,
     or one that was killed before it could write its summary)."""
     if summary is None:
