@@ -455,8 +455,15 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--limit", type=int, help="only the first N input rows (same as --set input.limit=N)")
     run.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto", help="progress display (auto: bar on a terminal)")
-    run.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines when not on a terminal")
-    run.add_argument("--grace", type=float, default=30.0, help="seconds in-flight rows may finish after Ctrl-C / SIGTERM")
+    run.add_argument("--log-interval", type=_seconds, default=10.0, help="seconds between progress lines when not on a terminal")
+    run.add_argument("--grace", type=_seconds, default=30.0, help="seconds in-flight rows may finish after Ctrl-C / SIGTERM")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _log_options(parser: argparse.ArgumentParser, default: Any) -> None:
