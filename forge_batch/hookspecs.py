@@ -143,7 +143,8 @@ def result_recorded(record: dict[str, Any], context: RunContext) -> None:
 
 @hookspec
 def job_start(job: JobSpec, context: RunContext) -> None:
-    """Called once before the first row is read (after resume state is loaded and the engine is built).
+    """Called once before the first row is prepared (after resume state is loaded, the engine is built and the
+    input's first rows are read, which type the output's columns).
 
     ``context.resumed_rows`` tells how many rows earlier runs already committed. Raising aborts the job
     before anything is generated.
