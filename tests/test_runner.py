@@ -534,6 +534,24 @@ def test_an_engine_that_does_not_load_leaves_a_failed_summary_not_the_last_runs(
     assert summary["status"] == "failed" and "no such kernel backend" in summary["message"] and summary["rows"] == 3
 
 
+def test_integer_ids_past_int64_are_never_generated_twice(tmp_path: Path) -> None:
+    """A JSONL id past int64 cannot go in the int64 id column: bad_id, not written with a null id and so
+    generated again on every rerun. A Parquet uint64 id column (hash ids) is written as text."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}, {"id": 2**63 + 5, "prompt": "b"}, {"id": 3, "prompt": "c"}])
+    job = make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}, "max_error_rate": 1.0})
+    for _ in range(2):
+        run(job)
+    rows = read_output(tmp_path / "out")
+    assert len(rows) == 3 and [r["error_kind"] for r in sorted(rows, key=lambda r: r["row_index"])] == [None, "bad_id", None]
+    pq.write_table(pa.table({"id": pa.array([1, 2**63 + 5, 2**64 - 1], pa.uint64()), "prompt": ["a", "b", "c"]}),
+                   tmp_path / "in.parquet")
+    job = make_job(tmp_path, {"input": {"path": "in.parquet"}, "output": {"path": "out2"}})
+    for _ in range(2):
+        run(job)
+    rows = read_output(tmp_path / "out2")
+    assert sorted(r["id"] for r in rows) == sorted(["1", str(2**63 + 5), str(2**64 - 1)]) and all(r["error"] is None for r in rows)
+
+
 def test_job_named_plugin_file(tmp_path: Path) -> None:
     (tmp_path / "upper.py").write_text(
         "from forge_batch.hookspecs import hookimpl\n\n"

@@ -56,8 +56,9 @@ def id_column_name(id_field: str | None) -> str:
 
 
 def normalize_id_type(t: pa.DataType | None) -> pa.DataType:
-    """Ids are int64 when the input's are integers, else strings (anything else is written as its text)."""
-    if t is not None and pa.types.is_integer(t):
+    """Ids are int64 when the input's are integers that fit it, else strings (anything else, a uint64 hash id
+    included, is written as its text)."""
+    if t is not None and pa.types.is_integer(t) and not pa.types.is_uint64(t):
         return pa.int64()
     return pa.string()
 

@@ -189,6 +189,8 @@ class RequestBuilder:
         if pa.types.is_integer(self.id_type):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise RowError(f"id {value!r} is not an integer like the other ids of this input", ErrorKind.BAD_ID)
+            if not -(2**63) <= value < 2**63:  # it could not be written, so resume would never see it done
+                raise RowError(f"id {value} does not fit the int64 id column; give such ids as text", ErrorKind.BAD_ID)
             return value
         if isinstance(value, bool) or not isinstance(value, (str, int)):  # 3.5 and "3.5" must not collide
             raise RowError(f"id must be text or an integer, got {type(value).__name__}", ErrorKind.BAD_ID)
