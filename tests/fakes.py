@@ -68,6 +68,7 @@ class FakeLLM:
         seed: int = 0,
         fail_on: dict[str, str] | None = None,
     ) -> None:
+        self.outputs_waiting = 0
         self.tokenizer = FakeTokenizer()
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -186,7 +187,8 @@ class FakeLLM:
                 p[0] -= 1
                 if p[0] <= 0:
                     done.append(p)
-            for p in done:
+            for k, p in enumerate(done):
+                self.outputs_waiting = len(done) - k - 1  # as LLM.generate_stream says it
                 pending.remove(p)
                 _, req, ids, arrival = p
                 samples = []

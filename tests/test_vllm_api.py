@@ -291,3 +291,10 @@ def test_engine_info_records_the_cache_and_batch_sizes(llm):
                                                                            config.max_num_seqs)
     assert info["kv_cache"] == "paged" and info["enable_prefix_caching"] is True and info["max_num_batched_tokens"] > 0
 
+
+
+def test_generate_stream_says_how_many_results_of_its_step_are_still_to_come(llm):
+    """A runner committing on a timer waits for the rest of a step's results (they come at once) rather than
+    leave them uncommitted until the next step ends."""
+    waiting = [llm.outputs_waiting for _ in llm.generate_stream(["a", "b", "c"], greedy(3))]
+    assert waiting == [2, 1, 0]  # the three finish in the same step

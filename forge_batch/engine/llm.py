@@ -324,6 +324,9 @@ class LLM:
         self.block_size = config.block_size  # tokens per KV block, as resolved (may be max_model_len)
         self.runner, self.scheduler, self.block_manager = self.engine.runner, self.engine.scheduler, self.engine.block_manager
         self.samplers, self.constraints = self.engine.samplers, self.engine.constraints
+        # results generate_stream has from its last step and has not yielded yet (they come at once): a caller
+        # that commits on a timer waits for them rather than leave them behind until the next step
+        self.outputs_waiting = 0
         self.packed_weights, self.stored_weights = prepared.packed, prepared.stored
         self._matmul = _matmul_identity(prepared, triton_matmuls, config.device)
         self.model_source = model if isinstance(model, str) else None
@@ -465,8 +468,10 @@ class LLM:
                     if exhausted:
                         return
                     continue
-                for out in engine.step():
+                done = engine.step()
+                for k, out in enumerate(done):
                     in_flight.discard(out.request_id)
+                    self.outputs_waiting = len(done) - k - 1
                     yield out
         finally:
             # a step that raised, or a caller that stopped reading: what this stream added leaves the engine,

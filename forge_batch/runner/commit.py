@@ -56,12 +56,14 @@ class Committer:
         finally:
             self.flags.critical -= 1
 
-    def should_commit(self) -> bool:
+    def should_commit(self, more_coming: bool = False) -> bool:
+        """A full part, or flush_seconds since the last commit; ``more_coming``: results of the same engine step
+        are still to come (at once), so a timed commit waits for them instead of leaving them for the next step."""
         if not self.buffer:
             return False
         if self.buffer_records >= self.job.output.rows_per_file:
             return True
-        return time.monotonic() - self.last_commit >= self.job.output.flush_seconds
+        return not more_coming and time.monotonic() - self.last_commit >= self.job.output.flush_seconds
 
     def commit(self, part_index: int | None = None) -> None:
         """Write the buffer as the next part, or as part ``part_index`` (an executor that names parts after

@@ -277,7 +277,7 @@ class JobRunner:
                 flags.in_flight -= 1
                 run.observe(group)
                 progress.update(1, sum(r.get("completion_tokens") or 0 for r in group.records), getattr(engine, "stats", None))
-                if committer.should_commit():
+                if committer.should_commit(more_coming=getattr(engine, "outputs_waiting", 0) > 0):
                     committer.commit()
                 committer.check_error_rate(run.total)
                 if flags.drop_now:
