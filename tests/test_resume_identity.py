@@ -61,6 +61,14 @@ def test_a_changed_dtype_is_refused_unless_forced(job_dir: Path) -> None:
     assert manifest["forced_resumes"][0]["kind"] == "engine"
 
 
+def test_a_changed_block_size_is_refused(job_dir: Path) -> None:
+    """Decode attention sums a row's keys block by block: in bfloat16 another block size rounds differently."""
+    assert run(job_dir, "--limit", "2").returncode == 0
+    r = run(job_dir, "--set", "engine.block_size=8")
+    assert r.returncode == 2 and "block_size: 16 -> 8" in r.stderr, r.stderr
+    assert run(job_dir, "--set", "engine.max_num_seqs=3").returncode == 0  # what changes no token is not compared
+
+
 def test_a_changed_model_file_under_the_same_path_is_refused(job_dir: Path) -> None:
     assert run(job_dir, "--limit", "2").returncode == 0
     shutil.rmtree(job_dir / "model")

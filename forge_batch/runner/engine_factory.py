@@ -20,8 +20,10 @@ ENGINE_FACTORY_ENV = "FORGE_BATCH_ENGINE_FACTORY"
 # What an engine must keep for a resumed run to write what the interrupted one would have: each of these
 # can change a row's tokens (the model's content, not its name; the resolved dtype, not "auto"; the GEMM
 # library and instruction set, which decide the order of a product's sums).
+# (block_size too: decode attention reduces a row's keys block by block, so in bfloat16 another block size
+# rounds differently)
 ENGINE_IDENTITY = ("model_digest", "device", "dtype", "quantization", "max_model_len", "kernel_path", "matmul",
-                   "batch_invariant")
+                   "batch_invariant", "block_size")
 
 
 def default_engine_factory(job: JobSpec, *, samplers: dict[str, Any], constraints: dict[str, Any]) -> Any:
