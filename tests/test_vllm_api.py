@@ -298,3 +298,25 @@ def test_generate_stream_says_how_many_results_of_its_step_are_still_to_come(llm
     leave them uncommitted until the next step ends."""
     waiting = [llm.outputs_waiting for _ in llm.generate_stream(["a", "b", "c"], greedy(3))]
     assert waiting == [2, 1, 0]  # the three finish in the same step
+
+
+def test_load_format_dummy_gives_a_checkpoint_random_weights_of_its_shape(tiny_model_dir, llm):
+    dummy = LLM(str(tiny_model_dir), device="cpu", dtype="float32", load_format="dummy")
+    assert dummy.config.vocab_size == llm.config.vocab_size and dummy.tokenizer is not None
+    real = dict(llm.model.named_parameters())
+    assert any(not torch.equal(p, real[name]) for name, p in dummy.model.named_parameters())
+
+
+def test_vllm_spellings_of_options_this_engine_honours(tiny_model_dir, caplog):
+    import logging
+
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float", seed=None, max_logprobs=-1, enable_chunked_prefill=True)
+    assert llm.dtype == torch.float32
+    assert llm.generate("x", greedy(2, logprobs=50))[0].error is None  # -1: no cap
+    with pytest.raises(ValueError, match="max_logprobs must be an int >= 0"):
+        LLM(str(tiny_model_dir), device="cpu", max_logprobs=-5)
+    with pytest.raises(ValueError, match="enable_chunked_prefill"):
+        LLM(str(tiny_model_dir), device="cpu", enable_chunked_prefill=False)
+    with caplog.at_level(logging.WARNING, logger="forge_batch.engine"):
+        half = LLM(str(tiny_model_dir), device="cpu", dtype="half")
+    assert half.dtype == torch.float16 and any("batch invariance is off" in r.getMessage() for r in caplog.records)

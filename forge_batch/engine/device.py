@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 DEVICE_OPTIONS = ("auto", "cpu", "cuda", "cuda:N")
 # Accepted dtype spellings -> the torch dtype's name.
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-               "float16": "float16", "fp16": "float16"}
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16", "half": "float16"}  # (vLLM's "float" and "half" too)
 DTYPE_OPTIONS = ("auto", *DTYPE_NAMES)
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")

@@ -70,7 +70,7 @@ VLLM_ONLY_OPTIONS: dict[str, tuple[Any, str]] = {
     "override_pooler_config": (None, "pooling models are not supported"),
     "compilation_config": (None, "there is no torch.compile step; CUDA graphs are on unless enforce_eager=True"),
     "kv_cache_dtype": ("auto", "the KV cache has the model's dtype; choose it with dtype="),
-    "enable_chunked_prefill": (None, "prefill is always chunked to max_num_batched_tokens"),
+    "enable_chunked_prefill": (None, "prefill is always chunked to max_num_batched_tokens (True is accepted)"),
     "num_gpu_blocks_override": (None, "use num_blocks="),
     "download_dir": (None, "set HF_HOME or HF_HUB_CACHE (the Hugging Face cache is where models are found)"),
     "enable_lora": (False, "LoRA adapters are not supported: merge the adapter into the weights first"),
@@ -144,8 +144,10 @@ def load_model(model: str | ModelConfig, args: EngineArgs, device: torch.device,
 
         config, state_dict, tokenizer = load_model_files(path, raw, into)
     net = built[0] if built else _build_model(config, dtype, kernels, device)
-    if state_dict is None:
+    if state_dict is None or args.load_format == "dummy":  # dummy: the checkpoint's shapes and tokenizer only
         net.init_random_weights(args.seed)
+        if raw is not None:
+            raw.clear()  # their stored blocks are the checkpoint's, not these weights
     else:
         net.load_weights(state_dict, consume=True)  # the loader's buffers go as their tensors are copied
         del state_dict
@@ -262,7 +264,7 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         kv_cache: str = "paged",
-        seed: int = 0,
+        seed: int | None = 0,
         samplers: dict[str, Sampler] | None = None,
         constraints: dict[str, ConstraintFactory] | None = None,
         kernel_backend: str | None = None,
@@ -280,7 +282,14 @@ class LLM:
         # trust_remote_code is accepted either way: no model code is ever downloaded or run (the
         # architectures are built in), so there is nothing to trust
         del trust_remote_code
+        if vllm_options.get("enable_chunked_prefill") is True:  # what this engine always does
+            del vllm_options["enable_chunked_prefill"]
         check_vllm_options(vllm_options)
+        seed = 0 if seed is None else seed  # vLLM's None: here 0, so that a run is reproducible
+        if max_logprobs == -1:  # vLLM's "no cap"
+            max_logprobs = 1 << 30
+        if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an int >= 0 (or -1: no cap), got {max_logprobs!r}")
         if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if revision is not None:
@@ -318,6 +327,11 @@ class LLM:
         self.load_seconds = time.monotonic() - t0
         log.info("engine ready in %.1f s: %s", self.load_seconds, config.describe(),
                  extra={"fields": {"model": name, "seconds": round(self.load_seconds, 3)}})
+        if batch_invariant and config.kernel_path == "torch":
+            log.warning("batch invariance is off: this engine runs the torch reference (%s), so a row's tokens may "
+                        "depend on what shares its batch; float32 or bfloat16 with kernel_backend='auto' keep it",
+                        "kernel_backend='reference'" if args.kernel_name == "reference"
+                        else f"no compiled kernels for {str(config.dtype).replace('torch.', '')} on this device")
         # the engine's parts by the names callers use
         self.model, self.config, self.tokenizer = net, model_config, tokenizer
         self.device, self.dtype, self.max_model_len = config.device, config.dtype, config.max_model_len
@@ -355,7 +369,7 @@ class LLM:
             "matmul": self._matmul,
             "batch_invariant": config.batch_invariant and self.model.kernels.triton_disabled_reason() is None,
             # how the cache and the batch were sized: recorded with the output, not compared on resume (a row's
-            # tokens do not depend on them)
+            # tokens do not depend on them), except block_size (see runner.engine_factory.ENGINE_IDENTITY)
             "kv_cache": config.kv_cache, "block_size": config.block_size, "num_blocks": config.num_blocks,
             "enable_prefix_caching": config.enable_prefix_caching, "max_num_seqs": config.max_num_seqs,
             "max_num_batched_tokens": config.max_num_batched_tokens,
