@@ -97,17 +97,18 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 def _until_the_runner_takes_over(command: Any, args: argparse.Namespace) -> int:
     # Until the runner takes over signals, SIGTERM would kill the process without a word: say what happened.
     global _final_exit_code
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    _final_exit_code = None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _final_exit_code = command(args)
     except (_Terminated, KeyboardInterrupt) as e:
         name, _final_exit_code = ("SIGTERM", 143) if isinstance(e, _Terminated) else ("SIGINT", 130)
         _err(f"forge-batch: interrupted by {name} before the run started; nothing was committed this run; "
              "rerun the same command to resume")
-    # Python's shutdown puts its own handlers back to the default (killed: 143), but leaves an ignored signal
-    # ignored: the process only winds down from here
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return _final_exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    code, _final_exit_code = _final_exit_code, None
+    return code
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -591,7 +592,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     _LOG_EVENTS = args.log_format == "json"
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        if argv is None and args.command in ("run", "run-batch"):
+            # the process's own command: its outcome is final and it only winds down from here, where Python's
+            # shutdown puts its handlers back to the default (a SIGTERM: killed, 143); an ignored signal stays so
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return code
     except BrokenPipeError:  # `forge-batch plugins | head`: not an error
         sys.stderr.close()
         return EXIT_OK

@@ -32,6 +32,16 @@ def test_run_prints_summary_and_writes_output(fake_engine, tmp_path: Path, capsy
     assert len(read_output(tmp_path / "out")) == 6
 
 
+def test_an_in_process_run_leaves_the_callers_signal_handlers_as_they_were(fake_engine, tmp_path: Path) -> None:
+    """Only the process's own command (the console script) ignores SIGTERM while it winds down; a caller's
+    process (a test, a notebook) keeps its handler."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["run", str(make_job(tmp_path)), "--progress", "none", "--quiet"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_run_set_overrides_and_quiet(fake_engine, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     job = make_job(tmp_path)
     code = main(["run", str(job), "--quiet", "--set", "sampling.n=2", "--set", "output.path=other", "--limit", "3"])
