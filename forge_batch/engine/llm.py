@@ -107,6 +107,29 @@ def check_vllm_options(options: dict[str, Any], table: dict[str, tuple[Any, str]
             raise ValueError(f"{call}({name}=...) is vLLM's and not supported here: {instead}")
 
 
+def _vllm_spellings(seed: int | None, max_logprobs: int, gpu_memory_utilization: float | None,
+                    vllm_options: dict[str, Any]) -> tuple[int, int]:
+    """vLLM's ways of saying what this engine does anyway: seed None (0 here, so a run is reproducible),
+    max_logprobs -1 (no cap), enable_chunked_prefill=True (always on); the other vLLM options are checked."""
+    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if vllm_options.get("enable_chunked_prefill") is True:
+        del vllm_options["enable_chunked_prefill"]
+    check_vllm_options(vllm_options)
+    if max_logprobs == -1:
+        max_logprobs = 1 << 30
+    if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
+        raise ValueError(f"max_logprobs must be an int >= 0 (or -1: no cap), got {max_logprobs!r}")
+    return (0 if seed is None else seed), max_logprobs
+
+
+def _warn_not_invariant(kernel_name: str, dtype: torch.dtype) -> None:
+    log.warning("batch invariance is off: this engine runs the torch reference (%s), so a row's tokens may depend "
+                "on what shares its batch; float32 or bfloat16 with kernel_backend='auto' keep it",
+                "kernel_backend='reference'" if kernel_name == "reference"
+                else f"no compiled kernels for {str(dtype).replace('torch.', '')} on this device")
+
+
 def kv_budget_bytes(total: int, free: int, utilization: float) -> int:
     """vLLM's gpu_memory_utilization: the engine may use ``utilization`` of the device's ``total`` memory
     for everything (weights included); what is already used (the weights just loaded, other processes)
@@ -279,19 +302,8 @@ class LLM:
         trust_remote_code: bool = False,
         **vllm_options: Any,
     ) -> None:
-        # trust_remote_code is accepted either way: no model code is ever downloaded or run (the
-        # architectures are built in), so there is nothing to trust
-        del trust_remote_code
-        if vllm_options.get("enable_chunked_prefill") is True:  # what this engine always does
-            del vllm_options["enable_chunked_prefill"]
-        check_vllm_options(vllm_options)
-        seed = 0 if seed is None else seed  # vLLM's None: here 0, so that a run is reproducible
-        if max_logprobs == -1:  # vLLM's "no cap"
-            max_logprobs = 1 << 30
-        if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be an int >= 0 (or -1: no cap), got {max_logprobs!r}")
-        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        del trust_remote_code  # accepted either way: no model code is downloaded or run (architectures are built in)
+        seed, max_logprobs = _vllm_spellings(seed, max_logprobs, gpu_memory_utilization, vllm_options)
         if revision is not None:
             model = _at_revision(model, revision)
         t0 = time.monotonic()
@@ -328,19 +340,14 @@ class LLM:
         log.info("engine ready in %.1f s: %s", self.load_seconds, config.describe(),
                  extra={"fields": {"model": name, "seconds": round(self.load_seconds, 3)}})
         if batch_invariant and config.kernel_path == "torch":
-            log.warning("batch invariance is off: this engine runs the torch reference (%s), so a row's tokens may "
-                        "depend on what shares its batch; float32 or bfloat16 with kernel_backend='auto' keep it",
-                        "kernel_backend='reference'" if args.kernel_name == "reference"
-                        else f"no compiled kernels for {str(config.dtype).replace('torch.', '')} on this device")
+            _warn_not_invariant(args.kernel_name, config.dtype)
         # the engine's parts by the names callers use
         self.model, self.config, self.tokenizer = net, model_config, tokenizer
         self.device, self.dtype, self.max_model_len = config.device, config.dtype, config.max_model_len
         self.block_size = config.block_size  # tokens per KV block, as resolved (may be max_model_len)
         self.runner, self.scheduler, self.block_manager = self.engine.runner, self.engine.scheduler, self.engine.block_manager
         self.samplers, self.constraints = self.engine.samplers, self.engine.constraints
-        # results generate_stream has from its last step and has not yielded yet (they come at once): a caller
-        # that commits on a timer waits for them rather than leave them behind until the next step
-        self.outputs_waiting = 0
+        self.outputs_waiting = 0  # results of generate_stream's last step not yielded yet (see there)
         self.packed_weights, self.stored_weights = prepared.packed, prepared.stored
         self._matmul = _matmul_identity(prepared, triton_matmuls, config.device)
         self.model_source = model if isinstance(model, str) else None
@@ -482,7 +489,8 @@ class LLM:
                     if exhausted:
                         return
                     continue
-                done = engine.step()
+                done = engine.step()  # its results come at once: outputs_waiting says how many are still to
+                # come, so that a caller committing on a timer takes them with the first, not after the next step
                 for k, out in enumerate(done):
                     in_flight.discard(out.request_id)
                     self.outputs_waiting = len(done) - k - 1
