@@ -124,6 +124,17 @@ def test_a_row_column_under_sampling_constraint_is_the_constraint_blocks(tmp_pat
     assert re.fullmatch(r"[0-9]{3}", out[0]["text"]) and out[1]["text"] in ("alpha", "beta")
 
 
+def test_a_row_override_with_two_constraints_names_its_own(tmp_path, tiny_model_dir):
+    rows = [{"id": 0, "prompt": "a", "opts": {"regex": "[0-9]", "choice": ["x"]}}]
+    path = write_job(tmp_path, tiny_model_dir, rows, constraint={"json_schema": SCHEMA}, max_error_rate=1.0)
+    data = yaml.safe_load(path.read_text())
+    data["input"]["sampling_field"] = "opts"
+    path.write_text(yaml.safe_dump(data))
+    JobRunner(load_job(path), progress="none").run()
+    row = read(tmp_path)[0]
+    assert row["error_kind"] == "bad_sampling" and "got regex, choice" in row["error"], row["error"]
+
+
 def test_constraint_key_errors(tmp_path, tiny_model_dir):
     path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}],
                      constraint={"json_schema": SCHEMA, "regex": "a+"})

@@ -23,6 +23,7 @@ from forge_batch.engine.sampling_params import (
     constraint_of,
     constraint_options,
     constraints_given,
+    one_constraint_problem,
 )
 from forge_batch.io.ledger import ResumeState
 from forge_batch.job import InputSpec, JobSpec
@@ -223,7 +224,10 @@ class RequestBuilder:
             own_seed = False
             if spec.sampling_field is not None and data.get(spec.sampling_field) is not None:
                 override = self._override(data[spec.sampling_field], kw)
-                own = constraint_of(override) if len(constraints_given(override)) == 1 else None
+                problem = one_constraint_problem(constraints_given(override))  # the row's own, not with the job's
+                if problem is not None:
+                    raise ValueError(problem)
+                own = constraint_of(override)
                 if own is not None:  # the row's own constraint replaces the job's, as a constraint column's does
                     kw.update(constraint_options(*own))
                     override = {k: v for k, v in override.items() if k not in (own[0], "constraint")}
