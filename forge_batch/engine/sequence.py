@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalText
-from .outputs import PositionLogprobs
+from .outputs import EngineErrorKind, PositionLogprobs
 from .sampling_params import SamplingParams
 
 
@@ -55,6 +55,17 @@ class Sequence:
     # ``prompt_logprobs[p]`` is for prompt token p + 1 (the distribution at position p).
     output_logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)
+
+    def fail(self, error: str, kind: EngineErrorKind = EngineErrorKind.PLUGIN_ERROR) -> None:
+        """Mark the sample failed (the step finishes it without its sampled token), unless it already is."""
+        if self.finish_reason != "error":
+            self.finish_reason, self.error, self.error_kind = "error", error, kind.value
+
+    @property
+    def constraint_name(self) -> str:
+        """The sample's constraint kind as messages name it (``'json_schema'``)."""
+        spec = self.params.constraint_spec
+        return repr(spec[0]) if spec is not None else "request's"
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -17,14 +17,8 @@ def constraint_stop(seq: Sequence, tok: int, eos_token_ids: frozenset[int]) -> b
     try:
         return _advance_grammar(seq, tok, eos_token_ids)
     except Exception as e:  # noqa: BLE001 - the sample fails, with what was raised
-        seq.finish_reason, seq.error_kind = "error", EngineErrorKind.PLUGIN_ERROR.value
-        seq.error = f"the {_kind(seq)} constraint raised: {type(e).__name__}: {e}"
+        seq.fail(f"the {seq.constraint_name} constraint raised: {type(e).__name__}: {e}")
         return True
-
-
-def _kind(seq: Sequence) -> str:
-    spec = seq.params.constraint_spec
-    return repr(spec[0]) if spec is not None else "request's"
 
 
 def _advance_grammar(seq: Sequence, tok: int, eos_token_ids: frozenset[int]) -> bool:
@@ -106,8 +100,8 @@ def settle_text(seq: Sequence, decode: Decode) -> None:
         try:
             seq.valid, reason = seq.constraint.validate(seq.text)  # type: ignore[attr-defined]
         except Exception as e:  # noqa: BLE001 - a plugin's constraint: the sample fails, with what was raised
-            seq.valid, seq.finish_reason, seq.error_kind = None, "error", EngineErrorKind.PLUGIN_ERROR.value
-            seq.error = f"the {_kind(seq)} constraint's validate raised: {type(e).__name__}: {e}"
+            seq.valid = None
+            seq.fail(f"the {seq.constraint_name} constraint's validate raised: {type(e).__name__}: {e}")
             return
         if not seq.valid:
             seq.error = f"invalid output: {reason}"
