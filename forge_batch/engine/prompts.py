@@ -41,7 +41,7 @@ def check_prompt(prompt: Any, *, has_tokenizer: bool, vocab_size: int | None = N
                               EngineErrorKind.BAD_PROMPT)
         return
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        check_messages(prompt)
+        checked_messages(prompt)
         if not has_tokenizer:
             raise PromptError("this engine has no tokenizer (random weights): give prompt_token_ids",
                               EngineErrorKind.BAD_PROMPT)
@@ -49,9 +49,11 @@ def check_prompt(prompt: Any, *, has_tokenizer: bool, vocab_size: int | None = N
     raise _bad_prompt(prompt)
 
 
-def check_messages(messages: list[dict[str, Any]]) -> None:
-    """Raise :class:`PromptError` (bad_messages) for a message without role and content, with a role the
-    chat templates do not share (a job's rows are held to the same roles), or content that is not text."""
+def checked_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with each content as text (see :func:`content_text`), as the chat template reads them.
+    Raises :class:`PromptError` (bad_messages) for a message without role and content, with a role the chat
+    templates do not share (a job's rows are held to the same roles), or content that is not text."""
+    checked = []
     for i, m in enumerate(messages):
         if "role" not in m or "content" not in m:
             raise PromptError(f"chat message needs 'role' and 'content', got keys {sorted(m)}",
@@ -59,7 +61,8 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
         if m["role"] not in CHAT_ROLES:
             raise PromptError(f"chat message {i} has role {m['role']!r}; allowed roles: {', '.join(CHAT_ROLES)}",
                               EngineErrorKind.BAD_MESSAGES)
-        content_text(m["content"], f"message {i} content")
+        checked.append({**m, "content": content_text(m["content"], f"message {i} content")})
+    return checked
 
 
 def content_text(content: Any, where: str) -> str:
@@ -80,11 +83,6 @@ def content_text(content: Any, where: str) -> str:
         return "\n".join(texts)
     raise PromptError(f"{where} must be text or a list of text parts, got {type(content).__name__}",
                       EngineErrorKind.BAD_MESSAGES)
-
-
-def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The messages with each content as text (see :func:`content_text`), as the chat template reads them."""
-    return [{**m, "content": content_text(m["content"], f"message {i} content")} for i, m in enumerate(messages)]
 
 
 def given_token_ids(ids: Any) -> list[int]:
@@ -146,7 +144,6 @@ def prompt_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt, add_special_tokens=True)), prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-        check_messages(prompt)
-        text = tokenizer.apply_chat_template(text_messages(prompt), add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(checked_messages(prompt), add_generation_prompt=True)
         return list(tokenizer.encode(text, add_special_tokens=False)), text
     raise _bad_prompt(prompt)
