@@ -238,13 +238,6 @@ def _validate_facts(job: Any, facts: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _read_json_file(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DamagedOutputError(f"{path} is truncated or corrupt (not valid JSON: {e})") from e
-
-
 def _read_parquet_file(path: Path) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -263,22 +256,18 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     from forge_batch.io.meta import META_JOB, META_VERSION
-    from forge_batch.io.output_dir import LEDGER_DIR, SUMMARY, find_state_dir, parts_dir_for
+    from forge_batch.io.output_dir import LEDGER_DIR, MANIFEST, SUMMARY, find_state_dir, parts_dir_for
+    from forge_batch.io.output_stats import read_state_json, run_status
 
     out = Path(path)
     state = find_state_dir(out)
     if not out.is_dir() and not state.is_dir():
         raise FileNotFoundError(f"no output directory at {out}")
     info: dict[str, Any] = {"output": str(out)}
-    summary_file = state / SUMMARY
-    if summary_file.exists():
-        from forge_batch.io.output_dir import MANIFEST
-        from forge_batch.io.output_stats import run_status
-
-        saved = _read_json_file(summary_file)
-        manifest = _read_json_file(state / MANIFEST) if (state / MANIFEST).exists() else {}
+    saved = read_state_json(state / SUMMARY)
+    if saved is not None:
         # parts committed after summary.json: a run goes on (or was killed), the summary is an earlier run's
-        info["status"], notes = run_status(saved, manifest if isinstance(manifest, dict) else {}, [])
+        info["status"], notes = run_status(saved, read_state_json(state / MANIFEST) or {}, [])
         info["message"] = "; ".join(notes) if notes else saved.get("message")
         info["wall_time_s"] = saved.get("wall_time_s")
         info["throughput"] = saved.get("throughput")

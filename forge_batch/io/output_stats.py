@@ -216,7 +216,7 @@ def as_numpy(array: pa.Array | pa.ChunkedArray, dtype: Any, fill: Any = 0) -> np
 # ---- reading the parts -----------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_state_json(path: Path) -> dict[str, Any] | None:
     """A state file's JSON (None when it is not there); a file that is there but not JSON is damaged, and
     said so, as inspect says it."""
     try:
@@ -743,8 +743,8 @@ def collect_output_stats(path: str | Path) -> OutputStats:
     state = find_state_dir(out)
     if not out.is_dir() and not state.is_dir():
         raise FileNotFoundError(f"no output directory at {out}")
-    manifest = _read_json(state / MANIFEST) or {}
-    summary = _read_json(state / SUMMARY)
+    manifest = read_state_json(state / MANIFEST) or {}
+    summary = read_state_json(state / SUMMARY)
     parts = part_files(parts_dir_for(out))
     output_format = manifest.get("output_format") or _sniff_format(parts)
     if parts and output_format not in READABLE_FORMATS:  # a plugin's writer: its parts are in a format only it knows
