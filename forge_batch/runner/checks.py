@@ -148,6 +148,7 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     except PluginHookError as e:  # the job's own plugin (an installed one is left out, see collect_registry)
         problems.append(Problem("plugins", str(e)))
         return problems
+    unreadable = None  # an input file no reader known here reads
     if job.input.format != "auto" and job.input.format not in readers:
         unknown("input.format", "input format", job.input.format, ["auto", *readers])
     elif job.input.format == "auto":
@@ -165,8 +166,8 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     problems.extend(_check_job_constraint(job, kinds))
     if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
         unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
-    if files and not any(p.path == "input.path" for p in problems) and (unreadable is None if job.input.format == "auto"
-                                                                          else job.input.format in readers):
+    readable = unreadable is None and (job.input.format == "auto" or job.input.format in readers)
+    if files and readable and not any(p.path == "input.path" for p in problems):
         problems.extend(_check_input_rows(job, files, readers, facts))
     return problems
 
