@@ -33,6 +33,7 @@ from forge_batch.runner.signals import RunFlags
 # The sampling options a row's null clears (docs/jobs.md); any other null is "not set", the job's value.
 _NULLABLE_OPTIONS = frozenset({"logprobs", "prompt_logprobs"})
 
+
 def row_seed(job_seed: int, key: str) -> int:
     """The seed of one row: a stable 63-bit hash of the job seed and the row's id (``key``).
 
@@ -296,7 +297,7 @@ class RequestBuilder:
             meta["constraint"] = params.constraint_spec
         request = GenerationRequest(request_id=f"r{row_index}", params=params, metadata={"_forge": meta})
         hook_args = {"row": data, "context": self.context}
-        plugin = None
+        plugin, hook = None, "prepare_request"  # who runs now, for a DropResult's message
         try:
             for impl in iter_impls(self.pm, "prepare_request"):
                 plugin = impl.plugin_name
@@ -308,13 +309,14 @@ class RequestBuilder:
                 if result is not None:
                     request = result
             for impl in iter_impls(self.pm, "logits_processors"):
+                plugin, hook = impl.plugin_name, "logits_processors"
                 procs = call_impl(impl, "logits_processors", {"request": request, **hook_args})
                 if procs:
                     request.params.logits_processors.extend(procs)
         except SkipRow as e:
             raise _RowFailed(f"skipped: {e}", ErrorKind.SKIPPED, params.n) from None
         except DropResult as e:  # process_result's: before generation there is no result to leave out
-            raise _RowFailed(f"plugin {plugin!r} raised DropResult in prepare_request ({e}): raise SkipRow to leave a "
+            raise _RowFailed(f"plugin {plugin!r} raised DropResult in {hook} ({e}): raise SkipRow to leave a "
                              "row out before generation (DropResult is for process_result)", ErrorKind.PLUGIN_ERROR,
                              params.n) from None
         except RowError as e:
