@@ -216,28 +216,20 @@ def test_report_of_a_missing_directory_is_a_usage_error(tmp_path: Path, capsys: 
     assert "no output directory" in capsys.readouterr().err
 
 
-def test_report_of_an_output_with_a_damaged_part_names_it_as_inspect_does(tmp_path: Path,
-                                                                          capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("damaged, says", [("part", "is corrupt or truncated"), ("summary", "is truncated or corrupt")])
+def test_report_of_a_damaged_output_names_the_file_as_inspect_does(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                    damaged: str, says: str) -> None:
     write_jsonl(tmp_path / "in.jsonl", prompts(4))
     run(make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out", "rows_per_file": 2}}))
-    part = sorted((tmp_path / "out").glob("part-*.parquet"))[-1]
-    part.write_bytes(part.read_bytes()[:40])  # truncated
+    if damaged == "part":
+        path = sorted((tmp_path / "out").glob("part-*.parquet"))[-1]
+    else:
+        path = state_dir_for(tmp_path / "out") / "summary.json"
+    path.write_bytes(path.read_bytes()[:40])  # truncated
     for command in ("report", "inspect"):
         assert main([command, str(tmp_path / "out")]) == 1
         err = capsys.readouterr().err
-        assert f"{part} is corrupt or truncated" in err and "Traceback" not in err, err
-
-
-def test_report_of_an_output_with_a_truncated_summary_names_it_as_inspect_does(tmp_path: Path,
-                                                                              capsys: pytest.CaptureFixture) -> None:
-    write_jsonl(tmp_path / "in.jsonl", prompts(2))
-    run(make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}}))
-    summary = state_dir_for(tmp_path / "out") / "summary.json"
-    summary.write_bytes(summary.read_bytes()[:60])
-    for command in ("report", "inspect"):
-        assert main([command, str(tmp_path / "out")]) == 1
-        err = capsys.readouterr().err
-        assert f"{summary} is truncated or corrupt" in err and "Traceback" not in err, err
+        assert f"{path} {says}" in err and "Traceback" not in err, err
 
 
 def test_inspect_says_a_run_goes_on_when_parts_were_committed_after_the_summary(tmp_path: Path,

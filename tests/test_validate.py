@@ -86,31 +86,19 @@ def test_constraint_refused_before_the_model_loads(
         ("engine.device", {"engine": {"device": "tpu"}}, ["'tpu'", "auto", "cpu", "cuda"]),
         ("engine.dtype", {"engine": {"dtype": "float8"}}, ["'float8'", "auto", "float32", "bfloat16"]),
         ("engine.kernel_backend", {"engine": {"kernel_backend": "cuda"}}, ["'cuda'", "auto", "reference", "triton"]),
-    ],
-    ids=["device", "dtype", "kernel_backend"],
-)
-def test_engine_option_refused_before_the_model_loads(
-    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
-    key: str, extra: dict, fragments: list[str],
-) -> None:
-    assert_refused(job_file(tmp_path, tiny_model_dir, **extra), capsys, key, *fragments)
-
-
-@pytest.mark.parametrize(
-    ("key", "extra", "fragments"),
-    [
+        ("engine.gpu_memory_utilization", {"engine": {"device": "cpu", "gpu_memory_utilization": 0.5}},
+         ["a GPU's memory share"]),
         ("output.keep_fields", {"output": {"path": "out", "keep_fields": ["cumulative_logprob"]},
                                 "sampling": {"max_tokens": 4, "logprobs": 2}}, ["clash with output columns"]),
         ("output.keep_fields", {"input": {"path": "in.jsonl", "id_field": None},
                                 "output": {"path": "out", "keep_fields": ["id"]}}, ["the output's id column"]),
         ("output.compression", {"output": {"path": "out", "compression": "foo"}}, ["not a Parquet compression"]),
         ("output", {"output": {"path": "out", "format": "jsonl", "compression": "gzip"}}, ["Parquet output only"]),
-        ("engine.gpu_memory_utilization", {"engine": {"device": "cpu", "gpu_memory_utilization": 0.5}},
-         ["a GPU's memory share"]),
     ],
-    ids=["keep_a_logprobs_column", "keep_id_without_id_field", "compression", "jsonl_compression", "gpu_memory_on_cpu"],
+    ids=["device", "dtype", "kernel_backend", "gpu_memory_on_cpu", "keep_a_logprobs_column", "keep_id_without_id_field",
+         "compression", "jsonl_compression"],
 )
-def test_output_and_engine_options_run_would_refuse_are_refused_before_the_model_loads(
+def test_engine_and_output_options_run_would_refuse_are_refused_before_the_model_loads(
     tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
     key: str, extra: dict, fragments: list[str],
 ) -> None:
