@@ -62,7 +62,9 @@ RESERVED_COLUMNS = (
 )
 
 
-# engine.kernel_backend's values (FORGE_BATCH_KERNELS's too, the default when the job sets none).
+# engine.kernel_backend's values (FORGE_BATCH_KERNELS's too, the default when the job sets none): those of
+# forge_batch.kernels.dispatch.BACKENDS, written again here because importing that module imports torch, which
+# validate does not.
 KERNEL_BACKENDS = ("auto", "reference", "triton")
 # The codecs pyarrow writes Parquet with.
 PARQUET_CODECS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")

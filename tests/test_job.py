@@ -221,3 +221,14 @@ def test_engine_option_names_are_the_engines() -> None:
         with pytest.raises(ValueError, match=field):
             EngineSpec.model_validate({field: bad})
     assert EngineSpec(device="cuda:1", dtype="bf16").device == "cuda:1"
+
+
+def test_the_jobs_kernel_backends_are_the_engines() -> None:
+    """job.py spells them again (the engine's module imports torch, which validate does not): the two agree."""
+    from typing import get_args
+
+    from forge_batch.job import KERNEL_BACKENDS, EngineSpec
+    from forge_batch.kernels.dispatch import BACKENDS
+
+    assert KERNEL_BACKENDS == BACKENDS
+    assert set(get_args(get_args(EngineSpec.model_fields["kernel_backend"].annotation)[0])) == set(BACKENDS)

@@ -67,12 +67,11 @@ def fill_bitmasks(states: list[ConstraintState], bitmask: torch.Tensor) -> dict[
         by_type.setdefault(type(s), []).append(i)
     for cls, rows in by_type.items():
         batch_fill = getattr(cls, "fill_batch", None)
-        try:
-            if batch_fill is not None:
+        if batch_fill is not None:
+            try:
                 batch_fill([states[i] for i in rows], rows, bitmask)
-                continue
-        except Exception as e:  # noqa: BLE001 - the rows fail, with what was raised
-            failed.update({i: f"{type(e).__name__}: {e}" for i in rows})
+            except Exception as e:  # noqa: BLE001 - the rows fail, with what was raised
+                failed.update({i: f"{type(e).__name__}: {e}" for i in rows})
             continue
         for i in rows:
             try:

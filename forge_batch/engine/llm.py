@@ -107,10 +107,11 @@ def check_vllm_options(options: dict[str, Any], table: dict[str, tuple[Any, str]
             raise ValueError(f"{call}({name}=...) is vLLM's and not supported here: {instead}")
 
 
-def _vllm_spellings(seed: int | None, max_logprobs: int, gpu_memory_utilization: float | None,
-                    vllm_options: dict[str, Any]) -> tuple[int, int]:
-    """vLLM's ways of saying what this engine does anyway: seed None (0 here, so a run is reproducible),
-    max_logprobs -1 (no cap), enable_chunked_prefill=True (always on); the other vLLM options are checked."""
+def _checked_options(seed: int | None, max_logprobs: int, gpu_memory_utilization: float | None,
+                     vllm_options: dict[str, Any]) -> tuple[int, int]:
+    """LLM()'s options checked before anything loads, with vLLM's ways of saying what this engine does anyway:
+    seed None (0 here, so a run is reproducible), max_logprobs -1 (no cap), enable_chunked_prefill=True (always
+    on); the other vLLM options are refused by name (check_vllm_options). Returns (seed, max_logprobs)."""
     if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if vllm_options.get("enable_chunked_prefill") is True:
@@ -303,7 +304,7 @@ class LLM:
         **vllm_options: Any,
     ) -> None:
         del trust_remote_code  # accepted either way: no model code is downloaded or run (architectures are built in)
-        seed, max_logprobs = _vllm_spellings(seed, max_logprobs, gpu_memory_utilization, vllm_options)
+        seed, max_logprobs = _checked_options(seed, max_logprobs, gpu_memory_utilization, vllm_options)
         if revision is not None:
             model = _at_revision(model, revision)
         t0 = time.monotonic()
