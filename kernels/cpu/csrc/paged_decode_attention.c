@@ -58,9 +58,15 @@ typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));  /* unaligne
 typedef uint32_t u16v __attribute__((vector_size(64)));
 
 static inline v16 load_f32(const float* p) { return *(const v16u*)p; }
-static inline v16 load_bf16(const uint16_t* p) {
-    u16v wide = __builtin_convertvector(*(const h16u*)p, u16v) << 16;  /* bf16 is the top half of f32 */
+static inline v16 load_bf16(const uint16_t* p) {  /* bf16 is the top half of f32 */
+#if defined(__AVX512F__)
+    /* one vpmovzxwd from memory and a shift: GCC lowered the vector conversion below to two 8-lane
+     * widenings and an insert */
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+#else
+    u16v wide = __builtin_convertvector(*(const h16u*)p, u16v) << 16;
     return (v16)wide;
+#endif
 }
 static inline void store_f32(float* p, v16 x) { *(v16u*)p = x; }
 static inline void store_bf16(uint16_t* p, v16 x) {  /* round to nearest even, like torch; NaN stays NaN */
@@ -171,7 +177,7 @@ static inline __attribute__((always_inline)) void scores_bf16_pairs(
         const uint16_t* q, const uint16_t* kbase, int64_t slot_stride, int64_t cnt, const int64_t nv,
         const int64_t hg, float scale, float* s, int64_t srow) {
     const uint32_t* qd = (const uint32_t*)(const void*)q;  /* q pairs of head h: qd[h * 8 * nv ...] */
-    __m512 acc[hg][4];
+    __m512 acc[3][4];  /* hg <= 3; a fixed size keeps them in registers (a VLA lives on the stack) */
     for (int64_t h = 0; h < hg; h++)
         for (int a = 0; a < 4; a++) acc[h][a] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nv / 2; c++) {  /* 16 pairs (32 values) of the head dim at a time */
@@ -447,17 +453,21 @@ static inline __attribute__((always_inline)) void NAME(                         
              * odd positions) halve the FMA latency chain */                                            \
             const TC* vbase = vblock + g0 / per_kv * head_dim;                                           \
             const float* s0 = s + g0 * srow;                                                            \
-            v16 a[hg][nv], a2[hg][nv];                                                                  \
+            /* vi of the nv 16-lane columns at a time: 2 x hg x nv accumulators did not fit the 32 registers \
+             * (3 heads of 64: 24, spilled to the stack every pair); each accumulator's sum is unchanged */ \
+            const int64_t vi = hg * nv <= 6 ? nv : nv % 2 == 0 && hg * 2 <= 6 ? 2 : 1;                   \
+            for (int64_t i0 = 0; i0 < nv; i0 += vi) {                                                   \
+            v16 a[3][6], a2[3][6]; /* fixed sizes (hg <= 3, hg x vi <= 6): a VLA lived on the stack */ \
             for (int64_t h = 0; h < hg; h++)                                                            \
-                for (int64_t i = 0; i < nv; i++) { a[h][i] = acc[(g0 + h) * nv + i]; a2[h][i] = (v16){0}; } \
+                for (int64_t i = 0; i < vi; i++) { a[h][i] = acc[(g0 + h) * nv + i0 + i]; a2[h][i] = (v16){0}; } \
             int64_t j = 0;                                                                              \
             for (; j + 1 < n; j += 2) {                                                                 \
-                const TC* vrow = vbase + j * slot_stride;                                                \
-                if (next_block >= 0 && g0 % per_kv == 0) /* once per KV head */                        \
+                const TC* vrow = vbase + j * slot_stride + 16 * i0;                                      \
+                if (next_block >= 0 && g0 % per_kv == 0 && i0 == 0) /* once per KV head */             \
                     prefetch_pair((const char*)(k_cache + next_block + g0 / per_kv * head_dim + j * slot_stride), \
                                   (const char*)(v_cache + next_block + g0 / per_kv * head_dim + j * slot_stride), \
                                   head_dim * (int64_t)sizeof(TC), slot_stride * (int64_t)sizeof(TC));  \
-                for (int64_t i = 0; i < nv; i++) {                                                      \
+                for (int64_t i = 0; i < vi; i++) {                                                      \
                     const v16 ve = LOADC(vrow + 16 * i), vo = LOADC(vrow + slot_stride + 16 * i);       \
                     for (int64_t h = 0; h < hg; h++) {                                                  \
                         a[h][i] += s0[h * srow + j] * ve;                                               \
@@ -466,12 +476,13 @@ static inline __attribute__((always_inline)) void NAME(                         
                 }                                                                                       \
             }                                                                                           \
             if (j < n)                                                                                  \
-                for (int64_t i = 0; i < nv; i++) {                                                      \
-                    const v16 ve = LOADC(vbase + j * slot_stride + 16 * i);                             \
+                for (int64_t i = 0; i < vi; i++) {                                                      \
+                    const v16 ve = LOADC(vbase + j * slot_stride + 16 * (i0 + i));                      \
                     for (int64_t h = 0; h < hg; h++) a[h][i] += s0[h * srow + j] * ve;                  \
                 }                                                                                       \
             for (int64_t h = 0; h < hg; h++)                                                            \
-                for (int64_t i = 0; i < nv; i++) acc[(g0 + h) * nv + i] = a[h][i] + a2[h][i];           \
+                for (int64_t i = 0; i < vi; i++) acc[(g0 + h) * nv + i0 + i] = a[h][i] + a2[h][i];      \
+            }                                                                                           \
         }                                                                                               \
         }                                                                                               \
     }                                                                                                   \
