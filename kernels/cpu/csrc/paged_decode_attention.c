@@ -32,6 +32,14 @@
  * Tiles of sequences over a shared prefix (see DEFINE_KERNEL), same machine: W2's shape 5.8-6.0 -> 5.1-5.3 ms,
  * once the tile's first sequence alone prefetches the shared blocks (every sequence asking for blocks already
  * in cache cost more than the tiles saved); the same bits as before over 720 cases.
+ * Zen 5 (AVX512-BF16, no AMX), 2 threads, eight layers' caches cycled (python scripts/attention_cost.py
+ * --against e3bd565, interleaved): bfloat16 W1 decode (contexts 100-168, a sequence's blocks far apart)
+ * 1.23-1.30 -> 0.86-0.87 ms a layer, W2 decode 1.43-1.44 -> 1.11-1.12; float32 2.23 -> 1.98 and 2.22 -> 2.02.
+ * From asking for the next block a few lines at a time in the V pass (prefetch_pair: asked for all at once
+ * at the block's start, the lines filled the core's miss buffers and stalled it, so memory time and arithmetic
+ * added up) and from fixed-size accumulator arrays (as variable-length arrays they lived on the stack: a load
+ * and a store around every FMA). Same bits. Tried and dropped (same bits, ~3% on W2's shape each): the
+ * tile's shared K transposed once per tile; visiting the shared blocks four at a time.
  * Compiled at first use by forge_batch.kernels.cpu_ops (-O3 -march=native -fopenmp).
  * Reference: kernels/reference.py::_decode_attention.
  */
