@@ -131,6 +131,14 @@ def test_an_engine_factory_naming_nothing_is_a_usage_error(tmp_path: Path, capsy
         assert says in err and "Traceback" not in err, err
 
 
+def test_an_empty_choice_is_one_problem(tmp_path: Path, tiny_model_dir: Path, no_model_load: None,
+                                        capsys: pytest.CaptureFixture) -> None:
+    job = job_file(tmp_path, tiny_model_dir, sampling={"max_tokens": 4, "choice": []})
+    assert_refused(job, capsys, "sampling.choice", "non-empty list")
+    code, out = validate(job, capsys)
+    assert code == 2 and "1 problem(s)" in out and "- sampling:" not in out, out
+
+
 def test_run_reports_every_problem_validate_does(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     job = job_file(tmp_path, tiny_model_dir, sampling={"max_tokens": 0}, input={"path": "nope.jsonl"})
     for command in (["validate", str(job)], ["run", str(job), "--progress", "none"]):

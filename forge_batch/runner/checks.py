@@ -163,7 +163,11 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     for where, kind in _constraint_kinds_named(job):
         if kinds and kind not in kinds:
             unknown(where, "constraint kind", kind, kinds)
-    problems.extend(_check_job_constraint(job, kinds))
+    constraint_problems = _check_job_constraint(job, kinds)
+    if constraint_problems:  # SamplingParams' own check of the same constraint said it first, less precisely
+        kind = job.job_constraint()[0]  # type: ignore[index]
+        problems[:] = [p for p in problems if not (p.path == "sampling" and p.message.startswith(kind))]
+    problems.extend(constraint_problems)
     if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
         unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
     readable = unreadable is None and (job.input.format == "auto" or job.input.format in readers)
