@@ -64,8 +64,10 @@ def test_a_changed_dtype_is_refused_unless_forced(job_dir: Path) -> None:
 def test_a_changed_block_size_is_refused(job_dir: Path) -> None:
     """Decode attention sums a row's keys block by block: in bfloat16 another block size rounds differently."""
     assert run(job_dir, "--limit", "2").returncode == 0
-    r = run(job_dir, "--set", "engine.block_size=8")
+    r = cli(["run", str(job_dir / "job.yaml"), "--progress", "none", "--set", "engine.block_size=8"],
+            env=cli_env(fake=False))
     assert r.returncode == 2 and "block_size: 16 -> 8" in r.stderr, r.stderr
+    assert "already committed, skipping them" not in r.stdout + r.stderr  # refused, not resumed
     assert run(job_dir, "--set", "engine.max_num_seqs=3").returncode == 0  # what changes no token is not compared
 
 

@@ -236,8 +236,6 @@ class JobRunner:
         compile the job-wide constraint."""
         job = run.job
         self.flags.starting = "loading the model"
-        if run.resume.tally.rows:
-            self._say(f"forge-batch: resuming {job.output.path}: {run.resume.tally.rows} rows already committed, skipping them")
         samplers = collect_registry(run.pm, "register_samplers")
         constraints = collect_registry(run.pm, "register_constraints")
         t_load = time.monotonic()
@@ -247,6 +245,8 @@ class JobRunner:
         run.engine_info = getattr(run.engine, "engine_info", None)
         if run.engine_info is not None:
             run.out.check_identity("engine", run.engine_info, compare=ENGINE_IDENTITY, force=self.force_resume)
+        if run.resume.tally.rows:  # said once the engine may resume them (a refusal is said instead)
+            self._say(f"forge-batch: resuming {job.output.path}: {run.resume.tally.rows} rows already committed, skipping them")
         job_constraint = job.job_constraint()
         compile_constraint = getattr(run.engine, "compile_constraint", None)
         if job_constraint is not None and compile_constraint is not None:
