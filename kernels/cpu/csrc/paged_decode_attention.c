@@ -140,8 +140,7 @@ static inline v16 select16(i16v mask, v16 yes, v16 no) { return (v16)(((i16v)yes
 /* Ask for two positions' K and V rows of one KV head (row_bytes each, stride_bytes apart) of the block after
  * this one. Called once per position pair of the V pass, so the next block's lines are requested a few at a
  * time while this block's arithmetic runs: asked for all at once at the block's start, they filled the core's
- * miss buffers, which stalled it until they arrived (memory time and arithmetic added up: W1's decode shape
- * 1.34-1.39 -> 0.85-0.91 ms a layer). */
+ * miss buffers, which stalled it until they arrived (see the top). */
 static inline void prefetch_pair(const char* k, const char* v, int64_t row_bytes, int64_t stride_bytes) {
     for (int64_t c = 0; c < row_bytes; c += 64) {
         __builtin_prefetch(k + c);
@@ -461,8 +460,8 @@ static inline __attribute__((always_inline)) void NAME(                         
              * odd positions) halve the FMA latency chain */                                            \
             const TC* vbase = vblock + g0 / per_kv * head_dim;                                           \
             const float* s0 = s + g0 * srow;                                                            \
-            /* vi of the nv 16-lane columns at a time: 2 x hg x nv accumulators did not fit the 32 registers \
-             * (3 heads of 64: 24, spilled to the stack every pair); each accumulator's sum is unchanged */ \
+            /* vi of the nv 16-lane columns at a time, so that the 2 x hg x vi accumulators (at most 12) stay \
+             * in registers beside the V rows; each accumulator's sum is unchanged */                   \
             const int64_t vi = hg * nv <= 6 ? nv : nv % 2 == 0 && hg * 2 <= 6 ? 2 : 1;                   \
             for (int64_t i0 = 0; i0 < nv; i0 += vi) {                                                   \
             v16 a[3][6], a2[3][6]; /* fixed sizes (hg <= 3, hg x vi <= 6): a VLA lived on the stack */ \
