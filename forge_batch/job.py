@@ -961,6 +961,22 @@ def compile_template(template: str) -> Any:
     return env.from_string(template)
 
 
+def sampling_problem(job: JobSpec, *, with_constraint: bool = True) -> Problem | None:
+    """Why SamplingParams refuses the job's sampling options, or None. ``with_constraint=False`` leaves the
+    constraint out, for a caller that checks it with its kind's own, more precise check."""
+    from forge_batch.engine.sampling_params import SamplingParams
+
+    try:
+        s = job.sampling_dict()
+        s.pop("extra", None)
+        if not with_constraint:
+            s.update(dict.fromkeys((*BUILTIN_CONSTRAINT_KINDS, "constraint")))
+        SamplingParams(**s)
+    except (TypeError, ValueError) as e:
+        return Problem("sampling", str(e))
+    return None
+
+
 def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
     """The problems that stop ``job`` from running and need no plugin to find: input files, the template,
     sampling options, the model, the engine options, the output path. Runs nothing.
@@ -968,8 +984,6 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
     ``check_model=False`` skips resolving ``model`` (a custom engine factory decides what the name means).
     What needs the registered readers, writers, samplers and constraint kinds is checked a layer up, with
     the plugin manager (``forge_batch.runner.checks``)."""
-    from forge_batch.engine.sampling_params import SamplingParams
-
     problems: list[Problem] = []
     files: list[str] = []
     try:
@@ -992,12 +1006,9 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
         problems.append(Problem("output.keep_fields", "'id' is the output's id column (the row's position, as "
                                 "input.id_field is null): set input.id_field: id to use the input's ids"))
 
-    try:
-        s = job.sampling_dict()
-        s.pop("extra", None)
-        SamplingParams(**s)
-    except (TypeError, ValueError) as e:
-        problems.append(Problem("sampling", str(e)))
+    problem = sampling_problem(job)
+    if problem is not None:
+        problems.append(problem)
 
     if check_model:
         problems.extend(_check_model(job.model_ref()))

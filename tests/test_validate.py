@@ -137,6 +137,10 @@ def test_an_empty_choice_is_one_problem(tmp_path: Path, tiny_model_dir: Path, no
     assert_refused(job, capsys, "sampling.choice", "non-empty list")
     code, out = validate(job, capsys)
     assert code == 2 and "1 problem(s)" in out and "- sampling:" not in out, out
+    # a sampling problem SamplingParams finds after the empty choice is still said
+    job = job_file(tmp_path, tiny_model_dir, sampling={"max_tokens": 4, "choice": [], "logit_bias": {-1: 1.0}})
+    code, out = validate(job, capsys)
+    assert code == 2 and "2 problem(s)" in out and "- sampling.choice:" in out and "logit_bias keys" in out, out
 
 
 def test_run_reports_every_problem_validate_does(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -30,6 +30,7 @@ from forge_batch.job import (
     input_files,
     load_job,
     load_job_for_checks,
+    sampling_problem,
 )
 from forge_batch.plugin_manager import (
     PluginHookError,
@@ -164,9 +165,9 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
         if kinds and kind not in kinds:
             unknown(where, "constraint kind", kind, kinds)
     constraint_problems = _check_job_constraint(job, kinds)
-    if constraint_problems:  # SamplingParams' own check of the same constraint said it first, less precisely
-        kind = job.job_constraint()[0]  # type: ignore[index]
-        problems[:] = [p for p in problems if not (p.path == "sampling" and p.message.startswith(kind))]
+    if constraint_problems:  # SamplingParams may have refused the same constraint first, less precisely
+        sampling = sampling_problem(job, with_constraint=False)
+        problems[:] = [p for p in problems if p.path != "sampling"] + ([sampling] if sampling is not None else [])
     problems.extend(constraint_problems)
     if job.sampling.sampler is not None and samplers and job.sampling.sampler not in samplers:
         unknown("sampling.sampler", "sampler", job.sampling.sampler, samplers)
