@@ -150,6 +150,13 @@ static inline void prefetch_pair(const char* k, const char* v, int64_t row_bytes
     }
 }
 
+/* Positions J and J + 1 of query head G's KV head in the next block (next_block, an offset into the caches;
+ * see prefetch_pair), asked for from the V passes below, once per KV head (their item's variables). */
+#define PREFETCH_NEXT(G, J)                                                                             \
+    prefetch_pair((const char*)(k_cache + next_block + (G) / per_kv * head_dim + (J) * slot_stride),     \
+                  (const char*)(v_cache + next_block + (G) / per_kv * head_dim + (J) * slot_stride),     \
+                  head_dim * (int64_t)sizeof(*k_cache), slot_stride * (int64_t)sizeof(*k_cache))
+
 /* The scores of up to sixteen keys for hg query heads of one KV head, bfloat16 q and K, with AVX512-BF16's
  * pairwise dot product (vdpbf16ps: 32 products an instruction, exact, summed in float32). A chunk of K rows
  * is transposed in registers, 16 x 16 (bf16 pairs) at a time, so that lane j of a vector is key j's pair:
@@ -346,10 +353,7 @@ DEFINE_SCORES_AVX2(scores_avx2_bf16, uint16_t)
                 int64_t j = 0;                                                                          \
                 for (; j + 1 < n; j += 2) {                                                             \
                     const TC* vrow = vbase + j * slot_stride + 16 * half;                               \
-                    if (next_block >= 0 && half == 0 && g % per_kv == 0) /* once per KV head */        \
-                        prefetch_pair((const char*)(k_cache + next_block + g / per_kv * head_dim + j * slot_stride), \
-                                      (const char*)(v_cache + next_block + g / per_kv * head_dim + j * slot_stride), \
-                                      head_dim * (int64_t)sizeof(TC), slot_stride * (int64_t)sizeof(TC)); \
+                    if (next_block >= 0 && half == 0 && g % per_kv == 0) PREFETCH_NEXT(g, j);         \
                     const __m256 se = _mm256_set1_ps(sg[j]), so = _mm256_set1_ps(sg[j + 1]);           \
                     for (int64_t c = 0; c < w; c++) {                                                   \
                         a[c] = _mm256_fmadd_ps(se, LOAD8((const TC*)(vrow + 8 * c)), a[c]);             \
@@ -470,10 +474,7 @@ static inline __attribute__((always_inline)) void NAME(                         
             int64_t j = 0;                                                                              \
             for (; j + 1 < n; j += 2) {                                                                 \
                 const TC* vrow = vbase + j * slot_stride + 16 * i0;                                      \
-                if (next_block >= 0 && g0 % per_kv == 0 && i0 == 0) /* once per KV head */             \
-                    prefetch_pair((const char*)(k_cache + next_block + g0 / per_kv * head_dim + j * slot_stride), \
-                                  (const char*)(v_cache + next_block + g0 / per_kv * head_dim + j * slot_stride), \
-                                  head_dim * (int64_t)sizeof(TC), slot_stride * (int64_t)sizeof(TC));  \
+                if (next_block >= 0 && g0 % per_kv == 0 && i0 == 0) PREFETCH_NEXT(g0, j);              \
                 for (int64_t i = 0; i < vi; i++) {                                                      \
                     const v16 ve = LOADC(vrow + 16 * i), vo = LOADC(vrow + slot_stride + 16 * i);       \
                     for (int64_t h = 0; h < hg; h++) {                                                  \
