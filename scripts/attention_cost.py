@@ -1,6 +1,6 @@
 """What the CPU decode attention kernel costs a layer at the bench's batched shapes, at this checkout and, with
 ``--against REV``, with an earlier commit's kernel (its csrc/paged_decode_attention.c and header, compiled with
-the same flags), in one process, the two kernels alternating round by round.
+the build's flags), in one process, the two kernels alternating round by round.
 
     python scripts/attention_cost.py --against e3bd565
     python scripts/attention_cost.py --dtype float32
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from forge_batch.kernels.cpu import attention
-from forge_batch.kernels.cpu.build import lib
+from forge_batch.kernels.cpu.build import CFLAGS, lib
 
 REPO = Path(__file__).resolve().parent.parent
 CSRC = "kernels/cpu/csrc"
@@ -41,8 +41,7 @@ def _kernel_at(rev: str, folder: Path) -> ctypes.CDLL:
         (folder / name).write_bytes(source)
     cc = shutil.which("cc") or shutil.which("gcc")
     out = folder / "attention_at_rev.so"
-    subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast",
-                    str(folder / "paged_decode_attention.c"), "-o", str(out)], check=True)
+    subprocess.run([cc, *CFLAGS, str(folder / "paged_decode_attention.c"), "-o", str(out)], check=True)
     return ctypes.CDLL(str(out))
 
 

@@ -24,6 +24,8 @@ import torch
 log = logging.getLogger(__name__)
 _SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 _HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
+# every file's flags (_build adds a few per file)
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast")
 _lib: ctypes.CDLL | None = None
 _tried = False
 _build_lock = threading.Lock()
@@ -111,7 +113,7 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
     src = b"".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS))
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
+    flags = list(CFLAGS)
     per_file: dict[str, list[str]] = {}
     if os.uname().machine in ("x86_64", "amd64"):
         # GCC vectorises plain loops 256 bits wide by default even on AVX-512 CPUs; at 512 the bfloat16
