@@ -123,6 +123,26 @@ def test_two_replicas_write_what_the_local_executor_writes(ray_address: str, tin
     assert rows_of(tmp_path / "ray") == local_rows
 
 
+def test_the_driver_keeps_each_replicas_latest_figures_whatever_order_its_results_arrive_in() -> None:
+    # a replica's figures count from its engine's start; two tasks in flight per replica may return out of order
+    from forge_batch.engine.histogram import LogHistogram
+    from forge_batch.runner.ray_executor import _Driver
+
+    def figures(itls: int, queries: int) -> tuple[dict[str, Any], LogHistogram]:
+        hist = LogHistogram()
+        for _ in range(itls):
+            hist.add(0.01)
+        return {"prefix_cache_queries": queries, "prefix_cache_hits": 0}, hist
+
+    driver = _Driver(part_base=0)
+    driver.keep_figures("a", 2, figures(70, 8))
+    driver.keep_figures("a", 1, figures(35, 4))  # the first batch's result, after the second's
+    driver.keep_figures("b", 1, figures(14, 2))
+    merged = driver.merged_figures()
+    assert merged is not None
+    assert merged["itl_s"]["count"] == 84 and merged["prefix_cache_queries"] == 10
+
+
 KILL_ONCE = """
 import os
 import ray

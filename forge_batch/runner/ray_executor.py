@@ -87,6 +87,7 @@ class EngineReplica:
         self.requests = RequestBuilder(job, spec, out_schema.field(id_column).type, ResumeState(), context, RunFlags())
         self.records = RecordBuilder(job, id_column, set(out_schema.names), context)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.batches_done = 0  # orders this replica's figures: Ray Data may hand its results back out of order
         self.load_s = time.monotonic() - t_load
         e = job.engine
         self.max_in_flight = e.max_in_flight or (2 * e.max_num_seqs if e.max_num_seqs else None)
@@ -95,6 +96,7 @@ class EngineReplica:
         return self._engine_thread.submit(self._generate, batch).result()
 
     def _generate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches_done += 1
         keys, results, busy = [], [], []
         for key, payload in zip(batch["shard"], batch["rows"]):
             t0 = time.monotonic()
@@ -113,7 +115,8 @@ class EngineReplica:
             "load_s": np.array([self.load_s] * n, dtype=np.float64),
             "engine_info": np.array([_json(self.engine_info)] * n, dtype=object),
             # the figures after the batch, on each of its results (the driver keeps a replica's latest)
-            "engine_figures": np.array([pickle.dumps(replica_engine_figures(self.engine))] * n, dtype=object),
+            "engine_figures": np.array([pickle.dumps((self.batches_done, replica_engine_figures(self.engine)))] * n,
+                                       dtype=object),
         }
 
 
@@ -150,8 +153,19 @@ class _Driver:
     engine_info: dict[str, Any] | None = None
     committed_shards: set[int] = field(default_factory=set)
     replicas: dict[str, ReplicaStats] = field(default_factory=dict)
-    # each replica's engine figures as of its latest result (they count from the engine's start: this run's)
-    engine_figures: dict[str, tuple[dict[str, Any], Any]] = field(default_factory=dict)
+    # each replica's engine figures as of its latest batch (they count from the engine's start: this run's),
+    # after the number of batches it had done then
+    engine_figures: dict[str, tuple[int, tuple[dict[str, Any], Any]]] = field(default_factory=dict)
+
+    def keep_figures(self, replica: str, batch_number: int, figures: tuple[dict[str, Any], Any]) -> None:
+        """A replica's figures after its ``batch_number``-th batch, kept unless a later batch's came first."""
+        kept = self.engine_figures.get(replica)
+        if kept is None or batch_number > kept[0]:
+            self.engine_figures[replica] = (batch_number, figures)
+
+    def merged_figures(self) -> dict[str, Any] | None:
+        """The replicas' latest figures as one engine's (``merged_engine_metrics``)."""
+        return merged_engine_metrics([figures for _, figures in self.engine_figures.values()])
 
 
 @dataclass
@@ -272,7 +286,7 @@ class RayJobRunner(JobRunner):
         run.figures = RunFigures()
         end = self._generate_on_ray(run, schema, id_column, pipeline, driver)
         gen_s = time.monotonic() - t_gen
-        run.engine_metrics = merged_engine_metrics(list(driver.engine_figures.values()))
+        run.engine_metrics = driver.merged_figures()
         run.engine_info = driver.engine_info
         run.load_s = max((s.engine_load_s for s in driver.replicas.values()), default=0.0)
         self._replica_stats = driver.replicas
@@ -436,7 +450,7 @@ class RayJobRunner(JobRunner):
         for group in groups:  # as the local runner does with each finished row
             run.observe(group)
         if result.get("engine_figures") is not None:
-            driver.engine_figures[str(result["replica"])] = pickle.loads(result["engine_figures"])
+            driver.keep_figures(str(result["replica"]), *pickle.loads(result["engine_figures"]))
         tokens = sum(r.get("completion_tokens") or 0 for g in groups for r in g.records)
         stats = driver.replicas.setdefault(str(result["replica"]), ReplicaStats())
         stats.shards += 1
