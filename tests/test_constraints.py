@@ -98,6 +98,48 @@ def test_plugin_constraint_kind(tiny_model_dir):
     assert out.text in ("ping", "pong") and out.samples[0].valid
 
 
+def test_a_plugin_constraint_fills_its_bitmask_with_torch_operations(tiny_model_dir):
+    """The bitmask a state's fill_bitmask gets is an ordinary int32 tensor to it: written in place with torch
+    (on the engine's mask thread), it decides the tokens."""
+    allowed = [5, 7, 40]
+
+    class State:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def fill_bitmask(self, bitmask, row):
+            bitmask[row].zero_()
+            for t in allowed:
+                bitmask[row, t // 32] |= 1 << (t % 32)
+
+        def advance(self, token_id):
+            self.n += 1
+
+        def is_accepting(self):
+            return self.n >= 3
+
+        def is_stopped(self):
+            return self.n >= 3
+
+        def error(self):
+            return None
+
+    class Few:
+        kind = "few"
+
+        def new_state(self):
+            return State()
+
+        def validate(self, text):
+            return True, None
+
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", constraints={"few": lambda spec, t, v: Few()})
+    outs = llm.generate(["a", "b c"], SamplingParams(max_tokens=8, temperature=1.0, seed=3, constraint={"few": True}))
+    for out in outs:
+        assert out.error is None, out.error
+        assert len(out.token_ids) == 3 and set(out.token_ids) <= set(allowed), out.token_ids
+
+
 def test_a_plugin_constraint_or_sampler_that_raises_fails_its_rows_alone(tiny_model_dir):
     """A constraint whose state raises computing its mask or advancing, one without validate, a sampler that
     raises: those requests fail (plugin_error, the kind or sampler named), the others in the batch go on."""

@@ -212,7 +212,10 @@ class _MaskWorker:
 
         def work() -> dict[int, str]:
             t0 = time.monotonic()
-            failed = fill_bitmasks(states, bitmask)  # type: ignore[arg-type]
+            # inference mode is per thread: the step's (where the bitmask was made) lets a plugin's state
+            # write the bitmask in place with torch here too
+            with torch.inference_mode():
+                failed = fill_bitmasks(states, bitmask)  # type: ignore[arg-type]
             self.stats.mask_seconds += time.monotonic() - t0
             return failed
 
