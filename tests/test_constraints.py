@@ -7,6 +7,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from forge_batch import LLM, SamplingParams
 from forge_batch.plugins.constraints import ascii_digits
@@ -188,6 +189,27 @@ def test_a_plugin_constraint_or_sampler_that_raises_fails_its_rows_alone(tiny_mo
         assert says in out.samples[0].error, out.samples[0].error
     assert all("'rough'" in o.samples[0].error for o in outs[:3])
     assert outs[-1].error is None and len(outs[-1].token_ids) >= 1
+
+
+def test_a_sampler_returning_ids_outside_the_vocabulary_or_too_few_fails_its_rows_alone(tiny_model_dir):
+    """A plugin sampler's return is checked: a token id outside the vocabulary fails that row, the wrong number
+    of ids fails the sampler's rows (plugin_error, the sampler named); other rows, its own good ones
+    included, go on."""
+
+    def outside(logits, batch):  # the second of its rows gets an id past the vocabulary
+        return torch.tensor([5, 10**6][: logits.shape[0]])
+
+    def too_few(logits, batch):
+        return torch.zeros(0, dtype=torch.long)
+
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", samplers={"outside": outside, "few": too_few})
+    params = [SamplingParams(max_tokens=3, sampler="outside"), SamplingParams(max_tokens=3, sampler="outside"),
+              SamplingParams(max_tokens=3, sampler="few"), SamplingParams(max_tokens=3, temperature=0.0)]
+    first, second, few, plain = llm.generate(["a", "b", "c", "d"], params)
+    assert first.error is None and first.token_ids == [5, 5, 5]
+    assert second.samples[0].error_kind == "plugin_error" and "sampler 'outside' returned token id 1000000" in second.error
+    assert few.samples[0].error_kind == "plugin_error" and "sampler 'few' returned (0,) token ids for 1 rows" in few.error
+    assert plain.error is None and len(plain.token_ids) == 3
 
 
 def test_masks_are_computed_beside_the_forward(llm):

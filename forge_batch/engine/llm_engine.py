@@ -80,11 +80,24 @@ def _run_samplers(samplers: dict[str, Sampler], logits: torch.Tensor, seqs: list
             prompt_token_ids=[batch.prompt_token_ids[i] for i in rows], uniforms=batch.uniforms[rows],
             eos_token_ids=batch.eos_token_ids)
         try:
-            picked = samplers[name](logits if whole else logits[rows], sub_batch)
-            tokens[rows] = torch.as_tensor(picked, device=logits.device).long()
+            picked = torch.as_tensor(samplers[name](logits if whole else logits[rows], sub_batch),
+                                     device=logits.device).long()
         except Exception as e:  # noqa: BLE001 - its rows fail, with what it raised
             for i in rows:
                 _fail_row(seqs[i], f"sampler {name!r} raised: {type(e).__name__}: {e}")
+            continue
+        if picked.shape != (len(rows),):
+            for i in rows:
+                _fail_row(seqs[i], f"sampler {name!r} returned {tuple(picked.shape)} token ids for {len(rows)} rows")
+            continue
+        # an id outside the vocabulary fails its row alone (it would fail the whole step further on)
+        outside = ((picked < 0) | (picked >= logits.shape[1])).tolist()
+        for i, token, bad in zip(rows, picked.tolist(), outside):
+            if bad:
+                _fail_row(seqs[i], f"sampler {name!r} returned token id {token}, outside the vocabulary "
+                                   f"(0-{logits.shape[1] - 1})")
+            else:
+                tokens[i] = token
     return tokens
 
 
