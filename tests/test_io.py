@@ -80,6 +80,27 @@ def test_openai_batch_reader(tmp_path: Path) -> None:
         parse_request({"custom_id": "x", "url": "/v1/chat/completions"})
 
 
+def test_openai_body_fields_that_change_the_output_are_run_or_refused_never_dropped() -> None:
+    """vLLM's extra sampling fields run as SamplingParams; its fields this tool cannot honour are accepted at
+    vLLM's default only, so a request never succeeds without what it asked for."""
+    body = {"include_stop_str_in_output": True, "allowed_token_ids": [4, 5], "bad_words": ["x"],
+            "truncate_prompt_tokens": 8, "structured_outputs": {"choice": ["a", "b"], "backend": "auto"},
+            "echo": False, "best_of": 2, "n": 2, "add_generation_prompt": True, "priority": 3}
+    assert sampling_from_body(body) == {"include_stop_str_in_output": True, "allowed_token_ids": [4, 5],
+                                        "bad_words": ["x"], "truncate_prompt_tokens": 8, "choice": ["a", "b"], "n": 2}
+    assert sampling_from_body({"structured_outputs": {"json": {"type": "object"}}}) == {"json_schema": {"type": "object"}}
+    assert sampling_from_body({"structured_outputs": {"json_object": True}}) == {"json_schema": {"type": "object"}}
+    assert sampling_from_body({"add_special_tokens": True}, "/v1/completions") == {}
+    refused = [({"guided_grammar": 'root ::= "no"'}, "guided_grammar"), ({"structured_outputs": {"grammar": "g"}}, "grammar"),
+               ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"add_generation_prompt": False}, "add_generation_prompt"),
+               ({"continue_final_message": True}, "continue_final_message"), ({"suffix": "end"}, "suffix"),
+               ({"use_beam_search": True}, "use_beam_search"), ({"chat_template": "{{ x }}"}, "chat_template"),
+               ({"add_special_tokens": True}, "add_special_tokens")]
+    for fields, named in refused:
+        with pytest.raises(OpenAIRequestError, match=named):
+            sampling_from_body(fields)
+
+
 def test_openai_response_line_shapes() -> None:
     now = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
     base = {"custom_id": "r1", "row_index": 0, "prompt_tokens": 4, "finished_at": now, "extra_obj": {}}

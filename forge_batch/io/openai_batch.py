@@ -48,6 +48,10 @@ _DIRECT = (
     "ignore_eos",
     "stop_token_ids",
     "skip_special_tokens",
+    "include_stop_str_in_output",
+    "allowed_token_ids",
+    "bad_words",
+    "truncate_prompt_tokens",
 )
 _RENAMED = {
     "max_completion_tokens": "max_tokens",
@@ -66,12 +70,34 @@ _IGNORED = {
     "metadata",
     "store",
     "service_tier",
-    "echo",
-    "best_of",
-    "suffix",
     "parallel_tool_calls",
+    "priority",
+    "request_id",
+    "cache_salt",
+    "guided_decoding_backend",
 }
 _UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "audio", "modalities", "prediction"}
+# vLLM fields that change what is generated, not supported here: accepted only at vLLM's default (per URL
+# where it differs), a bad_request otherwise, never run without them. best_of is checked against n.
+_ONLY_DEFAULT: dict[str, Any] = {
+    "echo": False,
+    "suffix": "",
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "spaces_between_special_tokens": True,
+    "add_generation_prompt": True,
+    "continue_final_message": False,
+    "chat_template": None,
+    "chat_template_kwargs": {},
+    "documents": None,
+    "guided_grammar": None,
+    "guided_whitespace_pattern": None,
+    "structural_tag": None,
+    "logits_processors": None,
+}
+_ONLY_DEFAULT_BY_URL = {"add_special_tokens": {CHAT_URL: False, COMPLETIONS_URL: True}}
+# vLLM's structured_outputs keys -> SamplingParams field (json_object: any JSON object)
+_STRUCTURED = {"json": "json_schema", "regex": "regex", "choice": "choice"}
 
 
 class OpenAIRequestError(ValueError):
@@ -107,7 +133,17 @@ def sampling_from_body(body: Mapping[str, Any], url: str = CHAT_URL) -> dict[str
             continue
         if key in _UNSUPPORTED:
             raise OpenAIRequestError(f"body.{key} is not supported")
-        if key in _DIRECT:
+        if key in _ONLY_DEFAULT or key in _ONLY_DEFAULT_BY_URL:
+            default = _ONLY_DEFAULT[key] if key in _ONLY_DEFAULT else _ONLY_DEFAULT_BY_URL[key][url]
+            if value != default:
+                raise OpenAIRequestError(f"body.{key} = {value!r} is not supported (only vLLM's default, {default!r})")
+        elif key == "best_of":
+            if value != body.get("n", 1):
+                raise OpenAIRequestError(f"body.best_of = {value!r} is not supported (only n's value: each of the n "
+                                         "samples is returned)")
+        elif key == "structured_outputs":
+            out.update(_structured_outputs(value))
+        elif key in _DIRECT:
             out[key] = value
         elif key in _RENAMED:
             out[_RENAMED[key]] = value
@@ -129,6 +165,25 @@ def sampling_from_body(body: Mapping[str, Any], url: str = CHAT_URL) -> dict[str
         # anything else: unknown extension fields are ignored, as vLLM does
     if "max_tokens" in out and "max_completion_tokens" in body and "max_tokens" in body:
         out["max_tokens"] = body["max_tokens"]
+    return out
+
+
+def _structured_outputs(value: Any) -> dict[str, Any]:
+    """vLLM's ``structured_outputs`` object as SamplingParams fields: ``json``, ``regex``, ``choice`` and
+    ``json_object``; its other kinds (``grammar``, ``structural_tag``) are refused."""
+    if not isinstance(value, Mapping):
+        raise OpenAIRequestError("body.structured_outputs must be an object")
+    out: dict[str, Any] = {}
+    for key, spec in value.items():
+        if spec is None or spec is False:
+            continue
+        if key in _STRUCTURED:
+            out[_STRUCTURED[key]] = spec
+        elif key == "json_object":
+            out["json_schema"] = {"type": "object"}
+        elif key not in ("backend", "disable_fallback"):  # which grammar engine runs it: not what it allows
+            raise OpenAIRequestError(f"body.structured_outputs.{key} is not supported (json, regex, choice or "
+                                     "json_object are)")
     return out
 
 
