@@ -152,6 +152,13 @@ def test_params_validation():
         SamplingParams(json_schema={"type": "string"}, regex="a+")
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="empty string"):  # as vLLM: it would end every output at once
+        SamplingParams(stop=["end", ""])
+    with pytest.raises(ValueError, match="stop_token_ids must be a list, got 5"):
+        SamplingParams(stop_token_ids=5)
+    with pytest.raises(ValueError, match="ignore_eos must be true or false"):
+        SamplingParams(ignore_eos="yes")
+    assert SamplingParams(stop=("a", "b"), stop_token_ids=(3,)).stop == ["a", "b"]
 
 
 def test_one_params_per_prompt_is_checked(llm):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from forge_batch import SamplingParams
 from forge_batch.engine.llm import LLM, VLLM_ONLY_OPTIONS
+from forge_batch.engine.sampling_params import VLLM_ONLY_SAMPLING
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "python-api.md"
 
@@ -36,6 +37,12 @@ def test_every_sampling_params_field_is_in_the_table() -> None:
     fields = {f.name for f in dataclasses.fields(SamplingParams) if not f.name.startswith("_")}
     assert fields - set(table) == set()
     assert all(verdict in ("same", "different", "absent", "") for verdict in table.values())
+
+
+def test_every_vllm_sampling_option_refused_is_in_the_table_as_absent_or_different() -> None:
+    table = named(table_rows("`SamplingParams(...)`"))
+    for name in VLLM_ONLY_SAMPLING:
+        assert table.get(name) in ("absent", "different"), name
 
 
 def test_every_llm_option_is_in_the_table_and_refused_ones_are_absent() -> None:

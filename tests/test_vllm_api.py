@@ -79,6 +79,34 @@ def test_vllm_only_options_at_their_default_ask_nothing(tiny_model_dir):
     assert llm.generate({"prompt_token_ids": [5, 6]}, greedy(2))[0].error is None
 
 
+def test_vllm_sampling_options_are_accepted_at_their_default_and_refused_by_name_otherwise():
+    from forge_batch.engine.sampling_params import VLLM_ONLY_SAMPLING
+
+    defaults = {name: default for name, (default, _) in VLLM_ONLY_SAMPLING.items()}
+    assert SamplingParams(max_tokens=3, **defaults).max_tokens == 3
+    assert SamplingParams(n=2, best_of=2).n == 2
+    assert SamplingParams(extra_args={"tag": 1}).extra == {"tag": 1}
+    for name, value, hint in [("best_of", 3, "cumulative_logprob"), ("detokenize", False, "always decoded"),
+                              ("guided_decoding", {"json": {}}, "json_schema="), ("structured_outputs", {"regex": "a"}, "regex=")]:
+        with pytest.raises(ValueError, match=hint) as err:
+            SamplingParams(**{name: value})
+        assert f"SamplingParams({name}=...)" in str(err.value)
+    with pytest.raises(TypeError, match="no_such_option"):
+        SamplingParams(no_such_option=1)
+
+
+def test_generate_takes_vllms_options_at_their_default_and_llm_takes_task_generate(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", task="generate")
+    out = llm.generate({"prompt_token_ids": [5, 6]}, greedy(2), lora_request=None, priority=None)[0]
+    assert out.error is None
+    with pytest.raises(ValueError, match=r"generate\(lora_request=...\).*merge"):
+        llm.generate({"prompt_token_ids": [5, 6]}, greedy(2), lora_request=object())
+    with pytest.raises(TypeError, match="SamplingParams or a list of them, got dict"):
+        llm.generate(["a"], {"max_tokens": 2})
+    with pytest.raises(ValueError, match="seed must be None or an int"):
+        LLM(str(tiny_model_dir), device="cpu", dtype="float32", seed="x")
+
+
 def test_an_unknown_option_is_a_type_error(tiny_model_dir):
     with pytest.raises(TypeError, match="no_such_option"):
         LLM(str(tiny_model_dir), device="cpu", no_such_option=1)

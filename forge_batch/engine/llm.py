@@ -39,7 +39,7 @@ from .outputs import RequestOutput
 from .prompts import PromptError, PromptType, check_prompt
 from .request import GenerationRequest
 from .sampler import Sampler
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, check_vllm_options
 from .triton_backend import TritonBackend
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,16 @@ VLLM_ONLY_OPTIONS: dict[str, tuple[Any, str]] = {
 
 _RENDER_IT = ("render the prompt with llm.get_tokenizer().encode_chat(messages, add_generation_prompt=..., **kwargs) "
               "and pass generate({'prompt_token_ids': ids})")
+# vLLM's LLM.generate options, the same way.
+VLLM_GENERATE_OPTIONS: dict[str, tuple[Any, str]] = {
+    "lora_request": (None, "LoRA adapters are not supported: merge the adapter into the weights first"),
+    "priority": (None, "requests are admitted in the order given"),
+    "tokenization_kwargs": (None, "tokenize with llm.get_tokenizer() and pass generate({'prompt_token_ids': ids})"),
+}
 # vLLM's LLM.chat options, the same way: the messages are rendered with the model's own chat template, a
 # generation prompt added.
 VLLM_CHAT_OPTIONS: dict[str, tuple[Any, str]] = {
-    "lora_request": (None, "LoRA adapters are not supported: merge the adapter into the weights first"),
+    "lora_request": VLLM_GENERATE_OPTIONS["lora_request"],
     "chat_template": (None, "the model's own chat template is used (edit it in the model folder's tokenizer_config.json)"),
     "chat_template_content_format": ("auto", "content is text or OpenAI-style text parts"),
     "add_generation_prompt": (True, _RENDER_IT),
@@ -93,18 +99,6 @@ VLLM_CHAT_OPTIONS: dict[str, tuple[Any, str]] = {
     "chat_template_kwargs": (None, _RENDER_IT),
     "mm_processor_kwargs": (None, "only text prompts are supported"),
 }
-
-
-def check_vllm_options(options: dict[str, Any], table: dict[str, tuple[Any, str]] = VLLM_ONLY_OPTIONS,
-                       call: str = "LLM") -> None:
-    """Refuse vLLM options this engine cannot honour, naming what to use instead (ValueError); an option
-    nobody knows is a TypeError, as for any Python function."""
-    for name, value in options.items():
-        if name not in table:
-            raise TypeError(f"{call}() got an unexpected keyword argument {name!r}")
-        default, instead = table[name]
-        if value != default and not (default is None and value == {}):
-            raise ValueError(f"{call}({name}=...) is vLLM's and not supported here: {instead}")
 
 
 def _checked_options(seed: int | None, max_logprobs: int, gpu_memory_utilization: float | None,
@@ -116,7 +110,11 @@ def _checked_options(seed: int | None, max_logprobs: int, gpu_memory_utilization
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if vllm_options.get("enable_chunked_prefill") is True:
         del vllm_options["enable_chunked_prefill"]
-    check_vllm_options(vllm_options)
+    if vllm_options.get("task") == "generate":  # what this engine does
+        del vllm_options["task"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be None or an int, got {seed!r}")
+    check_vllm_options(vllm_options, VLLM_ONLY_OPTIONS, "LLM")
     if max_logprobs == -1:
         max_logprobs = 1 << 30
     if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
@@ -397,11 +395,15 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        **vllm_options: Any,
     ) -> list[RequestOutput]:
         """Generate for every prompt; results in input order. A prompt that is not text, ``{"prompt":
-        ...}``, ``{"prompt_token_ids": [...]}`` or a chat raises ValueError before anything runs; a
-        request that fails in the engine (too long, a constraint that does not compile) comes back with
-        ``finish_reason == "error"``. ``use_tqdm``: a progress bar over the prompts (stderr)."""
+        ...}``, ``{"prompt_token_ids": [...]}`` or a chat raises ValueError before anything runs, params
+        that are not SamplingParams a TypeError; a request that fails in the engine (too long, a constraint
+        that does not compile) comes back with ``finish_reason == "error"``. ``use_tqdm``: a progress bar
+        over the prompts (stderr). vLLM's other options are refused by name unless given their defaults
+        (VLLM_GENERATE_OPTIONS)."""
+        check_vllm_options(vllm_options, VLLM_GENERATE_OPTIONS, "generate")
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, Iterable):
             prompts = [prompts]  # type: ignore[list-item]  # one prompt (or not a prompt: check_prompt says so)
         prompts = list(prompts)
@@ -417,7 +419,11 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
-            params_list = list(sampling_params)
+            many = isinstance(sampling_params, Iterable) and not isinstance(sampling_params, (dict, str))
+            params_list = list(sampling_params) if many else [sampling_params]
+            bad = next((p for p in params_list if not isinstance(p, SamplingParams)), None)
+            if bad is not None:
+                raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(bad).__name__}")
             if len(params_list) != len(prompts):
                 raise ValueError(
                     f"got {len(params_list)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt"

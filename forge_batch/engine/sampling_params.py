@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,41 @@ def constraint_options(kind: str, spec: Any) -> dict[str, Any]:
     else:
         options["constraint"] = {kind: spec}
     return options
+
+
+def check_vllm_options(options: Mapping[str, Any], table: Mapping[str, tuple[Any, str]], call: str) -> None:
+    """Refuse vLLM options this engine cannot honour, naming what to use instead (ValueError), unless given
+    vLLM's default, which asks for nothing; an option nobody knows is a TypeError, as for any Python function."""
+    for name, value in options.items():
+        if name not in table:
+            raise TypeError(f"{call}() got an unexpected keyword argument {name!r}")
+        default, instead = table[name]
+        if value != default and not (default is None and value == {}):
+            raise ValueError(f"{call}({name}=...) is vLLM's and not supported here: {instead}")
+
+
+_STRUCTURED = "give json_schema=, regex= or choice= (or constraint={kind: spec} for a plugin's grammar kind)"
+# vLLM's SamplingParams options with no counterpart here (docs/python-api.md lists them as absent), refused
+# the same way. best_of is also accepted equal to n (each of the n samples is returned).
+VLLM_ONLY_SAMPLING: dict[str, tuple[Any, str]] = {
+    "best_of": (None, "ask for n samples and keep the best by cumulative_logprob (logprobs=0 gives it)"),
+    "detokenize": (True, "text is always decoded; token_ids are there too"),
+    "spaces_between_special_tokens": (True, "decoding is the tokenizer's own"),
+    "output_kind": (None, "generate_stream yields each request when it finishes"),
+    "stream_interval": (1, "generate_stream yields each request when it finishes"),
+    "skip_clone": (False, "clone() always copies"),
+    "structured_outputs": (None, _STRUCTURED),
+    "guided_decoding": (None, _STRUCTURED),
+    "logprob_token_ids": (None, "ask for logprobs=k and pick the ids you need"),
+    "prompt_logprob_token_ids": (None, "ask for prompt_logprobs=k and pick the ids you need"),
+    "prompt_logprob_start": (None, "ask for prompt_logprobs=k and keep the positions you need"),
+    "flat_logprobs": (False, "logprobs come as vLLM's default shape, a dict per position"),
+    "skip_reading_prefix_cache": (None, "LLM(enable_prefix_caching=False)"),
+    "thinking_token_budget": (None, "max_tokens"),
+    "repetition_detection": (None, "repetition_penalty or frequency_penalty"),
+    "routed_experts_prompt_start": (None, "there are no MoE models here"),
+    "trace_decode_token_ids": (None, "a debugging option of vLLM's RL paths"),
+}
 
 
 @dataclass
@@ -113,8 +149,11 @@ class SamplingParams:
         # here, not only at construction: the engine validates again, after a caller may have set a field
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be a list, got {value!r}")
+            setattr(self, name, list(value or []))
         if self.top_k is None:
             self.top_k = 0
 
@@ -132,6 +171,11 @@ class SamplingParams:
             raise ValueError(f"seed must be None or an int, got {self.seed!r}")
         if not all(isinstance(x, str) for x in self.stop):
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if "" in self.stop:
+            raise ValueError("stop cannot contain an empty string")  # it would end every output at once
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -200,6 +244,29 @@ class SamplingParams:
     def constraint_spec(self) -> tuple[str, Any] | None:
         """(kind, spec) of the structured-output constraint, or None."""
         return constraint_of(vars(self))
+
+
+def _with_vllm_options(init: Callable[..., None]) -> Callable[..., None]:
+    """SamplingParams' dataclass __init__ that also takes vLLM's options: ``extra_args`` as ``extra``, those
+    in VLLM_ONLY_SAMPLING at vLLM's default (refused by name otherwise)."""
+
+    @functools.wraps(init)
+    def __init__(self: SamplingParams, *args: Any, **kwargs: Any) -> None:
+        vllm = {name: kwargs.pop(name) for name in list(kwargs) if name in VLLM_ONLY_SAMPLING}
+        if vllm.get("best_of") is not None and vllm["best_of"] == kwargs.get("n", 1):
+            del vllm["best_of"]
+        check_vllm_options(vllm, VLLM_ONLY_SAMPLING, "SamplingParams")
+        if "extra_args" in kwargs:
+            extra_args = kwargs.pop("extra_args")
+            if kwargs.get("extra") and extra_args:
+                raise ValueError("give extra= or vLLM's extra_args=, not both")
+            kwargs["extra"] = kwargs.get("extra") or dict(extra_args or {})
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+SamplingParams.__init__ = _with_vllm_options(SamplingParams.__init__)  # type: ignore[method-assign]
 
 
 def _text_to_int(value: Any) -> Any:
