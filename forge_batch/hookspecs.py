@@ -147,13 +147,14 @@ def job_start(job: JobSpec, context: RunContext) -> None:
     input's first rows are read, which type the output's columns).
 
     ``context.resumed_rows`` tells how many rows earlier runs already committed. Raising aborts the job
-    before anything is generated.
+    before anything is generated; the implementations after the one that raised never start.
     """
 
 
 @hookspec
 def job_end(job: JobSpec, context: RunContext, summary: dict[str, Any]) -> None:
-    """Called once when the job stops, whether it completed, failed or was interrupted.
+    """Called once when the job stops, whether it completed, failed or was interrupted, once the job_start
+    hooks were called; if a job_start raised, on the plugins whose job_start returned and those without one.
 
     ``summary`` is what ``summary.json`` holds (``status``, row counts by kind, tokens, throughput, wall
     time). Exceptions are reported but do not change the job's result.

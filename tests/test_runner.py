@@ -412,6 +412,34 @@ def make_plugin(calls: dict) -> types.SimpleNamespace:
     )
 
 
+def test_a_job_start_that_raises_still_ends_the_plugins_that_started(tmp_path: Path) -> None:
+    """job_start runs last registered first: "early" starts, "raiser" raises, "late" never starts. job_end then
+    reaches the plugins whose job_start returned and those without one, with the failed summary."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}])
+    ended: dict[str, str] = {}
+
+    def plugin(name: str, start: bool = True, raises: bool = False) -> types.SimpleNamespace:
+        @hookimpl
+        def job_start(job, context):
+            if raises:
+                raise RuntimeError("cannot reach the metrics server")
+
+        @hookimpl
+        def job_end(summary):
+            ended[name] = summary["status"]
+
+        return types.SimpleNamespace(**({"job_start": job_start} if start else {}), job_end=job_end, __name__=name)
+
+    job = make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}})
+    plugins = [("late", plugin("late")), ("raiser", plugin("raiser", raises=True)), ("early", plugin("early")),
+               ("notifier", plugin("notifier", start=False))]
+    with pytest.raises(Exception, match="cannot reach the metrics server") as err:
+        run(job, plugins=plugins)
+    assert "raiser" in str(err.value)
+    assert ended == {"early": "failed", "notifier": "failed"}
+    assert json.loads((state_dir_for(tmp_path / "out") / "summary.json").read_text())["status"] == "failed"
+
+
 def test_plugin_hooks_skip_drop_score_and_fail_rows_with_their_name(tmp_path: Path) -> None:
     rows = [
         {"id": 1, "prompt": "a"},

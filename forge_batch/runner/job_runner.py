@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -88,6 +88,8 @@ class _Run:
     figures: RunFigures | None = None  # built when generation starts
     observers: ResultObservers | None = None  # the result_recorded hooks, once the run context exists
     engine_metrics: dict[str, Any] | None = None  # the engine's figures where run.engine cannot say (Ray's replicas)
+    context: RunContext | None = None  # once the job_start hooks are called
+    started_plugins: set[str] = field(default_factory=set)  # whose job_start returned
 
     def observe(self, group: Group) -> None:
         """A finished row handed to the output: the run's figures and the result_recorded hooks see it."""
@@ -168,7 +170,7 @@ class JobRunner:
                 return self._run(run)
             except (Exception, StartInterrupted) as e:
                 if run.figures is None:  # before generation: summary.json says so, not what the last run did
-                    _summarize_start_failure(run, e)
+                    self._end_hooks(run, _summarize_start_failure(run, e))
                 raise
             finally:
                 run.out.close()
@@ -191,8 +193,7 @@ class JobRunner:
         self._load_engine(run)
         file_meta = file_metadata(job, run.engine_info)
         context = self._context(run)
-        for impl in iter_impls(run.pm, "job_start"):
-            call_impl(impl, "job_start", {"job": job, "context": context})
+        self._start_hooks(run, context)
         id_column = id_column_name(run.plan.spec.id_field)
         committer = Committer(
             job, run.out, run.writer, run.resume, schema.with_metadata({k.encode(): v.encode() for k, v in file_meta.items()}),
@@ -308,6 +309,27 @@ class JobRunner:
         """What summary.json says of where the rows ran."""
         return {"kind": "local"}
 
+    def _start_hooks(self, run: _Run, context: RunContext) -> None:
+        """The job_start hooks, one plugin at a time; the run remembers whose returned."""
+        run.context = context
+        for impl in iter_impls(run.pm, "job_start"):
+            call_impl(impl, "job_start", {"job": run.job, "context": context})
+            run.started_plugins.add(impl.plugin_name)
+
+    def _end_hooks(self, run: _Run, summary: dict[str, Any]) -> None:
+        """The job_end hooks, once the job_start hooks were called: every plugin but those whose job_start
+        did not return (one raised, ending the run before generating: the later ones never started)."""
+        if run.context is None:
+            return
+        starting = {impl.plugin_name for impl in iter_impls(run.pm, "job_start")}
+        for impl in iter_impls(run.pm, "job_end"):
+            if impl.plugin_name in starting and impl.plugin_name not in run.started_plugins:
+                continue
+            try:
+                call_impl(impl, "job_end", {"job": run.job, "context": run.context, "summary": summary})
+            except PluginHookError as e:
+                self._say(f"forge-batch: warning: {e}")
+
     def _finish(self, run: _Run, context: RunContext, committer: Committer, end: RunEnd, gen_s: float) -> RunResult:
         """Decide the outcome, tell the job_end hooks, write the summary."""
         job = run.job
@@ -326,11 +348,7 @@ class JobRunner:
             figures=(run.figures or RunFigures()).summary(run.engine, gen_s, measured=run.engine_metrics),
         )
         summary["executor"] = self._executor_summary()
-        for impl in iter_impls(run.pm, "job_end"):
-            try:
-                call_impl(impl, "job_end", {"job": job, "context": context, "summary": summary})
-            except PluginHookError as e:
-                self._say(f"forge-batch: warning: {e}")
+        self._end_hooks(run, summary)
         summary_path: Path | None = None
         try:
             summary_path = run.out.write_summary(summary)
@@ -340,9 +358,10 @@ class JobRunner:
         return RunResult(outcome.status, outcome.exit_code, outcome.message, summary, Path(job.output.path), summary_path)
 
 
-def _summarize_start_failure(run: _Run, error: BaseException) -> None:
-    """Write the summary of a run that ended before generating (the engine did not load, a signal came while it
-    loaded): ``failed`` or ``interrupted``, the output's counts as they were."""
+def _summarize_start_failure(run: _Run, error: BaseException) -> dict[str, Any]:
+    """Write (and return) the summary of a run that ended before generating (the engine did not load, a signal
+    came while it loaded, a job_start hook raised): ``failed`` or ``interrupted``, the output's counts as they
+    were."""
     if isinstance(error, StartInterrupted):
         outcome = Outcome("interrupted", signal_exit_code(error.signal_name),
                           f"interrupted by {error.signal_name} while {error.phase}; nothing was committed this run")
@@ -357,6 +376,7 @@ def _summarize_start_failure(run: _Run, error: BaseException) -> None:
         run.out.write_summary(summary)
     except OSError:  # the error being raised says more than this one
         pass
+    return summary
 
 
 def run_context(job: JobSpec, pm: PluginManager, spec: InputSpec, engine: Any, resumed_rows: int) -> RunContext:

@@ -41,7 +41,7 @@ from forge_batch.io.output_dir import CommitError, OutputDirError, ResumeState
 from forge_batch.io.progress import Progress
 from forge_batch.io.schema import id_column_name, schema_from_str, schema_to_str
 from forge_batch.job import RAY_EXTRA, InputSpec, JobError, JobSpec, ray_missing_problem
-from forge_batch.plugin_manager import call_impl, collect_registry, get_plugin_manager, iter_impls
+from forge_batch.plugin_manager import collect_registry, get_plugin_manager
 from forge_batch.runner.commit import Committer
 from forge_batch.runner.engine_factory import (
     ENGINE_FACTORY_ENV,
@@ -268,8 +268,7 @@ class RayJobRunner(JobRunner):
         schema = run.resume.schema if run.resume.schema is not None else run.plan.output_schema(job, first)
         run.out.set_schema(schema)
         context = run_context(job, run.pm, run.plan.spec, None, run.resume.tally.rows)
-        for impl in iter_impls(run.pm, "job_start"):
-            call_impl(impl, "job_start", {"job": job, "context": context})
+        self._start_hooks(run, context)
         run.observers = ResultObservers(run.pm, context, self._say)
         id_column = id_column_name(run.plan.spec.id_field)
         admitter = RequestBuilder(job, run.plan.spec, schema.field(id_column).type, run.resume, context, self.flags)
