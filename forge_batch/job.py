@@ -1021,8 +1021,10 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
 
     out = Path(job.output.path)
     if job.output.single_file():
-        if out.is_dir():
-            problems.append(Problem("output.path", f"{out} is a directory; an openai-batch output ending in .jsonl is one file"))
+        problem = (f"{out} is a directory; an openai-batch output ending in .jsonl is one file" if out.is_dir()
+                   else _output_among_inputs(out, job.input.path, files))
+        if problem is not None:
+            problems.append(Problem("output.path", problem))
     elif out.exists() and not out.is_dir():
         problems.append(Problem("output.path", f"{out} exists and is not a directory"))
     else:  # the output folder, and its state folder beside it (in its parent), are created at the start of run
@@ -1042,6 +1044,8 @@ def _output_among_inputs(out: Path, input_path: str, files: list[str]) -> str | 
     """Why parts written to ``out`` would mix with the input (the next run would read them as input, or refuse
     it as a "different input"); None when they would not."""
     inside = next((f for f in files if _relative(Path(f), out) is not None), None)
+    if inside is not None and not out.is_dir():  # a single-file output
+        return f"{out} is this job's input file: the results would replace it; give the output a file of its own"
     if inside is not None:
         return f"{out} holds input files ({inside}): give the output a folder of its own"
     rel = _relative(out, Path(input_path)) if os.path.isdir(input_path) else None

@@ -157,6 +157,26 @@ def test_run_batch_failed_lines_fail_the_run_only_when_asked(fake_engine, tmp_pa
     assert not (tmp_path / "out3.jsonl").exists() and not (tmp_path / ".out3.jsonl.forge_batch").exists()
 
 
+def test_a_results_file_never_replaces_the_input_or_a_file_this_tool_did_not_write(
+        fake_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "in.jsonl", [chat("a", "hi", max_tokens=2)])
+    before = (tmp_path / "in.jsonl").read_text()
+    # the input as its own output: refused before any work, by validate's check
+    assert main(["run-batch", "-i", "in.jsonl", "-o", "in.jsonl", "--model", "fake", "--quiet"]) == 2
+    assert "is this job's input file: the results would replace it" in capsys.readouterr().err
+    assert (tmp_path / "in.jsonl").read_text() == before and not (tmp_path / ".in.jsonl.forge_batch").exists()
+    # a file that no run wrote: kept unless --overwrite
+    (tmp_path / "notes.jsonl").write_text("my notes\n")
+    assert main(["run-batch", "-i", "in.jsonl", "-o", "notes.jsonl", "--model", "fake", "--quiet"]) == 2
+    assert "no run of this tool wrote it" in capsys.readouterr().err
+    assert (tmp_path / "notes.jsonl").read_text() == "my notes\n"
+    assert main(["run-batch", "-i", "in.jsonl", "-o", "notes.jsonl", "--model", "fake", "--quiet", "--overwrite"]) == 0
+    assert [x["custom_id"] for x in read_lines(tmp_path / "notes.jsonl")] == ["a"]
+    # a file this tool wrote is its own: a rerun resumes into it
+    assert main(["run-batch", "-i", "in.jsonl", "-o", "notes.jsonl", "--model", "fake", "--quiet"]) == 0
+
+
 def test_merge_in_rounds_when_there_are_more_parts_than_open_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
     import os
@@ -195,10 +215,14 @@ def test_a_results_file_that_is_a_symlink_is_replaced_at_its_target(tmp_path: Pa
     write_jsonl(tmp_path / "batch.jsonl", [chat("a", "hi")])
     disk = tmp_path / "big-disk"
     disk.mkdir()
-    (disk / "results.jsonl").write_text("an older run\n")
-    os.symlink(disk / "results.jsonl", tmp_path / "results.jsonl")
+    os.symlink(disk / "results.jsonl", tmp_path / "results.jsonl")  # its target is made by the run
     data = {"input": {"path": "batch.jsonl"}, "output": {"path": "results.jsonl", "format": "openai-batch"}}
     assert run(make_job(tmp_path, data)).status == "completed"
     assert (tmp_path / "results.jsonl").is_symlink()
     assert [x["custom_id"] for x in read_lines(disk / "results.jsonl")] == ["a"]
     assert sorted(os.listdir(disk)) == [".results.jsonl.forge_batch", "results.jsonl"]
+    # a later run with more requests replaces the file it wrote, through the symlink
+    write_jsonl(tmp_path / "batch.jsonl", [chat("a", "hi"), chat("b", "ho")])
+    assert run(make_job(tmp_path, {**data, "input": {"path": "batch.jsonl"}}), overwrite=True).status == "completed"
+    assert (tmp_path / "results.jsonl").is_symlink()
+    assert [x["custom_id"] for x in read_lines(disk / "results.jsonl")] == ["a", "b"]

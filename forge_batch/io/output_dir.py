@@ -165,6 +165,11 @@ class OutputDir:
             else:
                 self.path.mkdir(parents=True, exist_ok=True)
             self._locate_state()  # the directory exists now: its real path is known
+            if self.single_file and self.path.exists() and not self.state_dir.exists() and not overwrite:
+                raise OutputDirError(
+                    f"{self.path} exists and no run of this tool wrote it (there is no state folder {self.state_dir} "
+                    "beside it): use a new output path, or --overwrite to replace it"
+                )
             ensure_dir(self.state_dir)
             self._lock_fd = acquire_lock(self.state_dir, self.path)
             try:
