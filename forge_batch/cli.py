@@ -256,13 +256,10 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     from forge_batch.io.meta import META_JOB, META_VERSION
-    from forge_batch.io.output_dir import LEDGER_DIR, MANIFEST, SUMMARY, find_state_dir, parts_dir_for
-    from forge_batch.io.output_stats import read_state_json, run_status
+    from forge_batch.io.output_dir import LEDGER_DIR, MANIFEST, SUMMARY, parts_dir_for
+    from forge_batch.io.output_stats import locate_output, read_state_json, run_status
 
-    out = Path(path)
-    state = find_state_dir(out)
-    if not out.is_dir() and not state.is_dir():
-        raise FileNotFoundError(f"no output directory at {out}")
+    out, state = locate_output(path)
     info: dict[str, Any] = {"output": str(out)}
     saved = read_state_json(state / SUMMARY)
     if saved is not None:
@@ -392,7 +389,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         path = write_report(args.output, args.html)
-    except (FileNotFoundError, UnreadableFormatError, IsADirectoryError) as e:
+    except (FileNotFoundError, UnreadableFormatError, IsADirectoryError, ValueError) as e:
         _err(f"forge-batch: {e}")
         return EXIT_USAGE
     except DamagedOutputError as e:

@@ -486,11 +486,24 @@ def default_report_path(output: str | Path) -> Path:
     return find_state_dir(output) / REPORT_FILE
 
 
+def _refuse_inside_the_rows(output: Path, page: Path) -> None:
+    """A page among an output folder's parts would be read as data by every reader of the folder (they skip
+    only names starting with '.' or '_'): ValueError."""
+    try:
+        rel = page.resolve().relative_to(output.resolve())
+    except (OSError, ValueError):
+        return
+    if output.is_dir() and not any(part.startswith((".", "_")) for part in rel.parts):
+        raise ValueError(f"{page} is inside the output folder {output}: readers of the folder would take it for data; "
+                         "write it elsewhere (the default is the output's state folder)")
+
+
 def write_report(output: str | Path, html_path: str | Path | None = None) -> Path:
     """Scan ``output`` and write its report (default ``report.html`` in the output's state folder, ``.NAME.forge_batch`` next to it) atomically; returns
     the path. Raises FileNotFoundError when ``output`` is not a directory."""
     stats = collect_output_stats(output)
     path = Path(html_path) if html_path is not None else default_report_path(output)
+    _refuse_inside_the_rows(Path(output), path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, render_report(stats).encode("utf-8"))
     return path

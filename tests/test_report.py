@@ -216,6 +216,25 @@ def test_report_of_a_missing_directory_is_a_usage_error(tmp_path: Path, capsys: 
     assert "no output directory" in capsys.readouterr().err
 
 
+def test_report_and_inspect_of_a_folder_that_is_no_output_say_so_and_write_nothing(tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    for command in ("report", "inspect"):
+        assert main([command, str(folder)]) == 2
+        assert f"no forge-batch output at {folder}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no state folder made beside it
+
+
+def test_a_report_page_is_not_written_among_the_parts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert _run_job(tmp_path, "parquet", prompts(4)).status == "completed"
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "out" / "report.html")]) == 2
+    assert "readers of the folder would take it for data" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.html").exists()
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "out" / "_report.html")]) == 0
+
+
 @pytest.mark.parametrize("damaged, says", [("part", "is corrupt or truncated"), ("summary", "is truncated or corrupt")])
 def test_report_of_a_damaged_output_names_the_file_as_inspect_does(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                     damaged: str, says: str) -> None:

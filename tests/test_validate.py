@@ -113,6 +113,22 @@ def test_a_symlinked_state_folder_is_refused_by_validate_as_by_run(
     assert_refused(job_file(tmp_path, tiny_model_dir), capsys, "output.path", ".out.forge_batch is a symlink")
 
 
+def test_an_output_folder_holding_other_files_is_refused_by_validate_as_by_run(
+    tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("notes.txt", ".hidden", "_SUCCESS"):  # readers skip names starting with . or _
+        (out / name).write_text("x")
+    job = job_file(tmp_path, tiny_model_dir)
+    for command in (["validate", str(job)], ["run", str(job), "--progress", "none"]):
+        assert main(command) == 2
+        assert "- output.path:" in (err := capsys.readouterr().err) and "holds files that are not its parts (notes.txt)" in err
+    assert sorted(p.name for p in out.iterdir()) == [".hidden", "_SUCCESS", "notes.txt"]
+    (out / "notes.txt").unlink()
+    assert validate(job, capsys)[0] == 0
+
+
 def test_a_kernel_backend_from_the_environment_is_checked_like_the_jobs(
     tmp_path: Path, tiny_model_dir: Path, no_model_load: None, capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,

@@ -736,13 +736,23 @@ def _reading(path: Path) -> Iterator[None]:
         raise DamagedOutputError(f"{path} is corrupt or truncated, not readable ({e})") from e
 
 
+def locate_output(path: str | Path) -> tuple[Path, Path]:
+    """(the output, its state folder). FileNotFoundError when ``path`` holds no output of this tool: no state
+    folder beside it and no part files in it (any other folder, or the folder above several outputs)."""
+    out = Path(path)
+    state = find_state_dir(out)
+    if state.is_dir() or (out.is_dir() and any(PART_RE.match(p.name) for p in out.iterdir())):
+        return out, state
+    if out.exists():
+        raise FileNotFoundError(f"no forge-batch output at {out}: no part files in it and no state folder "
+                                f"{state.name} beside it")
+    raise FileNotFoundError(f"no output directory at {out}")
+
+
 def collect_output_stats(path: str | Path) -> OutputStats:
     """Scan an output directory (see the module docstring); raises FileNotFoundError if it is not one, and
     DamagedOutputError naming the first part that cannot be read."""
-    out = Path(path)
-    state = find_state_dir(out)
-    if not out.is_dir() and not state.is_dir():
-        raise FileNotFoundError(f"no output directory at {out}")
+    out, state = locate_output(path)
     manifest = read_state_json(state / MANIFEST) or {}
     summary = read_state_json(state / SUMMARY)
     parts = part_files(parts_dir_for(out))

@@ -18,6 +18,7 @@ import pyarrow as pa
 from pluggy import PluginManager
 
 from forge_batch.engine.sampling_params import BUILTIN_CONSTRAINT_KINDS
+from forge_batch.io.ledger import PART_RE
 from forge_batch.io.output_dir import state_dir_for
 from forge_batch.io.safe_fs import OutputDirError, symlink_error
 from forge_batch.job import (
@@ -114,6 +115,22 @@ def _state_folder_problem(out: Path) -> str | None:
     return None
 
 
+def _other_files_problem(out: Path) -> str | None:
+    """Why an output folder would not read back as its rows: entries that are not its part files. Readers of
+    a folder (pyarrow, pandas, polars, DuckDB) take every file and subfolder in it for data, skipping only
+    names that start with '.' or '_'."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(out))
+    except OSError:  # not there yet (made by the run), or not a folder (check_job says so)
+        return None
+    others = [name for name in names if not name.startswith((".", "_")) and not PART_RE.match(name)]
+    if not others:
+        return None
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (f"{out} holds files that are not its parts ({shown}): readers of the folder (pyarrow, pandas, DuckDB) "
+            "would take them for data; give the output a folder of its own, or move them out")
+
+
 def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool = True,
                            unloaded_plugins: Sequence[str] = (), warnings: list[str] | None = None,
                            facts: dict[str, Any] | None = None) -> list[Problem]:
@@ -123,9 +140,10 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     no loaded plugin registers may be theirs, so it is a warning (appended to ``warnings``), not a problem.
     ``facts`` receives what reading the input's first rows found (see :func:`_check_input_rows`)."""
     problems = check_job(job, check_model=check_model)
-    state_problem = _state_folder_problem(Path(job.output.path))
-    if state_problem is not None and not any(p.path == "output.path" for p in problems):
-        problems.append(Problem("output.path", state_problem))
+    out = Path(job.output.path)
+    out_problem = _state_folder_problem(out) or (None if job.output.single_file() else _other_files_problem(out))
+    if out_problem is not None and not any(p.path == "output.path" for p in problems):
+        problems.append(Problem("output.path", out_problem))
     try:
         files = input_files(job.input.path)
     except OSError:  # reported by check_job
