@@ -221,6 +221,21 @@ def test_empty_model_is_an_error(tmp_path: Path, no_model_load: None, capsys: py
     assert_refused(job_file(tmp_path, ""), capsys, "model", "empty")
 
 
+def test_a_model_folder_the_loader_would_refuse_is_refused_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")  # no weights
+    assert_refused(job_file(tmp_path, folder), capsys, "model", "no *.safetensors (or pytorch_model*.bin) weight files")
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    assert_refused(job_file(tmp_path, folder), capsys, "model", "unsupported model architecture (GPT2LMHeadModel)")
+
+
 # -- broken GGUF files ----------------------------------------------------------------------------------
 
 
