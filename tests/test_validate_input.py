@@ -63,6 +63,17 @@ def test_parquet_is_checked_against_its_schema(tmp_path: Path) -> None:
     }
 
 
+def test_a_parquet_id_column_that_is_neither_text_nor_integers_is_refused(tmp_path: Path) -> None:
+    """pandas writes a column of integers with a null as float64: every row would be a bad_id."""
+    pq.write_table(pa.table({"id": [1.0, 2.0, None], "prompt": ["a", "b", "c"]}), tmp_path / "in.parquet")
+    _, problems = validate_job_file(job_file(tmp_path, {"path": "in.parquet"}))
+    assert [(p.path, "is a column of double" in p.message and "write it as Int64" in p.message) for p in problems] == [
+        ("input.id_field", True)]
+    for ids in (pa.array([1, 2, None], pa.int64()), pa.array(["a", "b", None]).dictionary_encode()):
+        pq.write_table(pa.table({"id": ids, "prompt": ["a", "b", "c"]}), tmp_path / "in.parquet")
+        assert validate_job_file(job_file(tmp_path, {"path": "in.parquet"}))[1] == []
+
+
 def test_a_field_some_rows_have_is_fine_and_a_good_template_renders(tmp_path: Path) -> None:
     rows = prompts(4)
     rows[2]["extra_note"] = "only here"

@@ -315,6 +315,15 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
     problems: list[Problem] = []
     if spec.id_field is not None and spec.id_field not in names:
         problems.append(Problem("input.id_field", f"{spec.id_field!r} {lacks}; name the id field, or id_field: null for row positions"))
+    elif spec.id_field is not None and schema is not None:
+        kind = schema.field(spec.id_field).type
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            # every row would be a bad_id (3.0 and "3" must not collide); pandas makes an integer column with
+            # nulls float64
+            problems.append(Problem("input.id_field", f"{spec.id_field!r} is a column of {kind} in {where}: ids must "
+                                    "be text or integers (a pandas column of integers with nulls is float64: "
+                                    "write it as Int64, or cast it)"))
     for i, name in enumerate(job.output.keep_fields):
         if name not in names:
             problems.append(Problem(f"output.keep_fields[{i}]", f"{name!r} {lacks}"))
