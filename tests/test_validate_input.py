@@ -93,6 +93,21 @@ def test_an_openai_batch_file_is_read_with_its_own_fields(tmp_path: Path) -> Non
     assert facts["reader"] == "openai-batch" and facts["rows"] == 2 and facts["prompt_chars_per_row"] == 40
 
 
+def test_validate_warns_when_run_would_refuse_to_resume_the_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    job = job_file(tmp_path, {"path": "in.jsonl"}, sampling={"max_tokens": 4})
+    assert main(["run", str(job), "--quiet"]) == 0
+    warnings: list[str] = []
+    assert validate_job_file(job, warnings=warnings)[1] == [] and warnings == []  # it would resume: nothing to say
+    validate_job_file(job, ["sampling.temperature=0.5"], warnings=warnings)
+    assert len(warnings) == 1 and "different options" in warnings[0] and "run would refuse to resume" in warnings[0]
+    write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    warnings.clear()
+    validate_job_file(job, warnings=warnings)
+    assert len(warnings) == 1 and "different input" in warnings[0], warnings
+    assert main(["run", str(job), "--quiet"]) == 2 and "different input" in capsys.readouterr().err  # as run says
+
+
 def test_validate_prints_rows_a_token_estimate_and_the_output(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     rows = [{"id": i, "prompt": "x" * (40 * (i + 1))} for i in range(4)]  # 40, 80, 120, 160 characters

@@ -18,8 +18,10 @@ import pyarrow as pa
 from pluggy import PluginManager
 
 from forge_batch.engine.sampling_params import BUILTIN_CONSTRAINT_KINDS
+from forge_batch.io import job_identity
 from forge_batch.io.ledger import PART_RE
-from forge_batch.io.output_dir import state_dir_for
+from forge_batch.io.output_dir import MANIFEST, state_dir_for
+from forge_batch.io.output_stats import read_state_json
 from forge_batch.io.safe_fs import OutputDirError, symlink_error
 from forge_batch.job import (
     InputSpec,
@@ -41,7 +43,14 @@ from forge_batch.plugin_manager import (
     get_plugin_manager,
 )
 from forge_batch.runner.engine_factory import ENGINE_FACTORY_ENV
-from forge_batch.runner.inputs import InputFileError, InputPlan, count_rows, effective_input, reader_for_file
+from forge_batch.runner.inputs import (
+    InputFileError,
+    InputPlan,
+    count_rows,
+    effective_input,
+    input_identity,
+    reader_for_file,
+)
 
 
 @dataclass(frozen=True)
@@ -372,6 +381,26 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
     return problems
 
 
+def _resume_refusal(job: JobSpec) -> str | None:
+    """What run would say, resuming into the output's committed rows, if they came from a job with other
+    options or from another input (run refuses them unless --overwrite / --force-resume); None when it
+    would resume, or starts afresh. A warning: the flags run is given decide."""
+    out = Path(job.output.path)
+    try:
+        manifest = read_state_json(state_dir_for(out) / MANIFEST) or {}
+    except Exception:  # a damaged manifest: run says so
+        return None
+    if not manifest.get("parts"):
+        return None
+    try:
+        job_identity.refuse_other_job(out, manifest, job.fingerprint(), job.model_dump(mode="json"), job.output.format)
+        job_identity.check_identity(out, manifest, True, "input", input_identity(input_files(job.input.path)),
+                                    compare=("digest",))
+    except (OutputDirError, OSError) as e:
+        return f"{e} (run would refuse to resume)"
+    return None
+
+
 def validate_job_file(
     path: str | os.PathLike[str],
     overrides: Iterable[str] = (),
@@ -405,6 +434,9 @@ def validate_job_file(
     facts = {} if facts is None else facts
     problems.extend(check_job_with_plugins(job, pm, check_model=model_is_checked(), unloaded_plugins=found,
                                            warnings=warnings, facts=facts))
+    resume = _resume_refusal(job) if parsed and not problems else None
+    if resume is not None and warnings is not None:
+        warnings.append(f"output.path: {resume}")
     if facts.get("prompt_not_text") and job.max_error_rate < 1 and warnings is not None:
         # a warning, not a problem: run does not refuse it, it writes each such row as a bad_prompt
         warnings.append(f"input.prompt_field: {facts['prompt_not_text']}, more than max_error_rate "
