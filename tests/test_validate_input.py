@@ -93,6 +93,18 @@ def test_an_openai_batch_file_is_read_with_its_own_fields(tmp_path: Path) -> Non
     assert facts["reader"] == "openai-batch" and facts["rows"] == 2 and facts["prompt_chars_per_row"] == 40
 
 
+def test_an_empty_first_file_of_an_input_folder_is_skipped_for_the_first_rows(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("")  # an empty shard
+    write_jsonl(folder / "b.jsonl", prompts(2))
+    facts: dict = {}
+    assert validate_job_file(job_file(tmp_path, {"path": "in"}), facts=facts)[1] == [] and facts["rows"] == 2
+    (folder / "b.jsonl").write_text("not json\n")  # a file whose rows cannot be read is still named
+    problems = validate_job_file(job_file(tmp_path, {"path": "in"}))[1]
+    assert [p.path for p in problems] == ["input.path"] and "b.jsonl" in problems[0].message
+
+
 def test_validate_warns_when_run_would_refuse_to_resume_the_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_jsonl(tmp_path / "in.jsonl", prompts(3))
     job = job_file(tmp_path, {"path": "in.jsonl"}, sampling={"max_tokens": 4})

@@ -301,16 +301,18 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
     """What ``run`` would hit on the first rows: the id, prompt, kept and sampling fields missing (from the
     Parquet schema, or from every one of the first SAMPLE_ROWS JSON rows), the template failing on the first
     row. Fills ``facts`` with the row count (when cheap) and a prompt-token estimate (chars / 4)."""
-    fmt = reader_for_file(files[0], readers, job.input.format)
-    if fmt is None:
-        return []  # an unknown format is reported (or warned about) by check_job
-    reader = readers[fmt]
-    spec = effective_input(job.input, reader)
-    where = files[0]
-    try:
-        schema, sample, first_error = _read_sample(reader, where, spec)
-    except Exception as e:  # a reader that cannot open the file: run would stop on it too
-        return [Problem("input.path", f"cannot read {where}: {type(e).__name__}: {e}")]
+    for where in files:  # the first file with a row: an empty shard of a folder holds none to check
+        fmt = reader_for_file(where, readers, job.input.format)
+        if fmt is None:
+            return []  # an unknown format is reported (or warned about) by check_job
+        reader = readers[fmt]
+        spec = effective_input(job.input, reader)
+        try:
+            schema, sample, first_error = _read_sample(reader, where, spec)
+        except Exception as e:  # a reader that cannot open the file: run would stop on it too
+            return [Problem("input.path", f"cannot read {where}: {type(e).__name__}: {e}")]
+        if sample or first_error is not None:
+            break
     if not sample:
         return [Problem("input.path", f"no readable row at the start of {where}" + (f": {first_error}" if first_error else ""))]
     if schema is not None:
