@@ -951,12 +951,30 @@ def input_files(pattern: str) -> list[str]:
     return [pattern] if os.path.isfile(pattern) else []
 
 
+class PrintedValueError(ValueError):
+    """A value a template prints that is no text (a null, bytes that are not UTF-8): that row's problem."""
+
+
+def _printed(value: Any) -> Any:
+    """What a template prints of a value: bytes (a binary column) as their UTF-8 text; a null raises, since
+    jinja would print "None" into the prompt (the row fails as a template_error instead)."""
+    if value is None:
+        raise PrintedValueError("a value the template prints is null (guard it with {% if ... %} or | default('', true))")
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PrintedValueError("a value the template prints is bytes that are not UTF-8 text") from None
+    return value
+
+
 def compile_template(template: str) -> Any:
-    """Compile an input template in jinja's sandbox; undefined columns raise when rendered."""
+    """Compile an input template in jinja's sandbox; undefined columns and printed nulls raise when rendered,
+    bytes print as their UTF-8 text."""
     from jinja2 import StrictUndefined
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, finalize=_printed)
     env.filters.setdefault("tojson", lambda v: json.dumps(v, ensure_ascii=False))
     return env.from_string(template)
 

@@ -93,6 +93,23 @@ def test_an_openai_batch_file_is_read_with_its_own_fields(tmp_path: Path) -> Non
     assert facts["reader"] == "openai-batch" and facts["rows"] == 2 and facts["prompt_chars_per_row"] == 40
 
 
+def test_a_template_prints_bytes_as_text_and_fails_a_row_whose_printed_value_is_null(tmp_path: Path) -> None:
+    """A binary prompt column rendered with '{{ prompt }}' (what validate's warning suggests) gives its text, not
+    "b'...'"; a null it would print fails that row (template_error) instead of generating from "None"."""
+    from runner_helpers import read_output
+
+    pq.write_table(pa.table({"id": [1, 2, 3], "prompt": pa.array([None, b"Hi", b"\xff\xfe"], pa.binary())}),
+                   tmp_path / "in.parquet")
+    job = job_file(tmp_path, {"path": "in.parquet", "template": "Q: {{ prompt }}"},
+                   {"path": "out", "include_prompt": True}, max_error_rate=1.0)
+    assert validate_job_file(job)[1] == []  # the first row's null is that row's problem, the second renders
+    assert main(["run", str(job), "--quiet"]) == 0
+    rows = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert rows[2]["error"] is None and "Q: Hi" in rows[2]["prompt"] and "b'" not in rows[2]["prompt"]
+    assert rows[1]["error_kind"] == "template_error" and "null" in rows[1]["error"]
+    assert rows[3]["error_kind"] == "template_error" and "not UTF-8" in rows[3]["error"]
+
+
 def test_an_empty_first_file_of_an_input_folder_is_skipped_for_the_first_rows(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()

@@ -27,6 +27,7 @@ from forge_batch.job import (
     InputSpec,
     JobError,
     JobSpec,
+    PrintedValueError,
     Problem,
     check_job,
     compile_template,
@@ -297,6 +298,21 @@ def _prompt_not_text(field: str, schema: Any, sample: list[dict[str, Any]], wher
     return None
 
 
+def _render_some_row(template: Any, sample: list[dict[str, Any]]) -> None:
+    """Render the template on the first row, or on the first of the others, when a value it prints is null
+    there (a row's own problem): raises what the first row raised when none renders."""
+    try:
+        template.render({**sample[0], "row": sample[0]})
+    except PrintedValueError:
+        for row in sample[1:]:
+            try:
+                template.render({**row, "row": row})
+                return
+            except PrintedValueError:
+                continue
+        raise
+
+
 def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any], facts: dict[str, Any] | None) -> list[Problem]:
     """What ``run`` would hit on the first rows: the id, prompt, kept and sampling fields missing (from the
     Parquet schema, or from every one of the first SAMPLE_ROWS JSON rows), the template failing on the first
@@ -347,7 +363,7 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
     if spec.template is not None:
         try:
             template = compile_template(spec.template)
-            template.render({**sample[0], "row": sample[0]})
+            _render_some_row(template, sample)
         except Exception as e:  # a syntax error is reported by check_job already
             if template is not None:
                 fields = ", ".join(sorted(map(str, sample[0])))
