@@ -149,12 +149,20 @@ class OutputSpec(_Strict):
     @field_validator("keep_fields")
     @classmethod
     def _no_reserved(cls, v: list[str]) -> list[str]:
-        bad = [f for f in v if f in RESERVED_COLUMNS]
+        # the prompt column is written only with include_prompt (see _no_prompt_twice)
+        bad = [f for f in v if f in RESERVED_COLUMNS and f != "prompt"]
         if bad:
             raise ValueError(f"{bad} clash with output columns the runner writes ({', '.join(RESERVED_COLUMNS)})")
         if len(set(v)) != len(v):
             raise ValueError("keep_fields lists a field twice")
         return v
+
+    @model_validator(mode="after")
+    def _no_prompt_twice(self) -> OutputSpec:
+        if self.include_prompt and "prompt" in self.keep_fields:
+            raise ValueError("keep_fields ['prompt'] clashes with the prompt column include_prompt writes: keep "
+                             "the input's prompt, or write the rendered one")
+        return self
 
 
 # Sampling options added after outputs were first fingerprinted (see JobSpec.fingerprint).

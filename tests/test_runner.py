@@ -16,6 +16,7 @@ from runner_helpers import make_job, prompts, read_output, run, write_jsonl
 
 from forge_batch.hookspecs import DropResult, RowError, SkipRow, hookimpl
 from forge_batch.io.output_dir import OutputDirError, state_dir_for
+from forge_batch.job import JobError
 from forge_batch.runner import JobRunner, row_seed
 
 
@@ -410,6 +411,16 @@ def make_plugin(calls: dict) -> types.SimpleNamespace:
         prepare_request=prepare_request, logits_processors=logits_processors, process_result=process_result,
         job_start=job_start, job_end=job_end, __name__="myplug",
     )
+
+
+def test_the_input_prompt_is_kept_as_it_is_without_include_prompt(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "raw text"}])
+    job = make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out", "keep_fields": ["prompt"]}})
+    assert run(job).status == "completed"
+    assert [r["prompt"] for r in read_output(tmp_path / "out")] == ["raw text"]
+    with pytest.raises(JobError, match="clashes with the prompt column include_prompt writes"):
+        make_job(tmp_path, {"input": {"path": "in.jsonl"},
+                            "output": {"path": "out2", "keep_fields": ["prompt"], "include_prompt": True}})
 
 
 def test_a_job_start_that_raises_still_ends_the_plugins_that_started(tmp_path: Path) -> None:
