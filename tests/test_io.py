@@ -78,6 +78,8 @@ def test_openai_batch_reader(tmp_path: Path) -> None:
         sampling_from_body({"tools": [{}]})
     with pytest.raises(OpenAIRequestError):
         parse_request({"custom_id": "x", "url": "/v1/chat/completions"})
+    # an absent custom_id is absent (the row is a missing_id "missing"), not null
+    assert "custom_id" not in parse_request({"url": "/v1/completions", "body": {"prompt": "x"}})
 
 
 def test_openai_body_fields_that_change_the_output_are_run_or_refused_never_dropped() -> None:

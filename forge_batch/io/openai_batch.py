@@ -196,7 +196,8 @@ def parse_request(obj: Any) -> dict[str, Any]:
     url = obj.get("url", CHAT_URL)
     body = obj.get("body")
     method = obj.get("method", "POST")
-    row: dict[str, Any] = {"custom_id": obj.get("custom_id"), "method": method, "url": url}
+    # an absent custom_id stays absent (its row's error says "missing", not "null")
+    row: dict[str, Any] = {**({"custom_id": obj["custom_id"]} if "custom_id" in obj else {}), "method": method, "url": url}
     if not isinstance(method, str) or method.upper() != "POST":
         raise OpenAIRequestError(f"method {method!r} is not supported (batch requests are POST)")
     if url not in SUPPORTED_URLS:
