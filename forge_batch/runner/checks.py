@@ -313,11 +313,11 @@ def _render_some_row(template: Any, sample: list[dict[str, Any]]) -> None:
         raise
 
 
-def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any], facts: dict[str, Any] | None) -> list[Problem]:
-    """What ``run`` would hit on the first rows: the id, prompt, kept and sampling fields missing (from the
-    Parquet schema, or from every one of the first SAMPLE_ROWS JSON rows), the template failing on the first
-    row. Fills ``facts`` with the row count (when cheap) and a prompt-token estimate (chars / 4)."""
-    for where in files:  # the first file with a row: an empty shard of a folder holds none to check
+def _first_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
+                ) -> tuple[str, str, InputSpec, Any, list[dict[str, Any]]] | list[Problem]:
+    """(file, its format, its input options, its schema or None, its first rows) of the first file with a row (an empty
+    shard of a folder holds none to check), or the problems that say why there is none."""
+    for where in files:
         fmt = reader_for_file(where, readers, job.input.format)
         if fmt is None:
             return []  # an unknown format is reported (or warned about) by check_job
@@ -327,10 +327,27 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
             schema, sample, first_error = _read_sample(reader, where, spec)
         except Exception as e:  # a reader that cannot open the file: run would stop on it too
             return [Problem("input.path", f"cannot read {where}: {type(e).__name__}: {e}")]
-        if sample or first_error is not None:
+        if sample:
+            return where, fmt, spec, schema, sample
+        if first_error is not None:
             break
-    if not sample:
-        return [Problem("input.path", f"no readable row at the start of {where}" + (f": {first_error}" if first_error else ""))]
+    return [Problem("input.path", f"no readable row at the start of {where}" + (f": {first_error}" if first_error else ""))]
+
+
+def _id_column_problem(field: str, kind: Any, where: str) -> str:
+    # every row would be a bad_id (3.0 and "3" must not collide); pandas makes integers with nulls float64
+    return (f"{field!r} is a column of {kind} in {where}: ids must be text or integers (a pandas column of integers "
+            "with nulls is float64: write it as Int64, or cast it)")
+
+
+def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any], facts: dict[str, Any] | None) -> list[Problem]:
+    """What ``run`` would hit on the first rows: the id, prompt, kept and sampling fields missing (from the
+    Parquet schema, or from every one of the first SAMPLE_ROWS JSON rows), the template failing on the first
+    row. Fills ``facts`` with the row count (when cheap) and a prompt-token estimate (chars / 4)."""
+    first = _first_rows(job, files, readers)
+    if isinstance(first, list):
+        return first
+    where, fmt, spec, schema, sample = first
     if schema is not None:
         names = set(schema.names)
         listed = f"{where} (columns: {', '.join(sorted(names))})"
@@ -346,11 +363,7 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
         kind = schema.field(spec.id_field).type
         kind = kind.value_type if pa.types.is_dictionary(kind) else kind
         if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            # every row would be a bad_id (3.0 and "3" must not collide); pandas makes an integer column with
-            # nulls float64
-            problems.append(Problem("input.id_field", f"{spec.id_field!r} is a column of {kind} in {where}: ids must "
-                                    "be text or integers (a pandas column of integers with nulls is float64: "
-                                    "write it as Int64, or cast it)"))
+            problems.append(Problem("input.id_field", _id_column_problem(spec.id_field, kind, where)))
     for i, name in enumerate(job.output.keep_fields):
         if name not in names:
             problems.append(Problem(f"output.keep_fields[{i}]", f"{name!r} {lacks}"))
