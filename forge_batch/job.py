@@ -904,11 +904,17 @@ def load_job_for_checks(
         keys = [_key_of(p.path) for p in current]
         if not keys or not all(keys) or not any([_drop_key(raw, key) for key in keys]):
             return None, problems
+        if ["output", "path"] in keys and isinstance(raw.get("output"), dict):
+            raw["output"]["path"] = UNCHECKED_OUTPUT  # required: a stand-in, so that the rest is checked
         try:
             return resolve_paths(JobSpec.model_validate(raw), base), problems
         except ValidationError as e:
             current = _pydantic_problems(e)  # (what dropping a key caused: not the user's problems)
     return None, problems
+
+
+# What load_job_for_checks puts in place of an output.path it refused; the output checks skip it.
+UNCHECKED_OUTPUT = ".forge-batch-refused-output-path"
 
 
 def _key_of(path: str) -> list[str]:
@@ -1046,7 +1052,9 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
             problems.append(Problem("executor.kind", missing))
 
     out = Path(job.output.path)
-    if job.output.single_file():
+    if out.name == UNCHECKED_OUTPUT:  # the output.path given was refused already
+        pass
+    elif job.output.single_file():
         problem = (f"{out} is a directory; an openai-batch output ending in .jsonl is one file" if out.is_dir()
                    else _output_among_inputs(out, job.input.path, files))
         if problem is not None:

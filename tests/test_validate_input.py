@@ -180,6 +180,14 @@ def test_every_problem_is_reported_at_once_even_beside_a_key_that_does_not_parse
     assert job_spec is None
     assert {p.path for p in problems} == {"unknown_top", "engine.dtype", "model", "input.id_field", "input.prompt_field",
                                           "output.keep_fields[0]"}
+    # a refused output.path (required) is stood in for, so the rest is still checked; nothing is said of the stand-in
+    job = write_job_file(tmp_path / "job2.yaml", {
+        "model": str(tmp_path / "no-such-model.gguf"), "input": {"path": "missing.jsonl"},
+        "output": {"path": "s3://bucket/out", "format": "csv"},
+    })
+    problems = validate_job_file(job)[1]
+    assert {p.path for p in problems} == {"output.path", "model", "input.path", "output.format"}
+    assert "s3:// output is not supported" in next(p.message for p in problems if p.path == "output.path")
 
 
 def test_an_output_run_could_not_create_and_a_missing_metrics_folder_are_refused(tmp_path: Path) -> None:

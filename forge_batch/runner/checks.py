@@ -24,6 +24,7 @@ from forge_batch.io.output_dir import MANIFEST, state_dir_for
 from forge_batch.io.output_stats import read_state_json
 from forge_batch.io.safe_fs import OutputDirError, symlink_error
 from forge_batch.job import (
+    UNCHECKED_OUTPUT,
     InputSpec,
     JobError,
     JobSpec,
@@ -152,7 +153,7 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     problems = check_job(job, check_model=check_model)
     out = Path(job.output.path)
     out_problem = _state_folder_problem(out) or (None if job.output.single_file() else _other_files_problem(out))
-    if out_problem is not None and not any(p.path == "output.path" for p in problems):
+    if out_problem is not None and not any(p.path == "output.path" for p in problems) and out.name != UNCHECKED_OUTPUT:
         problems.append(Problem("output.path", out_problem))
     try:
         files = input_files(job.input.path)
@@ -417,6 +418,8 @@ def _resume_refusal(job: JobSpec) -> str | None:
     options or from another input (run refuses them unless --overwrite / --force-resume); None when it
     would resume, or starts afresh. A warning: the flags run is given decide."""
     out = Path(job.output.path)
+    if out.name == UNCHECKED_OUTPUT:
+        return None
     try:
         manifest = read_state_json(state_dir_for(out) / MANIFEST) or {}
     except Exception:  # a damaged manifest: run says so
