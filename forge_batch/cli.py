@@ -262,7 +262,9 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     out, state = locate_output(path)
     info: dict[str, Any] = {"output": str(out)}
     saved = read_state_json(state / SUMMARY)
-    if saved is not None:
+    if saved is None:  # no run finished yet: one goes on, was killed, or committed nothing
+        info["status"], _ = run_status(None, read_state_json(state / MANIFEST) or {}, [])
+    else:
         # parts committed after summary.json: a run goes on (or was killed), the summary is an earlier run's
         info["status"], notes = run_status(saved, read_state_json(state / MANIFEST) or {}, [])
         info["message"] = "; ".join(notes) if notes else saved.get("message")

@@ -264,6 +264,9 @@ def test_inspect_says_a_run_goes_on_when_parts_were_committed_after_the_summary(
     assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["status"].startswith("in progress") and "from an earlier run" in info["message"]
+    (state_dir_for(tmp_path / "out") / "summary.json").unlink()  # a first run still going (or killed)
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    assert "in progress (or killed): no summary.json yet" in capsys.readouterr().out
 
 
 def test_report_of_a_plugin_writers_output_says_what_it_reads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
