@@ -725,6 +725,8 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
             msg = "required key is missing"
         elif e["type"] in ("literal_error", "enum"):
             msg = f"{msg}; got {e['input']!r}"
+        if e["type"] == "string_type" and isinstance(e.get("input"), bool):  # YAML 1.1's yes / no / on / off
+            msg = f"{msg}; got {e['input']!r} (YAML reads yes, no, on, off, true and false unquoted as booleans: quote it)"
         problems.append(Problem(_format_loc(loc), msg))
     # Several union members can report the same location; keep the first message for each.
     seen: set[str] = set()

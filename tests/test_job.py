@@ -32,6 +32,16 @@ def job_dir(tmp_path: Path) -> Path:
     return d
 
 
+def test_a_yaml_boolean_where_text_is_due_says_to_quote_it(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("model: m\ninput: {path: in.jsonl}\noutput: {path: out}\nsampling: {choice: [yes, no]}\n")
+    with pytest.raises(JobError) as err:
+        load_job(job)
+    assert [p.path for p in err.value.problems] == ["sampling.choice[0]", "sampling.choice[1]"]
+    assert all("got True" in p.message or "got False" in p.message for p in err.value.problems)
+    assert "unquoted as booleans: quote it" in err.value.problems[0].message
+
+
 def test_minimal_job_defaults_and_relative_paths(job_dir: Path) -> None:
     path = write(job_dir / "job.yaml", "input: {path: prompts.jsonl}\noutput: {path: out/run1}\n")
     job = load_job(path)
