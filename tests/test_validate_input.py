@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from runner_helpers import prompts, run, write_job_file, write_jsonl
+from runner_helpers import prompts, read_output, run, write_job_file, write_jsonl
 
 from forge_batch.cli import main
 from forge_batch.job import load_job
@@ -108,6 +108,22 @@ def test_a_template_prints_bytes_as_text_and_fails_a_row_whose_printed_value_is_
     assert rows[2]["error"] is None and "Q: Hi" in rows[2]["prompt"] and "b'" not in rows[2]["prompt"]
     assert rows[1]["error_kind"] == "template_error" and "null" in rows[1]["error"]
     assert rows[3]["error_kind"] == "template_error" and "not UTF-8" in rows[3]["error"]
+
+
+def test_validate_warns_of_first_rows_whose_sampling_overrides_run_would_refuse(tmp_path: Path) -> None:
+    rows: list = [{"id": "a", "prompt": "x", "opts": {"temperature": 0}},
+            {"id": "b", "prompt": "x", "opts": {"temperature": -1}},
+            {"id": "c", "prompt": "x", "opts": '{"nosuch": 1}'},
+            {"id": "d", "prompt": "x", "opts": {"regex": "[0-9]+"}}]  # its own constraint replaces the job's
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    job = job_file(tmp_path, {"path": "in.jsonl", "sampling_field": "opts"}, sampling={"choice": ["x", "y"]})
+    warnings: list[str] = []
+    assert validate_job_file(job, warnings=warnings)[1] == []
+    assert len(warnings) == 1 and warnings[0].startswith("input.sampling_field: 2 of the first 4 rows of ")
+    assert "e.g. row 'b': temperature must be >= 0" in warnings[0]
+    assert main(["run", str(job), "--quiet", "--set", "max_error_rate=1"]) == 0  # run agrees, row by row
+    bad = {r["id"] for r in read_output(tmp_path / "out") if r["error_kind"] == "bad_sampling"}
+    assert bad == {"b", "c"}  # (the fake engine follows no constraint: a and d are invalid_output there)
 
 
 def test_an_empty_first_file_of_an_input_folder_is_skipped_for_the_first_rows(tmp_path: Path) -> None:

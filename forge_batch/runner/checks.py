@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 from pluggy import PluginManager
 
-from forge_batch.engine.sampling_params import BUILTIN_CONSTRAINT_KINDS
+from forge_batch.engine.sampling_params import BUILTIN_CONSTRAINT_KINDS, SamplingParams
 from forge_batch.io import job_identity
 from forge_batch.io.ledger import PART_RE
 from forge_batch.io.output_dir import MANIFEST, state_dir_for
@@ -53,6 +53,7 @@ from forge_batch.runner.inputs import (
     input_identity,
     reader_for_file,
 )
+from forge_batch.runner.requests import sampling_with_override
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,26 @@ def _first_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
     return [Problem("input.path", f"no readable row at the start of {where}" + (f": {first_error}" if first_error else ""))]
 
 
+def _bad_overrides(job: JobSpec, spec: InputSpec, sample: list[dict[str, Any]], where: str) -> str | None:
+    """What run would say of the first rows' sampling overrides it refuses (each such row is a bad_sampling
+    row, not a job problem), or None: how many, and the first one's reason."""
+    base = job.sampling_dict()
+    bad: list[tuple[Any, str]] = []
+    for i, row in enumerate(sample):
+        value = row.get(spec.sampling_field)
+        if value is None:
+            continue
+        try:
+            SamplingParams(**sampling_with_override(base, value)[0])
+        except (TypeError, ValueError) as e:
+            bad.append((row.get(spec.id_field) if spec.id_field is not None else f"#{i + 1}", str(e)))
+    if not bad:
+        return None
+    first_id, reason = bad[0]
+    return (f"{len(bad)} of the first {len(sample)} rows of {where} have sampling overrides run refuses (each a "
+            f"bad_sampling row), e.g. row {first_id!r}: {reason}")
+
+
 def _id_column_problem(field: str, kind: Any, where: str) -> str:
     # every row would be a bad_id (3.0 and "3" must not collide); pandas makes integers with nulls float64
     return (f"{field!r} is a column of {kind} in {where}: ids must be text or integers (a pandas column of integers "
@@ -392,6 +413,8 @@ def _check_input_rows(job: JobSpec, files: list[str], readers: Mapping[str, Any]
     elif spec.prompt_field in names and spec.messages_field not in names and facts is not None:
         # run writes each such row as a bad_prompt (so does a JSONL number among text); validate says it first
         facts["prompt_not_text"] = _prompt_not_text(spec.prompt_field, schema, sample, where)
+    if facts is not None and spec.sampling_field is not None and spec.sampling_field in names:
+        facts["bad_overrides"] = _bad_overrides(job, spec, sample, where)
     if facts is not None:
         chars = []
         for row in sample:
@@ -471,6 +494,8 @@ def validate_job_file(
     resume = _resume_refusal(job) if parsed and not problems else None
     if resume is not None and warnings is not None:
         warnings.append(f"output.path: {resume}")
+    if facts.get("bad_overrides") and warnings is not None:
+        warnings.append(f"input.sampling_field: {facts['bad_overrides']}")
     if facts.get("prompt_not_text") and job.max_error_rate < 1 and warnings is not None:
         # a warning, not a problem: run does not refuse it, it writes each such row as a bad_prompt
         warnings.append(f"input.prompt_field: {facts['prompt_not_text']}, more than max_error_rate "

@@ -81,6 +81,32 @@ class AdmittedRow:
     failure: tuple[str, str] | None = None
 
 
+def sampling_with_override(base: dict[str, Any], value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the job's sampling options with a row's overrides, the overrides): ``value`` is the row's
+    ``sampling_field`` (a mapping, or its JSON text); its own constraint replaces the job's, as a constraint
+    column's does. Raises ValueError (or TypeError) naming what is wrong; SamplingParams checks the values."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(base))
+    if unknown:
+        raise ValueError(f"unknown sampling option(s) {unknown}")
+    # null is "not set" (a Parquet struct column gives every key a row leaves out as null), except where it
+    # clears the job's option
+    override = {k: v for k, v in value.items() if v is not None or k in _NULLABLE_OPTIONS}
+    problem = one_constraint_problem(constraints_given(override))  # the row's own, not with the job's
+    if problem is not None:
+        raise ValueError(problem)
+    kw = dict(base)
+    own = constraint_of(override)
+    if own is not None:
+        kw.update(constraint_options(*own))
+        override = {k: v for k, v in override.items() if k not in (own[0], "constraint")}
+    kw.update(override)
+    return kw, override
+
+
 class RequestBuilder:
     """Builds the lazy stream of requests the engine pulls from (see the module docstring).
 
@@ -224,15 +250,7 @@ class RequestBuilder:
         try:
             own_seed = False
             if spec.sampling_field is not None and data.get(spec.sampling_field) is not None:
-                override = self._override(data[spec.sampling_field], kw)
-                problem = one_constraint_problem(constraints_given(override))  # the row's own, not with the job's
-                if problem is not None:
-                    raise ValueError(problem)
-                own = constraint_of(override)
-                if own is not None:  # the row's own constraint replaces the job's, as a constraint column's does
-                    kw.update(constraint_options(*own))
-                    override = {k: v for k, v in override.items() if k not in (own[0], "constraint")}
-                kw.update(override)
+                kw, override = sampling_with_override(kw, data[spec.sampling_field])
                 n = int(kw.get("n") or 1)
                 own_seed = override.get("seed") is not None
                 for key in ("logprobs", "prompt_logprobs"):
@@ -253,19 +271,6 @@ class RequestBuilder:
             return SamplingParams(**kw)
         except (TypeError, ValueError) as e:
             raise _RowFailed(f"bad sampling options: {e}", ErrorKind.BAD_SAMPLING, _sample_count(n)) from None
-
-    @staticmethod
-    def _override(value: Any, known: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(value, str):
-            value = json.loads(value)
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping, got {type(value).__name__}")
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(f"unknown sampling option(s) {unknown}")
-        # null is "not set" (a Parquet struct column gives every key a row leaves out as null), except where
-        # it clears the job's option
-        return {k: v for k, v in value.items() if v is not None or k in _NULLABLE_OPTIONS}
 
     def _row_constraint(self, data: dict[str, Any]) -> dict[str, Any]:
         """The row's own constraint from ``constraint.<kind>_field`` (a column), replacing the job-wide one;
