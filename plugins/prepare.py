@@ -75,12 +75,11 @@ def prepare_request(request: GenerationRequest, row: dict[str, Any], context: Ru
         if not isinstance(prompt, str):  # a number or a list is not made into text: the input is wrong
             raise RowError(f"prompt field {spec.prompt_field!r} must be a string, got {type(prompt).__name__}", "bad_prompt")
     else:
-        present = spec.prompt_field in row or spec.messages_field in row
-        what = "is null" if present else "is missing"
-        raise RowError(
-            f"missing prompt: field {spec.prompt_field!r} {what} (nor is there a {spec.messages_field!r} chat)",
-            "missing_prompt",
-        )
+        def state(field: str) -> str:
+            return "null" if field in row else "missing"
+
+        raise RowError(f"missing prompt: field {spec.messages_field!r} (a chat) is {state(spec.messages_field)} and "
+                       f"field {spec.prompt_field!r} is {state(spec.prompt_field)}", "missing_prompt")
     if not prompt.strip():
         raise RowError("empty prompt", "empty_prompt")
     if chat:

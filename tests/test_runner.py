@@ -200,7 +200,8 @@ def test_each_bad_row_kind_gets_its_error(tmp_path: Path) -> None:
                      "missing_id", "bad_sampling", "bad_messages", None, "bad_id", "bad_id"]
     by_kind = {r["error_kind"]: r for r in rows}
     assert "line 2" in by_kind["malformed_json"]["error"] or "in.jsonl:2" in by_kind["malformed_json"]["error"]
-    assert "'prompt'" in by_kind["missing_prompt"]["error"]
+    assert by_kind["missing_prompt"]["error"] == ("missing prompt: field 'messages' (a chat) is missing and field "
+                                                  "'prompt' is missing")
     assert "duplicate id 'ok1'" in by_kind["duplicate_id"]["error"]
     assert "max_model_len" in by_kind["prompt_too_long"]["error"]
     assert "temprature" in rows[7]["error"]
