@@ -187,6 +187,15 @@ BAD_ROWS = [
 ]
 
 
+def test_a_prompt_with_half_a_utf16_pair_is_a_bad_prompt_saying_so(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "ab\\ud800c"}\n{"id": 2, "prompt": "fine"}\n')
+    job = make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out"}, "max_error_rate": 1.0})
+    assert run(job).status == "completed"
+    first, second = read_output(tmp_path / "out")
+    assert first["error_kind"] == "bad_prompt" and "lone surrogate '\\ud800' at character 2" in first["error"]
+    assert second["error"] is None
+
+
 def test_each_bad_row_kind_gets_its_error(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "in.jsonl", BAD_ROWS)
     job = make_job(tmp_path, {"input": {"path": "in.jsonl", "sampling_field": "sampling"}, "output": {"path": "out"},
