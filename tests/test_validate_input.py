@@ -126,6 +126,16 @@ def test_validate_warns_of_first_rows_whose_sampling_overrides_run_would_refuse(
     assert bad == {"b", "c"}  # (the fake engine follows no constraint: a and d are invalid_output there)
 
 
+def test_validate_warns_of_a_kv_cache_smaller_than_the_prompts(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": "word " * 40} for i in range(3)])  # ~50 tokens
+    warnings: list[str] = []
+    validate_job_file(job_file(tmp_path, {"path": "in.jsonl"}, engine={"num_blocks": 2}), warnings=warnings)
+    assert [w.split(":")[0] for w in warnings] == ["engine.num_blocks"] and "holds 32 tokens" in warnings[0]
+    warnings.clear()
+    validate_job_file(job_file(tmp_path, {"path": "in.jsonl"}, engine={"num_blocks": 64}), warnings=warnings)
+    assert warnings == []
+
+
 def test_an_empty_first_file_of_an_input_folder_is_skipped_for_the_first_rows(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()

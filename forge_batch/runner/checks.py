@@ -458,6 +458,20 @@ def _resume_refusal(job: JobSpec) -> str | None:
     return None
 
 
+def _small_cache_problem(job: JobSpec, facts: dict[str, Any]) -> str | None:
+    """Why an ``engine.num_blocks`` KV cache would fail most rows: it holds fewer tokens than a row's prompt
+    (estimated from the first rows; the engine lowers max_model_len to the cache, so they are prompt_too_long)."""
+    e = job.engine
+    chars = facts.get("prompt_chars_per_row")
+    if e.num_blocks is None or not chars:
+        return None
+    tokens = e.num_blocks * (e.block_size or 16)
+    if tokens > chars / 4:
+        return None
+    return (f"the KV cache holds {tokens} tokens ({e.num_blocks} blocks of {e.block_size or 16}), no more than a "
+            f"prompt of the first rows (about {chars / 4:.0f} tokens): most rows would be prompt_too_long")
+
+
 def validate_job_file(
     path: str | os.PathLike[str],
     overrides: Iterable[str] = (),
@@ -494,6 +508,9 @@ def validate_job_file(
     resume = _resume_refusal(job) if parsed and not problems else None
     if resume is not None and warnings is not None:
         warnings.append(f"output.path: {resume}")
+    cache_problem = _small_cache_problem(job, facts)
+    if cache_problem is not None and warnings is not None:
+        warnings.append(f"engine.num_blocks: {cache_problem}")
     if facts.get("bad_overrides") and warnings is not None:
         warnings.append(f"input.sampling_field: {facts['bad_overrides']}")
     if facts.get("prompt_not_text") and job.max_error_rate < 1 and warnings is not None:
