@@ -829,7 +829,9 @@ def read_job_file(path: str | os.PathLike[str], *, duplicates: list[Problem] | N
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise JobError([Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")], str(path)) from None
+        line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+        hint = "; quote a ${VAR} inside braces (\"${VAR}\"): YAML reads its { as a mapping" if "${" in line else ""
+        raise JobError([Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}{hint}")], str(path)) from None
     if found:
         # YAML keeps the last of two equal keys: a second `sampling:` block would silently replace the first.
         if duplicates is None:

@@ -89,7 +89,12 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path / "job.yaml", "input:\n  path: [unclosed\noutput: {path: out}\n")
     with pytest.raises(JobError) as exc:
         load_job(path)
-    assert "line" in str(exc.value)
+    assert "line" in str(exc.value) and "${VAR}" not in str(exc.value)
+    # an environment variable inside flow braces: YAML's own message, and how to write it
+    path = write(tmp_path / "job.yaml", "model: m\ninput: {path: ${DATA}}\noutput: {path: out}\n")
+    with pytest.raises(JobError) as exc:
+        load_job(path)
+    assert "line 2" in str(exc.value) and 'quote a ${VAR} inside braces ("${VAR}")' in str(exc.value)
 
 
 def test_env_interpolation() -> None:
