@@ -77,6 +77,17 @@ def test_per_row_constraints_mix_kinds_in_one_job(tmp_path, tiny_model_dir):
     assert out[6]["valid"] is True and set(json.loads(out[6]["text"])) == {"n"}
 
 
+def test_a_choice_column_cell_that_is_no_list_of_text_is_a_constraint_error(tmp_path, tiny_model_dir):
+    rows = [{"id": 0, "prompt": "a", "opts": ["x", "y"]}, {"id": 1, "prompt": "b", "opts": []},
+            {"id": 2, "prompt": "c", "opts": [1, 2]}, {"id": 3, "prompt": "d", "opts": '["p", "q"]'}]
+    path = write_job(tmp_path, tiny_model_dir, rows, max_error_rate=1.0, constraint={"choice_field": "opts"})
+    assert JobRunner(load_job(path), progress="none").run().exit_code == 0
+    out = read(tmp_path)
+    assert out[0]["text"] in ("x", "y") and out[3]["text"] in ("p", "q")
+    for row in (out[1], out[2]):  # alike, whatever is wrong with the cell
+        assert row["error_kind"] == "constraint_error" and "holds no valid choice" in row["error"], row
+
+
 def test_uncompilable_job_constraint_fails_before_any_generation(tmp_path, tiny_model_dir):
     path = write_job(tmp_path, tiny_model_dir, [{"id": 0, "prompt": "a"}], constraint={"regex": "(unclosed"})
     with pytest.raises(JobError, match="constraint.regex: regex could not be compiled"):

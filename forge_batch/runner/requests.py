@@ -306,6 +306,8 @@ class RequestBuilder:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise ValueError(f"column {column!r} holds no valid {kind} (not JSON: {e})") from e
+        if kind == "choice" and not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"column {column!r} holds no valid choice: a list of at least one string, got {value!r}")
         return constraint_options(kind, value)
 
     # ---- prompt -----------------------------------------------------------------------------------------
