@@ -297,7 +297,9 @@ class LLMEngine:
             check_params_for_engine(params, self.max_logprobs, self.model_config.vocab_size,
                                     self.tokenizer.encode if self.tokenizer is not None else None)
         except Exception as exc:
-            return failed_output(request, index, f"{type(exc).__name__}: {exc}", kind=EngineErrorKind.BAD_SAMPLING)
+            # the checks' own ValueErrors say what is wrong; anything else is named by its type
+            said = str(exc) if isinstance(exc, (ValueError, TypeError)) else f"{type(exc).__name__}: {exc}"
+            return failed_output(request, index, said, kind=EngineErrorKind.BAD_SAMPLING)
         try:
             if request.prompt_token_ids is not None:
                 prompt_ids, prompt_text = given_token_ids(request.prompt_token_ids), None
