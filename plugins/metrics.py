@@ -221,7 +221,12 @@ class MetricsExporter:
             self.write_textfile()
         if self.spec.pushgateway:
             # a completed run replaces the job's whole group; a failed one only the metrics it has
-            self.push(replace_group=bool(self.metrics.success))
+            try:
+                self.push(replace_group=bool(self.metrics.success))
+            except Exception as e:
+                reason = getattr(e, "reason", None) or e  # a URLError's reason says more than its repr
+                raise RuntimeError(f"the final push to the Pushgateway at {self.spec.pushgateway} failed ({reason}); "
+                                   "the run's figures are in summary.json") from None
 
     def write_textfile(self) -> None:
         from prometheus_client import write_to_textfile

@@ -190,7 +190,9 @@ def test_an_unreachable_gateway_warns_and_the_run_completes(tmp_path: Path, caps
     err = capsys.readouterr().err
     warnings = [r.getMessage() for r in caplog.records if r.name == "forge_batch.plugins.metrics"]
     assert len(warnings) == 1 and warnings[0].startswith("metrics: pushing to")  # warned once, not per push
-    assert "raised in job_end" in err and "URLError" in err  # the final push failure is reported
+    # the final push failure is reported, saying where and why
+    assert "raised in job_end" in err and f"the final push to the Pushgateway at http://127.0.0.1:{port} failed" in err
+    assert "Connection refused" in err and "summary.json" in err
 
 
 @pytest.mark.parametrize(
