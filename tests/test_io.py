@@ -184,6 +184,31 @@ def test_records_that_do_not_fit_get_an_error_not_a_crash() -> None:
     assert "score" in table.column("error").to_pylist()[1]
 
 
+def test_a_value_arrow_would_change_to_fit_is_a_type_mismatch_not_written_changed() -> None:
+    """pyarrow cuts 1000.75 to 1000 in an int64 column and drops a struct key the type lacks, silently: such a
+    value is null with type_mismatch, as any other that does not fit. A wider type is no change."""
+    struct = pa.struct([("a", pa.int64()), ("b", pa.string())])
+    schema = output_schema("id", pa.int64(), [("score", pa.int64()), ("meta", struct), ("ratio", pa.float64())],
+                           include_prompt=False)
+    base = {"row_index": 0, "sample_index": 0, "text": "ok"}
+    recs = [{**base, "id": 1, "score": 1000, "meta": {"a": 1}, "ratio": 2},  # a missing key, an int in floats: fine
+            {**base, "id": 2, "score": 1000.75, "meta": {"a": 1}, "ratio": 0.5},
+            {**base, "id": 3, "score": 7, "meta": {"a": 1, "c": "lost"}, "ratio": float("nan")}]
+    table = records_to_table(recs, schema)
+    assert table.column("score").to_pylist() == [1000, None, 7]
+    assert table.column("meta").to_pylist() == [{"a": 1, "b": None}, {"a": 1, "b": None}, None]
+    assert table.column("error_kind").to_pylist() == [None, "type_mismatch", "type_mismatch"]
+    assert "1000.75" in table.column("error").to_pylist()[1]
+    assert table.column("ratio").to_pylist()[:2] == [2.0, 0.5]
+
+
+def test_first_values_that_do_not_tell_a_type_make_a_text_column() -> None:
+    from forge_batch.io.schema import infer_type
+
+    assert infer_type([[], []]) is None and infer_type([{"a": None, "b": 1}]) is None  # list<null>, struct<a: null>
+    assert infer_type([[1], []]) == pa.list_(pa.int64()) and infer_type([{"a": 1}]) == pa.struct([("a", pa.int64())])
+
+
 # ---- output directory -----------------------------------------------------------------------------------
 
 ID = pa.string()

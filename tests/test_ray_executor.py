@@ -213,7 +213,10 @@ def test_the_driver_packs_a_window_of_shards_ahead_of_its_commits(ray_address: s
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver reads and packs shards while results come back, never more than ``shards_in_flight``
     (and one row) ahead of what it committed: it does not hold the whole input (the rows its reader has
-    handed out are counted at each commit)."""
+    handed out are counted at each commit). (The rows that type the output, read first, are one here.)"""
+    from forge_batch.runner import inputs
+
+    monkeypatch.setattr(inputs, "TYPED_ROWS", 1)
     write_jsonl(tmp_path / "in.jsonl", prompts(24))
     data = job_data(tiny_model_dir, "ray", executor={"kind": "ray", "replicas": 1, "batch_rows": 2})
     data["input"] = {"path": "in.jsonl", "batch_size": 1}

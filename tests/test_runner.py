@@ -423,6 +423,22 @@ def make_plugin(calls: dict) -> types.SimpleNamespace:
     )
 
 
+def test_kept_columns_are_typed_by_the_first_rows_whatever_the_batch_size(tmp_path: Path) -> None:
+    """The first 1,000 rows type the kept columns (as validate reads them), not the first batch: 20 integer
+    scores then 40 fractional ones make a float column at batch_size 10 as at the default."""
+    rows = [{"id": i, "prompt": "p", "score": i if i < 20 else i + 0.5, "tags": [] if i < 20 else ["a"]}
+            for i in range(60)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    for name, batch_size in (("small", 10), ("default", 1000)):
+        job = make_job(tmp_path, {"input": {"path": "in.jsonl", "batch_size": batch_size},
+                                  "output": {"path": name, "keep_fields": ["score", "tags"]}})
+        assert run(job).status == "completed"
+        table = pq.read_table(tmp_path / name)
+        assert table.schema.field("score").type == pa.float64() and table.schema.field("tags").type == pa.list_(pa.string())
+        out = sorted(table.to_pylist(), key=lambda r: r["id"])
+        assert [r["score"] for r in out] == [r["score"] for r in rows] and out[25]["tags"] == ["a"] and out[3]["tags"] == []
+
+
 def test_the_input_prompt_is_kept_as_it_is_without_include_prompt(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "raw text"}])
     job = make_job(tmp_path, {"input": {"path": "in.jsonl"}, "output": {"path": "out", "keep_fields": ["prompt"]}})

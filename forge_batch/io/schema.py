@@ -99,9 +99,24 @@ def infer_type(values: Iterable[Any]) -> pa.DataType | None:
     if not vals:
         return None
     try:
-        return pa.array(vals).type
+        t = pa.array(vals).type
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
         return pa.string() if all(isinstance(v, str) for v in vals) else None
+    # only empty lists, or a struct key always null: the values do not tell that part's type, and a
+    # null-typed part would refuse every later value (text keeps them all)
+    return None if _holds_null_type(t) else t
+
+
+def _holds_null_type(t: pa.DataType) -> bool:
+    if pa.types.is_null(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _holds_null_type(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_holds_null_type(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _holds_null_type(t.key_type) or _holds_null_type(t.item_type)
+    return False
 
 
 def output_schema(
@@ -143,10 +158,45 @@ def schema_from_str(text: str) -> pa.Schema:
 
 def _fits(value: Any, t: pa.DataType) -> bool:
     try:
-        pa.array([value], type=t)
-        return True
+        return _written_as_given(value, pa.array([value], type=t).to_pylist()[0])
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
         return False
+
+
+def _written_as_given(value: Any, back: Any) -> bool:
+    """Whether Arrow wrote ``value`` as given (``back``: what the column reads back). pyarrow cuts a float
+    to fit an integer column and drops the struct keys the type lacks, without a word; a wider type (an
+    int in a float column, a struct key the value lacks, read back null) is fine."""
+    if value is None:
+        return True
+    if isinstance(value, float) and value != value:  # NaN
+        return isinstance(back, float) and back != back
+    if isinstance(value, dict):
+        if isinstance(back, list):  # a map column reads back as (key, value) pairs
+            back = dict(back)
+        return isinstance(back, dict) and set(value) <= set(back) and all(
+            _written_as_given(v, back[k]) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return isinstance(back, (list, tuple)) and len(value) == len(back) and all(map(_written_as_given, value, back))
+    try:
+        return bool(value == back)  # an aware datetime is not equal to the naive one it became
+    except Exception:  # noqa: BLE001 - values that cannot be compared were not written as given
+        return False
+
+
+# The columns a run writes itself, always of their own type; the others (the id, kept fields) hold the input's values.
+_RUN_COLUMNS = frozenset(n for n, _ in (*HEAD_COLUMNS, *TAIL_COLUMNS, *LOGPROBS_COLUMNS, PROMPT_LOGPROBS_COLUMN))
+
+
+def _written_as_given_all(table: pa.Table, rows: list[dict[str, Any]]) -> bool:
+    """Whether every id and kept value of ``rows`` reads back from ``table`` as it was given."""
+    for name in table.column_names:
+        if name in _RUN_COLUMNS:
+            continue
+        for value, back in zip((r[name] for r in rows), table.column(name).to_pylist()):
+            if not _written_as_given(value, back):
+                return False
+    return True
 
 
 def records_to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -163,8 +213,11 @@ def records_to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Tab
             for r in records:
                 if r.get(f.name) is not None and not isinstance(r[f.name], str):
                     r[f.name] = json.dumps(r[f.name], ensure_ascii=False, default=str)
+    rows = [{n: r.get(n) for n in names} for r in records]
     try:
-        return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in records], schema=schema)
+        table = pa.Table.from_pylist(rows, schema=schema)
+        if _written_as_given_all(table, rows):
+            return table
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
         pass
     for r in records:

@@ -46,6 +46,7 @@ from forge_batch.plugin_manager import (
 )
 from forge_batch.runner.engine_factory import ENGINE_FACTORY_ENV
 from forge_batch.runner.inputs import (
+    TYPED_ROWS,
     InputFileError,
     InputPlan,
     count_rows,
@@ -236,8 +237,8 @@ def _check_job_constraint(job: JobSpec, kinds: Mapping[str, Any]) -> list[Proble
     return []
 
 
-# Rows validate reads to check fields and the template, and to estimate prompt tokens.
-SAMPLE_ROWS = 1000
+# Rows validate reads to check fields and the template, and to estimate prompt tokens: those that type the output.
+SAMPLE_ROWS = TYPED_ROWS
 
 
 def _prompt_chars(row: dict[str, Any], spec: InputSpec, template: Any) -> int:

@@ -22,6 +22,14 @@ from forge_batch.models.registry import content_digest
 COUNT_JSONL_BYTES = 256 << 20
 GZIP_RATIO = 8
 
+# Rows that type the output's id and kept columns (validate reads as many).
+TYPED_ROWS = 1000
+
+
+def _raising(error: Exception) -> Iterator[list[RawRow]]:
+    raise error
+    yield []  # a generator: it raises when first read
+
 
 class InputFileError(ValueError):
     """An input file its reader cannot read (a truncated Parquet file, say): the message names the file."""
@@ -128,6 +136,23 @@ class InputPlan:
 
     def identity(self) -> dict[str, Any]:
         return input_identity([path for path, _ in self.files])
+
+    def first_batches(self, batches: Iterator[list[RawRow]]) -> tuple[list[list[RawRow]], Iterator[list[RawRow]]]:
+        """(the batches holding the input's first TYPED_ROWS rows, or all of it; the batches after them): the
+        first type the output's id and kept columns, whatever input.batch_size is. A file that cannot be read
+        on the way stops them there; its error comes when the rest is read, as it would have."""
+        first: list[list[RawRow]] = []
+        seen = 0
+        try:
+            while seen < TYPED_ROWS:
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                first.append(batch)
+                seen += len(batch)
+        except Exception as e:  # noqa: BLE001 - raised again where the rows after these are read
+            return first, _raising(e)
+        return first, batches
 
     def output_schema(self, job: JobSpec, first: list[RawRow]) -> pa.Schema:
         """The output's columns: the id typed as the input's (Parquet) or as the first rows' ids, kept fields

@@ -187,8 +187,8 @@ class JobRunner:
         job = run.job
         run.total = run.plan.total_rows()
         batches = run.plan.batches()
-        first = next(batches, [])
-        schema = run.resume.schema if run.resume.schema is not None else run.plan.output_schema(job, first)
+        first, batches = run.plan.first_batches(batches)
+        schema = run.resume.schema if run.resume.schema is not None else run.plan.output_schema(job, _rows(first))
         run.out.set_schema(schema)
         self._load_engine(run)
         file_meta = file_metadata(job, run.engine_info)
@@ -432,7 +432,11 @@ def _close_quietly(stream: Any) -> None:
             pass
 
 
-def _chain(first: list[RawRow], rest: Iterator[list[RawRow]]) -> Iterator[list[RawRow]]:
-    yield first
+def _chain(first: list[list[RawRow]], rest: Iterator[list[RawRow]]) -> Iterator[list[RawRow]]:
+    yield from first
     yield from rest
+
+
+def _rows(batches: list[list[RawRow]]) -> list[RawRow]:
+    return [row for batch in batches for row in batch]
 

@@ -49,7 +49,15 @@ from forge_batch.runner.engine_factory import (
     default_engine_factory,
     load_engine_factory,
 )
-from forge_batch.runner.job_runner import JobRunner, RunResult, _chain, _close_quietly, _Run, run_context
+from forge_batch.runner.job_runner import (
+    JobRunner,
+    RunResult,
+    _chain,
+    _close_quietly,
+    _rows,
+    _Run,
+    run_context,
+)
 from forge_batch.runner.ray_session import RayStart, connect_ray, quiet_ray_data
 from forge_batch.runner.records import Group, RecordBuilder, ResultObservers
 from forge_batch.runner.requests import AdmittedRow, RequestBuilder
@@ -264,8 +272,8 @@ class RayJobRunner(JobRunner):
     def _run_rows(self, run: _Run) -> RunResult:
         job = run.job
         batches = run.plan.batches()
-        first = next(batches, [])
-        schema = run.resume.schema if run.resume.schema is not None else run.plan.output_schema(job, first)
+        first, batches = run.plan.first_batches(batches)
+        schema = run.resume.schema if run.resume.schema is not None else run.plan.output_schema(job, _rows(first))
         run.out.set_schema(schema)
         context = run_context(job, run.pm, run.plan.spec, None, run.resume.tally.rows)
         self._start_hooks(run, context)
