@@ -117,6 +117,23 @@ def test_report_of_each_output_format(tmp_path: Path, fmt: str, capsys: pytest.C
         assert "valid rate of constrained samples" in page
 
 
+def test_a_samples_mean_length_leaves_out_the_samples_that_failed(tmp_path: Path) -> None:
+    """An invalid_output sample keeps the tokens the model wrote; the per-sample mean, like the completion
+    length table, is over the samples that did not fail."""
+    import pyarrow.parquet as pq
+
+    from forge_batch.io.schema import output_schema, records_to_table
+
+    schema = output_schema("id", pa.int64(), [], include_prompt=False)
+    recs = [{"id": i, "row_index": i, "sample_index": 0, "text": "t", "finish_reason": "stop", "completion_tokens": tokens,
+             "prompt_tokens": 3, "error": error, "error_kind": error and "invalid_output"}
+            for i, (tokens, error) in enumerate([(10, None), (20, None), (90, "cut off")])]
+    (tmp_path / "out").mkdir()
+    pq.write_table(records_to_table(recs, schema), tmp_path / "out" / "part-00000.parquet")
+    sample = collect_output_stats(tmp_path / "out").per_sample[0]
+    assert sample["completion_tokens"] == 120 and sample["mean_completion_tokens"] == 15
+
+
 def test_report_while_the_run_is_in_progress(tmp_path: Path) -> None:
     """A report taken from inside the run (parts committed, lock held, no summary yet) says so and counts
     the committed parts only."""

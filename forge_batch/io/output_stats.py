@@ -431,6 +431,7 @@ class _Aggregator:
         self.s_records = np.zeros(0, np.int64)
         self.s_errors = np.zeros(0, np.int64)
         self.s_tokens = np.zeros(0, np.int64)
+        self.s_known_tokens = np.zeros(0, np.int64)  # of the samples that did not fail: the mean's numerator
         self.s_known = np.zeros(0, np.int64)  # samples without error whose completion tokens are known
         self.s_length = np.zeros(0, np.int64)
         self.s_valid = np.zeros(0, np.int64)
@@ -506,13 +507,15 @@ class _Aggregator:
         """Counts per sample index (records, errors, tokens, length finishes, validity)."""
         names = batch.schema.names
         size = int(sample.max()) + 1
-        for attr in ("s_records", "s_errors", "s_tokens", "s_known", "s_length", "s_valid", "s_invalid"):
+        for attr in ("s_records", "s_errors", "s_tokens", "s_known_tokens", "s_known", "s_length", "s_valid", "s_invalid"):
             setattr(self, attr, self._grow(getattr(self, attr), size))
         self.s_records += np.bincount(sample, minlength=len(self.s_records))
         self.s_errors += np.bincount(sample, weights=has_error, minlength=len(self.s_records)).astype(np.int64)
         self.s_tokens += np.bincount(sample, weights=np.nan_to_num(completion), minlength=len(self.s_records)).astype(np.int64)
         known = ~np.isnan(completion) & ~has_error
         self.s_known += np.bincount(sample, weights=known, minlength=len(self.s_records)).astype(np.int64)
+        self.s_known_tokens += np.bincount(sample, weights=np.where(known, np.nan_to_num(completion), 0),
+                                           minlength=len(self.s_records)).astype(np.int64)
         if "finish_reason" in names:
             length = as_numpy(pc.equal(batch.column("finish_reason"), "length"), bool)
             self.s_length += np.bincount(sample, weights=length, minlength=len(self.s_records)).astype(np.int64)
@@ -581,7 +584,7 @@ class _Aggregator:
                     "records": records,
                     "errors": int(self.s_errors[i]),
                     "completion_tokens": int(self.s_tokens[i]),
-                    "mean_completion_tokens": (int(self.s_tokens[i]) / known) if known else None,
+                    "mean_completion_tokens": (int(self.s_known_tokens[i]) / known) if known else None,
                     "length_finishes": int(self.s_length[i]),
                     "valid_rate": (int(self.s_valid[i]) / constrained) if constrained else None,
                 }
