@@ -320,6 +320,9 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
         for ledger in ledgers:
             tally.add_ledger(_read_parquet_file(ledger).to_pylist())
         info.update(tally.to_dict())
+        job = (read_state_json(state / MANIFEST) or {}).get("job") or {}  # the parts carry no metadata here
+        if job.get("model"):
+            info["model"] = job["model"]
     return info
 
 

@@ -88,6 +88,8 @@ def test_report_of_each_output_format(tmp_path: Path, fmt: str, capsys: pytest.C
     # throughput, lengths, finish reasons, errors, samples; and where the format has them, timings and validity
     assert len(_images(page)) == (5 if fmt == "openai-batch" else 7)
 
+    assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0  # every format names its model
+    assert json.loads(capsys.readouterr().out)["model"] == summary["model"]
     stats = collect_output_stats(tmp_path / "out")
     assert stats.output_format == fmt and stats.status == "completed"
     assert stats.rows == summary["rows"] == 33
