@@ -177,6 +177,39 @@ def test_a_results_file_never_replaces_the_input_or_a_file_this_tool_did_not_wri
     assert main(["run-batch", "-i", "in.jsonl", "-o", "notes.jsonl", "--model", "fake", "--quiet"]) == 0
 
 
+def test_a_second_signal_while_the_results_file_is_written_leaves_it_to_the_rerun(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row committed, the results file being written: a first SIGTERM is noted, a second stops the
+    writing (no file), and the summary says the rows are committed and the rerun writes the file."""
+    import os
+    import signal
+
+    from runner_helpers import fake_factory
+
+    from forge_batch.io.output_dir import OutputDir
+    from forge_batch.plugin_manager import get_plugin_manager
+    from forge_batch.runner import JobRunner
+
+    write_jsonl(tmp_path / "batch.jsonl", [chat(f"r{i}", "hi") for i in range(6)])
+    data = {"input": {"path": "batch.jsonl"}, "output": {"path": "results.jsonl", "format": "openai-batch"}}
+    real_finalize = OutputDir.finalize
+
+    def stopped_twice(self: OutputDir) -> None:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_finalize(self)
+
+    monkeypatch.setattr(OutputDir, "finalize", stopped_twice)
+    result = JobRunner(make_job(tmp_path, data), engine_factory=fake_factory(), plugin_manager=get_plugin_manager(
+        entry_points=False), progress="none", install_signal_handlers=True).run()
+    assert result.status == "interrupted" and result.exit_code == 143
+    assert "every row it handled is committed" in result.message and "rerun the same command to write it" in result.message
+    assert not (tmp_path / "results.jsonl").exists()
+    monkeypatch.setattr(OutputDir, "finalize", real_finalize)
+    assert run(make_job(tmp_path, data)).status == "completed"
+    assert [x["custom_id"] for x in read_lines(tmp_path / "results.jsonl")] == [f"r{i}" for i in range(6)]
+
+
 def test_merge_in_rounds_when_there_are_more_parts_than_open_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
     import os

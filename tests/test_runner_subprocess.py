@@ -125,6 +125,44 @@ def test_signal_while_loading_the_model_says_so_and_exits(tmp_path: Path, sig: i
     assert_exactly_once_and_equal(tmp_path, out)
 
 
+SIGNAL_IN_JOB_END = """
+import os
+import signal
+import time
+from forge_batch.hookspecs import hookimpl
+
+@hookimpl
+def job_end(summary):
+    for _ in range(int(os.environ["SIGNALS_IN_JOB_END"])):  # a scheduler stopping the job as it finishes
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+"""
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_while_the_run_finishes_is_not_taken_for_one_before_it_started(tmp_path: Path, signals: int) -> None:
+    """Every row committed, the job_end hooks running: a first SIGTERM is noted and the run finishes (summary
+    and all); a second stops it, saying the rows are committed. Never "nothing was committed"."""
+    path = job_file(tmp_path)
+    (tmp_path / "sigplug.py").write_text(SIGNAL_IN_JOB_END)
+    data = json.loads(json.dumps(load_job(path).model_dump(mode="json")))
+    write_job_file(path, {**{k: data[k] for k in ("model", "input", "output", "sampling", "engine")},
+                          "plugins": ["sigplug"]})
+    proc = popen(["run", str(path), "--progress", "none"], cli_env(SIGNALS_IN_JOB_END=str(signals)))
+    _, stderr = proc.communicate(timeout=120)
+    assert "nothing was committed" not in stderr and "before the run started" not in stderr, stderr
+    assert "every row is handled and committed; finishing" in stderr
+    summary = json.loads((state_dir_for(tmp_path / "out") / "summary.json").read_text())
+    if signals == 1:
+        assert proc.returncode == 0, stderr
+        assert summary["status"] == "completed" and "SIGTERM came after every row was committed" in summary["message"]
+    else:
+        assert proc.returncode == 143, stderr
+        assert "interrupted by SIGTERM while finishing the run: every row it handled is committed" in stderr
+        assert summary["status"] == "interrupted" and "job_end hooks were cut short" in summary["message"]
+    assert_exactly_once_and_equal(tmp_path, tmp_path / "out")
+
+
 def test_sigterm_after_the_run_completed_exits_with_its_outcome(tmp_path: Path) -> None:
     """A scheduler stopping a job that already printed "completed" (while it winds down) must not read it as
     killed: the exit code stays the run's own."""

@@ -34,7 +34,7 @@ from forge_batch.runner.inputs import InputPlan
 from forge_batch.runner.records import Group, RecordBuilder, ResultObservers
 from forge_batch.runner.requests import RequestBuilder, has_chat_template
 from forge_batch.runner.run_figures import RunFigures
-from forge_batch.runner.signals import Abort, RunFlags, SignalHandlers, StartInterrupted
+from forge_batch.runner.signals import Abort, FinishInterrupted, RunFlags, SignalHandlers, StartInterrupted
 from forge_batch.runner.summary import (
     EXIT_FAILED,
     Outcome,
@@ -179,6 +179,12 @@ class JobRunner:
                 f"interrupted by {e.signal_name} while {e.phase}; nothing was committed this run; "
                 "rerun the same command to resume", signal_exit_code(e.signal_name),
             ) from None
+        except FinishInterrupted as e:
+            raise RunInterrupted(
+                f"interrupted by {e.signal_name} while finishing the run: every row it handled is committed, but "
+                "what comes after them (a single-file output, the job_end hooks, summary.json) may not be written; "
+                "rerun the same command to finish", signal_exit_code(e.signal_name),
+            ) from None
         finally:
             self.signals.restore()
 
@@ -298,7 +304,7 @@ class JobRunner:
                 end.commit_error = end.commit_error or e
             finally:
                 flags.critical -= 1
-                self.signals.restore()
+                self.signals.finishing()  # restored when run() returns
                 progress.close()
         end.committed_rows = committer.run_tally.rows
         end.signal_name, end.dropped_in_flight = flags.signal_name, flags.drop_now
@@ -331,15 +337,20 @@ class JobRunner:
                 self._say(f"forge-batch: warning: {e}")
 
     def _finish(self, run: _Run, context: RunContext, committer: Committer, end: RunEnd, gen_s: float) -> RunResult:
-        """Decide the outcome, tell the job_end hooks, write the summary."""
+        """Decide the outcome, tell the job_end hooks, write the summary. A second signal while finishing
+        (FinishInterrupted) cuts the single-file output or the hooks short; the summary is written all the same."""
         job = run.job
         failed, counted = committer.failed_rows()
         total_tally = run.resume.tally.merged(committer.run_tally)
         outcome = decide_outcome(end, failed, counted, job.max_error_rate, total_tally)
-        if run.out.single_file:
-            every_row_done = (end.commit_error is None and end.signal_name is None and end.error_message is None
-                              and not end.stopped_early)
-            outcome = _write_single_file(run, every_row_done, outcome)
+        cut = False  # a second signal stopped finishing
+        try:
+            if run.out.single_file:
+                every_row_done = (end.commit_error is None and end.signal_name is None and end.error_message is None
+                                  and not end.stopped_early)
+                outcome = _write_single_file(run, every_row_done, outcome)
+        except FinishInterrupted as e:
+            outcome, cut = _cut_short(outcome, e, f"{job.output.path} is not written: rerun the same command to write it"), True
         summary = build_summary(
             job, outcome, engine_info=run.engine_info, total=total_tally, this_run=committer.run_tally,
             input_rows=run.total, failed=failed, counted=counted, resumed_rows=run.resume.tally.rows,
@@ -348,14 +359,32 @@ class JobRunner:
             figures=(run.figures or RunFigures()).summary(run.engine, gen_s, measured=run.engine_metrics),
         )
         summary["executor"] = self._executor_summary()
-        self._end_hooks(run, summary)
+        if not cut:
+            try:
+                self._end_hooks(run, summary)
+            except FinishInterrupted as e:
+                outcome, cut = _cut_short(outcome, e, "the job_end hooks were cut short"), True
+        if not cut and self.flags.late_signal is not None:
+            outcome = Outcome(outcome.status, outcome.exit_code,
+                              f"{outcome.message} ({self.flags.late_signal} came after every row was committed)")
+        summary.update(status=outcome.status, message=outcome.message)
         summary_path: Path | None = None
+        self.flags.critical += 1  # a signal now is noted, not raised: the summary is written whole
         try:
             summary_path = run.out.write_summary(summary)
         except OSError as e:  # e.g. the disk filled up with the last part: the parts are fine, say so
             outcome = _summary_not_written(outcome, f"could not write {run.out.state_dir / SUMMARY}: {describe_os_error(e)}")
             summary.update(status=outcome.status, message=outcome.message)
+        finally:
+            self.flags.critical -= 1
         return RunResult(outcome.status, outcome.exit_code, outcome.message, summary, Path(job.output.path), summary_path)
+
+
+def _cut_short(outcome: Outcome, e: FinishInterrupted, what: str) -> Outcome:
+    """The outcome of a run whose finishing a second signal stopped: every row it handled is committed."""
+    return Outcome("interrupted", signal_exit_code(e.signal_name),
+                   f"{outcome.message}; interrupted by {e.signal_name} while finishing the run: every row it handled "
+                   f"is committed, {what}")
 
 
 def _summarize_start_failure(run: _Run, error: BaseException) -> dict[str, Any]:

@@ -416,7 +416,7 @@ class RayJobRunner(JobRunner):
         finally:
             if pipeline is not None:
                 _stop_pipeline(pipeline)  # stops Ray Data's execution when the run ends early
-            self.signals.restore()
+            self.signals.finishing()  # restored when run() returns
             progress.close()
         committer = driver.committer
         end.committed_rows = committer.run_tally.rows if committer is not None else 0

@@ -4,7 +4,9 @@ Before generation starts (reading the input, loading the model) a signal stops t
 (:class:`StartInterrupted`). Once it runs, the first signal stops admitting rows and arms a timer of
 ``grace_seconds``; a second signal, or the timer, drops the in-flight rows (:class:`Abort`) unless the run is
 inside a critical section (buffering a result, committing a part), where it only asks to stop at the next
-safe point.
+safe point. Once every row is handled (:meth:`SignalHandlers.finishing`: writing a single-file output, the
+job_end hooks, the summary), a first signal is noted and the run finishes; a second one
+(:class:`FinishInterrupted`) stops finishing.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ class StartInterrupted(BaseException):
         self.phase = phase
 
 
+class FinishInterrupted(BaseException):
+    """Raised by the signal handler when a signal comes again while a run finishes (its rows all committed):
+    what is left (a single-file output, job_end hooks, the summary) is not done."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 @dataclass
 class RunFlags:
     """What signals and the error budget tell the run loop, and what the loop tells them."""
@@ -44,6 +55,8 @@ class RunFlags:
     abort_reason: str | None = None  # "error_rate" when the error budget stopped admitting
     critical: int = 0  # > 0 while a result is being buffered or a part committed: no Abort there
     in_flight: int = 0  # rows admitted and not finished
+    finishing: bool = False  # every row handled: what is left is the output's end and the summary
+    late_signal: str | None = None  # a signal that came while finishing (the run finished all the same)
 
     def stop_now(self) -> None:
         """Record an abort (a signal, or Ctrl-C surfacing as KeyboardInterrupt): drop what is in flight."""
@@ -67,6 +80,9 @@ class SignalHandlers:
         flags = self.flags
         if flags.starting is not None and signum in (signal.SIGINT, signal.SIGTERM):
             raise StartInterrupted(signal.Signals(signum).name, flags.starting)
+        if flags.finishing:
+            self._while_finishing(signum)
+            return
         timer = signum == _SIGALRM
         name = "grace timeout" if timer else signal.Signals(signum).name
         self._count += 1
@@ -85,6 +101,25 @@ class SignalHandlers:
         flags.drop_now = True
         if flags.critical == 0:
             raise Abort()
+
+    def finishing(self) -> None:
+        """Every row is handled: from now a first signal is noted (the run finishes), a second stops it."""
+        if _SIGALRM is not None and self._old:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # the grace timer: nothing is in flight any more
+        self.flags.finishing = True
+
+    def _while_finishing(self, signum: int) -> None:
+        flags = self.flags
+        if signum == _SIGALRM:
+            return
+        name = signal.Signals(signum).name
+        if (flags.late_signal is not None or flags.signal_name is not None) and flags.critical == 0:
+            raise FinishInterrupted(name)
+        if flags.late_signal is not None or flags.signal_name is not None:
+            return  # writing the summary: it is written whole
+        flags.late_signal = name
+        self.say(f"forge-batch: {name}: every row is handled and committed; finishing the output and the summary "
+                 "(signal again to stop now)")
 
     def install(self) -> None:
         # Python delivers signals to the main thread only: elsewhere (an embedding application's worker)
