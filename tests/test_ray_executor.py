@@ -143,6 +143,15 @@ def test_the_driver_keeps_each_replicas_latest_figures_whatever_order_its_result
     assert merged["itl_s"]["count"] == 84 and merged["prefix_cache_queries"] == 10
 
 
+def test_a_replica_no_node_can_hold_is_named_not_waited_for_in_silence(ray_address: str) -> None:
+    from forge_batch.job import ExecutorSpec
+    from forge_batch.runner.ray_session import placement_problem
+
+    assert placement_problem(ExecutorSpec(kind="ray", replicas=2, num_cpus_per_replica=1)) is None
+    problem = placement_problem(ExecutorSpec(kind="ray", replicas=1, num_cpus_per_replica=4))
+    assert problem is not None and "asks for 4 CPU" in problem and "the largest: 2 CPU, 0 GPU" in problem
+
+
 KILL_ONCE = """
 import os
 import ray

@@ -40,7 +40,7 @@ from forge_batch.io.meta import file_metadata
 from forge_batch.io.output_dir import CommitError, OutputDirError, ResumeState
 from forge_batch.io.progress import Progress
 from forge_batch.io.schema import id_column_name, schema_from_str, schema_to_str
-from forge_batch.job import RAY_EXTRA, InputSpec, JobError, JobSpec, ray_missing_problem
+from forge_batch.job import RAY_EXTRA, InputSpec, JobError, JobSpec, Problem, ray_missing_problem
 from forge_batch.plugin_manager import collect_registry, get_plugin_manager
 from forge_batch.runner.commit import Committer
 from forge_batch.runner.engine_factory import (
@@ -58,7 +58,7 @@ from forge_batch.runner.job_runner import (
     _Run,
     run_context,
 )
-from forge_batch.runner.ray_session import RayStart, connect_ray, quiet_ray_data
+from forge_batch.runner.ray_session import RayStart, connect_ray, placement_problem, quiet_ray_data
 from forge_batch.runner.records import Group, RecordBuilder, ResultObservers
 from forge_batch.runner.requests import AdmittedRow, RequestBuilder
 from forge_batch.runner.run_figures import RunFigures, merged_engine_metrics, replica_engine_figures
@@ -315,6 +315,11 @@ class RayJobRunner(JobRunner):
         self.flags.starting = "starting Ray"
         quiet_ray_data()  # imports Ray Data here while Ray starts on its thread
         ray_start.wait()
+        problem = placement_problem(ex)
+        if problem is not None and ray_start.started:  # the Ray this run started: no node will join it
+            raise JobError([Problem("executor", f"{problem}: the replicas could never start")])
+        if problem is not None:  # a cluster's autoscaler may add such a node; until then Ray waits
+            self._say(f"forge-batch: warning: {problem}; the replicas wait until a node that has them joins")
         self.flags.starting = "starting the Ray replicas"
         if head_error is not None or len(head) <= window * ex.batch_rows:
             # All of it fits in the window: Ray Data gets the shards as items, no queue and no relay task (two

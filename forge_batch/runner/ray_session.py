@@ -59,6 +59,21 @@ def connect_ray(executor: ExecutorSpec) -> bool:
     return True
 
 
+def placement_problem(executor: ExecutorSpec) -> str | None:
+    """Why no replica could be placed: no live node of the connected cluster has a replica's CPUs (and GPUs).
+    Ray would wait for such a node without a word. None when one has them."""
+    import ray
+
+    need = {"CPU": float(executor.num_cpus_per_replica), "GPU": float(executor.num_gpus_per_replica or 0)}
+    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v) for node in nodes):
+        return None
+    largest = max(nodes, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
+    wanted = ", ".join(f"{v:g} {k}" for k, v in need.items() if v)
+    return (f"a replica asks for {wanted} (executor.num_cpus_per_replica / num_gpus_per_replica), and no node of the "
+            f"Ray cluster has that many (the largest: {largest.get('CPU', 0.0):g} CPU, {largest.get('GPU', 0.0):g} GPU)")
+
+
 class _NoBarsNotice(logging.Filter):
     """Drops Ray Data's notice that its progress bars are off: they are, for the job's own."""
 
