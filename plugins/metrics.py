@@ -43,6 +43,10 @@ STATE_KEY = "forge_batch.metrics"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 LAST_SUCCESS = "forge_batch_last_success_timestamp_seconds"
 MIN_PUSH_INTERVAL_S = 0.5
+# A gateway that takes connections and never answers costs the run at most these at its end (the final push
+# waits for a push under way, then makes its own).
+PUSH_TIMEOUT_S = 3.0
+FINAL_PUSH_TIMEOUT_S = 5.0
 
 
 log = logging.getLogger(__name__)
@@ -233,15 +237,16 @@ class MetricsExporter:
 
         write_to_textfile(str(self.spec.textfile), self.metrics.registry)
 
-    def push(self, replace_group: bool) -> None:
+    def push(self, replace_group: bool, timeout: float = FINAL_PUSH_TIMEOUT_S) -> None:
         from prometheus_client import push_to_gateway, pushadd_to_gateway
 
         send = push_to_gateway if replace_group else pushadd_to_gateway
-        send(self.spec.pushgateway, job=self.spec.job, registry=self.metrics.registry, timeout=10)
+        send(self.spec.pushgateway, job=self.spec.job, registry=self.metrics.registry, timeout=timeout)
 
     def _push_loop(self) -> None:
         while not self._stop.wait(max(self.interval, MIN_PUSH_INTERVAL_S)):
-            self._quietly(lambda: self.push(replace_group=False), f"pushing to {self.spec.pushgateway}")
+            self._quietly(lambda: self.push(replace_group=False, timeout=PUSH_TIMEOUT_S),
+                          f"pushing to {self.spec.pushgateway}")
 
     def _quietly(self, action: Callable[[], None], what: str) -> None:
         """Metrics during the run must never fail a row or stop the job: warn once per kind of failure."""
