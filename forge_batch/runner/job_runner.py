@@ -141,7 +141,7 @@ class JobRunner:
         self.stream = stream or sys.stderr
         self.log_interval = log_interval
         self.flags = RunFlags()
-        self.signals = SignalHandlers(self.flags, grace_seconds, self._say, install_signal_handlers)
+        self.signals = SignalHandlers(self.flags, grace_seconds, self._say, install_signal_handlers, self._first_stop)
         self._progress: Progress | None = None
 
     def _say(self, text: str) -> None:
@@ -314,6 +314,11 @@ class JobRunner:
     def _executor_summary(self) -> dict[str, Any]:
         """What summary.json says of where the rows ran."""
         return {"kind": "local"}
+
+    def _first_stop(self, signal_name: str) -> str:
+        """What a first signal during generation does, said."""
+        return (f"forge-batch: {signal_name}: admitting no new rows; finishing {self.flags.in_flight} in-flight rows "
+                f"(up to {self.signals.grace_seconds:g}s; signal again to stop now)")
 
     def _start_hooks(self, run: _Run, context: RunContext) -> None:
         """The job_start hooks, one plugin at a time; the run remembers whose returned."""

@@ -58,7 +58,13 @@ from forge_batch.runner.job_runner import (
     _Run,
     run_context,
 )
-from forge_batch.runner.ray_session import RayStart, connect_ray, placement_problem, quiet_ray_data
+from forge_batch.runner.ray_session import (
+    RayStart,
+    connect_ray,
+    mute_ray_data_errors,
+    placement_problem,
+    quiet_ray_data,
+)
 from forge_batch.runner.records import Group, RecordBuilder, ResultObservers
 from forge_batch.runner.requests import AdmittedRow, RequestBuilder
 from forge_batch.runner.run_figures import RunFigures, merged_engine_metrics, replica_engine_figures
@@ -186,7 +192,9 @@ class _Pipeline:
 
 
 def _stop_pipeline(pipeline: _Pipeline) -> None:
-    """The feed stops packing, its queue goes (a put waiting on it returns), Ray Data's execution ends."""
+    """The feed stops packing, its queue goes (a put waiting on it returns), Ray Data's execution ends (its
+    errors about the tasks that end with it muted)."""
+    mute_ray_data_errors()
     pipeline.feed.stop()
     try:
         if pipeline.queue is not None:
@@ -248,6 +256,10 @@ class RayJobRunner(JobRunner):
         super().__init__(job, **kwargs)
         self._replica_stats: dict[str, ReplicaStats] = {}
         self._ray: RayStart | None = None
+
+    def _first_stop(self, signal_name: str) -> str:
+        return (f"forge-batch: {signal_name}: sending no new shards; stopping after the result at hand (the shards "
+                "still on the replicas run again on the rerun; signal again to stop now)")
 
     def _executor_summary(self) -> dict[str, Any]:
         ex = self.job.executor

@@ -81,6 +81,29 @@ class _NoBarsNotice(logging.Filter):
         return "Progress bars disabled" not in record.getMessage()
 
 
+class _EndedRunErrors(logging.Filter):
+    """Ray Data's errors from the tasks a run's end stops with it (its read task, whose shard queue the run
+    closed, raises ActorDiedError): a page of traceback after the run's own message, which says what happened."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and record.name.startswith("ray.data") and record.levelno >= logging.ERROR)
+
+
+_ENDED_RUN_ERRORS = _EndedRunErrors()
+
+
+def mute_ray_data_errors(mute: bool = True) -> None:
+    """From now (the run's pipeline is being stopped) Ray Data's errors are not printed; ``mute=False`` (a new
+    run) prints them again. On the handlers: a record from Ray Data's modules reaches them through ``ray``'s."""
+    _ENDED_RUN_ERRORS.active = mute
+    for name in ("ray.data", "ray", ""):
+        for handler in logging.getLogger(name).handlers:
+            if _ENDED_RUN_ERRORS not in handler.filters:
+                handler.addFilter(_ENDED_RUN_ERRORS)
+
+
 def quiet_ray_data() -> None:
     """One progress bar / log line for the job: Ray Data's own bars and execution logs off (its warnings
     stay: a replica that cannot be placed says so)."""
@@ -93,6 +116,7 @@ def quiet_ray_data() -> None:
     bars_log = logging.getLogger("ray.data._internal.progress")  # a filter sees only its own logger's records
     if not any(isinstance(f, _NoBarsNotice) for f in bars_log.filters):
         bars_log.addFilter(_NoBarsNotice())
+    mute_ray_data_errors(False)  # a run's errors are shown until it ends
 
 
 def _autoscaler_monitor_ends_at_once() -> None:

@@ -68,11 +68,14 @@ class RunFlags:
 class SignalHandlers:
     """Installs the run's handlers for SIGINT, SIGTERM and the grace timer, and restores the old ones."""
 
-    def __init__(self, flags: RunFlags, grace_seconds: float, say: Callable[[str], None], install: bool = True) -> None:
+    def __init__(self, flags: RunFlags, grace_seconds: float, say: Callable[[str], None], install: bool = True,
+                 first_stop: Callable[[str], str] | None = None) -> None:
         self.flags = flags
         self.grace_seconds = grace_seconds
         self.say = say
         self.install_handlers = install
+        # what the first signal does, said (the runner knows: an executor whose rows are elsewhere says its own)
+        self.first_stop = first_stop or (lambda name: f"forge-batch: {name}: stopping (signal again to stop now)")
         self._count = 0
         self._old: dict[int, Any] = {}
 
@@ -89,10 +92,7 @@ class SignalHandlers:
         if self._count == 1 and not timer:
             flags.signal_name = name
             flags.stop_admitting = True
-            self.say(
-                f"forge-batch: {name}: admitting no new rows; finishing {flags.in_flight} in-flight rows "
-                f"(up to {self.grace_seconds:g}s; signal again to stop now)"
-            )
+            self.say(self.first_stop(name))
             if _SIGALRM is not None and self.grace_seconds > 0:
                 signal.setitimer(signal.ITIMER_REAL, self.grace_seconds)
             return
