@@ -599,7 +599,7 @@ def interpolate_env(
             if m.group(0) == "$${":
                 return "${"
             name, default = m.group(1), m.group(2)
-            if name in env:
+            if name in env and (env[name] or default is None):  # as the shell's :-, an empty value takes the default
                 return env[name]
             if default is not None:
                 return default

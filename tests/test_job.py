@@ -103,6 +103,9 @@ def test_env_interpolation() -> None:
     out = interpolate_env(data, {"X": "/data"}, "", problems)
     assert out == {"a": "/data/y", "b": ["dflt", "${LITERAL}"], "c": {"d": "${NOPE}"}}
     assert [p.path for p in problems] == ["c.d"] and "NOPE" in problems[0].message
+    # as the shell's :-, a variable set but empty takes the default (systemd's Environment=NAME=); without one
+    # it is the empty text
+    assert interpolate_env({"n": "${NAME:-job}", "m": "x${NAME}y"}, {"NAME": ""}, "", problems) == {"n": "job", "m": "xy"}
 
 
 def test_env_interpolation_in_job(job_dir: Path) -> None:
