@@ -178,7 +178,10 @@ def _load_and_run(args: argparse.Namespace, source: str, load: Any) -> int:
         _print_problems(e.source or source, e.problems)
         return EXIT_USAGE
     except RunInterrupted as e:
-        _err(f"forge-batch: {e}")
+        if _LOG_EVENTS:  # the record a log pipeline matches, as for a run that generated
+            log.error("run interrupted: %s", e, extra={"fields": {"summary": e.summary}})
+        else:
+            _err(f"forge-batch: {e}")
         return e.exit_code
     except Exception as e:
         _err(f"forge-batch: {type(e).__name__}: {e}")

@@ -163,6 +163,22 @@ def test_a_signal_while_the_run_finishes_is_not_taken_for_one_before_it_started(
     assert_exactly_once_and_equal(tmp_path, tmp_path / "out")
 
 
+def test_a_json_log_of_a_run_interrupted_while_loading_carries_its_summary(tmp_path: Path) -> None:
+    path = job_file(tmp_path)
+    started = tmp_path / "loading"
+    proc = popen(["--log-format", "json", "run", str(path)], cli_env(FAKE_LOAD_DELAY="60", FAKE_LOAD_STARTED=str(started)))
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143, stderr
+    last = json.loads(stderr.strip().splitlines()[-1])
+    assert last["event"].startswith("run interrupted: interrupted by SIGTERM while loading the model"), last
+    assert last["fields"]["summary"]["status"] == "interrupted"
+
+
 def test_sigterm_after_the_run_completed_exits_with_its_outcome(tmp_path: Path) -> None:
     """A scheduler stopping a job that already printed "completed" (while it winds down) must not read it as
     killed: the exit code stays the run's own."""

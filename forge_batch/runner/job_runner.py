@@ -62,11 +62,13 @@ class RunResult:
 
 class RunInterrupted(Exception):
     """Ctrl-C / SIGTERM arrived before generation started (reading the input, loading the model): nothing was
-    committed by this run. ``exit_code`` is 130 (SIGINT) or 143 (SIGTERM)."""
+    committed by this run; or again while it finished. ``exit_code`` is 130 (SIGINT) or 143 (SIGTERM);
+    ``summary`` what summary.json says of it (None where none was written)."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, summary: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.summary = summary
 
 
 @dataclass
@@ -164,20 +166,22 @@ class JobRunner:
 
         Raises :class:`RunInterrupted` for Ctrl-C / SIGTERM before generation started."""
         self.signals.install()
+        summary: dict[str, Any] | None = None
         try:
             run = self._open()
             try:
                 return self._run(run)
             except (Exception, StartInterrupted) as e:
                 if run.figures is None:  # before generation: summary.json says so, not what the last run did
-                    self._end_hooks(run, _summarize_start_failure(run, e))
+                    summary = _summarize_start_failure(run, e)
+                    self._end_hooks(run, summary)
                 raise
             finally:
                 run.out.close()
         except StartInterrupted as e:
             raise RunInterrupted(
                 f"interrupted by {e.signal_name} while {e.phase}; nothing was committed this run; "
-                "rerun the same command to resume", signal_exit_code(e.signal_name),
+                "rerun the same command to resume", signal_exit_code(e.signal_name), summary,
             ) from None
         except FinishInterrupted as e:
             raise RunInterrupted(
