@@ -32,7 +32,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("forge_batch.cli")  # also when run as python -m forge_batch.cli (__main__)
 # Set by main() for --log-format json: what the command says on stderr goes out as log events (one JSON
 # object a line) instead of plain lines, so a scheduler's log parser sees nothing else.
 _LOG_EVENTS = False
