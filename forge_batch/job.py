@@ -630,7 +630,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"--set has an empty key in {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as e:
+        if raw.strip().startswith(("[", "{")):  # meant as a list or a mapping: not the text it happens to be
+            raise ValueError(f"--set {key}: {raw.strip()!r} is not a valid YAML list or mapping "
+                             f"({getattr(e, 'problem', e)}); quote it to mean the text") from None
         value = raw
     keys = key.split(".")
     return keys, _as_the_keys_type(keys, raw.strip(), value)

@@ -123,6 +123,9 @@ def test_set_overrides(job_dir: Path) -> None:
     assert parse_override("name=hello world") == (["name"], "hello world")
     with pytest.raises(ValueError):
         parse_override("no-equals-sign")
+    with pytest.raises(ValueError, match="not a valid YAML list or mapping"):  # a typo, not the text "[a, b"
+        parse_override("sampling.stop=[a, b")
+    assert parse_override("sampling.stop='[a, b'") == (["sampling", "stop"], "[a, b")
     path = write(job_dir / "job.yaml", "input: {path: prompts.jsonl}\noutput: {path: out}\n")
     job = load_job(path, ["sampling.temperature=0", "engine.max_num_seqs=4", "output.keep_fields=[topic]"])
     assert job.sampling.temperature == 0.0 and job.engine.max_num_seqs == 4 and job.output.keep_fields == ["topic"]
