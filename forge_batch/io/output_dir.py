@@ -184,7 +184,8 @@ class OutputDir:
                 raise
         except OSError as e:
             where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.path) else ""
-            raise OutputDirError(f"cannot write to the output directory {self.path}: {describe_os_error(e)}{where}") from e
+            what = "the output file" if self.single_file else "to the output directory"
+            raise OutputDirError(f"cannot write {what} {self.path}: {describe_os_error(e)}{where}") from e
 
     def _check_same_file_system(self) -> None:
         # A part is written in the state folder and renamed into the output directory: on two file systems
