@@ -159,6 +159,7 @@ def test_params_validation():
     with pytest.raises(ValueError, match="ignore_eos must be true or false"):
         SamplingParams(ignore_eos="yes")
     assert SamplingParams(stop=("a", "b"), stop_token_ids=(3,)).stop == ["a", "b"]
+    assert SamplingParams(ignore_eos=1).ignore_eos is True  # as Python (and vLLM) take 1
 
 
 def test_one_params_per_prompt_is_checked(llm):

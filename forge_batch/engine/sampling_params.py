@@ -174,8 +174,11 @@ class SamplingParams:
         if "" in self.stop:
             raise ValueError("stop cannot contain an empty string")  # it would end every output at once
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and value in (0, 1):  # 0 / 1 as Python takes them
+                setattr(self, name, bool(value))
+            elif not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
