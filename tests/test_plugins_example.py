@@ -85,6 +85,10 @@ def test_job_runs_with_the_example_writer_and_sampler(
     rows = [r for p in parts for r in csv.DictReader(p.open())]
     assert sorted(r["id"] for r in rows) == [f"r{i:04d}" for i in range(6)]
     assert all(r["error"] == "" and r["finish_reason"] in ("stop", "length") for r in rows)
+    # a plugin's format defines its folder: a file of its own beside the parts does not stop a rerun
+    (tmp_path / "out" / "index.txt").write_text("kept by the writer")
+    again = cli(["run", str(job), "--quiet"], env=env_with(on_path))
+    assert again.returncode == 0, again.stderr
 
 
 def test_top2_sampler_picks_one_of_the_two_best(on_path: Path) -> None:

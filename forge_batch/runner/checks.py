@@ -154,7 +154,9 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     ``facts`` receives what reading the input's first rows found (see :func:`_check_input_rows`)."""
     problems = check_job(job, check_model=check_model)
     out = Path(job.output.path)
-    out_problem = _state_folder_problem(out) or (None if job.output.single_file() else _other_files_problem(out))
+    # (a plugin's writer may keep files of its own beside its parts: the folder is its format's to define)
+    readable = not job.output.single_file() and job.output.format in ("parquet", "jsonl", "openai-batch")
+    out_problem = _state_folder_problem(out) or (_other_files_problem(out) if readable else None)
     if out_problem is not None and not any(p.path == "output.path" for p in problems) and out.name != UNCHECKED_OUTPUT:
         problems.append(Problem("output.path", out_problem))
     try:
