@@ -138,6 +138,7 @@ def test_dict_prompts_are_vllms_text_and_tokens_prompts(llm):
     ({"prompt_token_ids": [1, 10_000]}, "outside the model's vocabulary"),
     ({"prompt_token_ids": [-1, 2]}, "outside the model's vocabulary"),
     ({"prompt_token_ids": [True, 2]}, "ints"),
+    ([], "an empty list"),
 ])
 def test_a_malformed_prompt_raises_value_error(llm, prompt, message):
     with pytest.raises(ValueError, match=message):

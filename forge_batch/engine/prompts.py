@@ -121,7 +121,9 @@ def _check_prompt_keys(prompt: Any) -> None:
 def _bad_prompt(prompt: Any) -> PromptError:
     return PromptError(
         "prompt must be a string, {'prompt': '...'}, a list of chat messages or {'prompt_token_ids': [...]}, got "
-        + (f"a dict with keys {sorted(prompt)}" if isinstance(prompt, dict) else type(prompt).__name__),
+        + (f"a dict with keys {sorted(prompt)}" if isinstance(prompt, dict)
+           else "an empty list (a chat with no message)" if isinstance(prompt, list) and not prompt
+           else type(prompt).__name__),
         EngineErrorKind.BAD_PROMPT,
     )
 
