@@ -143,7 +143,7 @@ class JobRunner:
         self.stream = stream or sys.stderr
         self.log_interval = log_interval
         self.flags = RunFlags()
-        self.signals = SignalHandlers(self.flags, grace_seconds, self._say, install_signal_handlers, self._first_stop)
+        self.signals = SignalHandlers(self.flags, grace_seconds, self._say, self._first_stop, install_signal_handlers)
         self._progress: Progress | None = None
 
     def _say(self, text: str) -> None:
@@ -221,7 +221,7 @@ class JobRunner:
         run.observers = ResultObservers(run.pm, context, self._say)
         end = self._generate(run, requests.requests(_chain(first, batches)), records, committer, self._progress)
         gen_s = time.monotonic() - t_gen
-        return self._finish(run, context, committer, end, gen_s)
+        return self._finish(run, committer, end, gen_s)
 
     # ---- phases ---------------------------------------------------------------------------------------
     def _open(self) -> _Run:
@@ -345,7 +345,7 @@ class JobRunner:
             except PluginHookError as e:
                 self._say(f"forge-batch: warning: {e}")
 
-    def _finish(self, run: _Run, context: RunContext, committer: Committer, end: RunEnd, gen_s: float) -> RunResult:
+    def _finish(self, run: _Run, committer: Committer, end: RunEnd, gen_s: float) -> RunResult:
         """Decide the outcome, tell the job_end hooks, write the summary. A second signal while finishing
         (FinishInterrupted) cuts the single-file output or the hooks short; the summary is written all the same."""
         job = run.job

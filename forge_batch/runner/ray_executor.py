@@ -310,7 +310,7 @@ class RayJobRunner(JobRunner):
         run.load_s = max((s.engine_load_s for s in driver.replicas.values()), default=0.0)
         self._replica_stats = driver.replicas
         committer = driver.committer or self._committer(run, schema, id_column, None)
-        return self._finish(run, context, committer, end, gen_s)
+        return self._finish(run, committer, end, gen_s)
 
     def _start_pipeline(self, run: _Run, schema: pa.Schema, rows: Any) -> _Pipeline:
         """Read the input's first window, wait for Ray, start packing shards and plan the dataset (it runs

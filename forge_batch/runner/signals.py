@@ -68,14 +68,14 @@ class RunFlags:
 class SignalHandlers:
     """Installs the run's handlers for SIGINT, SIGTERM and the grace timer, and restores the old ones."""
 
-    def __init__(self, flags: RunFlags, grace_seconds: float, say: Callable[[str], None], install: bool = True,
-                 first_stop: Callable[[str], str] | None = None) -> None:
+    def __init__(self, flags: RunFlags, grace_seconds: float, say: Callable[[str], None],
+                 first_stop: Callable[[str], str], install: bool = True) -> None:
         self.flags = flags
         self.grace_seconds = grace_seconds
         self.say = say
-        self.install_handlers = install
         # what the first signal does, said (the runner knows: an executor whose rows are elsewhere says its own)
-        self.first_stop = first_stop or (lambda name: f"forge-batch: {name}: stopping (signal again to stop now)")
+        self.first_stop = first_stop
+        self.install_handlers = install
         self._count = 0
         self._old: dict[int, Any] = {}
 
@@ -113,10 +113,10 @@ class SignalHandlers:
         if signum == _SIGALRM:
             return
         name = signal.Signals(signum).name
-        if (flags.late_signal is not None or flags.signal_name is not None) and flags.critical == 0:
-            raise FinishInterrupted(name)
-        if flags.late_signal is not None or flags.signal_name is not None:
-            return  # writing the summary: it is written whole
+        if flags.late_signal is not None or flags.signal_name is not None:  # a signal came before this one
+            if flags.critical == 0:  # (else the summary is being written: it is written whole)
+                raise FinishInterrupted(name)
+            return
         flags.late_signal = name
         self.say(f"forge-batch: {name}: every row is handled and committed; finishing the output and the summary "
                  "(signal again to stop now)")
