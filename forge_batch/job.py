@@ -920,7 +920,7 @@ def load_job_for_checks(
     return None, problems
 
 
-# What load_job_for_checks puts in place of an output.path it refused; the output checks skip it.
+# What load_job_for_checks puts in place of an output.path it refused (validate says nothing of the stand-in).
 UNCHECKED_OUTPUT = ".forge-batch-refused-output-path"
 
 
@@ -1059,9 +1059,7 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> list[Problem]:
             problems.append(Problem("executor.kind", missing))
 
     out = Path(job.output.path)
-    if out.name == UNCHECKED_OUTPUT:  # the output.path given was refused already
-        pass
-    elif job.output.single_file():
+    if job.output.single_file():
         problem = (f"{out} is a directory; an openai-batch output ending in .jsonl is one file" if out.is_dir()
                    else _output_among_inputs(out, job.input.path, files))
         if problem is not None:

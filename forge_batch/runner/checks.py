@@ -157,7 +157,7 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     # (a plugin's writer may keep files of its own beside its parts: the folder is its format's to define)
     readable = not job.output.single_file() and job.output.format in ("parquet", "jsonl", "openai-batch")
     out_problem = _state_folder_problem(out) or (_other_files_problem(out) if readable else None)
-    if out_problem is not None and not any(p.path == "output.path" for p in problems) and out.name != UNCHECKED_OUTPUT:
+    if out_problem is not None and not any(p.path == "output.path" for p in problems):
         problems.append(Problem("output.path", out_problem))
     try:
         files = input_files(job.input.path)
@@ -444,8 +444,6 @@ def _resume_refusal(job: JobSpec) -> str | None:
     options or from another input (run refuses them unless --overwrite / --force-resume); None when it
     would resume, or starts afresh. A warning: the flags run is given decide."""
     out = Path(job.output.path)
-    if out.name == UNCHECKED_OUTPUT:
-        return None
     try:
         manifest = read_state_json(state_dir_for(out) / MANIFEST) or {}
     except Exception:  # a damaged manifest: run says so
@@ -506,8 +504,10 @@ def validate_job_file(
     if warnings is not None:
         warnings.extend(getattr(pm, "forge_warnings", []))
     facts = {} if facts is None else facts
-    problems.extend(check_job_with_plugins(job, pm, check_model=model_is_checked(), unloaded_plugins=found,
-                                           warnings=warnings, facts=facts))
+    stand_in = Path(job.output.path).name == UNCHECKED_OUTPUT  # the output.path given was refused already
+    problems.extend(p for p in check_job_with_plugins(job, pm, check_model=model_is_checked(), unloaded_plugins=found,
+                                                      warnings=warnings, facts=facts)
+                    if not (stand_in and p.path == "output.path"))
     resume = _resume_refusal(job) if parsed and not problems else None
     if resume is not None and warnings is not None:
         warnings.append(f"output.path: {resume}")
