@@ -155,8 +155,8 @@ def check_job_with_plugins(job: JobSpec, pm: PluginManager, *, check_model: bool
     problems = check_job(job, check_model=check_model)
     out = Path(job.output.path)
     # (a plugin's writer may keep files of its own beside its parts: the folder is its format's to define)
-    readable = not job.output.single_file() and job.output.format in ("parquet", "jsonl", "openai-batch")
-    out_problem = _state_folder_problem(out) or (_other_files_problem(out) if readable else None)
+    builtin_folder = not job.output.single_file() and job.output.format in ("parquet", "jsonl", "openai-batch")
+    out_problem = _state_folder_problem(out) or (_other_files_problem(out) if builtin_folder else None)
     if out_problem is not None and not any(p.path == "output.path" for p in problems):
         problems.append(Problem("output.path", out_problem))
     try:
@@ -466,10 +466,11 @@ def _small_cache_problem(job: JobSpec, facts: dict[str, Any]) -> str | None:
     chars = facts.get("prompt_chars_per_row")
     if e.num_blocks is None or not chars:
         return None
-    tokens = e.num_blocks * (e.block_size or 16)
+    block = e.block_size or 16  # the engine's default
+    tokens = e.num_blocks * block
     if tokens > chars / 4:
         return None
-    return (f"the KV cache holds {tokens} tokens ({e.num_blocks} blocks of {e.block_size or 16}), no more than a "
+    return (f"the KV cache holds {tokens} tokens ({e.num_blocks} blocks of {block}), no more than a "
             f"prompt of the first rows (about {chars / 4:.0f} tokens): most rows would be prompt_too_long")
 
 
