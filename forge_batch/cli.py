@@ -265,11 +265,10 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
     out, state = locate_output(path)
     info: dict[str, Any] = {"output": str(out)}
     saved = read_state_json(state / SUMMARY)
-    if saved is None:  # no run finished yet: one goes on, was killed, or committed nothing
-        info["status"], _ = run_status(None, read_state_json(state / MANIFEST) or {}, [])
-    else:
-        # parts committed after summary.json: a run goes on (or was killed), the summary is an earlier run's
-        info["status"], notes = run_status(saved, read_state_json(state / MANIFEST) or {}, [])
+    manifest = read_state_json(state / MANIFEST) or {}
+    # no summary yet, or parts committed after it: a run goes on (or was killed); the summary is an earlier run's
+    info["status"], notes = run_status(saved, manifest, [])
+    if saved is not None:
         info["message"] = "; ".join(notes) if notes else saved.get("message")
         info["wall_time_s"] = saved.get("wall_time_s")
         info["throughput"] = saved.get("throughput")
@@ -323,7 +322,7 @@ def inspect_output(path: str | Path) -> dict[str, Any]:
         for ledger in ledgers:
             tally.add_ledger(_read_parquet_file(ledger).to_pylist())
         info.update(tally.to_dict())
-        job = (read_state_json(state / MANIFEST) or {}).get("job") or {}  # the parts carry no metadata here
+        job = manifest.get("job") or {}  # the parts carry no metadata here
         if job.get("model"):
             info["model"] = job["model"]
     return info
