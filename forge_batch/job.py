@@ -39,6 +39,7 @@ from forge_batch.engine.sampling_params import (
     constraints_given,
     one_constraint_problem,
 )
+from forge_batch.io.base import hidden_from_readers
 
 # Output columns the runner always writes; input fields copied with ``keep_fields`` must not collide.
 RESERVED_COLUMNS = (
@@ -964,9 +965,9 @@ def input_files(pattern: str) -> list[str]:
     if os.path.isdir(pattern):
         found = []
         for root, dirs, files in os.walk(pattern):
-            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+            dirs[:] = sorted(d for d in dirs if not hidden_from_readers(d))
             for f in sorted(files):
-                if not f.startswith((".", "_")) and f.endswith(INPUT_EXTENSIONS):
+                if not hidden_from_readers(f) and f.endswith(INPUT_EXTENSIONS):
                     found.append(os.path.join(root, f))
         return found
     return [pattern] if os.path.isfile(pattern) else []
@@ -1089,7 +1090,7 @@ def _output_among_inputs(out: Path, input_path: str, files: list[str]) -> str | 
         return f"{out} holds input files ({inside}): give the output a folder of its own"
     rel = _relative(out, Path(input_path)) if os.path.isdir(input_path) else None
     # a folder named .x or _x is skipped when an input folder is listed: the output may live there
-    if rel is not None and not any(part.startswith((".", "_")) for part in rel.parts):
+    if rel is not None and not any(hidden_from_readers(part) for part in rel.parts):
         return (f"{out} is inside the input folder {input_path}: its parts would be read as input by the next run; "
                 "give the output a folder of its own")
     return None

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from forge_batch.io.base import hidden_from_readers
 from forge_batch.io.meta import tool_version
 from forge_batch.io.output_dir import find_state_dir
 from forge_batch.io.output_stats import Distribution, OutputStats, collect_output_stats
@@ -493,7 +494,7 @@ def _refuse_inside_the_rows(output: Path, page: Path) -> None:
         rel = page.resolve().relative_to(output.resolve())
     except (OSError, ValueError):
         return
-    if output.is_dir() and not any(part.startswith((".", "_")) for part in rel.parts):
+    if output.is_dir() and not any(hidden_from_readers(part) for part in rel.parts):
         raise ValueError(f"{page} is inside the output folder {output}: readers of the folder would take it for data; "
                          "write it elsewhere (the default is the output's state folder)")
 

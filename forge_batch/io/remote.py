@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
+from forge_batch.io.base import hidden_from_readers
+
 # scheme://: two letters at least, so that a Windows drive (C:\...) is never taken for one
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
@@ -74,7 +76,7 @@ def _list(fs: Any, root: str, pattern: str, extensions: Iterable[str]) -> list[s
         found = []
         for p in fs.find(root):
             rel = p[len(root.rstrip("/")) + 1:] if p.startswith(root.rstrip("/")) else p
-            if any(part.startswith((".", "_")) for part in rel.split("/")):
+            if any(hidden_from_readers(part) for part in rel.split("/")):
                 continue
             if p.endswith(tuple(extensions)):
                 found.append(p)

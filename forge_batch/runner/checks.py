@@ -19,6 +19,7 @@ from pluggy import PluginManager
 
 from forge_batch.engine.sampling_params import BUILTIN_CONSTRAINT_KINDS, SamplingParams
 from forge_batch.io import job_identity
+from forge_batch.io.base import hidden_from_readers
 from forge_batch.io.ledger import PART_RE
 from forge_batch.io.output_dir import MANIFEST, state_dir_for
 from forge_batch.io.output_stats import read_state_json
@@ -136,7 +137,7 @@ def _other_files_problem(out: Path) -> str | None:
         names = sorted(entry.name for entry in os.scandir(out))
     except OSError:  # not there yet (made by the run), or not a folder (check_job says so)
         return None
-    others = [name for name in names if not name.startswith((".", "_")) and not PART_RE.match(name)]
+    others = [name for name in names if not hidden_from_readers(name) and not PART_RE.match(name)]
     if not others:
         return None
     shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
