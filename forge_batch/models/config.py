@@ -7,8 +7,10 @@ translate into this one dataclass so the model code never sees either format.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -110,6 +112,24 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             sliding_window=int(sliding_window) if sliding_window else None,
         )
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    """A Hugging Face model folder's config.json as a ModelConfig (FileNotFoundError without one; ValueError for
+    an architecture this engine does not build)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json, so this is not a Hugging Face model directory")
+    return ModelConfig.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
+
+
+def hf_weight_files(folder: Path) -> list[Path]:
+    """A model folder's weight files: its *.safetensors, else its pytorch_model*.bin (sorted);
+    FileNotFoundError without either."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors (or pytorch_model*.bin) weight files")
+    return files
 
 
 def _hf_architecture(config: Mapping[str, Any]) -> str:

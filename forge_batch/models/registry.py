@@ -175,20 +175,14 @@ def check_model(name_or_path: str | Path) -> Path | None:
 
 def _check_hf_dir(path: Path) -> None:
     """A model folder as the loader reads it, without reading a tensor: a config.json of a supported
-    architecture, and weight files. ValueError naming what is wrong."""
-    import json
+    architecture, and weight files. FileNotFoundError or ValueError naming what is wrong."""
+    from .config import hf_weight_files, read_hf_config
 
-    from .config import ModelConfig
-
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{path}: no config.json, so this is not a Hugging Face model directory")
     try:
-        ModelConfig.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
+        read_hf_config(path)
     except (ValueError, KeyError, TypeError) as e:  # json's errors are ValueErrors
-        raise ValueError(f"{config_file}: {e}") from None
-    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
-        raise ValueError(f"{path}: no *.safetensors (or pytorch_model*.bin) weight files")
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
+    hf_weight_files(path)
 
 
 def load_model_files(

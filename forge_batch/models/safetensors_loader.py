@@ -6,14 +6,13 @@ would double peak memory for nothing, since the caller casts to its compute dtyp
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .config import ModelConfig
+from .config import ModelConfig, hf_weight_files, read_hf_config
 from .raw_weights import RawWeight
 from .tokenizer import Tokenizer
 
@@ -34,12 +33,7 @@ def load_hf_dir(
     are (see raw_weights).
     """
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: no config.json, so this is not a Hugging Face model directory")
-    with open(config_file, encoding="utf-8") as fh:
-        raw_config = json.load(fh)
-    config = ModelConfig.from_hf_config(raw_config)
+    config = read_hf_config(path)
     state = _load_weights(path)
     if stored_weights is not None:
         for name, tensor in state.items():
@@ -54,9 +48,9 @@ def load_hf_dir(
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
+    files = hf_weight_files(path)
     state: dict[str, torch.Tensor] = {}
-    if files:
+    if files[0].suffix == ".safetensors":
         for file in files:
             # safe_open memory-maps the file; each get_tensor reads just that tensor.
             with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -67,11 +61,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
                         raise ValueError(f"{path}: tensor {name} appears in more than one safetensors file")
                     state[name] = f.get_tensor(name)
         return state
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if bins:
-        logger.warning("%s: no safetensors; loading pytorch .bin with torch.load(weights_only=True)", path)
-        for file in bins:
-            part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            state.update({k: v for k, v in part.items() if not k.endswith(_SKIP_SUFFIXES)})
-        return state
-    raise FileNotFoundError(f"{path}: no *.safetensors (or pytorch_model*.bin) weight files")
+    logger.warning("%s: no safetensors; loading pytorch .bin with torch.load(weights_only=True)", path)
+    for file in files:
+        part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state.update({k: v for k, v in part.items() if not k.endswith(_SKIP_SUFFIXES)})
+    return state
