@@ -145,6 +145,13 @@ def test_a_malformed_prompt_raises_value_error(llm, prompt, message):
         llm.generate([prompt, "fine"], greedy(2))
 
 
+def test_half_a_utf16_pair_in_a_prompt_fails_that_prompt_saying_where(llm):
+    text, chat, fine = llm.generate(["ab\ud800c", [{"role": "user", "content": "x\ud800"}], "fine"], greedy(2))
+    assert text.samples[0].error_kind == "bad_prompt" and "lone surrogate '\\ud800' at character 2 of the prompt" in text.error
+    assert chat.samples[0].error_kind == "bad_prompt" and "at character 1 of message 0's content" in chat.error
+    assert fine.error is None
+
+
 def test_chat_takes_text_parts_and_refuses_vllm_options_it_cannot_honour(llm):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Name a"}, {"type": "text", "text": "colour."}]}]
     plain = [{"role": "user", "content": "Name a\ncolour."}]

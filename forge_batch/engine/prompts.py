@@ -85,6 +85,17 @@ def content_text(content: Any, where: str) -> str:
                       EngineErrorKind.BAD_MESSAGES)
 
 
+def _unicode_text(text: str, where: str) -> str:
+    """``text``, if a tokenizer can take it: JSON may escape half of a UTF-16 pair ("\\ud800"), which is no
+    text; a :class:`PromptError` (bad_prompt) says where, instead of the tokenizer's TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"the prompt is not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start} "
+                          f"of {where} (half of a UTF-16 pair, as JSON can escape it)", EngineErrorKind.BAD_PROMPT) from None
+    return text
+
+
 def given_token_ids(ids: Any) -> list[int]:
     """Token ids given as a prompt (a list or tuple of ints; numpy's integers too) as a list of ints; raises
     :class:`PromptError` (bad_prompt) for anything else."""
@@ -144,8 +155,11 @@ def prompt_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None
     if tokenizer is None:
         raise PromptError("this engine has no tokenizer (random weights): give prompt_token_ids", EngineErrorKind.BAD_PROMPT)
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt, add_special_tokens=True)), prompt
+        return list(tokenizer.encode(_unicode_text(prompt, "the prompt"), add_special_tokens=True)), prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-        text = tokenizer.apply_chat_template(checked_messages(prompt), add_generation_prompt=True)
+        messages = checked_messages(prompt)
+        for i, m in enumerate(messages):
+            _unicode_text(m["content"], f"message {i}'s content")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return list(tokenizer.encode(text, add_special_tokens=False)), text
     raise _bad_prompt(prompt)

@@ -81,25 +81,6 @@ class AdmittedRow:
     failure: tuple[str, str] | None = None
 
 
-def _refuse_lone_surrogates(prompt: Any) -> None:
-    """JSON may escape half of a UTF-16 pair ("\\ud800"), which is no text a tokenizer takes: a bad_prompt
-    naming where, rather than the tokenizer's TypeError. ``prompt``: text, or a chat's messages."""
-    if isinstance(prompt, str):
-        texts = [prompt]
-    else:
-        contents = [m.get("content") for m in prompt if isinstance(m, dict)] if isinstance(prompt, list) else []
-        texts = [c for c in contents if isinstance(c, str)]
-        texts += [p.get("text") for c in contents if isinstance(c, list) for p in c
-                  if isinstance(p, dict) and isinstance(p.get("text"), str)]
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RowError(f"the prompt is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
-                           f"{e.start} of {text[:20]!r} (half of a UTF-16 pair, as JSON can escape it)",
-                           ErrorKind.BAD_PROMPT) from None
-
-
 def sampling_with_override(base: dict[str, Any], value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the job's sampling options with a row's overrides, the overrides): ``value`` is the row's
     ``sampling_field`` (a mapping, or its JSON text); its own constraint replaces the job's, as a constraint
@@ -385,7 +366,6 @@ class RequestBuilder:
             return None, prompt if isinstance(prompt, str) else json.dumps(prompt)
         if isinstance(prompt, str) and not prompt.strip():
             raise RowError("empty prompt", ErrorKind.EMPTY_PROMPT)
-        _refuse_lone_surrogates(prompt)
         try:
             return prompt_token_ids(prompt, tok)
         except PromptError as e:
