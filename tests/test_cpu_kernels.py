@@ -105,12 +105,16 @@ def test_shared_prefix_cascade_matches_reference(monkeypatch, dtype, num_heads, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_sequences_visited_in_tiles_over_a_shared_prefix_keep_their_bits_alone(dtype, block_size):
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (18, 3), (8, 2)])
+def test_sequences_visited_in_tiles_over_a_shared_prefix_keep_their_bits_alone(dtype, block_size, num_heads,
+                                                                                num_kv_heads):
     """Where a whole batch shares its leading blocks, the kernel visits them block by block across tiles of
-    sequences (each read once a tile): every sequence's output has the bits it has alone, and sequences
-    whose context ends at the prefix or inside it are among them."""
+    sequences (each read once a tile; bfloat16 with AVX512-BF16 and 3 or 6 query heads a KV head: the
+    tile-wide visit): every sequence's output has the bits it has alone, and sequences whose context ends at
+    the prefix or inside it are among them."""
     batch, shared = 80, 6
-    q, k, v, tables, ctx = _shared_prefix_case(dtype, block_size=block_size, batch=batch, shared=shared)
+    q, k, v, tables, ctx = _shared_prefix_case(dtype, block_size=block_size, batch=batch, shared=shared,
+                                               num_heads=num_heads, num_kv_heads=num_kv_heads)
     ctx[5] = shared * block_size - 3  # ends inside the last shared block: the tile shares one block fewer
     scale = 64**-0.5
     threads = torch.get_num_threads()
