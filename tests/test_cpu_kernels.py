@@ -131,6 +131,33 @@ def test_sequences_visited_in_tiles_over_a_shared_prefix_keep_their_bits_alone(d
     torch.testing.assert_close(together.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_with_scores_far_apart_keeps_its_bits_and_the_reference(dtype):
+    """Queries large enough that a block's scores span more than exp's float range (weights below e^-87.3,
+    which the softmax's exp flushes to 0 by its clamps): the same bits in a tile as alone, close to attention
+    computed in float64."""
+    batch = 48
+    q, k, v, tables, ctx = _shared_prefix_case(dtype, batch=batch, shared=4)
+    q = (q.float() * 25).to(dtype)
+    scale = 64**-0.5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = attention.paged_decode_attention(q, k, v, tables, ctx, scale, cascade=False)
+        for i in range(0, batch, 7):
+            alone = attention.paged_decode_attention(q[i:i + 1], k, v, tables[i:i + 1], ctx[i:i + 1], scale,
+                                                     cascade=False)
+            assert torch.equal(together[i], alone[0]), i
+    finally:
+        torch.set_num_threads(threads)
+    scores = torch.einsum("bhd,nskd->bhnsk", q.float()[:, :3], k.float()[:, :, :1]) * scale
+    assert (scores.amax() - scores.amin()) > 2 * 87.3  # past the clamps
+    # in float64: the reference in bfloat16 rounds scores of ~100 by ~0.5, which moves such peaked weights
+    expected = reference._decode_attention(q.double(), k.double(), v.double(), tables, ctx, scale, None)
+    tol = 1e-4 if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(together.double(), expected, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (130, 96)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(rows, hidden, with_residual):

@@ -41,7 +41,10 @@
  * and a store around every FMA). Same bits. Tried and dropped (same bits, ~3% on W2's shape each): the
  * tile's shared K transposed once per tile (alone; it is part of tile_shared_block_bf16 now); visiting the
  * shared blocks four at a time. Then a tile's shared blocks visited for the whole tile at once, phase by phase
- * (tile_shared_block_bf16), with tiles of 16: W2 decode 1.10 -> 0.84 ms a layer, W1 unchanged, same bits.
+ * (tile_shared_block_bf16), with tiles of 16: W2 decode 1.10 -> 0.84 ms a layer, W1 unchanged, same bits; then
+ * 0.85 -> 0.77 from its V rows and weights kept in registers, two sequences' scores from one K load, and exp16's
+ * clamps skipped where no lane needs them (softmax_weights; float32 W2 2.05 -> 1.96). Same bits as 1b77ab0's over
+ * 36 shapes (1-256 sequences, 3 head layouts, 0-25 shared blocks), float32 and bfloat16.
  * Compiled at first use by forge_batch.kernels.cpu_ops (-O3 -march=native -fopenmp).
  * Reference: kernels/reference.py::_decode_attention.
  */
@@ -136,6 +139,16 @@ static inline int any_above(v16 x, float y) {
 #endif
 }
 
+static inline int any_below(v16 x, float y) {
+#if defined(__AVX512F__)
+    return _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(y), _CMP_LT_OQ) != 0;
+#else
+    for (int j = 0; j < 16; j++)
+        if (x[j] < y) return 1;
+    return 0;
+#endif
+}
+
 static const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 static inline v16 select16(i16v mask, v16 yes, v16 no) { return (v16)(((i16v)yes & mask) | ((i16v)no & ~mask)); }
 
@@ -224,10 +237,8 @@ static inline void scores_bf16_pairs(const uint16_t* q, const uint16_t* kbase, i
 
 /* exp_f32's steps on sixteen lanes at once (exp_f32 in a loop leaves the compiler masked code and a
  * scalar sum after it). */
-static inline v16 exp16(v16 arg) {
-    const v16 lo = (v16){0} - 87.3f, hi = (v16){0} + 88.3f, round = (v16){0} + 12582912.f;
-    v16 x = select16(arg < lo, lo, arg);
-    x = select16(x > hi, hi, x);
+static inline v16 exp16_in_range(v16 x) { /* -87.3 <= x <= 88.3, or NaN */
+    const v16 round = (v16){0} + 12582912.f;
     const v16 n = (x * 1.44269504088896341f + round) - round;
     v16 r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
@@ -239,7 +250,13 @@ static inline v16 exp16(v16 arg) {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.f;
     const v16 two_n = (v16)((__builtin_convertvector(n, i16v) + 127) << 23);
-    const v16 e = p * two_n;
+    return p * two_n;
+}
+static inline v16 exp16(v16 arg) {
+    const v16 lo = (v16){0} - 87.3f, hi = (v16){0} + 88.3f;
+    v16 x = select16(arg < lo, lo, arg);
+    x = select16(x > hi, hi, x);
+    const v16 e = exp16_in_range(x);
     return select16(arg < lo, (v16){0}, select16(arg > hi, (v16){0} + INFINITY, e));
 }
 
@@ -261,8 +278,9 @@ static inline void softmax_weights(float* sg, int64_t n, float max, v16* lsum) {
     _mm256_storeu_ps(sums, s0);
     _mm256_storeu_ps(sums + 8, s1);
 #else
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-        const v16 w = exp16(load_f32(sg + j0) - max);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) { /* x <= 0: exp16's clamps only where a lane is below -87.3 (same bits) */
+        const v16 x = load_f32(sg + j0) - max;
+        const v16 w = any_below(x, -87.3f) ? exp16(x) : exp16_in_range(x);
         store_f32(sg + j0, w);
         *lsum += w;
     }
@@ -563,23 +581,34 @@ static void tile_shared_block_bf16(const uint16_t* q, const uint16_t* kblock, co
         }
         for (int j = 0; j < 16; j++)
             for (int i = 0; i < nv; i++) vw[j * nv + i] = load_bf16(vbase + j * slot_stride + 16 * i);
-        for (int64_t r = 0; r < nb; r++) { /* scores, as scores_bf16_pairs */
-            float* s = scratch + r * floats + num_heads * head_dim + 16 * num_heads;
+        for (int64_t r0 = 0; r0 < nb; r0 += 2) { /* scores, as scores_bf16_pairs: two sequences a K load */
+            const int rows = r0 + 1 < nb ? 2 : 1;
             for (int64_t g0 = kh * per_kv; g0 < (kh + 1) * per_kv; g0 += hg) {
-                const uint32_t* qd = (const uint32_t*)(const void*)(q + (r * num_heads + g0) * head_dim);
-                __m512 acc[hg][4];
-                for (int h = 0; h < hg; h++)
-                    for (int a = 0; a < 4; a++) acc[h][a] = _mm512_setzero_ps();
+                const uint32_t* qd[2];
+                __m512 acc[2][hg][4];
+                for (int r = 0; r < 2; r++) {
+                    qd[r] = (const uint32_t*)(const void*)(q + ((r0 + (r < rows ? r : 0)) * num_heads + g0) * head_dim);
+                    for (int h = 0; h < hg; h++)
+                        for (int a = 0; a < 4; a++) acc[r][h][a] = _mm512_setzero_ps();
+                }
                 for (int c = 0; c < nv / 2; c++)
 #pragma GCC unroll 16
-                    for (int p = 0; p < 16; p++)
+                    for (int p = 0; p < 16; p++) {
+                        __m512i k = kt[16 * c + p];
+                        __asm__("" : "+v"(k)); /* opaque: kept in a register for both, not reloaded per product */
+#pragma GCC unroll 2
+                        for (int r = 0; r < 2; r++)
 #pragma GCC unroll 4
-                        for (int h = 0; h < hg; h++)
-                            acc[h][p % 4] = _mm512_dpbf16_ps(acc[h][p % 4], (__m512bh)_mm512_set1_epi32((int)qd[h * 8 * nv + 16 * c + p]),
-                                                             (__m512bh)kt[16 * c + p]);
-                for (int h = 0; h < hg; h++)
-                    store_f32(s + (g0 + h) * srow,
-                              (v16)_mm512_add_ps(_mm512_add_ps(acc[h][0], acc[h][1]), _mm512_add_ps(acc[h][2], acc[h][3])) * scale);
+                            for (int h = 0; h < hg; h++)
+                                acc[r][h][p % 4] = _mm512_dpbf16_ps(acc[r][h][p % 4], (__m512bh)_mm512_set1_epi32((int)qd[r][h * 8 * nv + 16 * c + p]),
+                                                                    (__m512bh)k);
+                    }
+                for (int r = 0; r < rows; r++) {
+                    float* s = scratch + (r0 + r) * floats + num_heads * head_dim + 16 * num_heads;
+                    for (int h = 0; h < hg; h++)
+                        store_f32(s + (g0 + h) * srow,
+                                  (v16)_mm512_add_ps(_mm512_add_ps(acc[r][h][0], acc[r][h][1]), _mm512_add_ps(acc[r][h][2], acc[r][h][3])) * scale);
+                }
             }
         }
         for (int64_t r = 0; r < nb; r++) { /* softmax steps, as the item's */
@@ -618,13 +647,15 @@ static void tile_shared_block_bf16(const uint16_t* q, const uint16_t* kblock, co
                     for (int i = 0; i < nv; i++) { a[h][i] = (__m512)accr[(g0 + h) * nv + i]; a2[h][i] = _mm512_setzero_ps(); }
 #pragma GCC unroll 8
                 for (int j = 0; j < 16; j += 2) {
-                    __m512 v[nv];
-                    for (int i = 0; i < nv; i++) v[i] = (__m512)vw[j * nv + i];
+                    __m512 v[nv], w[hg]; /* opaque (asm): in registers, where GCC reloaded V for every product */
+                    for (int i = 0; i < nv; i++) { v[i] = (__m512)vw[j * nv + i]; __asm__("" : "+v"(v[i])); }
+                    for (int h = 0; h < hg; h++) { w[h] = _mm512_set1_ps(s0[h * srow + j]); __asm__("" : "+v"(w[h])); }
                     for (int h = 0; h < hg; h++)
-                        for (int i = 0; i < nv; i++) a[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(s0[h * srow + j]), v[i], a[h][i]);
-                    for (int i = 0; i < nv; i++) v[i] = (__m512)vw[(j + 1) * nv + i];
+                        for (int i = 0; i < nv; i++) a[h][i] = _mm512_fmadd_ps(w[h], v[i], a[h][i]);
+                    for (int i = 0; i < nv; i++) { v[i] = (__m512)vw[(j + 1) * nv + i]; __asm__("" : "+v"(v[i])); }
+                    for (int h = 0; h < hg; h++) { w[h] = _mm512_set1_ps(s0[h * srow + j + 1]); __asm__("" : "+v"(w[h])); }
                     for (int h = 0; h < hg; h++)
-                        for (int i = 0; i < nv; i++) a2[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(s0[h * srow + j + 1]), v[i], a2[h][i]);
+                        for (int i = 0; i < nv; i++) a2[h][i] = _mm512_fmadd_ps(w[h], v[i], a2[h][i]);
                 }
                 for (int h = 0; h < hg; h++)
                     for (int i = 0; i < nv; i++) accr[(g0 + h) * nv + i] = (v16)_mm512_add_ps(a[h][i], a2[h][i]);
