@@ -44,7 +44,12 @@
  * (tile_shared_block_bf16), with tiles of 16: W2 decode 1.10 -> 0.84 ms a layer, W1 unchanged, same bits; then
  * 0.85 -> 0.77 from its V rows and weights kept in registers, two sequences' scores from one K load, and exp16's
  * clamps skipped where no lane needs them (softmax_weights; float32 W2 2.05 -> 1.96). Same bits as 1b77ab0's over
- * 36 shapes (1-256 sequences, 3 head layouts, 0-25 shared blocks), float32 and bfloat16.
+ * 36 shapes (1-256 sequences, 3 head layouts, 0-25 shared blocks), float32 and bfloat16. Then, bfloat16 with
+ * AVX512-BF16 only, the V pass as vdpbf16ps pair products with the softmax weights rounded to bfloat16
+ * (v_pass_pairs; other bits than before, still the same alone or in any batch): W2 decode 0.79 -> 0.69 ms a
+ * layer, W1 0.94 -> 0.92. Greedy bfloat16 tokens against transformers' bfloat16 (32 prompts x 48 tokens, the
+ * default model): 12 of 32 identical, mean common prefix 31.6 tokens; before, 11 and 34.2 (bfloat16 runs part
+ * at near-ties either way).
  * Compiled at first use by forge_batch.kernels.cpu_ops (-O3 -march=native -fopenmp).
  * Reference: kernels/reference.py::_decode_attention.
  */
@@ -227,11 +232,65 @@ static inline __attribute__((always_inline)) void scores_bf16_pairs(
         store_f32(s + h * srow, sc);
     }
 }
+
+/* Two positions' V rows (16 columns each) as sixteen bfloat16 pairs, the even position in each pair's low half;
+ * no odd row (past a block's end): zeros. */
+static inline __m512i v_pair(const uint16_t* even, const uint16_t* odd) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)even));
+    if (!odd) return lo;
+    return _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)odd)), 16));
+}
+
+/* The V pass of hg query heads of one KV head over a block's n positions, bfloat16 V: the softmax weights
+ * rounded to bfloat16 (as torch's attention rounds them before its bfloat16 product with V) and each
+ * vdpbf16ps adding two positions' weighted V rows into sixteen columns, pair after pair in one fixed order:
+ * half the instructions of float32 multiply-adds on V widened to float32. acc: head g0's first column, heads nv
+ * apart; s0: the heads' weights, srow apart (weights past n are 0). V rows come in pairs from vp (a shared
+ * block paired once: vp[k * nv + i]) or are paired here from vbase (slot_stride apart); with next_k / next_v the
+ * next block's rows are asked for along the way (see prefetch_pair). */
+static inline __attribute__((always_inline)) void v_pass_pairs(
+        v16* acc, const float* s0, int64_t srow, const uint16_t* vbase, int64_t slot_stride, int64_t n,
+        const int64_t nv, const int64_t hg, const __m512i* vp, const char* next_k, const char* next_v) {
+    for (int64_t i0 = 0; i0 < nv; i0 += 4) {
+        const int64_t vi = nv - i0 < 4 ? nv - i0 : 4;
+        __m512 a[3][4]; /* hg <= 3 */
+        for (int64_t h = 0; h < hg; h++)
+            for (int64_t i = 0; i < vi; i++) a[h][i] = (__m512)acc[h * nv + i0 + i];
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            uint32_t wp[3][8];
+            for (int64_t h = 0; h < hg; h++)
+                _mm256_storeu_si256((__m256i*)(void*)wp[h], (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s0 + h * srow + j0)));
+            const int64_t pairs = (n - j0 + 1) / 2 < 8 ? (n - j0 + 1) / 2 : 8;
+            for (int64_t k = 0; k < pairs; k++) {
+                const int64_t j = j0 + 2 * k;
+                if (next_k && i0 == 0)
+                    prefetch_pair(next_k + j * slot_stride * 2, next_v + j * slot_stride * 2, 16 * nv * 2, slot_stride * 2);
+                __m512i v[4], w[3]; /* opaque (asm): kept in registers, not reloaded for each product */
+                for (int64_t i = 0; i < vi; i++) {
+                    v[i] = vp ? vp[k * nv + i0 + i]
+                              : v_pair(vbase + j * slot_stride + 16 * (i0 + i),
+                                       j + 1 < n ? vbase + (j + 1) * slot_stride + 16 * (i0 + i) : NULL);
+                    __asm__("" : "+v"(v[i]));
+                }
+                for (int64_t h = 0; h < hg; h++) { w[h] = _mm512_set1_epi32((int)wp[h][k]); __asm__("" : "+v"(w[h])); }
+                for (int64_t h = 0; h < hg; h++)
+                    for (int64_t i = 0; i < vi; i++) a[h][i] = _mm512_dpbf16_ps(a[h][i], (__m512bh)w[h], (__m512bh)v[i]);
+            }
+        }
+        for (int64_t h = 0; h < hg; h++)
+            for (int64_t i = 0; i < vi; i++) acc[h * nv + i0 + i] = (v16)a[h][i];
+    }
+}
 #else
 #define HAVE_DPBF16 0
 static inline void scores_bf16_pairs(const uint16_t* q, const uint16_t* kbase, int64_t slot_stride, int64_t cnt,
                                      int64_t nv, int64_t hg, float scale, float* s, int64_t srow) {
     (void)q, (void)kbase, (void)slot_stride, (void)cnt, (void)nv, (void)hg, (void)scale, (void)s, (void)srow;
+}
+static inline void v_pass_pairs(v16* acc, const float* s0, int64_t srow, const uint16_t* vbase, int64_t slot_stride,
+                                int64_t n, int64_t nv, int64_t hg, const void* vp, const char* next_k, const char* next_v) {
+    (void)acc, (void)s0, (void)srow, (void)vbase, (void)slot_stride, (void)n, (void)nv, (void)hg, (void)vp;
+    (void)next_k, (void)next_v;
 }
 #endif
 
@@ -480,6 +539,11 @@ static inline __attribute__((always_inline)) void NAME(                         
             softmax_weights(sg, n, bmax, lsum + g); /* the sum stays in lanes to the end */              \
         }                                                                                               \
         if (CPU_KERNELS_AVX2) V_PASS_AVX2(TC)                                                           \
+        else if (dp) /* bfloat16 V and weights in pairs (v_pass_pairs) */                               \
+            v_pass_pairs(acc + g0 * nv, s + g0 * srow, srow,                                            \
+                         (const uint16_t*)(const void*)(vblock + g0 / per_kv * head_dim), slot_stride, n, nv, hg, NULL, \
+                         next_block >= 0 && g0 % per_kv == 0 ? (const char*)(k_cache + next_block + g0 / per_kv * head_dim) : NULL, \
+                         next_block >= 0 && g0 % per_kv == 0 ? (const char*)(v_cache + next_block + g0 / per_kv * head_dim) : NULL); \
         else {   /* weighted V rows, each widened once for the hg heads; per head two accumulator sets (even, \
              * odd positions) halve the FMA latency chain */                                            \
             const TC* vbase = vblock + g0 / per_kv * head_dim;                                           \
@@ -558,9 +622,9 @@ static void NAME(const T* q, const TC* k_cache, const TC* v_cache, const int64_t
 
 /* One shared block (full, block_size 16) for every sequence of a tile, bfloat16 with AVX512-BF16, head_dim 64 and
  * a multiple of 3 query heads per KV head. Each sequence's arithmetic is its item's for that block (the same
- * scores_bf16_pairs products in the same order, the same softmax step, the same V pass sums), so the same bits;
- * but per KV head the block's K is transposed and its V widened once for the whole tile (kt: 32 x 64 bytes, vw:
- * 64 x 64 bytes of per-thread scratch), and the work runs phase by phase across the tile: every sequence's
+ * scores_bf16_pairs products in the same order, the same softmax step, the same v_pass_pairs), so the same bits;
+ * but per KV head the block's K is transposed and its V rows paired once for the whole tile (kt: 32 x 64 bytes,
+ * vw: 32 x 64 bytes of per-thread scratch), and the work runs phase by phase across the tile: every sequence's
  * scores, then every softmax step, then every V pass. The sequences are independent, so the core overlaps one's
  * work with the next's, where an item's scores -> max -> exp -> V chain left most of its pipes idle: W2's shape,
  * Zen 5, 1.10 -> 0.90 ms a layer; the same code with the softmax step right after each sequence's scores
@@ -579,8 +643,10 @@ static void tile_shared_block_bf16(const uint16_t* q, const uint16_t* kblock, co
             for (int j = 0; j < 16; j++) kt[16 * c + j] = _mm512_loadu_si512(kbase + j * slot_stride + 32 * c);
             transpose16(kt + 16 * c);
         }
-        for (int j = 0; j < 16; j++)
-            for (int i = 0; i < nv; i++) vw[j * nv + i] = load_bf16(vbase + j * slot_stride + 16 * i);
+        __m512i* vp = (__m512i*)(void*)vw; /* the block's V rows in pairs, for v_pass_pairs */
+        for (int k = 0; k < 8; k++)
+            for (int i = 0; i < nv; i++)
+                vp[k * nv + i] = v_pair(vbase + 2 * k * slot_stride + 16 * i, vbase + (2 * k + 1) * slot_stride + 16 * i);
         for (int64_t r0 = 0; r0 < nb; r0 += 2) { /* scores, as scores_bf16_pairs: two sequences a K load */
             const int rows = r0 + 1 < nb ? 2 : 1;
             for (int64_t g0 = kh * per_kv; g0 < (kh + 1) * per_kv; g0 += hg) {
@@ -636,30 +702,9 @@ static void tile_shared_block_bf16(const uint16_t* q, const uint16_t* kblock, co
         }
         for (int64_t r = 0; r < nb; r++) { /* V passes, as the item's */
             float* row = scratch + r * floats;
-            v16* accr = (v16*)row;
             const float* s = row + num_heads * head_dim + 16 * num_heads;
-            for (int64_t g0 = kh * per_kv; g0 < (kh + 1) * per_kv; g0 += hg) {
-                const float* s0 = s + g0 * srow;
-                /* all nv columns at once (the item takes two at a time: the same sums), a position's V row in
-                 * registers for the group's heads; a (even positions) and a2 (odd) as the item's */
-                __m512 a[hg][nv], a2[hg][nv];
-                for (int h = 0; h < hg; h++)
-                    for (int i = 0; i < nv; i++) { a[h][i] = (__m512)accr[(g0 + h) * nv + i]; a2[h][i] = _mm512_setzero_ps(); }
-#pragma GCC unroll 8
-                for (int j = 0; j < 16; j += 2) {
-                    __m512 v[nv], w[hg]; /* opaque (asm): in registers, where GCC reloaded V for every product */
-                    for (int i = 0; i < nv; i++) { v[i] = (__m512)vw[j * nv + i]; __asm__("" : "+v"(v[i])); }
-                    for (int h = 0; h < hg; h++) { w[h] = _mm512_set1_ps(s0[h * srow + j]); __asm__("" : "+v"(w[h])); }
-                    for (int h = 0; h < hg; h++)
-                        for (int i = 0; i < nv; i++) a[h][i] = _mm512_fmadd_ps(w[h], v[i], a[h][i]);
-                    for (int i = 0; i < nv; i++) { v[i] = (__m512)vw[(j + 1) * nv + i]; __asm__("" : "+v"(v[i])); }
-                    for (int h = 0; h < hg; h++) { w[h] = _mm512_set1_ps(s0[h * srow + j + 1]); __asm__("" : "+v"(w[h])); }
-                    for (int h = 0; h < hg; h++)
-                        for (int i = 0; i < nv; i++) a2[h][i] = _mm512_fmadd_ps(w[h], v[i], a2[h][i]);
-                }
-                for (int h = 0; h < hg; h++)
-                    for (int i = 0; i < nv; i++) accr[(g0 + h) * nv + i] = (v16)_mm512_add_ps(a[h][i], a2[h][i]);
-            }
+            for (int64_t g0 = kh * per_kv; g0 < (kh + 1) * per_kv; g0 += hg)
+                v_pass_pairs((v16*)row + g0 * nv, s + g0 * srow, srow, NULL, 0, 16, nv, hg, vp, NULL, NULL);
         }
     }
 }
@@ -710,8 +755,8 @@ void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_t
     const int64_t items = (num_seqs + tile - 1) / tile * kv_split;                                      \
     _Pragma("omp parallel num_threads(num_threads)")                                                    \
     {                                                                                                   \
-        float* scratch = (float*)aligned_alloc(64, sizeof(float) * (floats * tile + 96 * 16));          \
-        v16* tile_kv = (v16*)(scratch + floats * tile); /* a block's K transposed (32), V widened (64) */ \
+        float* scratch = (float*)aligned_alloc(64, sizeof(float) * (floats * tile + 64 * 16));          \
+        v16* tile_kv = (v16*)(scratch + floats * tile); /* a block's K transposed (32), V paired (32) */ \
         const int tile_blocks = TILE_BLOCK && TILE_BLOCK_FITS(head_dim, per_kv, block_size);           \
         _Pragma("omp for schedule(dynamic, 1)")                                                         \
         for (int64_t item = 0; item < items; item++) {                                                  \
