@@ -37,16 +37,20 @@ def test_decode_attention_matches_reference(dtype, num_heads, num_kv_heads, head
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def test_padding_entries_of_block_tables_are_never_read():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (9, 3)])
+@pytest.mark.parametrize("context", [20, 21])  # the last block's positions even or odd (a V pair half past it)
+def test_padding_entries_of_block_tables_are_never_read(dtype, num_heads, num_kv_heads, context):
     """Positions past a sequence's context must not influence it, whatever the padded table holds."""
-    k = torch.randn(8, 16, 2, 64)
-    v = torch.randn(8, 16, 2, 64)
-    q = torch.randn(1, 4, 64)
+    k = torch.randn(8, 16, num_kv_heads, 64).to(dtype)
+    v = torch.randn(8, 16, num_kv_heads, 64).to(dtype)
+    q = torch.randn(1, num_heads, 64).to(dtype)
     tables = torch.tensor([[3, 5, 0, 0]])
-    ctx = torch.tensor([20])
+    ctx = torch.tensor([context])
     a = attention.paged_decode_attention(q, k, v, tables, ctx, 0.125)
     k[0] = float("nan")
-    v[5, 4:] = float("nan")  # slots past position 19 in the second block
+    k[5, context - 16:] = float("nan")  # slots past the context in the second block
+    v[5, context - 16:] = float("nan")
     b = attention.paged_decode_attention(q, k, v, tables, ctx, 0.125)
     assert torch.equal(a, b)
 
