@@ -729,11 +729,11 @@ static void tile_shared_block_bf16(const uint16_t* q, const uint16_t* kblock, co
  * it does such a visit for the whole tile at once. The last shared block and the rest of each sequence follow
  * alone. Each sequence's blocks run in the same order with the same arithmetic either way, so the tiles
  * change no bits (the tile a sequence falls in depends on the batch; its output must not). Up to 16 sequences
- * a tile (8 before the tile-wide visits: W2's shape 0.92 -> 0.89 ms with 16; float32 2.03 -> 1.98). */
+ * a tile where tile_shared_block_bf16 serves (W2's shape 0.92 -> 0.89 ms with 16 rather than 8), 8 elsewhere (as
+ * tuned on a Zen 2 with AVX2, where a tile's scratch must stay within a smaller L1). */
 #define ITEM_PER_SEQ_MIN 16
-#ifndef TILE_SEQS
-#define TILE_SEQS 16
-#endif
+#define TILE_SEQS 8
+#define TILE_SEQS_WIDE 16
 #define DEFINE_KERNEL(NAME, RUN_ITEM, T, TILE_BLOCK) /* TILE_BLOCK: 1 where tile_shared_block_bf16 serves */ \
 void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,                  \
           const int64_t* context_lens, T* out, const T* init_out, const float* init_lse,                \
@@ -745,18 +745,19 @@ void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_t
     const int64_t kv_split = num_seqs >= ITEM_PER_SEQ_MIN ? 1 : num_kv_heads; /* items per sequence */  \
     const int64_t group = num_heads / kv_split; /* query heads per item */                              \
     /* sequences per item: tiles where the whole batch shares its first block, still 8 items a thread */ \
+    const int tile_blocks = TILE_BLOCK && TILE_BLOCK_FITS(head_dim, per_kv, block_size);               \
+    const int64_t tile_max = tile_blocks ? TILE_SEQS_WIDE : TILE_SEQS;                                  \
     int64_t tile = num_seqs / (8 * (int64_t)num_threads);                                              \
     for (int64_t b = 0; b < num_seqs && tile > 1; b++)                                                  \
         if (context_lens[b] <= first_block * block_size                                                 \
             || block_tables[b * max_blocks + first_block] != block_tables[first_block]) tile = 1;      \
-    tile = kv_split > 1 || tile < 1 ? 1 : tile > TILE_SEQS ? TILE_SEQS : tile;                          \
+    tile = kv_split > 1 || tile < 1 ? 1 : tile > tile_max ? tile_max : tile;                            \
     const int64_t floats = (decode_attention_scratch_floats(group, head_dim, block_size) + 15) / 16 * 16; \
     const int64_t items = (num_seqs + tile - 1) / tile * kv_split;                                      \
     _Pragma("omp parallel num_threads(num_threads)")                                                    \
     {                                                                                                   \
         float* scratch = (float*)aligned_alloc(64, sizeof(float) * (floats * tile + 64 * 16));          \
         v16* tile_kv = (v16*)(scratch + floats * tile); /* a block's K transposed (32), V paired (32) */ \
-        const int tile_blocks = TILE_BLOCK && TILE_BLOCK_FITS(head_dim, per_kv, block_size);           \
         _Pragma("omp for schedule(dynamic, 1)")                                                         \
         for (int64_t item = 0; item < items; item++) {                                                  \
             const int64_t b0 = item / kv_split * tile, kh = item % kv_split; /* kh: the first KV head */ \
