@@ -6,7 +6,9 @@ cache): each prompt alone, in batches of 3, with ``max_num_seqs`` 4, in batches 
 cache, with chunked prefill (a token budget smaller than every prompt: chunks mix with decodes), with
 forced preemption (too few KV blocks: rows recomputed over their cached prefix), on one thread, and through
 ``forge-batch run`` killed after its first committed parts and resumed (its token ids, from the logprobs
-column, equal the engine's; its ids and texts equal an uninterrupted run's).
+column, equal the engine's; its ids and texts equal an uninterrupted run's). Apart from those 48, greedy in the
+auto dtype: 48 chats behind the bench's ~400-token W2 system prompt, where decode attention visits the shared
+blocks for a tile of sequences at once, alone and with the prefix cache.
 
 Sized for a 2-core CI machine (4-8 minutes idle). The auto dtype runs every case on all 48 chats x 64
 tokens, greedy and sampled. float32, where auto is not float32, is trimmed (its steps cost 3-5 times
@@ -37,6 +39,7 @@ from runner_helpers import cli, cli_env, popen, read_output, write_job_file, wri
 from test_batch_invariance import Run, generate_runs
 
 from forge_batch import LLM
+from forge_batch.bench import SYSTEM_PROMPT, chat_prompts
 from forge_batch.engine.device import resolve_device, resolve_dtype
 from forge_batch.io.output_dir import state_dir_for
 from forge_batch.kernels.cpu import panel_product
@@ -228,6 +231,22 @@ def test_max_num_seqs_prefix_cache_chunked_prefill_and_preemption(engine, refere
     preemptions, hits = cramped.scheduler.num_preemptions, cramped.block_manager.prefix_hits
     assert _differing(_runs(cramped, temperature, sizes), expected) == []
     assert cramped.scheduler.num_preemptions > preemptions and cramped.block_manager.prefix_hits > hits
+
+
+W2_CHATS, W2_TOKENS, W2_ALONE = 48, 24, (0, 17, 47)  # the bench's W2: chats behind a ~400-token system prompt
+
+
+def test_chats_behind_one_long_system_prompt_have_their_bits_alone(engine):
+    """W2's shape, greedy in the auto dtype: every chat behind the same long system prompt, so decode attention
+    visits those shared blocks for a tile of sequences at once (48 / 16 = 3 on two threads; phase by phase
+    across the tile in bfloat16 where the CPU has AVX512-BF16). Each chat's logits, in one batch with the
+    prefix cache and alone, equal those of the batch without it."""
+    chats = chat_prompts(W2_CHATS, SYSTEM_PROMPT)
+    expected = generate_runs(engine(AUTO, "wide"), chats, W2_TOKENS)
+    assert _differing(generate_runs(engine(AUTO, "cached"), chats, W2_TOKENS), expected) == []
+    for i in W2_ALONE:
+        alone = generate_runs(engine(AUTO, "wide"), [chats[i]], W2_TOKENS, first=i)
+        assert _differing(alone, [expected[i]]) == [], i
 
 
 THREAD_CHATS = 12  # the first this many chats, greedy, on one thread
