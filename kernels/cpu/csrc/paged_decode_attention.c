@@ -346,6 +346,30 @@ static inline void softmax_weights(float* sg, int64_t n, float max, v16* lsum) {
 #endif
 }
 
+/* The running max raised to a chunk's scores: a mask test first, the max16 chain only where a lane is above
+ * (most blocks raise no row's max). The max is exact, so any order gives the same value. */
+static inline float raised_max(v16 sc, float bmax) {
+    if (any_above(sc, bmax)) {
+        const float top = max16(sc);
+        bmax = top > bmax ? top : bmax;
+    }
+    return bmax;
+}
+
+/* One head's online-softmax step over a block whose max is known (bmax): what came before rescaled to a new
+ * max (by exp(old - new): 0 on the first block), the block's n scores turned into weights in place and added
+ * into the running sums. The item and the tile-wide visit both take it, so both keep the same bits. */
+static inline __attribute__((always_inline)) void softmax_step(float* sg, int64_t n, float bmax, float* m, v16* lsum,
+                                                               v16* acc, int64_t nv) {
+    if (bmax > *m) {
+        const float c = exp_f32(*m - bmax);
+        *lsum *= c;
+        for (int64_t i = 0; i < nv; i++) acc[i] *= c;
+        *m = bmax;
+    }
+    softmax_weights(sg, n, bmax, lsum); /* the sum stays in lanes to the end */
+}
+
 /* The sum of sixteen lanes, by halving (one fixed order). */
 static inline float sum16(v16 x) {
     x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -525,18 +549,9 @@ static inline __attribute__((always_inline)) void NAME(                         
                     if (cnt < 16) sc = select16(lane < (float)cnt, sc, (v16){0} - INFINITY);           \
                     store_f32(sg + j0, sc);                                                             \
                 }                                                                                       \
-                if (any_above(sc, bmax)) { /* the max is exact: any order gives the same value */       \
-                    const float top = max16(sc);                                                        \
-                    bmax = top > bmax ? top : bmax;                                                     \
-                }                                                                                       \
+                bmax = raised_max(sc, bmax);                                                            \
             }                                                                                           \
-            if (bmax > m[g]) { /* online softmax: rescale what came before to the new max */            \
-                const float c = exp_f32(m[g] - bmax); /* 0 on the first block */                        \
-                lsum[g] *= c;                                                                           \
-                for (int64_t i = 0; i < nv; i++) acc[g * nv + i] *= c;                                  \
-                m[g] = bmax;                                                                            \
-            }                                                                                           \
-            softmax_weights(sg, n, bmax, lsum + g); /* the sum stays in lanes to the end */              \
+            softmax_step(sg, n, bmax, m + g, lsum + g, acc + g * nv, nv);                               \
         }                                                                                               \
         if (CPU_KERNELS_AVX2) V_PASS_AVX2(TC)                                                           \
         else if (dp) /* bfloat16 V and weights in pairs (v_pass_pairs) */                               \
@@ -682,22 +697,9 @@ static void tile_shared_block_bf16(const uint16_t* q, const uint16_t* kblock, co
             v16* lsum = (v16*)(row + num_heads * head_dim);
             float* s = row + num_heads * head_dim + 16 * num_heads;
             float* m = s + num_heads * srow;
-            for (int64_t g = kh * per_kv; g < (kh + 1) * per_kv; g++) {
-                float* sg = s + g * srow;
-                const v16 sc = load_f32(sg);
-                float bmax = m[g];
-                if (any_above(sc, bmax)) {
-                    const float top = max16(sc);
-                    bmax = top > bmax ? top : bmax;
-                }
-                if (bmax > m[g]) {
-                    const float c = exp_f32(m[g] - bmax);
-                    lsum[g] *= c;
-                    for (int i = 0; i < nv; i++) accr[g * nv + i] *= c;
-                    m[g] = bmax;
-                }
-                softmax_weights(sg, srow, bmax, lsum + g);
-            }
+            for (int64_t g = kh * per_kv; g < (kh + 1) * per_kv; g++)
+                softmax_step(s + g * srow, srow, raised_max(load_f32(s + g * srow), m[g]), m + g, lsum + g,
+                             accr + g * nv, nv);
         }
         for (int64_t r = 0; r < nb; r++) { /* V passes, as the item's */
             float* row = scratch + r * floats;
