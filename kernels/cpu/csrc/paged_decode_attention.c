@@ -642,8 +642,9 @@ static void NAME(const T* q, const TC* k_cache, const TC* v_cache, const int64_t
  * vp: 32 x 64 bytes of per-thread scratch), and the work runs phase by phase across the tile: every sequence's
  * scores, then every softmax step, then every V pass. The sequences are independent, so the core overlaps one's
  * work with the next's, where an item's scores -> max -> exp -> V chain left most of its pipes idle: W2's shape,
- * Zen 5, 1.10 -> 0.90 ms a layer; the same code with the softmax step right after each sequence's scores
- * (shared K and V, no phases) took 0.82 ms of the 0.70 that its 24 shared blocks take now. */
+ * Zen 5, 1.10 -> 0.84 ms a layer with tiles of 16 (0d862f9). Measured then, on 24 shared blocks: the phases took
+ * 0.70 ms, the same code with each softmax step right after its sequence's scores (shared K and V, no phases)
+ * 0.82. */
 #if HAVE_DPBF16
 #define TILE_BLOCK_FITS(head_dim, per_kv, block_size) ((head_dim) == 64 && (per_kv) % 3 == 0 && (block_size) == 16)
 static void tile_shared_block_bf16(const uint16_t* q, const uint16_t* kblock, const uint16_t* vblock, int64_t nb,
